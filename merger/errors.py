@@ -1,0 +1,21 @@
+"""Domain errors. Library code raises these; only cli.py turns them into messages and exit codes."""
+
+
+class MergerError(Exception):
+    """A problem the user can fix: bad recipe, bad model, bad output path."""
+
+
+class RecipeError(MergerError):
+    """The recipe is invalid. Holds one message per problem, each already located."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class ModelError(MergerError):
+    """A model reference cannot be used: missing, unreadable, or inconsistent with the others."""
+
+
+class MergeError(MergerError):
+    """A tensor could not be merged (for example integer buffers that differ between inputs)."""

@@ -1,0 +1,176 @@
+"""The output directory: staged in a temporary sibling, completed with index, config, tokenizer and a
+model card, then renamed into place, so a failed or interrupted merge leaves nothing at the destination."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+
+from merger import __version__
+from merger.errors import MergerError
+from merger.plan import Plan
+from merger.sources import DTYPES, INDEX_NAME
+from merger.stream import write_shards
+
+# Copied from the tokenizer source (the base model unless the recipe names another).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Copied from the reference model (the base, else the first model).
+MODEL_FILES = ("generation_config.json", "preprocessor_config.json")
+
+
+def check_destination(dest: Path, plan: Plan, force: bool) -> None:
+    """Refuse outputs that would clobber an input or an existing directory (without --force)."""
+    dest = dest.expanduser().resolve()
+    for m in plan.models + [plan.tokenizer_from]:
+        if dest == m.path or m.path in dest.parents:
+            raise MergerError(f"output {dest} is inside input model '{m.ref}'; choose another directory")
+        if dest in m.path.parents:
+            raise MergerError(f"output {dest} contains input model '{m.ref}'; choose another directory")
+    if dest.exists() and not force:
+        raise MergerError(f"output {dest} already exists; pass --force to replace it")
+
+
+@contextmanager
+def staged(dest: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `dest`; on success rename it to `dest`, else remove it."""
+    dest = dest.expanduser().resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".merger-tmp", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the finished model should look like any directory
+    try:
+        yield tmp
+        if dest.exists() or dest.is_symlink():
+            if not force:
+                raise MergerError(f"output {dest} already exists; pass --force to replace it")
+            old = dest.with_name(f".{dest.name}.{os.getpid()}.merger-old")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model(plan: Plan, dest: Path, *, force: bool = False, progress: bool = False) -> dict:
+    """Run the whole merge into `dest`. Returns a summary for --json."""
+    start = time.perf_counter()
+    check_destination(dest, plan, force)
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with staged(dest, force) as tmp:
+        bytes_read = write_shards(plan, tmp, progress=progress)
+        write_index(plan, tmp)
+        copy_support_files(plan, tmp)
+        write_card(plan, tmp, dest.name)
+    summary = {
+        "output": str(dest.expanduser().resolve()),
+        "method": plan.spec.method.name,
+        "device": plan.device,
+        "tensors": len(plan.tensors),
+        "shards": len(plan.shards),
+        "bytes_read": bytes_read,
+        "bytes_written": plan.bytes_written,
+        "seconds": round(time.perf_counter() - start, 3),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if plan.device == "cuda":
+        summary["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return summary
+
+
+def write_index(plan: Plan, directory: Path) -> None:
+    index = {
+        "metadata": {"total_size": plan.bytes_written},
+        "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
+    }
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def output_dtype_name(plan: Plan) -> str | None:
+    """The float dtype holding most of the output's bytes, as config.json names it ('bfloat16')."""
+    by_dtype: dict[str, int] = {}
+    for t in plan.tensors:
+        if t.merged:
+            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+    if not by_dtype:
+        return None
+    code = max(by_dtype, key=by_dtype.__getitem__)
+    return str(DTYPES[code][0]).removeprefix("torch.")
+
+
+def copy_support_files(plan: Plan, directory: Path) -> None:
+    config = plan.reference.path / "config.json"
+    if config.exists():
+        data = json.loads(config.read_text())
+        dtype = output_dtype_name(plan)
+        if dtype:
+            keys = [k for k in ("torch_dtype", "dtype") if k in data] or ["torch_dtype"]
+            for k in keys:
+                data[k] = dtype
+        (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for name in MODEL_FILES:
+        if (plan.reference.path / name).exists():
+            shutil.copy2(plan.reference.path / name, directory / name)
+    for name in TOKENIZER_FILES:
+        if (plan.tokenizer_from.path / name).exists():
+            shutil.copy2(plan.tokenizer_from.path / name, directory / name)
+
+
+def write_card(plan: Plan, directory: Path, title: str) -> None:
+    spec = plan.spec
+    refs = ([spec.base] if spec.base else []) + [g.ref for g in spec.ingredients]
+    front = {
+        "base_model": list(dict.fromkeys(refs)),
+        "tags": ["merge", "merger"],
+        "library_name": "transformers",
+    }
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"This model is a merge made with merger {__version__} using the **{spec.method.name}** method"
+        + (f" ({spec.method.paper})." if spec.method.paper else "."),
+        "",
+    ]
+    if spec.base:
+        lines += [f"Base model: `{spec.base}`", ""]
+    lines += ["Models merged:", ""]
+    for g in spec.ingredients:
+        shown = ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
+        lines.append(f"- `{g.ref}` ({shown})")
+    method_params = ", ".join(f"{k}: {v}" for k, v in spec.params.model_dump(by_alias=True).items())
+    if method_params:
+        lines += ["", f"Method parameters: {method_params}."]
+    recipe = spec.source.text or yaml.safe_dump(spec.recipe.model_dump(exclude_defaults=True), sort_keys=False)
+    lines += ["", "## Recipe", "", "```yaml", recipe.strip(), "```", ""]
+    (directory / "README.md").write_text("\n".join(lines))

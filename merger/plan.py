@@ -1,0 +1,196 @@
+"""The plan: every output tensor, its dtype and shard, worked out from the inputs' headers alone.
+
+The plan is deterministic (tensors in natural name order, shards filled greedily), so any output shard
+can be produced on its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merger.errors import ModelError, RecipeError
+from merger.recipe import DTYPE_CODE, MergeSpec
+from merger.sources import DTYPES, LocalModel, open_model
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code of the output
+    merged: bool  # float: merged by the method; otherwise copied after checking all inputs agree
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    filename: str
+    tensors: tuple[OutTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class Plan:
+    spec: MergeSpec
+    inputs: list[LocalModel]  # one per spec.ingredients
+    base: LocalModel | None
+    reference: LocalModel  # the base, else the first model: output dtypes, config
+    tokenizer_from: LocalModel
+    shards: list[Shard]
+    shard_size: int
+    device: str  # "cpu" or "cuda"
+    compute_dtype: torch.dtype
+
+    @property
+    def tensors(self) -> list[OutTensor]:
+        return [t for s in self.shards for t in s.tensors]
+
+    @property
+    def models(self) -> list[LocalModel]:
+        """Every distinct model the merge reads (base first)."""
+        out: dict[Path, LocalModel] = {}
+        for m in ([self.base] if self.base else []) + self.inputs:
+            out.setdefault(m.path, m)
+        return list(out.values())
+
+    def readers_of(self, t: OutTensor) -> list[LocalModel]:
+        """The models whose copy of `t` is read: float tensors need the ingredients (and the base for
+        task-vector methods); other tensors are checked across every model."""
+        if not t.merged:
+            return self.models
+        return self.inputs + ([self.base] if self.spec.method.needs_base else [])
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(m.tensors[t.name].nbytes for t in self.tensors for m in self.readers_of(t))
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def peak_memory(self) -> int:
+        """Estimated working memory: per tensor, the raw inputs, their float copies, the method's
+        temporaries (about four tensors for TIES) and the output."""
+        csize = torch.finfo(self.compute_dtype).bits // 8
+        worst = 0
+        for t in self.tensors:
+            readers = self.readers_of(t)
+            raw = sum(m.tensors[t.name].nbytes for m in readers)
+            numel = t.nbytes // DTYPES[t.dtype][1]
+            worst = max(worst, raw + numel * csize * (len(readers) + 4) + t.nbytes)
+        return worst
+
+
+def natural_key(name: str) -> list:
+    """'layers.10' after 'layers.9': output shards then follow the model's layer order."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def build_plan(spec: MergeSpec, *, device: str | None = None, shard_size: int | None = None) -> Plan:
+    """Open every model's headers, check they agree, and lay out the output. Reads no tensor data."""
+    recipe = spec.recipe
+    opened: dict[str, LocalModel] = {}
+    problems: list[str] = []
+
+    def open_at(ref: str, *loc: str | int) -> LocalModel | None:
+        if ref not in opened:
+            try:
+                opened[ref] = open_model(ref)
+            except ModelError as e:
+                problems.append(f"{spec.where(*loc)}: {e}")
+                return None
+        return opened[ref]
+
+    base = open_at(spec.base, "base_model") if spec.base else None
+    inputs = [open_at(g.ref, "models", g.index, "model") for g in spec.ingredients]
+    tok = open_at(spec.tokenizer_source, "tokenizer_source") if spec.tokenizer_source else None
+    if problems:
+        raise RecipeError(problems)
+    assert all(inputs)
+    reference = base or inputs[0]
+
+    # Every model must hold the reference's tensors, with the same shapes (and for non-float tensors,
+    # the same dtype, since they are copied rather than merged).
+    checked = {reference.path}
+    located = [(base, spec.where("base_model"))] if base else []
+    located += [(m, spec.where("models", g.index, "model")) for m, g in zip(inputs, spec.ingredients)]
+    for model, where in located:
+        if model.path not in checked:
+            checked.add(model.path)
+            problems += _compare(reference, model, where)
+    if problems:
+        raise RecipeError(problems)
+
+    out_code = DTYPE_CODE.get(recipe.out_dtype or recipe.dtype or "")
+    tensors = []
+    for name in sorted(reference.tensors, key=natural_key):
+        info = reference.tensors[name]
+        merged = info.is_float
+        code = (out_code or info.dtype) if merged else info.dtype
+        numel = info.numel
+        tensors.append(OutTensor(name, info.shape, code, merged, numel * DTYPES[code][1]))
+
+    size = shard_size or int(recipe.output.shard_size)
+    return Plan(
+        spec=spec,
+        inputs=list(inputs),
+        base=base,
+        reference=reference,
+        tokenizer_from=tok or reference,
+        shards=layout(tensors, size),
+        shard_size=size,
+        device=resolve_device(device or recipe.device),
+        compute_dtype=getattr(torch, recipe.compute_dtype),
+    )
+
+
+def layout(tensors: list[OutTensor], shard_size: int) -> list[Shard]:
+    """Fill shards in order; a tensor larger than shard_size gets a shard of its own."""
+    groups: list[list[OutTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        if groups[-1] and used + t.nbytes > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(t)
+        used += t.nbytes
+    n = len(groups)
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
+
+
+def _compare(ref: LocalModel, other: LocalModel, where: str, limit: int = 5) -> list[str]:
+    problems = []
+    for name, info in ref.tensors.items():
+        theirs = other.tensors.get(name)
+        if theirs is None:
+            problems.append(f"{where}: '{other.ref}' lacks tensor '{name}' (present in '{ref.ref}')")
+        elif theirs.shape != info.shape:
+            problems.append(
+                f"{where}: tensor '{name}' has shape {list(theirs.shape)} in '{other.ref}' "
+                f"but {list(info.shape)} in '{ref.ref}'"
+            )
+        elif info.is_float != theirs.is_float or (not info.is_float and info.dtype != theirs.dtype):
+            problems.append(
+                f"{where}: tensor '{name}' is {theirs.dtype} in '{other.ref}' but {info.dtype} in '{ref.ref}'"
+            )
+    for name in other.tensors.keys() - ref.tensors.keys():
+        problems.append(f"{where}: '{other.ref}' has tensor '{name}' that '{ref.ref}' lacks")
+    if len(problems) > limit:
+        problems = problems[:limit] + [f"{where}: ... and {len(problems) - limit} more differences"]
+    return problems

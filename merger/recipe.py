@@ -1,0 +1,350 @@
+"""The recipe: YAML parsed into one pydantic model tree and validated in full, errors pointing at lines.
+
+Key names follow mergekit where the concept is shared (merge_method, base_model, models[].model,
+parameters.weight/density/lambda/normalize, dtype, out_dtype, tokenizer_source), so its configs for
+linear, task_arithmetic and ties run unchanged. merger's own settings are new keys (output, device,
+compute_dtype).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+
+from merger.errors import RecipeError
+from merger.methods import Method, Params, all_methods, get_method
+
+DTypeName = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"]
+DTYPE_CODE = {
+    "float32": "F32", "fp32": "F32",
+    "float16": "F16", "fp16": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float64": "F64", "fp64": "F64",
+}  # fmt: skip
+
+# mergekit keys that merger does not implement yet: a clear message instead of "unknown key".
+NOT_YET = {
+    "slices": "slices (layer ranges) are not supported yet; list whole models under models:",
+    "tokenizer": "the tokenizer: section is not supported yet; use tokenizer_source: base or a model",
+    "chat_template": "chat_template is not supported yet; the tokenizer files are copied as they are",
+    "modules": "modules are not supported yet",
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ModelEntry(Strict):
+    model: str = Field(min_length=1, description="a local model directory")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputSettings(Strict):
+    path: str | None = Field(None, description="output directory (the CLI's -o overrides it)")
+    shard_size: ByteSize = Field(ByteSize(5_000_000_000), gt=0, description="bytes per output shard")
+
+
+class Recipe(Strict):
+    merge_method: str
+    models: list[ModelEntry] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: DTypeName | None = None  # output dtype when out_dtype is not given
+    out_dtype: DTypeName | None = None
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    tokenizer_source: str | None = None  # "base", "model:REF" or REF; default: the base model
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: OutputSettings = Field(default_factory=OutputSettings)
+
+
+@dataclass
+class RecipeSource:
+    """Where a recipe came from, to point errors at lines: `lines` maps a key path to its line."""
+
+    name: str = "<recipe>"
+    text: str = ""
+    lines: dict[tuple, int] = field(default_factory=dict)
+
+    def where(self, *loc: str | int) -> str:
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        line = None
+        for n in range(len(loc), -1, -1):
+            line = self.lines.get(tuple(loc[:n]))
+            if line is not None:
+                break
+        prefix = f"{self.name}:{line}" if line is not None else self.name
+        return f"{prefix}: {path}" if path else prefix
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    ref: str
+    params: Params  # the method's model_params
+    index: int  # position in recipe.models, for error locations
+
+
+@dataclass
+class MergeSpec:
+    """A validated recipe: the method resolved and every parameter checked, no file touched yet."""
+
+    recipe: Recipe
+    source: RecipeSource
+    method: Method
+    params: Params
+    base: str | None
+    ingredients: list[Ingredient]
+    tokenizer_source: str | None  # a model reference, None for the base (or first model)
+
+    def where(self, *loc: str | int) -> str:
+        return self.source.where(*loc)
+
+
+def load_recipe(path: str | Path) -> MergeSpec:
+    """Read and validate a recipe file. Raises RecipeError listing every problem found."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError([f"{path}: cannot read recipe: {e.strerror}"]) from None
+    return parse_recipe(text, name=str(path))
+
+
+def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
+    source = RecipeSource(name, text)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError([f"{name}{line}: invalid YAML: {problem}"]) from None
+    problems: list[str] = []
+    if root is not None:
+        _map_lines(root, (), source.lines, problems, source)
+    if not isinstance(data, dict):
+        raise RecipeError([f"{name}: a recipe is a YAML mapping with merge_method and models"])
+    problems += [f"{source.where(k)}: {msg}" for k, msg in NOT_YET.items() if k in data]
+    data = {k: v for k, v in data.items() if k not in NOT_YET}
+    if problems:
+        raise RecipeError(problems)
+    return validate(data, source)
+
+
+def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
+    """Validate recipe data (as loaded from YAML) into a MergeSpec, or raise RecipeError."""
+    source = source or RecipeSource()
+    problems: list[str] = []
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        problems = [_describe(err, source, Recipe) for err in e.errors()]
+        # Go on without the broken keys, to report the method's parameter problems in the same run.
+        broken = {err["loc"][0] for err in e.errors() if err["loc"]} - {"merge_method", "models"}
+        try:
+            recipe = Recipe.model_validate({k: v for k, v in data.items() if k not in broken})
+        except ValidationError:
+            raise RecipeError(problems) from None
+
+    method = get_method(recipe.merge_method)
+    if method is None:
+        names = sorted(all_methods())
+        problems.append(
+            f"{source.where('merge_method')}: unknown merge method '{recipe.merge_method}'"
+            f"{_suggest(recipe.merge_method, names)}; available: {', '.join(names)}"
+        )
+        raise RecipeError(_by_line(problems))
+
+    model_keys = _keys(method.model_params)
+    method_keys = _keys(method.params)
+    defaults: dict[str, Any] = {}
+    method_values: dict[str, Any] = {}
+    for key, value in recipe.parameters.items():
+        if key in model_keys:
+            defaults[key] = value
+        elif key in method_keys:
+            method_values[key] = value
+        else:
+            problems.append(f"{source.where('parameters', key)}: {_not_a_parameter(key, method)}")
+
+    params = _validate_params(method.params, method_values, ("parameters",), source, problems)
+    _validate_params(method.model_params, defaults, ("parameters",), source, problems)
+
+    base = recipe.base_model
+    if method.needs_base and base is None:
+        problems.append(f"{source.where('base_model')}: {method.name} needs a base_model")
+
+    ingredients: list[Ingredient] = []
+    for i, entry in enumerate(recipe.models):
+        if method.needs_base and base is not None and _same_ref(entry.model, base):
+            continue  # the base's own task vector is zero; mergekit configs often list it
+        own: dict[str, Any] = {}
+        for key, value in entry.parameters.items():
+            if key in model_keys:
+                own[key] = value
+            elif key in method_keys:
+                problems.append(
+                    f"{source.where('models', i, 'parameters', key)}: '{key}' applies to the whole merge; "
+                    "put it under the top-level parameters"
+                )
+            else:
+                problems.append(f"{source.where('models', i, 'parameters', key)}: {_not_a_parameter(key, method)}")
+        merged = {k: v for k, v in defaults.items() if k not in own} | own
+        loc = ("models", i, "parameters")
+        mp = _validate_params(method.model_params, merged, loc, source, problems, only=set(own))
+        if mp is not None:
+            ingredients.append(Ingredient(entry.model, mp, i))
+
+    if not problems and not ingredients:
+        problems.append(f"{source.where('models')}: {method.name} needs at least one model besides the base model")
+    if not problems and method.check is not None:
+        msg = method.check([g.params for g in ingredients], params)
+        if msg:
+            problems.append(f"{source.where('parameters')}: {msg}")
+
+    tokenizer_source = recipe.tokenizer_source
+    if tokenizer_source == "base":
+        if base is None:
+            problems.append(f"{source.where('tokenizer_source')}: 'base' needs a base_model")
+        tokenizer_source = None
+    elif tokenizer_source == "union":
+        problems.append(f"{source.where('tokenizer_source')}: 'union' is not supported yet; use base or a model")
+    elif tokenizer_source is not None:
+        tokenizer_source = tokenizer_source.removeprefix("model:")
+        refs = [m.model for m in recipe.models] + ([base] if base else [])
+        if not any(_same_ref(tokenizer_source, r) for r in refs):
+            problems.append(
+                f"{source.where('tokenizer_source')}: '{tokenizer_source}' is not one of the recipe's models"
+            )
+    if problems:
+        raise RecipeError(_by_line(problems))
+    return MergeSpec(recipe, source, method, params, base, ingredients, tokenizer_source)
+
+
+def _by_line(problems: list[str]) -> list[str]:
+    """Order problems as they appear in the file (those without a line first)."""
+
+    def line(p: str) -> int:
+        m = re.match(r"[^:]*:(\d+):", p)
+        return int(m.group(1)) if m else 0
+
+    return sorted(dict.fromkeys(problems), key=line)
+
+
+def _same_ref(a: str, b: str) -> bool:
+    return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _not_a_parameter(key: str, method: Method) -> str:
+    known = _keys(method.model_params) + _keys(method.params)
+    hint = _suggest(key, known)
+    if hint:
+        return f"unknown key{hint}"
+    others = {m.name for m in all_methods().values() if key in _keys(m.model_params) + _keys(m.params)}
+    belongs = f" ('{key}' belongs to {', '.join(sorted(others))})" if others else ""
+    return f"unknown key{belongs}; {method.name} takes {', '.join(known)}"
+
+
+def _validate_params(
+    model: type[Params],
+    values: dict[str, Any],
+    loc: tuple,
+    source: RecipeSource,
+    problems: list[str],
+    only: set[str] | None = None,
+) -> Params | None:
+    """Validate `values` into `model`; report errors at `loc` (only those for keys in `only`, if given,
+    since errors in top-level defaults are reported once, at the top level)."""
+    for key, value in values.items():
+        if isinstance(value, list | dict) and (only is None or key in only):
+            problems.append(
+                f"{source.where(*loc, key)}: gradients and filters (lists) are not supported yet; give a single number"
+            )
+            return None
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        for err in e.errors():
+            key = err["loc"][0] if err["loc"] else None
+            if only is not None and key not in only:
+                continue
+            problems.append(_describe(err, source, model, prefix=loc))
+        return None
+
+
+def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: tuple = ()) -> str:
+    """One pydantic error as `file:line: key.path: message`."""
+    loc = prefix + tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _keys_at(model, tuple(err["loc"])[:-1])
+        msg = f"unknown key{_suggest(str(loc[-1]), known)}"
+    elif kind == "missing":
+        msg = "required key is missing"
+    elif kind in ("finite_number",):
+        msg = "must be a finite number"
+    else:
+        msg = err["msg"]
+        if "input" in err and not isinstance(err["input"], dict | list):
+            msg += f", got {err['input']!r}"
+    return f"{source.where(*loc)}: {msg}"
+
+
+def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the pydantic model accepts at `loc` (walking through nested models and lists)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        f = model.model_fields.get(part)
+        sub = _model_in(f.annotation) if f else None
+        if sub is None:
+            return []
+        model = sub
+    return _keys(model)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found:
+                return found
+    return None
+
+
+def _map_lines(node: yaml.Node, loc: tuple, lines: dict[tuple, int], problems: list[str], source: RecipeSource) -> None:
+    if loc:  # the root has no line worth naming: a missing top-level key points at the file
+        lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                problems.append(f"{source.name}:{key_node.start_mark.line + 1}: duplicate key '{key}'")
+            seen.add(key)
+            lines.setdefault(loc + (key,), key_node.start_mark.line + 1)
+            _map_lines(value_node, loc + (key,), lines, problems, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _map_lines(item, loc + (i,), lines, problems, source)

@@ -1,0 +1,220 @@
+"""Model references: where a checkpoint's safetensors live and which tensors they hold, from headers alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merger.errors import ModelError
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+CODE_OF = {dt: code for code, (dt, _) in DTYPES.items()}
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it: enough to plan, and to read it later."""
+
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+
+@dataclass
+class LocalModel:
+    """A model directory with safetensors weights, described by its headers."""
+
+    ref: str  # as written in the recipe
+    path: Path
+    files: list[Path]
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """Return (header dict, byte offset where tensor data starts) of a safetensors file."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ModelError(f"{file}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise ModelError(f"{file}: not a safetensors file (header length {n} is implausible)")
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelError(f"{file}: cannot read: {e.strerror}") from None
+    if len(raw) != n:
+        raise ModelError(f"{file}: truncated safetensors header")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelError(f"{file}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{file}: not a safetensors file (header is not a JSON object)")
+    return header, 8 + n
+
+
+def scan_file(file: Path) -> dict[str, TensorInfo]:
+    """Describe every tensor of one safetensors file, checking offsets against the file size."""
+    header, data_start = read_header(file)
+    size = file.stat().st_size
+    out: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{file}: malformed header entry for tensor '{name}'") from None
+        if code not in DTYPES:
+            raise ModelError(f"{file}: tensor '{name}' has unsupported dtype {code}")
+        info = TensorInfo(name, code, shape, file, data_start + begin, end - begin)
+        if info.nbytes != info.numel * DTYPES[code][1] or data_start + end > size or begin < 0:
+            raise ModelError(f"{file}: tensor '{name}' has inconsistent offsets (truncated file?)")
+        out[name] = info
+    return out
+
+
+def is_hub_id(ref: str) -> bool:
+    """True for `org/name` or `org/name@revision` that does not exist as a local path."""
+    if os.path.exists(ref) or ref.startswith((".", "/", "~")):
+        return False
+    repo = ref.split("@", 1)[0]
+    parts = repo.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def open_model(ref: str) -> LocalModel:
+    """Resolve a recipe's model reference to a local directory and read its headers.
+
+    Raises ModelError with a message that names the reference and how to fix it.
+    """
+    path = Path(ref).expanduser()
+    if not path.exists():
+        if is_hub_id(ref):
+            raise ModelError(
+                f"'{ref}' looks like a Hugging Face Hub id; Hub downloads are not supported yet: "
+                f"run `huggingface-cli download {ref.split('@')[0]} --local-dir DIR` and use DIR"
+            )
+        raise ModelError(f"'{ref}': no such directory")
+    if not path.is_dir():
+        raise ModelError(f"'{ref}' is not a directory (a model is a directory of safetensors files)")
+    path = path.resolve()
+
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise ModelError(f"'{ref}': {INDEX_NAME} is not a valid index (no weight_map)") from None
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise ModelError(f"'{ref}': {INDEX_NAME} names {f.name}, which is missing")
+        scanned = {f: scan_file(f) for f in files}
+        tensors = {}
+        for name, fname in weight_map.items():
+            info = scanned[path / fname].get(name)
+            if info is None:
+                raise ModelError(f"'{ref}': {INDEX_NAME} puts tensor '{name}' in {fname}, which lacks it")
+            tensors[name] = info
+        return LocalModel(ref, path, files, tensors)
+
+    files = [path / SINGLE_NAME] if (path / SINGLE_NAME).exists() else sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise ModelError(
+                f"'{ref}' holds only pickled weights ({', '.join(pickled[:3])}); merger reads safetensors "
+                'only, since pickles can run code. Convert once with: python -c "from transformers import '
+                f"AutoModel; AutoModel.from_pretrained('{ref}').save_pretrained('{ref}-st')\""
+            )
+        raise ModelError(f"'{ref}' holds no model.safetensors, {INDEX_NAME} or *.safetensors file")
+    tensors = {}
+    for f in files:
+        for name, info in scan_file(f).items():
+            if name in tensors:
+                raise ModelError(f"'{ref}': tensor '{name}' is in both {tensors[name].file.name} and {f.name}")
+            tensors[name] = info
+    return LocalModel(ref, path, files, tensors)
+
+
+class TensorReader:
+    """Reads tensors by offset with pread into reusable buffers: no mmap, so resident memory stays
+    at a few tensors however large the checkpoint is (a mapped file's touched pages would count)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read(self, info: TensorInfo, buf: torch.Tensor) -> torch.Tensor:
+        """Read `info` into the uint8 tensor `buf` (at least info.nbytes long); return a typed view."""
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = buf[: info.nbytes]
+        mv = memoryview(view.numpy())
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [mv[done:]], info.start + done)
+            if n <= 0:
+                raise ModelError(f"{info.file}: unexpected end of file reading tensor '{info.name}'")
+            done += n
+        dtype = DTYPES[info.dtype][0]
+        return view.view(dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
