@@ -200,7 +200,8 @@ def _describe_params(model) -> list[dict]:
     for name, f in model.model_fields.items():
         ann = f.annotation
         typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        limits = [f"{type(c).__name__.lower()} {next(iter(vars(c).values()))}" for c in f.metadata]
+        ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+        limits = [f"{op} {getattr(c, a)}" for c in f.metadata for a, op in ops.items() if hasattr(c, a)]
         desc = f.description or ""
         if limits:
             desc += f" ({', '.join(limits)})"

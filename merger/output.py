@@ -98,11 +98,24 @@ def write_model(plan: Plan, dest: Path, *, force: bool = False, progress: bool =
         "bytes_read": bytes_read,
         "bytes_written": plan.bytes_written,
         "seconds": round(time.perf_counter() - start, 3),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss(),
     }
     if plan.device == "cuda":
         summary["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return summary
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: on Linux the latter survives exec, so a
+    process started from a big parent (a test runner, a notebook) would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_index(plan: Plan, directory: Path) -> None:

@@ -1,0 +1,39 @@
+# Targets the README names. Everything runs from the project's own virtual environment.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; plain `torch` can pull a multi-GB CUDA build. Override: make TORCH=torch
+TORCH ?= torch==2.13.0
+DEMO := demo
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(BIN)/merger
+
+$(BIN)/merger: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# Build a family of tiny local models (base, fine-tunes, held-out text), merge them with TIES,
+# then load the merge with transformers and run it.
+demo: setup
+	test -f $(DEMO)/models/heldout.txt || $(BIN)/python -m merger.demo build $(DEMO)/models
+	$(BIN)/merger plan recipes/demo-ties.yaml
+	$(BIN)/merger apply recipes/demo-ties.yaml --force
+	$(BIN)/python -m merger.demo check $(DEMO)/out/ties --heldout $(DEMO)/models/heldout.txt
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check merger tests benchmarks
+	$(BIN)/ruff format --check merger tests benchmarks
+
+format: setup
+	$(BIN)/ruff check --fix merger tests benchmarks
+	$(BIN)/ruff format merger tests benchmarks
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

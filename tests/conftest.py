@@ -1,0 +1,60 @@
+"""Fixtures: tiny checkpoints written with safetensors' own writer, split over shards on purpose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def write_checkpoint(
+    directory: Path, tensors: dict[str, torch.Tensor], n_shards: int = 2, config: dict | None = None
+) -> Path:
+    """Save `tensors` as `n_shards` safetensors files plus an index (one file, no index, if n_shards == 1)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if n_shards == 1:
+        save_file(
+            {k: tensors[k].contiguous() for k in names}, directory / "model.safetensors", metadata={"format": "pt"}
+        )
+    else:
+        weight_map = {}
+        for i in range(n_shards):
+            part = names[i::n_shards]  # interleaved, so shards do not follow name order
+            fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+            save_file({k: tensors[k].contiguous() for k in part}, directory / fname, metadata={"format": "pt"})
+            weight_map |= {k: fname for k in part}
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(config or {"model_type": "toy", "torch_dtype": "float32"}))
+    return directory
+
+
+def load_output(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a merged output, through its index and safetensors' own reader."""
+    from safetensors.torch import load_file
+
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    out = {}
+    for fname in sorted(set(index["weight_map"].values())):
+        out |= load_file(directory / fname)
+    assert set(out) == set(index["weight_map"])
+    return out
+
+
+@pytest.fixture
+def family(tmp_path: Path):
+    """A base model and three fine-tunes of it (float32, two shards each, an int64 buffer)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"embed.weight": (12, 8), "layers.0.w": (8, 8), "layers.1.w": (8, 8), "layers.10.w": (8, 8), "norm": (8,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    base["position_ids"] = torch.arange(6)
+    paths = {"base": write_checkpoint(tmp_path / "base", base)}
+    models = {"base": base}
+    for i in (1, 2, 3):
+        ft = {k: v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}
+        paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", ft, n_shards=1 + i % 3)
+        models[f"ft{i}"] = ft
+    return paths, models

@@ -1,0 +1,274 @@
+"""Bad input: the exact one-line message, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import write_checkpoint
+
+from merger.cli import cli
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Three small models in the working directory, referenced by relative paths as users write them."""
+    monkeypatch.chdir(tmp_path)
+    t = {"a.weight": torch.ones(4, 4), "b.bias": torch.zeros(4), "ids": torch.arange(3)}
+    write_checkpoint(Path("base"), t)
+    write_checkpoint(Path("ft1"), {k: v + 1 if v.is_floating_point() else v for k, v in t.items()})
+    write_checkpoint(Path("ft2"), {k: v - 1 if v.is_floating_point() else v for k, v in t.items()}, n_shards=1)
+    return tmp_path
+
+
+GOOD = """\
+merge_method: ties
+base_model: base
+models:
+  - model: ft1
+    parameters:
+      weight: 1.0
+      density: 0.5
+  - model: ft2
+    parameters:
+      weight: 0.5
+output:
+  path: out
+"""
+
+
+def run_bad(recipe: str, *args: str, command: str = "apply") -> str:
+    Path("recipe.yaml").write_text(recipe)
+    before = sorted(os.listdir("."))
+    result = CliRunner().invoke(cli, [command, "recipe.yaml", *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert sorted(os.listdir(".")) == before, "something was written"
+    return result.stderr
+
+
+def test_good_recipe_runs(workdir):
+    Path("recipe.yaml").write_text(GOOD)
+    result = CliRunner().invoke(cli, ["apply", "--quiet", "recipe.yaml"])
+    assert result.exit_code == 0, result.output
+    assert Path("out/model.safetensors.index.json").exists()
+
+
+def test_unknown_key_with_suggestion(workdir):
+    err = run_bad(GOOD.replace("density: 0.5", "densty: 0.5"))
+    assert err == "error: recipe.yaml:7: models[0].parameters.densty: unknown key (did you mean 'density'?)\n"
+
+
+def test_unknown_top_level_key(workdir):
+    err = run_bad(GOOD + "merge_methd: linear\n")
+    assert err == "error: recipe.yaml:13: merge_methd: unknown key (did you mean 'merge_method'?)\n"
+
+
+def test_unknown_output_key(workdir):
+    err = run_bad(GOOD + "  shard_sise: 1GB\n")
+    assert err == "error: recipe.yaml:13: output.shard_sise: unknown key (did you mean 'shard_size'?)\n"
+
+
+def test_unknown_method(workdir):
+    err = run_bad(GOOD.replace("merge_method: ties", "merge_method: tie"))
+    assert err == (
+        "error: recipe.yaml:1: merge_method: unknown merge method 'tie' (did you mean 'ties'?); "
+        "available: linear, task_arithmetic, ties\n"
+    )
+
+
+def test_parameter_of_another_method(workdir):
+    err = run_bad(GOOD.replace("merge_method: ties", "merge_method: linear"))
+    assert err == (
+        "error: recipe.yaml:7: models[0].parameters.density: unknown key ('density' belongs to ties); "
+        "linear takes weight, normalize\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "old,new,message",
+    [
+        ("density: 0.5", "density: 0", "recipe.yaml:7: models[0].parameters.density: Input should be greater than 0, got 0"),
+        ("density: 0.5", "density: 1.5", "recipe.yaml:7: models[0].parameters.density: Input should be less than or equal to 1, got 1.5"),
+        ("weight: 0.5", "weight: .inf", "recipe.yaml:10: models[1].parameters.weight: must be a finite number"),
+        ("weight: 0.5", "weight: heavy", "recipe.yaml:10: models[1].parameters.weight: Input should be a valid number, unable to parse string as a number, got 'heavy'"),
+        ("weight: 0.5", "weight: [0, 1]", "recipe.yaml:10: models[1].parameters.weight: gradients and filters (lists) are not supported yet; give a single number"),
+        ("weight: 0.5", "normalize: false", "recipe.yaml:10: models[1].parameters.normalize: 'normalize' applies to the whole merge; put it under the top-level parameters"),
+    ],
+)  # fmt: skip
+def test_parameter_values(workdir, old, new, message):
+    assert run_bad(GOOD.replace(old, new)) == f"error: {message}\n"
+
+
+def test_top_level_lambda_must_be_finite(workdir):
+    err = run_bad(GOOD + "parameters:\n  lambda: .nan\n")
+    assert err == "error: recipe.yaml:14: parameters.lambda: must be a finite number\n"
+
+
+def test_several_problems_reported_together_in_line_order(workdir):
+    err = run_bad(GOOD.replace("density: 0.5", "densty: 0.5").replace("weight: 0.5", "weight: .nan") + "dtype: bf17\n")
+    lines = err.splitlines()
+    assert [line.split(":")[2] for line in lines] == ["7", "10", "13"]
+
+
+def test_missing_base_model(workdir):
+    err = run_bad(GOOD.replace("base_model: base\n", ""))
+    assert err == "error: recipe.yaml: base_model: ties needs a base_model\n"
+
+
+def test_missing_models(workdir):
+    err = run_bad("merge_method: linear\n")
+    assert err == "error: recipe.yaml: models: required key is missing\n"
+
+
+def test_only_the_base_model(workdir):
+    err = run_bad("merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: base\n")
+    assert err == "error: recipe.yaml:3: models: task_arithmetic needs at least one model besides the base model\n"
+
+
+def test_weights_summing_to_zero_with_normalize(workdir):
+    err = run_bad("merge_method: linear\nmodels:\n  - model: ft1\n  - model: ft2\n    parameters: {weight: -1}\n")
+    assert err == (
+        "error: recipe.yaml: parameters: the weights sum to 0, so they cannot be normalised; "
+        "set normalize: false or change a weight\n"
+    )
+
+
+def test_invalid_yaml(workdir):
+    err = run_bad("merge_method: ties\nmodels: [\n")
+    assert err.startswith("error: recipe.yaml:3: invalid YAML: ")
+
+
+def test_duplicate_key(workdir):
+    err = run_bad(GOOD + "merge_method: linear\n")
+    assert err == "error: recipe.yaml:13: duplicate key 'merge_method'\n"
+
+
+def test_not_a_mapping(workdir):
+    assert run_bad("- ties\n") == "error: recipe.yaml: a recipe is a YAML mapping with merge_method and models\n"
+
+
+def test_mergekit_slices_not_supported_yet(workdir):
+    err = run_bad("slices:\n  - sources: []\nmerge_method: linear\nmodels: [{model: ft1}]\n")
+    assert (
+        err
+        == "error: recipe.yaml:1: slices: slices (layer ranges) are not supported yet; list whole models under models:\n"
+    )
+
+
+def test_missing_model_directory(workdir):
+    err = run_bad(GOOD.replace("model: ft2", "model: ft9"))
+    assert err == "error: recipe.yaml:8: models[1].model: 'ft9': no such directory\n"
+
+
+def test_hub_id_not_supported_yet(workdir):
+    err = run_bad(GOOD.replace("model: ft2", "model: org/some-model"))
+    assert "models[1].model: 'org/some-model' looks like a Hugging Face Hub id" in err
+
+
+def test_pickled_checkpoint_is_refused(workdir):
+    Path("pickled").mkdir()
+    Path("pickled/pytorch_model.bin").write_bytes(b"\x80\x04")
+    err = run_bad(GOOD.replace("model: ft2", "model: pickled"))
+    assert err.startswith(
+        "error: recipe.yaml:8: models[1].model: 'pickled' holds only pickled weights (pytorch_model.bin)"
+    )
+    assert "save_pretrained" in err
+
+
+def test_not_safetensors(workdir):
+    Path("junk").mkdir()
+    Path("junk/model.safetensors").write_bytes(b"\xff" * 16)
+    err = run_bad(GOOD.replace("model: ft2", "model: junk"))
+    assert "models[1].model: " in err and "model.safetensors: not a safetensors file" in err
+
+
+def test_truncated_shard(workdir):
+    f = Path("ft2/model.safetensors")
+    f.write_bytes(f.read_bytes()[:-8])
+    err = run_bad(GOOD)
+    assert "tensor" in err and "inconsistent offsets (truncated file?)" in err
+
+
+def test_shape_mismatch(workdir):
+    write_checkpoint(Path("odd"), {"a.weight": torch.ones(4, 5), "b.bias": torch.zeros(4), "ids": torch.arange(3)})
+    err = run_bad(GOOD.replace("model: ft2", "model: odd"))
+    assert (
+        err
+        == "error: recipe.yaml:8: models[1].model: tensor 'a.weight' has shape [4, 5] in 'odd' but [4, 4] in 'base'\n"
+    )
+
+
+def test_missing_and_extra_tensors(workdir):
+    write_checkpoint(Path("odd"), {"a.weight": torch.ones(4, 4), "c": torch.zeros(4), "ids": torch.arange(3)})
+    err = run_bad(GOOD.replace("model: ft2", "model: odd"))
+    assert err == (
+        "error: recipe.yaml:8: models[1].model: 'odd' lacks tensor 'b.bias' (present in 'base')\n"
+        "error: recipe.yaml:8: models[1].model: 'odd' has tensor 'c' that 'base' lacks\n"
+    )
+
+
+def test_integer_buffers_that_differ(workdir):
+    write_checkpoint(Path("odd"), {"a.weight": torch.ones(4, 4), "b.bias": torch.zeros(4), "ids": torch.arange(1, 4)})
+    err = run_bad(GOOD.replace("model: ft2", "model: odd"))
+    assert err == (
+        "error: tensor 'ids' (I64) differs between 'odd' and 'base'; non-float tensors are copied, "
+        "not merged, so every input must hold the same values\n"
+    )
+
+
+def test_existing_output_needs_force(workdir):
+    Path("out").mkdir()
+    err = run_bad(GOOD)
+    assert err == f"error: output {workdir / 'out'} already exists; pass --force to replace it\n"
+
+
+def test_output_inside_an_input(workdir):
+    err = run_bad(GOOD, "-o", "ft1/merged")
+    assert err == f"error: output {workdir / 'ft1/merged'} is inside input model 'ft1'; choose another directory\n"
+
+
+def test_force_output_containing_an_input_is_refused(workdir):
+    err = run_bad(GOOD, "-o", ".", "--force")
+    assert err == f"error: output {workdir} contains input model 'base'; choose another directory\n"
+
+
+def test_no_output_directory(workdir):
+    err = run_bad(GOOD.replace("output:\n  path: out\n", ""))
+    assert err == "error: recipe.yaml: output: no output directory; give -o DIR or output.path\n"
+
+
+def test_cuda_requested_without_cuda(workdir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    err = run_bad(GOOD, "--device", "cuda")
+    assert err == "error: device cuda was asked for, but torch sees no CUDA device; use --device cpu\n"
+
+
+def test_bad_shard_size_option(workdir):
+    assert run_bad(GOOD, "--shard-size", "lots") == "error: --shard-size: 'lots' is not a size such as 2GB or 500MB\n"
+
+
+def test_missing_recipe_file(workdir):
+    result = CliRunner().invoke(cli, ["apply", "nope.yaml"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: nope.yaml: cannot read recipe: No such file or directory\n"
+
+
+def test_failure_midway_leaves_no_temporary_directory(workdir, monkeypatch):
+    """An error raised while writing (here a merge failure) removes the staging directory."""
+    import merger.stream
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merger.stream, "merge_tensor", boom)
+    Path("recipe.yaml").write_text(GOOD)
+    result = CliRunner().invoke(cli, ["apply", "recipe.yaml"])
+    assert result.exit_code == 130
+    assert result.stderr == "error: interrupted; nothing was written to the output\n"
+    assert sorted(os.listdir(".")) == ["base", "ft1", "ft2", "recipe.yaml"]
