@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -231,8 +232,6 @@ class MappedReader:
 
     def close(self) -> None:
         for mm in self._maps.values():
-            try:
+            with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
                 mm.close()
-            except BufferError:  # a tensor view is still alive; the mapping goes when it does
-                pass
         self._maps.clear()
