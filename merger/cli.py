@@ -95,8 +95,15 @@ _shard_opt = click.option("--shard-size", help="Bytes per output shard, e.g. 2GB
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (implies --quiet).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes writing output shards in parallel (CPU: about one per core).",
+)
 @_domain_errors
-def apply(recipe, output, device, shard_size, force, quiet, as_json) -> None:
+def apply(recipe, output, device, shard_size, force, quiet, as_json, workers) -> None:
     """Validate RECIPE, then merge its models into a sharded safetensors model.
 
     Everything is checked from the safetensors headers before any tensor is read. The output is
@@ -108,7 +115,9 @@ def apply(recipe, output, device, shard_size, force, quiet, as_json) -> None:
     plan = _plan(recipe, device, shard_size)
     dest = _destination(plan, output)
     progress = not quiet and not as_json and sys.stderr.isatty()
-    summary = write_model(plan, dest, force=force, progress=progress)
+    summary = write_model(plan, dest, force=force, progress=progress, workers=workers)
+    if summary is None:  # a non-zero rank of a distributed launch: rank 0 reports
+        return
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from merger import __version__
+from merger import __version__, parallel
 from merger.errors import MergerError
 from merger.plan import Plan
 from merger.sources import DTYPES, INDEX_NAME
@@ -53,48 +53,70 @@ def check_destination(dest: Path, plan: Plan, force: bool) -> None:
         raise MergerError(f"output {dest} already exists; pass --force to replace it")
 
 
-@contextmanager
-def staged(dest: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `dest`; on success rename it to `dest`, else remove it."""
-    dest = dest.expanduser().resolve()
+def new_staging(dest: Path) -> Path:
+    """A temporary sibling of `dest` (same file system, so the final rename is atomic)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".merger-tmp", dir=dest.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the finished model should look like any directory
+    return tmp
+
+
+def commit(tmp: Path, dest: Path, force: bool) -> None:
+    """Rename the finished staging directory to `dest`, replacing an old output only with force."""
+    if dest.exists() or dest.is_symlink():
+        if not force:
+            raise MergerError(f"output {dest} already exists; pass --force to replace it")
+        old = dest.with_name(f".{dest.name}.{os.getpid()}.merger-old")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, dest)
+
+
+@contextmanager
+def staged(dest: Path, force: bool) -> Iterator[Path]:
+    """Yield a staging directory for `dest`; on success rename it into place, else remove it."""
+    tmp = new_staging(dest)
     try:
         yield tmp
-        if dest.exists() or dest.is_symlink():
-            if not force:
-                raise MergerError(f"output {dest} already exists; pass --force to replace it")
-            old = dest.with_name(f".{dest.name}.{os.getpid()}.merger-old")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, dest)
+        commit(tmp, dest, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def write_model(plan: Plan, dest: Path, *, force: bool = False, progress: bool = False) -> dict:
-    """Run the whole merge into `dest`. Returns a summary for --json."""
+def write_model(
+    plan: Plan, dest: Path, *, force: bool = False, progress: bool = False, workers: int = 1
+) -> dict | None:
+    """Run the whole merge into `dest`. Returns a summary for --json (None on ranks other than 0 of a
+    distributed launch, which only write their shards)."""
     start = time.perf_counter()
+    dest = dest.expanduser().resolve()
     check_destination(dest, plan, force)
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with staged(dest, force) as tmp:
-        bytes_read = write_shards(plan, tmp, progress=progress)
-        write_index(plan, tmp)
-        copy_support_files(plan, tmp)
-        write_card(plan, tmp, dest.name)
+    group = parallel.launched_group()
+    if group is not None:
+        bytes_read = _write_as_rank(plan, dest, force, progress, group)
+        if bytes_read is None:
+            return None
+    else:
+        with staged(dest, force) as tmp:
+            if workers > 1:
+                bytes_read = parallel.write_with_workers(plan, tmp, workers)
+            else:
+                bytes_read = write_shards(plan, tmp, progress=progress)
+            write_metadata(plan, tmp, dest.name)
     summary = {
-        "output": str(dest.expanduser().resolve()),
+        "output": str(dest),
         "method": plan.spec.method.name,
         "device": plan.device,
         "tensors": len(plan.tensors),
         "shards": len(plan.shards),
+        "processes": group.world if group else workers,
         "bytes_read": bytes_read,
         "bytes_written": plan.bytes_written,
         "seconds": round(time.perf_counter() - start, 3),
@@ -103,6 +125,38 @@ def write_model(plan: Plan, dest: Path, *, force: bool = False, progress: bool =
     if plan.device == "cuda":
         summary["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return summary
+
+
+def _write_as_rank(plan: Plan, dest: Path, force: bool, progress: bool, group: parallel.Group) -> int | None:
+    """This rank's shards; rank 0 then finishes the directory. Every rank reports before anyone commits,
+    so one failing rank fails the whole merge and nothing lands at `dest`."""
+    tmp = Path(group.share(str(new_staging(dest)) if group.rank == 0 else None))
+    mine = parallel.assign(plan.shards, group.world)[group.rank]
+    result: tuple[int, str | None] = (0, None)
+    try:
+        result = (write_shards(plan, tmp, progress=progress and group.rank == 0, shards=mine), None)
+    except Exception as e:  # reported through the gather below, raised on rank 0
+        result = (0, f"rank {group.rank}: {e}")
+    results = group.gather(result)
+    group.close()
+    if group.rank != 0:
+        return None
+    errors = [err for _, err in results if err]
+    try:
+        if errors:
+            raise MergerError("\n".join(errors))
+        write_metadata(plan, tmp, dest.name)
+        commit(tmp, dest, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sum(n for n, _ in results)
+
+
+def write_metadata(plan: Plan, directory: Path, title: str) -> None:
+    write_index(plan, directory)
+    copy_support_files(plan, directory)
+    write_card(plan, directory, title)
 
 
 def peak_rss() -> int:

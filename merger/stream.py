@@ -8,6 +8,7 @@ touched per tensor; on CUDA whole tensors go through pinned staging buffers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import struct
@@ -63,6 +64,21 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._f.close()
+
+
+@contextlib.contextmanager
+def cpu_engine_settings(device: str) -> Iterator[None]:
+    """One intra-op thread for CPU merging: chunk-sized ops gain little from it, and OpenMP workers that
+    spin-wait collapse (10x slower, measured) when anything else wants the cores, such as our own
+    writer thread. Several cores are used through --workers processes instead."""
+    _keep_freed_memory()
+    previous = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _keep_freed_memory() -> None:
@@ -193,7 +209,6 @@ class Merger:
 
 def write_shards(plan: Plan, directory: Path, *, progress: bool = False, shards: Iterable[int] | None = None) -> int:
     """Write the planned shards (all, or the given indices) into `directory`. Returns bytes read."""
-    _keep_freed_memory()
     chosen = [plan.shards[i] for i in shards] if shards is not None else plan.shards
     todo = [(shard, t) for shard in chosen for t in shard.tensors]
     reader = MappedReader()
@@ -224,7 +239,7 @@ def write_shards(plan: Plan, directory: Path, *, progress: bool = False, shards:
             writers.pop(shard.filename).close()
 
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merger-writer") as pool:
+        with cpu_engine_settings(plan.device), ThreadPoolExecutor(1, thread_name_prefix="merger-writer") as pool:
             for j, (shard, t) in enumerate(todo):
                 if j + 1 < len(todo):
                     merger.prefetch(todo[j + 1][1])
@@ -252,7 +267,6 @@ def write_shards(plan: Plan, directory: Path, *, progress: bool = False, shards:
 def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor) in plan order without writing files, for in-process consumers
     (an evaluator that loads the candidate straight into a model). Each tensor is a fresh CPU tensor."""
-    _keep_freed_memory()
     wanted = set(names) if names is not None else None
     reader = MappedReader()
     merger = Merger(plan, reader)
@@ -261,7 +275,8 @@ def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tu
             if wanted is not None and t.name not in wanted:
                 continue
             out = torch.empty(t.shape, dtype=DTYPES[t.dtype][0])
-            merger.merge_into(t, out)
+            with cpu_engine_settings(plan.device):  # not across the yield: the consumer keeps its threads
+                merger.merge_into(t, out)
             merger.release(t)
             yield t.name, out
     finally:

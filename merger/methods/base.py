@@ -47,3 +47,10 @@ class Method:
     check: Callable[[Sequence[BaseModel], BaseModel], str | None] | None = None
     # Optional per-tensor statistics over whole task vectors (TIES: trim thresholds). Needs a base.
     prepare: Prepare | None = None
+
+
+def normalizable(models: Sequence[BaseModel], params: BaseModel) -> str | None:
+    """The check of methods that divide by the sum of the weights when `normalize` is set."""
+    if getattr(params, "normalize", False) and sum(m.weight for m in models) == 0:
+        return "the weights sum to 0, so they cannot be normalised; set normalize: false or change a weight"
+    return None

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from merger.methods.base import Method, Params
+from merger.methods.base import Method, Params, normalizable
 
 
 class TaskModelParams(Params):
@@ -160,11 +160,7 @@ TASK_ARITHMETIC = Method(
     needs_base=True,
     summary="base + lambda * sum(w_i * (x_i - base)); a negative weight subtracts a task vector.",
     paper="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
-    check=lambda models, params: (
-        "the weights sum to 0, so they cannot be normalised; set normalize: false or change a weight"
-        if params.normalize and sum(m.weight for m in models) == 0
-        else None
-    ),
+    check=normalizable,
 )
 
 TIES = Method(
