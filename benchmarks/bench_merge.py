@@ -216,7 +216,7 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
         print(f"\n{'tool':9} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'vs mk':>6} "
               f"{'peak RSS':>9} {'peak GPU':>9}")  # fmt: skip
-        for tool, method, rep, wall, inner, rss, gpu in rows:
+        for tool, method, _rep, wall, inner, rss, gpu in rows:
             best_mk = min((r[3] for r in rows if r[0] == "mergekit" and r[1] == method), default=None)
             vs = f"{best_mk / wall:5.1f}x" if best_mk and tool == "merger" else "     -"
             gbps = len(dirs) * in_bytes / inner / 1e9
