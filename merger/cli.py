@@ -6,6 +6,7 @@ import functools
 import json
 import signal
 import sys
+import typing
 from pathlib import Path
 
 import click
@@ -154,6 +155,7 @@ def plan(recipe, output, device, shard_size, as_json) -> None:
         "bytes_read": p.bytes_read,
         "bytes_written": p.bytes_written,
         "peak_memory_estimate": p.peak_memory,
+        "peak_gpu_memory_estimate": p.peak_gpu_memory,
         "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in p.shards],
     }
     if as_json:
@@ -165,7 +167,8 @@ def plan(recipe, output, device, shard_size, as_json) -> None:
     click.echo(f"  tensors:      {len(p.tensors)} ({n_merged} merged, {info['tensors_copied']} copied)")
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
-    click.echo(f"  peak memory:  ~{_size(p.peak_memory)} (estimate)")
+    gpu = f", GPU ~{_size(p.peak_gpu_memory)}" if p.device == "cuda" else ""
+    click.echo(f"  peak memory:  ~{_size(p.peak_memory)} beyond the process itself (estimate){gpu}")
     exists = " (exists: apply needs --force)" if info["output_exists"] else ""
     click.echo(f"  output:       {info['output'] or '(none: give -o DIR or output.path)'}{exists}")
     for s in info["shards"]:
@@ -208,7 +211,8 @@ def _describe_params(model) -> list[dict]:
     out = []
     for name, f in model.model_fields.items():
         ann = f.annotation
-        typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        choices = typing.get_args(ann) if typing.get_origin(ann) is typing.Literal else ()
+        typ = "|".join(map(str, choices)) if choices else getattr(ann, "__name__", str(ann))
         ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
         limits = [f"{op} {getattr(c, a)}" for c in f.metadata for a, op in ops.items() if hasattr(c, a)]
         desc = f.description or ""

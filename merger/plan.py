@@ -77,16 +77,34 @@ class Plan:
 
     @property
     def peak_memory(self) -> int:
-        """Estimated working memory: per tensor, the raw inputs, their float copies, the method's
-        temporaries (about four tensors for TIES) and the output."""
+        """Estimated working memory beyond the Python process itself. Per tensor: the inputs' pages
+        (mapped while the tensor is merged, then dropped) and two output buffers (one being written).
+        On the CPU the merge runs through a few chunk buffers; on CUDA whole tensors are staged in
+        pinned host memory and the method's temporaries (about four tensors for TIES) live on the GPU."""
+        from merger.stream import CHUNK  # the engine's chunk size (stream imports plan)
+
         csize = torch.finfo(self.compute_dtype).bits // 8
         worst = 0
         for t in self.tensors:
             readers = self.readers_of(t)
             raw = sum(m.tensors[t.name].nbytes for m in readers)
-            numel = t.nbytes // DTYPES[t.dtype][1]
-            worst = max(worst, raw + numel * csize * (len(readers) + 4) + t.nbytes)
+            host = raw * (2 if self.device == "cuda" else 1) + 2 * t.nbytes
+            if self.device == "cpu":
+                numel = t.nbytes // DTYPES[t.dtype][1]
+                host += min(numel, CHUNK) * csize * (len(readers) + 8)
+            worst = max(worst, host)
         return worst
+
+    @property
+    def peak_gpu_memory(self) -> int:
+        """Estimated GPU memory on CUDA: the largest tensor's inputs in the compute dtype, plus about
+        four temporaries."""
+        if self.device != "cuda":
+            return 0
+        csize = torch.finfo(self.compute_dtype).bits // 8
+        return max(
+            (t.nbytes // DTYPES[t.dtype][1] * csize * (len(self.readers_of(t)) + 4) for t in self.tensors), default=0
+        )
 
 
 def natural_key(name: str) -> list:
