@@ -4,6 +4,9 @@
     python benchmarks/bench_merge.py --shape llama2-7b --device cuda
     python benchmarks/bench_merge.py --shape small --repeat 1     # a quick smoke run (~30 MB)
 
+mergekit is optional: install it in its own environment (`python -m venv /tmp/mk && /tmp/mk/bin/pip install
+torch==2.13.0 mergekit`) and pass `--mergekit-bin /tmp/mk/bin/mergekit-yaml`, or have mergekit-yaml on PATH.
+
 Checkpoints (a base and N fine-tunes, bf16, sharded, with a real Llama config) are generated once
 into --dir and reused. The I/O limit is measured on those files: read every input once (page cache
 warm, as the merges see it) plus write one output of the merged size. merger and mergekit are run
@@ -177,12 +180,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")))
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if installed")
+    ap.add_argument("--mergekit-bin", help="the mergekit-yaml to run (default: the one on PATH)")
     args = ap.parse_args()
 
     dirs = generate(args.dir, args.shape, args.finetunes, 2 << 30)
     in_bytes = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
     scratch = Path(tempfile.mkdtemp(dir=args.dir, prefix="run-"))
-    mergekit = None if args.no_mergekit else shutil.which("mergekit-yaml")
+    mergekit = None if args.no_mergekit else (args.mergekit_bin or shutil.which("mergekit-yaml"))
     try:
         read_s, write_s, write_sync_s = io_limit(dirs, in_bytes, scratch)
         print(
