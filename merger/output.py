@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -19,26 +20,11 @@ import yaml
 from merger import __version__
 from merger.errors import MergerError
 from merger.plan import Plan
-from merger.sources import DTYPES, INDEX_NAME
+from merger.sources import CARD_NAME, DTYPES, INDEX_NAME, MODEL_FILES, TOKENIZER_FILES, LocalModel
 from merger.stream import write_shards
 
-# Copied from the tokenizer source (the base model unless the recipe names another).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-# Copied from the reference model (the base, else the first model).
-MODEL_FILES = ("generation_config.json", "preprocessor_config.json")
+if TYPE_CHECKING:
+    from merger.lock import Lock
 
 
 def check_destination(dest: Path, plan: Plan, force: bool) -> None:
@@ -78,17 +64,38 @@ def staged(dest: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-def write_model(plan: Plan, dest: Path, *, force: bool = False, progress: bool = False) -> dict:
-    """Run the whole merge into `dest`. Returns a summary for --json."""
+def write_model(
+    plan: Plan,
+    dest: Path,
+    *,
+    force: bool = False,
+    progress: bool = False,
+    low_disk: bool = False,
+    lock: Lock | None = None,
+    lock_name: str = "lock",
+) -> dict:
+    """Run the whole merge into `dest`. Returns a summary for --json.
+
+    Hub inputs are downloaded first (all their files, or with `low_disk` all but the weights, which are
+    then fetched shard by shard as the merge needs them and dropped after). With `lock`, every input must
+    match it before anything is downloaded or written."""
+    from merger.hub import JustInTime, fetch_inputs
+    from merger.lock import inputs_of, write_lock
+
     start = time.perf_counter()
     check_destination(dest, plan, force)
+    inputs = inputs_of(plan)
+    if lock is not None:
+        lock.verify(inputs, lock_name)
+    fetch_inputs(plan, weights=not low_disk)
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with staged(dest, force) as tmp:
-        bytes_read = write_shards(plan, tmp, progress=progress)
+        bytes_read = write_shards(plan, tmp, progress=progress, files=JustInTime(plan) if low_disk else None)
         write_index(plan, tmp)
         copy_support_files(plan, tmp)
         write_card(plan, tmp, dest.name)
+        write_lock(plan, inputs, tmp)
     summary = {
         "output": str(dest.expanduser().resolve()),
         "method": plan.spec.method.name,
@@ -157,13 +164,20 @@ def copy_support_files(plan: Plan, directory: Path) -> None:
 
 
 def write_card(plan: Plan, directory: Path, title: str) -> None:
+    """README.md with the Hub's metadata for a merge: `base_model` (the Hub ids of the inputs, or their
+    paths if none is on the Hub), `base_model_relation: merge`, and `license` if every input has the same."""
     spec = plan.spec
     refs = ([spec.base] if spec.base else []) + [g.ref for g in spec.ingredients]
+    hub_ids = [m.remote.repo_id for m in plan.models if m.remote is not None]
     front = {
-        "base_model": list(dict.fromkeys(refs)),
+        "base_model": list(dict.fromkeys(hub_ids or refs)),
+        "base_model_relation": "merge",
         "tags": ["merge", "merger"],
         "library_name": "transformers",
     }
+    licenses = {card_metadata(m).get("license") for m in plan.models}
+    if len(licenses) == 1 and None not in licenses:
+        front["license"] = licenses.pop()
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
@@ -176,14 +190,34 @@ def write_card(plan: Plan, directory: Path, title: str) -> None:
         "",
     ]
     if spec.base:
-        lines += [f"Base model: `{spec.base}`", ""]
+        lines += [f"Base model: `{spec.base}`{_at_commit(plan.base)}", ""]
     lines += ["Models merged:", ""]
-    for g in spec.ingredients:
+    for g, m in zip(spec.ingredients, plan.inputs):
         shown = ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
-        lines.append(f"- `{g.ref}` ({shown})")
+        lines.append(f"- `{g.ref}`{_at_commit(m)} ({shown})")
     method_params = ", ".join(f"{k}: {v}" for k, v in spec.params.model_dump(by_alias=True).items())
     if method_params:
         lines += ["", f"Method parameters: {method_params}."]
     recipe = spec.source.text or yaml.safe_dump(spec.recipe.model_dump(exclude_defaults=True), sort_keys=False)
     lines += ["", "## Recipe", "", "```yaml", recipe.strip(), "```", ""]
     (directory / "README.md").write_text("\n".join(lines))
+
+
+def _at_commit(model: LocalModel | None) -> str:
+    return f" at commit `{model.remote.commit[:12]}`" if model is not None and model.remote is not None else ""
+
+
+def card_metadata(model: LocalModel) -> dict:
+    """The YAML front matter of a model's README.md ({} if it has none, or none that parses)."""
+    path = model.path / CARD_NAME
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    try:
+        data = yaml.safe_load(text[3:].split("\n---", 1)[0])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -9,12 +9,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from merger.errors import ModelError, RecipeError
 from merger.recipe import DTYPE_CODE, MergeSpec
-from merger.sources import DTYPES, LocalModel, open_model
+from merger.sources import CARD_NAME, DTYPES, INDEX_NAME, MODEL_FILES, TOKENIZER_FILES, LocalModel, open_model
+
+if TYPE_CHECKING:
+    from merger.hub import Hub
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,15 @@ class Shard:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class FileUse:
+    """When the engine reads an input file: indices into Plan.tensors, and how many reads in all."""
+
+    first: int
+    last: int
+    reads: int
 
 
 @dataclass
@@ -66,6 +79,29 @@ class Plan:
         if not t.merged:
             return self.models
         return self.inputs + ([self.base] if self.spec.method.needs_base else [])
+
+    def files_used(self) -> list[tuple[LocalModel, list[str]]]:
+        """Each model the merge reads files of, with those files' names: weights and index and the model
+        card (for its license) of every input, config and generation files of the reference, tokenizer
+        files of the tokenizer source. What is fetched from the Hub, and what the lock records."""
+        out: dict[Path, tuple[LocalModel, list[str]]] = {}
+        wanted = [(m, [str(f.relative_to(m.path)) for f in m.files] + [INDEX_NAME, CARD_NAME]) for m in self.models]
+        wanted += [(self.reference, ["config.json", *MODEL_FILES]), (self.tokenizer_from, list(TOKENIZER_FILES))]
+        for model, names in wanted:
+            entry = out.setdefault(model.path, (model, []))
+            entry[1].extend(n for n in names if n not in entry[1] and model.has(n))
+        return list(out.values())
+
+    def file_uses(self) -> dict[Path, FileUse]:
+        """Each input file's first and last use in write order, and its number of reads (each distinct
+        model once per tensor, as the engine reads): what fetching Hub shards just in time relies on."""
+        uses: dict[Path, list[int]] = {}
+        for i, t in enumerate(self.tensors):
+            for m in {m.path: m for m in self.readers_of(t)}.values():
+                use = uses.setdefault(m.tensors[t.name].file, [i, i, 0])
+                use[1] = i
+                use[2] += 1
+        return {f: FileUse(*use) for f, use in uses.items()}
 
     @property
     def bytes_read(self) -> int:
@@ -102,8 +138,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def build_plan(spec: MergeSpec, *, device: str | None = None, shard_size: int | None = None) -> Plan:
-    """Open every model's headers, check they agree, and lay out the output. Reads no tensor data."""
+def build_plan(
+    spec: MergeSpec, *, device: str | None = None, shard_size: int | None = None, hub: Hub | None = None
+) -> Plan:
+    """Open every model's headers, check they agree, and lay out the output. Reads no tensor data
+    (for Hub models, `hub` reads the headers remotely and downloads nothing but the index)."""
     recipe = spec.recipe
     opened: dict[str, LocalModel] = {}
     problems: list[str] = []
@@ -111,7 +150,7 @@ def build_plan(spec: MergeSpec, *, device: str | None = None, shard_size: int | 
     def open_at(ref: str, *loc: str | int) -> LocalModel | None:
         if ref not in opened:
             try:
-                opened[ref] = open_model(ref)
+                opened[ref] = open_model(ref, hub)
             except ModelError as e:
                 problems.append(f"{spec.where(*loc)}: {e}")
                 return None

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from merger.errors import MergeError
 from merger.plan import OutTensor, Plan, Shard
-from merger.sources import DTYPES, LocalModel, TensorReader
+from merger.sources import DTYPES, FileSource, LocalModel, TensorReader
 
 
 class ShardWriter:
@@ -60,10 +60,10 @@ class Fetcher:
     the compute dtype on the compute device. Reusing the buffers avoids touching fresh pages for every
     tensor, which on a cold machine costs more than the copy itself."""
 
-    def __init__(self, device: str, compute_dtype: torch.dtype):
+    def __init__(self, device: str, compute_dtype: torch.dtype, files: FileSource | None = None):
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
-        self.reader = TensorReader()
+        self.reader = TensorReader(files)
         self._bufs: dict[Path, torch.Tensor] = {}
         self.bytes_read = 0
 
@@ -125,11 +125,19 @@ def write_shard(plan: Plan, shard: Shard, path: Path, fetch: Fetcher, on_tensor:
         raise
 
 
-def write_shards(plan: Plan, directory: Path, *, progress: bool = False, shards: Iterable[int] | None = None) -> int:
-    """Write the planned shards (all, or the given indices) into `directory`. Returns bytes read."""
+def write_shards(
+    plan: Plan,
+    directory: Path,
+    *,
+    progress: bool = False,
+    shards: Iterable[int] | None = None,
+    files: FileSource | None = None,
+) -> int:
+    """Write the planned shards (all, or the given indices) into `directory`. Returns bytes read.
+    `files` provides input files fetched on demand (see sources.FileSource)."""
     chosen = [plan.shards[i] for i in shards] if shards is not None else plan.shards
     total = sum(len(s.tensors) for s in chosen)
-    fetch = Fetcher(plan.device, plan.compute_dtype)
+    fetch = Fetcher(plan.device, plan.compute_dtype, files)
     bar = tqdm(
         total=plan.bytes_read if shards is None else None,
         unit="B",
