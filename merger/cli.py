@@ -77,8 +77,10 @@ def _plan(
         raise MergerError("give a RECIPE, or --locked LOCK to re-run the recipe a merger.lock.json holds")
     lock = read_lock(locked) if locked else None
     spec = parse_recipe(lock.recipe, name=f"{locked} (recipe)") if lock else load_recipe(recipe)
+    if lock is not None:
+        size = size or lock.shard_size
     hub = Hub(offline=offline, pins=lock.pins if lock else None, progress=progress)
-    return build_plan(spec, device=device, shard_size=size or (lock and lock.shard_size), hub=hub), lock
+    return build_plan(spec, device=device, shard_size=size, hub=hub), lock
 
 
 def _destination(plan, output: str | None) -> Path:
@@ -143,7 +145,13 @@ def apply(recipe, output, device, shard_size, locked, offline, low_disk, no_push
         upload = publish.prepare(
             dest, target.repo_id, private=target.private, revision=target.revision, commit_message=target.commit_message
         )
-        summary["published"] = publish.push(upload, api)
+        try:
+            summary["published"] = publish.push(upload, api)
+        except publish.PublishError as e:
+            out = summary["output"]
+            raise publish.PublishError(
+                f"{e}; the merged model is in {out}: publish it with `merger push {out} {target.repo_id}`"
+            ) from None
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:

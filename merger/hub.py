@@ -273,13 +273,15 @@ class Hub:
 
 
 def fetch_inputs(plan: Plan, *, weights: bool = True) -> None:
-    """Download every file the merge uses from the Hub, weights too unless they are fetched as needed."""
+    """Download every file the merge uses from the Hub, weights too unless they are fetched as needed.
+    Small files first, so that a missing one is found before gigabytes of weights are downloaded."""
+    todo = []
     for model, names in plan.files_used():
         if model.remote is not None:
-            shards = {str(f.relative_to(model.path)) for f in model.files}
-            for name in names:
-                if weights or name not in shards:
-                    model.remote.fetch(name)
+            shards = {f.relative_to(model.path).as_posix() for f in model.files}
+            todo += [(name in shards, model.remote, name) for name in names if weights or name not in shards]
+    for _, remote, name in sorted(todo, key=lambda item: item[0]):
+        remote.fetch(name)
 
 
 class JustInTime:
@@ -290,7 +292,7 @@ class JustInTime:
     def __init__(self, plan: Plan):
         uses = plan.file_uses()
         self._todo = {
-            f: (m.remote, str(f.relative_to(m.path)))
+            f: (m.remote, f.relative_to(m.path).as_posix())
             for m in plan.models
             if m.remote is not None
             for f in m.files

@@ -175,9 +175,9 @@ def write_card(plan: Plan, directory: Path, title: str) -> None:
         "tags": ["merge", "merger"],
         "library_name": "transformers",
     }
-    licenses = {card_metadata(m).get("license") for m in plan.models}
-    if len(licenses) == 1 and None not in licenses:
-        front["license"] = licenses.pop()
+    licenses = [card_metadata(m).get("license") for m in plan.models]
+    if isinstance(licenses[0], str) and all(lic == licenses[0] for lic in licenses):
+        front["license"] = licenses[0]
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),

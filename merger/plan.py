@@ -85,7 +85,9 @@ class Plan:
         card (for its license) of every input, config and generation files of the reference, tokenizer
         files of the tokenizer source. What is fetched from the Hub, and what the lock records."""
         out: dict[Path, tuple[LocalModel, list[str]]] = {}
-        wanted = [(m, [str(f.relative_to(m.path)) for f in m.files] + [INDEX_NAME, CARD_NAME]) for m in self.models]
+        wanted = [
+            (m, [f.relative_to(m.path).as_posix() for f in m.files] + [INDEX_NAME, CARD_NAME]) for m in self.models
+        ]
         wanted += [(self.reference, ["config.json", *MODEL_FILES]), (self.tokenizer_from, list(TOKENIZER_FILES))]
         for model, names in wanted:
             entry = out.setdefault(model.path, (model, []))

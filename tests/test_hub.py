@@ -184,7 +184,7 @@ def test_shape_mismatch_found_before_any_weight_is_downloaded(tmp_path, hub, mod
 @pytest.mark.parametrize(
     "case",
     ["unknown repo", "unknown revision", "gated without token", "gated with a token that has no access",
-     "network down", "file missing from the remote", "private without token"],
+     "network down", "file missing from the remote", "file missing at download time", "private without token"],
 )  # fmt: skip
 def test_hub_failures(tmp_path, hub, models, no_real_hub, monkeypatch, case):
     _, commits = models
@@ -214,16 +214,20 @@ def test_hub_failures(tmp_path, hub, models, no_real_hub, monkeypatch, case):
         endpoint = f"http://127.0.0.1:{closed_port()}"
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
         want = f"'org/base': cannot reach the Hub at {endpoint}; check the network, or pass --offline to use the Hugging Face cache alone"
-    else:
+    elif case == "file missing from the remote":
         hub.repos["org/ft1"].lost.add("model-00002-of-00002.safetensors")
         want = f"'org/ft1@v1': model-00002-of-00002.safetensors is missing from the repo at {commits['ft1'][:12]}"
+    if case == "file missing at download time":
+        hub.repos["org/base"].lost.add("config.json")  # listed, not needed to plan, 404 when fetched
+        where = ""
+        want = f"'org/base': config.json is missing from the repo at {commits['base'][:12]}"
+    else:
+        where = "recipe.yaml:2: base_model: " if case == "network down" else "recipe.yaml:4: models[0].model: "
     monkeypatch.chdir(tmp_path)
     Path("recipe.yaml").write_text(recipe(refs))
     before = sorted(os.listdir("."))
     result = run("apply", "recipe.yaml", "-o", "out", code=2)
-    line = 2 if case == "network down" else 4
-    loc = "base_model" if case == "network down" else "models[0].model"
-    assert result.stderr.splitlines()[0] == f"error: recipe.yaml:{line}: {loc}: {want}"
+    assert result.stderr.splitlines()[0] == f"error: {where}{want}"
     assert sorted(os.listdir(".")) == before
     assert cached_weights(no_real_hub) == []
 
