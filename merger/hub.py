@@ -248,8 +248,8 @@ class Hub:
             return ModelError(f"'{ref}' is gated: request access at {page}, then {LOGIN_HINT}")
         if isinstance(e, errors.RepositoryNotFoundError):
             return ModelError(
-                f"'{ref}': no such model on the Hub ({self.endpoint}); if it is private, {LOGIN_HINT} "
-                "with a token that can read it"
+                f"'{ref}': no such local directory, nor model on the Hub ({self.endpoint}); if it is a private "
+                f"model, {LOGIN_HINT} with a token that can read it"
             )
         if isinstance(e, errors.RevisionNotFoundError):
             return ModelError(f"'{ref}': {repo_id} has no revision '{revision}' (a branch, tag or commit)")

@@ -51,7 +51,7 @@ def load_output(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(autouse=True)
-def no_real_hub(tmp_path_factory, monkeypatch):
+def hf_home(tmp_path_factory, monkeypatch):
     """No test reaches the real Hub, the user's cache or token: the Hub is a closed local port (tests that
     need one start the fake Hub), the cache a fresh directory, and there is no token."""
     import huggingface_hub.constants
