@@ -6,6 +6,7 @@ import functools
 import json
 import signal
 import sys
+import typing
 from pathlib import Path
 
 import click
@@ -122,8 +123,17 @@ _offline_opt = click.option(
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (implies --quiet).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes writing output shards in parallel (CPU: about one per core).",
+)
 @_domain_errors
-def apply(recipe, output, device, shard_size, locked, offline, low_disk, no_push, force, quiet, as_json) -> None:
+def apply(
+    recipe, output, device, shard_size, locked, offline, low_disk, no_push, force, quiet, as_json, workers
+) -> None:
     """Validate RECIPE, then merge its models into a sharded safetensors model.
 
     Models are local directories or Hub ids (org/name or org/name@revision). Everything is checked from
@@ -140,7 +150,11 @@ def apply(recipe, output, device, shard_size, locked, offline, low_disk, no_push
     dest = _destination(plan, output)
     target = plan.spec.recipe.hub if not no_push else None
     api = publish.hub_api() if target else None  # no token: fail now, not after the merge
-    summary = write_model(plan, dest, force=force, progress=progress, low_disk=low_disk, lock=lock, lock_name=locked)
+    summary = write_model(
+        plan, dest, force=force, progress=progress, workers=workers, low_disk=low_disk, lock=lock, lock_name=locked
+    )
+    if summary is None:  # a non-zero rank of a distributed launch: rank 0 reports (and publishes)
+        return
     if target:
         upload = publish.prepare(
             dest, target.repo_id, private=target.private, revision=target.revision, commit_message=target.commit_message
@@ -197,6 +211,7 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         "bytes_read": p.bytes_read,
         "bytes_written": p.bytes_written,
         "peak_memory_estimate": p.peak_memory,
+        "peak_gpu_memory_estimate": p.peak_gpu_memory,
         "disk": disk_needs(p),
         "publish": hub.model_dump() if hub else None,
         "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in p.shards],
@@ -213,7 +228,8 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
     click.echo(f"  tensors:      {len(p.tensors)} ({n_merged} merged, {info['tensors_copied']} copied)")
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
-    click.echo(f"  peak memory:  ~{_size(p.peak_memory)} (estimate)")
+    gpu = f", GPU ~{_size(p.peak_gpu_memory)}" if p.device == "cuda" else ""
+    click.echo(f"  peak memory:  ~{_size(p.peak_memory)} beyond the process itself (estimate){gpu}")
     if disk["download_bytes"]:
         click.echo(
             f"  disk:         {_size(disk['peak_bytes'])} ({_size(disk['download_bytes'])} downloaded, then the output); "
@@ -294,7 +310,8 @@ def _describe_params(model) -> list[dict]:
     out = []
     for name, f in model.model_fields.items():
         ann = f.annotation
-        typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        choices = typing.get_args(ann) if typing.get_origin(ann) is typing.Literal else ()
+        typ = "|".join(map(str, choices)) if choices else getattr(ann, "__name__", str(ann))
         ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
         limits = [f"{op} {getattr(c, a)}" for c in f.metadata for a, op in ops.items() if hasattr(c, a)]
         desc = f.description or ""

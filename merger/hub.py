@@ -23,6 +23,7 @@ from merger.sources import (
     INDEX_NAME,
     SINGLE_NAME,
     LocalModel,
+    TensorInfo,
     collect,
     describe,
     header_length,
@@ -285,9 +286,9 @@ def fetch_inputs(plan: Plan, *, weights: bool = True) -> None:
 
 
 class JustInTime:
-    """The engine's FileSource for --low-disk: a Hub shard is fetched when the engine first reads from it
-    and deleted after its last read, so the disk holds the shards in use rather than whole models.
-    Shards that were already cached stay."""
+    """The engine's FileSource for --low-disk: a Hub shard is fetched when the engine first maps it and
+    deleted once the engine is done with every tensor the merge needs from it, so the disk holds the
+    shards in use rather than whole models. Shards that were already cached stay."""
 
     def __init__(self, plan: Plan):
         uses = plan.file_uses()
@@ -298,7 +299,7 @@ class JustInTime:
             for f in m.files
             if f in uses and not f.exists()
         }
-        self._reads = {f: uses[f].reads for f in self._todo}
+        self._left = {f: set(uses[f].names) for f in self._todo}
         self._lock = threading.Lock()
 
     def path(self, file: Path) -> Path:
@@ -308,12 +309,13 @@ class JustInTime:
                 remote.fetch(name)
         return file
 
-    def done(self, file: Path) -> bool:
+    def done(self, info: TensorInfo) -> bool:
         with self._lock:
-            if file not in self._reads:
-                return False
-            self._reads[file] -= 1
-            return self._reads[file] == 0
+            left = self._left.get(info.file)
+            if not left or info.name not in left:
+                return False  # not ours, or told twice
+            left.discard(info.name)
+            return not left
 
     def release(self, file: Path) -> None:
         with self._lock:
@@ -333,7 +335,8 @@ def disk_needs(plan: Plan) -> dict[str, int]:
     peak, written = 0, 0
     for i, t in enumerate(plan.tensors):
         written += t.nbytes
-        live = sum(size for f, size in shards.items() if uses[f].first <= i <= uses[f].last)
+        # the engine maps the next tensor's inputs while merging this one: a shard arrives one tensor early
+        live = sum(size for f, size in shards.items() if uses[f].first - 1 <= i <= uses[f].last)
         peak = max(peak, live + written)
     others = sum(new.values()) - sum(shards.values())
     return {

@@ -12,19 +12,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
-from merger import __version__
+from merger import __version__, parallel
 from merger.errors import MergerError
+from merger.hub import JustInTime, fetch_inputs
+from merger.lock import Lock, LockedInput, inputs_of, write_lock
 from merger.plan import Plan
 from merger.sources import CARD_NAME, DTYPES, INDEX_NAME, MODEL_FILES, TOKENIZER_FILES, LocalModel
 from merger.stream import write_shards
-
-if TYPE_CHECKING:
-    from merger.lock import Lock
 
 
 def check_destination(dest: Path, plan: Plan, force: bool) -> None:
@@ -39,26 +37,36 @@ def check_destination(dest: Path, plan: Plan, force: bool) -> None:
         raise MergerError(f"output {dest} already exists; pass --force to replace it")
 
 
-@contextmanager
-def staged(dest: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `dest`; on success rename it to `dest`, else remove it."""
-    dest = dest.expanduser().resolve()
+def new_staging(dest: Path) -> Path:
+    """A temporary sibling of `dest` (same file system, so the final rename is atomic)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".merger-tmp", dir=dest.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the finished model should look like any directory
+    return tmp
+
+
+def commit(tmp: Path, dest: Path, force: bool) -> None:
+    """Rename the finished staging directory to `dest`, replacing an old output only with force."""
+    if dest.exists() or dest.is_symlink():
+        if not force:
+            raise MergerError(f"output {dest} already exists; pass --force to replace it")
+        old = dest.with_name(f".{dest.name}.{os.getpid()}.merger-old")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, dest)
+
+
+@contextmanager
+def staged(dest: Path, force: bool) -> Iterator[Path]:
+    """Yield a staging directory for `dest`; on success rename it into place, else remove it."""
+    tmp = new_staging(dest)
     try:
         yield tmp
-        if dest.exists() or dest.is_symlink():
-            if not force:
-                raise MergerError(f"output {dest} already exists; pass --force to replace it")
-            old = dest.with_name(f".{dest.name}.{os.getpid()}.merger-old")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, dest)
+        commit(tmp, dest, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -70,38 +78,49 @@ def write_model(
     *,
     force: bool = False,
     progress: bool = False,
+    workers: int = 1,
     low_disk: bool = False,
     lock: Lock | None = None,
     lock_name: str = "lock",
-) -> dict:
-    """Run the whole merge into `dest`. Returns a summary for --json.
+) -> dict | None:
+    """Run the whole merge into `dest`. Returns a summary for --json (None on ranks other than 0 of a
+    distributed launch, which only write their shards).
 
-    Hub inputs are downloaded first (all their files, or with `low_disk` all but the weights, which are
-    then fetched shard by shard as the merge needs them and dropped after). With `lock`, every input must
+    Hub inputs are downloaded first: all their files, or with `low_disk` all but the weights, which are
+    then fetched shard by shard as the merge maps them and deleted after. With `lock`, every input must
     match it before anything is downloaded or written."""
-    from merger.hub import JustInTime, fetch_inputs
-    from merger.lock import inputs_of, write_lock
-
     start = time.perf_counter()
+    dest = dest.expanduser().resolve()
     check_destination(dest, plan, force)
+    if low_disk and workers > 1:
+        raise MergerError("--low-disk fetches and deletes Hub shards in one process; leave out --workers")
     inputs = inputs_of(plan)
     if lock is not None:
         lock.verify(inputs, lock_name)
     fetch_inputs(plan, weights=not low_disk)
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with staged(dest, force) as tmp:
-        bytes_read = write_shards(plan, tmp, progress=progress, files=JustInTime(plan) if low_disk else None)
-        write_index(plan, tmp)
-        copy_support_files(plan, tmp)
-        write_card(plan, tmp, dest.name)
-        write_lock(plan, inputs, tmp)
+    group = parallel.launched_group()
+    if group is not None:
+        if low_disk:
+            raise MergerError("--low-disk fetches and deletes Hub shards in one process, not in a distributed launch")
+        bytes_read = _write_as_rank(plan, dest, force, progress, group, inputs)
+        if bytes_read is None:
+            return None
+    else:
+        with staged(dest, force) as tmp:
+            if workers > 1:
+                bytes_read = parallel.write_with_workers(plan, tmp, workers)
+            else:
+                bytes_read = write_shards(plan, tmp, progress=progress, files=JustInTime(plan) if low_disk else None)
+            write_metadata(plan, tmp, dest.name, inputs)
     summary = {
-        "output": str(dest.expanduser().resolve()),
+        "output": str(dest),
         "method": plan.spec.method.name,
         "device": plan.device,
         "tensors": len(plan.tensors),
         "shards": len(plan.shards),
+        "processes": group.world if group else workers,
         "bytes_read": bytes_read,
         "bytes_written": plan.bytes_written,
         "seconds": round(time.perf_counter() - start, 3),
@@ -110,6 +129,41 @@ def write_model(
     if plan.device == "cuda":
         summary["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return summary
+
+
+def _write_as_rank(
+    plan: Plan, dest: Path, force: bool, progress: bool, group: parallel.Group, inputs: list[LockedInput]
+) -> int | None:
+    """This rank's shards; rank 0 then finishes the directory. Every rank reports before anyone commits,
+    so one failing rank fails the whole merge and nothing lands at `dest`."""
+    tmp = Path(group.share(str(new_staging(dest)) if group.rank == 0 else None))
+    mine = parallel.assign(plan.shards, group.world)[group.rank]
+    result: tuple[int, str | None] = (0, None)
+    try:
+        result = (write_shards(plan, tmp, progress=progress and group.rank == 0, shards=mine), None)
+    except Exception as e:  # reported through the gather below, raised on rank 0
+        result = (0, f"rank {group.rank}: {e}")
+    results = group.gather(result)
+    group.close()
+    if group.rank != 0:
+        return None
+    errors = [err for _, err in results if err]
+    try:
+        if errors:
+            raise MergerError("\n".join(errors))
+        write_metadata(plan, tmp, dest.name, inputs)
+        commit(tmp, dest, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sum(n for n, _ in results)
+
+
+def write_metadata(plan: Plan, directory: Path, title: str, inputs: list[LockedInput]) -> None:
+    write_index(plan, directory)
+    copy_support_files(plan, directory)
+    write_card(plan, directory, title)
+    write_lock(plan, inputs, directory)
 
 
 def peak_rss() -> int:

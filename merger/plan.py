@@ -42,11 +42,12 @@ class Shard:
 
 @dataclass(frozen=True)
 class FileUse:
-    """When the engine reads an input file: indices into Plan.tensors, and how many reads in all."""
+    """Which tensors the merge reads from an input file, and the first and last of them in write order
+    (indices into Plan.tensors)."""
 
     first: int
     last: int
-    reads: int
+    names: frozenset[str]
 
 
 @dataclass
@@ -95,15 +96,18 @@ class Plan:
         return list(out.values())
 
     def file_uses(self) -> dict[Path, FileUse]:
-        """Each input file's first and last use in write order, and its number of reads (each distinct
-        model once per tensor, as the engine reads): what fetching Hub shards just in time relies on."""
-        uses: dict[Path, list[int]] = {}
+        """For each input file, the tensors read from it and when: what fetching Hub shards just in time,
+        and dropping them after their last tensor, relies on."""
+        first: dict[Path, int] = {}
+        last: dict[Path, int] = {}
+        names: dict[Path, set[str]] = {}
         for i, t in enumerate(self.tensors):
-            for m in {m.path: m for m in self.readers_of(t)}.values():
-                use = uses.setdefault(m.tensors[t.name].file, [i, i, 0])
-                use[1] = i
-                use[2] += 1
-        return {f: FileUse(*use) for f, use in uses.items()}
+            for m in self.readers_of(t):
+                f = m.tensors[t.name].file
+                first.setdefault(f, i)
+                last[f] = i
+                names.setdefault(f, set()).add(t.name)
+        return {f: FileUse(first[f], last[f], frozenset(names[f])) for f in first}
 
     @property
     def bytes_read(self) -> int:
@@ -115,16 +119,34 @@ class Plan:
 
     @property
     def peak_memory(self) -> int:
-        """Estimated working memory: per tensor, the raw inputs, their float copies, the method's
-        temporaries (about four tensors for TIES) and the output."""
+        """Estimated working memory beyond the Python process itself. Per tensor: the inputs' pages
+        (mapped while the tensor is merged, then dropped) and two output buffers (one being written).
+        On the CPU the merge runs through a few chunk buffers; on CUDA whole tensors are staged in
+        pinned host memory and the method's temporaries (about four tensors for TIES) live on the GPU."""
+        from merger.stream import CHUNK  # the engine's chunk size (stream imports plan)
+
         csize = torch.finfo(self.compute_dtype).bits // 8
         worst = 0
         for t in self.tensors:
             readers = self.readers_of(t)
             raw = sum(m.tensors[t.name].nbytes for m in readers)
-            numel = t.nbytes // DTYPES[t.dtype][1]
-            worst = max(worst, raw + numel * csize * (len(readers) + 4) + t.nbytes)
+            host = raw * (2 if self.device == "cuda" else 1) + 2 * t.nbytes
+            if self.device == "cpu":
+                numel = t.nbytes // DTYPES[t.dtype][1]
+                host += min(numel, CHUNK) * csize * (len(readers) + 8)
+            worst = max(worst, host)
         return worst
+
+    @property
+    def peak_gpu_memory(self) -> int:
+        """Estimated GPU memory on CUDA: the largest tensor's inputs in the compute dtype, plus about
+        four temporaries."""
+        if self.device != "cuda":
+            return 0
+        csize = torch.finfo(self.compute_dtype).bits // 8
+        return max(
+            (t.nbytes // DTYPES[t.dtype][1] * csize * (len(self.readers_of(t)) + 4) for t in self.tensors), default=0
+        )
 
 
 def natural_key(name: str) -> list:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -262,57 +264,76 @@ def no_weights(ref: str, names: list[str]) -> ModelError:
 
 
 class FileSource(Protocol):
-    """Input files that appear on demand (Hub shards in --low-disk mode): the reader asks for a file when it
-    first reads from it, reports each read, and closes the file before it is released."""
+    """Input files that appear on demand (Hub shards with --low-disk): the reader asks for a file's local
+    path when it first maps it, says when the engine is done with each tensor, and unmaps a file before
+    it is released."""
 
     def path(self, file: Path) -> Path:
         """A readable local path for `file`, fetched first if need be."""
         ...
 
-    def done(self, file: Path) -> bool:
-        """One planned read of `file` is finished; True when it was the last."""
+    def done(self, info: TensorInfo) -> bool:
+        """The engine is done with tensor `info`; True if it was the last one needed from its file."""
         ...
 
     def release(self, file: Path) -> None:
-        """The reader has closed `file` for good."""
+        """The reader has unmapped `file` for good."""
         ...
 
 
-class TensorReader:
-    """Reads tensors by offset with pread into reusable buffers: no mmap, so resident memory stays
-    at a few tensors however large the checkpoint is (a mapped file's touched pages would count)."""
+class MappedReader:
+    """Zero-copy tensor views over memory-mapped safetensors files.
+
+    A view reads straight from the page cache (no copy into a buffer of ours). Pages are dropped from
+    this process with MADV_DONTNEED once a tensor is done, so resident memory stays at a few tensors
+    however large the checkpoint is, and the next tensor is announced with MADV_WILLNEED so the kernel
+    reads it ahead while the current one is merged.
+    """
 
     def __init__(self, files: FileSource | None = None) -> None:
-        self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self.files = files
 
-    def read(self, info: TensorInfo, buf: torch.Tensor) -> torch.Tensor:
-        """Read `info` into the uint8 tensor `buf` (at least info.nbytes long); return a typed view."""
-        fd = self._fds.get(info.file)
-        if fd is None:
-            path = self.files.path(info.file) if self.files else info.file
-            fd = self._fds[info.file] = os.open(path, os.O_RDONLY)
-        view = buf[: info.nbytes]
-        mv = memoryview(view.numpy())
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [mv[done:]], info.start + done)
-            if n <= 0:
-                raise ModelError(f"{info.file}: unexpected end of file reading tensor '{info.name}'")
-            done += n
-        if self.files is not None and self.files.done(info.file):
-            os.close(self._fds.pop(info.file))
-            self.files.release(info.file)
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(self.files.path(file) if self.files else file, "rb") as f:
+                # ACCESS_COPY: a private mapping torch may wrap as writable; nothing is ever written
+                mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return mm
+
+    def view(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor as stored (CPU, its own dtype); valid until release()/close()."""
         dtype = DTYPES[info.dtype][0]
-        return view.view(dtype).reshape(info.shape)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        raw = torch.frombuffer(self._map(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.start)
+        if info.start % DTYPES[info.dtype][1]:
+            raw = raw.clone()  # misaligned data (a writer that does not align): one copy
+        return raw.view(dtype).reshape(info.shape)
+
+    def _advise(self, info: TensorInfo, advice: int) -> None:
+        if info.nbytes == 0:
+            return
+        start = info.start - info.start % mmap.PAGESIZE
+        end = min(info.start + info.nbytes, self._map(info.file).size())
+        self._map(info.file).madvise(advice, start, end - start)
+
+    def prefetch(self, info: TensorInfo) -> None:
+        self._advise(info, mmap.MADV_WILLNEED)
+
+    def release(self, info: TensorInfo) -> None:
+        if info.file in self._maps:
+            self._advise(info, mmap.MADV_DONTNEED)
+        if self.files is not None and self.files.done(info):
+            mm = self._maps.pop(info.file, None)
+            if mm is not None:
+                with contextlib.suppress(BufferError):  # a view is still alive: the space is freed with it
+                    mm.close()
+            self.files.release(info.file)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> TensorReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        for mm in self._maps.values():
+            with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
+                mm.close()
+        self._maps.clear()

@@ -1,11 +1,20 @@
-"""The streaming engine: for each output tensor, read it from every input, merge, cast, write."""
+"""The streaming engine: for each output tensor, read it from every input, merge, cast, write.
+
+Stages overlap: while tensor j is merged, the kernel reads tensor j+1 ahead (MADV_WILLNEED) and a
+writer thread streams tensor j-1's bytes into its shard. On the CPU a tensor is merged in chunks of
+CHUNK elements through reused float buffers, so temporaries stay in cache and no fresh pages are
+touched per tensor; on CUDA whole tensors go through pinned staging buffers.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -13,7 +22,9 @@ from tqdm import tqdm
 
 from merger.errors import MergeError
 from merger.plan import OutTensor, Plan, Shard
-from merger.sources import DTYPES, FileSource, LocalModel, TensorReader
+from merger.sources import DTYPES, FileSource, MappedReader
+
+CHUNK = 1 << 18  # elements per CPU chunk: 1 MiB of float32 per operand
 
 
 class ShardWriter:
@@ -40,10 +51,10 @@ class ShardWriter:
         expected = self._todo[self._next]
         if t.name != expected.name:
             raise RuntimeError(f"shard {self.path.name}: got '{t.name}', expected '{expected.name}'")
-        if tensor.dtype != DTYPES[t.dtype][0] or tuple(tensor.shape) != t.shape:
+        if tensor.dtype != DTYPES[t.dtype][0] or tensor.numel() * tensor.element_size() != t.nbytes:
             raise RuntimeError(f"tensor '{t.name}': got {tensor.dtype} {list(tensor.shape)}, planned {t.dtype}")
-        data = tensor.contiguous().reshape(-1).view(torch.uint8)
-        self._f.write(memoryview(data.numpy()))
+        if t.nbytes:
+            self._f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:
@@ -55,74 +66,145 @@ class ShardWriter:
         self._f.close()
 
 
-class Fetcher:
-    """Reads a tensor from each model into one reusable byte buffer per model, then converts it to
-    the compute dtype on the compute device. Reusing the buffers avoids touching fresh pages for every
-    tensor, which on a cold machine costs more than the copy itself."""
+@contextlib.contextmanager
+def cpu_engine_settings(device: str) -> Iterator[None]:
+    """One intra-op thread for CPU merging: chunk-sized ops gain little from it, and OpenMP workers that
+    spin-wait collapse (10x slower, measured) when anything else wants the cores, such as our own
+    writer thread. Several cores are used through --workers processes instead."""
+    _keep_freed_memory()
+    previous = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
-    def __init__(self, device: str, compute_dtype: torch.dtype, files: FileSource | None = None):
-        self.device = torch.device(device)
-        self.compute_dtype = compute_dtype
-        self.reader = TensorReader(files)
-        self._bufs: dict[Path, torch.Tensor] = {}
+
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed blocks instead of returning them to the kernel and faulting fresh zeroed
+    pages on the next allocation (about 20x slower than reusing touched memory)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum)
+    except (OSError, AttributeError):
+        pass  # not glibc: only slower
+
+
+class Buffers:
+    """Reusable byte buffers, grown on demand and never shrunk."""
+
+    def __init__(self, pin: bool = False):
+        self._bufs: dict[object, torch.Tensor] = {}
+        self._pin = pin
+
+    def get(self, key: object, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[key] = torch.empty(max(nbytes, 16), dtype=torch.uint8, pin_memory=self._pin)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+class Merger:
+    """Merges one planned tensor at a time into a caller-provided output tensor."""
+
+    def __init__(self, plan: Plan, reader: MappedReader):
+        self.plan = plan
+        self.reader = reader
+        self.device = torch.device(plan.device)
+        self.cuda = self.device.type == "cuda"
+        self.staging = Buffers(pin=True) if self.cuda else None
+        self.work: dict[tuple, torch.Tensor] = {}  # CPU float chunk buffers, by (slot, dtype)
         self.bytes_read = 0
 
-    def raw(self, model: LocalModel, name: str) -> torch.Tensor:
-        """The tensor as stored, on the CPU, valid until the next read from this model."""
-        info = model.tensors[name]
-        buf = self._bufs.get(model.path)
-        if buf is None or buf.numel() < info.nbytes:
-            pin = self.device.type == "cuda"
-            buf = self._bufs[model.path] = torch.empty(max(info.nbytes, 1), dtype=torch.uint8, pin_memory=pin)
-        self.bytes_read += info.nbytes
-        return self.reader.read(info, buf)
+    def inputs_of(self, t: OutTensor) -> dict[Path, torch.Tensor]:
+        """Each distinct model's stored tensor (a zero-copy view), read once even if listed twice."""
+        views: dict[Path, torch.Tensor] = {}
+        for m in self.plan.readers_of(t):
+            if m.path not in views:
+                views[m.path] = self.reader.view(m.tensors[t.name])
+                self.bytes_read += m.tensors[t.name].nbytes
+        return views
 
-    def compute(self, model: LocalModel, name: str) -> torch.Tensor:
-        return self.raw(model, name).to(self.device).to(self.compute_dtype)
+    def merge_into(self, t: OutTensor, out: torch.Tensor) -> None:
+        views = self.inputs_of(t)
+        if not t.merged:
+            self._agreed_copy(t, views, out)
+        elif self.cuda:
+            self._merge_cuda(t, views, out)
+        else:
+            self._merge_cpu(t, views, out)
 
-    def close(self) -> None:
-        self.reader.close()
-        self._bufs.clear()
+    def _agreed_copy(self, t: OutTensor, views: dict[Path, torch.Tensor], out: torch.Tensor) -> None:
+        """Integer and bool tensors (position ids, masks) are not merged: every input must agree."""
+        plan = self.plan
+        ref = views[plan.reference.path]
+        for m in plan.models:
+            if m.path != plan.reference.path and not torch.equal(views[m.path], ref):
+                raise MergeError(
+                    f"tensor '{t.name}' ({t.dtype}) differs between '{m.ref}' and '{plan.reference.ref}'; "
+                    "non-float tensors are copied, not merged, so every input must hold the same values"
+                )
+        out.copy_(ref.reshape(out.shape))
 
+    def _roles(self, views: dict[Path, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        plan = self.plan
+        xs = [views[m.path] for m in plan.inputs]
+        base = views[plan.base.path] if plan.spec.method.needs_base and plan.base else None
+        return xs, base
 
-def merge_tensor(plan: Plan, t: OutTensor, fetch: Fetcher) -> torch.Tensor:
-    """The output tensor `t`, on the CPU in its output dtype."""
-    spec = plan.spec
-    if not t.merged:
-        return _agreed_copy(plan, t, fetch)
-    # Each distinct model is read once, even if it is listed twice or is also the base.
-    cache: dict[Path, torch.Tensor] = {}
-    for m in plan.readers_of(t):
-        if m.path not in cache:
-            cache[m.path] = fetch.compute(m, t.name)
-    xs = [cache[m.path] for m in plan.inputs]
-    base = cache[plan.base.path] if spec.method.needs_base and plan.base else None
-    out = spec.method.fn(xs, base, [g.params for g in spec.ingredients], spec.params)
-    return out.to(DTYPES[t.dtype][0]).cpu()
+    def _merge_cuda(self, t: OutTensor, views: dict[Path, torch.Tensor], out: torch.Tensor) -> None:
+        spec, cdt = self.plan.spec, self.plan.compute_dtype
+        on_gpu: dict[Path, torch.Tensor] = {}
+        for path, v in views.items():
+            staged = self.staging.get(path, v.numel() * v.element_size(), v.dtype, tuple(v.shape))
+            staged.copy_(v)  # page cache -> pinned memory, then an async DMA to the GPU
+            on_gpu[path] = staged.to(self.device, non_blocking=True).to(cdt)
+        xs, base = self._roles(on_gpu)
+        merged = spec.method.fn(xs, base, [g.params for g in spec.ingredients], spec.params)
+        out.copy_(merged.to(out.dtype).reshape(out.shape))  # blocking: out is read by the writer next
 
+    def _chunk(self, slot: object, n: int) -> torch.Tensor:
+        key = (slot, self.plan.compute_dtype)
+        buf = self.work.get(key)
+        if buf is None:
+            buf = self.work[key] = torch.empty(CHUNK, dtype=self.plan.compute_dtype)
+        return buf[:n]
 
-def _agreed_copy(plan: Plan, t: OutTensor, fetch: Fetcher) -> torch.Tensor:
-    """Integer and bool tensors (position ids, masks) are not merged: every input must agree."""
-    ref = fetch.raw(plan.reference, t.name)
-    for m in plan.models:
-        if m.path != plan.reference.path and not torch.equal(fetch.raw(m, t.name), ref):
-            raise MergeError(
-                f"tensor '{t.name}' ({t.dtype}) differs between '{m.ref}' and '{plan.reference.ref}'; "
-                "non-float tensors are copied, not merged, so every input must hold the same values"
-            )
-    return ref.clone()
+    def _merge_cpu(self, t: OutTensor, views: dict[Path, torch.Tensor], out: torch.Tensor) -> None:
+        spec = self.plan.spec
+        method = spec.method
+        models = [g.params for g in spec.ingredients]
+        flat = {p: v.reshape(-1) for p, v in views.items()}
+        xs, base = self._roles(flat)
+        out = out.reshape(-1)
+        numel = out.numel()
+        bounds = [(s, min(s + CHUNK, numel)) for s in range(0, numel, CHUNK)]
 
+        def load(slot: object, src: torch.Tensor, s: int, e: int) -> torch.Tensor:
+            return self._chunk(slot, e - s).copy_(src[s:e])  # stored dtype -> compute dtype, in cache
 
-def write_shard(plan: Plan, shard: Shard, path: Path, fetch: Fetcher, on_tensor: Callable[[], None]) -> None:
-    writer = ShardWriter(path, shard.tensors)
-    try:
-        for t in shard.tensors:
-            writer.write(t, merge_tensor(plan, t, fetch))
-            on_tensor()
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+        extra = ()
+        if method.prepare is not None:
+
+            def task_vectors(i: int) -> Iterator[torch.Tensor]:
+                for s, e in bounds:
+                    yield load("x", xs[i], s, e).sub_(load("b", base, s, e))
+
+            extra = (method.prepare(task_vectors, numel, models, spec.params),)
+        for s, e in bounds:
+            chunk_xs = [load(i, x, s, e) for i, x in enumerate(xs)]
+            chunk_base = load("b", base, s, e) if base is not None else None
+            out[s:e].copy_(method.fn(chunk_xs, chunk_base, models, spec.params, *extra))
+
+    def release(self, t: OutTensor) -> None:
+        for m in self.plan.readers_of(t):
+            self.reader.release(m.tensors[t.name])
+
+    def prefetch(self, t: OutTensor) -> None:
+        for m in self.plan.readers_of(t):
+            self.reader.prefetch(m.tensors[t.name])
 
 
 def write_shards(
@@ -136,10 +218,13 @@ def write_shards(
     """Write the planned shards (all, or the given indices) into `directory`. Returns bytes read.
     `files` provides input files fetched on demand (see sources.FileSource)."""
     chosen = [plan.shards[i] for i in shards] if shards is not None else plan.shards
-    total = sum(len(s.tensors) for s in chosen)
-    fetch = Fetcher(plan.device, plan.compute_dtype, files)
+    todo = [(shard, t) for shard in chosen for t in shard.tensors]
+    reader = MappedReader(files)
+    merger = Merger(plan, reader)
+    outputs = Buffers()
+    total_bytes = sum(m.tensors[t.name].nbytes for _, t in todo for m in plan.readers_of(t))
     bar = tqdm(
-        total=plan.bytes_read if shards is None else None,
+        total=total_bytes,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
@@ -148,20 +233,59 @@ def write_shards(
         disable=not progress,
         dynamic_ncols=True,
     )
-    done = 0
-    last = 0
+    writers: dict[str, ShardWriter] = {}
+    pending: list[Future | None] = [None, None]  # double buffer: the writer drains one, we fill the other
+    remaining = {s.filename: len(s.tensors) for s in chosen}
 
-    def tick() -> None:
-        nonlocal done, last
-        done += 1
-        bar.update(fetch.bytes_read - last)
-        last = fetch.bytes_read
-        bar.set_postfix_str(f"{done}/{total} tensors", refresh=False)
+    def write(shard: Shard, t: OutTensor, data: torch.Tensor) -> None:  # runs on the writer thread
+        w = writers.get(shard.filename)
+        if w is None:
+            w = writers[shard.filename] = ShardWriter(directory / shard.filename, shard.tensors)
+        w.write(t, data)
+        remaining[shard.filename] -= 1
+        if remaining[shard.filename] == 0:
+            writers.pop(shard.filename).close()
 
     try:
-        for shard in chosen:
-            write_shard(plan, shard, directory / shard.filename, fetch, tick)
+        with cpu_engine_settings(plan.device), ThreadPoolExecutor(1, thread_name_prefix="merger-writer") as pool:
+            for j, (shard, t) in enumerate(todo):
+                if j + 1 < len(todo):
+                    merger.prefetch(todo[j + 1][1])
+                slot = j % 2
+                if pending[slot] is not None:
+                    pending[slot].result()  # that buffer is free again (and re-raises a write error)
+                out = outputs.get(slot, t.nbytes, DTYPES[t.dtype][0], t.shape)
+                merger.merge_into(t, out)
+                merger.release(t)
+                pending[slot] = pool.submit(write, shard, t, out)
+                before = merger.bytes_read
+                bar.update(before - bar.n)
+                bar.set_postfix_str(f"{j + 1}/{len(todo)} tensors", refresh=False)
+            for f in pending:
+                if f is not None:
+                    f.result()
     finally:
+        for w in writers.values():
+            w.abort()
         bar.close()
-        fetch.close()
-    return fetch.bytes_read
+        reader.close()
+    return merger.bytes_read
+
+
+def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, merged tensor) in plan order without writing files, for in-process consumers
+    (an evaluator that loads the candidate straight into a model). Each tensor is a fresh CPU tensor."""
+    wanted = set(names) if names is not None else None
+    reader = MappedReader()
+    merger = Merger(plan, reader)
+    try:
+        for t in plan.tensors:
+            if wanted is not None and t.name not in wanted:
+                continue
+            out = torch.empty(t.shape, dtype=DTYPES[t.dtype][0])
+            with cpu_engine_settings(plan.device):  # not across the yield: the consumer keeps its threads
+                merger.merge_into(t, out)
+            merger.release(t)
+            yield t.name, out
+    finally:
+        reader.close()

@@ -42,7 +42,7 @@ def models(tmp_path, hub):
         tensors = {
             k: v + 0.3 * i * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()
         }
-        d = write_checkpoint(tmp_path / "local" / name, tensors, n_shards=2 if i < 2 else 1, interleave=False)
+        d = write_checkpoint(tmp_path / "local" / name, tensors, n_shards=3 if i < 2 else 1, interleave=False)
         (d / "README.md").write_text(CARD)
         (d / "tokenizer.json").write_text(f'{{"model": "{name}"}}')
         local[name] = d
@@ -128,7 +128,7 @@ def test_hub_merge_equals_local_merge(tmp_path, hub, models, hf_home):
     assert lock["recipe"] == (tmp_path / "recipe.yaml").read_text() and lock["merger_version"] == "0.1.0"
     by_ref = {i["refs"][0]: i for i in lock["inputs"]}
     assert by_ref["org/ft1@v1"]["commit"] == commits["ft1"] and by_ref["org/ft1@v1"]["repo_id"] == "org/ft1"
-    shard = local["ft1"] / "model-00001-of-00002.safetensors"
+    shard = local["ft1"] / "model-00001-of-00003.safetensors"
     assert by_ref["org/ft1@v1"]["files"][shard.name] == {
         "sha256": hashlib.sha256(shard.read_bytes()).hexdigest(),
         "size": shard.stat().st_size,
@@ -215,8 +215,8 @@ def test_hub_failures(tmp_path, hub, models, hf_home, monkeypatch, case):
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
         want = f"'org/base': cannot reach the Hub at {endpoint}; check the network, or pass --offline to use the Hugging Face cache alone"
     elif case == "file missing from the remote":
-        hub.repos["org/ft1"].lost.add("model-00002-of-00002.safetensors")
-        want = f"'org/ft1@v1': model-00002-of-00002.safetensors is missing from the repo at {commits['ft1'][:12]}"
+        hub.repos["org/ft1"].lost.add("model-00002-of-00003.safetensors")
+        want = f"'org/ft1@v1': model-00002-of-00003.safetensors is missing from the repo at {commits['ft1'][:12]}"
     if case == "file missing at download time":
         hub.repos["org/base"].lost.add("config.json")  # listed, not needed to plan, 404 when fetched
         where = ""
@@ -255,7 +255,7 @@ def test_offline_uses_the_cache_alone(tmp_path, hub, models, hf_home, monkeypatc
     err = apply(tmp_path, text, tmp_path / "b" / "out", "--offline", code=2).stderr
     assert err.startswith(
         "error: " + str(tmp_path / "recipe.yaml") + ":2: base_model: 'org/base': model.safetensors.index.json names "
-        "model-00001-of-00002.safetensors, model-00002-of-00002.safetensors, which the Hugging Face cache ("
+        "model-00001-of-00003.safetensors, model-00002-of-00003.safetensors, model-00003-of-00003.safetensors, which the Hugging Face cache ("
     )
     assert "; run once without --offline to download it" in err
     assert not (tmp_path / "b").exists()
@@ -289,7 +289,7 @@ def test_low_disk_fetches_shard_by_shard_and_drops_each(tmp_path, hub, models, h
     shutil.rmtree(hf_home / "hub")  # an empty cache again
     kept = hf_hub_download(
         "org/base",
-        "model-00001-of-00002.safetensors",
+        "model-00001-of-00003.safetensors",
         revision=commits["base"],
         endpoint=hub.url,
         cache_dir=hf_home / "hub",
@@ -319,7 +319,7 @@ def test_locked_rerun_is_byte_identical_after_the_branch_moved(tmp_path, hub, mo
     text = recipe(hub_refs(commits) | {"ft1": "org/ft1"})
     apply(tmp_path, text, tmp_path / "a" / "out")
     lock = tmp_path / "a" / "out" / "merger.lock.json"
-    moved = _files(local["ft1"]) | {"model-00001-of-00002.safetensors": _files(local["ft2"])["model.safetensors"]}
+    moved = _files(local["ft1"]) | {"model-00001-of-00003.safetensors": _files(local["ft2"])["model.safetensors"]}
     hub.publish("org/ft1", moved)  # main moves on, to a model with different weights
 
     run("apply", "--locked", str(lock), "-o", str(tmp_path / "b" / "out"), "--quiet")
@@ -338,7 +338,7 @@ def test_locked_local_inputs_are_checked(tmp_path, models, monkeypatch):
     run("apply", "--locked", "../a/out/merger.lock.json", "-o", "../b/out", "--quiet")
     assert tree(tmp_path / "a" / "out") == tree(tmp_path / "b" / "out")
 
-    shard = Path("ft1/model-00002-of-00002.safetensors")
+    shard = Path("ft1/model-00002-of-00003.safetensors")
     old = hashlib.sha256(shard.read_bytes()).hexdigest()
     data = bytearray(shard.read_bytes())
     data[-4:] = b"\x00\x00\x80\x3f"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
@@ -15,12 +16,22 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True)
 
 
-# fn(tensors, base, models, params) -> merged tensor.
-#   tensors: one float tensor per ingredient, all the same shape, in the compute dtype and device
-#   base: the base model's tensor, or None for methods that need no base
-#   models: one per-model parameter object (Method.model_params) per ingredient
-#   params: the method-wide parameter object (Method.params)
-MergeFn = Callable[[Sequence[Tensor], "Tensor | None", Sequence[BaseModel], BaseModel], Tensor]
+# fn(tensors, base, models, params, state=None) -> merged tensor.
+#   tensors: one float tensor per ingredient, all the same shape, in the compute dtype and device;
+#            never modified
+#   base:    the base model's tensor, or None for methods that need no base
+#   models:  one per-model parameter object (Method.model_params) per ingredient
+#   params:  the method-wide parameter object (Method.params)
+#   state:   what `prepare` computed for this tensor (None for methods without prepare)
+# Called on whole tensors it is the method. The streaming engine may instead call it on consecutive
+# slices of the flattened tensors, in order (to keep temporaries in cache): so fn must be elementwise
+# given `state`, and anything that needs the whole tensor belongs in `prepare`.
+MergeFn = Callable[..., Tensor]
+
+# prepare(task_vectors, numel, models, params) -> state
+#   task_vectors(i) yields the i-th ingredient's x_i - base as consecutive flat chunks (a fresh
+#   iterator each call, so prepare may make several passes).
+Prepare = Callable[[Callable[[int], Iterable[Tensor]], int, Sequence[BaseModel], BaseModel], Any]
 
 
 @dataclass(frozen=True)
@@ -34,3 +45,12 @@ class Method:
     paper: str = ""
     # Optional check over the validated parameters, run before any tensor is read; returns a problem or None.
     check: Callable[[Sequence[BaseModel], BaseModel], str | None] | None = None
+    # Optional per-tensor statistics over whole task vectors (TIES: trim thresholds). Needs a base.
+    prepare: Prepare | None = None
+
+
+def normalizable(models: Sequence[BaseModel], params: BaseModel) -> str | None:
+    """The check of methods that divide by the sum of the weights when `normalize` is set."""
+    if getattr(params, "normalize", False) and sum(m.weight for m in models) == 0:
+        return "the weights sum to 0, so they cannot be normalised; set normalize: false or change a weight"
+    return None

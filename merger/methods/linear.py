@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from merger.methods.base import Method, Params
+from merger.methods.base import Method, Params, normalizable
 
 
 class LinearModelParams(Params):
@@ -30,12 +30,6 @@ def linear(
     return out
 
 
-def _check(models: Sequence[LinearModelParams], params: LinearParams) -> str | None:
-    if params.normalize and sum(m.weight for m in models) == 0:
-        return "the weights sum to 0, so they cannot be normalised; set normalize: false or change a weight"
-    return None
-
-
 METHOD = Method(
     name="linear",
     fn=linear,
@@ -44,5 +38,5 @@ METHOD = Method(
     needs_base=False,
     summary="Weighted average (model soup): sum(w_i * x_i) / sum(w_i), or the plain sum without normalize.",
     paper="Wortsman et al. 2022, Model soups, arXiv:2203.05482",
-    check=_check,
+    check=normalizable,
 )

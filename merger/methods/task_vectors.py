@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
@@ -11,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from merger.methods.base import Method, Params
+from merger.methods.base import Method, Params, normalizable
 
 
 class TaskModelParams(Params):
@@ -54,30 +55,81 @@ def keep_count(n: int, density: float) -> int:
     return max(1, math.floor(Fraction(repr(density)) * n))
 
 
-def trim(delta: Tensor, density: float) -> Tensor:
-    """Zero, in place, all but exactly keep_count(n, density) largest-magnitude entries of `delta`.
+_RADIX = {torch.float32: (torch.int32, 15), torch.float64: (torch.int64, 47)}  # top 16 bits of |x|
 
-    Among entries equal to the threshold magnitude, the lowest flat indices are kept, so the result is
-    deterministic. kthvalue is a selection, not a full sort.
-    """
-    n = delta.numel()
-    k = keep_count(n, density)
-    if k >= n:
+
+def kth_largest(magnitudes: Callable[[], Iterable[Tensor]], k: int) -> tuple[float, int]:
+    """The k-th largest of non-negative floats given as chunks, and how many entries equal to it are
+    among the k largest. A radix select: a histogram of the top 16 bits of each float (for
+    non-negative floats the bit pattern orders like the value) finds the bucket holding the k-th
+    largest, then only that bucket's entries are gathered for kthvalue. Two passes, no sort, and the
+    chunks can stream from disk."""
+    hist = None
+    int_dtype = shift = None
+    for m in magnitudes():
+        int_dtype, shift = _RADIX[m.dtype]
+        h = torch.bincount((m.view(int_dtype) >> shift).reshape(-1), minlength=1 << 16)
+        hist = h if hist is None else hist.add_(h)
+    from_top = hist.flip(0).cumsum(0)  # from_top[j]: entries in buckets >= 65535 - j
+    j = int(torch.searchsorted(from_top, k))
+    bucket = (1 << 16) - 1 - j
+    above = int(from_top[j - 1]) if j else 0
+    vals = torch.cat([m[(m.view(int_dtype) >> shift) == bucket] for m in magnitudes()])
+    rank = k - above  # the k-th largest overall is the rank-th largest in its bucket
+    threshold = torch.kthvalue(vals.cpu(), vals.numel() - rank + 1).values
+    greater = above + int((vals > threshold.to(vals.device)).sum())
+    return float(threshold), k - greater
+
+
+@dataclass
+class TrimState:
+    """Per model: keep |delta| > threshold, plus the first `ties_left` entries equal to it (flat order)."""
+
+    thresholds: list[float | None]  # None: keep everything
+    ties_left: list[int]
+
+
+def ties_prepare(
+    task_vectors: Callable[[int], Iterable[Tensor]], numel: int, models: Sequence[TiesModelParams], params: TiesParams
+) -> TrimState:
+    state = TrimState([], [])
+    for i, m in enumerate(models):
+        k = keep_count(numel, m.density)
+        if k >= numel:
+            state.thresholds.append(None)
+            state.ties_left.append(0)
+        else:
+            threshold, ties = kth_largest(lambda i=i: (d.abs() for d in task_vectors(i)), k)
+            state.thresholds.append(threshold)
+            state.ties_left.append(ties)
+    return state
+
+
+def _trim_(delta: Tensor, state: TrimState, i: int) -> Tensor:
+    """Zero, in place, the entries of this chunk of model i's task vector that the trim drops."""
+    threshold = state.thresholds[i]
+    if threshold is None:
         return delta
-    mag = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, n - k + 1).values  # the k-th largest magnitude
+    mag = delta.abs()
     keep = mag > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:  # ties at the threshold: take the first `missing` of them
-        tied = (mag == threshold).nonzero().reshape(-1)[:missing]
-        keep[tied] = True
-    return delta.mul_(keep.view_as(delta))
+    if state.ties_left[i] > 0:  # entries equal to the threshold: the first ones in flat order
+        tied = (mag == threshold).reshape(-1).nonzero().reshape(-1)[: state.ties_left[i]]
+        keep.reshape(-1)[tied] = True
+        state.ties_left[i] -= tied.numel()
+    return delta.mul_(keep)
 
 
-def ties(tensors: Sequence[Tensor], base: Tensor, models: Sequence[TiesModelParams], params: TiesParams) -> Tensor:
-    # Trimmed, weighted task vectors, one per model, kept as a list rather than stacked (n_models, ...)
-    # so the big embedding matrices need no extra copy.
-    deltas = [trim(x - base, m.density).mul_(m.weight) for x, m in zip(tensors, models)]
+def ties(
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    models: Sequence[TiesModelParams],
+    params: TiesParams,
+    state: TrimState | None = None,
+) -> Tensor:
+    if state is None:  # called on whole tensors: the statistics come from them in one chunk
+        state = ties_prepare(lambda i: [(tensors[i] - base).reshape(-1)], base.numel(), models, params)
+    # Trimmed, weighted task vectors, one per model, kept as a list rather than stacked (n_models, ...).
+    deltas = [_trim_(x - base, state, i).mul_(m.weight) for i, (x, m) in enumerate(zip(tensors, models))]
     if params.consensus_method == "sum":
         elected = deltas[0].clone()
         for d in deltas[1:]:
@@ -108,11 +160,7 @@ TASK_ARITHMETIC = Method(
     needs_base=True,
     summary="base + lambda * sum(w_i * (x_i - base)); a negative weight subtracts a task vector.",
     paper="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
-    check=lambda models, params: (
-        "the weights sum to 0, so they cannot be normalised; set normalize: false or change a weight"
-        if params.normalize and sum(m.weight for m in models) == 0
-        else None
-    ),
+    check=normalizable,
 )
 
 TIES = Method(
@@ -124,4 +172,5 @@ TIES = Method(
     summary="Trim each task vector to its top-density entries, elect a sign per entry, average the agreeing "
     "entries: base + lambda * disjoint_mean.",
     paper="Yadav et al. 2023, TIES-Merging, arXiv:2306.01708",
+    prepare=ties_prepare,
 )

@@ -1,0 +1,241 @@
+"""Benchmark merger (and mergekit, when installed) against the I/O limit on synthetic checkpoints of real shapes.
+
+    python benchmarks/bench_merge.py --shape tinyllama            # 3 x 2.2 GB bf16 inputs, CPU
+    python benchmarks/bench_merge.py --shape llama2-7b --device cuda
+    python benchmarks/bench_merge.py --shape small --repeat 1     # a quick smoke run (~30 MB)
+
+mergekit is optional: install it in its own environment (`python -m venv /tmp/mk && /tmp/mk/bin/pip install
+torch==2.13.0 mergekit`) and pass `--mergekit-bin /tmp/mk/bin/mergekit-yaml`, or have mergekit-yaml on PATH.
+
+Checkpoints (a base and N fine-tunes, bf16, sharded, with a real Llama config) are generated once
+into --dir and reused. The I/O limit is measured on those files: read every input once (page cache
+warm, as the merges see it) plus write one output of the merged size. merger and mergekit are run
+alternately, each as its own process; peak RSS is the process's high-water mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+SHAPES = {
+    # name: (vocab, hidden, intermediate, layers, heads, kv_heads)
+    "small": (4096, 512, 1408, 4, 8, 2),
+    "tinyllama": (32000, 2048, 5632, 22, 32, 4),
+    "3b": (32000, 3200, 8640, 26, 32, 32),
+    "llama2-7b": (32000, 4096, 11008, 32, 32, 32),
+}
+
+
+def llama_tensors(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    vocab, h, inter, layers, heads, kv = SHAPES[shape]
+    kv_dim = h // heads * kv
+    out = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv_dim, h)),
+            (p + "self_attn.v_proj.weight", (kv_dim, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (inter, h)),
+            (p + "mlp.up_proj.weight", (inter, h)),
+            (p + "mlp.down_proj.weight", (h, inter)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
+    return out
+
+
+def llama_config(shape: str) -> dict:
+    vocab, h, inter, layers, heads, kv = SHAPES[shape]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": h,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def generate(root: Path, shape: str, n_finetunes: int, shard_size: int) -> list[Path]:
+    """base, ft-1..ft-N: bf16, sharded, written with merger's own streaming shard writer."""
+    import torch
+
+    from merger.plan import OutTensor, layout
+    from merger.stream import ShardWriter
+
+    planned = [OutTensor(n, s, "BF16", True, 2 * _numel(s)) for n, s in llama_tensors(shape)]
+    shards = layout(planned, shard_size)
+    dirs = []
+    for m in range(n_finetunes + 1):
+        d = root / shape / ("base" if m == 0 else f"ft-{m}")
+        dirs.append(d)
+        if (d / "model.safetensors.index.json").exists():
+            continue
+        print(f"generating {d} ...", file=sys.stderr, flush=True)
+        tmp = d.with_name(d.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for shard in shards:
+            w = ShardWriter(tmp / shard.filename, shard.tensors)
+            for t in shard.tensors:
+                g = torch.Generator().manual_seed(zlib.crc32(t.name.encode()))
+                x = torch.randn(t.shape, generator=g) * 0.02
+                if m:  # a fine-tune: the base plus a small task vector
+                    g2 = torch.Generator().manual_seed(zlib.crc32(f"{t.name}/{m}".encode()))
+                    x += torch.randn(t.shape, generator=g2) * 0.002
+                w.write(t, x.bfloat16())
+            w.close()
+        index = {"metadata": {}, "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
+        (tmp / "config.json").write_text(json.dumps(llama_config(shape)))
+        tmp.rename(d)
+    return dirs
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[float, float, float]:
+    """(seconds to read every input file once, seconds to write out_bytes, the same with fdatasync)."""
+    buf = bytearray(64 << 20)
+    mv = memoryview(buf)
+    files = [f for d in inputs for f in sorted(d.glob("*.safetensors"))]
+    for f in files:  # warm the page cache, as the merges will find it
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(mv):
+                pass
+    t = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(mv):
+                pass
+    read_s = time.perf_counter() - t
+    times = []
+    for sync in (False, True):
+        target = scratch / "io-limit.bin"
+        t = time.perf_counter()
+        with open(target, "wb", buffering=0) as fh:
+            left = out_bytes
+            while left > 0:
+                left -= fh.write(mv[: min(left, len(buf))])
+            if sync:
+                os.fdatasync(fh.fileno())
+        times.append(time.perf_counter() - t)
+        target.unlink()
+    return read_s, times[0], times[1]
+
+
+def recipe(method: str, dirs: list[Path], out: Path) -> str:
+    base, fts = dirs[0], dirs[1:]
+    if method == "linear":
+        models = "\n".join(f"  - model: {d}\n    parameters: {{weight: 1.0}}" for d in dirs)
+        return f"merge_method: linear\nmodels:\n{models}\ndtype: bfloat16\n"
+    extra = ", density: 0.5" if method == "ties" else ""
+    models = "\n".join(f"  - model: {d}\n    parameters: {{weight: 0.5{extra}}}" for d in fts)
+    return (
+        f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{lambda: 1.0}}\ndtype: bfloat16\n"
+    )
+
+
+def run_process(cmd: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes, from wait4) and stdout of a child process."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{err[-2000:]}")
+    return wall, usage.ru_maxrss * 1024, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    ap.add_argument("--finetunes", type=int, default=2, help="fine-tunes besides the base (default 2: three models)")
+    ap.add_argument("--methods", default="linear,task_arithmetic,ties")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")))
+    ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if installed")
+    ap.add_argument("--mergekit-bin", help="the mergekit-yaml to run (default: the one on PATH)")
+    args = ap.parse_args()
+
+    dirs = generate(args.dir, args.shape, args.finetunes, 2 << 30)
+    in_bytes = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
+    scratch = Path(tempfile.mkdtemp(dir=args.dir, prefix="run-"))
+    mergekit = None if args.no_mergekit else (args.mergekit_bin or shutil.which("mergekit-yaml"))
+    try:
+        read_s, write_s, write_sync_s = io_limit(dirs, in_bytes, scratch)
+        print(
+            f"\n{args.shape}: {len(dirs)} models x {in_bytes / 1e9:.2f} GB bf16; "
+            f"I/O limit: read all inputs {read_s:.2f} s + write one output {write_s:.2f} s "
+            f"({write_sync_s:.2f} s with fdatasync); {os.cpu_count()} cores, device {args.device}"
+        )
+        rows = []
+        for method in args.methods.split(","):
+            # linear reads every model; task vector methods read the base and the fine-tunes: all of them here
+            limit = read_s + write_s
+            cfg = scratch / f"{method}.yaml"
+            cfg.write_text(recipe(method, dirs, scratch / "out"))
+            for rep in range(args.repeat):
+                out = scratch / "out"
+                cmd = [sys.executable, "-m", "merger.cli", "apply", str(cfg), "-o", str(out), "--force", "--json",
+                       "--device", args.device]  # fmt: skip
+                if args.workers > 1:
+                    cmd += ["--workers", str(args.workers)]
+                wall, rss, stdout = run_process(cmd)
+                summary = json.loads(stdout)
+                rows.append(("merger", method, rep, wall, summary["seconds"], max(rss, summary["peak_rss_bytes"]),
+                             summary.get("peak_gpu_bytes")))  # fmt: skip
+                shutil.rmtree(out, ignore_errors=True)
+                if mergekit:
+                    mk = [mergekit, str(cfg), str(out), "--copy-tokenizer", "--lazy-unpickle"]
+                    if args.device == "cuda":
+                        mk.append("--cuda")
+                    wall, rss, _ = run_process(mk)
+                    rows.append(("mergekit", method, rep, wall, wall, rss, None))
+                    shutil.rmtree(out, ignore_errors=True)
+        print(f"\n{'tool':9} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'vs mk':>6} "
+              f"{'peak RSS':>9} {'peak GPU':>9}")  # fmt: skip
+        for tool, method, _rep, wall, inner, rss, gpu in rows:
+            best_mk = min((r[3] for r in rows if r[0] == "mergekit" and r[1] == method), default=None)
+            vs = f"{best_mk / wall:5.1f}x" if best_mk and tool == "merger" else "     -"
+            gbps = len(dirs) * in_bytes / inner / 1e9
+            gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
+            print(f"{tool:9} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limit:6.2f} {vs:>6} "
+                  f"{rss / 1e9:7.2f}GB {gpu_s}")  # fmt: skip
+        print(
+            "\nwall s: the whole process (Python and torch start-up included); merge s: merger's own timer "
+            "(read, merge, write, rename). x I/O: merge s / (read + write) limit. GB/s: input bytes / merge s."
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

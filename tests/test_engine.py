@@ -1,0 +1,163 @@
+"""The streaming engine: chunked CPU merging equals whole-tensor merging, radix selection is exact,
+and the writer produces files safetensors reads back."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_output, write_checkpoint
+
+import merger.stream
+from merger.cli import cli
+from merger.methods.task_vectors import kth_largest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 5, 64, 10_000])
+def test_kth_largest_matches_sort(dtype, chunk):
+    g = torch.Generator().manual_seed(0)
+    # quantised values: many exact ties, zeros, and a spread of exponents
+    x = (torch.randn(1000, generator=g, dtype=dtype) * 8).round() / 4
+    x = x * torch.where(torch.rand(1000, generator=g) < 0.1, 1e-30, 1.0).to(dtype)
+    mags = x.abs()
+    ordered = torch.sort(mags, descending=True).values
+    for k in (1, 2, 17, 500, 999, 1000):
+        thr, ties = kth_largest(lambda: (mags[i : i + chunk] for i in range(0, 1000, chunk)), k)
+        assert thr == ordered[k - 1].item()
+        assert ties == k - int((mags > thr).sum())
+        assert 1 <= ties <= int((mags == thr).sum())
+
+
+def test_kth_largest_all_equal():
+    mags = torch.full((300,), 0.5)
+    assert kth_largest(lambda: iter([mags]), 120) == (0.5, 120)
+    zeros = torch.zeros(10)
+    assert kth_largest(lambda: iter([zeros[:4], zeros[4:]]), 3) == (0.0, 3)
+
+
+def ties_reference(base, xs, weights, densities):
+    """TIES in float64: stable sort for the trim (lowest index wins ties), sign by weighted sum."""
+    ds = []
+    for x, w, d in zip(xs, weights, densities):
+        tv = (x - base).reshape(-1)
+        k = max(1, math.floor(round(d * 100) * tv.numel() / 100))
+        idx = torch.sort(tv.abs(), descending=True, stable=True).indices[:k]
+        t = torch.zeros_like(tv)
+        t[idx] = tv[idx]
+        ds.append(w * t)
+    d = torch.stack(ds)
+    agree = (d.sign() == d.sum(0).sign()) & (d != 0)
+    wts = torch.tensor(weights, dtype=torch.float64).abs().reshape(-1, 1)
+    merged = (d * agree).sum(0) / (wts * agree).sum(0).clamp(min=1e-300)
+    return (base.reshape(-1) + merged).reshape(base.shape)
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 1 << 18])
+def test_chunked_ties_equals_reference_with_ties_across_chunks(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(merger.stream, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    base = {
+        "w": (torch.randn(30, 40, generator=g) * 4).round().bfloat16(),
+        "v": torch.randn(50, generator=g).bfloat16(),
+    }
+    # bfloat16 task vectors on a coarse grid: many entries tie at each trim threshold
+    fts = [
+        {k: (v.float() + (torch.randn(v.shape, generator=g) * 2).round()).bfloat16() for k, v in base.items()}
+        for _ in range(3)
+    ]
+    write_checkpoint(tmp_path / "base", base)
+    for i, ft in enumerate(fts):
+        write_checkpoint(tmp_path / f"ft{i}", ft, n_shards=1 + i)
+    weights, densities = [1.0, 0.5, -0.25], [0.3, 0.55, 0.9]
+    models = ", ".join(
+        f"{{model: {tmp_path / f'ft{i}'}, parameters: {{weight: {w}, density: {d}}}}}"
+        for i, (w, d) in enumerate(zip(weights, densities))
+    )
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels: [{models}]\nout_dtype: float32\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    out = load_output(tmp_path / "out")
+    for name, b in base.items():
+        want = ties_reference(b.double(), [ft[name].double() for ft in fts], weights, densities)
+        torch.testing.assert_close(out[name].double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_chunked_elementwise_methods_equal_whole_tensor(tmp_path, monkeypatch, method, family):
+    paths, _ = family
+    recipe = (
+        f"merge_method: {method}\nbase_model: {paths['base']}\n"
+        f"models: [{{model: {paths['ft1']}, parameters: {{weight: 0.3}}}}, {{model: {paths['ft2']}}}]\n"
+    )
+    (tmp_path / "r.yaml").write_text(recipe)
+    for chunk, out in ((3, "small"), (1 << 18, "whole")):
+        monkeypatch.setattr(merger.stream, "CHUNK", chunk)
+        result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / out), "-q"])
+        assert result.exit_code == 0, result.output
+    small, whole = load_output(tmp_path / "small"), load_output(tmp_path / "whole")
+    for name in whole:
+        assert torch.equal(small[name], whole[name]), name
+
+
+def test_scalar_and_empty_tensors(tmp_path):
+    t = {"scale": torch.tensor(2.0), "empty": torch.zeros(0, 4), "flag": torch.tensor([True, False])}
+    write_checkpoint(tmp_path / "a", t)
+    write_checkpoint(tmp_path / "b", {"scale": torch.tensor(4.0), "empty": torch.zeros(0, 4), "flag": t["flag"]})
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nmodels: [{{model: {tmp_path / 'a'}}}, {{model: {tmp_path / 'b'}}}]\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    out = load_output(tmp_path / "out")
+    assert out["scale"].shape == () and out["scale"].item() == 3.0
+    assert out["empty"].shape == (0, 4)
+    assert out["flag"].dtype == torch.bool and out["flag"].tolist() == [True, False]
+
+
+def test_merge_tensors_in_memory_equals_written_output(tmp_path, family):
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import merge_tensors
+
+    paths, _ = family
+    spec = parse_recipe(
+        f"merge_method: ties\nbase_model: {paths['base']}\n"
+        f"models: [{{model: {paths['ft1']}, parameters: {{density: 0.4}}}}, {{model: {paths['ft3']}}}]\n"
+    )
+    plan = build_plan(spec)
+    in_memory = dict(merge_tensors(plan))
+    (tmp_path / "r.yaml").write_text(spec.source.text)
+    CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q"])
+    written = load_output(tmp_path / "out")
+    assert in_memory.keys() == written.keys()
+    for k in written:
+        assert torch.equal(in_memory[k], written[k])
+
+
+def test_writer_header_is_valid_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    from merger.plan import OutTensor
+    from merger.stream import ShardWriter
+
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, 2, 3], dtype=torch.int16)}
+    planned = [
+        OutTensor(k, tuple(v.shape), {"a": "F32", "b": "I16"}[k], True, v.numel() * v.element_size())
+        for k, v in tensors.items()
+    ]
+    w = ShardWriter(tmp_path / "x.safetensors", planned)
+    for t in planned:
+        w.write(t, tensors[t.name])
+    w.close()
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert (8 + n) % 8 == 0 and json.loads(raw[8 : 8 + n])["__metadata__"] == {"format": "pt"}
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v)
