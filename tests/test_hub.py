@@ -314,6 +314,15 @@ def test_low_disk_fetches_shard_by_shard_and_drops_each(tmp_path, hub, models, h
     assert max(seen) <= disk["low_disk_peak_bytes"] < disk["peak_bytes"]
 
 
+def test_low_disk_runs_in_one_process(tmp_path, hub, models):
+    _, commits = models
+    err = apply(tmp_path, recipe(hub_refs(commits)), tmp_path / "out", "--low-disk", "--workers", "2", code=2).stderr
+    assert err == "error: --low-disk fetches and deletes Hub shards in one process; leave out --workers\n"
+    assert not (tmp_path / "out").exists() and hub.downloads() == [
+        f"/org/{n}/resolve/{commits[n]}/model.safetensors.index.json" for n in ("base", "ft1")
+    ]
+
+
 def test_locked_rerun_is_byte_identical_after_the_branch_moved(tmp_path, hub, models):
     local, commits = models
     text = recipe(hub_refs(commits) | {"ft1": "org/ft1"})
