@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; plain `torch` can pull a multi-GB CUDA build. Override: make TORCH=torch
 TORCH ?= torch==2.13.0
 DEMO := demo
+LINTED := merger tests $(wildcard benchmarks)
 
 .PHONY: setup demo test lint format bench clean
 
@@ -28,12 +29,12 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check merger tests benchmarks
-	$(BIN)/ruff format --check merger tests benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 format: setup
-	$(BIN)/ruff check --fix merger tests benchmarks
-	$(BIN)/ruff format merger tests benchmarks
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -55,11 +55,16 @@ def cli() -> None:
     """Merge fine-tuned checkpoints of one base model into a new model, driven by YAML recipes."""
 
 
-def _plan(recipe: str, device: str | None, shard_size: str | None):
+def _plan(
+    recipe: str | None, device: str | None, shard_size: str | None, locked: str | None, offline: bool, progress=False
+):
+    """The plan, and the lock it was pinned to (if any)."""
     from pydantic import ByteSize, TypeAdapter, ValidationError
 
+    from merger.hub import Hub
+    from merger.lock import read_lock
     from merger.plan import build_plan
-    from merger.recipe import load_recipe
+    from merger.recipe import load_recipe, parse_recipe
 
     size = None
     if shard_size is not None:
@@ -69,8 +74,14 @@ def _plan(recipe: str, device: str | None, shard_size: str | None):
             raise MergerError(f"--shard-size: '{shard_size}' is not a size such as 2GB or 500MB") from None
         if size <= 0:
             raise MergerError("--shard-size must be positive")
-    spec = load_recipe(recipe)
-    return build_plan(spec, device=device, shard_size=size)
+    if (recipe is None) == (locked is None):
+        raise MergerError("give a RECIPE, or --locked LOCK to re-run the recipe a merger.lock.json holds")
+    lock = read_lock(locked) if locked else None
+    spec = parse_recipe(lock.recipe, name=f"{locked} (recipe)") if lock else load_recipe(recipe)
+    if lock is not None:
+        size = size or lock.shard_size
+    hub = Hub(offline=offline, pins=lock.pins if lock else None, progress=progress)
+    return build_plan(spec, device=device, shard_size=size, hub=hub), lock
 
 
 def _destination(plan, output: str | None) -> Path:
@@ -80,12 +91,20 @@ def _destination(plan, output: str | None) -> Path:
     return Path(path)
 
 
-_recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False))
+_recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False), required=False)
 _output_opt = click.option("-o", "--output", help="Output directory (overrides output.path).")
 _device_opt = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to merge (default: the recipe's, else auto)."
 )
 _shard_opt = click.option("--shard-size", help="Bytes per output shard, e.g. 2GB (overrides output.shard_size).")
+_locked_opt = click.option(
+    "--locked",
+    type=click.Path(dir_okay=False),
+    help="Re-run the recipe in a merger.lock.json, with each Hub input at its locked commit (instead of RECIPE).",
+)
+_offline_opt = click.option(
+    "--offline", is_flag=True, help="Use the Hugging Face cache alone, never the network (also: HF_HUB_OFFLINE=1)."
+)
 
 
 @cli.command()
@@ -93,6 +112,14 @@ _shard_opt = click.option("--shard-size", help="Bytes per output shard, e.g. 2GB
 @_output_opt
 @_device_opt
 @_shard_opt
+@_locked_opt
+@_offline_opt
+@click.option(
+    "--low-disk",
+    is_flag=True,
+    help="Fetch Hub weights shard by shard as the merge reads them and delete each after its last read.",
+)
+@click.option("--no-push", is_flag=True, help="Do not publish, even if the recipe has a hub: section.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (implies --quiet).")
@@ -104,21 +131,41 @@ _shard_opt = click.option("--shard-size", help="Bytes per output shard, e.g. 2GB
     help="Processes writing output shards in parallel (CPU: about one per core).",
 )
 @_domain_errors
-def apply(recipe, output, device, shard_size, force, quiet, as_json, workers) -> None:
+def apply(
+    recipe, output, device, shard_size, locked, offline, low_disk, no_push, force, quiet, as_json, workers
+) -> None:
     """Validate RECIPE, then merge its models into a sharded safetensors model.
 
-    Everything is checked from the safetensors headers before any tensor is read. The output is
-    written to a temporary sibling directory and renamed into place when complete.
+    Models are local directories or Hub ids (org/name or org/name@revision). Everything is checked from
+    the safetensors headers (read remotely for Hub models) before any weight is read or downloaded. The
+    output, with merger.lock.json, is written to a temporary sibling directory and renamed into place
+    when complete; with a hub: section in the recipe it is then published.
     """
+    from merger import publish
     from merger.output import write_model
 
     signal.signal(signal.SIGTERM, _sigterm)
-    plan = _plan(recipe, device, shard_size)
-    dest = _destination(plan, output)
     progress = not quiet and not as_json and sys.stderr.isatty()
-    summary = write_model(plan, dest, force=force, progress=progress, workers=workers)
-    if summary is None:  # a non-zero rank of a distributed launch: rank 0 reports
+    plan, lock = _plan(recipe, device, shard_size, locked, offline, progress)
+    dest = _destination(plan, output)
+    target = plan.spec.recipe.hub if not no_push else None
+    api = publish.hub_api() if target else None  # no token: fail now, not after the merge
+    summary = write_model(
+        plan, dest, force=force, progress=progress, workers=workers, low_disk=low_disk, lock=lock, lock_name=locked
+    )
+    if summary is None:  # a non-zero rank of a distributed launch: rank 0 reports (and publishes)
         return
+    if target:
+        upload = publish.prepare(
+            dest, target.repo_id, private=target.private, revision=target.revision, commit_message=target.commit_message
+        )
+        try:
+            summary["published"] = publish.push(upload, api)
+        except publish.PublishError as e:
+            out = summary["output"]
+            raise publish.PublishError(
+                f"{e}; the merged model is in {out}: publish it with `merger push {out} {target.repo_id}`"
+            ) from None
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -126,6 +173,8 @@ def apply(recipe, output, device, shard_size, force, quiet, as_json, workers) ->
             f"merged {summary['tensors']} tensors with {summary['method']} into {summary['output']} "
             f"({summary['shards']} shards, {_size(summary['bytes_written'])}) in {summary['seconds']:.1f} s"
         )
+        if target:
+            click.echo(f"published to {summary['published']}")
 
 
 @cli.command()
@@ -133,18 +182,25 @@ def apply(recipe, output, device, shard_size, force, quiet, as_json, workers) ->
 @_output_opt
 @_device_opt
 @_shard_opt
+@_locked_opt
+@_offline_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_domain_errors
-def plan(recipe, output, device, shard_size, as_json) -> None:
-    """Validate RECIPE and show what `apply` would do, reading only the safetensors headers."""
-    p = _plan(recipe, device, shard_size)
+def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
+    """Validate RECIPE and show what `apply` would do, reading only the safetensors headers
+    (for Hub models, remotely: nothing is downloaded but each model's index)."""
+    from merger.hub import disk_needs
+
+    p, _ = _plan(recipe, device, shard_size, locked, offline)
     dest = output or p.spec.recipe.output.path
     n_merged = sum(t.merged for t in p.tensors)
+    hub = p.spec.recipe.hub
     info = {
-        "recipe": recipe,
+        "recipe": recipe or locked,
         "method": p.spec.method.name,
         "base_model": p.spec.base,
         "models": [g.ref for g in p.spec.ingredients],
+        "commits": {m.ref: m.remote.commit for m in [p.base, *p.inputs, p.tokenizer_from] if m and m.remote},
         "device": p.device,
         "compute_dtype": str(p.compute_dtype).removeprefix("torch."),
         "output": str(Path(dest).expanduser().resolve()) if dest else None,
@@ -156,23 +212,66 @@ def plan(recipe, output, device, shard_size, as_json) -> None:
         "bytes_written": p.bytes_written,
         "peak_memory_estimate": p.peak_memory,
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
+        "disk": disk_needs(p),
+        "publish": hub.model_dump() if hub else None,
         "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in p.shards],
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     base = f" onto base '{p.spec.base}'" if p.spec.base else ""
-    click.echo(f"{recipe}: {info['method']} of {len(info['models'])} model(s){base}")
+    disk = info["disk"]
+    click.echo(f"{info['recipe']}: {info['method']} of {len(info['models'])} model(s){base}")
+    for ref, commit in info["commits"].items():
+        click.echo(f"  hub:          {ref} at commit {commit}")
     click.echo(f"  device:       {p.device} (compute {info['compute_dtype']})")
     click.echo(f"  tensors:      {len(p.tensors)} ({n_merged} merged, {info['tensors_copied']} copied)")
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
     gpu = f", GPU ~{_size(p.peak_gpu_memory)}" if p.device == "cuda" else ""
     click.echo(f"  peak memory:  ~{_size(p.peak_memory)} beyond the process itself (estimate){gpu}")
+    if disk["download_bytes"]:
+        click.echo(
+            f"  disk:         {_size(disk['peak_bytes'])} ({_size(disk['download_bytes'])} downloaded, then the output); "
+            f"with --low-disk ~{_size(disk['low_disk_peak_bytes'])} at most"
+        )
+    else:
+        click.echo(f"  disk:         {_size(disk['output_bytes'])} (the output; nothing to download)")
     exists = " (exists: apply needs --force)" if info["output_exists"] else ""
     click.echo(f"  output:       {info['output'] or '(none: give -o DIR or output.path)'}{exists}")
+    if hub:
+        where = f", branch {hub.revision}" if hub.revision else ""
+        click.echo(f"  publish:      {hub.repo_id}{' (private)' if hub.private else ''}{where}")
     for s in info["shards"]:
         click.echo(f"    {s['file']}  {s['tensors']:>5} tensors  {_size(s['bytes'])}")
+
+
+@cli.command()
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (if it does not exist yet).")
+@click.option("--revision", help="Branch to push to, created if missing (default: main).")
+@click.option("--commit-message", help="The commit's message.")
+@click.option("--dry-run", is_flag=True, help="Show what would be uploaded; contact nothing.")
+@_domain_errors
+def push(output_dir, repo_id, private, revision, commit_message, dry_run) -> None:
+    """Publish OUTPUT_DIR (a merged model) to the Hub repo REPO_ID, creating the repo if missing.
+
+    The token comes from HF_TOKEN or `hf auth login`.
+    """
+    from merger import publish
+
+    upload = publish.prepare(output_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
+    if dry_run:
+        where = f"branch {revision}" if revision else "the default branch"
+        click.echo(
+            f"would upload {len(upload.files)} files ({_size(upload.nbytes)}) to {repo_id} ({where}"
+            f"{', created private if missing' if private else ''}) with message {upload.commit_message!r}:"
+        )
+        for name, size in upload.files:
+            click.echo(f"  {name}  {_size(size)}")
+        return
+    click.echo(f"published {len(upload.files)} files to {publish.push(upload)}")
 
 
 @cli.command()

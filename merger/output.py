@@ -18,27 +18,11 @@ import yaml
 
 from merger import __version__, parallel
 from merger.errors import MergerError
+from merger.hub import JustInTime, fetch_inputs
+from merger.lock import Lock, LockedInput, inputs_of, write_lock
 from merger.plan import Plan
-from merger.sources import DTYPES, INDEX_NAME
+from merger.sources import CARD_NAME, DTYPES, INDEX_NAME, MODEL_FILES, TOKENIZER_FILES, LocalModel
 from merger.stream import write_shards
-
-# Copied from the tokenizer source (the base model unless the recipe names another).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-# Copied from the reference model (the base, else the first model).
-MODEL_FILES = ("generation_config.json", "preprocessor_config.json")
 
 
 def check_destination(dest: Path, plan: Plan, force: bool) -> None:
@@ -89,18 +73,38 @@ def staged(dest: Path, force: bool) -> Iterator[Path]:
 
 
 def write_model(
-    plan: Plan, dest: Path, *, force: bool = False, progress: bool = False, workers: int = 1
+    plan: Plan,
+    dest: Path,
+    *,
+    force: bool = False,
+    progress: bool = False,
+    workers: int = 1,
+    low_disk: bool = False,
+    lock: Lock | None = None,
+    lock_name: str = "lock",
 ) -> dict | None:
     """Run the whole merge into `dest`. Returns a summary for --json (None on ranks other than 0 of a
-    distributed launch, which only write their shards)."""
+    distributed launch, which only write their shards).
+
+    Hub inputs are downloaded first: all their files, or with `low_disk` all but the weights, which are
+    then fetched shard by shard as the merge maps them and deleted after. With `lock`, every input must
+    match it before anything is downloaded or written."""
     start = time.perf_counter()
     dest = dest.expanduser().resolve()
     check_destination(dest, plan, force)
+    if low_disk and workers > 1:
+        raise MergerError("--low-disk fetches and deletes Hub shards in one process; leave out --workers")
+    inputs = inputs_of(plan)
+    if lock is not None:
+        lock.verify(inputs, lock_name)
+    fetch_inputs(plan, weights=not low_disk)
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     group = parallel.launched_group()
     if group is not None:
-        bytes_read = _write_as_rank(plan, dest, force, progress, group)
+        if low_disk:
+            raise MergerError("--low-disk fetches and deletes Hub shards in one process, not in a distributed launch")
+        bytes_read = _write_as_rank(plan, dest, force, progress, group, inputs)
         if bytes_read is None:
             return None
     else:
@@ -108,8 +112,8 @@ def write_model(
             if workers > 1:
                 bytes_read = parallel.write_with_workers(plan, tmp, workers)
             else:
-                bytes_read = write_shards(plan, tmp, progress=progress)
-            write_metadata(plan, tmp, dest.name)
+                bytes_read = write_shards(plan, tmp, progress=progress, files=JustInTime(plan) if low_disk else None)
+            write_metadata(plan, tmp, dest.name, inputs)
     summary = {
         "output": str(dest),
         "method": plan.spec.method.name,
@@ -127,7 +131,9 @@ def write_model(
     return summary
 
 
-def _write_as_rank(plan: Plan, dest: Path, force: bool, progress: bool, group: parallel.Group) -> int | None:
+def _write_as_rank(
+    plan: Plan, dest: Path, force: bool, progress: bool, group: parallel.Group, inputs: list[LockedInput]
+) -> int | None:
     """This rank's shards; rank 0 then finishes the directory. Every rank reports before anyone commits,
     so one failing rank fails the whole merge and nothing lands at `dest`."""
     tmp = Path(group.share(str(new_staging(dest)) if group.rank == 0 else None))
@@ -145,7 +151,7 @@ def _write_as_rank(plan: Plan, dest: Path, force: bool, progress: bool, group: p
     try:
         if errors:
             raise MergerError("\n".join(errors))
-        write_metadata(plan, tmp, dest.name)
+        write_metadata(plan, tmp, dest.name, inputs)
         commit(tmp, dest, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,10 +159,11 @@ def _write_as_rank(plan: Plan, dest: Path, force: bool, progress: bool, group: p
     return sum(n for n, _ in results)
 
 
-def write_metadata(plan: Plan, directory: Path, title: str) -> None:
+def write_metadata(plan: Plan, directory: Path, title: str, inputs: list[LockedInput]) -> None:
     write_index(plan, directory)
     copy_support_files(plan, directory)
     write_card(plan, directory, title)
+    write_lock(plan, inputs, directory)
 
 
 def peak_rss() -> int:
@@ -211,13 +218,20 @@ def copy_support_files(plan: Plan, directory: Path) -> None:
 
 
 def write_card(plan: Plan, directory: Path, title: str) -> None:
+    """README.md with the Hub's metadata for a merge: `base_model` (the Hub ids of the inputs, or their
+    paths if none is on the Hub), `base_model_relation: merge`, and `license` if every input has the same."""
     spec = plan.spec
     refs = ([spec.base] if spec.base else []) + [g.ref for g in spec.ingredients]
+    hub_ids = [m.remote.repo_id for m in plan.models if m.remote is not None]
     front = {
-        "base_model": list(dict.fromkeys(refs)),
+        "base_model": list(dict.fromkeys(hub_ids or refs)),
+        "base_model_relation": "merge",
         "tags": ["merge", "merger"],
         "library_name": "transformers",
     }
+    licenses = [card_metadata(m).get("license") for m in plan.models]
+    if isinstance(licenses[0], str) and all(lic == licenses[0] for lic in licenses):
+        front["license"] = licenses[0]
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
@@ -230,14 +244,34 @@ def write_card(plan: Plan, directory: Path, title: str) -> None:
         "",
     ]
     if spec.base:
-        lines += [f"Base model: `{spec.base}`", ""]
+        lines += [f"Base model: `{spec.base}`{_at_commit(plan.base)}", ""]
     lines += ["Models merged:", ""]
-    for g in spec.ingredients:
+    for g, m in zip(spec.ingredients, plan.inputs):
         shown = ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
-        lines.append(f"- `{g.ref}` ({shown})")
+        lines.append(f"- `{g.ref}`{_at_commit(m)} ({shown})")
     method_params = ", ".join(f"{k}: {v}" for k, v in spec.params.model_dump(by_alias=True).items())
     if method_params:
         lines += ["", f"Method parameters: {method_params}."]
     recipe = spec.source.text or yaml.safe_dump(spec.recipe.model_dump(exclude_defaults=True), sort_keys=False)
     lines += ["", "## Recipe", "", "```yaml", recipe.strip(), "```", ""]
     (directory / "README.md").write_text("\n".join(lines))
+
+
+def _at_commit(model: LocalModel | None) -> str:
+    return f" at commit `{model.remote.commit[:12]}`" if model is not None and model.remote is not None else ""
+
+
+def card_metadata(model: LocalModel) -> dict:
+    """The YAML front matter of a model's README.md ({} if it has none, or none that parses)."""
+    path = model.path / CARD_NAME
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    try:
+        data = yaml.safe_load(text[3:].split("\n---", 1)[0])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -9,12 +9,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from merger.errors import ModelError, RecipeError
 from merger.recipe import DTYPE_CODE, MergeSpec
-from merger.sources import DTYPES, LocalModel, open_model
+from merger.sources import CARD_NAME, DTYPES, INDEX_NAME, MODEL_FILES, TOKENIZER_FILES, LocalModel, open_model
+
+if TYPE_CHECKING:
+    from merger.hub import Hub
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,16 @@ class Shard:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class FileUse:
+    """Which tensors the merge reads from an input file, and the first and last of them in write order
+    (indices into Plan.tensors)."""
+
+    first: int
+    last: int
+    names: frozenset[str]
 
 
 @dataclass
@@ -66,6 +80,34 @@ class Plan:
         if not t.merged:
             return self.models
         return self.inputs + ([self.base] if self.spec.method.needs_base else [])
+
+    def files_used(self) -> list[tuple[LocalModel, list[str]]]:
+        """Each model the merge reads files of, with those files' names: weights and index and the model
+        card (for its license) of every input, config and generation files of the reference, tokenizer
+        files of the tokenizer source. What is fetched from the Hub, and what the lock records."""
+        out: dict[Path, tuple[LocalModel, list[str]]] = {}
+        wanted = [
+            (m, [f.relative_to(m.path).as_posix() for f in m.files] + [INDEX_NAME, CARD_NAME]) for m in self.models
+        ]
+        wanted += [(self.reference, ["config.json", *MODEL_FILES]), (self.tokenizer_from, list(TOKENIZER_FILES))]
+        for model, names in wanted:
+            entry = out.setdefault(model.path, (model, []))
+            entry[1].extend(n for n in names if n not in entry[1] and model.has(n))
+        return list(out.values())
+
+    def file_uses(self) -> dict[Path, FileUse]:
+        """For each input file, the tensors read from it and when: what fetching Hub shards just in time,
+        and dropping them after their last tensor, relies on."""
+        first: dict[Path, int] = {}
+        last: dict[Path, int] = {}
+        names: dict[Path, set[str]] = {}
+        for i, t in enumerate(self.tensors):
+            for m in self.readers_of(t):
+                f = m.tensors[t.name].file
+                first.setdefault(f, i)
+                last[f] = i
+                names.setdefault(f, set()).add(t.name)
+        return {f: FileUse(first[f], last[f], frozenset(names[f])) for f in first}
 
     @property
     def bytes_read(self) -> int:
@@ -120,8 +162,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def build_plan(spec: MergeSpec, *, device: str | None = None, shard_size: int | None = None) -> Plan:
-    """Open every model's headers, check they agree, and lay out the output. Reads no tensor data."""
+def build_plan(
+    spec: MergeSpec, *, device: str | None = None, shard_size: int | None = None, hub: Hub | None = None
+) -> Plan:
+    """Open every model's headers, check they agree, and lay out the output. Reads no tensor data
+    (for Hub models, `hub` reads the headers remotely and downloads nothing but the index)."""
     recipe = spec.recipe
     opened: dict[str, LocalModel] = {}
     problems: list[str] = []
@@ -129,7 +174,7 @@ def build_plan(spec: MergeSpec, *, device: str | None = None, shard_size: int | 
     def open_at(ref: str, *loc: str | int) -> LocalModel | None:
         if ref not in opened:
             try:
-                opened[ref] = open_model(ref)
+                opened[ref] = open_model(ref, hub)
             except ModelError as e:
                 problems.append(f"{spec.where(*loc)}: {e}")
                 return None

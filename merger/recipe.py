@@ -45,13 +45,25 @@ class Strict(BaseModel):
 
 
 class ModelEntry(Strict):
-    model: str = Field(min_length=1, description="a local model directory")
+    model: str = Field(min_length=1, description="a local model directory, or a Hub id: org/name[@revision]")
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class OutputSettings(Strict):
     path: str | None = Field(None, description="output directory (the CLI's -o overrides it)")
     shard_size: ByteSize = Field(ByteSize(5_000_000_000), gt=0, description="bytes per output shard")
+
+
+HUB_REPO_ID = r"[\w.-]+/[\w.-]+"
+
+
+class HubSettings(Strict):
+    """Where `merger apply` publishes the result once the merge has succeeded."""
+
+    repo_id: str = Field(pattern=f"^{HUB_REPO_ID}$", description="the Hub repo: org/name")
+    private: bool = Field(False, description="create the repo as private (when it does not exist yet)")
+    revision: str | None = Field(None, min_length=1, description="branch to push to (created if missing); default main")
+    commit_message: str | None = Field(None, min_length=1)
 
 
 class Recipe(Strict):
@@ -65,6 +77,7 @@ class Recipe(Strict):
     tokenizer_source: str | None = None  # "base", "model:REF" or REF; default: the base model
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output: OutputSettings = Field(default_factory=OutputSettings)
+    hub: HubSettings | None = None
 
 
 @dataclass

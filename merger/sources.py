@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import mmap
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from merger.errors import ModelError
+
+if TYPE_CHECKING:
+    from merger.hub import Hub, Remote
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -36,6 +41,24 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_HEADER_BYTES = 100_000_000
+CARD_NAME = "README.md"
+# Copied from the tokenizer source (the base model unless the recipe names another).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Copied from the reference model (the base, else the first model).
+MODEL_FILES = ("generation_config.json", "preprocessor_config.json")
 
 
 @dataclass(frozen=True)
@@ -63,16 +86,25 @@ class TensorInfo:
 
 @dataclass
 class LocalModel:
-    """A model directory with safetensors weights, described by its headers."""
+    """A model directory with safetensors weights, described by its headers.
+
+    For a Hub model, `path` is its snapshot directory in the Hugging Face cache, where each file appears
+    once fetched, and `remote` says how to fetch it; the headers were read from the Hub.
+    """
 
     ref: str  # as written in the recipe
     path: Path
     files: list[Path]
     tensors: dict[str, TensorInfo] = field(repr=False)
+    remote: Remote | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    def has(self, name: str) -> bool:
+        """Whether the model holds the file `name` (a Hub model: in its repo, fetched or not)."""
+        return name in self.remote.files if self.remote else (self.path / name).is_file()
 
 
 def read_header(file: Path) -> tuple[dict, int]:
@@ -80,14 +112,24 @@ def read_header(file: Path) -> tuple[dict, int]:
     try:
         with open(file, "rb") as f:
             head = f.read(8)
-            if len(head) != 8:
-                raise ModelError(f"{file}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise ModelError(f"{file}: not a safetensors file (header length {n} is implausible)")
+            n = header_length(head, file)
             raw = f.read(n)
     except OSError as e:
         raise ModelError(f"{file}: cannot read: {e.strerror}") from None
+    return parse_header(raw, n, file), 8 + n
+
+
+def header_length(head: bytes, file: Path | str) -> int:
+    """The JSON header's length, from a safetensors file's first 8 bytes."""
+    if len(head) < 8:
+        raise ModelError(f"{file}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES:
+        raise ModelError(f"{file}: not a safetensors file (header length {n} is implausible)")
+    return n
+
+
+def parse_header(raw: bytes, n: int, file: Path | str) -> dict:
     if len(raw) != n:
         raise ModelError(f"{file}: truncated safetensors header")
     try:
@@ -96,13 +138,19 @@ def read_header(file: Path) -> tuple[dict, int]:
         raise ModelError(f"{file}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise ModelError(f"{file}: not a safetensors file (header is not a JSON object)")
-    return header, 8 + n
+    return header
 
 
 def scan_file(file: Path) -> dict[str, TensorInfo]:
     """Describe every tensor of one safetensors file, checking offsets against the file size."""
     header, data_start = read_header(file)
-    size = file.stat().st_size
+    return describe(header, data_start, file.stat().st_size, file)
+
+
+def describe(header: dict, data_start: int, size: int, file: Path, label: str | None = None) -> dict[str, TensorInfo]:
+    """The tensors of a parsed header, for a file of `size` bytes (local, or remote and not fetched yet, in
+    which case `file` is where it will be and `label` names it in errors)."""
+    label = label or str(file)
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -112,14 +160,22 @@ def scan_file(file: Path) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{file}: malformed header entry for tensor '{name}'") from None
+            raise ModelError(f"{label}: malformed header entry for tensor '{name}'") from None
         if code not in DTYPES:
-            raise ModelError(f"{file}: tensor '{name}' has unsupported dtype {code}")
+            raise ModelError(f"{label}: tensor '{name}' has unsupported dtype {code}")
         info = TensorInfo(name, code, shape, file, data_start + begin, end - begin)
         if info.nbytes != info.numel * DTYPES[code][1] or data_start + end > size or begin < 0:
-            raise ModelError(f"{file}: tensor '{name}' has inconsistent offsets (truncated file?)")
+            raise ModelError(f"{label}: tensor '{name}' has inconsistent offsets (truncated file?)")
         out[name] = info
     return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_hub_id(ref: str) -> bool:
@@ -131,18 +187,17 @@ def is_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts)
 
 
-def open_model(ref: str) -> LocalModel:
-    """Resolve a recipe's model reference to a local directory and read its headers.
+def open_model(ref: str, hub: Hub | None = None) -> LocalModel:
+    """Resolve a recipe's model reference (a local directory or a Hub id) and read its headers.
 
     Raises ModelError with a message that names the reference and how to fix it.
     """
+    if is_hub_id(ref):
+        from merger.hub import Hub
+
+        return (hub or Hub()).open(ref)
     path = Path(ref).expanduser()
     if not path.exists():
-        if is_hub_id(ref):
-            raise ModelError(
-                f"'{ref}' looks like a Hugging Face Hub id; Hub downloads are not supported yet: "
-                f"run `huggingface-cli download {ref.split('@')[0]} --local-dir DIR` and use DIR"
-            )
         raise ModelError(f"'{ref}': no such directory")
     if not path.is_dir():
         raise ModelError(f"'{ref}' is not a directory (a model is a directory of safetensors files)")
@@ -151,40 +206,79 @@ def open_model(ref: str) -> LocalModel:
     index = path / INDEX_NAME
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            raise ModelError(f"'{ref}': {INDEX_NAME} is not a valid index (no weight_map)") from None
+            weight_map = read_index(index.read_text(), ref)
+        except OSError as e:
+            raise ModelError(f"'{ref}': cannot read {INDEX_NAME}: {e.strerror}") from None
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.exists():
                 raise ModelError(f"'{ref}': {INDEX_NAME} names {f.name}, which is missing")
-        scanned = {f: scan_file(f) for f in files}
-        tensors = {}
-        for name, fname in weight_map.items():
-            info = scanned[path / fname].get(name)
-            if info is None:
-                raise ModelError(f"'{ref}': {INDEX_NAME} puts tensor '{name}' in {fname}, which lacks it")
-            tensors[name] = info
-        return LocalModel(ref, path, files, tensors)
+        return LocalModel(ref, path, files, collect(ref, {f: scan_file(f) for f in files}, weight_map, path))
 
     files = [path / SINGLE_NAME] if (path / SINGLE_NAME).exists() else sorted(path.glob("*.safetensors"))
     if not files:
-        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickled:
-            raise ModelError(
-                f"'{ref}' holds only pickled weights ({', '.join(pickled[:3])}); merger reads safetensors "
-                'only, since pickles can run code. Convert once with: python -c "from transformers import '
-                f"AutoModel; AutoModel.from_pretrained('{ref}').save_pretrained('{ref}-st')\""
-            )
-        raise ModelError(f"'{ref}' holds no model.safetensors, {INDEX_NAME} or *.safetensors file")
-    tensors = {}
-    for f in files:
-        for name, info in scan_file(f).items():
+        raise no_weights(ref, [p.name for p in path.iterdir()])
+    return LocalModel(ref, path, files, collect(ref, {f: scan_file(f) for f in files}, None, path))
+
+
+def read_index(text: str, ref: str) -> dict[str, str]:
+    """The weight_map (tensor name -> file name) of a model.safetensors.index.json."""
+    try:
+        weight_map = json.loads(text)["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise ModelError(f"'{ref}': {INDEX_NAME} is not a valid index (no weight_map)") from None
+    return weight_map
+
+
+def collect(
+    ref: str, scanned: dict[Path, dict[str, TensorInfo]], weight_map: dict[str, str] | None, root: Path
+) -> dict[str, TensorInfo]:
+    """A model's tensors from its scanned files: where the index puts them, if there is one."""
+    tensors: dict[str, TensorInfo] = {}
+    if weight_map is not None:
+        for name, fname in weight_map.items():
+            info = scanned[root / fname].get(name)
+            if info is None:
+                raise ModelError(f"'{ref}': {INDEX_NAME} puts tensor '{name}' in {fname}, which lacks it")
+            tensors[name] = info
+        return tensors
+    for f, infos in scanned.items():
+        for name, info in infos.items():
             if name in tensors:
                 raise ModelError(f"'{ref}': tensor '{name}' is in both {tensors[name].file.name} and {f.name}")
             tensors[name] = info
-    return LocalModel(ref, path, files, tensors)
+    return tensors
+
+
+def no_weights(ref: str, names: list[str]) -> ModelError:
+    """The error for a model without safetensors weights, given the names of its files."""
+    pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        return ModelError(
+            f"'{ref}' holds only pickled weights ({', '.join(pickled[:3])}); merger reads safetensors "
+            'only, since pickles can run code. Convert once with: python -c "from transformers import '
+            f"AutoModel; AutoModel.from_pretrained('{ref}').save_pretrained('{ref}-st')\""
+        )
+    return ModelError(f"'{ref}' holds no model.safetensors, {INDEX_NAME} or *.safetensors file")
+
+
+class FileSource(Protocol):
+    """Input files that appear on demand (Hub shards with --low-disk): the reader asks for a file's local
+    path when it first maps it, says when the engine is done with each tensor, and unmaps a file before
+    it is released."""
+
+    def path(self, file: Path) -> Path:
+        """A readable local path for `file`, fetched first if need be."""
+        ...
+
+    def done(self, info: TensorInfo) -> bool:
+        """The engine is done with tensor `info`; True if it was the last one needed from its file."""
+        ...
+
+    def release(self, file: Path) -> None:
+        """The reader has unmapped `file` for good."""
+        ...
 
 
 class MappedReader:
@@ -196,13 +290,14 @@ class MappedReader:
     reads it ahead while the current one is merged.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, files: FileSource | None = None) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self.files = files
 
     def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
         if mm is None:
-            with open(file, "rb") as f:
+            with open(self.files.path(file) if self.files else file, "rb") as f:
                 # ACCESS_COPY: a private mapping torch may wrap as writable; nothing is ever written
                 mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return mm
@@ -228,7 +323,14 @@ class MappedReader:
         self._advise(info, mmap.MADV_WILLNEED)
 
     def release(self, info: TensorInfo) -> None:
-        self._advise(info, mmap.MADV_DONTNEED)
+        if info.file in self._maps:
+            self._advise(info, mmap.MADV_DONTNEED)
+        if self.files is not None and self.files.done(info):
+            mm = self._maps.pop(info.file, None)
+            if mm is not None:
+                with contextlib.suppress(BufferError):  # a view is still alive: the space is freed with it
+                    mm.close()
+            self.files.release(info.file)
 
     def close(self) -> None:
         for mm in self._maps.values():

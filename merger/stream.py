@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from merger.errors import MergeError
 from merger.plan import OutTensor, Plan, Shard
-from merger.sources import DTYPES, MappedReader
+from merger.sources import DTYPES, FileSource, MappedReader
 
 CHUNK = 1 << 18  # elements per CPU chunk: 1 MiB of float32 per operand
 
@@ -207,11 +207,19 @@ class Merger:
             self.reader.prefetch(m.tensors[t.name])
 
 
-def write_shards(plan: Plan, directory: Path, *, progress: bool = False, shards: Iterable[int] | None = None) -> int:
-    """Write the planned shards (all, or the given indices) into `directory`. Returns bytes read."""
+def write_shards(
+    plan: Plan,
+    directory: Path,
+    *,
+    progress: bool = False,
+    shards: Iterable[int] | None = None,
+    files: FileSource | None = None,
+) -> int:
+    """Write the planned shards (all, or the given indices) into `directory`. Returns bytes read.
+    `files` provides input files fetched on demand (see sources.FileSource)."""
     chosen = [plan.shards[i] for i in shards] if shards is not None else plan.shards
     todo = [(shard, t) for shard in chosen for t in shard.tensors]
-    reader = MappedReader()
+    reader = MappedReader(files)
     merger = Merger(plan, reader)
     outputs = Buffers()
     total_bytes = sum(m.tensors[t.name].nbytes for _, t in todo for m in plan.readers_of(t))

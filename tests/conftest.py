@@ -11,9 +11,14 @@ from safetensors.torch import save_file
 
 
 def write_checkpoint(
-    directory: Path, tensors: dict[str, torch.Tensor], n_shards: int = 2, config: dict | None = None
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    n_shards: int = 2,
+    config: dict | None = None,
+    interleave: bool = True,
 ) -> Path:
-    """Save `tensors` as `n_shards` safetensors files plus an index (one file, no index, if n_shards == 1)."""
+    """Save `tensors` as `n_shards` safetensors files plus an index (one file, no index, if n_shards == 1).
+    Shards interleave the names unless `interleave` is False (then each holds a run, as transformers writes)."""
     directory.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
     if n_shards == 1:
@@ -23,7 +28,8 @@ def write_checkpoint(
     else:
         weight_map = {}
         for i in range(n_shards):
-            part = names[i::n_shards]  # interleaved, so shards do not follow name order
+            step = -(-len(names) // n_shards)
+            part = names[i::n_shards] if interleave else names[i * step : (i + 1) * step]
             fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
             save_file({k: tensors[k].contiguous() for k in part}, directory / fname, metadata={"format": "pt"})
             weight_map |= {k: fname for k in part}
@@ -42,6 +48,23 @@ def load_output(directory: Path) -> dict[str, torch.Tensor]:
         out |= load_file(directory / fname)
     assert set(out) == set(index["weight_map"])
     return out
+
+
+@pytest.fixture(autouse=True)
+def hf_home(tmp_path_factory, monkeypatch):
+    """No test reaches the real Hub, the user's cache or token: the Hub is a closed local port (tests that
+    need one start the fake Hub), the cache a fresh directory, and there is no token."""
+    import huggingface_hub.constants
+
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home
 
 
 @pytest.fixture

@@ -165,11 +165,6 @@ def test_missing_model_directory(workdir):
     assert err == "error: recipe.yaml:8: models[1].model: 'ft9': no such directory\n"
 
 
-def test_hub_id_not_supported_yet(workdir):
-    err = run_bad(GOOD.replace("model: ft2", "model: org/some-model"))
-    assert "models[1].model: 'org/some-model' looks like a Hugging Face Hub id" in err
-
-
 def test_pickled_checkpoint_is_refused(workdir):
     Path("pickled").mkdir()
     Path("pickled/pytorch_model.bin").write_bytes(b"\x80\x04")

@@ -1,0 +1,169 @@
+"""Publishing through the one seam around HfApi (merger.publish.hub_api), replaced here by a recorder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import write_checkpoint
+
+import merger.publish
+from merger.cli import cli
+
+
+class FakeApi:
+    """Records what HfApi would be asked; `fail_with` makes upload_folder answer that HTTP status."""
+
+    def __init__(self, fail_with: int | None = None):
+        self.calls: list[tuple] = []
+        self.fail_with = fail_with
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        if self.fail_with:
+            import httpx2
+            from huggingface_hub.errors import HfHubHTTPError
+
+            response = httpx2.Response(self.fail_with, request=httpx2.Request("POST", "http://127.0.0.1:9/api"))
+            raise HfHubHTTPError("Forbidden (Authorization: Bearer hf_SECRET)", response=response)
+        files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        self.calls.append(("upload_folder", kwargs, files))
+        return SimpleNamespace(commit_url=f"https://hub.example/{kwargs['repo_id']}/commit/0123abc")
+
+
+@pytest.fixture
+def api(monkeypatch):
+    fake = FakeApi()
+    monkeypatch.setattr(merger.publish, "hub_api", lambda: fake)
+    return fake
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = {"a.weight": torch.ones(4, 4), "b.bias": torch.zeros(4)}
+    write_checkpoint(Path("ft1"), t)
+    write_checkpoint(Path("ft2"), {k: v + 1 for k, v in t.items()}, n_shards=1)
+    for name, license in (("ft1", "mit"), ("ft2", "mit")):
+        Path(name, "README.md").write_text(f"---\nlicense: {license}\n---\n")
+    return tmp_path
+
+
+RECIPE = "merge_method: linear\nmodels:\n  - model: ft1\n  - model: ft2\noutput:\n  path: out\n"
+HUB = "hub:\n  repo_id: me/merged\n  private: true\n  revision: dev\n  commit_message: first merge\n"
+
+
+def run(*args: str, code: int = 0):
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_push_command(workdir, api):
+    Path("recipe.yaml").write_text(RECIPE)
+    run("apply", "recipe.yaml", "--quiet")
+    out = run("push", "out", "me/merged", "--private", "--revision", "dev", "--commit-message", "m").stdout
+    assert out == "published 5 files to https://hub.example/me/merged/commit/0123abc\n"
+    assert api.calls == [
+        ("create_repo", "me/merged", {"private": True, "exist_ok": True}),
+        ("create_branch", "me/merged", {"branch": "dev", "exist_ok": True}),
+        (
+            "upload_folder",
+            {
+                "repo_id": "me/merged",
+                "folder_path": "out",
+                "revision": "dev",
+                "commit_message": "m",
+                "ignore_patterns": [".*", "**/.*"],
+            },
+            ["README.md", "config.json", "merger.lock.json", "model-00001-of-00001.safetensors",
+             "model.safetensors.index.json"],
+        ),
+    ]  # fmt: skip
+    card = yaml.safe_load(Path("out/README.md").read_text().split("---")[1])
+    assert card["license"] == "mit" and card["base_model_relation"] == "merge" and card["base_model"] == ["ft1", "ft2"]
+
+
+def test_push_dry_run_contacts_nothing(workdir, api):
+    Path("recipe.yaml").write_text(RECIPE)
+    run("apply", "recipe.yaml", "--quiet")
+    out = run("push", "out", "me/merged", "--dry-run").stdout.splitlines()
+    assert (
+        out[0]
+        == "would upload 5 files (2.34 KB) to me/merged (the default branch) with message 'Upload merged model (merger 0.1.0)':"
+    )
+    assert [line.split()[0] for line in out[1:]] == sorted(os.listdir("out"))
+    assert api.calls == []
+
+
+def test_recipe_hub_section_publishes_after_the_merge(workdir, api):
+    Path("recipe.yaml").write_text(RECIPE + HUB)
+    out = run("apply", "recipe.yaml").stdout
+    assert out.splitlines()[1] == "published to https://hub.example/me/merged/commit/0123abc"
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert api.calls[2][1]["commit_message"] == "first merge" and api.calls[2][1]["revision"] == "dev"
+    assert api.calls[0][2]["private"] is True
+    plan = run("plan", "recipe.yaml").stdout
+    assert "  publish:      me/merged (private), branch dev\n" in plan
+    api.calls.clear()
+    run("apply", "recipe.yaml", "--force", "--no-push", "--quiet")
+    assert api.calls == []
+
+
+def test_recipe_hub_section_is_validated_before_the_merge(workdir, api):
+    Path("recipe.yaml").write_text(RECIPE + HUB.replace("private:", "privat:"))
+    err = run("apply", "recipe.yaml", code=2).stderr
+    assert err == "error: recipe.yaml:9: hub.privat: unknown key (did you mean 'private'?)\n"
+    Path("recipe.yaml").write_text(RECIPE + HUB.replace("me/merged", "no-slash"))
+    err = run("apply", "recipe.yaml", code=2).stderr
+    assert (
+        err == "error: recipe.yaml:8: hub.repo_id: String should match pattern '^[\\w.-]+/[\\w.-]+$', got 'no-slash'\n"
+    )
+    assert not Path("out").exists() and api.calls == []
+
+
+def test_publishing_without_a_token_fails_before_merging(workdir):
+    Path("recipe.yaml").write_text(RECIPE + HUB)
+    err = run("apply", "recipe.yaml", code=2).stderr
+    assert err == (
+        "error: publishing to the Hub needs a token with write access: set HF_TOKEN or run `hf auth login` "
+        "(`huggingface-cli login` in older versions)\n"
+    )
+    assert not Path("out").exists()
+
+
+def test_failed_upload_keeps_the_merge_and_never_shows_the_token(workdir, monkeypatch):
+    fake = FakeApi(fail_with=403)
+    monkeypatch.setattr(merger.publish, "hub_api", lambda: fake)
+    Path("recipe.yaml").write_text(RECIPE + HUB)
+    err = run("apply", "recipe.yaml", "--quiet", code=2).stderr
+    assert err == (
+        "error: the Hub refused to let this token write to 'me/merged' (HTTP 403); the merged model is in "
+        f"{workdir / 'out'}: publish it with `merger push {workdir / 'out'} me/merged`\n"
+    )
+    assert "SECRET" not in err and Path("out/model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["nowhere", "me/x"], "nowhere: no such directory"),
+        (["ft1", "me/x"], "ft1 holds no model.safetensors.index.json or model.safetensors: not a model to publish"),
+        (["ft1", "not a repo"], "'not a repo' is not a Hub repo id (org/name, of letters, digits, '-', '_' and '.')"),
+    ],
+)
+def test_push_refuses_bad_arguments(workdir, api, args, message):
+    Path("ft1/model.safetensors.index.json").unlink()
+    assert run("push", *args, code=2).stderr == f"error: {message}\n"
+    assert api.calls == []
