@@ -9,7 +9,8 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,26 +95,32 @@ def write_model(
     check_destination(dest, plan, force)
     if low_disk and workers > 1:
         raise MergerError("--low-disk fetches and deletes Hub shards in one process; leave out --workers")
-    inputs = inputs_of(plan)
-    if lock is not None:
-        lock.verify(inputs, lock_name)
-    fetch_inputs(plan, weights=not low_disk)
-    if plan.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    group = parallel.launched_group()
-    if group is not None:
-        if low_disk:
-            raise MergerError("--low-disk fetches and deletes Hub shards in one process, not in a distributed launch")
-        bytes_read = _write_as_rank(plan, dest, force, progress, group, inputs)
-        if bytes_read is None:
-            return None
-    else:
-        with staged(dest, force) as tmp:
-            if workers > 1:
-                bytes_read = parallel.write_with_workers(plan, tmp, workers)
-            else:
-                bytes_read = write_shards(plan, tmp, progress=progress, files=JustInTime(plan) if low_disk else None)
-            write_metadata(plan, tmp, dest.name, inputs)
+    with ThreadPoolExecutor(1, thread_name_prefix="merger-hash") as pool:
+        # Hashing local inputs for the lock reads every file once; it runs beside the merge (hashlib
+        # releases the GIL), unless a lock must be checked before anything is written.
+        hashing = pool.submit(inputs_of, plan)
+        if lock is not None:
+            lock.verify(hashing.result(), lock_name)
+        fetch_inputs(plan, weights=not low_disk)
+        if plan.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        group = parallel.launched_group()
+        if group is not None:
+            if low_disk:
+                raise MergerError(
+                    "--low-disk fetches and deletes Hub shards in one process, not in a distributed launch"
+                )
+            bytes_read = _write_as_rank(plan, dest, force, progress, group, hashing.result)
+            if bytes_read is None:
+                return None
+        else:
+            with staged(dest, force) as tmp:
+                if workers > 1:
+                    bytes_read = parallel.write_with_workers(plan, tmp, workers)
+                else:
+                    files = JustInTime(plan) if low_disk else None
+                    bytes_read = write_shards(plan, tmp, progress=progress, files=files)
+                write_metadata(plan, tmp, dest.name, hashing.result())
     summary = {
         "output": str(dest),
         "method": plan.spec.method.name,
@@ -132,7 +139,12 @@ def write_model(
 
 
 def _write_as_rank(
-    plan: Plan, dest: Path, force: bool, progress: bool, group: parallel.Group, inputs: list[LockedInput]
+    plan: Plan,
+    dest: Path,
+    force: bool,
+    progress: bool,
+    group: parallel.Group,
+    inputs: Callable[[], list[LockedInput]],
 ) -> int | None:
     """This rank's shards; rank 0 then finishes the directory. Every rank reports before anyone commits,
     so one failing rank fails the whole merge and nothing lands at `dest`."""
@@ -151,7 +163,7 @@ def _write_as_rank(
     try:
         if errors:
             raise MergerError("\n".join(errors))
-        write_metadata(plan, tmp, dest.name, inputs)
+        write_metadata(plan, tmp, dest.name, inputs())
         commit(tmp, dest, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

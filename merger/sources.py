@@ -170,12 +170,41 @@ def describe(header: dict, data_start: int, size: int, file: Path, label: str | 
     return out
 
 
+def cache_dir() -> Path:
+    """merger's own cache: $MERGER_CACHE_DIR, else $XDG_CACHE_HOME/merger, else ~/.cache/merger."""
+    if os.environ.get("MERGER_CACHE_DIR"):
+        return Path(os.environ["MERGER_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "merger"
+
+
+_hashes: dict[str, str] | None = None
+
+
 def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes. Remembered in the cache by (path, size, mtime), so a model that has
+    not changed is read for hashing once, not at every merge."""
+    global _hashes
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    store = cache_dir() / "sha256.json"
+    if _hashes is None:
+        try:
+            _hashes = json.loads(store.read_text())
+        except (OSError, ValueError):
+            _hashes = {}
+    if key in _hashes:
+        return _hashes[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+    _hashes[key] = h.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only home only costs the next run a re-hash
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_hashes))
+        os.replace(tmp, store)
+    return _hashes[key]
 
 
 def is_hub_id(ref: str) -> bool:

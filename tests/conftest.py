@@ -57,6 +57,7 @@ def hf_home(tmp_path_factory, monkeypatch):
     import huggingface_hub.constants
 
     home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("MERGER_CACHE_DIR", str(home / "merger"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
