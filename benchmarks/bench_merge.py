@@ -151,7 +151,9 @@ def recipe(method: str, dirs: list[Path], out: Path) -> str:
         return f"merge_method: linear\nmodels:\n{models}\ndtype: bfloat16\n"
     extra = ", density: 0.5" if method == "ties" else ""
     models = "\n".join(f"  - model: {d}\n    parameters: {{weight: 0.5{extra}}}" for d in fts)
-    return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{lambda: 1.0}}\ndtype: bfloat16\n"
+    return (
+        f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{lambda: 1.0}}\ndtype: bfloat16\n"
+    )
 
 
 def run_process(cmd: list[str]) -> tuple[float, int, str]:
@@ -223,8 +225,10 @@ def main() -> None:
             gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
             print(f"{tool:9} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limit:6.2f} {vs:>6} "
                   f"{rss / 1e9:7.2f}GB {gpu_s}")  # fmt: skip
-        print("\nwall s: the whole process (Python and torch start-up included); merge s: merger's own timer "
-              "(read, merge, write, rename). x I/O: merge s / (read + write) limit. GB/s: input bytes / merge s.")
+        print(
+            "\nwall s: the whole process (Python and torch start-up included); merge s: merger's own timer "
+            "(read, merge, write, rename). x I/O: merge s / (read + write) limit. GB/s: input bytes / merge s."
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -21,7 +21,10 @@ def _family(tmp_path):
     base["ids"] = torch.arange(10)
     write_checkpoint(tmp_path / "base", base)
     for m in (1, 2):
-        ft = {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() if v.is_floating_point() else v for k, v in base.items()}
+        ft = {
+            k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() if v.is_floating_point() else v
+            for k, v in base.items()
+        }
         write_checkpoint(tmp_path / f"ft{m}", ft, n_shards=3)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
