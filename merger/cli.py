@@ -109,14 +109,26 @@ def apply(recipe, output, device, shard_size, force, quiet, as_json, workers) ->
 
     Everything is checked from the safetensors headers before any tensor is read. The output is
     written to a temporary sibling directory and renamed into place when complete.
+
+    greedy_soup first searches: it scores every model and candidate soup with the recipe's evaluator
+    (progress on stderr), then writes the chosen soup and prints the search as a table.
     """
+    from merger.methods import greedy
     from merger.output import write_model
 
     signal.signal(signal.SIGTERM, _sigterm)
     plan = _plan(recipe, device, shard_size)
     dest = _destination(plan, output)
     progress = not quiet and not as_json and sys.stderr.isatty()
-    summary = write_model(plan, dest, force=force, progress=progress, workers=workers)
+    if plan.spec.method is greedy.METHOD:
+        from merger.soup import format_table, greedy_soup
+
+        log = None if quiet or as_json else functools.partial(click.echo, err=True)
+        summary = greedy_soup(plan, dest, force=force, progress=progress, workers=workers, log=log)
+        if not quiet and not as_json:
+            click.echo(format_table(summary["greedy_soup"]))
+    else:
+        summary = write_model(plan, dest, force=force, progress=progress, workers=workers)
     if summary is None:  # a non-zero rank of a distributed launch: rank 0 reports
         return
     if as_json:
@@ -158,6 +170,9 @@ def plan(recipe, output, device, shard_size, as_json) -> None:
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
         "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in p.shards],
     }
+    ev = p.spec.recipe.evaluation
+    if ev is not None:
+        info["evaluation"] = ev.model_dump()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -169,6 +184,12 @@ def plan(recipe, output, device, shard_size, as_json) -> None:
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
     gpu = f", GPU ~{_size(p.peak_gpu_memory)}" if p.device == "cuda" else ""
     click.echo(f"  peak memory:  ~{_size(p.peak_memory)} beyond the process itself (estimate){gpu}")
+    if ev is not None:
+        n = len(info["models"])
+        click.echo(
+            f"  evaluation:   {ev.evaluator}, {ev.direction} is better, accept {ev.accept}; "
+            f"up to {2 * n} evaluations ({n} models alone, {n - 1} soups, the uniform soup of all)"
+        )
     exists = " (exists: apply needs --force)" if info["output_exists"] else ""
     click.echo(f"  output:       {info['output'] or '(none: give -o DIR or output.path)'}{exists}")
     for s in info["shards"]:

@@ -89,10 +89,10 @@ def staged(dest: Path, force: bool) -> Iterator[Path]:
 
 
 def write_model(
-    plan: Plan, dest: Path, *, force: bool = False, progress: bool = False, workers: int = 1
+    plan: Plan, dest: Path, *, force: bool = False, progress: bool = False, workers: int = 1, card: str | None = None
 ) -> dict | None:
     """Run the whole merge into `dest`. Returns a summary for --json (None on ranks other than 0 of a
-    distributed launch, which only write their shards)."""
+    distributed launch, which only write their shards). `card`: markdown appended to the model card."""
     start = time.perf_counter()
     dest = dest.expanduser().resolve()
     check_destination(dest, plan, force)
@@ -109,7 +109,7 @@ def write_model(
                 bytes_read = parallel.write_with_workers(plan, tmp, workers)
             else:
                 bytes_read = write_shards(plan, tmp, progress=progress)
-            write_metadata(plan, tmp, dest.name)
+            write_metadata(plan, tmp, dest.name, card)
     summary = {
         "output": str(dest),
         "method": plan.spec.method.name,
@@ -153,10 +153,10 @@ def _write_as_rank(plan: Plan, dest: Path, force: bool, progress: bool, group: p
     return sum(n for n, _ in results)
 
 
-def write_metadata(plan: Plan, directory: Path, title: str) -> None:
+def write_metadata(plan: Plan, directory: Path, title: str, card: str | None = None) -> None:
     write_index(plan, directory)
     copy_support_files(plan, directory)
-    write_card(plan, directory, title)
+    write_card(plan, directory, title, card)
 
 
 def peak_rss() -> int:
@@ -210,7 +210,7 @@ def copy_support_files(plan: Plan, directory: Path) -> None:
             shutil.copy2(plan.tokenizer_from.path / name, directory / name)
 
 
-def write_card(plan: Plan, directory: Path, title: str) -> None:
+def write_card(plan: Plan, directory: Path, title: str, extra: str | None = None) -> None:
     spec = plan.spec
     refs = ([spec.base] if spec.base else []) + [g.ref for g in spec.ingredients]
     front = {
@@ -234,10 +234,12 @@ def write_card(plan: Plan, directory: Path, title: str) -> None:
     lines += ["Models merged:", ""]
     for g in spec.ingredients:
         shown = ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
-        lines.append(f"- `{g.ref}` ({shown})")
+        lines.append(f"- `{g.ref}` ({shown})" if shown else f"- `{g.ref}`")
     method_params = ", ".join(f"{k}: {v}" for k, v in spec.params.model_dump(by_alias=True).items())
     if method_params:
         lines += ["", f"Method parameters: {method_params}."]
+    if extra:
+        lines += ["", extra.strip()]
     recipe = spec.source.text or yaml.safe_dump(spec.recipe.model_dump(exclude_defaults=True), sort_keys=False)
     lines += ["", "## Recipe", "", "```yaml", recipe.strip(), "```", ""]
     (directory / "README.md").write_text("\n".join(lines))

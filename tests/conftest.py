@@ -58,3 +58,9 @@ def family(tmp_path: Path):
         paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", ft, n_shards=1 + i % 3)
         models[f"ft{i}"] = ft
     return paths, models
+
+
+@pytest.fixture(autouse=True)
+def _score_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy soup's default score cache goes to a fresh directory, never the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
