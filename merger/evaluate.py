@@ -165,7 +165,7 @@ def perplexity(model: torch.nn.Module, documents: list[torch.Tensor], max_length
             prev_end = end
             if end == n:
                 break
-    return math.exp(nll / count)
+    return math.exp(nll / count) if nll / count < 709 else math.inf  # exp overflows a float past ~709.78
 
 
 def read_documents(path: Path, text_field: str, where: str) -> list[str]:

@@ -156,11 +156,11 @@ def greedy_soup(
 
     evaluator = make_evaluator(plan)
     try:
-        key_of = _keys(plan, cache, evaluator)
         log(
             f"greedy soup over {len(refs)} models by {evaluator.describe()}"
-            + (f" (cache: {cache.path})" if cache.path else "")
+            + (f" (cache: {cache.path}; hashing weights not seen before)" if cache.path else "")
         )
+        key_of = _keys(plan, cache, evaluator)
 
         def score(subset: tuple[int, ...]) -> float:
             key = key_of(subset)
