@@ -18,12 +18,14 @@ $(BIN)/merger: pyproject.toml
 	touch $@
 
 # Build a family of tiny local models (base, fine-tunes, held-out text), merge them with TIES,
-# then load the merge with transformers and run it.
+# then load the merge with transformers and run it; then a greedy soup chosen by held-out perplexity.
 demo: setup
 	test -f $(DEMO)/models/heldout.txt || $(BIN)/python -m merger.demo build $(DEMO)/models
 	$(BIN)/merger plan recipes/demo-ties.yaml
 	$(BIN)/merger apply recipes/demo-ties.yaml --force
 	$(BIN)/python -m merger.demo check $(DEMO)/out/ties --heldout $(DEMO)/models/heldout.txt
+	$(BIN)/merger apply recipes/demo-greedy-soup.yaml --force
+	$(BIN)/python -m merger.demo check $(DEMO)/out/greedy-soup --heldout $(DEMO)/models/heldout.txt
 
 test: setup
 	$(BIN)/python -m pytest -q

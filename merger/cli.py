@@ -140,8 +140,12 @@ def apply(
     the safetensors headers (read remotely for Hub models) before any weight is read or downloaded. The
     output, with merger.lock.json, is written to a temporary sibling directory and renamed into place
     when complete; with a hub: section in the recipe it is then published.
+
+    greedy_soup first searches: it scores every model and candidate soup with the recipe's evaluator
+    (progress on stderr), then writes the chosen soup and prints the search as a table.
     """
     from merger import publish
+    from merger.methods import greedy
     from merger.output import write_model
 
     signal.signal(signal.SIGTERM, _sigterm)
@@ -150,9 +154,19 @@ def apply(
     dest = _destination(plan, output)
     target = plan.spec.recipe.hub if not no_push else None
     api = publish.hub_api() if target else None  # no token: fail now, not after the merge
-    summary = write_model(
-        plan, dest, force=force, progress=progress, workers=workers, low_disk=low_disk, lock=lock, lock_name=locked
-    )
+    if plan.spec.method is greedy.METHOD:
+        from merger.soup import format_table, greedy_soup
+
+        if lock is not None or low_disk:
+            raise MergerError("greedy_soup does not support --locked or --low-disk yet")
+        log = None if quiet or as_json else functools.partial(click.echo, err=True)
+        summary = greedy_soup(plan, dest, force=force, progress=progress, workers=workers, log=log)
+        if not quiet and not as_json:
+            click.echo(format_table(summary["greedy_soup"]))
+    else:
+        summary = write_model(
+            plan, dest, force=force, progress=progress, workers=workers, low_disk=low_disk, lock=lock, lock_name=locked
+        )
     if summary is None:  # a non-zero rank of a distributed launch: rank 0 reports (and publishes)
         return
     if target:
@@ -216,6 +230,9 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         "publish": hub.model_dump() if hub else None,
         "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in p.shards],
     }
+    ev = p.spec.recipe.evaluation
+    if ev is not None:
+        info["evaluation"] = ev.model_dump()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -237,6 +254,12 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         )
     else:
         click.echo(f"  disk:         {_size(disk['output_bytes'])} (the output; nothing to download)")
+    if ev is not None:
+        n = len(info["models"])
+        click.echo(
+            f"  evaluation:   {ev.evaluator}, {ev.direction} is better, accept {ev.accept}; "
+            f"up to {2 * n} evaluations ({n} models alone, {n - 1} soups, the uniform soup of all)"
+        )
     exists = " (exists: apply needs --force)" if info["output_exists"] else ""
     click.echo(f"  output:       {info['output'] or '(none: give -o DIR or output.path)'}{exists}")
     if hub:

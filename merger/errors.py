@@ -19,3 +19,7 @@ class ModelError(MergerError):
 
 class MergeError(MergerError):
     """A tensor could not be merged (for example integer buffers that differ between inputs)."""
+
+
+class EvaluationError(MergerError):
+    """A held-out evaluation failed: the evaluator crashed, printed no score, or its data is unusable."""

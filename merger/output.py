@@ -83,9 +83,10 @@ def write_model(
     low_disk: bool = False,
     lock: Lock | None = None,
     lock_name: str = "lock",
+    card: str | None = None,
 ) -> dict | None:
     """Run the whole merge into `dest`. Returns a summary for --json (None on ranks other than 0 of a
-    distributed launch, which only write their shards).
+    distributed launch, which only write their shards). `card`: markdown appended to the model card.
 
     Hub inputs are downloaded first: all their files, or with `low_disk` all but the weights, which are
     then fetched shard by shard as the merge maps them and deleted after. With `lock`, every input must
@@ -120,7 +121,7 @@ def write_model(
                 else:
                     files = JustInTime(plan) if low_disk else None
                     bytes_read = write_shards(plan, tmp, progress=progress, files=files)
-                write_metadata(plan, tmp, dest.name, hashing.result())
+                write_metadata(plan, tmp, dest.name, hashing.result(), card)
     summary = {
         "output": str(dest),
         "method": plan.spec.method.name,
@@ -171,10 +172,10 @@ def _write_as_rank(
     return sum(n for n, _ in results)
 
 
-def write_metadata(plan: Plan, directory: Path, title: str, inputs: list[LockedInput]) -> None:
+def write_metadata(plan: Plan, directory: Path, title: str, inputs: list[LockedInput], card: str | None = None) -> None:
     write_index(plan, directory)
     copy_support_files(plan, directory)
-    write_card(plan, directory, title)
+    write_card(plan, directory, title, card)
     write_lock(plan, inputs, directory)
 
 
@@ -229,9 +230,10 @@ def copy_support_files(plan: Plan, directory: Path) -> None:
             shutil.copy2(plan.tokenizer_from.path / name, directory / name)
 
 
-def write_card(plan: Plan, directory: Path, title: str) -> None:
+def write_card(plan: Plan, directory: Path, title: str, extra: str | None = None) -> None:
     """README.md with the Hub's metadata for a merge: `base_model` (the Hub ids of the inputs, or their
-    paths if none is on the Hub), `base_model_relation: merge`, and `license` if every input has the same."""
+    paths if none is on the Hub), `base_model_relation: merge`, and `license` if every input has the same.
+    `extra`: markdown added before the recipe (greedy soup's report)."""
     spec = plan.spec
     refs = ([spec.base] if spec.base else []) + [g.ref for g in spec.ingredients]
     hub_ids = [m.remote.repo_id for m in plan.models if m.remote is not None]
@@ -260,10 +262,12 @@ def write_card(plan: Plan, directory: Path, title: str) -> None:
     lines += ["Models merged:", ""]
     for g, m in zip(spec.ingredients, plan.inputs):
         shown = ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
-        lines.append(f"- `{g.ref}`{_at_commit(m)} ({shown})")
+        lines.append(f"- `{g.ref}`{_at_commit(m)}" + (f" ({shown})" if shown else ""))
     method_params = ", ".join(f"{k}: {v}" for k, v in spec.params.model_dump(by_alias=True).items())
     if method_params:
         lines += ["", f"Method parameters: {method_params}."]
+    if extra:
+        lines += ["", extra.strip()]
     recipe = spec.source.text or yaml.safe_dump(spec.recipe.model_dump(exclude_defaults=True), sort_keys=False)
     lines += ["", "## Recipe", "", "```yaml", recipe.strip(), "```", ""]
     (directory / "README.md").write_text("\n".join(lines))

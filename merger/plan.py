@@ -163,12 +163,18 @@ def resolve_device(device: str) -> str:
 
 
 def build_plan(
-    spec: MergeSpec, *, device: str | None = None, shard_size: int | None = None, hub: Hub | None = None
+    spec: MergeSpec,
+    *,
+    device: str | None = None,
+    shard_size: int | None = None,
+    hub: Hub | None = None,
+    opened: dict[str, LocalModel] | None = None,
 ) -> Plan:
     """Open every model's headers, check they agree, and lay out the output. Reads no tensor data
-    (for Hub models, `hub` reads the headers remotely and downloads nothing but the index)."""
+    (for Hub models, `hub` reads the headers remotely and downloads nothing but the index). `opened`:
+    models already opened, by reference (a search planning many merges of the same models)."""
     recipe = spec.recipe
-    opened: dict[str, LocalModel] = {}
+    opened = dict(opened or {})
     problems: list[str] = []
 
     def open_at(ref: str, *loc: str | int) -> LocalModel | None:

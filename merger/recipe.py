@@ -3,25 +3,27 @@
 Key names follow mergekit where the concept is shared (merge_method, base_model, models[].model,
 parameters.weight/density/lambda/normalize, dtype, out_dtype, tokenizer_source), so its configs for
 linear, task_arithmetic and ties run unchanged. merger's own settings are new keys (output, device,
-compute_dtype).
+compute_dtype, and greedy_soup's evaluation).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from merger.errors import RecipeError
-from merger.methods import Method, Params, all_methods, get_method
+from merger.methods import Method, Params, all_methods, get_method, greedy
 
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"]
 DTYPE_CODE = {
@@ -66,6 +68,50 @@ class HubSettings(Strict):
     commit_message: str | None = Field(None, min_length=1)
 
 
+class EvaluationBase(Strict):
+    """What every evaluator shares: how scores compare, and where they are cached."""
+
+    accept: Literal[">=", ">"] = Field(
+        ">=", description="keep an ingredient if the soup is not worse (>=, the paper's Recipe 1) or only if better (>)"
+    )
+    cache: bool | str = Field(
+        True, description="true: $XDG_CACHE_HOME/merger/greedy-soup.json; false: no cache; or a JSON file path"
+    )
+
+
+class PerplexityEvaluation(EvaluationBase):
+    """Token-level perplexity of a causal LM (transformers) on held-out text."""
+
+    evaluator: Literal["perplexity"]
+    data: str = Field(min_length=1, description="a text file (one document) or .jsonl (one document per line)")
+    text_field: str = Field("text", min_length=1, description="the text's key in each JSONL record")
+    max_length: int | None = Field(None, ge=2, description="tokens per window; default min(1024, the model's)")
+    stride: int | None = Field(None, ge=1, description="tokens between window starts; default max_length // 2")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model runs in")
+    direction: Literal["lower"] = "lower"
+
+
+class CommandEvaluation(EvaluationBase):
+    """A shell command run on each candidate's directory; its score is a number it prints."""
+
+    evaluator: Literal["command"]
+    command: str = Field(min_length=1, description="shell command; {model} is replaced by the candidate's directory")
+    json_field: str | None = Field(None, description="read this (dotted) field of a JSON object on stdout")
+    timeout: float | None = Field(None, gt=0, description="seconds before a run counts as failed")
+    direction: Literal["lower", "higher"]
+
+
+class PythonEvaluation(EvaluationBase):
+    """A Python function called with each candidate, returning its score."""
+
+    evaluator: Literal["python"]
+    function: str = Field(description="module:function, imported with the working directory on sys.path")
+    direction: Literal["lower", "higher"]
+
+
+Evaluation = Annotated[PerplexityEvaluation | CommandEvaluation | PythonEvaluation, Field(discriminator="evaluator")]
+
+
 class Recipe(Strict):
     merge_method: str
     models: list[ModelEntry] = Field(min_length=1)
@@ -78,6 +124,7 @@ class Recipe(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output: OutputSettings = Field(default_factory=OutputSettings)
     hub: HubSettings | None = None
+    evaluation: Evaluation | None = None  # greedy_soup's held-out evaluator
 
 
 @dataclass
@@ -141,6 +188,9 @@ def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        bad_line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
+        if re.match(r"\s*accept:\s*>", bad_line):
+            problem += ' (a bare > starts a folded block in YAML: quote the rule, accept: ">=")'
         raise RecipeError([f"{name}{line}: invalid YAML: {problem}"]) from None
     problems: list[str] = []
     if root is not None:
@@ -239,9 +289,58 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
             problems.append(
                 f"{source.where('tokenizer_source')}: '{tokenizer_source}' is not one of the recipe's models"
             )
+    _check_evaluation(recipe, "evaluation" in data, method, source, problems)
     if problems:
         raise RecipeError(_by_line(problems))
     return MergeSpec(recipe, source, method, params, base, ingredients, tokenizer_source)
+
+
+def _check_evaluation(recipe: Recipe, given: bool, method: Method, source: RecipeSource, problems: list[str]) -> None:
+    """greedy_soup needs two models and an evaluation section whose files and names exist; no other
+    method takes one. `given`: the recipe has the key (it may have been dropped for its own errors)."""
+    where = source.where
+    if method is not greedy.METHOD:
+        if given:
+            problems.append(f"{where('evaluation')}: only greedy_soup uses an evaluation section; remove it")
+        return
+    if len(recipe.models) < 2:
+        problems.append(f"{where('models')}: greedy_soup chooses among models: list two or more")
+    if not given:
+        problems.append(
+            f"{where('evaluation')}: greedy_soup needs an evaluation section (evaluator: perplexity, command or python)"
+        )
+    ev = recipe.evaluation
+    if isinstance(ev, PerplexityEvaluation):
+        data = Path(ev.data).expanduser()
+        if not data.is_file():
+            what = "is not a file" if data.exists() else "no such file"
+            problems.append(f"{where('evaluation', 'data')}: {what} '{ev.data}'")
+        if ev.stride is not None and ev.max_length is not None and ev.stride >= ev.max_length:
+            problems.append(
+                f"{where('evaluation', 'stride')}: must be less than max_length ({ev.max_length}), "
+                "so that every token is scored with some context"
+            )
+    elif isinstance(ev, CommandEvaluation) and "{model}" not in ev.command:
+        problems.append(f"{where('evaluation', 'command')}: must contain {{model}}, the candidate's directory")
+    elif isinstance(ev, PythonEvaluation):
+        module, _, function = ev.function.partition(":")
+        if not re.fullmatch(r"[A-Za-z_][\w.]*", module) or not function.isidentifier():
+            problems.append(f"{where('evaluation', 'function')}: '{ev.function}' is not module:function")
+        elif not _module_exists(module.split(".")[0]):
+            problems.append(
+                f"{where('evaluation', 'function')}: no module named '{module.split('.')[0]}' "
+                "(looked in the working directory and on sys.path)"
+            )
+
+
+def _module_exists(name: str) -> bool:
+    """Whether a top-level module can be imported, without running it; the working directory counts,
+    as it does for `python -m`."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.util.find_spec(name) is not None
+    finally:
+        sys.path.remove(os.getcwd())
 
 
 def _by_line(problems: list[str]) -> list[str]:
@@ -274,7 +373,8 @@ def _not_a_parameter(key: str, method: Method) -> str:
         return f"unknown key{hint}"
     others = {m.name for m in all_methods().values() if key in _keys(m.model_params) + _keys(m.params)}
     belongs = f" ('{key}' belongs to {', '.join(sorted(others))})" if others else ""
-    return f"unknown key{belongs}; {method.name} takes {', '.join(known)}"
+    takes = f"takes {', '.join(known)}" if known else "takes no parameters"
+    return f"unknown key{belongs}; {method.name} {takes}"
 
 
 def _validate_params(
@@ -306,11 +406,20 @@ def _validate_params(
 
 def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: tuple = ()) -> str:
     """One pydantic error as `file:line: key.path: message`."""
-    loc = prefix + tuple(err["loc"])
+    loc = prefix + _walk(model, tuple(err["loc"]))[0]
     kind = err["type"]
     if kind == "extra_forbidden":
-        known = _keys_at(model, tuple(err["loc"])[:-1])
-        msg = f"unknown key{_suggest(str(loc[-1]), known)}"
+        parent = _walk(model, tuple(err["loc"])[:-1])[1]
+        msg = f"unknown key{_suggest(str(loc[-1]), _keys(parent) if parent else [])}"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):  # the discriminator key: evaluation.evaluator
+        ctx = err["ctx"]
+        key = ctx["discriminator"].strip("'")
+        tags = _union_tags(model, tuple(err["loc"]), key)
+        loc += (key,)
+        if kind == "union_tag_not_found":
+            msg = f"required key is missing (one of {', '.join(tags)})"
+        else:
+            msg = f"unknown {loc[-1]} '{ctx['tag']}'{_suggest(ctx['tag'], tags)}; available: {', '.join(tags)}"
     elif kind == "missing":
         msg = "required key is missing"
     elif kind in ("finite_number",):
@@ -322,28 +431,51 @@ def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: t
     return f"{source.where(*loc)}: {msg}"
 
 
-def _keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys the pydantic model accepts at `loc` (walking through nested models and lists)."""
-    for part in loc:
-        if isinstance(part, int):
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """Follow a pydantic error location through the model tree. Returns the location as the recipe
+    spells it (pydantic inserts the tag of a discriminated union: evaluation.perplexity.data) and the
+    model found at its end (None past a plain value)."""
+    shown: list = []
+    current: type[BaseModel] | None = model
+    parts = iter(loc)
+    for part in parts:
+        shown.append(part)
+        if isinstance(part, int) or current is None:
             continue
-        f = model.model_fields.get(part)
-        sub = _model_in(f.annotation) if f else None
-        if sub is None:
-            return []
-        model = sub
-    return _keys(model)
+        f = current.model_fields.get(part)
+        members = _models_in(f.annotation) if f else []
+        key = _discriminator(f.annotation) if f else None
+        if key is not None:  # the next part is the tag, which names the member
+            tag = next(parts, None)
+            current = next((m for m in members if tag in typing.get_args(m.model_fields[key].annotation)), None)
+        else:
+            current = members[0] if members else None
+    return tuple(shown), current
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found:
-                return found
+def _union_tags(model: type[BaseModel], loc: tuple, key: str) -> list[str]:
+    """The tags a discriminated union at `loc` accepts under `key`, in declaration order."""
+    parent = _walk(model, loc[:-1])[1]
+    f = parent.model_fields.get(loc[-1]) if parent else None
+    members = _models_in(f.annotation) if f else []
+    return [tag for m in members for tag in typing.get_args(m.model_fields[key].annotation)]
+
+
+def _discriminator(annotation: Any) -> str | None:
+    """The key that picks the member of a discriminated union (`Evaluation | None`: 'evaluator')."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(getattr(meta, "discriminator", None), str):
+                return meta.discriminator
     return None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
 
 
 def _map_lines(node: yaml.Node, loc: tuple, lines: dict[tuple, int], problems: list[str], source: RecipeSource) -> None:

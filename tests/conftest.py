@@ -57,7 +57,6 @@ def hf_home(tmp_path_factory, monkeypatch):
     import huggingface_hub.constants
 
     home = tmp_path_factory.mktemp("hf_home")
-    monkeypatch.setenv("MERGER_CACHE_DIR", str(home / "merger"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
@@ -82,3 +81,10 @@ def family(tmp_path: Path):
         paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", ft, n_shards=1 + i % 3)
         models[f"ft{i}"] = ft
     return paths, models
+
+
+@pytest.fixture(autouse=True)
+def _merger_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """merger's caches (file hashes, greedy soup scores) go to a fresh directory, never ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    monkeypatch.setenv("MERGER_CACHE_DIR", str(tmp_path_factory.mktemp("merger-cache")))

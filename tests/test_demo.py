@@ -105,3 +105,29 @@ def test_check_base(built: dict, one_thread: None, capsys: pytest.CaptureFixture
 def test_needs_a_bad_ingredient(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         demo.build_demo(tmp_path, n_finetunes=1)
+
+
+def test_greedy_soup_recipe(built: dict, one_thread: None, tmp_path: Path) -> None:
+    """`merger apply` with the perplexity evaluator finds the designed subset, and the model it writes
+    scores what the search said (`check` computes perplexity its own way)."""
+    from click.testing import CliRunner
+
+    from merger.cli import cli
+
+    heldout = tmp_path / "heldout.txt"  # a quarter of the held-out text keeps the test short
+    heldout.write_text("\n".join(built["heldout"].read_text().splitlines()[:20]) + "\n")
+    models = "".join(f"  - model: {p}\n" for p in built["finetunes"])
+    recipe = tmp_path / "greedy.yaml"
+    recipe.write_text(
+        f"merge_method: greedy_soup\nmodels:\n{models}evaluation:\n  evaluator: perplexity\n"
+        f"  data: {heldout}\n  max_length: {demo.SEQ_LEN}\n  stride: {demo.EVAL_STRIDE}\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", str(recipe), "-o", str(tmp_path / "soup"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["greedy_soup"]
+    names = [Path(m).name for m in report["selected"]]
+    assert names[0] == "ft-1" and sorted(names) == ["ft-1", "ft-2", "ft-3"]
+    assert [c["accepted"] for c in report["candidates"]] == [True, True, False]
+    best_single = report["ingredients"][0]["score"]
+    assert report["score"] < best_single / 2 and report["uniform_soup"]["score"] > best_single
+    assert demo.check(tmp_path / "soup", heldout)["perplexity"] == pytest.approx(report["score"], rel=1e-5)

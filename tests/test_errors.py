@@ -77,7 +77,7 @@ def test_unknown_method(workdir):
     err = run_bad(GOOD.replace("merge_method: ties", "merge_method: tie"))
     assert err == (
         "error: recipe.yaml:1: merge_method: unknown merge method 'tie' (did you mean 'ties'?); "
-        "available: linear, task_arithmetic, ties\n"
+        "available: greedy_soup, linear, task_arithmetic, ties\n"
     )
 
 

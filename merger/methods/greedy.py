@@ -1,0 +1,37 @@
+"""Greedy soup: the uniform soup of the ingredients a held-out search keeps (the search is merger/soup.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from merger.methods.base import Method, Params
+from merger.methods.linear import LinearModelParams, LinearParams, linear
+
+
+class NoParams(Params):
+    """Greedy soup takes no parameters: every kept ingredient has the same weight."""
+
+
+_UNIFORM = LinearParams(normalize=True)
+_ONE = LinearModelParams(weight=1.0)
+
+
+def uniform_soup(
+    tensors: Sequence[Tensor], base: Tensor | None, models: Sequence[NoParams], params: NoParams
+) -> Tensor:
+    # The linear soup with weights 1, so a greedy soup is bit for bit the linear merge of what it kept.
+    return linear(tensors, None, [_ONE] * len(tensors), _UNIFORM)
+
+
+METHOD = Method(
+    name="greedy_soup",
+    fn=uniform_soup,
+    model_params=NoParams,
+    params=NoParams,
+    needs_base=False,
+    summary="Score each model on held-out data, add them best first to a uniform soup and keep each only if "
+    "the soup's score does not get worse; needs an evaluation: section.",
+    paper="Wortsman et al. 2022, Model soups (greedy soup, Recipe 1), arXiv:2203.05482",
+)
