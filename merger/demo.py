@@ -10,19 +10,18 @@ Everything is generated in-process (no downloads) and is deterministic for a giv
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import math
 import random
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from merger import evaluate
 from merger.errors import MergerError, ModelError
 
 # All text comes from seeded templates rather than stdlib docstrings, which change between Python
@@ -215,43 +214,13 @@ def _train(model, ids: torch.Tensor, steps: int, lr: float, seed: int) -> None:
     model.eval()
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, text: str, max_length: int = SEQ_LEN, stride: int = EVAL_STRIDE) -> float:
-    """Sliding-window perplexity of ``text``: each token scored once, with up to ``max_length`` context.
-
-    Runs in the model's own dtype; ``check`` casts to float32 first.
-    """
-    ids = _encode(tokenizer, text).unsqueeze(0)
-    if ids.size(1) < 2:
+    """Sliding-window perplexity of ``text``, as greedy soup's evaluator computes it (each token scored
+    once, float32 logits). Runs in the model's own dtype; ``check`` casts to float32 first."""
+    ids = _encode(tokenizer, text)
+    if ids.numel() < 2:
         raise ValueError("text too short to compute a perplexity")
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, ids.size(1), stride):
-        end = min(begin + max_length, ids.size(1))
-        labels = ids[:, begin:end].clone()
-        labels[:, : -(end - prev_end)] = -100  # tokens already scored by the previous window
-        n = int((labels[:, 1:] != -100).sum())
-        nll += float(model(input_ids=ids[:, begin:end], labels=labels).loss) * n
-        count += n
-        prev_end = end
-        if end == ids.size(1):
-            break
-    return math.exp(nll / count)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence transformers' warnings and progress bars, then restore the caller's settings (also a decorator)."""
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
+    return evaluate.perplexity(model, [ids], max_length, stride)
 
 
 def _save(model, tokenizer, path: Path) -> Path:
@@ -290,7 +259,7 @@ def build_demo(root: Path, *, n_finetunes: int = 4, seed: int = 0, log: Callable
     return paths
 
 
-@_quiet()
+@evaluate.quiet_transformers()
 def _build_models(paths: dict, n_finetunes: int, seed: int, heldout: str, log: Callable[[str], None]) -> None:
     """Train tokenizer, base and fine-tunes; save each and record it in ``paths``."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -336,7 +305,7 @@ def _build_models(paths: dict, n_finetunes: int, seed: int, heldout: str, log: C
         log(f"{path.name:<6} {what:<21} held-out perplexity {perplexity(model, tokenizer, heldout):10.2f}")
 
 
-@_quiet()
+@evaluate.quiet_transformers()
 def check(model_dir: Path, heldout: Path | None = None, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 12) -> dict:
     """Load ``model_dir`` locally, report dtype, size, held-out perplexity and a greedy continuation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
