@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from merger.plan import Plan, Shard
-from merger.stream import write_shards
+from merger.stream import default_threads, write_shards
 
 
 def assign(shards: list[Shard], world: int) -> list[list[int]]:
@@ -30,16 +30,17 @@ def assign(shards: list[Shard], world: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def _write_part(plan: Plan, directory: Path, shards: list[int]) -> int:
-    return write_shards(plan, directory, shards=shards)
+def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int) -> int:
+    return write_shards(plan, directory, shards=shards, threads=threads)
 
 
 def write_with_workers(plan: Plan, directory: Path, workers: int) -> int:
     """Write all shards with `workers` local processes; returns bytes read."""
     parts = [p for p in assign(plan.shards, workers) if p]
     ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
+    threads = max(1, default_threads() // len(parts))  # the cores, shared among the processes
     with ctx.Pool(len(parts)) as pool:
-        return sum(pool.starmap(_write_part, [(plan, directory, p) for p in parts]))
+        return sum(pool.starmap(_write_part, [(plan, directory, p, threads) for p in parts]))
 
 
 class Group:

@@ -26,17 +26,18 @@ def test_kth_largest_matches_sort(dtype, chunk):
     mags = x.abs()
     ordered = torch.sort(mags, descending=True).values
     for k in (1, 2, 17, 500, 999, 1000):
-        thr, ties = kth_largest(lambda: (mags[i : i + chunk] for i in range(0, 1000, chunk)), k)
+        thr, ties, cutoff = kth_largest(lambda: (mags[i : i + chunk] for i in range(0, 1000, chunk)), k)
         assert thr == ordered[k - 1].item()
         assert ties == k - int((mags > thr).sum())
         assert 1 <= ties <= int((mags == thr).sum())
+        assert cutoff == int((mags == thr).nonzero()[ties - 1]) + 1  # just past the last tie kept
 
 
 def test_kth_largest_all_equal():
     mags = torch.full((300,), 0.5)
-    assert kth_largest(lambda: iter([mags]), 120) == (0.5, 120)
+    assert kth_largest(lambda: iter([mags]), 120) == (0.5, 120, 120)
     zeros = torch.zeros(10)
-    assert kth_largest(lambda: iter([zeros[:4], zeros[4:]]), 3) == (0.0, 3)
+    assert kth_largest(lambda: iter([zeros[:4], zeros[4:]]), 3) == (0.0, 3, 3)
 
 
 def ties_reference(base, xs, weights, densities):

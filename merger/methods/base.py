@@ -16,16 +16,18 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True)
 
 
-# fn(tensors, base, models, params, state=None) -> merged tensor.
+# fn(tensors, base, models, params, state=None, offset=0) -> merged tensor.
 #   tensors: one float tensor per ingredient, all the same shape, in the compute dtype and device;
 #            never modified
 #   base:    the base model's tensor, or None for methods that need no base
 #   models:  one per-model parameter object (Method.model_params) per ingredient
 #   params:  the method-wide parameter object (Method.params)
 #   state:   what `prepare` computed for this tensor (None for methods without prepare)
-# Called on whole tensors it is the method. The streaming engine may instead call it on consecutive
-# slices of the flattened tensors, in order (to keep temporaries in cache): so fn must be elementwise
-# given `state`, and anything that needs the whole tensor belongs in `prepare`.
+#   offset:  with state, the flat index where these (chunk) tensors start in the whole tensor
+# Called on whole tensors it is the method. The streaming engine may instead call it on slices of the
+# flattened tensors, in any order and from several threads at once (to keep temporaries in cache and
+# use every core): so fn must be elementwise given (state, offset), must not modify state, and
+# anything that needs the whole tensor belongs in `prepare`. Only methods with prepare get state/offset.
 MergeFn = Callable[..., Tensor]
 
 # prepare(task_vectors, numel, models, params) -> state

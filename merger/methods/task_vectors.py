@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
@@ -58,12 +60,15 @@ def keep_count(n: int, density: float) -> int:
 _RADIX = {torch.float32: (torch.int32, 15), torch.float64: (torch.int64, 47)}  # top 16 bits of |x|
 
 
-def kth_largest(magnitudes: Callable[[], Iterable[Tensor]], k: int) -> tuple[float, int]:
-    """The k-th largest of non-negative floats given as chunks, and how many entries equal to it are
-    among the k largest. A radix select: a histogram of the top 16 bits of each float (for
-    non-negative floats the bit pattern orders like the value) finds the bucket holding the k-th
-    largest, then only that bucket's entries are gathered for kthvalue. Two passes, no sort, and the
-    chunks can stream from disk."""
+def kth_largest(magnitudes: Callable[[], Iterable[Tensor]], k: int) -> tuple[float, int, int]:
+    """The k-th largest of non-negative floats given as consecutive flat chunks, and which entries
+    equal to it are among the k largest (the lowest flat indices first): (threshold, how many of them,
+    the flat index just past the last of them).
+
+    A radix select: a histogram of the top 16 bits of each float (for non-negative floats the bit
+    pattern orders like the value) finds the bucket holding the k-th largest, then only that bucket's
+    entries (and flat indices) are gathered for kthvalue. Two passes, no sort, and the chunks can
+    stream from disk."""
     hist = None
     int_dtype = shift = None
     for m in magnitudes():
@@ -74,48 +79,67 @@ def kth_largest(magnitudes: Callable[[], Iterable[Tensor]], k: int) -> tuple[flo
     j = int(torch.searchsorted(from_top, k))
     bucket = (1 << 16) - 1 - j
     above = int(from_top[j - 1]) if j else 0
-    vals = torch.cat([m[(m.view(int_dtype) >> shift) == bucket] for m in magnitudes()])
+    vals, where, offset = [], [], 0
+    for m in magnitudes():
+        flat = m.reshape(-1)
+        idx = ((flat.view(int_dtype) >> shift) == bucket).nonzero().reshape(-1)
+        vals.append(flat[idx].cpu())
+        where.append(idx.cpu().add_(offset).to(torch.int32 if offset + flat.numel() < 2**31 else torch.int64))
+        offset += flat.numel()
+    values, indices = torch.cat(vals), torch.cat(where)
     rank = k - above  # the k-th largest overall is the rank-th largest in its bucket
-    threshold = torch.kthvalue(vals.cpu(), vals.numel() - rank + 1).values
-    greater = above + int((vals > threshold.to(vals.device)).sum())
-    return float(threshold), k - greater
+    threshold = torch.kthvalue(values, values.numel() - rank + 1).values
+    ties = k - above - int((values > threshold).sum())
+    tied = indices[values == threshold]  # ascending: chunks in order, nonzero() in order
+    return float(threshold), ties, int(tied[ties - 1]) + 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrimState:
-    """Per model: keep |delta| > threshold, plus the first `ties_left` entries equal to it (flat order)."""
+    """Per model: keep |delta| > threshold, and the entries equal to it whose flat index is below the
+    cutoff (so exactly keep_count entries survive, the lowest indices winning ties). Every chunk can
+    be trimmed on its own, in any order."""
 
     thresholds: list[float | None]  # None: keep everything
-    ties_left: list[int]
+    cutoffs: list[int]
 
 
 def ties_prepare(
     task_vectors: Callable[[int], Iterable[Tensor]], numel: int, models: Sequence[TiesModelParams], params: TiesParams
 ) -> TrimState:
-    state = TrimState([], [])
-    for i, m in enumerate(models):
-        k = keep_count(numel, m.density)
+    """Each model's trim threshold, the models side by side on threads (torch releases the GIL;
+    `task_vectors` may be called from several threads at once)."""
+
+    def select(i: int) -> tuple[float | None, int]:
+        k = keep_count(numel, models[i].density)
         if k >= numel:
-            state.thresholds.append(None)
-            state.ties_left.append(0)
-        else:
-            threshold, ties = kth_largest(lambda i=i: (d.abs() for d in task_vectors(i)), k)
-            state.thresholds.append(threshold)
-            state.ties_left.append(ties)
-    return state
+            return None, 0
+        threshold, _, cutoff = kth_largest(lambda: (d.abs() for d in task_vectors(i)), k)
+        return threshold, cutoff
+
+    workers = min(len(models), os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="merger-trim") as pool:
+            picked = list(pool.map(select, range(len(models))))
+    else:
+        picked = [select(i) for i in range(len(models))]
+    return TrimState([t for t, _ in picked], [c for _, c in picked])
 
 
-def _trim_(delta: Tensor, state: TrimState, i: int) -> Tensor:
-    """Zero, in place, the entries of this chunk of model i's task vector that the trim drops."""
+def _trim_(delta: Tensor, state: TrimState, i: int, offset: int) -> Tensor:
+    """Zero, in place, the entries of model i's task vector chunk (starting at flat index `offset`)
+    that the trim drops."""
     threshold = state.thresholds[i]
     if threshold is None:
         return delta
     mag = delta.abs()
     keep = mag > threshold
-    if state.ties_left[i] > 0:  # entries equal to the threshold: the first ones in flat order
-        tied = (mag == threshold).reshape(-1).nonzero().reshape(-1)[: state.ties_left[i]]
-        keep.reshape(-1)[tied] = True
-        state.ties_left[i] -= tied.numel()
+    n = delta.numel()
+    if state.cutoffs[i] > offset:  # tied entries below the cutoff are kept
+        tied = mag == threshold
+        if state.cutoffs[i] < offset + n:
+            tied.reshape(-1)[state.cutoffs[i] - offset :] = False
+        keep |= tied
     return delta.mul_(keep)
 
 
@@ -125,11 +149,14 @@ def ties(
     models: Sequence[TiesModelParams],
     params: TiesParams,
     state: TrimState | None = None,
+    offset: int = 0,
 ) -> Tensor:
+    """TIES on whole tensors, or (given `state` from ties_prepare) on the chunk of the flattened
+    tensors that starts at flat index `offset`."""
     if state is None:  # called on whole tensors: the statistics come from them in one chunk
         state = ties_prepare(lambda i: [(tensors[i] - base).reshape(-1)], base.numel(), models, params)
     # Trimmed, weighted task vectors, one per model, kept as a list rather than stacked (n_models, ...).
-    deltas = [_trim_(x - base, state, i).mul_(m.weight) for i, (x, m) in enumerate(zip(tensors, models))]
+    deltas = [_trim_(x - base, state, i, offset).mul_(m.weight) for i, (x, m) in enumerate(zip(tensors, models))]
     if params.consensus_method == "sum":
         elected = deltas[0].clone()
         for d in deltas[1:]:
