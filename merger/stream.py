@@ -126,7 +126,7 @@ class Merger:
         self.device = torch.device(plan.device)
         self.cuda = self.device.type == "cuda"
         self.staging = Buffers(pin=True) if self.cuda else None
-        self.work: dict[tuple, torch.Tensor] = {}  # CPU float chunk buffers, by (thread, slot)
+        self.work = threading.local()  # CPU float chunk buffers: .bufs, by slot, per thread
         self.bytes_read = 0
         self.threads = 1 if self.cuda else max(1, threads or default_threads())
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="merger-chunk") if self.threads > 1 else None
@@ -183,10 +183,14 @@ class Merger:
         out.copy_(merged.to(out.dtype).reshape(out.shape))  # blocking: out is read by the writer next
 
     def _chunk(self, slot: object, n: int) -> torch.Tensor:
-        key = (threading.get_ident(), slot)  # each thread fills its own buffers
-        buf = self.work.get(key)
+        # Each thread fills its own buffers, which go when the thread does (prepare may run on
+        # short-lived threads).
+        bufs = getattr(self.work, "bufs", None)
+        if bufs is None:
+            bufs = self.work.bufs = {}
+        buf = bufs.get(slot)
         if buf is None:
-            buf = self.work[key] = torch.empty(CHUNK, dtype=self.plan.compute_dtype)
+            buf = bufs[slot] = torch.empty(CHUNK, dtype=self.plan.compute_dtype)
         return buf[:n]
 
     def _merge_cpu(self, t: OutTensor, views: dict[Path, torch.Tensor], out: torch.Tensor) -> None:
