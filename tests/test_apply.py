@@ -128,11 +128,12 @@ dtype: float32
             torch.testing.assert_close(out[name].double(), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_bfloat16_inputs_are_computed_in_float32(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_computed_in_float32(tmp_path, dtype):
     g = torch.Generator().manual_seed(1)
-    base = {"w": torch.randn(64, 64, generator=g).bfloat16(), "b": torch.randn(64, generator=g).bfloat16()}
+    base = {"w": torch.randn(64, 64, generator=g).to(dtype), "b": torch.randn(64, generator=g).to(dtype)}
     fts = [
-        {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
+        {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
         for _ in range(3)
     ]
     write_checkpoint(tmp_path / "base", base)
@@ -143,15 +144,15 @@ merge_method: task_arithmetic
 base_model: {tmp_path / "base"}
 models: [{", ".join(f"{{model: {tmp_path / f'ft{i}'}}}" for i in range(3))}]
 """
-    apply(tmp_path, recipe, "-o", str(tmp_path / "bf16"))
+    apply(tmp_path, recipe, "-o", str(tmp_path / "half"))
     apply(tmp_path, recipe + "out_dtype: float32\n", "-o", str(tmp_path / "f32"))
-    bf16, f32 = load_output(tmp_path / "bf16"), load_output(tmp_path / "f32")
+    half, f32 = load_output(tmp_path / "half"), load_output(tmp_path / "f32")
     for name, b in base.items():
         ref = b.double() + sum(ft[name].double() - b.double() for ft in fts)
-        assert bf16[name].dtype == torch.bfloat16 and f32[name].dtype == torch.float32
+        assert half[name].dtype == dtype and f32[name].dtype == torch.float32
         torch.testing.assert_close(f32[name].double(), ref, rtol=1e-6, atol=1e-6)
-        # rounding once, at the end: the bf16 output is the correctly rounded float64 result
-        torch.testing.assert_close(bf16[name], ref.float().bfloat16(), rtol=0, atol=0)
+        # rounding once, at the end: the half-precision output is the rounded float32 result
+        torch.testing.assert_close(half[name], ref.float().to(dtype), rtol=0, atol=0)
 
 
 def test_float16_output_and_config_dtype(tmp_path, family):
