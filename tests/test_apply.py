@@ -133,8 +133,7 @@ def test_half_precision_inputs_are_computed_in_float32(tmp_path, dtype):
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(64, 64, generator=g).to(dtype), "b": torch.randn(64, generator=g).to(dtype)}
     fts = [
-        {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
-        for _ in range(3)
+        {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()} for _ in range(3)
     ]
     write_checkpoint(tmp_path / "base", base)
     for i, ft in enumerate(fts):
