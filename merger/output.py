@@ -22,7 +22,7 @@ from merger.errors import MergerError
 from merger.hub import JustInTime, fetch_inputs
 from merger.lock import Lock, LockedInput, inputs_of, write_lock
 from merger.plan import Plan
-from merger.sources import CARD_NAME, DTYPES, INDEX_NAME, MODEL_FILES, TOKENIZER_FILES, LocalModel
+from merger.sources import CARD_NAME, DTYPES, INDEX_NAME, MODEL_FILES, TOKENIZER_FILES, LocalModel, read_config
 from merger.stream import write_shards
 
 
@@ -213,9 +213,8 @@ def output_dtype_name(plan: Plan) -> str | None:
 
 
 def copy_support_files(plan: Plan, directory: Path) -> None:
-    config = plan.reference.path / "config.json"
-    if config.exists():
-        data = json.loads(config.read_text())
+    data = read_config(plan.reference)
+    if data is not None:
         dtype = output_dtype_name(plan)
         if dtype:
             keys = [k for k in ("torch_dtype", "dtype") if k in data] or ["torch_dtype"]

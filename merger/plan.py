@@ -15,7 +15,16 @@ import torch
 
 from merger.errors import ModelError, RecipeError
 from merger.recipe import DTYPE_CODE, MergeSpec
-from merger.sources import CARD_NAME, DTYPES, INDEX_NAME, MODEL_FILES, TOKENIZER_FILES, LocalModel, open_model
+from merger.sources import (
+    CARD_NAME,
+    DTYPES,
+    INDEX_NAME,
+    MODEL_FILES,
+    TOKENIZER_FILES,
+    LocalModel,
+    open_model,
+    read_config,
+)
 
 if TYPE_CHECKING:
     from merger.hub import Hub
@@ -193,6 +202,11 @@ def build_plan(
         raise RecipeError(problems)
     assert all(inputs)
     reference = base or inputs[0]
+    try:
+        read_config(reference)  # copied into the output at the end: a broken one fails now, not then
+    except ModelError as e:
+        where = spec.where("base_model") if base else spec.where("models", spec.ingredients[0].index, "model")
+        raise RecipeError([f"{where}: {e}"]) from None
 
     # Every model must hold the reference's tensors, with the same shapes (and for non-float tensors,
     # the same dtype, since they are copied rather than merged).

@@ -107,6 +107,20 @@ class LocalModel:
         return name in self.remote.files if self.remote else (self.path / name).is_file()
 
 
+def read_config(model: LocalModel) -> dict | None:
+    """The model's config.json as a dict (None if it has none, or a Hub model's is not fetched yet)."""
+    path = model.path / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"'{model.ref}': config.json is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"'{model.ref}': config.json is not a JSON object")
+    return data
+
+
 def read_header(file: Path) -> tuple[dict, int]:
     """Return (header dict, byte offset where tensor data starts) of a safetensors file."""
     try:

@@ -189,6 +189,12 @@ def test_truncated_shard(workdir):
     assert "tensor" in err and "inconsistent offsets (truncated file?)" in err
 
 
+def test_broken_config_of_the_base(workdir):
+    Path("base/config.json").write_text("{not json")
+    err = run_bad(GOOD)
+    assert err.startswith("error: recipe.yaml:2: base_model: 'base': config.json is not valid JSON (")
+
+
 def test_shape_mismatch(workdir):
     write_checkpoint(Path("odd"), {"a.weight": torch.ones(4, 5), "b.bias": torch.zeros(4), "ids": torch.arange(3)})
     err = run_bad(GOOD.replace("model: ft2", "model: odd"))
