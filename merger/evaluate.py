@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 
 from merger.errors import EvaluationError, MergerError
-from merger.output import write_model
+from merger.output import proc_kib, write_model
 from merger.plan import Plan
 from merger.recipe import CommandEvaluation, PerplexityEvaluation, PythonEvaluation
 from merger.stream import merge_tensors
@@ -39,14 +39,8 @@ def available_memory(device: str) -> int:
     """Bytes free for a new allocation: free GPU memory on CUDA, else the kernel's MemAvailable."""
     if device == "cuda":
         return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = proc_kib("/proc/meminfo", "MemAvailable")
+    return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class Candidate:

@@ -179,17 +179,23 @@ def write_metadata(plan: Plan, directory: Path, title: str, inputs: list[LockedI
     write_lock(plan, inputs, directory)
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: on Linux the latter survives exec, so a
-    process started from a big parent (a test runner, a notebook) would report the parent's size."""
+def proc_kib(path: str, field: str) -> int | None:
+    """A `Field:  N kB` line of a /proc file, in bytes (None off Linux or if absent)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: on Linux the latter survives exec, so a
+    process started from a big parent (a test runner, a notebook) would report the parent's size."""
+    hwm = proc_kib("/proc/self/status", "VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_index(plan: Plan, directory: Path) -> None:
