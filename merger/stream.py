@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -193,7 +194,38 @@ class Merger:
             buf = bufs[slot] = torch.empty(CHUNK, dtype=self.plan.compute_dtype)
         return buf[:n]
 
+    def _run(self, fn: Callable[[int, int], object], n: int, size: int | None = None) -> list:
+        """fn(start, end) over ranges of `size` (default CHUNK) covering [0, n), on the chunk threads;
+        results in order."""
+        size = size or CHUNK
+        bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+        if self.pool is None or len(bounds) < 2:
+            return [fn(s, e) for s, e in bounds]
+        return list(self.pool.map(lambda b: fn(*b), bounds))
+
+    def _fused(self, views: dict[Path, torch.Tensor], out: torch.Tensor) -> bool:
+        """The method's fused kernel path, where it has one and numba, the dtypes and float32 allow."""
+        spec = self.plan.spec
+        if spec.method.fused is None or self.plan.compute_dtype != torch.float32:
+            return False
+        kernels = _kernels()
+        xs, base = self._roles(views)
+        if (
+            kernels is None
+            or len({x.dtype for x in xs}) != 1
+            or not kernels.supported(out.dtype, *(v.dtype for v in views.values()))
+        ):
+            return False
+        arrays = {p: kernels.as_array(v.reshape(-1)) for p, v in views.items()}
+        xs, base = self._roles(arrays)
+        spec.method.fused(
+            xs, base, kernels.as_array(out.reshape(-1)), [g.params for g in spec.ingredients], spec.params, self._run
+        )
+        return True
+
     def _merge_cpu(self, t: OutTensor, views: dict[Path, torch.Tensor], out: torch.Tensor) -> None:
+        if self._fused(views, out):
+            return
         spec = self.plan.spec
         method = spec.method
         models = [g.params for g in spec.ingredients]
@@ -236,6 +268,16 @@ class Merger:
     def prefetch(self, t: OutTensor) -> None:
         for m in self.plan.readers_of(t):
             self.reader.prefetch(m.tensors[t.name])
+
+
+@functools.cache
+def _kernels():
+    """merger.kernels, imported on first use (numba's import costs about 0.3 s), or None without numba."""
+    try:
+        from merger import kernels
+    except ImportError:  # numba missing or broken on this platform: the eager path still works
+        return None
+    return kernels
 
 
 def write_shards(

@@ -35,6 +35,13 @@ MergeFn = Callable[..., Tensor]
 #   iterator each call, so prepare may make several passes).
 Prepare = Callable[[Callable[[int], Iterable[Tensor]], int, Sequence[BaseModel], BaseModel], Any]
 
+# fused(tensors, base, out, models, params, run) -> None: an optional fast path for CPU merges in
+# float32, on the stored bytes: tensors, base and out are flat numpy views in merger.kernels' form
+# (kernels.as_array), all tensors of one dtype, and run(fn, n) maps fn(start, end) over ranges
+# covering [0, n) on the engine's threads, returning the results in order. It must give the same
+# result as fn (bit for bit, tested); the engine uses it when numba and the dtypes allow.
+Fused = Callable[..., None]
+
 
 @dataclass(frozen=True)
 class Method:
@@ -49,6 +56,7 @@ class Method:
     check: Callable[[Sequence[BaseModel], BaseModel], str | None] | None = None
     # Optional per-tensor statistics over whole task vectors (TIES: trim thresholds). Needs a base.
     prepare: Prepare | None = None
+    fused: Fused | None = None
 
 
 def normalizable(models: Sequence[BaseModel], params: BaseModel) -> str | None:

@@ -179,6 +179,25 @@ def ties(
     return merged.mul_(params.lambda_).add_(base)
 
 
+def ties_fused(tensors, base, out, models: Sequence[TiesModelParams], params: TiesParams, run) -> None:
+    """TIES through merger.kernels: one counting pass finds every model's trim threshold exactly,
+    one pass merges; bit-identical to `ties`."""
+    from merger import kernels
+
+    trim = kernels.top_k_abs_deltas(tensors, base, [keep_count(base.size, m.density) for m in models], run)
+    kernels.ties_merge(
+        tensors,
+        base,
+        out,
+        trim,
+        [m.weight for m in models],
+        params.lambda_,
+        params.normalize,
+        params.consensus_method == "count",
+        run,
+    )
+
+
 TASK_ARITHMETIC = Method(
     name="task_arithmetic",
     fn=task_arithmetic,
@@ -200,4 +219,5 @@ TIES = Method(
     "entries: base + lambda * disjoint_mean.",
     paper="Yadav et al. 2023, TIES-Merging, arXiv:2306.01708",
     prepare=ties_prepare,
+    fused=ties_fused,
 )

@@ -1,0 +1,414 @@
+"""Fused CPU kernels (numba) for the methods whose eager torch form is compute-bound.
+
+TIES in eager torch costs about 25 elementwise ops per entry plus a radix select; these kernels read
+the stored bytes (bfloat16, float16 or float32) straight from the memory-mapped inputs, compute in
+float32 in registers and write the output dtype, in two passes per tensor: one that counts and
+gathers around each model's trim threshold, one that merges. Results are bit-identical to the eager
+path (same float32 operations in the same order, no fast-math, no FMA contraction).
+
+Arrays reach the kernels as numpy views: bfloat16 as int16 bits and float16 as uint16 bits (numba has
+neither type), float32 as itself. Indices inside the loops are unsigned, which lets LLVM vectorize
+them (a signed index costs a negative-index check per access). Kernels are compiled on first use and
+cached on disk by numba (`NUMBA_CACHE_DIR` moves the cache).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+_VIEWS = {torch.bfloat16: np.int16, torch.float16: np.uint16, torch.float32: np.float32}
+U = np.uint64
+BLOCK = 1024  # entries per inner loop of the merge kernel: its float32 scratch stays in L1
+GATHER_BLOCK = 64  # entries per count loop of the band pass; only blocks with band entries are gathered
+
+
+def supported(*dtypes: torch.dtype) -> bool:
+    return all(d in _VIEWS for d in dtypes)
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a flat CPU tensor in the form the kernels read."""
+    return t.view(torch.int16).numpy().view(_VIEWS[t.dtype]) if t.dtype != torch.float32 else t.numpy()
+
+
+@intrinsic
+def _f32_from_bits(typingctx, u):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_of_f32(typingctx, f):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _f32_from_half(typingctx, u):
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _half_from_f32(typingctx, f):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def load(a, i):  # a[i] as float32
+    raise NotImplementedError
+
+
+@overload(load, inline="always")
+def _load(a, i):
+    if a.dtype == types.int16:  # bfloat16: the high half of a float32
+        return lambda a, i: _f32_from_bits(np.uint32(np.uint16(a[i])) << np.uint32(16))
+    if a.dtype == types.uint16:
+        return lambda a, i: _f32_from_half(a[i])
+    if a.dtype == types.float32:
+        return lambda a, i: a[i]
+    return None
+
+
+def store(a, i, v):  # a[i] = v, rounded to nearest even as torch's casts do
+    raise NotImplementedError
+
+
+@overload(store, inline="always")
+def _store(a, i, v):
+    if a.dtype == types.int16:
+
+        def store_bf16(a, i, v):
+            u = _bits_of_f32(v)
+            r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            a[i] = np.int16(np.uint16(np.uint32(0x7FC0) if v != v else r))  # NaN: torch's quiet NaN
+
+        return store_bf16
+    if a.dtype == types.uint16:
+
+        def store_f16(a, i, v):
+            a[i] = _half_from_f32(v)
+
+        return store_f16
+    if a.dtype == types.float32:
+
+        def store_f32(a, i, v):
+            a[i] = v
+
+        return store_f32
+    return None
+
+
+RADIX_BINS = 1 << 15  # the top 16 bits of a non-negative float32 (sign clear): the same order as the value
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _sample_hist(xs, b, starts, run, hist):  # pragma: no cover - compiled
+    """hist[j, top 16 bits of |x_j - b|] += 1 over the runs of `run` entries at `starts`."""
+    bf = np.empty(run, np.float32)
+    for r in range(starts.size):
+        s = starts[r]
+        for i in range(run):
+            bf[i] = load(b, U(s + i))
+        for j in range(len(xs)):
+            x = xs[j]
+            h = hist[j]
+            for i in range(run):
+                v = abs(load(x, U(s + i)) - bf[i])
+                h[U(_bits_of_f32(v) >> np.uint32(16))] += 1
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _kth_largest(vals, rank):  # pragma: no cover - compiled
+    """The rank-th largest of non-negative float32 values: a radix select on their bit patterns
+    (which order like the values), 14 bits of the remaining span per round, no sort."""
+    while True:
+        u = vals.view(np.uint32)
+        low = u.min()
+        span = u.max() - low
+        if span == 0:
+            return vals[0]
+        shift = np.uint32(0)
+        while (span >> shift) >= np.uint32(1 << 14):
+            shift += np.uint32(1)
+        hist = np.zeros((1 << 14) + 1, np.int64)
+        for i in range(u.size):
+            hist[U((u[i] - low) >> shift)] += 1
+        k = hist.size - 1
+        while hist[k] < rank:
+            rank -= hist[k]
+            k -= 1
+        members = np.empty(hist[k], np.float32)
+        g = 0
+        for i in range(u.size):
+            if ((u[i] - low) >> shift) == k:
+                members[g] = vals[i]
+                g += 1
+        vals = members
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
+    """Per model j: how many |x_j - b| > hi[j], and the entries with lo[j] <= |x_j - b| <= hi[j]
+    gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered)."""
+    n = b.size
+    nm = len(xs)
+    above = np.zeros(nm, np.int64)
+    got = np.zeros(nm, np.int64)
+    bf = np.empty(GATHER_BLOCK, np.float32)
+    a = np.empty(GATHER_BLOCK, np.float32)
+    for st in range(0, n, GATHER_BLOCK):
+        m = min(GATHER_BLOCK, n - st)
+        for i in range(m):
+            bf[i] = load(b, U(st + i))
+        for j in range(nm):
+            x = xs[j]
+            low = lo[j]
+            high = hi[j]
+            cnt = 0
+            reach = 0
+            for i in range(m):
+                v = abs(load(x, U(st + i)) - bf[i])
+                a[i] = v
+                cnt += v > high
+                reach += v >= low
+            above[j] += cnt
+            if reach > cnt:  # some entry of this block is in the band: compact them, branch-free
+                g = got[j]
+                vj = vals[j]
+                ij = idx[j]
+                for i in range(m):
+                    v = a[i]
+                    vj[U(g)] = v
+                    ij[U(g)] = offset + st + i
+                    g += (v >= low) & (v <= high)
+                got[j] = g
+    return above, got
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  # pragma: no cover - compiled
+    """TIES on a flat chunk starting at flat index `offset`. Model j keeps |d_j| > gt[j] at flat
+    indices >= cut[j] and |d_j| > ge[j] (ge = the float just below the threshold, i.e. >= threshold)
+    below it; gt[j] < 0 keeps everything. Same float32 operations, in the same order, as the eager
+    `ties`."""
+    n = b.size
+    nm = len(xs)
+    zero = np.float32(0)
+    bf = np.empty(BLOCK, np.float32)
+    s = np.empty(BLOCK, np.float32)
+    num = np.empty(BLOCK, np.float32)
+    den = np.empty(BLOCK, np.float32)
+    trimmed = np.empty((nm, BLOCK), np.float32)
+    for st in range(0, n, BLOCK):
+        m = min(BLOCK, n - st)
+        for i in range(m):
+            bf[i] = load(b, U(st + i))
+            s[i] = zero
+            num[i] = zero
+            den[i] = zero
+        for j in range(nm):
+            x = xs[j]
+            wj = w[j]
+            dj = trimmed[j]
+            c = min(max(cut[j] - offset - st, 0), m)
+            if gt[j] < zero:  # keep everything (NaN too, as the eager path does)
+                for i in range(m):
+                    dj[i] = (load(x, U(st + i)) - bf[i]) * wj
+            elif c == 0 or c == m:  # ties at the threshold kept in the whole block, or in none of it
+                t = ge[j] if c == m else gt[j]
+                for i in range(m):
+                    d = load(x, U(st + i)) - bf[i]
+                    dj[i] = d * wj if abs(d) > t else zero
+            else:  # the one block that holds the cutoff: ties are kept below it
+                for i in range(m):
+                    d = load(x, U(st + i)) - bf[i]
+                    a = abs(d)
+                    dj[i] = d * wj if (a > gt[j]) | ((a > ge[j]) & (i < c)) else zero
+            if by_count:
+                for i in range(m):
+                    s[i] += np.float32(dj[i] > zero) - np.float32(dj[i] < zero)
+            else:
+                for i in range(m):
+                    s[i] += dj[i]
+        for j in range(nm):
+            awj = abs(w[j])
+            dj = trimmed[j]
+            for i in range(m):
+                v = dj[i]
+                agree = ((v > zero) & (s[i] > zero)) | ((v < zero) & (s[i] < zero))
+                num[i] += v if agree else zero
+                den[i] += awj if agree else zero
+        for i in range(m):
+            r = num[i]
+            if normalize:
+                r = num[i] / den[i] if den[i] > zero else zero
+            store(out, U(st + i), r * lam + bf[i])
+
+
+# run(fn, n[, size]): calls fn(start, end) over consecutive ranges covering [0, n) (of `size`
+# entries, by default the engine's chunk), possibly on several threads at once, and returns the
+# results in range order.
+Runner = Callable[..., list]
+
+SAMPLE_RUN = 128  # consecutive entries per sample point: 256 bytes of bfloat16, each run costs a page walk
+SAMPLE_EVERY = 64  # one entry in SAMPLE_EVERY is sampled
+EXACT_BELOW = 1 << 16  # smaller tensors gather every entry: exact in one pass
+
+
+def top_k_abs_deltas(
+    xs: Sequence[np.ndarray], base: np.ndarray, ks: Sequence[int], run: Runner
+) -> list[tuple[float, int, int] | None]:
+    """For each model j, the ks[j]-th largest |x_j - base| over the flat tensors with the same tie
+    rule as task_vectors.kth_largest: (threshold, ties kept, flat index just past the last kept tie),
+    or None where ks[j] covers every entry.
+
+    One pass over the inputs: a sample of |x_j - base| brackets each threshold in a band [lo, hi] of
+    values; the pass counts the entries above the band and gathers those in it (with their flat
+    indices), and the exact threshold is selected among the gathered ones. A band that misses (an
+    unlucky sample) is moved to the side it missed, four times wider, and the pass repeated for that
+    model; the last resort is the whole side, so the answer is always exact."""
+    n = base.size
+    wanted = [j for j, k in enumerate(ks) if k < n]
+    result: list[tuple[float, int, int] | None] = [None] * len(ks)
+    if not wanted:
+        return result
+    sel = tuple(xs[j] for j in wanted)
+    lo = np.zeros(len(wanted), np.float32)
+    hi = np.full(len(wanted), np.inf, np.float32)
+    hist = None
+    if n > EXACT_BELOW:  # small tensors gather every entry (the band [0, inf])
+        hist = _sample(sel, base, run)
+        for w, j in enumerate(wanted):
+            lo[w], hi[w] = _band(hist[w], ks[j] / n, 1)
+    widen = [1] * len(wanted)
+    todo = list(range(len(wanted)))
+    while todo:
+        found = _gather(tuple(sel[w] for w in todo), base, lo[todo], hi[todo], run)
+        retry = []
+        for (above, vals, idx), w in zip(found, todo):
+            k = ks[wanted[w]]
+            if lo[w] <= 0 and hi[w] == np.inf or above < k <= above + vals.size:
+                result[wanted[w]] = _select(vals, idx, k - above)
+                continue
+            widen[w] *= 4
+            new_lo, new_hi = _band(hist[w], k / n, widen[w])
+            if above >= k:  # the threshold lies above the band
+                lo[w], hi[w] = hi[w], new_hi
+            else:
+                lo[w], hi[w] = new_lo, lo[w]
+            retry.append(w)
+        todo = retry
+    return result
+
+
+def _sample(xs: tuple[np.ndarray, ...], base: np.ndarray, run: Runner) -> np.ndarray:
+    """Per model, a radix histogram of |x_j - base| over a sample of 1/SAMPLE_EVERY of the entries (runs of
+    SAMPLE_RUN at random starts, fixed per size so that runs are reproducible)."""
+    n = base.size
+    rng = np.random.default_rng(n)
+    starts = np.sort(rng.integers(0, n - SAMPLE_RUN, max(EXACT_BELOW, n // SAMPLE_EVERY) // SAMPLE_RUN)).astype(
+        np.int64
+    )
+
+    def part(s: int, e: int) -> np.ndarray:
+        hist = np.zeros((len(xs), RADIX_BINS), np.int64)
+        mine = starts[np.searchsorted(starts, s) : np.searchsorted(starts, e)]
+        _sample_hist(xs, base, mine, SAMPLE_RUN, hist)  # a run may reach past e: still inside the tensor
+        return hist
+
+    first, *rest = run(part, n, -(-n // 2))  # two parts: few histograms to add
+    for h in rest:
+        first += h
+    return first
+
+
+def _band(hist: np.ndarray, p: float, widen: int) -> tuple[float, float]:
+    """Values that bracket the top-p quantile of the population a sample's radix histogram came from,
+    with a margin of 4 standard deviations of the sample rank (doubled: entries of a sample run are
+    correlated), times `widen`; 0 and inf where the margin runs off the sample."""
+    size = int(hist.sum())
+    spread = widen * (8 * math.sqrt(size * p * (1 - p)) + 2 * SAMPLE_RUN)
+    top, bottom = int(p * size - spread), int(p * size + spread)  # ranks from the top
+    from_top = np.cumsum(hist[::-1])  # from_top[i]: entries in bins >= RADIX_BINS - 1 - i
+    hi, lo = np.inf, 0.0
+    if top >= 1:  # the bin holding the top-th largest, and its upper edge
+        b = RADIX_BINS - 1 - int(np.searchsorted(from_top, top))
+        hi = float(np.uint32((b + 1) << 16).view(np.float32)) if b + 1 < RADIX_BINS else np.inf
+    if bottom < size:
+        b = RADIX_BINS - 1 - int(np.searchsorted(from_top, bottom))
+        lo = float(np.uint32(b << 16).view(np.float32))
+    return lo, hi
+
+
+def _gather(
+    xs: tuple[np.ndarray, ...], base: np.ndarray, lo: np.ndarray, hi: np.ndarray, run: Runner
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Per model: (entries above hi, the band's values, their flat indices) over the whole tensor."""
+    nm = len(xs)
+
+    def part(s: int, e: int):
+        vals = np.empty((nm, e - s), np.float32)
+        idx = np.empty((nm, e - s), np.int64)
+        above, got = _band_pass(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
+        return above, [vals[j, : got[j]].copy() for j in range(nm)], [idx[j, : got[j]].copy() for j in range(nm)]
+
+    parts = run(part, base.size)
+    return [
+        (
+            int(sum(p[0][j] for p in parts)),
+            np.concatenate([p[1][j] for p in parts]),
+            np.concatenate([p[2][j] for p in parts]),  # ascending: ranges in order, each in order
+        )
+        for j in range(nm)
+    ]
+
+
+def _select(vals: np.ndarray, idx: np.ndarray, rank: int) -> tuple[float, int, int]:
+    """The rank-th largest of vals, how many entries equal to it are kept (the lowest indices first),
+    and the index just past the last kept one."""
+    threshold = _kth_largest(vals, rank)
+    ties = rank - int(np.count_nonzero(vals > threshold))
+    tied = idx[vals == threshold]
+    return float(threshold), ties, int(tied[ties - 1]) + 1
+
+
+def ties_merge(
+    xs: Sequence[np.ndarray],
+    base: np.ndarray,
+    out: np.ndarray,
+    trim: Sequence[tuple[float, int, int] | None],
+    weights: Sequence[float],
+    lam: float,
+    normalize: bool,
+    by_count: bool,
+    run: Runner,
+) -> None:
+    """TIES into `out` given each model's trim (from top_k_abs_deltas)."""
+    gt = np.array([-1.0 if t is None else t[0] for t in trim], np.float32)
+    ge = np.array([-1.0 if t is None else np.nextafter(np.float32(t[0]), np.float32(-1)) for t in trim], np.float32)
+    cut = np.array([0 if t is None else t[2] for t in trim], np.int64)
+    w = np.array(weights, np.float32)
+    xs = tuple(xs)
+
+    def part(s: int, e: int) -> None:
+        _ties_merge(
+            tuple(x[s:e] for x in xs), base[s:e], out[s:e], gt, ge, cut, w, np.float32(lam), normalize, by_count, s
+        )
+
+    run(part, base.size)

@@ -1,0 +1,193 @@
+"""The fused CPU kernels (merger.kernels): the same bits as the eager torch path, for every stored
+dtype, tie pattern and chunking, and an exact threshold whatever the sample says."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_output, write_checkpoint
+
+import merger.stream
+from merger import kernels
+from merger.cli import cli
+from merger.methods.task_vectors import TiesModelParams, TiesParams, keep_count, ties, ties_fused
+
+BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def runner(size: int, threads: int = 1):
+    """A Runner like the engine's: ranges of `size`, on `threads` threads, results in order."""
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def run(fn, n, part=None):
+        part = part or size
+        bounds = [(s, min(s + part, n)) for s in range(0, n, part)]
+        return list(pool.map(lambda b: fn(*b), bounds)) if pool else [fn(s, e) for s, e in bounds]
+
+    return run
+
+
+def fused(xs, base, models, params, run, out_dtype=None):
+    out = torch.empty(base.numel(), dtype=out_dtype or base.dtype)
+    arrays = [kernels.as_array(x.reshape(-1)) for x in xs]
+    ties_fused(arrays, kernels.as_array(base.reshape(-1)), kernels.as_array(out), models, params, run)
+    return out
+
+
+def eager(xs, base, models, params, out_dtype=None):
+    return ties([x.float() for x in xs], base.float(), models, params).reshape(-1).to(out_dtype or base.dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+def oracle_top_k(mags: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """By sorting: the k-th largest, how many entries equal to it are among the k largest (lowest
+    index first), and the index just past the last of those."""
+    thr = torch.sort(mags, descending=True).values[k - 1].item()
+    ties = k - int((mags > thr).sum())
+    return thr, ties, int((mags == thr).nonzero()[ties - 1]) + 1
+
+
+def case(n, dtype, models=3, seed=0, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(dtype)
+    xs = [(base.float() + scale * torch.randn(n, generator=g)).to(dtype) for _ in range(models)]
+    return base, xs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 1000, 70_001, 600_000])
+def test_fused_ties_is_bit_identical_to_eager(dtype, n):
+    base, xs = case(n, dtype)
+    models = [
+        TiesModelParams(density=0.3, weight=1.0),
+        TiesModelParams(density=0.75, weight=-0.5),
+        TiesModelParams(density=1.0, weight=2.0),
+    ]
+    params = TiesParams(**{"lambda": 0.8})
+    assert same_bits(fused(xs, base, models, params, runner(1 << 17, 2)), eager(xs, base, models, params))
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_ties_options_and_output_dtypes(consensus, normalize, out_dtype):
+    base, xs = case(80_000, torch.bfloat16, models=4, seed=1)
+    models = [TiesModelParams(density=d, weight=w) for d, w in [(0.2, 1.0), (0.5, 0.3), (0.9, 1.5), (0.05, -1.0)]]
+    params = TiesParams(normalize=normalize, consensus_method=consensus, **{"lambda": 1.3})
+    got = fused(xs, base, models, params, runner(4096), out_dtype)
+    assert same_bits(got, eager(xs, base, models, params, out_dtype))
+
+
+@pytest.mark.parametrize("chunk", [1000, 4096, 1 << 18])
+def test_ties_at_the_threshold_keep_the_lowest_indices_across_chunks(chunk):
+    """Task vectors on a coarse grid: thousands of entries equal each threshold, and the cutoff falls
+    inside a chunk (and inside a merge block)."""
+    g = torch.Generator().manual_seed(2)
+    n = 150_001
+    base = (torch.randn(n, generator=g) * 4).round().bfloat16()
+    xs = [(base.float() + (torch.randn(n, generator=g) * 2).round()).bfloat16() for _ in range(3)]
+    densities = [0.3, 0.55, 0.9]
+    mags = [(x.float() - base.float()).abs() for x in xs]
+    ks = [keep_count(n, d) for d in densities]
+    arrays = [kernels.as_array(x) for x in xs]
+    got = kernels.top_k_abs_deltas(arrays, kernels.as_array(base), ks, runner(chunk, 2))
+    for m, k, (thr, ties_kept, cutoff) in zip(mags, ks, got):
+        assert (thr, ties_kept, cutoff) == oracle_top_k(m, k)
+        assert 0 < ties_kept < int((m == thr).sum())  # a real partial tie: the cutoff matters
+    models = [TiesModelParams(density=d) for d in densities]
+    assert same_bits(fused(xs, base, models, TiesParams(), runner(chunk)), eager(xs, base, models, TiesParams()))
+
+
+@pytest.mark.parametrize("side", ["above", "below"])
+def test_a_band_that_misses_is_widened_and_the_answer_stays_exact(monkeypatch, side):
+    base, xs = case(200_000, torch.bfloat16, models=2, seed=4)
+    ks = [keep_count(200_000, 0.4), keep_count(200_000, 0.7)]
+    real_band = kernels._band
+    calls = []
+
+    def unlucky(hist, p, widen):  # the first band of each model lies wholly on one side of the threshold
+        calls.append(widen)
+        lo, hi = real_band(hist, p, widen)
+        if widen > 1:
+            return lo, hi
+        return (hi * 1.5, hi * 2) if side == "above" else (lo / 3, lo / 2)
+
+    monkeypatch.setattr(kernels, "_band", unlucky)
+    got = kernels.top_k_abs_deltas([kernels.as_array(x) for x in xs], kernels.as_array(base), ks, runner(1 << 16))
+    assert calls.count(1) == 2 and calls.count(4) == 2  # each model needed a second pass
+    for x, k, r in zip(xs, ks, got):
+        assert r == oracle_top_k((x.float() - base.float()).abs(), k)
+
+
+def test_density_one_keeps_everything_and_needs_no_pass():
+    base, xs = case(100_000, torch.bfloat16, models=2)
+    assert kernels.top_k_abs_deltas([kernels.as_array(x) for x in xs], kernels.as_array(base), [100_000] * 2, None) == [
+        None,
+        None,
+    ]
+
+
+@pytest.mark.parametrize("values", ["random", "few", "one", "spread"])
+def test_kth_largest_radix_select_matches_sort(values):
+    rng = np.random.default_rng(5)
+    v = {
+        "random": lambda: np.abs(rng.standard_normal(50_000)),
+        "few": lambda: rng.integers(0, 7, 50_000) * 0.125,
+        "one": lambda: np.full(1000, 0.3),
+        "spread": lambda: np.abs(rng.standard_normal(20_000)) * 10.0 ** rng.integers(-30, 30, 20_000),
+    }[values]().astype(np.float32)
+    ordered = np.sort(v)[::-1]
+    for rank in (1, 2, v.size // 3, v.size - 1, v.size):
+        assert kernels._kth_largest(v, rank) == ordered[rank - 1]
+
+
+def test_engine_uses_the_kernels_and_writes_what_the_eager_path_writes(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    shapes = {"embed": (300, 256), "w": (256, 256), "norm": (256,), "v": (70_001,)}
+    base = {k: torch.randn(s, generator=g).bfloat16() for k, s in shapes.items()}
+    for i in range(3):
+        ft = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
+        write_checkpoint(tmp_path / f"ft{i}", ft, n_shards=1 + i)
+    write_checkpoint(tmp_path / "base", base)
+    models = ", ".join(
+        f"{{model: {tmp_path / f'ft{i}'}, parameters: {{weight: {w}, density: {d}}}}}"
+        for i, (w, d) in enumerate([(1.0, 0.3), (0.5, 0.6), (-0.25, 1.0)])
+    )
+    (tmp_path / "r.yaml").write_text(f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels: [{models}]\n")
+    used = []
+    real = kernels.ties_merge
+    monkeypatch.setattr(kernels, "ties_merge", lambda *a, **k: used.append(1) or real(*a, **k))
+    for out in ("fused", "eager"):
+        if out == "eager":
+            monkeypatch.setattr(merger.stream, "_kernels", lambda: None)
+        result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / out), "-q"])
+        assert result.exit_code == 0, result.output
+    assert len(used) == len(shapes)  # every tensor went through the kernel in the first run, none in the second
+    fast, slow = load_output(tmp_path / "fused"), load_output(tmp_path / "eager")
+    for name in shapes:
+        assert same_bits(fast[name], slow[name]), name
+
+
+def test_inputs_of_different_dtypes_take_the_eager_path(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(64, 64, generator=g)
+    a = (base + 0.1 * torch.randn(64, 64, generator=g)).bfloat16()
+    b = base + 0.1 * torch.randn(64, 64, generator=g)
+    for name, w in (("base", base), ("a", a), ("b", b)):
+        write_checkpoint(tmp_path / name, {"w": w})
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: ties\nbase_model: {tmp_path / 'base'}\n"
+        f"models: [{{model: {tmp_path / 'a'}, parameters: {{density: 0.5}}}}, {{model: {tmp_path / 'b'}}}]\n"
+        "dtype: float32\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    want = ties([a.float(), b], base, [TiesModelParams(density=0.5), TiesModelParams()], TiesParams())
+    assert torch.equal(load_output(tmp_path / "out")["w"], want)
