@@ -216,7 +216,7 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         "models": [g.ref for g in p.spec.ingredients],
         "commits": {m.ref: m.remote.commit for m in [p.base, *p.inputs, p.tokenizer_from] if m and m.remote},
         "device": p.device,
-        "compute_dtype": str(p.compute_dtype).removeprefix("torch."),
+        "compute_dtype": p.compute_dtype,
         "output": str(Path(dest).expanduser().resolve()) if dest else None,
         "output_exists": bool(dest) and Path(dest).expanduser().exists(),
         "tensors": len(p.tensors),

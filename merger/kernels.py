@@ -6,36 +6,31 @@ float32 in registers and write the output dtype, in two passes per tensor: one t
 gathers around each model's trim threshold, one that merges. Results are bit-identical to the eager
 path (same float32 operations in the same order, no fast-math, no FMA contraction).
 
-Arrays reach the kernels as numpy views: bfloat16 as int16 bits and float16 as uint16 bits (numba has
-neither type), float32 as itself. Indices inside the loops are unsigned, which lets LLVM vectorize
+Arrays reach the kernels as the numpy views merger.sources.MappedReader makes: bfloat16 as int16
+bits and float16 as uint16 bits (numba has neither type), float32 as itself. Indices inside the loops are unsigned, which lets LLVM vectorize
 them (a signed index costs a negative-index check per access). Kernels are compiled on first use and
 cached on disk by numba (`NUMBA_CACHE_DIR` moves the cache).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-_VIEWS = {torch.bfloat16: np.int16, torch.float16: np.uint16, torch.float32: np.float32}
 U = np.uint64
 BLOCK = 1024  # entries per inner loop of the merge kernel: its float32 scratch stays in L1
 GATHER_BLOCK = 64  # entries per count loop of the band pass; only blocks with band entries are gathered
+SUPPORTED = {"BF16", "F16", "F32"}  # safetensors codes the kernels read and write
 
 
-def supported(*dtypes: torch.dtype) -> bool:
-    return all(d in _VIEWS for d in dtypes)
-
-
-def as_array(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view of a flat CPU tensor in the form the kernels read."""
-    return t.view(torch.int16).numpy().view(_VIEWS[t.dtype]) if t.dtype != torch.float32 else t.numpy()
+def supported(*codes: str) -> bool:
+    return all(c in SUPPORTED for c in codes)
 
 
 @intrinsic
@@ -96,7 +91,8 @@ def _store(a, i, v):
         def store_bf16(a, i, v):
             u = _bits_of_f32(v)
             r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            a[i] = np.int16(np.uint16(np.uint32(0x7FC0) if v != v else r))  # NaN: torch's quiet NaN
+            nan = np.uint32(0) - np.uint32(v != v)  # all ones for NaN, which becomes torch's quiet NaN
+            a[i] = np.int16(np.uint16((r & ~nan) | (np.uint32(0x7FC0) & nan)))
 
         return store_bf16
     if a.dtype == types.uint16:
@@ -261,13 +257,68 @@ def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  
             store(out, U(st + i), r * lam + bf[i])
 
 
+@njit(nogil=True, cache=True, boundscheck=False)
+def _weighted_sum(xs, b, out, w, scale, divisor):  # pragma: no cover - compiled
+    """out = sum_j w[j] * x_j, divided by `divisor` unless it is 0 (linear), or with a base b (an
+    array with entries): out = b + scale * sum_j w[j] * (x_j - b) (task arithmetic)."""
+    n = out.size
+    with_base = b.size > 0
+    zero = np.float32(0)
+    bf = np.zeros(BLOCK, np.float32)
+    acc = np.empty(BLOCK, np.float32)
+    for st in range(0, n, BLOCK):
+        m = min(BLOCK, n - st)
+        for i in range(m):
+            acc[i] = zero
+        if with_base:
+            for i in range(m):
+                bf[i] = load(b, U(st + i))
+        for j in range(len(xs)):
+            x = xs[j]
+            wj = w[j]
+            for i in range(m):
+                acc[i] += wj * (load(x, U(st + i)) - bf[i])
+        if with_base:
+            for i in range(m):
+                store(out, U(st + i), acc[i] * scale + bf[i])
+        elif divisor != zero:
+            for i in range(m):
+                store(out, U(st + i), acc[i] / divisor)
+        else:
+            for i in range(m):
+                store(out, U(st + i), acc[i])
+
+
+def weighted_sum(
+    xs: Sequence[np.ndarray],
+    base: np.ndarray | None,
+    out: np.ndarray,
+    weights: Sequence[float],
+    run: Runner,
+    *,
+    scale: float = 1.0,
+    divisor: float = 0.0,
+) -> None:
+    """Linear (base None): out = sum w_j x_j (/ divisor). Task arithmetic: out = base + scale *
+    sum w_j (x_j - base)."""
+    w = np.array(weights, np.float32)
+    xs = tuple(xs)
+    none = np.empty(0, np.float32)
+
+    def part(s: int, e: int) -> None:
+        b = base[s:e] if base is not None else none
+        _weighted_sum(tuple(x[s:e] for x in xs), b, out[s:e], w, np.float32(scale), np.float32(divisor))
+
+    run(part, out.size)
+
+
 # run(fn, n[, size]): calls fn(start, end) over consecutive ranges covering [0, n) (of `size`
 # entries, by default the engine's chunk), possibly on several threads at once, and returns the
 # results in range order.
 Runner = Callable[..., list]
 
 SAMPLE_RUN = 128  # consecutive entries per sample point: 256 bytes of bfloat16, each run costs a page walk
-SAMPLE_EVERY = 64  # one entry in SAMPLE_EVERY is sampled
+SAMPLE_EVERY = 16  # one entry in SAMPLE_EVERY is sampled: a run per 4 KiB page of bfloat16
 EXACT_BELOW = 1 << 16  # smaller tensors gather every entry: exact in one pass
 
 
@@ -300,11 +351,12 @@ def top_k_abs_deltas(
     todo = list(range(len(wanted)))
     while todo:
         found = _gather(tuple(sel[w] for w in todo), base, lo[todo], hi[todo], run)
-        retry = []
-        for (above, vals, idx), w in zip(found, todo):
+        exact, retry = [], []
+        for i, (above, vals, _) in enumerate(found):
+            w = todo[i]
             k = ks[wanted[w]]
             if lo[w] <= 0 and hi[w] == np.inf or above < k <= above + vals.size:
-                result[wanted[w]] = _select(vals, idx, k - above)
+                exact.append(i)
                 continue
             widen[w] *= 4
             new_lo, new_hi = _band(hist[w], k / n, widen[w])
@@ -313,8 +365,16 @@ def top_k_abs_deltas(
             else:
                 lo[w], hi[w] = new_lo, lo[w]
             retry.append(w)
+
+        picks = [(found[i], wanted[todo[i]]) for i in exact]
+        run(functools.partial(_select_one, picks, ks, result), len(picks), 1)  # side by side on the threads
         todo = retry
     return result
+
+
+def _select_one(picks: list, ks: Sequence[int], result: list, i: int, _: int) -> None:
+    (above, vals, idx), j = picks[i]
+    result[j] = _select(vals, idx, ks[j] - above)
 
 
 def _sample(xs: tuple[np.ndarray, ...], base: np.ndarray, run: Runner) -> np.ndarray:

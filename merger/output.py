@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 import yaml
 
 from merger import __version__, parallel
@@ -104,6 +103,8 @@ def write_model(
             lock.verify(hashing.result(), lock_name)
         fetch_inputs(plan, weights=not low_disk)
         if plan.device == "cuda":
+            import torch
+
             torch.cuda.reset_peak_memory_stats()
         group = parallel.launched_group()
         if group is not None:
@@ -135,6 +136,8 @@ def write_model(
         "peak_rss_bytes": peak_rss(),
     }
     if plan.device == "cuda":
+        import torch
+
         summary["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return summary
 
@@ -215,7 +218,7 @@ def output_dtype_name(plan: Plan) -> str | None:
     if not by_dtype:
         return None
     code = max(by_dtype, key=by_dtype.__getitem__)
-    return str(DTYPES[code][0]).removeprefix("torch.")
+    return DTYPES[code][0]
 
 
 def copy_support_files(plan: Plan, directory: Path) -> None:

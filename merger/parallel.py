@@ -13,8 +13,6 @@ import multiprocessing
 import os
 from pathlib import Path
 
-import torch
-
 from merger.plan import Plan, Shard
 from merger.stream import default_threads, write_shards
 
@@ -37,7 +35,7 @@ def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int) ->
 def write_with_workers(plan: Plan, directory: Path, workers: int) -> int:
     """Write all shards with `workers` local processes; returns bytes read."""
     parts = [p for p in assign(plan.shards, workers) if p]
-    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads and CUDA state
+    ctx = multiprocessing.get_context("spawn")  # fork would copy our threads (and torch's CUDA state)
     threads = max(1, default_threads() // len(parts))  # the cores, shared among the processes
     with ctx.Pool(len(parts)) as pool:
         return sum(pool.starmap(_write_part, [(plan, directory, p, threads) for p in parts]))
@@ -73,6 +71,8 @@ class Group:
 def launched_group() -> Group | None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return Group()

@@ -6,12 +6,12 @@ can be produced on its own.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
 
 from merger.errors import ModelError, RecipeError
 from merger.recipe import DTYPE_CODE, MergeSpec
@@ -59,6 +59,9 @@ class FileUse:
     names: frozenset[str]
 
 
+COMPUTE_BYTES = {"float32": 4, "float64": 8}
+
+
 @dataclass
 class Plan:
     spec: MergeSpec
@@ -69,7 +72,7 @@ class Plan:
     shards: list[Shard]
     shard_size: int
     device: str  # "cpu" or "cuda"
-    compute_dtype: torch.dtype
+    compute_dtype: str  # "float32" or "float64"
 
     @property
     def tensors(self) -> list[OutTensor]:
@@ -134,7 +137,7 @@ class Plan:
         pinned host memory and the method's temporaries (about four tensors for TIES) live on the GPU."""
         from merger.stream import CHUNK  # the engine's chunk size (stream imports plan)
 
-        csize = torch.finfo(self.compute_dtype).bits // 8
+        csize = COMPUTE_BYTES[self.compute_dtype]
         worst = 0
         for t in self.tensors:
             readers = self.readers_of(t)
@@ -152,7 +155,7 @@ class Plan:
         four temporaries."""
         if self.device != "cuda":
             return 0
-        csize = torch.finfo(self.compute_dtype).bits // 8
+        csize = COMPUTE_BYTES[self.compute_dtype]
         return max(
             (t.nbytes // DTYPES[t.dtype][1] * csize * (len(self.readers_of(t)) + 4) for t in self.tensors), default=0
         )
@@ -163,10 +166,20 @@ def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device. Importing torch takes about two seconds, which a CPU merge
+    does not otherwise need: a Linux machine without the NVIDIA driver is answered without it."""
+    if sys.platform.startswith("linux") and "torch" not in sys.modules and not os.path.exists("/proc/driver/nvidia"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
         raise ModelError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     return device
 
@@ -239,7 +252,7 @@ def build_plan(
         shards=layout(tensors, size),
         shard_size=size,
         device=resolve_device(device or recipe.device),
-        compute_dtype=getattr(torch, recipe.compute_dtype),
+        compute_dtype=recipe.compute_dtype,
     )
 
 

@@ -12,30 +12,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import torch
+import numpy as np
 
 from merger.errors import ModelError
 
 if TYPE_CHECKING:
+    import torch
+
     from merger.hub import Hub, Remote
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+# safetensors dtype code -> (torch's name for it, bytes per element, the numpy dtype of a zero-copy
+# view). numpy has no bfloat16 or float8: those are viewed as integers of their size (bfloat16 as
+# int16, float16 as uint16: the forms merger.kernels reads); torch_dtype()/to_torch() give the real type.
+DTYPES: dict[str, tuple[str, int, type[np.generic]]] = {
+    "F64": ("float64", 8, np.float64),
+    "F32": ("float32", 4, np.float32),
+    "F16": ("float16", 2, np.uint16),
+    "BF16": ("bfloat16", 2, np.int16),
+    "F8_E4M3": ("float8_e4m3fn", 1, np.uint8),
+    "F8_E5M2": ("float8_e5m2", 1, np.uint8),
+    "I64": ("int64", 8, np.int64),
+    "I32": ("int32", 4, np.int32),
+    "I16": ("int16", 2, np.int16),
+    "I8": ("int8", 1, np.int8),
+    "U8": ("uint8", 1, np.uint8),
+    "BOOL": ("bool", 1, np.bool_),
 }
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-CODE_OF = {dt: code for code, (dt, _) in DTYPES.items()}
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPES[code][0])
+
+
+def to_torch(a: np.ndarray, code: str) -> torch.Tensor:
+    """A torch tensor sharing the memory of a view made by MappedReader (or of the same form)."""
+    import torch
+
+    return torch.from_numpy(a).view(torch_dtype(code))
+
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -345,15 +362,16 @@ class MappedReader:
                 mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return mm
 
-    def view(self, info: TensorInfo) -> torch.Tensor:
-        """The tensor as stored (CPU, its own dtype); valid until release()/close()."""
-        dtype = DTYPES[info.dtype][0]
+    def view(self, info: TensorInfo) -> np.ndarray:
+        """The tensor as stored, as a numpy view in DTYPES' form (to_torch() makes it a tensor); valid
+        until release()/close()."""
+        _, size, dtype = DTYPES[info.dtype]
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        raw = torch.frombuffer(self._map(info.file), dtype=torch.uint8, count=info.nbytes, offset=info.start)
-        if info.start % DTYPES[info.dtype][1]:
-            raw = raw.clone()  # misaligned data (a writer that does not align): one copy
-        return raw.view(dtype).reshape(info.shape)
+            return np.empty(info.shape, dtype=dtype)
+        if info.start % size:  # misaligned data (a writer that does not align): one copy
+            raw = np.frombuffer(self._map(info.file), dtype=np.uint8, count=info.nbytes, offset=info.start)
+            return raw.copy().view(dtype).reshape(info.shape)
+        return np.frombuffer(self._map(info.file), dtype=dtype, count=info.numel, offset=info.start).reshape(info.shape)
 
     def _advise(self, info: TensorInfo, advice: int) -> None:
         if info.nbytes == 0:

@@ -1,9 +1,15 @@
 """The streaming engine: for each output tensor, read it from every input, merge, cast, write.
 
 Stages overlap: while tensor j is merged, the kernel reads tensor j+1 ahead (MADV_WILLNEED) and a
-writer thread streams tensor j-1's bytes into its shard. On the CPU a tensor is merged in chunks of
-CHUNK elements through reused float buffers, so temporaries stay in cache and no fresh pages are
-touched per tensor; on CUDA whole tensors go through pinned staging buffers.
+writer thread streams tensor j-1's bytes into its shard. Tensors travel as numpy views of the
+memory-mapped inputs (sources.MappedReader) and numpy output buffers.
+
+On the CPU, a method with a fused kernel (merger.kernels: every built-in method, for bfloat16,
+float16 and float32 checkpoints merged in float32) runs straight on those views and never imports
+torch, which saves about two seconds of start-up. Other merges (float64 compute, mixed input dtypes,
+plugin methods) go through the method's torch function in chunks of CHUNK elements through reused
+float buffers, so temporaries stay in cache and no fresh pages are touched per tensor; on CUDA whole
+tensors go through pinned staging buffers.
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from merger.errors import MergeError
 from merger.plan import OutTensor, Plan, Shard
-from merger.sources import DTYPES, FileSource, MappedReader
+from merger.sources import DTYPES, FileSource, MappedReader, to_torch
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK = 1 << 18  # elements per CPU chunk: 1 MiB of float32 per operand
 
@@ -50,14 +60,15 @@ class ShardWriter:
         self._f.write(raw)
         self._next = 0
 
-    def write(self, t: OutTensor, tensor: torch.Tensor) -> None:
+    def write(self, t: OutTensor, data: np.ndarray) -> None:
+        """Append tensor t's bytes: a contiguous numpy array in sources.DTYPES' form for t.dtype."""
         expected = self._todo[self._next]
         if t.name != expected.name:
             raise RuntimeError(f"shard {self.path.name}: got '{t.name}', expected '{expected.name}'")
-        if tensor.dtype != DTYPES[t.dtype][0] or tensor.numel() * tensor.element_size() != t.nbytes:
-            raise RuntimeError(f"tensor '{t.name}': got {tensor.dtype} {list(tensor.shape)}, planned {t.dtype}")
+        if data.dtype != DTYPES[t.dtype][2] or data.nbytes != t.nbytes:
+            raise RuntimeError(f"tensor '{t.name}': got {data.dtype} {list(data.shape)}, planned {t.dtype}")
         if t.nbytes:
-            self._f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            self._f.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
         self._next += 1
 
     def close(self) -> None:
@@ -70,11 +81,16 @@ class ShardWriter:
 
 
 @contextlib.contextmanager
-def cpu_engine_settings(device: str) -> Iterator[None]:
+def cpu_engine_settings(device: str, needs_torch: bool = True) -> Iterator[None]:
     """One intra-op thread for CPU merging: chunk-sized ops gain little from it, and OpenMP workers that
     spin-wait collapse (10x slower, measured) when anything else wants the cores, such as our own
     writer thread. Several cores are used through --workers processes instead."""
     _keep_freed_memory()
+    if not needs_torch:  # a merge of fused kernels alone: torch stays unimported
+        yield
+        return
+    import torch
+
     previous = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(1)
@@ -105,94 +121,100 @@ def _keep_freed_memory() -> None:
 
 
 class Buffers:
-    """Reusable byte buffers, grown on demand and never shrunk."""
+    """Reusable byte buffers, grown on demand and never shrunk: numpy, or torch pinned host memory
+    (`pin`) for staging CUDA copies."""
 
     def __init__(self, pin: bool = False):
-        self._bufs: dict[object, torch.Tensor] = {}
+        self._bufs: dict[object, object] = {}
         self._pin = pin
 
-    def get(self, key: object, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    def get(self, key: object, nbytes: int, dtype, shape: tuple[int, ...]):
+        """A (numpy dtype) array, or with `pin` a (torch dtype) tensor, of `shape` over the buffer `key`."""
         buf = self._bufs.get(key)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[key] = torch.empty(max(nbytes, 16), dtype=torch.uint8, pin_memory=self._pin)
+        if buf is None or len(buf) < nbytes:
+            if self._pin:
+                import torch
+
+                buf = torch.empty(max(nbytes, 16), dtype=torch.uint8, pin_memory=True)
+            else:
+                buf = np.empty(max(nbytes, 16), dtype=np.uint8)
+            self._bufs[key] = buf
         return buf[:nbytes].view(dtype).reshape(shape)
 
 
 class Merger:
-    """Merges one planned tensor at a time into a caller-provided output tensor."""
+    """Merges one planned tensor at a time into a caller-provided output array."""
 
     def __init__(self, plan: Plan, reader: MappedReader, threads: int | None = None):
         self.plan = plan
         self.reader = reader
-        self.device = torch.device(plan.device)
-        self.cuda = self.device.type == "cuda"
+        self.cuda = plan.device == "cuda"
         self.staging = Buffers(pin=True) if self.cuda else None
-        self.work = threading.local()  # CPU float chunk buffers: .bufs, by slot, per thread
+        self.work = threading.local()  # eager CPU float chunk buffers: .bufs, by slot, per thread
         self.bytes_read = 0
         self.threads = 1 if self.cuda else max(1, threads or default_threads())
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="merger-chunk") if self.threads > 1 else None
+        method = plan.spec.method
+        fusable = not self.cuda and plan.compute_dtype == "float32" and method.fused is not None
+        self.kernels = _kernels() if fusable else None
+        # torch is imported only if some tensor needs it (CUDA, or a merge no kernel covers)
+        self.needs_torch = self.cuda or any(t.merged and not self._fusable(t) for t in plan.tensors)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
 
-    def inputs_of(self, t: OutTensor) -> dict[Path, torch.Tensor]:
-        """Each distinct model's stored tensor (a zero-copy view), read once even if listed twice."""
-        views: dict[Path, torch.Tensor] = {}
+    def _fusable(self, t: OutTensor) -> bool:
+        """Whether t merges through the method's fused kernel: one stored dtype among the models, and
+        every dtype (base and output too) one the kernels handle."""
+        if self.kernels is None:
+            return False
+        plan = self.plan
+        models = {m.tensors[t.name].dtype for m in plan.inputs}
+        base = {plan.base.tensors[t.name].dtype} if plan.spec.method.needs_base and plan.base else set()
+        return len(models) == 1 and self.kernels.supported(t.dtype, *models, *base)
+
+    def inputs_of(self, t: OutTensor) -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
+        """Each distinct model's stored tensor (a zero-copy view) and its dtype code, read once even
+        if listed twice."""
+        views: dict[Path, np.ndarray] = {}
+        codes: dict[Path, str] = {}
         for m in self.plan.readers_of(t):
             if m.path not in views:
-                views[m.path] = self.reader.view(m.tensors[t.name])
-                self.bytes_read += m.tensors[t.name].nbytes
-        return views
+                info = m.tensors[t.name]
+                views[m.path] = self.reader.view(info)
+                codes[m.path] = info.dtype
+                self.bytes_read += info.nbytes
+        return views, codes
 
-    def merge_into(self, t: OutTensor, out: torch.Tensor) -> None:
-        views = self.inputs_of(t)
+    def merge_into(self, t: OutTensor, out: np.ndarray) -> None:
+        views, codes = self.inputs_of(t)
         if not t.merged:
             self._agreed_copy(t, views, out)
         elif self.cuda:
-            self._merge_cuda(t, views, out)
+            self._merge_cuda(t, views, codes, out)
+        elif self._fusable(t):
+            self._merge_fused(views, out)
         else:
-            self._merge_cpu(t, views, out)
+            self._merge_eager(t, views, codes, out)
 
-    def _agreed_copy(self, t: OutTensor, views: dict[Path, torch.Tensor], out: torch.Tensor) -> None:
+    def _agreed_copy(self, t: OutTensor, views: dict[Path, np.ndarray], out: np.ndarray) -> None:
         """Integer and bool tensors (position ids, masks) are not merged: every input must agree."""
         plan = self.plan
         ref = views[plan.reference.path]
         for m in plan.models:
-            if m.path != plan.reference.path and not torch.equal(views[m.path], ref):
+            if m.path != plan.reference.path and not np.array_equal(views[m.path], ref):
                 raise MergeError(
                     f"tensor '{t.name}' ({t.dtype}) differs between '{m.ref}' and '{plan.reference.ref}'; "
                     "non-float tensors are copied, not merged, so every input must hold the same values"
                 )
-        out.copy_(ref.reshape(out.shape))
+        np.copyto(out, ref.reshape(out.shape))
 
-    def _roles(self, views: dict[Path, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def _roles(self, views: dict[Path, object]) -> tuple[list, object | None]:
         plan = self.plan
         xs = [views[m.path] for m in plan.inputs]
         base = views[plan.base.path] if plan.spec.method.needs_base and plan.base else None
         return xs, base
-
-    def _merge_cuda(self, t: OutTensor, views: dict[Path, torch.Tensor], out: torch.Tensor) -> None:
-        spec, cdt = self.plan.spec, self.plan.compute_dtype
-        on_gpu: dict[Path, torch.Tensor] = {}
-        for path, v in views.items():
-            staged = self.staging.get(path, v.numel() * v.element_size(), v.dtype, tuple(v.shape))
-            staged.copy_(v)  # page cache -> pinned memory, then an async DMA to the GPU
-            on_gpu[path] = staged.to(self.device, non_blocking=True).to(cdt)
-        xs, base = self._roles(on_gpu)
-        merged = spec.method.fn(xs, base, [g.params for g in spec.ingredients], spec.params)
-        out.copy_(merged.to(out.dtype).reshape(out.shape))  # blocking: out is read by the writer next
-
-    def _chunk(self, slot: object, n: int) -> torch.Tensor:
-        # Each thread fills its own buffers, which go when the thread does (prepare may run on
-        # short-lived threads).
-        bufs = getattr(self.work, "bufs", None)
-        if bufs is None:
-            bufs = self.work.bufs = {}
-        buf = bufs.get(slot)
-        if buf is None:
-            buf = bufs[slot] = torch.empty(CHUNK, dtype=self.plan.compute_dtype)
-        return buf[:n]
 
     def _run(self, fn: Callable[[int, int], object], n: int, size: int | None = None) -> list:
         """fn(start, end) over ranges of `size` (default CHUNK) covering [0, n), on the chunk threads;
@@ -203,35 +225,49 @@ class Merger:
             return [fn(s, e) for s, e in bounds]
         return list(self.pool.map(lambda b: fn(*b), bounds))
 
-    def _fused(self, views: dict[Path, torch.Tensor], out: torch.Tensor) -> bool:
-        """The method's fused kernel path, where it has one and numba, the dtypes and float32 allow."""
+    def _merge_fused(self, views: dict[Path, np.ndarray], out: np.ndarray) -> None:
         spec = self.plan.spec
-        if spec.method.fused is None or self.plan.compute_dtype != torch.float32:
-            return False
-        kernels = _kernels()
-        xs, base = self._roles(views)
-        if (
-            kernels is None
-            or len({x.dtype for x in xs}) != 1
-            or not kernels.supported(out.dtype, *(v.dtype for v in views.values()))
-        ):
-            return False
-        arrays = {p: kernels.as_array(v.reshape(-1)) for p, v in views.items()}
-        xs, base = self._roles(arrays)
-        spec.method.fused(
-            xs, base, kernels.as_array(out.reshape(-1)), [g.params for g in spec.ingredients], spec.params, self._run
-        )
-        return True
+        xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
+        spec.method.fused(xs, base, out.reshape(-1), [g.params for g in spec.ingredients], spec.params, self._run)
 
-    def _merge_cpu(self, t: OutTensor, views: dict[Path, torch.Tensor], out: torch.Tensor) -> None:
-        if self._fused(views, out):
-            return
+    def _merge_cuda(self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str], out: np.ndarray) -> None:
+        import torch
+
+        spec, cdt = self.plan.spec, getattr(torch, self.plan.compute_dtype)
+        on_gpu: dict[Path, torch.Tensor] = {}
+        for path, v in views.items():
+            src = to_torch(v, codes[path])
+            staged = self.staging.get(path, v.nbytes, src.dtype, tuple(src.shape))
+            staged.copy_(src)  # page cache -> pinned memory, then an async DMA to the GPU
+            on_gpu[path] = staged.to(self.plan.device, non_blocking=True).to(cdt)
+        xs, base = self._roles(on_gpu)
+        merged = spec.method.fn(xs, base, [g.params for g in spec.ingredients], spec.params)
+        dest = to_torch(out, t.dtype)
+        dest.copy_(merged.to(dest.dtype).reshape(dest.shape))  # blocking: out is read by the writer next
+
+    def _chunk(self, slot: object, n: int) -> torch.Tensor:
+        # Each thread fills its own buffers, which go when the thread does (prepare may run on
+        # short-lived threads).
+        import torch
+
+        bufs = getattr(self.work, "bufs", None)
+        if bufs is None:
+            bufs = self.work.bufs = {}
+        buf = bufs.get(slot)
+        if buf is None:
+            buf = bufs[slot] = torch.empty(CHUNK, dtype=getattr(torch, self.plan.compute_dtype))
+        return buf[:n]
+
+    def _merge_eager(
+        self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str], out_array: np.ndarray
+    ) -> None:
+        """The method's torch function over chunks of the flattened tensors."""
         spec = self.plan.spec
         method = spec.method
         models = [g.params for g in spec.ingredients]
-        flat = {p: v.reshape(-1) for p, v in views.items()}
+        flat = {p: to_torch(v.reshape(-1), codes[p]) for p, v in views.items()}
         xs, base = self._roles(flat)
-        out = out.reshape(-1)
+        out = to_torch(out_array.reshape(-1), t.dtype)
         numel = out.numel()
         bounds = [(s, min(s + CHUNK, numel)) for s in range(0, numel, CHUNK)]
 
@@ -312,7 +348,7 @@ def write_shards(
     pending: list[Future | None] = [None, None]  # double buffer: the writer drains one, we fill the other
     remaining = {s.filename: len(s.tensors) for s in chosen}
 
-    def write(shard: Shard, t: OutTensor, data: torch.Tensor) -> None:  # runs on the writer thread
+    def write(shard: Shard, t: OutTensor, data: np.ndarray) -> None:  # runs on the writer thread
         w = writers.get(shard.filename)
         if w is None:
             w = writers[shard.filename] = ShardWriter(directory / shard.filename, shard.tensors)
@@ -322,14 +358,17 @@ def write_shards(
             writers.pop(shard.filename).close()
 
     try:
-        with cpu_engine_settings(plan.device), ThreadPoolExecutor(1, thread_name_prefix="merger-writer") as pool:
+        with (
+            cpu_engine_settings(plan.device, merger.needs_torch),
+            ThreadPoolExecutor(1, thread_name_prefix="merger-writer") as pool,
+        ):
             for j, (shard, t) in enumerate(todo):
                 if j + 1 < len(todo):
                     merger.prefetch(todo[j + 1][1])
                 slot = j % 2
                 if pending[slot] is not None:
                     pending[slot].result()  # that buffer is free again (and re-raises a write error)
-                out = outputs.get(slot, t.nbytes, DTYPES[t.dtype][0], t.shape)
+                out = outputs.get(slot, t.nbytes, DTYPES[t.dtype][2], t.shape)
                 merger.merge_into(t, out)
                 merger.release(t)
                 pending[slot] = pool.submit(write, shard, t, out)
@@ -358,11 +397,12 @@ def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tu
         for t in plan.tensors:
             if wanted is not None and t.name not in wanted:
                 continue
-            out = torch.empty(t.shape, dtype=DTYPES[t.dtype][0])
-            with cpu_engine_settings(plan.device):  # not across the yield: the consumer keeps its threads
+            out = np.empty(t.shape, dtype=DTYPES[t.dtype][2])
+            # not across the yield: the consumer keeps its threads
+            with cpu_engine_settings(plan.device, merger.needs_torch):
                 merger.merge_into(t, out)
             merger.release(t)
-            yield t.name, out
+            yield t.name, to_torch(out, t.dtype)
     finally:
         merger.close()
         reader.close()

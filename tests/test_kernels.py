@@ -17,6 +17,12 @@ from merger.cli import cli
 from merger.methods.task_vectors import TiesModelParams, TiesParams, keep_count, ties, ties_fused
 
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+VIEWS = {torch.bfloat16: np.int16, torch.float16: np.uint16}
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """The numpy view the kernels read (as sources.MappedReader makes them)."""
+    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(VIEWS[t.dtype])
 
 
 def runner(size: int, threads: int = 1):
@@ -33,8 +39,8 @@ def runner(size: int, threads: int = 1):
 
 def fused(xs, base, models, params, run, out_dtype=None):
     out = torch.empty(base.numel(), dtype=out_dtype or base.dtype)
-    arrays = [kernels.as_array(x.reshape(-1)) for x in xs]
-    ties_fused(arrays, kernels.as_array(base.reshape(-1)), kernels.as_array(out), models, params, run)
+    arrays = [as_array(x.reshape(-1)) for x in xs]
+    ties_fused(arrays, as_array(base.reshape(-1)), as_array(out), models, params, run)
     return out
 
 
@@ -96,8 +102,8 @@ def test_ties_at_the_threshold_keep_the_lowest_indices_across_chunks(chunk):
     densities = [0.3, 0.55, 0.9]
     mags = [(x.float() - base.float()).abs() for x in xs]
     ks = [keep_count(n, d) for d in densities]
-    arrays = [kernels.as_array(x) for x in xs]
-    got = kernels.top_k_abs_deltas(arrays, kernels.as_array(base), ks, runner(chunk, 2))
+    arrays = [as_array(x) for x in xs]
+    got = kernels.top_k_abs_deltas(arrays, as_array(base), ks, runner(chunk, 2))
     for m, k, (thr, ties_kept, cutoff) in zip(mags, ks, got):
         assert (thr, ties_kept, cutoff) == oracle_top_k(m, k)
         assert 0 < ties_kept < int((m == thr).sum())  # a real partial tie: the cutoff matters
@@ -120,7 +126,7 @@ def test_a_band_that_misses_is_widened_and_the_answer_stays_exact(monkeypatch, s
         return (hi * 1.5, hi * 2) if side == "above" else (lo / 3, lo / 2)
 
     monkeypatch.setattr(kernels, "_band", unlucky)
-    got = kernels.top_k_abs_deltas([kernels.as_array(x) for x in xs], kernels.as_array(base), ks, runner(1 << 16))
+    got = kernels.top_k_abs_deltas([as_array(x) for x in xs], as_array(base), ks, runner(1 << 16))
     assert calls.count(1) == 2 and calls.count(4) == 2  # each model needed a second pass
     for x, k, r in zip(xs, ks, got):
         assert r == oracle_top_k((x.float() - base.float()).abs(), k)
@@ -128,10 +134,50 @@ def test_a_band_that_misses_is_widened_and_the_answer_stays_exact(monkeypatch, s
 
 def test_density_one_keeps_everything_and_needs_no_pass():
     base, xs = case(100_000, torch.bfloat16, models=2)
-    assert kernels.top_k_abs_deltas([kernels.as_array(x) for x in xs], kernels.as_array(base), [100_000] * 2, None) == [
+    assert kernels.top_k_abs_deltas([as_array(x) for x in xs], as_array(base), [100_000] * 2, None) == [
         None,
         None,
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_linear_matches_the_oracle(dtype, normalize):
+    from merger.methods.linear import LinearModelParams, LinearParams, linear_fused
+
+    _, xs = case(100_003, dtype, models=3, seed=8, scale=1.0)
+    weights = [0.5, 1.25, -0.25]
+    want = sum(w * x.double() for w, x in zip(weights, xs))
+    if normalize:
+        want = want / sum(weights)
+    models, params = [LinearModelParams(weight=w) for w in weights], LinearParams(normalize=normalize)
+    f32 = torch.empty(100_003)  # the float32 result: within a few ulps of the float64 oracle
+    linear_fused([as_array(x) for x in xs], None, as_array(f32), models, params, runner(4096))
+    torch.testing.assert_close(f32.double(), want, rtol=4e-7, atol=4e-7)
+    out = torch.empty(100_003, dtype=dtype)  # stored in the input dtype: exactly torch's rounding of it
+    linear_fused([as_array(x) for x in xs], None, as_array(out), models, params, runner(4096, 2))
+    assert same_bits(out, f32.to(dtype))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_task_arithmetic_matches_the_oracle(normalize):
+    from merger.methods.task_vectors import TaskArithmeticParams, TaskModelParams, task_arithmetic_fused
+
+    base, xs = case(100_003, torch.bfloat16, models=3, seed=9, scale=0.05)
+    weights, lam = [1.0, -0.5, 0.75], 0.7
+    want = base.double() + lam / (sum(weights) if normalize else 1) * sum(
+        w * (x.double() - base.double()) for w, x in zip(weights, xs)
+    )
+    out = torch.empty(100_003)
+    task_arithmetic_fused(
+        [as_array(x) for x in xs],
+        as_array(base),
+        as_array(out),
+        [TaskModelParams(weight=w) for w in weights],
+        TaskArithmeticParams(normalize=normalize, **{"lambda": lam}),
+        runner(4096, 2),
+    )
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("values", ["random", "few", "one", "spread"])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where a method runs, not where the registry loads
+    from torch import Tensor
 
 
 class Params(BaseModel):
@@ -28,18 +30,19 @@ class Params(BaseModel):
 # flattened tensors, in any order and from several threads at once (to keep temporaries in cache and
 # use every core): so fn must be elementwise given (state, offset), must not modify state, and
 # anything that needs the whole tensor belongs in `prepare`. Only methods with prepare get state/offset.
-MergeFn = Callable[..., Tensor]
+MergeFn = Callable[..., "Tensor"]
 
 # prepare(task_vectors, numel, models, params) -> state
 #   task_vectors(i) yields the i-th ingredient's x_i - base as consecutive flat chunks (a fresh
 #   iterator each call, so prepare may make several passes).
-Prepare = Callable[[Callable[[int], Iterable[Tensor]], int, Sequence[BaseModel], BaseModel], Any]
+Prepare = Callable[[Callable[[int], Iterable["Tensor"]], int, Sequence[BaseModel], BaseModel], Any]
 
 # fused(tensors, base, out, models, params, run) -> None: an optional fast path for CPU merges in
-# float32, on the stored bytes: tensors, base and out are flat numpy views in merger.kernels' form
-# (kernels.as_array), all tensors of one dtype, and run(fn, n) maps fn(start, end) over ranges
-# covering [0, n) on the engine's threads, returning the results in order. It must give the same
-# result as fn (bit for bit, tested); the engine uses it when numba and the dtypes allow.
+# float32, on the stored bytes: tensors, base and out are flat numpy views in merger.sources.DTYPES'
+# form (what merger.kernels reads), all tensors of one dtype, and run(fn, n[, size]) maps
+# fn(start, end) over ranges covering [0, n) on the engine's threads, returning the results in order.
+# It must agree with fn to float32 rounding (TIES: bit for bit); tests hold both to the same oracles.
+# The engine uses it when numba and the dtypes allow, and then never imports torch.
 Fused = Callable[..., None]
 
 

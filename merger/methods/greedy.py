@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from merger.methods.base import Method, Params
-from merger.methods.linear import LinearModelParams, LinearParams, linear
+from merger.methods.linear import LinearModelParams, LinearParams, linear, linear_fused
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class NoParams(Params):
@@ -25,6 +27,10 @@ def uniform_soup(
     return linear(tensors, None, [_ONE] * len(tensors), _UNIFORM)
 
 
+def uniform_soup_fused(tensors, base, out, models: Sequence[NoParams], params: NoParams, run) -> None:
+    linear_fused(tensors, None, out, [_ONE] * len(tensors), _UNIFORM, run)
+
+
 METHOD = Method(
     name="greedy_soup",
     fn=uniform_soup,
@@ -34,4 +40,5 @@ METHOD = Method(
     summary="Score each model on held-out data, add them best first to a uniform soup and keep each only if "
     "the soup's score does not get worse; needs an evaluation: section.",
     paper="Wortsman et al. 2022, Model soups (greedy soup, Recipe 1), arXiv:2203.05482",
+    fused=uniform_soup_fused,
 )

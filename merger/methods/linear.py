@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
 from merger.methods.base import Method, Params, normalizable
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class LinearModelParams(Params):
@@ -22,12 +24,21 @@ class LinearParams(Params):
 def linear(
     tensors: Sequence[Tensor], base: Tensor | None, models: Sequence[LinearModelParams], params: LinearParams
 ) -> Tensor:
+    import torch
+
     out = torch.zeros_like(tensors[0])
     for x, m in zip(tensors, models):
         out.add_(x, alpha=m.weight)
     if params.normalize:
         out.div_(sum(m.weight for m in models))
     return out
+
+
+def linear_fused(tensors, base, out, models: Sequence[LinearModelParams], params: LinearParams, run) -> None:
+    from merger import kernels
+
+    weights = [m.weight for m in models]
+    kernels.weighted_sum(tensors, None, out, weights, run, divisor=sum(weights) if params.normalize else 0.0)
 
 
 METHOD = Method(
@@ -39,4 +50,5 @@ METHOD = Method(
     summary="Weighted average (model soup): sum(w_i * x_i) / sum(w_i), or the plain sum without normalize.",
     paper="Wortsman et al. 2022, Model soups, arXiv:2203.05482",
     check=normalizable,
+    fused=linear_fused,
 )

@@ -8,13 +8,14 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor
 
 from merger.methods.base import Method, Params, normalizable
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class TaskModelParams(Params):
@@ -41,6 +42,8 @@ class TiesParams(TaskArithmeticParams):
 def task_arithmetic(
     tensors: Sequence[Tensor], base: Tensor, models: Sequence[TaskModelParams], params: TaskArithmeticParams
 ) -> Tensor:
+    import torch
+
     acc = torch.zeros_like(base)
     delta = torch.empty_like(base)  # reused: x - base is exact-ish in float32, sum(w*x) - W*base is not
     for x, m in zip(tensors, models):
@@ -57,9 +60,6 @@ def keep_count(n: int, density: float) -> int:
     return max(1, math.floor(Fraction(repr(density)) * n))
 
 
-_RADIX = {torch.float32: (torch.int32, 15), torch.float64: (torch.int64, 47)}  # top 16 bits of |x|
-
-
 def kth_largest(magnitudes: Callable[[], Iterable[Tensor]], k: int) -> tuple[float, int, int]:
     """The k-th largest of non-negative floats given as consecutive flat chunks, and which entries
     equal to it are among the k largest (the lowest flat indices first): (threshold, how many of them,
@@ -69,10 +69,13 @@ def kth_largest(magnitudes: Callable[[], Iterable[Tensor]], k: int) -> tuple[flo
     pattern orders like the value) finds the bucket holding the k-th largest, then only that bucket's
     entries (and flat indices) are gathered for kthvalue. Two passes, no sort, and the chunks can
     stream from disk."""
+    import torch
+
+    radix = {torch.float32: (torch.int32, 15), torch.float64: (torch.int64, 47)}  # top 16 bits of |x|
     hist = None
     int_dtype = shift = None
     for m in magnitudes():
-        int_dtype, shift = _RADIX[m.dtype]
+        int_dtype, shift = radix[m.dtype]
         h = torch.bincount((m.view(int_dtype) >> shift).reshape(-1), minlength=1 << 16)
         hist = h if hist is None else hist.add_(h)
     from_top = hist.flip(0).cumsum(0)  # from_top[j]: entries in buckets >= 65535 - j
@@ -153,6 +156,8 @@ def ties(
 ) -> Tensor:
     """TIES on whole tensors, or (given `state` from ties_prepare) on the chunk of the flattened
     tensors that starts at flat index `offset`."""
+    import torch
+
     if state is None:  # called on whole tensors: the statistics come from them in one chunk
         state = ties_prepare(lambda i: [(tensors[i] - base).reshape(-1)], base.numel(), models, params)
     # Trimmed, weighted task vectors, one per model, kept as a list rather than stacked (n_models, ...).
@@ -177,6 +182,17 @@ def ties(
         # |w|: a negative weight negates its task vector and still counts as that much of the mean.
         merged.div_(divisor.clamp_(min=torch.finfo(divisor.dtype).tiny))
     return merged.mul_(params.lambda_).add_(base)
+
+
+def task_arithmetic_fused(
+    tensors, base, out, models: Sequence[TaskModelParams], params: TaskArithmeticParams, run
+) -> None:
+    from merger import kernels
+
+    scale = params.lambda_
+    if params.normalize:
+        scale /= sum(m.weight for m in models)
+    kernels.weighted_sum(tensors, base, out, [m.weight for m in models], run, scale=scale)
 
 
 def ties_fused(tensors, base, out, models: Sequence[TiesModelParams], params: TiesParams, run) -> None:
@@ -207,6 +223,7 @@ TASK_ARITHMETIC = Method(
     summary="base + lambda * sum(w_i * (x_i - base)); a negative weight subtracts a task vector.",
     paper="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
     check=normalizable,
+    fused=task_arithmetic_fused,
 )
 
 TIES = Method(
