@@ -133,13 +133,17 @@ class Buffers:
         buf = self._bufs.get(key)
         if buf is None or len(buf) < nbytes:
             if self._pin:
-                import torch
-
-                buf = torch.empty(max(nbytes, 16), dtype=torch.uint8, pin_memory=True)
+                buf = _pinned(max(nbytes, 16))
             else:
                 buf = np.empty(max(nbytes, 16), dtype=np.uint8)
             self._bufs[key] = buf
         return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    import torch
+
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 class Merger:
@@ -231,19 +235,25 @@ class Merger:
         spec.method.fused(xs, base, out.reshape(-1), [g.params for g in spec.ingredients], spec.params, self._run)
 
     def _merge_cuda(self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str], out: np.ndarray) -> None:
-        import torch
-
-        spec, cdt = self.plan.spec, getattr(torch, self.plan.compute_dtype)
-        on_gpu: dict[Path, torch.Tensor] = {}
+        """One tensor on the GPU, start to finish (merge_tensors; write_shards pipelines with CudaStages)."""
+        on_gpu = {}
         for path, v in views.items():
             src = to_torch(v, codes[path])
             staged = self.staging.get(path, v.nbytes, src.dtype, tuple(src.shape))
             staged.copy_(src)  # page cache -> pinned memory, then an async DMA to the GPU
-            on_gpu[path] = staged.to(self.plan.device, non_blocking=True).to(cdt)
-        xs, base = self._roles(on_gpu)
-        merged = spec.method.fn(xs, base, [g.params for g in spec.ingredients], spec.params)
+            on_gpu[path] = staged.to(self.plan.device, non_blocking=True)
         dest = to_torch(out, t.dtype)
-        dest.copy_(merged.to(dest.dtype).reshape(dest.shape))  # blocking: out is read by the writer next
+        dest.copy_(self.gpu_merge(t, on_gpu).reshape(dest.shape))  # blocking: out is read next
+
+    def gpu_merge(self, t: OutTensor, on_gpu: dict[Path, torch.Tensor]) -> torch.Tensor:
+        """The method on GPU tensors as stored; the result in t's dtype, on the current stream."""
+        import torch
+
+        spec = self.plan.spec
+        cdt = getattr(torch, self.plan.compute_dtype)
+        xs, base = self._roles({p: g.to(cdt) for p, g in on_gpu.items()})
+        merged = spec.method.fn(xs, base, [g.params for g in spec.ingredients], spec.params)
+        return merged.to(getattr(torch, DTYPES[t.dtype][0]))
 
     def _chunk(self, slot: object, n: int) -> torch.Tensor:
         # Each thread fills its own buffers, which go when the thread does (prepare may run on
@@ -306,6 +316,70 @@ class Merger:
             self.reader.prefetch(m.tensors[t.name])
 
 
+class CudaStages:
+    """write_shards on CUDA, three tensors in flight: a stager thread copies tensor j+1 from the page
+    cache into pinned memory and uploads it on a copy stream, while tensor j is merged on the current
+    stream and its result is copied back (non-blocking) into pinned memory, which the writer thread
+    reads once that copy's event has fired (and meanwhile writes tensor j-1). Pinned buffers come in
+    two slots (j % 2); a slot is refilled only after the GPU is done with its previous contents."""
+
+    def __init__(self, merger: Merger):
+        import torch
+
+        self.torch = torch
+        self.merger = merger
+        self.device = merger.plan.device
+        self.copy_stream = torch.cuda.Stream()
+        self.pinned_in = Buffers(pin=True)  # by (slot, input path)
+        self.pinned_out = Buffers(pin=True)  # by slot
+        self.uploaded: list = [None, None]  # per slot: the event that follows its last uploads
+        self.stager = ThreadPoolExecutor(1, thread_name_prefix="merger-stager")
+
+    def close(self) -> None:
+        self.stager.shutdown()
+
+    def stage(self, t: OutTensor, slot: int) -> Future:
+        return self.stager.submit(self._upload, t, slot)
+
+    def _upload(self, t: OutTensor, slot: int) -> tuple:
+        torch = self.torch
+        views, codes = self.merger.inputs_of(t)
+        if not t.merged:
+            return views, None, None
+        if self.uploaded[slot] is not None:
+            self.uploaded[slot].synchronize()  # the DMAs out of this slot's pinned buffers are done
+        on_gpu = {}
+        with torch.cuda.stream(self.copy_stream):
+            for path, v in views.items():
+                src = to_torch(v, codes[path])
+                pinned = self.pinned_in.get((slot, path), v.nbytes, src.dtype, tuple(src.shape))
+                pinned.copy_(src)  # page cache -> pinned memory, on this thread
+                on_gpu[path] = pinned.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        self.uploaded[slot] = done
+        return views, on_gpu, done
+
+    def merge(self, t: OutTensor, staged: tuple, slot: int, host: np.ndarray) -> tuple[np.ndarray, object]:
+        """Tensor t's bytes for the writer, and the event to wait for before reading them (None:
+        ready now). `host` receives the non-merged tensors, which are copied on the CPU."""
+        views, on_gpu, uploaded = staged
+        if on_gpu is None:
+            self.merger._agreed_copy(t, views, host)
+            return host, None
+        torch = self.torch
+        stream = torch.cuda.current_stream()
+        stream.wait_event(uploaded)
+        for g in on_gpu.values():
+            g.record_stream(stream)  # allocated on the copy stream, freed after this stream's use
+        merged = self.merger.gpu_merge(t, on_gpu)
+        out = self.pinned_out.get(slot, t.nbytes, merged.dtype, t.shape)
+        out.copy_(merged.reshape(out.shape), non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+        return out.reshape(-1).view(torch.uint8).numpy().view(DTYPES[t.dtype][2]).reshape(t.shape), ready
+
+
 @functools.cache
 def _kernels():
     """merger.kernels, imported on first use (numba's import costs about 0.3 s), or None without numba."""
@@ -348,7 +422,9 @@ def write_shards(
     pending: list[Future | None] = [None, None]  # double buffer: the writer drains one, we fill the other
     remaining = {s.filename: len(s.tensors) for s in chosen}
 
-    def write(shard: Shard, t: OutTensor, data: np.ndarray) -> None:  # runs on the writer thread
+    def write(shard: Shard, t: OutTensor, data: np.ndarray, ready=None) -> None:  # runs on the writer thread
+        if ready is not None:
+            ready.synchronize()  # the GPU's copy into `data` has landed
         w = writers.get(shard.filename)
         if w is None:
             w = writers[shard.filename] = ShardWriter(directory / shard.filename, shard.tensors)
@@ -357,21 +433,30 @@ def write_shards(
         if remaining[shard.filename] == 0:
             writers.pop(shard.filename).close()
 
+    stages = CudaStages(merger) if merger.cuda and todo else None
     try:
         with (
             cpu_engine_settings(plan.device, merger.needs_torch),
             ThreadPoolExecutor(1, thread_name_prefix="merger-writer") as pool,
         ):
+            staged = stages.stage(todo[0][1], 0) if stages else None
             for j, (shard, t) in enumerate(todo):
+                slot = j % 2
+                current = staged.result() if stages else None
                 if j + 1 < len(todo):
                     merger.prefetch(todo[j + 1][1])
-                slot = j % 2
+                    if stages:
+                        staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # read ahead while j merges
                 if pending[slot] is not None:
                     pending[slot].result()  # that buffer is free again (and re-raises a write error)
                 out = outputs.get(slot, t.nbytes, DTYPES[t.dtype][2], t.shape)
-                merger.merge_into(t, out)
+                ready = None
+                if stages:
+                    out, ready = stages.merge(t, current, slot, out)
+                else:
+                    merger.merge_into(t, out)
                 merger.release(t)
-                pending[slot] = pool.submit(write, shard, t, out)
+                pending[slot] = pool.submit(write, shard, t, out, ready)
                 before = merger.bytes_read
                 bar.update(before - bar.n)
                 bar.set_postfix_str(f"{j + 1}/{len(todo)} tensors", refresh=False)
@@ -382,6 +467,8 @@ def write_shards(
         for w in writers.values():
             w.abort()
         bar.close()
+        if stages:
+            stages.close()
         merger.close()
         reader.close()
     return merger.bytes_read

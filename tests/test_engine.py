@@ -3,13 +3,16 @@ and the writer produces files safetensors reads back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import threading
 
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import load_output, write_checkpoint
+from safetensors.torch import load_file
 
 import merger.stream
 from merger.cli import cli
@@ -162,3 +165,61 @@ def test_writer_header_is_valid_safetensors(tmp_path):
     with safe_open(tmp_path / "x.safetensors", "pt") as f:
         for k, v in tensors.items():
             assert torch.equal(f.get_tensor(k), v)
+
+
+def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, monkeypatch, family):
+    """CudaStages' slots, read-ahead, agreed copies and writer hand-off, run with torch.cuda's stream
+    and event calls stood in by synchronous CPU ones (tests/test_gpu.py runs the real thing): the
+    output is the CPU engine's, and every result waits for its event before it is written."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import CudaStages, write_shards
+
+    paths, _ = family
+    text = (
+        f"merge_method: task_arithmetic\nbase_model: {paths['base']}\n"
+        f"models: [{{model: {paths['ft1']}, parameters: {{weight: 0.7}}}}, {{model: {paths['ft2']}}}]\n"
+        "out_dtype: bfloat16\n"
+    )
+    waits = []
+
+    class Event:
+        def record(self, stream=None):
+            self.recorded = True
+
+        def synchronize(self):
+            assert self.recorded
+            waits.append(threading.current_thread().name.split("_")[0])
+
+    class Stream:
+        def wait_event(self, event):
+            assert event.recorded
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    monkeypatch.setattr(merger.stream, "_pinned", lambda n: torch.empty(n, dtype=torch.uint8))
+
+    class OnCpu(CudaStages):
+        def __init__(self, m):
+            super().__init__(m)
+            self.device = "cpu"
+
+    monkeypatch.setattr(merger.stream, "CudaStages", OnCpu)
+    plan = build_plan(parse_recipe(text), device="cpu")
+    for d in ("cpu", "gpu"):
+        (tmp_path / d).mkdir()
+    write_shards(plan, tmp_path / "cpu")
+    plan.device = "cuda"  # everything else as planned
+    write_shards(plan, tmp_path / "gpu")
+    merged = [t for t in plan.tensors if t.merged]
+    # the writer waited on each merged tensor's copy back; the stager, before refilling a used slot
+    assert waits.count("merger-writer") == len(merged) and waits.count("merger-stager") > 0
+    for shard in plan.shards:
+        gpu, cpu = load_file(tmp_path / "gpu" / shard.filename), load_file(tmp_path / "cpu" / shard.filename)
+        assert list(gpu) == list(cpu) == [t.name for t in shard.tensors]
+        for name in cpu:
+            assert gpu[name].dtype == cpu[name].dtype
+            torch.testing.assert_close(gpu[name].double(), cpu[name].double(), rtol=2**-7, atol=1e-6)
