@@ -132,11 +132,8 @@ class Buffers:
         """A (numpy dtype) array, or with `pin` a (torch dtype) tensor, of `shape` over the buffer `key`."""
         buf = self._bufs.get(key)
         if buf is None or len(buf) < nbytes:
-            if self._pin:
-                buf = _pinned(max(nbytes, 16))
-            else:
-                buf = np.empty(max(nbytes, 16), dtype=np.uint8)
-            self._bufs[key] = buf
+            size = max(nbytes, 16)
+            buf = self._bufs[key] = _pinned(size) if self._pin else np.empty(size, dtype=np.uint8)
         return buf[:nbytes].view(dtype).reshape(shape)
 
 
