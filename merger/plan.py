@@ -133,19 +133,23 @@ class Plan:
     def peak_memory(self) -> int:
         """Estimated working memory beyond the Python process itself. Per tensor: the inputs' pages
         (mapped while the tensor is merged, then dropped) and two output buffers (one being written).
-        On the CPU the merge runs through a few chunk buffers; on CUDA whole tensors are staged in
-        pinned host memory and the method's temporaries (about four tensors for TIES) live on the GPU."""
-        from merger.stream import CHUNK  # the engine's chunk size (stream imports plan)
+        On the CPU the merge runs through a few chunk buffers (TIES also gathers the entries near each
+        trim threshold); on CUDA whole tensors are staged in pinned host memory, two tensors' worth
+        (the next one is uploaded while one merges), and the method's temporaries (about four tensors
+        for TIES) live on the GPU."""
+        from merger.stream import CHUNK, default_threads  # the engine's (stream imports plan)
 
         csize = COMPUTE_BYTES[self.compute_dtype]
         worst = 0
         for t in self.tensors:
             readers = self.readers_of(t)
             raw = sum(m.tensors[t.name].nbytes for m in readers)
-            host = raw * (2 if self.device == "cuda" else 1) + 2 * t.nbytes
+            host = raw * (3 if self.device == "cuda" else 1) + 2 * t.nbytes
             if self.device == "cpu":
                 numel = t.nbytes // DTYPES[t.dtype][1]
                 host += min(numel, CHUNK) * csize * (len(readers) + 8)
+                if self.spec.method.prepare is not None:  # the trim's gathered band: a few % of the entries
+                    host += numel // 20 * 12 * len(self.inputs) + default_threads() * CHUNK * 12 * len(self.inputs)
             worst = max(worst, host)
         return worst
 
@@ -156,8 +160,13 @@ class Plan:
         if self.device != "cuda":
             return 0
         csize = COMPUTE_BYTES[self.compute_dtype]
-        return max(
-            (t.nbytes // DTYPES[t.dtype][1] * csize * (len(self.readers_of(t)) + 4) for t in self.tensors), default=0
+        return max(  # plus the next tensor's inputs, uploaded meanwhile
+            (
+                t.nbytes // DTYPES[t.dtype][1] * csize * (len(self.readers_of(t)) + 4)
+                + sum(m.tensors[t.name].nbytes for m in self.readers_of(t))
+                for t in self.tensors
+            ),
+            default=0,
         )
 
 
