@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import json
 import os
 import struct
@@ -98,6 +99,20 @@ def cpu_engine_settings(device: str, needs_torch: bool = True) -> Iterator[None]
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection during the merge loop: it makes few cycles, but its thousands of
+    small allocations trigger collections that walk every object numba and numpy created (5-7% of a
+    linear merge's CPU time, measured with perf). Refcounting still frees everything as it goes."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def default_threads() -> int:
@@ -433,6 +448,7 @@ def write_shards(
     stages = CudaStages(merger) if merger.cuda and todo else None
     try:
         with (
+            _gc_paused(),
             cpu_engine_settings(plan.device, merger.needs_torch),
             ThreadPoolExecutor(1, thread_name_prefix="merger-writer") as pool,
         ):
