@@ -18,11 +18,13 @@ import contextlib
 import ctypes
 import functools
 import gc
+import importlib
 import json
 import os
 import struct
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -396,8 +398,9 @@ class CudaStages:
 def _kernels():
     """merger.kernels, imported on first use (numba's import costs about 0.3 s), or None without numba."""
     try:
-        from merger import kernels
-    except ImportError:  # numba missing or broken on this platform: the eager path still works
+        kernels = importlib.import_module("merger.kernels")
+    except Exception as e:  # numba missing, broken, or unable to cache: the torch path still works
+        warnings.warn(f"merger's fused kernels are unavailable ({e}); merging through torch instead", stacklevel=2)
         return None
     return kernels
 

@@ -237,3 +237,21 @@ def test_inputs_of_different_dtypes_take_the_eager_path(tmp_path):
     assert result.exit_code == 0, result.output
     want = ties([a.float(), b], base, [TiesModelParams(density=0.5), TiesModelParams()], TiesParams())
     assert torch.equal(load_output(tmp_path / "out")["w"], want)
+
+
+def test_without_the_kernels_the_merge_falls_back_to_torch(tmp_path, monkeypatch, family):
+    import sys
+
+    paths, _ = family
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: ties\nbase_model: {paths['base']}\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
+    )
+    monkeypatch.setitem(sys.modules, "merger.kernels", None)  # as if numba could not be imported
+    merger.stream._kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="fused kernels are unavailable"):
+            result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q"])
+        assert result.exit_code == 0, result.output
+        assert "model.safetensors.index.json" in {p.name for p in (tmp_path / "out").iterdir()}
+    finally:
+        merger.stream._kernels.cache_clear()
