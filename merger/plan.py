@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from merger.errors import ModelError, RecipeError
 from merger.recipe import DTYPE_CODE, MergeSpec
 from merger.sources import (
@@ -57,9 +59,6 @@ class FileUse:
     first: int
     last: int
     names: frozenset[str]
-
-
-COMPUTE_BYTES = {"float32": 4, "float64": 8}
 
 
 @dataclass
@@ -139,7 +138,7 @@ class Plan:
         for TIES) live on the GPU."""
         from merger.stream import CHUNK, default_threads  # the engine's (stream imports plan)
 
-        csize = COMPUTE_BYTES[self.compute_dtype]
+        csize = np.dtype(self.compute_dtype).itemsize
         worst = 0
         for t in self.tensors:
             readers = self.readers_of(t)
@@ -159,7 +158,7 @@ class Plan:
         four temporaries."""
         if self.device != "cuda":
             return 0
-        csize = COMPUTE_BYTES[self.compute_dtype]
+        csize = np.dtype(self.compute_dtype).itemsize
         return max(  # plus the next tensor's inputs, uploaded meanwhile
             (
                 t.nbytes // DTYPES[t.dtype][1] * csize * (len(self.readers_of(t)) + 4)

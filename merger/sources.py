@@ -358,7 +358,7 @@ class MappedReader:
         mm = self._maps.get(file)
         if mm is None:
             with open(self.files.path(file) if self.files else file, "rb") as f:
-                # ACCESS_COPY: a private mapping torch may wrap as writable; nothing is ever written
+                # ACCESS_COPY: a private mapping numpy and torch may wrap as writable; nothing is ever written
                 mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return mm
 

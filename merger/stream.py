@@ -85,9 +85,9 @@ class ShardWriter:
 
 @contextlib.contextmanager
 def cpu_engine_settings(device: str, needs_torch: bool = True) -> Iterator[None]:
-    """One intra-op thread for CPU merging: chunk-sized ops gain little from it, and OpenMP workers that
-    spin-wait collapse (10x slower, measured) when anything else wants the cores, such as our own
-    writer thread. Several cores are used through --workers processes instead."""
+    """One torch intra-op thread for CPU merging: chunk-sized ops gain little from it, and OpenMP workers
+    that spin-wait collapse (10x slower, measured) when anything else wants the cores, such as our own
+    writer thread. The cores are used by the engine's chunk threads instead."""
     _keep_freed_memory()
     if not needs_torch:  # a merge of fused kernels alone: torch stays unimported
         yield
@@ -167,7 +167,6 @@ class Merger:
         self.plan = plan
         self.reader = reader
         self.cuda = plan.device == "cuda"
-        self.staging = Buffers(pin=True) if self.cuda else None
         self.work = threading.local()  # eager CPU float chunk buffers: .bufs, by slot, per thread
         self.bytes_read = 0
         self.threads = 1 if self.cuda else max(1, threads or default_threads())
@@ -206,11 +205,10 @@ class Merger:
         return views, codes
 
     def merge_into(self, t: OutTensor, out: np.ndarray) -> None:
+        """Merge t into `out` on the CPU (on CUDA, CudaStages does the work)."""
         views, codes = self.inputs_of(t)
         if not t.merged:
             self._agreed_copy(t, views, out)
-        elif self.cuda:
-            self._merge_cuda(t, views, codes, out)
         elif self._fusable(t):
             self._merge_fused(views, out)
         else:
@@ -248,17 +246,6 @@ class Merger:
         xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
         spec.method.fused(xs, base, out.reshape(-1), [g.params for g in spec.ingredients], spec.params, self._run)
 
-    def _merge_cuda(self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str], out: np.ndarray) -> None:
-        """One tensor on the GPU, start to finish (merge_tensors; write_shards pipelines with CudaStages)."""
-        on_gpu = {}
-        for path, v in views.items():
-            src = to_torch(v, codes[path])
-            staged = self.staging.get(path, v.nbytes, src.dtype, tuple(src.shape))
-            staged.copy_(src)  # page cache -> pinned memory, then an async DMA to the GPU
-            on_gpu[path] = staged.to(self.plan.device, non_blocking=True)
-        dest = to_torch(out, t.dtype)
-        dest.copy_(self.gpu_merge(t, on_gpu).reshape(dest.shape))  # blocking: out is read next
-
     def gpu_merge(self, t: OutTensor, on_gpu: dict[Path, torch.Tensor]) -> torch.Tensor:
         """The method on GPU tensors as stored; the result in t's dtype, on the current stream."""
         import torch
@@ -293,7 +280,6 @@ class Merger:
         xs, base = self._roles(flat)
         out = to_torch(out_array.reshape(-1), t.dtype)
         numel = out.numel()
-        bounds = [(s, min(s + CHUNK, numel)) for s in range(0, numel, CHUNK)]
 
         def load(slot: object, src: torch.Tensor, s: int, e: int) -> torch.Tensor:
             return self._chunk(slot, e - s).copy_(src[s:e])  # stored dtype -> compute dtype, in cache
@@ -302,24 +288,19 @@ class Merger:
         if method.prepare is not None:
 
             def task_vectors(i: int) -> Iterator[torch.Tensor]:
-                for s, e in bounds:
+                for s in range(0, numel, CHUNK):
+                    e = min(s + CHUNK, numel)
                     yield load("x", xs[i], s, e).sub_(load("b", base, s, e))
 
             state = method.prepare(task_vectors, numel, models, spec.params)
 
-        def merge_chunks(part: list[tuple[int, int]]) -> None:
-            for s, e in part:
-                chunk_xs = [load(i, x, s, e) for i, x in enumerate(xs)]
-                chunk_base = load("b", base, s, e) if base is not None else None
-                extra = (state, s) if method.prepare is not None else ()
-                out[s:e].copy_(method.fn(chunk_xs, chunk_base, models, spec.params, *extra))
+        def merge_chunk(s: int, e: int) -> None:  # torch ops release the GIL: chunks run on every core
+            chunk_xs = [load(i, x, s, e) for i, x in enumerate(xs)]
+            chunk_base = load("b", base, s, e) if base is not None else None
+            extra = (state, s) if method.prepare is not None else ()
+            out[s:e].copy_(method.fn(chunk_xs, chunk_base, models, spec.params, *extra))
 
-        n = min(self.threads, len(bounds))
-        if n > 1:  # torch ops release the GIL: chunks run on every core (interleaved, to balance them)
-            for f in [self.pool.submit(merge_chunks, bounds[i::n]) for i in range(n)]:
-                f.result()
-        else:
-            merge_chunks(bounds)
+        self._run(merge_chunk, numel)
 
     def release(self, t: OutTensor) -> None:
         for m in self.plan.readers_of(t):
@@ -353,9 +334,10 @@ class CudaStages:
         self.stager.shutdown()
 
     def stage(self, t: OutTensor, slot: int) -> Future:
-        return self.stager.submit(self._upload, t, slot)
+        return self.stager.submit(self.upload, t, slot)
 
-    def _upload(self, t: OutTensor, slot: int) -> tuple:
+    def upload(self, t: OutTensor, slot: int) -> tuple:
+        """Tensor t's inputs on the GPU (as stored), after pinned slot `slot`: (views, on_gpu, event)."""
         torch = self.torch
         views, codes = self.merger.inputs_of(t)
         if not t.merged:
@@ -374,13 +356,16 @@ class CudaStages:
         self.uploaded[slot] = done
         return views, on_gpu, done
 
-    def merge(self, t: OutTensor, staged: tuple, slot: int, host: np.ndarray) -> tuple[np.ndarray, object]:
-        """Tensor t's bytes for the writer, and the event to wait for before reading them (None:
-        ready now). `host` receives the non-merged tensors, which are copied on the CPU."""
+    def merge(
+        self, t: OutTensor, staged: tuple, slot: int, host: Callable[[], np.ndarray]
+    ) -> tuple[np.ndarray, object]:
+        """Tensor t's bytes, in pinned slot `slot`, and the event to wait for before reading them (None:
+        ready now). Non-merged tensors are copied on the CPU into host(), a host buffer."""
         views, on_gpu, uploaded = staged
         if on_gpu is None:
-            self.merger._agreed_copy(t, views, host)
-            return host, None
+            out = host()
+            self.merger._agreed_copy(t, views, out)
+            return out, None
         torch = self.torch
         stream = torch.cuda.current_stream()
         stream.wait_event(uploaded)
@@ -465,11 +450,12 @@ def write_shards(
                         staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # read ahead while j merges
                 if pending[slot] is not None:
                     pending[slot].result()  # that buffer is free again (and re-raises a write error)
-                out = outputs.get(slot, t.nbytes, DTYPES[t.dtype][2], t.shape)
+                host = functools.partial(outputs.get, slot, t.nbytes, DTYPES[t.dtype][2], t.shape)
                 ready = None
-                if stages:
-                    out, ready = stages.merge(t, current, slot, out)
+                if stages:  # a host buffer only for the tensors copied on the CPU
+                    out, ready = stages.merge(t, current, slot, host)
                 else:
+                    out = host()
                     merger.merge_into(t, out)
                 merger.release(t)
                 pending[slot] = pool.submit(write, shard, t, out, ready)
@@ -496,6 +482,7 @@ def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tu
     wanted = set(names) if names is not None else None
     reader = MappedReader()
     merger = Merger(plan, reader)
+    stages = CudaStages(merger) if merger.cuda else None
     try:
         for t in plan.tensors:
             if wanted is not None and t.name not in wanted:
@@ -503,9 +490,17 @@ def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tu
             out = np.empty(t.shape, dtype=DTYPES[t.dtype][2])
             # not across the yield: the consumer keeps its threads
             with cpu_engine_settings(plan.device, merger.needs_torch):
-                merger.merge_into(t, out)
+                if stages:
+                    data, ready = stages.merge(t, stages.upload(t, 0), 0, lambda out=out: out)
+                    if ready is not None:
+                        ready.synchronize()
+                        np.copyto(out, data)  # out of the pinned slot, which the next tensor reuses
+                else:
+                    merger.merge_into(t, out)
             merger.release(t)
             yield t.name, to_torch(out, t.dtype)
     finally:
+        if stages:
+            stages.close()
         merger.close()
         reader.close()

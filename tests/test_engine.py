@@ -173,7 +173,7 @@ def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, monkeypatch, fami
     output is the CPU engine's, and every result waits for its event before it is written."""
     from merger.plan import build_plan
     from merger.recipe import parse_recipe
-    from merger.stream import CudaStages, write_shards
+    from merger.stream import CudaStages, merge_tensors, write_shards
 
     paths, _ = family
     text = (
@@ -223,3 +223,9 @@ def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, monkeypatch, fami
         for name in cpu:
             assert gpu[name].dtype == cpu[name].dtype
             torch.testing.assert_close(gpu[name].double(), cpu[name].double(), rtol=2**-7, atol=1e-6)
+    # merge_tensors (greedy soup's in-memory candidates) goes through the same stages, one tensor at a time
+    written = {k: v for shard in plan.shards for k, v in load_file(tmp_path / "gpu" / shard.filename).items()}
+    in_memory = dict(merge_tensors(plan))
+    assert in_memory.keys() == written.keys()
+    for name, tensor in in_memory.items():
+        assert torch.equal(tensor, written[name]), name

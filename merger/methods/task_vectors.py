@@ -49,10 +49,12 @@ def task_arithmetic(
     for x, m in zip(tensors, models):
         torch.sub(x, base, out=delta)
         acc.add_(delta, alpha=m.weight)
-    scale = params.lambda_
-    if params.normalize:
-        scale /= sum(m.weight for m in models)
-    return acc.mul_(scale).add_(base)
+    return acc.mul_(_scale(models, params)).add_(base)
+
+
+def _scale(models: Sequence[TaskModelParams], params: TaskArithmeticParams) -> float:
+    """lambda, over the sum of the weights with normalize."""
+    return params.lambda_ / sum(m.weight for m in models) if params.normalize else params.lambda_
 
 
 def keep_count(n: int, density: float) -> int:
@@ -189,10 +191,7 @@ def task_arithmetic_fused(
 ) -> None:
     from merger import kernels
 
-    scale = params.lambda_
-    if params.normalize:
-        scale /= sum(m.weight for m in models)
-    kernels.weighted_sum(tensors, base, out, [m.weight for m in models], run, scale=scale)
+    kernels.weighted_sum(tensors, base, out, [m.weight for m in models], run, scale=_scale(models, params))
 
 
 def ties_fused(tensors, base, out, models: Sequence[TiesModelParams], params: TiesParams, run) -> None:
