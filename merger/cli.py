@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from merger import __version__
-from merger.errors import MergerError
+from merger.errors import MergerError, describe
 
 
 def _size(n: int) -> str:
@@ -38,8 +38,7 @@ def _domain_errors(fn):
             click.echo("error: interrupted; nothing was written to the output", err=True)
             sys.exit(130)
         except OSError as e:
-            where = f" ({e.filename})" if e.filename else ""
-            click.echo(f"error: {e.strerror or e}{where}; nothing was written to the output", err=True)
+            click.echo(f"error: {describe(e)}; nothing was written to the output", err=True)
             sys.exit(1)
 
     return wrapper

@@ -23,3 +23,10 @@ class MergeError(MergerError):
 
 class EvaluationError(MergerError):
     """A held-out evaluation failed: the evaluator crashed, printed no score, or its data is unusable."""
+
+
+def describe(e: BaseException) -> str:
+    """One line for an error: an OSError as its message and file ('No space left on device (out/x)')."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f" ({e.filename})" if e.filename else "")
+    return str(e) or type(e).__name__

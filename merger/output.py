@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from merger import __version__, parallel
-from merger.errors import MergerError
+from merger.errors import MergerError, describe
 from merger.hub import JustInTime, fetch_inputs
 from merger.lock import Lock, LockedInput, inputs_of, write_lock
 from merger.plan import Plan
@@ -151,27 +151,33 @@ def _write_as_rank(
     inputs: Callable[[], list[LockedInput]],
 ) -> int | None:
     """This rank's shards; rank 0 then finishes the directory. Every rank reports before anyone commits,
-    so one failing rank fails the whole merge and nothing lands at `dest`."""
-    tmp = Path(group.share(str(new_staging(dest)) if group.rank == 0 else None))
-    mine = parallel.assign(plan.shards, group.world)[group.rank]
-    result: tuple[int, str | None] = (0, None)
+    so one failing rank fails the whole merge (every rank exits with an error) and nothing lands at
+    `dest`; a rank that dies outright fails the others' exchange, and whoever notices removes the
+    staging directory."""
+    tmp = new_staging(dest) if group.rank == 0 else None
     try:
-        result = (write_shards(plan, tmp, progress=progress and group.rank == 0, shards=mine), None)
-    except Exception as e:  # reported through the gather below, raised on rank 0
-        result = (0, f"rank {group.rank}: {e}")
-    results = group.gather(result)
-    group.close()
-    if group.rank != 0:
-        return None
-    errors = [err for _, err in results if err]
-    try:
-        if errors:
-            raise MergerError("\n".join(errors))
+        tmp = Path(group.share(str(tmp) if tmp else None))
+        mine = parallel.assign(plan.shards, group.world)[group.rank]
+        result: tuple[int, str | None] = (0, None)
+        try:
+            result = (write_shards(plan, tmp, progress=progress and group.rank == 0, shards=mine), None)
+        except Exception as e:  # reported through the gather below
+            result = (0, f"rank {group.rank}: {describe(e)}")
+        results = group.gather(result)
+        errors = [err for _, err in results if err]
+        if errors:  # rank 0 says everything; the others what failed there, if anything
+            elsewhere = f"rank {group.rank}: the merge failed on another rank (rank 0's log says why)"
+            raise MergerError("\n".join(errors) if group.rank == 0 else result[1] or elsewhere)
+        if group.rank != 0:
+            return None
         write_metadata(plan, tmp, dest.name, inputs())
         commit(tmp, dest, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        group.close()
     return sum(n for n, _ in results)
 
 

@@ -9,12 +9,20 @@ byte-identical to a single-process run.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from datetime import timedelta
 from pathlib import Path
 
+from merger.errors import MergerError
 from merger.plan import Plan, Shard
 from merger.stream import default_threads, write_shards
+
+TIMEOUT_ENV = "MERGER_DIST_TIMEOUT"  # seconds a rank waits for the others (to start, or to finish their shards)
 
 
 def assign(shards: list[Shard], world: int) -> list[list[int]]:
@@ -33,39 +41,71 @@ def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int) ->
 
 
 def write_with_workers(plan: Plan, directory: Path, workers: int) -> int:
-    """Write all shards with `workers` local processes; returns bytes read."""
+    """Write all shards with `workers` local processes; returns bytes read. A process that dies (killed,
+    out of memory) fails the merge instead of leaving the others waiting for its shards."""
     parts = [p for p in assign(plan.shards, workers) if p]
     ctx = multiprocessing.get_context("spawn")  # fork would copy our threads (and torch's CUDA state)
     threads = max(1, default_threads() // len(parts))  # the cores, shared among the processes
-    with ctx.Pool(len(parts)) as pool:
-        return sum(pool.starmap(_write_part, [(plan, directory, p, threads) for p in parts]))
+    with ProcessPoolExecutor(len(parts), mp_context=ctx) as pool:
+        jobs = [pool.submit(_write_part, plan, directory, p, threads) for p in parts]
+        try:
+            return sum(j.result() for j in jobs)
+        except BrokenProcessPool:
+            raise MergerError("a --workers process died while writing its shards (killed, or out of memory?)") from None
+
+
+class GroupError(MergerError):
+    """Another process of a distributed launch is gone (it crashed, or never came)."""
 
 
 class Group:
-    """The processes of a distributed launch (WORLD_SIZE > 1), over gloo."""
+    """The processes of a distributed launch (WORLD_SIZE > 1), over gloo. A rank that dies makes the
+    others' next exchange fail at once (its connections close); one that never joins, or hangs, is
+    waited for MERGER_DIST_TIMEOUT seconds (default 1800). Launchers such as torchrun stop the other
+    ranks themselves when one exits with an error."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
 
         self.dist = dist
+        self.rank = int(os.environ.get("RANK", "0"))
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            raw = os.environ.get(TIMEOUT_ENV, "1800")
+            try:
+                seconds = float(raw)
+            except ValueError:
+                raise MergerError(f"{TIMEOUT_ENV}: '{raw}' is not a number of seconds") from None
+            self._call("meet the other ranks", dist.init_process_group, "gloo", timeout=timedelta(seconds=seconds))
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MergerError:
+            raise
+        except Exception as e:  # gloo: connection closed, timeout; its first sentence says which
+            text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())  # gloo's "[source.cc:553] " prefix
+            cause = re.split(r"(?<=\.)\s", text, maxsplit=1)[0] if text else type(e).__name__
+            raise GroupError(
+                f"rank {self.rank}: could not {what}: another process of the distributed merge stopped "
+                f"or did not answer (see its log; {TIMEOUT_ENV} sets the wait): {cause}"
+            ) from None
 
     def share(self, value: object) -> object:
         """Rank 0's value, on every rank."""
         box = [value]
-        self.dist.broadcast_object_list(box, src=0)
+        self._call("receive rank 0's staging directory", self.dist.broadcast_object_list, box, src=0)
         return box[0]
 
     def gather(self, value: object) -> list[object]:
         out: list[object] = [None] * self.world
-        self.dist.all_gather_object(out, value)
+        self._call("collect every rank's result", self.dist.all_gather_object, out, value)
         return out
 
     def close(self) -> None:
-        self.dist.destroy_process_group()
+        with contextlib.suppress(Exception):  # a group that lost a rank may not tear down cleanly
+            self.dist.destroy_process_group()
 
 
 def launched_group() -> Group | None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import write_checkpoint
 
@@ -64,24 +65,121 @@ def test_workers_output_is_byte_identical(tmp_path):
     assert a == b
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(recipe, out, ranks=(0, 1), env=None):
+    """Ranks of a two-process launch as a launcher (accelerate launch, torchrun) starts them: WORLD_SIZE,
+    RANK, MASTER_*. Returns [(returncode, stdout, stderr)] per rank."""
+    port = _free_port()
+    procs = []
+    for rank in ranks:
+        rank_env = os.environ | (env or {}) | {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "merger", "apply", str(recipe), "-o", str(out), "--json"],
+            env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
+def _sabotage(tmp_path, code: str) -> dict:
+    """An environment whose Python processes run `code` at start-up (a sitecustomize), to make one
+    process of a merge fail the way a real one might."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_distributed_gloo_launch_is_byte_identical(tmp_path):
-    """Two ranks as a launcher (accelerate launch, torchrun) starts them: WORLD_SIZE, RANK, MASTER_*."""
     recipe = _family(tmp_path)
     one = _merger("apply", str(recipe), "-o", str(tmp_path / "one" / "out"), "-q")
     assert one.returncode == 0, one.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = os.environ | {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "merger", "apply", str(recipe), "-o", str(tmp_path / "dist" / "out"), "--json"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))  # fmt: skip
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert json.loads(outs[0][0])["processes"] == 2 and outs[1][0] == ""
+    ranks = _launch(recipe, tmp_path / "dist" / "out")
+    assert [r[0] for r in ranks] == [0, 0], ranks
+    assert json.loads(ranks[0][1])["processes"] == 2 and ranks[1][1] == ""
     assert _files(tmp_path / "one" / "out") == _files(tmp_path / "dist" / "out")
     assert [p.name for p in (tmp_path / "dist").iterdir()] == ["out"]
+
+
+KILL_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import merger.output
+    merger.output.write_shards = lambda *a, **k: os._exit(9)  # killed mid-merge (OOM killer, scancel)
+"""
+
+FAIL_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import merger.output
+    def write_shards(*a, **k):
+        raise OSError(28, "No space left on device")
+    merger.output.write_shards = write_shards
+"""
+
+
+@pytest.mark.parametrize("sabotage", ["killed", "failed"])
+def test_a_rank_that_dies_or_fails_fails_every_rank_and_leaves_nothing(tmp_path, sabotage):
+    recipe = _family(tmp_path)
+    env = _sabotage(tmp_path, KILL_RANK_1 if sabotage == "killed" else FAIL_RANK_1)
+    (rc0, out0, err0), (rc1, _, err1) = _launch(recipe, tmp_path / "dist" / "out", env=env)
+    assert rc0 == 2 and out0 == ""
+    assert "Traceback" not in err0 + err1
+    if sabotage == "killed":
+        assert rc1 == 9
+        assert err0.startswith("error: rank 0: could not collect every rank's result: another process")
+        assert len(err0.splitlines()) == 1
+    else:
+        assert rc1 == 2
+        assert err0 == "error: rank 1: No space left on device\n"
+        assert err1 == "error: rank 1: No space left on device\n"
+    assert list((tmp_path / "dist").iterdir()) == []  # no output, no staging directory left behind
+
+
+def test_a_rank_that_never_joins_is_waited_for_the_timeout(tmp_path):
+    recipe = _family(tmp_path)
+    ((rc, out, err),) = _launch(recipe, tmp_path / "dist" / "out", ranks=(0,), env={"MERGER_DIST_TIMEOUT": "2"})
+    assert rc == 2 and out == ""
+    assert err.startswith("error: rank 0: could not meet the other ranks") and "MERGER_DIST_TIMEOUT" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "dist").exists() or list((tmp_path / "dist").iterdir()) == []
+
+
+def test_a_bad_timeout_is_named():
+    from merger.errors import MergerError
+    from merger.parallel import Group
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MERGER_DIST_TIMEOUT", "soon")
+        with pytest.raises(MergerError, match="MERGER_DIST_TIMEOUT: 'soon' is not a number of seconds"):
+            Group()
+
+
+KILL_A_WORKER = """
+import os
+import merger.parallel
+
+def _write_part(*a, **k):
+    os._exit(9)  # a --workers process killed mid-merge
+
+merger.parallel._write_part = _write_part  # what the pool's processes run (the parent never calls it)
+"""
+
+
+def test_a_worker_that_dies_fails_the_merge_instead_of_hanging(tmp_path):
+    recipe = _family(tmp_path)
+    out = tmp_path / "w" / "out"
+    env = os.environ | _sabotage(tmp_path, KILL_A_WORKER)
+    done = subprocess.run(
+        [sys.executable, "-m", "merger", "apply", str(recipe), "-o", str(out), "--workers", "2", "-q"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "error: a --workers process died while writing its shards (killed, or out of memory?)\n"
+    assert list(out.parent.iterdir()) == []
