@@ -46,3 +46,35 @@ def test_gpu_json_reports_gpu_memory(tmp_path, family):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["device"] == "cuda" and summary["peak_gpu_bytes"] > 0
+
+
+SOUP_EVAL = """\
+def score(candidate):  # lower is better: how far the soup's mean weight is from 0.1
+    return abs(float(candidate.state_dict()["layers.0.w"].mean()) - 0.1)
+"""
+
+
+def test_gpu_greedy_soup_equals_cpu(tmp_path, family, monkeypatch):
+    """The search's soups are merged on the GPU too: the same choice, and the same soup as on the CPU."""
+    import json
+
+    paths, _ = family
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "soupeval.py").write_text(SOUP_EVAL)
+    models = "".join(f"  - model: {paths[m]}\n" for m in ("ft1", "ft2", "ft3", "base"))
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: greedy_soup\nmodels:\n{models}out_dtype: float32\n"
+        "evaluation:\n  evaluator: python\n  function: soupeval:score\n  direction: lower\n  cache: false\n"
+    )
+    reports, outs = {}, {}
+    for device in ("cpu", "cuda"):
+        result = CliRunner().invoke(
+            cli, ["apply", "r.yaml", "-o", str(tmp_path / device), "--device", device, "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        reports[device] = json.loads(result.stdout)["greedy_soup"]
+        outs[device] = load_output(tmp_path / device)
+    assert reports["cuda"]["selected"] == reports["cpu"]["selected"]
+    assert reports["cuda"]["score"] == pytest.approx(reports["cpu"]["score"], abs=1e-6)
+    for name, cpu in outs["cpu"].items():
+        torch.testing.assert_close(outs["cuda"][name], cpu, rtol=1e-6, atol=1e-6)
