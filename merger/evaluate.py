@@ -30,6 +30,7 @@ from merger.errors import EvaluationError, MergerError
 from merger.output import proc_kib, write_model
 from merger.plan import Plan
 from merger.recipe import CommandEvaluation, PerplexityEvaluation, PythonEvaluation
+from merger.sources import sha256_file
 from merger.stream import merge_tensors
 
 FIT_FRACTION = 0.8  # in-memory evaluation when the model takes at most this much of the free memory
@@ -344,7 +345,16 @@ class CommandEvaluator:
             "command": self.ev.command,
             "json_field": self.ev.json_field,
             "cwd": os.getcwd(),
+            "files": self._files(),
         }
+
+    def _files(self) -> dict[str, str]:
+        """The sha256 of every file the command names (its script, its data): editing one re-scores."""
+        try:
+            words = shlex.split(self.ev.command)
+        except ValueError:
+            return {}
+        return {w: sha256_file(Path(w)) for w in words if "{model}" not in w and Path(w).is_file()}
 
     def describe(self) -> str:
         return f"`{self.ev.command}`"
@@ -388,9 +398,11 @@ class PythonEvaluator:
         self.fn: Callable[[Candidate], float] = getattr(module, name, None)
         if not callable(self.fn):
             raise EvaluationError(f"{self.where}: module {module_name} has no function '{name}'")
+        source = getattr(module, "__file__", None)
+        self.source_sha256 = sha256_file(Path(source)) if source and Path(source).is_file() else None
 
     def settings(self) -> dict:
-        return {"evaluator": "python", "function": self.ev.function}
+        return {"evaluator": "python", "function": self.ev.function, "source_sha256": self.source_sha256}
 
     def describe(self) -> str:
         return self.ev.function

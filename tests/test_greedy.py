@@ -227,6 +227,30 @@ def test_cache_avoids_reevaluation(toys):
     assert report["uniform_soup"]["score"] == pytest.approx(abs(15.5 / 4 - 2), abs=1e-6)
 
 
+def test_an_edited_scoring_script_or_function_is_scored_again(toys):
+    assert apply(recipe(COMMAND), "-q").exit_code == 0
+    assert json.loads(apply(recipe(COMMAND), "--json", "--force").stdout)["greedy_soup"]["evaluations"] == 0
+    Path("score.py").write_text(SCRIPT.replace("abs(mean - 2.0)", "abs(mean - 2.5)"))  # a new target
+    report = json.loads(apply(recipe(COMMAND), "--json", "--force").stdout)["greedy_soup"]
+    # Alone ft3 scores 0 and nothing joins it: 4 models, 3 rejected steps, the uniform soup.
+    assert (report["evaluations"], report["cached"]) == (8, 0)
+    assert report["selected"] == ["ft3"] and report["score"] == pytest.approx(0, abs=1e-6)
+
+    python = "  evaluator: python\n  function: myeval:score\n  direction: lower\n"
+    try:
+        Path("myeval.py").write_text(PYTHON_EVAL)
+        assert json.loads(apply(recipe(python), "--json", "--force").stdout)["greedy_soup"]["evaluations"] == 7
+        del sys.modules["myeval"]  # a new process would import the edited module afresh
+        assert json.loads(apply(recipe(python), "--json", "--force").stdout)["greedy_soup"]["evaluations"] == 0
+        del sys.modules["myeval"]
+        Path("myeval.py").write_text(PYTHON_EVAL.replace("- 2.0", "- 2.5"))
+        report = json.loads(apply(recipe(python), "--json", "--force").stdout)["greedy_soup"]
+        assert (report["evaluations"], report["cached"]) == (8, 0)
+        assert report["selected"] == ["ft3"]
+    finally:
+        sys.modules.pop("myeval", None)
+
+
 def test_cache_file_and_no_cache(toys):
     first = apply(recipe(COMMAND + "  cache: scores.json\n"), "-q")
     assert first.exit_code == 0, first.output
