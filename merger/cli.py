@@ -156,10 +156,15 @@ def apply(
     if plan.spec.method is greedy.METHOD:
         from merger.soup import format_table, greedy_soup
 
-        if lock is not None or low_disk:
-            raise MergerError("greedy_soup does not support --locked or --low-disk yet")
+        if low_disk:
+            raise MergerError(
+                "greedy_soup reads every model once per candidate soup: --low-disk would download each "
+                "Hub model again for every evaluation; leave it out"
+            )
         log = None if quiet or as_json else functools.partial(click.echo, err=True)
-        summary = greedy_soup(plan, dest, force=force, progress=progress, workers=workers, log=log)
+        summary = greedy_soup(
+            plan, dest, force=force, progress=progress, workers=workers, log=log, lock=lock, lock_name=locked
+        )
         if not quiet and not as_json:
             click.echo(format_table(summary["greedy_soup"]))
     else:

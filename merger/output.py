@@ -83,13 +83,15 @@ def write_model(
     lock: Lock | None = None,
     lock_name: str = "lock",
     card: str | None = None,
+    provenance: Plan | None = None,
 ) -> dict | None:
     """Run the whole merge into `dest`. Returns a summary for --json (None on ranks other than 0 of a
     distributed launch, which only write their shards). `card`: markdown appended to the model card.
 
     Hub inputs are downloaded first: all their files, or with `low_disk` all but the weights, which are
     then fetched shard by shard as the merge maps them and deleted after. With `lock`, every input must
-    match it before anything is downloaded or written."""
+    match it before anything is downloaded or written. `provenance`: the plan whose inputs the lock
+    records, if not `plan` (greedy soup: every ingredient its search read)."""
     start = time.perf_counter()
     dest = dest.expanduser().resolve()
     check_destination(dest, plan, force)
@@ -98,7 +100,7 @@ def write_model(
     with ThreadPoolExecutor(1, thread_name_prefix="merger-hash") as pool:
         # Hashing local inputs for the lock reads every file once; it runs beside the merge (hashlib
         # releases the GIL), unless a lock must be checked before anything is written.
-        hashing = pool.submit(inputs_of, plan)
+        hashing = pool.submit(inputs_of, provenance or plan)
         if lock is not None:
             lock.verify(hashing.result(), lock_name)
         fetch_inputs(plan, weights=not low_disk)

@@ -21,6 +21,7 @@ from pathlib import Path
 from merger.errors import MergerError
 from merger.evaluate import Candidate, Evaluator, make_evaluator
 from merger.hub import fetch_inputs
+from merger.lock import Lock, inputs_of
 from merger.output import check_destination, write_model
 from merger.plan import Plan, build_plan
 from merger.recipe import DTYPE_CODE
@@ -126,9 +127,13 @@ def greedy_soup(
     progress: bool = False,
     workers: int = 1,
     log: Callable[[str], None] | None = None,
+    lock: Lock | None = None,
+    lock_name: str = "lock",
 ) -> dict:
     """Search, then write the chosen soup to `dest` like any merge. Returns write_model's summary with
-    the search report under 'greedy_soup'. Temporary candidates live beside `dest` and are removed."""
+    the search report under 'greedy_soup'. Temporary candidates live beside `dest` and are removed.
+    The output's lock records every ingredient (the search read them all); with `lock`, every
+    ingredient must match it before anything is evaluated."""
     start = time.perf_counter()
     log = log or (lambda _msg: None)
     spec, ev = plan.spec, plan.spec.recipe.evaluation
@@ -136,6 +141,8 @@ def greedy_soup(
         raise MergerError("greedy_soup runs in one process; use --workers to write the final soup in parallel")
     dest = dest.expanduser().resolve()
     check_destination(dest, plan, force)
+    if lock is not None:
+        lock.verify(inputs_of(plan), lock_name)
     fetch_inputs(plan, weights=True)  # Hub inputs: every candidate reads them
     refs = [g.ref for g in spec.ingredients]
     cache = ScoreCache(None if ev.cache is False else default_cache_path() if ev.cache is True else Path(ev.cache))
@@ -190,7 +197,9 @@ def greedy_soup(
         "cache": str(cache.path) if cache.path else None,
     }
     final = subset_plan(plan, tuple(sorted(result.selected)))
-    summary = write_model(final, dest, force=force, progress=progress, workers=workers, card=format_markdown(report))
+    summary = write_model(
+        final, dest, force=force, progress=progress, workers=workers, card=format_markdown(report), provenance=plan
+    )
     summary["seconds"] = round(time.perf_counter() - start, 3)  # the search included
     summary["greedy_soup"] = report
     return summary

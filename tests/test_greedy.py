@@ -251,6 +251,34 @@ def test_an_edited_scoring_script_or_function_is_scored_again(toys):
         sys.modules.pop("myeval", None)
 
 
+def test_locked_rerun_repeats_the_search_on_the_same_inputs(toys):
+    first = apply(recipe(COMMAND), "--json")
+    assert first.exit_code == 0, first.output
+    lock = json.loads(Path("out/merger.lock.json").read_text())
+    assert sorted(r for i in lock["inputs"] for r in i["refs"]) == ["ft1", "ft2", "ft3", "ft4"]  # ft4 was tried too
+    again = CliRunner().invoke(cli, ["apply", "--locked", "out/merger.lock.json", "-o", "again", "--json"])
+    assert again.exit_code == 0, again.output
+    report = json.loads(again.stdout)["greedy_soup"]
+    assert report["selected"] == ["ft3", "ft1", "ft2"] and report["evaluations"] == 0  # all from the cache
+    files = {p.name for p in Path("out").iterdir()} - {"README.md"}  # the card names the directory, counts evaluations
+    assert {n: Path("again", n).read_bytes() for n in files} == {n: Path("out", n).read_bytes() for n in files}
+
+    write_toy("ft4", 9.0)  # a rejected ingredient changed: the lock no longer holds, nothing is scored
+    before = calls()
+    bad = CliRunner().invoke(cli, ["apply", "--locked", "out/merger.lock.json", "-o", "third"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert bad.stderr.startswith("error: out/merger.lock.json: 'ft4': model-00001-of-00002.safetensors has changed")
+    assert calls() == before and not Path("third").exists()
+
+
+def test_low_disk_is_refused_with_the_reason(toys):
+    err = run_bad(recipe(COMMAND), "--low-disk")
+    assert err == (
+        "error: greedy_soup reads every model once per candidate soup: --low-disk would download each Hub "
+        "model again for every evaluation; leave it out\n"
+    )
+
+
 def test_cache_file_and_no_cache(toys):
     first = apply(recipe(COMMAND + "  cache: scores.json\n"), "-q")
     assert first.exit_code == 0, first.output
