@@ -103,7 +103,7 @@ def generate(root: Path, shape: str, n_finetunes: int, shard_size: int) -> list[
                 if m:  # a fine-tune: the base plus a small task vector
                     g2 = torch.Generator().manual_seed(zlib.crc32(f"{t.name}/{m}".encode()))
                     x += torch.randn(t.shape, generator=g2) * 0.002
-                w.write(t, x.bfloat16())
+                w.write(t, x.bfloat16().view(torch.int16).numpy())  # bf16 bits, as ShardWriter takes them
             w.close()
         index = {"metadata": {}, "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index))

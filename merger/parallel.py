@@ -74,7 +74,9 @@ class Group:
             try:
                 seconds = float(raw)
             except ValueError:
-                raise MergerError(f"{TIMEOUT_ENV}: '{raw}' is not a number of seconds") from None
+                seconds = -1.0
+            if not seconds > 0:
+                raise MergerError(f"{TIMEOUT_ENV}: '{raw}' is not a positive number of seconds")
             self._call("meet the other ranks", dist.init_process_group, "gloo", timeout=timedelta(seconds=seconds))
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -82,8 +84,6 @@ class Group:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MergerError:
-            raise
         except Exception as e:  # gloo: connection closed, timeout; its first sentence says which
             text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())  # gloo's "[source.cc:553] " prefix
             cause = re.split(r"(?<=\.)\s", text, maxsplit=1)[0] if text else type(e).__name__

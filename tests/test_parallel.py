@@ -155,10 +155,13 @@ def test_a_bad_timeout_is_named():
     from merger.errors import MergerError
     from merger.parallel import Group
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MERGER_DIST_TIMEOUT", "soon")
-        with pytest.raises(MergerError, match="MERGER_DIST_TIMEOUT: 'soon' is not a number of seconds"):
-            Group()
+    for bad in ("soon", "0", "-5", "nan"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MERGER_DIST_TIMEOUT", bad)
+            with pytest.raises(
+                MergerError, match=f"^MERGER_DIST_TIMEOUT: '{bad}' is not a positive number of seconds$"
+            ):
+                Group()
 
 
 KILL_A_WORKER = """

@@ -1,0 +1,38 @@
+"""The benchmark script runs from a fresh machine: it generates its checkpoints and prints its table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_generates_checkpoints_and_prints_its_table(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_merge.py", "--shape", "small", "--repeat", "1", "--no-mergekit",
+         "--methods", "ties", "--dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("merger ")]
+    assert [r[:2] for r in rows] == [["merger", "ties"]]
+    assert float(rows[0][3]) > 0  # merge seconds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]  # the scratch run directory is gone
+
+    models = tmp_path / "small"
+    assert sorted(p.name for p in models.iterdir()) == ["base", "ft-1", "ft-2"]
+    config = json.loads((models / "base" / "config.json").read_text())
+    assert (config["model_type"], config["hidden_size"]) == ("llama", 512)
+    base, ft = ({k: v for f in sorted((models / m).glob("*.safetensors")) for k, v in load_file(f).items()}
+                for m in ("base", "ft-1"))  # fmt: skip
+    assert base.keys() == ft.keys() and all(t.dtype == torch.bfloat16 for t in base.values())
+    w = "model.layers.0.mlp.up_proj.weight"
+    assert base[w].shape == (1408, 512)
+    assert abs(base[w].float().std().item() - 0.02) < 0.001  # base ~ N(0, 0.02)
+    assert abs((ft[w].float() - base[w].float()).std().item() - 0.002) < 0.0002  # plus a task vector ~ N(0, 0.002)
