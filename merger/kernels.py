@@ -25,7 +25,7 @@ from numba.extending import intrinsic, overload
 
 U = np.uint64
 BLOCK = 1024  # entries per inner loop of the merge kernel: its float32 scratch stays in L1
-GATHER_BLOCK = 64  # entries per count loop of the band pass; only blocks with band entries are gathered
+GATHER_BLOCK = 64  # entries per count loop of the band pass (one bit mask); only blocks with band entries are gathered
 SUPPORTED = {"BF16", "F16", "F32"}  # safetensors codes the kernels read and write
 
 
@@ -63,6 +63,14 @@ def _half_from_f32(typingctx, f):
         return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
     return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _trailing_zeros(typingctx, u):  # the index of the lowest set bit of u != 0
+    def codegen(context, builder, sig, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(types.uint64), codegen
 
 
 def load(a, i):  # a[i] as float32
@@ -184,15 +192,20 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
                 cnt += v > high
                 reach += v >= low
             above[j] += cnt
-            if reach > cnt:  # some entry of this block is in the band: compact them, branch-free
+            if reach > cnt:  # some entry of this block is in the band: a bit mask of them, then its set bits
+                mask = U(0)
+                for i in range(m):
+                    v = a[i]
+                    mask |= U((v >= low) & (v <= high)) << U(i)
                 g = got[j]
                 vj = vals[j]
                 ij = idx[j]
-                for i in range(m):
-                    v = a[i]
-                    vj[U(g)] = v
+                while mask:
+                    i = np.int64(_trailing_zeros(mask))
+                    mask &= mask - U(1)
+                    vj[U(g)] = a[i]
                     ij[U(g)] = offset + st + i
-                    g += (v >= low) & (v <= high)
+                    g += 1
                 got[j] = g
     return above, got
 
