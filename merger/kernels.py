@@ -143,8 +143,12 @@ def _kth_largest(vals, rank):  # pragma: no cover - compiled
     (which order like the values), 14 bits of the remaining span per round, no sort."""
     while True:
         u = vals.view(np.uint32)
-        low = u.min()
-        span = u.max() - low
+        low = u[0]
+        high = u[0]
+        for i in range(u.size):  # one pass for both ends
+            low = min(low, u[i])
+            high = max(high, u[i])
+        span = high - low
         if span == 0:
             return vals[0]
         shift = np.uint32(0)
@@ -455,10 +459,25 @@ def _gather(
 def _select(vals: np.ndarray, idx: np.ndarray, rank: int) -> tuple[float, int, int]:
     """The rank-th largest of vals, how many entries equal to it are kept (the lowest indices first),
     and the index just past the last kept one."""
+    threshold, ties, cutoff = _select_kernel(vals, idx, rank)
+    return float(threshold), int(ties), int(cutoff)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _select_kernel(vals, idx, rank):  # pragma: no cover - compiled
+    """_select in one compiled call: the threshold, then one pass counting the entries above it and
+    one (stopping early) finding the last tie kept; idx is ascending."""
     threshold = _kth_largest(vals, rank)
-    ties = rank - int(np.count_nonzero(vals > threshold))
-    tied = idx[vals == threshold]
-    return float(threshold), ties, int(tied[ties - 1]) + 1
+    above = 0
+    for i in range(vals.size):
+        above += vals[i] > threshold
+    ties = rank - above
+    seen = 0
+    for i in range(vals.size):
+        seen += vals[i] == threshold
+        if seen == ties:
+            return threshold, ties, idx[i] + 1
+    return threshold, ties, np.int64(-1)  # unreachable: rank <= vals.size
 
 
 def ties_merge(
