@@ -25,7 +25,6 @@ from numba.extending import intrinsic, overload
 
 U = np.uint64
 BLOCK = 1024  # entries per inner loop of the merge kernel: its float32 scratch stays in L1
-GATHER_BLOCK = 64  # entries per count loop of the band pass (one bit mask); only blocks with band entries are gathered
 SUPPORTED = {"BF16", "F16", "F32"}  # safetensors codes the kernels read and write
 
 
@@ -71,6 +70,57 @@ def _trailing_zeros(typingctx, u):  # the index of the lowest set bit of u != 0
         return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
 
     return types.uint64(types.uint64), codegen
+
+
+@intrinsic
+def _popcount(typingctx, u):
+    def codegen(context, builder, sig, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
+def _lanes(context, builder, arrty, arr, off):
+    """arr[off:off + 8] as an LLVM <8 x float>: bfloat16 (int16 bits), float16 (uint16 bits) or float32."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    f32x8 = ir.VectorType(ir.FloatType(), 8)
+    if arrty.dtype == types.float32:
+        return builder.load(builder.bitcast(builder.gep(data, [off]), f32x8.as_pointer()), align=4)
+    if arrty.dtype == types.uint16:
+        half = ir.VectorType(ir.HalfType(), 8)
+        return builder.fpext(builder.load(builder.bitcast(builder.gep(data, [off]), half.as_pointer()), align=2), f32x8)
+    i32x8 = ir.VectorType(ir.IntType(32), 8)
+    v = builder.load(builder.bitcast(builder.gep(data, [off]), ir.VectorType(ir.IntType(16), 8).as_pointer()), align=2)
+    return builder.bitcast(builder.shl(builder.zext(v, i32x8), ir.Constant(i32x8, [16] * 8)), f32x8)
+
+
+@intrinsic
+def _marks8(typingctx, x, xoff, bf, boff, low, high):
+    """For the eight a_i = |x[xoff + i] - bf[boff + i]| (bf float32): bit i set where a_i >= low and
+    bit 8 + i where a_i > high (ordered compares: a NaN sets neither), as LLVM vector compares. The
+    loop vectorizer does not turn the scalar form into this."""
+    if x.dtype not in (types.int16, types.uint16, types.float32) or bf.dtype != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32x8 = ir.VectorType(ir.FloatType(), 8)
+        i32x8 = ir.VectorType(ir.IntType(32), 8)
+        d = builder.fsub(
+            _lanes(context, builder, sig.args[0], args[0], args[1]),
+            _lanes(context, builder, sig.args[2], args[2], args[3]),
+        )
+        a = builder.bitcast(builder.and_(builder.bitcast(d, i32x8), ir.Constant(i32x8, [0x7FFFFFFF] * 8)), f32x8)
+
+        def splat(f):
+            v = builder.insert_element(ir.Constant(f32x8, ir.Undefined), f, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(v, ir.Constant(f32x8, ir.Undefined), ir.Constant(i32x8, [0] * 8))
+
+        i64 = ir.IntType(64)
+        reach = builder.zext(builder.bitcast(builder.fcmp_ordered(">=", a, splat(args[4])), ir.IntType(8)), i64)
+        over = builder.zext(builder.bitcast(builder.fcmp_ordered(">", a, splat(args[5])), ir.IntType(8)), i64)
+        return builder.or_(reach, builder.shl(over, ir.Constant(i64, 8)))
+
+    return types.uint64(x, types.uint64, bf, types.uint64, types.float32, types.float32), codegen
 
 
 def load(a, i):  # a[i] as float32
@@ -173,44 +223,52 @@ def _kth_largest(vals, rank):  # pragma: no cover - compiled
 @njit(nogil=True, cache=True, boundscheck=False)
 def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     """Per model j: how many |x_j - b| > hi[j], and the entries with lo[j] <= |x_j - b| <= hi[j]
-    gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered)."""
+    gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered).
+
+    Eight entries at a time give two bit masks (>= lo, > hi); 64 entries' masks give the count above
+    (a popcount) and the band entries (set bits of reach & ~above), which are few."""
     n = b.size
     nm = len(xs)
     above = np.zeros(nm, np.int64)
     got = np.zeros(nm, np.int64)
-    bf = np.empty(GATHER_BLOCK, np.float32)
-    a = np.empty(GATHER_BLOCK, np.float32)
-    for st in range(0, n, GATHER_BLOCK):
-        m = min(GATHER_BLOCK, n - st)
+    bf = np.empty(BLOCK, np.float32)
+    for st in range(0, n, BLOCK):
+        m = min(BLOCK, n - st)
+        full = m - m % 64
         for i in range(m):
             bf[i] = load(b, U(st + i))
         for j in range(nm):
             x = xs[j]
             low = lo[j]
             high = hi[j]
-            cnt = 0
-            reach = 0
-            for i in range(m):
-                v = abs(load(x, U(st + i)) - bf[i])
-                a[i] = v
-                cnt += v > high
-                reach += v >= low
-            above[j] += cnt
-            if reach > cnt:  # some entry of this block is in the band: a bit mask of them, then its set bits
-                mask = U(0)
-                for i in range(m):
-                    v = a[i]
-                    mask |= U((v >= low) & (v <= high)) << U(i)
-                g = got[j]
-                vj = vals[j]
-                ij = idx[j]
-                while mask:
-                    i = np.int64(_trailing_zeros(mask))
-                    mask &= mask - U(1)
-                    vj[U(g)] = a[i]
+            cnt = U(0)
+            g = got[j]
+            vj = vals[j]
+            ij = idx[j]
+            for w0 in range(0, full, 64):
+                reach = U(0)
+                over = U(0)
+                for k in range(8):
+                    marks = _marks8(x, U(st + w0 + 8 * k), bf, U(w0 + 8 * k), low, high)
+                    reach |= (marks & U(0xFF)) << U(8 * k)
+                    over |= (marks >> U(8)) << U(8 * k)
+                cnt += _popcount(over)
+                band = reach & ~over
+                while band:
+                    i = w0 + np.int64(_trailing_zeros(band))
+                    band &= band - U(1)
+                    vj[U(g)] = abs(load(x, U(st + i)) - bf[i])
                     ij[U(g)] = offset + st + i
                     g += 1
-                got[j] = g
+            for i in range(full, m):  # the last block's tail
+                v = abs(load(x, U(st + i)) - bf[i])
+                cnt += U(v > high)
+                if (v >= low) & (v <= high):
+                    vj[U(g)] = v
+                    ij[U(g)] = offset + st + i
+                    g += 1
+            above[j] += np.int64(cnt)
+            got[j] = g
     return above, got
 
 

@@ -194,6 +194,28 @@ def test_kth_largest_radix_select_matches_sort(values):
         assert kernels._kth_largest(v, rank) == ordered[rank - 1]
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [7, 64, 1000, 4099])
+def test_band_pass_counts_and_gathers_what_numpy_does(dtype, n):
+    """The vector compares (eight entries per LLVM vector, 64 per bit mask) and the scalar tail agree
+    with numpy: the count above the band, and the band's values and indices in order. NaN sits in
+    neither, inf is above."""
+    base, xs = case(n, dtype, models=2, seed=12)
+    xs[0][n // 2] = float("nan")
+    xs[1][n - 1] = float("inf")
+    xs[1][0] = base[0]  # a zero delta: in the band when lo is 0
+    mags = [(x.float() - base.float()).abs().numpy() for x in xs]
+    lo = np.array([0.0, np.quantile(mags[1][:-1], 0.4)], np.float32)
+    hi = np.array([np.quantile(mags[0][~np.isnan(mags[0])], 0.7), np.quantile(mags[1][:-1], 0.6)], np.float32)
+    vals, idx = np.empty((2, n), np.float32), np.empty((2, n), np.int64)
+    above, got = kernels._band_pass(tuple(as_array(x) for x in xs), as_array(base), lo, hi, vals, idx, 10)
+    for j, a in enumerate(mags):
+        band = np.flatnonzero((a >= lo[j]) & (a <= hi[j]))
+        assert above[j] == np.count_nonzero(a > hi[j])
+        assert np.array_equal(idx[j, : got[j]], band + 10)
+        assert np.array_equal(vals[j, : got[j]], a[band])
+
 def test_engine_uses_the_kernels_and_writes_what_the_eager_path_writes(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(6)
     shapes = {"embed": (300, 256), "w": (256, 256), "norm": (256,), "v": (70_001,)}
