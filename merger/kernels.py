@@ -548,8 +548,10 @@ def ties_merge(
     normalize: bool,
     by_count: bool,
     run: Runner,
+    start: int = 0,
 ) -> None:
-    """TIES into `out` given each model's trim (from top_k_abs_deltas)."""
+    """TIES into `out` given each model's trim (from top_k_abs_deltas over the whole tensors): xs and
+    base are the entries from flat index `start` on, as many as out has."""
     gt = np.array([-1.0 if t is None else t[0] for t in trim], np.float32)
     ge = np.array([-1.0 if t is None else np.nextafter(np.float32(t[0]), np.float32(-1)) for t in trim], np.float32)
     cut = np.array([0 if t is None else t[2] for t in trim], np.int64)
@@ -558,7 +560,17 @@ def ties_merge(
 
     def part(s: int, e: int) -> None:
         _ties_merge(
-            tuple(x[s:e] for x in xs), base[s:e], out[s:e], gt, ge, cut, w, np.float32(lam), normalize, by_count, s
+            tuple(x[s:e] for x in xs),
+            base[s:e],
+            out[s:e],
+            gt,
+            ge,
+            cut,
+            w,
+            np.float32(lam),
+            normalize,
+            by_count,
+            start + s,
         )
 
-    run(part, base.size)
+    run(part, out.size)

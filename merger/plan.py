@@ -6,6 +6,7 @@ can be produced on its own.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -39,6 +40,10 @@ class OutTensor:
     dtype: str  # safetensors code of the output
     merged: bool  # float: merged by the method; otherwise copied after checking all inputs agree
     nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -131,21 +136,23 @@ class Plan:
     @property
     def peak_memory(self) -> int:
         """Estimated working memory beyond the Python process itself. Per tensor: the inputs' pages
-        (mapped while the tensor is merged, then dropped) and two output buffers (one being written).
-        On the CPU the merge runs through a few chunk buffers (TIES also gathers the entries near each
+        (mapped while the tensor is merged, then dropped) and two output buffers (one being written):
+        on the CPU of a piece (stream.PIECE entries) each, on CUDA of the tensor. On the CPU the merge runs through a few chunk buffers (TIES also gathers the entries near each
         trim threshold); on CUDA whole tensors are staged in pinned host memory, two tensors' worth
         (the next one is uploaded while one merges), and the method's temporaries (about four tensors
         for TIES) live on the GPU."""
-        from merger.stream import CHUNK, default_threads  # the engine's (stream imports plan)
+        from merger.stream import CHUNK, PIECE, default_threads  # the engine's (stream imports plan)
 
         csize = np.dtype(self.compute_dtype).itemsize
         worst = 0
         for t in self.tensors:
             readers = self.readers_of(t)
             raw = sum(m.tensors[t.name].nbytes for m in readers)
-            host = raw * (3 if self.device == "cuda" else 1) + 2 * t.nbytes
-            if self.device == "cpu":
-                numel = t.nbytes // DTYPES[t.dtype][1]
+            if self.device == "cuda":
+                host = raw * 3 + 2 * t.nbytes
+            else:  # two output buffers of a piece each
+                numel = t.numel
+                host = raw + 2 * min(numel, PIECE) * DTYPES[t.dtype][1]
                 host += min(numel, CHUNK) * csize * (len(readers) + 8)
                 if self.spec.method.prepare is not None:  # the trim's gathered band: a few % of the entries
                     host += numel // 20 * 12 * len(self.inputs) + default_threads() * CHUNK * 12 * len(self.inputs)

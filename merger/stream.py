@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from merger.errors import MergeError
+from merger.methods.base import MergeRange
 from merger.plan import OutTensor, Plan, Shard
 from merger.sources import DTYPES, FileSource, MappedReader, to_torch
 
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     import torch
 
 CHUNK = 1 << 18  # elements per CPU chunk: 1 MiB of float32 per operand
+PIECE = 16 * CHUNK  # output elements merged and handed to the writer at a time on the CPU (8 MiB of
+# bfloat16): the two output buffers stay small and warm whatever the largest tensor (a 70B model's
+# embedding is 2 GiB)
 
 
 class ShardWriter:
@@ -61,18 +65,23 @@ class ShardWriter:
         self._f = open(path, "wb")
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
-        self._next = 0
+        self._next = 0  # the tensor being written
+        self._done = 0  # its bytes written so far
 
     def write(self, t: OutTensor, data: np.ndarray) -> None:
-        """Append tensor t's bytes: a contiguous numpy array in sources.DTYPES' form for t.dtype."""
+        """Append tensor t's bytes, all of them or the next piece (a tensor may come in consecutive
+        pieces): a numpy array in sources.DTYPES' form for t.dtype."""
         expected = self._todo[self._next]
         if t.name != expected.name:
             raise RuntimeError(f"shard {self.path.name}: got '{t.name}', expected '{expected.name}'")
-        if data.dtype != DTYPES[t.dtype][2] or data.nbytes != t.nbytes:
+        if data.dtype != DTYPES[t.dtype][2] or self._done + data.nbytes > t.nbytes:
             raise RuntimeError(f"tensor '{t.name}': got {data.dtype} {list(data.shape)}, planned {t.dtype}")
-        if t.nbytes:
+        if data.nbytes:
             self._f.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
-        self._next += 1
+        self._done += data.nbytes
+        if self._done == t.nbytes:
+            self._next += 1
+            self._done = 0
 
     def close(self) -> None:
         if self._next != len(self._todo):
@@ -204,17 +213,24 @@ class Merger:
                 self.bytes_read += info.nbytes
         return views, codes
 
-    def merge_into(self, t: OutTensor, out: np.ndarray) -> None:
-        """Merge t into `out` on the CPU (on CUDA, CudaStages does the work)."""
+    def start(self, t: OutTensor) -> MergeRange:
+        """Begin merging t on the CPU (on CUDA, CudaStages does the work). What needs the whole tensor
+        (the inputs' agreement, TIES thresholds) happens here; the returned merge_range(start, end,
+        out) fills the flat output entries [start, end) into `out`."""
         views, codes = self.inputs_of(t)
         if not t.merged:
-            self._agreed_copy(t, views, out)
-        elif self._fusable(t):
-            self._merge_fused(views, out)
-        else:
-            self._merge_eager(t, views, codes, out)
+            return self._agreed_copy(t, views)
+        if self._fusable(t):
+            spec = self.plan.spec
+            xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
+            return spec.method.fused(xs, base, [g.params for g in spec.ingredients], spec.params, self._run)
+        return self._eager(t, views, codes)
 
-    def _agreed_copy(self, t: OutTensor, views: dict[Path, np.ndarray], out: np.ndarray) -> None:
+    def merge_into(self, t: OutTensor, out: np.ndarray) -> None:
+        """Merge all of t into `out` on the CPU."""
+        self.start(t)(0, out.size, out.reshape(-1))
+
+    def _agreed_copy(self, t: OutTensor, views: dict[Path, np.ndarray]) -> MergeRange:
         """Integer and bool tensors (position ids, masks) are not merged: every input must agree."""
         plan = self.plan
         ref = views[plan.reference.path]
@@ -224,7 +240,8 @@ class Merger:
                     f"tensor '{t.name}' ({t.dtype}) differs between '{m.ref}' and '{plan.reference.ref}'; "
                     "non-float tensors are copied, not merged, so every input must hold the same values"
                 )
-        np.copyto(out, ref.reshape(out.shape))
+        flat = ref.reshape(-1)
+        return lambda start, end, out: np.copyto(out, flat[start:end])
 
     def _roles(self, views: dict[Path, object]) -> tuple[list, object | None]:
         plan = self.plan
@@ -240,11 +257,6 @@ class Merger:
         if self.pool is None or len(bounds) < 2:
             return [fn(s, e) for s, e in bounds]
         return list(self.pool.map(lambda b: fn(*b), bounds))
-
-    def _merge_fused(self, views: dict[Path, np.ndarray], out: np.ndarray) -> None:
-        spec = self.plan.spec
-        xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
-        spec.method.fused(xs, base, out.reshape(-1), [g.params for g in spec.ingredients], spec.params, self._run)
 
     def gpu_merge(self, t: OutTensor, on_gpu: dict[Path, torch.Tensor]) -> torch.Tensor:
         """The method on GPU tensors as stored; the result in t's dtype, on the current stream."""
@@ -269,17 +281,14 @@ class Merger:
             buf = bufs[slot] = torch.empty(CHUNK, dtype=getattr(torch, self.plan.compute_dtype))
         return buf[:n]
 
-    def _merge_eager(
-        self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str], out_array: np.ndarray
-    ) -> None:
+    def _eager(self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str]) -> MergeRange:
         """The method's torch function over chunks of the flattened tensors."""
         spec = self.plan.spec
         method = spec.method
         models = [g.params for g in spec.ingredients]
         flat = {p: to_torch(v.reshape(-1), codes[p]) for p, v in views.items()}
         xs, base = self._roles(flat)
-        out = to_torch(out_array.reshape(-1), t.dtype)
-        numel = out.numel()
+        numel = t.numel
 
         def load(slot: object, src: torch.Tensor, s: int, e: int) -> torch.Tensor:
             return self._chunk(slot, e - s).copy_(src[s:e])  # stored dtype -> compute dtype, in cache
@@ -294,13 +303,19 @@ class Merger:
 
             state = method.prepare(task_vectors, numel, models, spec.params)
 
-        def merge_chunk(s: int, e: int) -> None:  # torch ops release the GIL: chunks run on every core
-            chunk_xs = [load(i, x, s, e) for i, x in enumerate(xs)]
-            chunk_base = load("b", base, s, e) if base is not None else None
-            extra = (state, s) if method.prepare is not None else ()
-            out[s:e].copy_(method.fn(chunk_xs, chunk_base, models, spec.params, *extra))
+        def merge_range(start: int, end: int, out_array: np.ndarray) -> None:
+            out = to_torch(out_array, t.dtype)
 
-        self._run(merge_chunk, numel)
+            def merge_chunk(s: int, e: int) -> None:  # torch ops release the GIL: chunks run on every core
+                a, b = start + s, start + e
+                chunk_xs = [load(i, x, a, b) for i, x in enumerate(xs)]
+                chunk_base = load("b", base, a, b) if base is not None else None
+                extra = (state, a) if method.prepare is not None else ()
+                out[s:e].copy_(method.fn(chunk_xs, chunk_base, models, spec.params, *extra))
+
+            self._run(merge_chunk, end - start)
+
+        return merge_range
 
     def release(self, t: OutTensor) -> None:
         for m in self.plan.readers_of(t):
@@ -364,7 +379,7 @@ class CudaStages:
         views, on_gpu, uploaded = staged
         if on_gpu is None:
             out = host()
-            self.merger._agreed_copy(t, views, out)
+            self.merger._agreed_copy(t, views)(0, t.numel, out.reshape(-1))
             return out, None
         torch = self.torch
         stream = torch.cuda.current_stream()
@@ -422,16 +437,30 @@ def write_shards(
     pending: list[Future | None] = [None, None]  # double buffer: the writer drains one, we fill the other
     remaining = {s.filename: len(s.tensors) for s in chosen}
 
-    def write(shard: Shard, t: OutTensor, data: np.ndarray, ready=None) -> None:  # runs on the writer thread
+    def write(shard: Shard, t: OutTensor, data: np.ndarray, ready=None, last: bool = True) -> None:  # writer thread
         if ready is not None:
             ready.synchronize()  # the GPU's copy into `data` has landed
         w = writers.get(shard.filename)
         if w is None:
             w = writers[shard.filename] = ShardWriter(directory / shard.filename, shard.tensors)
         w.write(t, data)
-        remaining[shard.filename] -= 1
-        if remaining[shard.filename] == 0:
-            writers.pop(shard.filename).close()
+        if last:
+            remaining[shard.filename] -= 1
+            if remaining[shard.filename] == 0:
+                writers.pop(shard.filename).close()
+
+    handed = [0]  # buffers handed to the writer so far: the next one fills slot handed[0] % 2
+
+    def free_slot() -> int:
+        """The next output slot, once the writer is done with its buffer (re-raises a write error)."""
+        slot = handed[0] % 2
+        if pending[slot] is not None:
+            pending[slot].result()
+        return slot
+
+    def queue(slot: int, shard: Shard, t: OutTensor, data: np.ndarray, ready=None, last: bool = True) -> None:
+        pending[slot] = pool.submit(write, shard, t, data, ready, last)
+        handed[0] += 1
 
     stages = CudaStages(merger) if merger.cuda and todo else None
     try:
@@ -442,23 +471,28 @@ def write_shards(
         ):
             staged = stages.stage(todo[0][1], 0) if stages else None
             for j, (shard, t) in enumerate(todo):
-                slot = j % 2
                 current = staged.result() if stages else None
                 if j + 1 < len(todo):
                     merger.prefetch(todo[j + 1][1])
                     if stages:
                         staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # read ahead while j merges
-                if pending[slot] is not None:
-                    pending[slot].result()  # that buffer is free again (and re-raises a write error)
-                host = functools.partial(outputs.get, slot, t.nbytes, DTYPES[t.dtype][2], t.shape)
-                ready = None
-                if stages:  # a host buffer only for the tensors copied on the CPU
+                dtype = DTYPES[t.dtype][2]
+                if stages:  # whole tensors (handed == j: the slot of their staging); a host buffer only for
+                    # the tensors copied on the CPU
+                    slot = free_slot()
+                    host = functools.partial(outputs.get, slot, t.nbytes, dtype, t.shape)
                     out, ready = stages.merge(t, current, slot, host)
-                else:
-                    out = host()
-                    merger.merge_into(t, out)
+                    queue(slot, shard, t, out, ready)
+                else:  # in pieces, through two small buffers
+                    merge_range = merger.start(t)
+                    n = t.numel
+                    for s in range(0, max(n, 1), PIECE):
+                        e = min(s + PIECE, n)
+                        slot = free_slot()
+                        out = outputs.get(slot, (e - s) * DTYPES[t.dtype][1], dtype, (e - s,))
+                        merge_range(s, e, out)
+                        queue(slot, shard, t, out, last=e == n)
                 merger.release(t)
-                pending[slot] = pool.submit(write, shard, t, out, ready)
                 before = merger.bytes_read
                 bar.update(before - bar.n)
                 bar.set_postfix_str(f"{j + 1}/{len(todo)} tensors", refresh=False)

@@ -267,7 +267,7 @@ def test_failure_midway_leaves_no_temporary_directory(workdir, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(merger.stream.Merger, "merge_into", boom)
+    monkeypatch.setattr(merger.stream.Merger, "start", boom)
     Path("recipe.yaml").write_text(GOOD)
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml"])
     assert result.exit_code == 130

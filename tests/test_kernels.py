@@ -37,10 +37,18 @@ def runner(size: int, threads: int = 1):
     return run
 
 
-def fused(xs, base, models, params, run, out_dtype=None):
+def in_pieces(merge_range, out: np.ndarray, piece: int | None = None) -> None:
+    """Fill `out` through a fused method's merge_range, whole or in consecutive pieces (as the engine
+    writes its output)."""
+    piece = piece or max(out.size, 1)
+    for s in range(0, out.size, piece):
+        merge_range(s, min(s + piece, out.size), out[s : s + piece])
+
+
+def fused(xs, base, models, params, run, out_dtype=None, piece=None):
     out = torch.empty(base.numel(), dtype=out_dtype or base.dtype)
     arrays = [as_array(x.reshape(-1)) for x in xs]
-    ties_fused(arrays, as_array(base.reshape(-1)), as_array(out), models, params, run)
+    in_pieces(ties_fused(arrays, as_array(base.reshape(-1)), models, params, run), as_array(out), piece)
     return out
 
 
@@ -77,7 +85,9 @@ def test_fused_ties_is_bit_identical_to_eager(dtype, n):
         TiesModelParams(density=1.0, weight=2.0),
     ]
     params = TiesParams(**{"lambda": 0.8})
-    assert same_bits(fused(xs, base, models, params, runner(1 << 17, 2)), eager(xs, base, models, params))
+    want = eager(xs, base, models, params)
+    assert same_bits(fused(xs, base, models, params, runner(1 << 17, 2)), want)
+    assert same_bits(fused(xs, base, models, params, runner(1 << 17, 2), piece=7_777), want)  # output in pieces
 
 
 @pytest.mark.parametrize("consensus", ["sum", "count"])
@@ -108,7 +118,9 @@ def test_ties_at_the_threshold_keep_the_lowest_indices_across_chunks(chunk):
         assert (thr, ties_kept, cutoff) == oracle_top_k(m, k)
         assert 0 < ties_kept < int((m == thr).sum())  # a real partial tie: the cutoff matters
     models = [TiesModelParams(density=d) for d in densities]
-    assert same_bits(fused(xs, base, models, TiesParams(), runner(chunk)), eager(xs, base, models, TiesParams()))
+    want = eager(xs, base, models, TiesParams())
+    assert same_bits(fused(xs, base, models, TiesParams(), runner(chunk)), want)
+    assert same_bits(fused(xs, base, models, TiesParams(), runner(chunk), piece=chunk * 3 + 5), want)
 
 
 @pytest.mark.parametrize("side", ["above", "below"])
@@ -152,10 +164,10 @@ def test_fused_linear_matches_the_oracle(dtype, normalize):
         want = want / sum(weights)
     models, params = [LinearModelParams(weight=w) for w in weights], LinearParams(normalize=normalize)
     f32 = torch.empty(100_003)  # the float32 result: within a few ulps of the float64 oracle
-    linear_fused([as_array(x) for x in xs], None, as_array(f32), models, params, runner(4096))
+    in_pieces(linear_fused([as_array(x) for x in xs], None, models, params, runner(4096)), as_array(f32))
     torch.testing.assert_close(f32.double(), want, rtol=4e-7, atol=4e-7)
     out = torch.empty(100_003, dtype=dtype)  # stored in the input dtype: exactly torch's rounding of it
-    linear_fused([as_array(x) for x in xs], None, as_array(out), models, params, runner(4096, 2))
+    in_pieces(linear_fused([as_array(x) for x in xs], None, models, params, runner(4096, 2)), as_array(out), 30_001)
     assert same_bits(out, f32.to(dtype))
 
 
@@ -169,14 +181,14 @@ def test_fused_task_arithmetic_matches_the_oracle(normalize):
         w * (x.double() - base.double()) for w, x in zip(weights, xs)
     )
     out = torch.empty(100_003)
-    task_arithmetic_fused(
+    merge_range = task_arithmetic_fused(
         [as_array(x) for x in xs],
         as_array(base),
-        as_array(out),
         [TaskModelParams(weight=w) for w in weights],
         TaskArithmeticParams(normalize=normalize, **{"lambda": lam}),
         runner(4096, 2),
     )
+    in_pieces(merge_range, as_array(out), 30_001)
     torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
 
 
@@ -192,7 +204,6 @@ def test_kth_largest_radix_select_matches_sort(values):
     ordered = np.sort(v)[::-1]
     for rank in (1, 2, v.size // 3, v.size - 1, v.size):
         assert kernels._kth_largest(v, rank) == ordered[rank - 1]
-
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -215,6 +226,7 @@ def test_band_pass_counts_and_gathers_what_numpy_does(dtype, n):
         assert above[j] == np.count_nonzero(a > hi[j])
         assert np.array_equal(idx[j, : got[j]], band + 10)
         assert np.array_equal(vals[j, : got[j]], a[band])
+
 
 def test_engine_uses_the_kernels_and_writes_what_the_eager_path_writes(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(6)

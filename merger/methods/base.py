@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # torch is imported where a method runs, not where the registry loads
+    import numpy as np
     from torch import Tensor
 
 
@@ -37,13 +38,17 @@ MergeFn = Callable[..., "Tensor"]
 #   iterator each call, so prepare may make several passes).
 Prepare = Callable[[Callable[[int], Iterable["Tensor"]], int, Sequence[BaseModel], BaseModel], Any]
 
-# fused(tensors, base, out, models, params, run) -> None: an optional fast path for CPU merges in
-# float32, on the stored bytes: tensors, base and out are flat numpy views in merger.sources.DTYPES'
-# form (what merger.kernels reads), all tensors of one dtype, and run(fn, n[, size]) maps
-# fn(start, end) over ranges covering [0, n) on the engine's threads, returning the results in order.
-# It must agree with fn to float32 rounding (TIES: bit for bit); tests hold both to the same oracles.
-# The engine uses it when numba and the dtypes allow, and then never imports torch.
-Fused = Callable[..., None]
+# fused(tensors, base, models, params, run) -> merge_range: an optional fast path for CPU merges in
+# float32, on the stored bytes: tensors and base are whole flat numpy views in merger.sources.DTYPES'
+# form (what merger.kernels reads), all of one dtype, and run(fn, n[, size]) maps fn(start, end) over
+# ranges covering [0, n) on the engine's threads, returning the results in order. The call does what
+# needs the whole tensor (TIES: the trim thresholds); merge_range(start, end, out) then merges flat
+# entries [start, end) into `out` (end - start entries, the output dtype), called for consecutive
+# ranges so that the output is written in pieces. It must agree with fn to float32 rounding (TIES:
+# bit for bit); tests hold both to the same oracles. The engine uses it when numba and the dtypes
+# allow, and then never imports torch.
+MergeRange = Callable[[int, int, "np.ndarray"], None]
+Fused = Callable[..., MergeRange]
 
 
 @dataclass(frozen=True)

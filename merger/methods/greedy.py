@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merger.methods.base import Method, Params
+from merger.methods.base import MergeRange, Method, Params
 from merger.methods.linear import LinearModelParams, LinearParams, linear, linear_fused
 
 if TYPE_CHECKING:
@@ -27,8 +27,8 @@ def uniform_soup(
     return linear(tensors, None, [_ONE] * len(tensors), _UNIFORM)
 
 
-def uniform_soup_fused(tensors, base, out, models: Sequence[NoParams], params: NoParams, run) -> None:
-    linear_fused(tensors, None, out, [_ONE] * len(tensors), _UNIFORM, run)
+def uniform_soup_fused(tensors, base, models: Sequence[NoParams], params: NoParams, run) -> MergeRange:
+    return linear_fused(tensors, None, [_ONE] * len(tensors), _UNIFORM, run)
 
 
 METHOD = Method(

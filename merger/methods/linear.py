@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from merger.methods.base import Method, Params, normalizable
+from merger.methods.base import MergeRange, Method, Params, normalizable
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -34,11 +34,16 @@ def linear(
     return out
 
 
-def linear_fused(tensors, base, out, models: Sequence[LinearModelParams], params: LinearParams, run) -> None:
+def linear_fused(tensors, base, models: Sequence[LinearModelParams], params: LinearParams, run) -> MergeRange:
     from merger import kernels
 
     weights = [m.weight for m in models]
-    kernels.weighted_sum(tensors, None, out, weights, run, divisor=sum(weights) if params.normalize else 0.0)
+    divisor = sum(weights) if params.normalize else 0.0
+
+    def merge_range(start: int, end: int, out) -> None:
+        kernels.weighted_sum([x[start:end] for x in tensors], None, out, weights, run, divisor=divisor)
+
+    return merge_range
 
 
 METHOD = Method(

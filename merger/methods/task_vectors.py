@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from merger.methods.base import Method, Params, normalizable
+from merger.methods.base import MergeRange, Method, Params, normalizable
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -187,30 +187,41 @@ def ties(
 
 
 def task_arithmetic_fused(
-    tensors, base, out, models: Sequence[TaskModelParams], params: TaskArithmeticParams, run
-) -> None:
+    tensors, base, models: Sequence[TaskModelParams], params: TaskArithmeticParams, run
+) -> MergeRange:
     from merger import kernels
 
-    kernels.weighted_sum(tensors, base, out, [m.weight for m in models], run, scale=_scale(models, params))
+    weights, scale = [m.weight for m in models], _scale(models, params)
+
+    def merge_range(start: int, end: int, out) -> None:
+        kernels.weighted_sum([x[start:end] for x in tensors], base[start:end], out, weights, run, scale=scale)
+
+    return merge_range
 
 
-def ties_fused(tensors, base, out, models: Sequence[TiesModelParams], params: TiesParams, run) -> None:
-    """TIES through merger.kernels: one counting pass finds every model's trim threshold exactly,
-    one pass merges; bit-identical to `ties`."""
+def ties_fused(tensors, base, models: Sequence[TiesModelParams], params: TiesParams, run) -> MergeRange:
+    """TIES through merger.kernels: one counting pass over the whole tensors finds every model's trim
+    threshold exactly, then ranges merge in one pass each; bit-identical to `ties`."""
     from merger import kernels
 
     trim = kernels.top_k_abs_deltas(tensors, base, [keep_count(base.size, m.density) for m in models], run)
-    kernels.ties_merge(
-        tensors,
-        base,
-        out,
-        trim,
-        [m.weight for m in models],
-        params.lambda_,
-        params.normalize,
-        params.consensus_method == "count",
-        run,
-    )
+    weights = [m.weight for m in models]
+
+    def merge_range(start: int, end: int, out) -> None:
+        kernels.ties_merge(
+            [x[start:end] for x in tensors],
+            base[start:end],
+            out,
+            trim,
+            weights,
+            params.lambda_,
+            params.normalize,
+            params.consensus_method == "count",
+            run,
+            start,
+        )
+
+    return merge_range
 
 
 TASK_ARITHMETIC = Method(
