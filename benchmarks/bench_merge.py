@@ -161,17 +161,26 @@ def recipe(method: str, dirs: list[Path], out: Path) -> str:
     )
 
 
+# Runs a command and appends "wall_seconds peak_rss_kib exit_code" to stderr. Commands start through it
+# because a child's ru_maxrss begins at the high-water mark of the process that forked it: the
+# benchmark process itself grows to GBs while generating a 7B checkpoint, this one stays small.
+_TIMER = """
+import os, subprocess, sys, time
+t = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+sys.stderr.write(f"\\n{time.perf_counter() - t} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}\\n")
+"""
+
+
 def run_process(cmd: list[str]) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes, from wait4) and stdout of a child process."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    out, err = proc.stdout.read(), proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}):\n{err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, out
+    proc = subprocess.run([sys.executable, "-c", _TIMER, *cmd], capture_output=True, text=True)
+    err, _, last = proc.stderr.rstrip("\n").rpartition("\n")
+    fields = last.split()
+    if proc.returncode or len(fields) != 3 or fields[2] != "0":  # the command failed, or never started
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{proc.stderr[-2000:]}")
+    return float(fields[0]), int(fields[1]) * 1024, proc.stdout
 
 
 def main() -> None:

@@ -7,9 +7,11 @@ gathers around each model's trim threshold, one that merges. Results are bit-ide
 path (same float32 operations in the same order, no fast-math, no FMA contraction).
 
 Arrays reach the kernels as the numpy views merger.sources.MappedReader makes: bfloat16 as int16
-bits and float16 as uint16 bits (numba has neither type), float32 as itself. Indices inside the loops are unsigned, which lets LLVM vectorize
-them (a signed index costs a negative-index check per access). Kernels are compiled on first use and
-cached on disk by numba (`NUMBA_CACHE_DIR` moves the cache).
+bits and float16 as uint16 bits (numba has neither type), float32 as itself. Indices inside the
+loops are unsigned, which lets LLVM vectorize them (a signed index costs a negative-index check per
+access); where its loop vectorizer gives up (the band pass's compares into bit masks), an intrinsic
+emits the LLVM vector operations directly. Kernels are compiled on first use and cached on disk by
+numba (`NUMBA_CACHE_DIR` moves the cache).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 U = np.uint64
-BLOCK = 1024  # entries per inner loop of the merge kernel: its float32 scratch stays in L1
+BLOCK = 1024  # entries per inner loop of the band pass and the merge kernel: their float32 scratch stays in L1
 SUPPORTED = {"BF16", "F16", "F32"}  # safetensors codes the kernels read and write
 
 

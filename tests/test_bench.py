@@ -36,3 +36,18 @@ def test_benchmark_generates_checkpoints_and_prints_its_table(tmp_path):
     assert base[w].shape == (1408, 512)
     assert abs(base[w].float().std().item() - 0.02) < 0.001  # base ~ N(0, 0.02)
     assert abs((ft[w].float() - base[w].float()).std().item() - 0.002) < 0.0002  # plus a task vector ~ N(0, 0.002)
+
+
+def test_peak_rss_is_the_commands_own_not_the_benchmarks():
+    """A child's ru_maxrss starts at the high-water mark of whatever forked it; the benchmark grows to
+    GBs generating checkpoints, so it starts commands through a small timer process."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_merge import run_process
+    finally:
+        sys.path.pop(0)
+    grown = bytearray(400 << 20)
+    grown[::4096] = b"\1" * len(grown[::4096])  # touched: 400 MB resident in this process
+    wall, rss, out = run_process([sys.executable, "-c", "print('ran')"])
+    assert out == "ran\n" and wall > 0
+    assert rss < 200 << 20, rss  # a bare Python, not this test process
