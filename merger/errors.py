@@ -21,6 +21,16 @@ class MergeError(MergerError):
     """A tensor could not be merged (for example integer buffers that differ between inputs)."""
 
 
+class NaNTaskVector(ValueError):
+    """A model's task vector holds NaN entries, which a ranking by magnitude (the TIES trim) cannot
+    order. Raised by the methods with the model's index; the engine names the tensor and model."""
+
+    def __init__(self, model: int, count: int):
+        super().__init__(f"model {model}: {count} NaN entries in its task vector")
+        self.model = model
+        self.count = count
+
+
 class EvaluationError(MergerError):
     """A held-out evaluation failed: the evaluator crashed, printed no score, or its data is unusable."""
 

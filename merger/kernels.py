@@ -25,6 +25,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from merger.errors import NaNTaskVector
+
 U = np.uint64
 BLOCK = 256  # entries per inner loop of every kernel: their float32 scratch stays in L1 (1024 measured 15-20% slower
 # for TIES merging and linear sums with the inputs in DRAM, 2 to 5 models)
@@ -99,9 +101,9 @@ def _lanes(context, builder, arrty, arr, off):
 
 @intrinsic
 def _marks8(typingctx, x, xoff, bf, boff, low, high):
-    """For the eight a_i = |x[xoff + i] - bf[boff + i]| (bf float32): bit i set where a_i >= low and
-    bit 8 + i where a_i > high (ordered compares: a NaN sets neither), as LLVM vector compares. The
-    loop vectorizer does not turn the scalar form into this."""
+    """For the eight a_i = |x[xoff + i] - bf[boff + i]| (bf float32): bit i set where a_i >= low,
+    bit 8 + i where a_i > high (ordered compares: a NaN sets neither) and bit 16 + i where a_i is NaN,
+    as LLVM vector compares. The loop vectorizer does not turn the scalar form into this."""
     if x.dtype not in (types.int16, types.uint16, types.float32) or bf.dtype != types.float32:
         return None
 
@@ -121,7 +123,10 @@ def _marks8(typingctx, x, xoff, bf, boff, low, high):
         i64 = ir.IntType(64)
         reach = builder.zext(builder.bitcast(builder.fcmp_ordered(">=", a, splat(args[4])), ir.IntType(8)), i64)
         over = builder.zext(builder.bitcast(builder.fcmp_ordered(">", a, splat(args[5])), ir.IntType(8)), i64)
-        return builder.or_(reach, builder.shl(over, ir.Constant(i64, 8)))
+        nan = builder.zext(builder.bitcast(builder.fcmp_unordered("uno", a, a), ir.IntType(8)), i64)
+        return builder.or_(
+            builder.or_(reach, builder.shl(over, ir.Constant(i64, 8))), builder.shl(nan, ir.Constant(i64, 16))
+        )
 
     return types.uint64(x, types.uint64, bf, types.uint64, types.float32, types.float32), codegen
 
@@ -226,7 +231,8 @@ def _kth_largest(vals, rank):  # pragma: no cover - compiled
 @njit(nogil=True, cache=True, boundscheck=False)
 def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     """Per model j: how many |x_j - b| > hi[j], and the entries with lo[j] <= |x_j - b| <= hi[j]
-    gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered).
+    gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered,
+    NaN count).
 
     Eight entries at a time give two bit masks (>= lo, > hi); 64 entries' masks give the count above
     (a popcount) and the band entries (set bits of reach & ~above), which are few."""
@@ -234,6 +240,7 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     nm = len(xs)
     above = np.zeros(nm, np.int64)
     got = np.zeros(nm, np.int64)
+    nans = np.zeros(nm, np.int64)
     bf = np.empty(BLOCK, np.float32)
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
@@ -245,6 +252,7 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
             low = lo[j]
             high = hi[j]
             cnt = U(0)
+            nan = U(0)
             g = got[j]
             vj = vals[j]
             ij = idx[j]
@@ -254,7 +262,8 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
                 for k in range(8):
                     marks = _marks8(x, U(st + w0 + 8 * k), bf, U(w0 + 8 * k), low, high)
                     reach |= (marks & U(0xFF)) << U(8 * k)
-                    over |= (marks >> U(8)) << U(8 * k)
+                    over |= ((marks >> U(8)) & U(0xFF)) << U(8 * k)
+                    nan += _popcount(marks >> U(16))
                 cnt += _popcount(over)
                 band = reach & ~over
                 while band:
@@ -266,13 +275,15 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
             for i in range(full, m):  # the last block's tail
                 v = abs(load(x, U(st + i)) - bf[i])
                 cnt += U(v > high)
+                nan += U(v != v)
                 if (v >= low) & (v <= high):
                     vj[U(g)] = v
                     ij[U(g)] = offset + st + i
                     g += 1
             above[j] += np.int64(cnt)
             got[j] = g
-    return above, got
+            nans[j] += np.int64(nan)
+    return above, got, nans
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -411,7 +422,8 @@ def top_k_abs_deltas(
     values; the pass counts the entries above the band and gathers those in it (with their flat
     indices), and the exact threshold is selected among the gathered ones. A band that misses (an
     unlucky sample) is moved to the side it missed, four times wider, and the pass repeated for that
-    model; the last resort is the whole side, so the answer is always exact."""
+    model; the last resort is the whole side, so the answer is always exact. A NaN entry cannot be
+    ranked: NaNTaskVector(j, count) for the first model j that needs a trim and has any."""
     n = base.size
     wanted = [j for j, k in enumerate(ks) if k < n]
     result: list[tuple[float, int, int] | None] = [None] * len(ks)
@@ -430,8 +442,10 @@ def top_k_abs_deltas(
     while todo:
         found = _gather(tuple(sel[w] for w in todo), base, lo[todo], hi[todo], run)
         exact, retry = [], []
-        for i, (above, vals, _) in enumerate(found):
+        for i, (above, vals, _, nans) in enumerate(found):
             w = todo[i]
+            if nans:
+                raise NaNTaskVector(wanted[w], nans)
             k = ks[wanted[w]]
             if lo[w] <= 0 and hi[w] == np.inf or above < k <= above + vals.size:
                 exact.append(i)
@@ -451,7 +465,7 @@ def top_k_abs_deltas(
 
 
 def _select_one(picks: list, ks: Sequence[int], result: list, i: int, _: int) -> None:
-    (above, vals, idx), j = picks[i]
+    (above, vals, idx, _), j = picks[i]
     result[j] = _select(vals, idx, ks[j] - above)
 
 
@@ -497,14 +511,16 @@ def _band(hist: np.ndarray, p: float, widen: int) -> tuple[float, float]:
 def _gather(
     xs: tuple[np.ndarray, ...], base: np.ndarray, lo: np.ndarray, hi: np.ndarray, run: Runner
 ) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Per model: (entries above hi, the band's values, their flat indices) over the whole tensor."""
+    """Per model: (entries above hi, the band's values, their flat indices, NaN entries) over the
+    whole tensor."""
     nm = len(xs)
 
     def part(s: int, e: int):
         vals = np.empty((nm, e - s), np.float32)
         idx = np.empty((nm, e - s), np.int64)
-        above, got = _band_pass(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
-        return above, [vals[j, : got[j]].copy() for j in range(nm)], [idx[j, : got[j]].copy() for j in range(nm)]
+        above, got, nans = _band_pass(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
+        vals_j = [vals[j, : got[j]].copy() for j in range(nm)]
+        return above, vals_j, [idx[j, : got[j]].copy() for j in range(nm)], nans
 
     parts = run(part, base.size)
     return [
@@ -512,6 +528,7 @@ def _gather(
             int(sum(p[0][j] for p in parts)),
             np.concatenate([p[1][j] for p in parts]),
             np.concatenate([p[2][j] for p in parts]),  # ascending: ranges in order, each in order
+            int(sum(p[3][j] for p in parts)),
         )
         for j in range(nm)
     ]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from merger.errors import MergeError
+from merger.errors import MergeError, NaNTaskVector
 from merger.methods.base import MergeRange
 from merger.plan import OutTensor, Plan, Shard
 from merger.sources import DTYPES, FileSource, MappedReader, to_torch
@@ -220,11 +220,24 @@ class Merger:
         views, codes = self.inputs_of(t)
         if not t.merged:
             return self._agreed_copy(t, views)
-        if self._fusable(t):
-            spec = self.plan.spec
-            xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
-            return spec.method.fused(xs, base, [g.params for g in spec.ingredients], spec.params, self._run)
-        return self._eager(t, views, codes)
+        with self._naming(t):
+            if self._fusable(t):
+                spec = self.plan.spec
+                xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
+                return spec.method.fused(xs, base, [g.params for g in spec.ingredients], spec.params, self._run)
+            return self._eager(t, views, codes)
+
+    @contextlib.contextmanager
+    def _naming(self, t: OutTensor) -> Iterator[None]:
+        """A method's complaint about one model's values, as a MergeError naming the tensor and model."""
+        try:
+            yield
+        except NaNTaskVector as e:
+            model = self.plan.inputs[e.model]
+            raise MergeError(
+                f"tensor '{t.name}': {e.count} entries of the task vector of '{model.ref}' are NaN (NaN in that "
+                "model or in the base); TIES cannot rank NaN magnitudes. Is one of those checkpoints diverged?"
+            ) from None
 
     def merge_into(self, t: OutTensor, out: np.ndarray) -> None:
         """Merge all of t into `out` on the CPU."""
@@ -265,7 +278,8 @@ class Merger:
         spec = self.plan.spec
         cdt = getattr(torch, self.plan.compute_dtype)
         xs, base = self._roles({p: g.to(cdt) for p, g in on_gpu.items()})
-        merged = spec.method.fn(xs, base, [g.params for g in spec.ingredients], spec.params)
+        with self._naming(t):
+            merged = spec.method.fn(xs, base, [g.params for g in spec.ingredients], spec.params)
         return merged.to(getattr(torch, DTYPES[t.dtype][0]))
 
     def _chunk(self, slot: object, n: int) -> torch.Tensor:

@@ -273,3 +273,25 @@ def test_failure_midway_leaves_no_temporary_directory(workdir, monkeypatch):
     assert result.exit_code == 130
     assert result.stderr == "error: interrupted; nothing was written to the output\n"
     assert sorted(os.listdir(".")) == ["base", "ft1", "ft2", "recipe.yaml"]
+
+
+@pytest.mark.parametrize("compute", ["float32", "float64"])  # the fused kernels, the torch path
+def test_nan_weights_under_ties_name_the_tensor_and_model(workdir, compute):
+    """A diverged fine-tune (NaN weights) cannot be trimmed by magnitude: one line naming the tensor and
+    the model, exit 2, nothing written."""
+    from safetensors.torch import save_file
+
+    shard = next(Path("ft2").glob("*.safetensors"))
+    t = {"a.weight": torch.zeros(4, 4) - 1, "b.bias": torch.full((4,), -1.0), "ids": torch.arange(3)}
+    t["a.weight"][1, 2] = float("nan")
+    save_file(t, shard, metadata={"format": "pt"})
+    Path("recipe.yaml").write_text(
+        GOOD.replace("      weight: 0.5\n", "      weight: 0.5\n      density: 0.5\n") + f"compute_dtype: {compute}\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", "recipe.yaml"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        "error: tensor 'a.weight': 1 entries of the task vector of 'ft2' are NaN (NaN in that model or in the "
+        "base); TIES cannot rank NaN magnitudes. Is one of those checkpoints diverged?\n"
+    )
+    assert not Path("out").exists() and not [p for p in os.listdir(".") if "merger-tmp" in p]

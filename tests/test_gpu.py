@@ -78,3 +78,39 @@ def test_gpu_greedy_soup_equals_cpu(tmp_path, family, monkeypatch):
     assert reports["cuda"]["score"] == pytest.approx(reports["cpu"]["score"], abs=1e-6)
     for name, cpu in outs["cpu"].items():
         torch.testing.assert_close(outs["cuda"][name], cpu, rtol=1e-6, atol=1e-6)
+
+
+def test_gpu_ties_treats_non_finite_weights_as_the_cpu_does(tmp_path, family):
+    """Infinities (kept, trimmed, or voting against each other) merge to the CPU's bits; a NaN where a
+    trim is needed is refused with the CPU's message."""
+    from conftest import write_checkpoint
+
+    paths, models = family
+    ft1 = dict(models["ft1"])
+    ft1["layers.0.w"] = ft1["layers.0.w"].clone()
+    ft1["layers.0.w"][0, :3] = float("inf")
+    ft2 = dict(models["ft2"])
+    ft2["layers.0.w"] = ft2["layers.0.w"].clone()
+    ft2["layers.0.w"][0, 0] = float("-inf")
+    write_checkpoint(tmp_path / "inf1", ft1)
+    write_checkpoint(tmp_path / "inf2", ft2)
+    recipe = RECIPES["ties"].format(base=paths["base"], ft1=tmp_path / "inf1", ft2=tmp_path / "inf2")
+    (tmp_path / "r.yaml").write_text(recipe.replace("density: 0.3", "density: 0.02") + "out_dtype: float32\n")
+    outs = {}
+    for device in ("cpu", "cuda"):
+        args = ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / device), "--device", device, "-q"]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        outs[device] = load_output(tmp_path / device)
+    for name, cpu in outs["cpu"].items():
+        torch.testing.assert_close(outs["cuda"][name], cpu, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+    ft2["layers.0.w"][1, 1] = float("nan")
+    write_checkpoint(tmp_path / "inf2", ft2)
+    errors = {}
+    for device in ("cpu", "cuda"):
+        args = ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / f"nan-{device}"), "--device", device]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2, result.output
+        errors[device] = result.stderr
+    assert errors["cuda"] == errors["cpu"] and "'layers.0.w'" in errors["cpu"] and "NaN" in errors["cpu"]

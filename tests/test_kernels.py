@@ -210,8 +210,8 @@ def test_kth_largest_radix_select_matches_sort(values):
 @pytest.mark.parametrize("n", [7, 64, 1000, 4099])
 def test_band_pass_counts_and_gathers_what_numpy_does(dtype, n):
     """The vector compares (eight entries per LLVM vector, 64 per bit mask) and the scalar tail agree
-    with numpy: the count above the band, and the band's values and indices in order. NaN sits in
-    neither, inf is above."""
+    with numpy: the count above the band, the band's values and indices in order, and the NaN count.
+    NaN sits in neither the band nor above it, inf is above."""
     base, xs = case(n, dtype, models=2, seed=12)
     xs[0][n // 2] = float("nan")
     xs[1][n - 1] = float("inf")
@@ -220,10 +220,11 @@ def test_band_pass_counts_and_gathers_what_numpy_does(dtype, n):
     lo = np.array([0.0, np.quantile(mags[1][:-1], 0.4)], np.float32)
     hi = np.array([np.quantile(mags[0][~np.isnan(mags[0])], 0.7), np.quantile(mags[1][:-1], 0.6)], np.float32)
     vals, idx = np.empty((2, n), np.float32), np.empty((2, n), np.int64)
-    above, got = kernels._band_pass(tuple(as_array(x) for x in xs), as_array(base), lo, hi, vals, idx, 10)
+    above, got, nans = kernels._band_pass(tuple(as_array(x) for x in xs), as_array(base), lo, hi, vals, idx, 10)
     for j, a in enumerate(mags):
         band = np.flatnonzero((a >= lo[j]) & (a <= hi[j]))
         assert above[j] == np.count_nonzero(a > hi[j])
+        assert nans[j] == np.count_nonzero(np.isnan(a))
         assert np.array_equal(idx[j, : got[j]], band + 10)
         assert np.array_equal(vals[j, : got[j]], a[band])
 
@@ -289,3 +290,36 @@ def test_without_the_kernels_the_merge_falls_back_to_torch(tmp_path, monkeypatch
         assert "model.safetensors.index.json" in {p.name for p in (tmp_path / "out").iterdir()}
     finally:
         merger.stream._kernels.cache_clear()
+
+
+@pytest.mark.parametrize("n", [1000, 200_000])  # gathered whole, and through a sampled band
+def test_nan_in_a_task_vector_is_refused_by_both_paths_and_inf_is_ranked(n):
+    """A NaN magnitude has no rank, so a trim cannot place it: both paths name the model and count
+    its NaN entries (a NaN in the base spoils every model's). Infinities rank above everything, the
+    same way on both paths."""
+    from merger.errors import NaNTaskVector
+
+    base, xs = case(n, torch.bfloat16, models=3, seed=13)
+    models = [TiesModelParams(density=0.3), TiesModelParams(density=0.5), TiesModelParams(density=1.0)]
+    xs[0][[3, n - 1]] = float("inf")
+    xs[1][[7, n // 2]] = float("-inf")
+    xs[2][5] = float("nan")  # density 1 keeps everything: nothing to rank, the NaN is merged as is
+    xs[0][50], xs[1][50] = float("inf"), float("-inf")  # an entry whose vote is NaN: nothing agrees with it
+    for consensus in ("sum", "count"):
+        params = TiesParams(consensus_method=consensus)
+        assert same_bits(fused(xs, base, models, params, runner(1 << 14, 2)), eager(xs, base, models, params))
+    few = [TiesModelParams(density=1 / n), *models[1:]]  # one entry kept of model 0's three infinities
+    assert same_bits(fused(xs, base, few, TiesParams(), runner(1 << 14, 2)), eager(xs, base, few, TiesParams()))
+
+    xs[1][[10, 11, n - 2]] = float("nan")
+    for merge in (
+        lambda: fused(xs, base, models, TiesParams(), runner(1 << 14, 2)),
+        lambda: eager(xs, base, models, TiesParams()),
+    ):
+        with pytest.raises(NaNTaskVector) as got:
+            merge()
+        assert (got.value.model, got.value.count) == (1, 3)
+    base[20] = float("nan")
+    with pytest.raises(NaNTaskVector) as got:
+        fused(xs, base, models, TiesParams(), runner(1 << 14, 2))
+    assert (got.value.model, got.value.count) == (0, 1)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from merger.errors import NaNTaskVector
 from merger.methods.base import MergeRange, Method, Params, normalizable
 
 if TYPE_CHECKING:
@@ -70,16 +71,20 @@ def kth_largest(magnitudes: Callable[[], Iterable[Tensor]], k: int) -> tuple[flo
     A radix select: a histogram of the top 16 bits of each float (for non-negative floats the bit
     pattern orders like the value) finds the bucket holding the k-th largest, then only that bucket's
     entries (and flat indices) are gathered for kthvalue. Two passes, no sort, and the chunks can
-    stream from disk."""
+    stream from disk. NaN cannot be ranked: NaNTaskVector(-1, count) if any entry is NaN."""
     import torch
 
     radix = {torch.float32: (torch.int32, 15), torch.float64: (torch.int64, 47)}  # top 16 bits of |x|
     hist = None
     int_dtype = shift = None
+    nans = 0
     for m in magnitudes():
         int_dtype, shift = radix[m.dtype]
         h = torch.bincount((m.view(int_dtype) >> shift).reshape(-1), minlength=1 << 16)
         hist = h if hist is None else hist.add_(h)
+        nans += int(torch.isnan(m).sum())
+    if nans:
+        raise NaNTaskVector(-1, nans)
     from_top = hist.flip(0).cumsum(0)  # from_top[j]: entries in buckets >= 65535 - j
     j = int(torch.searchsorted(from_top, k))
     bucket = (1 << 16) - 1 - j
@@ -119,7 +124,10 @@ def ties_prepare(
         k = keep_count(numel, models[i].density)
         if k >= numel:
             return None, 0
-        threshold, _, cutoff = kth_largest(lambda: (d.abs() for d in task_vectors(i)), k)
+        try:
+            threshold, _, cutoff = kth_largest(lambda: (d.abs() for d in task_vectors(i)), k)
+        except NaNTaskVector as e:
+            raise NaNTaskVector(i, e.count) from None
         return threshold, cutoff
 
     workers = min(len(models), os.cpu_count() or 1)
@@ -145,7 +153,7 @@ def _trim_(delta: Tensor, state: TrimState, i: int, offset: int) -> Tensor:
         if state.cutoffs[i] < offset + n:
             tied.reshape(-1)[state.cutoffs[i] - offset :] = False
         keep |= tied
-    return delta.mul_(keep)
+    return delta.masked_fill_(keep.logical_not_(), 0)  # not delta * keep: a dropped inf would become NaN
 
 
 def ties(
@@ -169,17 +177,17 @@ def ties(
         for d in deltas[1:]:
             elected.add_(d)
         elected.sign_()
-    else:
-        elected = sum(d.sign() for d in deltas).sign_()
+    else:  # a NaN entry abstains (sign NaN would void the whole vote)
+        elected = sum(d.sign().nan_to_num_(0) for d in deltas).sign_()
     # An entry whose votes cancel exactly elects sign 0 (sgn(0) = 0 in the paper): nothing agrees with it.
     merged = torch.zeros_like(base)
     divisor = torch.zeros_like(base) if params.normalize else None
     agree = torch.empty_like(base, dtype=torch.bool)
     for d, m in zip(deltas, models):
         torch.gt(d * elected, 0, out=agree)
-        merged.add_(d * agree)
         if divisor is not None:
             divisor.add_(agree, alpha=abs(m.weight))
+        merged.add_(d.masked_fill_(agree.logical_not_(), 0))  # not d * agree: inf * 0 is NaN
     if divisor is not None:
         # |w|: a negative weight negates its task vector and still counts as that much of the mean.
         merged.div_(divisor.clamp_(min=torch.finfo(divisor.dtype).tiny))
