@@ -519,8 +519,7 @@ def _gather(
         vals = np.empty((nm, e - s), np.float32)
         idx = np.empty((nm, e - s), np.int64)
         above, got, nans = _band_pass(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
-        vals_j = [vals[j, : got[j]].copy() for j in range(nm)]
-        return above, vals_j, [idx[j, : got[j]].copy() for j in range(nm)], nans
+        return above, [vals[j, : got[j]].copy() for j in range(nm)], [idx[j, : got[j]].copy() for j in range(nm)], nans
 
     parts = run(part, base.size)
     return [

@@ -137,8 +137,9 @@ class Plan:
     def peak_memory(self) -> int:
         """Estimated working memory beyond the Python process itself. Per tensor: the inputs' pages
         (mapped while the tensor is merged, then dropped) and two output buffers (one being written):
-        on the CPU of a piece (stream.PIECE entries) each, on CUDA of the tensor. On the CPU the merge runs through a few chunk buffers (TIES also gathers the entries near each
-        trim threshold); on CUDA whole tensors are staged in pinned host memory, two tensors' worth
+        on the CPU of a piece (stream.PIECE entries) each, on CUDA of the tensor. On the CPU the merge
+        runs through a few chunk buffers (TIES also gathers the entries near each trim threshold); on
+        CUDA whole tensors are staged in pinned host memory, two tensors' worth
         (the next one is uploaded while one merges), and the method's temporaries (about four tensors
         for TIES) live on the GPU."""
         from merger.stream import CHUNK, PIECE, default_threads  # the engine's (stream imports plan)

@@ -19,6 +19,7 @@ import ctypes
 import functools
 import gc
 import importlib
+import itertools
 import json
 import os
 import struct
@@ -463,18 +464,17 @@ def write_shards(
             if remaining[shard.filename] == 0:
                 writers.pop(shard.filename).close()
 
-    handed = [0]  # buffers handed to the writer so far: the next one fills slot handed[0] % 2
+    slots = itertools.cycle((0, 1))
 
     def free_slot() -> int:
         """The next output slot, once the writer is done with its buffer (re-raises a write error)."""
-        slot = handed[0] % 2
+        slot = next(slots)
         if pending[slot] is not None:
             pending[slot].result()
         return slot
 
     def queue(slot: int, shard: Shard, t: OutTensor, data: np.ndarray, ready=None, last: bool = True) -> None:
         pending[slot] = pool.submit(write, shard, t, data, ready, last)
-        handed[0] += 1
 
     stages = CudaStages(merger) if merger.cuda and todo else None
     try:
@@ -490,8 +490,8 @@ def write_shards(
                     merger.prefetch(todo[j + 1][1])
                     if stages:
                         staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # read ahead while j merges
-                dtype = DTYPES[t.dtype][2]
-                if stages:  # whole tensors (handed == j: the slot of their staging); a host buffer only for
+                _, itemsize, dtype = DTYPES[t.dtype]
+                if stages:  # whole tensors, one slot each (j % 2, as their staging); a host buffer only for
                     # the tensors copied on the CPU
                     slot = free_slot()
                     host = functools.partial(outputs.get, slot, t.nbytes, dtype, t.shape)
@@ -503,7 +503,7 @@ def write_shards(
                     for s in range(0, max(n, 1), PIECE):
                         e = min(s + PIECE, n)
                         slot = free_slot()
-                        out = outputs.get(slot, (e - s) * DTYPES[t.dtype][1], dtype, (e - s,))
+                        out = outputs.get(slot, (e - s) * itemsize, dtype, (e - s,))
                         merge_range(s, e, out)
                         queue(slot, shard, t, out, last=e == n)
                 merger.release(t)
