@@ -46,11 +46,21 @@ CHUNK = 1 << 18  # elements per CPU chunk: 1 MiB of float32 per operand
 PIECE = 16 * CHUNK  # output elements merged and handed to the writer at a time on the CPU (8 MiB of
 # bfloat16): the two output buffers stay small and warm whatever the largest tensor (a 70B model's
 # embedding is 2 GiB)
+WRITEBACK = 64 << 20  # bytes of output between two page-cache hand-backs (ShardWriter._hand_back)
 
 
 class ShardWriter:
     """Writes one safetensors file tensor by tensor: the header comes from the plan up front, then
-    each tensor's bytes are streamed in plan order, so no whole-shard byte string is ever built."""
+    each tensor's bytes are streamed in plan order, so no whole-shard byte string is ever built.
+
+    Written bytes leave the page cache as they reach the disk: every WRITEBACK bytes, the writer
+    starts writeback of the newest window and drops the window before it, if clean by then. The
+    kernel reuses those pages for the next windows, so the output occupies a few windows of page
+    cache instead of its whole size. On a machine whose free memory goes back to the host (VMs with
+    free page reporting, as the development machine) filling reused pages is 2-3x faster than fresh
+    ones (2.2 GB: 1.3-1.5 s instead of 3.2-4.1 s; README, Performance); on any machine the merge
+    stops evicting other files' cache for output nobody reads soon. Pages still dirty are left
+    alone, so a slow disk never blocks the writer here."""
 
     def __init__(self, path: Path, tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None):
         self.path = path
@@ -68,6 +78,7 @@ class ShardWriter:
         self._f.write(raw)
         self._next = 0  # the tensor being written
         self._done = 0  # its bytes written so far
+        self._advised = self._dropped = 0  # file offsets: writeback started below, cache dropped below
 
     def write(self, t: OutTensor, data: np.ndarray) -> None:
         """Append tensor t's bytes, all of them or the next piece (a tensor may come in consecutive
@@ -79,10 +90,23 @@ class ShardWriter:
             raise RuntimeError(f"tensor '{t.name}': got {data.dtype} {list(data.shape)}, planned {t.dtype}")
         if data.nbytes:
             self._f.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+            self._hand_back()
         self._done += data.nbytes
         if self._done == t.nbytes:
             self._next += 1
             self._done = 0
+
+    def _hand_back(self) -> None:
+        end = self._f.tell()
+        if end - self._advised < WRITEBACK or not hasattr(os, "posix_fadvise"):
+            return
+        fd = self._f.fileno()
+        # DONTNEED starts writeback of dirty pages without waiting for it and drops the clean ones
+        os.posix_fadvise(fd, self._advised, end - self._advised, os.POSIX_FADV_DONTNEED)
+        if self._advised - self._dropped >= WRITEBACK:  # its writeback has had a window's time
+            os.posix_fadvise(fd, self._dropped, self._advised - self._dropped, os.POSIX_FADV_DONTNEED)
+            self._dropped = self._advised
+        self._advised = end
 
     def close(self) -> None:
         if self._next != len(self._todo):
