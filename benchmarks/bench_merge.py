@@ -123,8 +123,8 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[float, dict[str, float]]:
     """Seconds to read every input file once, and to write out_bytes: plain `write(2)` of a 1 MiB
-    block, and through merger's ShardWriter (which hands written pages back to the page cache as it
-    goes), each without and with fdatasync. The faster write counts toward the limit."""
+    block, and through merger's ShardWriter handing written pages back to the kernel as it goes
+    (stream.drop_behind), each without and with fdatasync. The faster write counts toward the limit."""
     from merger.plan import OutTensor
     from merger.stream import ShardWriter
 
@@ -155,7 +155,7 @@ def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[float, 
                 if how.endswith("sync"):
                     os.fdatasync(fh.fileno())
         else:
-            w = ShardWriter(target, [whole])
+            w = ShardWriter(target, [whole], drop_behind=True)
             for s in range(0, out_bytes, len(buf)):
                 w.write(whole, block[: min(len(buf), out_bytes - s)])
             w.close()

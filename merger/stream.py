@@ -49,21 +49,41 @@ PIECE = 16 * CHUNK  # output elements merged and handed to the writer at a time 
 WRITEBACK = 64 << 20  # bytes of output between two page-cache hand-backs (ShardWriter._hand_back)
 
 
+def drop_behind(output_bytes: int) -> bool:
+    """Whether the writers should hand the output's pages back to the kernel as they go (see
+    ShardWriter): when the output is larger than half the memory available, so it could not stay
+    cached anyway and would evict everything else. A smaller output stays cached for what usually
+    comes next (loading or evaluating the model). MERGER_DROP_BEHIND=1 or 0 decides instead."""
+    from merger.output import proc_kib  # output imports this module
+
+    forced = os.environ.get("MERGER_DROP_BEHIND", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    available = proc_kib("/proc/meminfo", "MemAvailable")
+    return available is not None and output_bytes > available // 2
+
+
 class ShardWriter:
     """Writes one safetensors file tensor by tensor: the header comes from the plan up front, then
     each tensor's bytes are streamed in plan order, so no whole-shard byte string is ever built.
 
-    Written bytes leave the page cache as they reach the disk: every WRITEBACK bytes, the writer
-    starts writeback of the newest window and drops the window before it, if clean by then. The
-    kernel reuses those pages for the next windows, so the output occupies a few windows of page
-    cache instead of its whole size. On a machine whose free memory goes back to the host (VMs with
-    free page reporting, as the development machine) filling reused pages is 2-3x faster than fresh
-    ones (2.2 GB: 1.3-1.5 s instead of 3.2-4.1 s; README, Performance); on any machine the merge
-    stops evicting other files' cache for output nobody reads soon. Pages still dirty are left
-    alone, so a slow disk never blocks the writer here."""
+    With `drop_behind`, written bytes leave the page cache as they reach the disk: every WRITEBACK
+    bytes the writer starts writeback of the newest window and drops the window before it, if clean
+    by then. The kernel reuses those pages for the next windows, so the output occupies a few
+    windows of page cache instead of its whole size and does not evict other files' cache. On a VM
+    whose freed memory goes back to the host (free page reporting, as the development machine),
+    filling reused pages is also 2-3x faster than fresh ones (README, Performance). Pages still
+    dirty are left alone, so a slow disk never blocks the writer here."""
 
-    def __init__(self, path: Path, tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        tensors: Iterable[OutTensor],
+        metadata: dict[str, str] | None = None,
+        drop_behind: bool = False,
+    ):
         self.path = path
+        self._drop_behind = drop_behind and hasattr(os, "posix_fadvise")
         self._todo = list(tensors)
         header: dict = {}
         offset = 0
@@ -98,7 +118,7 @@ class ShardWriter:
 
     def _hand_back(self) -> None:
         end = self._f.tell()
-        if end - self._advised < WRITEBACK or not hasattr(os, "posix_fadvise"):
+        if not self._drop_behind or end - self._advised < WRITEBACK:
             return
         fd = self._f.fileno()
         # DONTNEED starts writeback of dirty pages without waiting for it and drops the clean ones
@@ -473,6 +493,7 @@ def write_shards(
         dynamic_ncols=True,
     )
     writers: dict[str, ShardWriter] = {}
+    drop = drop_behind(sum(t.nbytes for t in plan.tensors))  # the whole output: other ranks write the rest
     pending: list[Future | None] = [None, None]  # double buffer: the writer drains one, we fill the other
     remaining = {s.filename: len(s.tensors) for s in chosen}
 
@@ -481,7 +502,7 @@ def write_shards(
             ready.synchronize()  # the GPU's copy into `data` has landed
         w = writers.get(shard.filename)
         if w is None:
-            w = writers[shard.filename] = ShardWriter(directory / shard.filename, shard.tensors)
+            w = writers[shard.filename] = ShardWriter(directory / shard.filename, shard.tensors, drop_behind=drop)
         w.write(t, data)
         if last:
             remaining[shard.filename] -= 1

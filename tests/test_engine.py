@@ -224,7 +224,7 @@ def test_writer_hands_written_windows_back_to_the_page_cache(tmp_path, monkeypat
     g = torch.Generator().manual_seed(3)
     tensors = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate((700, 1, 2500, 333, 4000))}
     planned = [OutTensor(k, tuple(v.shape), "F32", True, v.numel() * 4) for k, v in tensors.items()]
-    w = ShardWriter(tmp_path / "x.safetensors", planned)
+    w = ShardWriter(tmp_path / "x.safetensors", planned, drop_behind=True)
     for t in planned:
         data = tensors[t.name].numpy()
         for s in range(0, len(data), 300):  # in pieces, as the engine writes
@@ -243,6 +243,39 @@ def test_writer_hands_written_windows_back_to_the_page_cache(tmp_path, monkeypat
     assert len(dropped) >= 3
     out = load_file(tmp_path / "x.safetensors")
     assert all(torch.equal(out[k], v) for k, v in tensors.items())
+
+
+def test_output_drops_behind_only_when_it_cannot_stay_cached(tmp_path, monkeypatch, family):
+    """The writers hand pages back when the output is over half the available memory (or when
+    MERGER_DROP_BEHIND=1 says so); a smaller output stays in the page cache for the evaluation or
+    load that follows."""
+    import os
+
+    import merger.output
+
+    monkeypatch.setattr(merger.output, "proc_kib", lambda path, field: 1000 if field == "MemAvailable" else None)
+    monkeypatch.delenv("MERGER_DROP_BEHIND", raising=False)
+    assert merger.stream.drop_behind(501) and not merger.stream.drop_behind(500)
+    monkeypatch.setenv("MERGER_DROP_BEHIND", "0")
+    assert not merger.stream.drop_behind(10**15)
+    monkeypatch.setenv("MERGER_DROP_BEHIND", "1")
+    assert merger.stream.drop_behind(1)
+
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a))
+    monkeypatch.setattr(merger.stream, "WRITEBACK", 256)  # the output is about 1.2 kB
+    paths, _ = family
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
+    )
+    for flag, out in (("1", "dropped"), ("0", "cached")):
+        monkeypatch.setenv("MERGER_DROP_BEHIND", flag)
+        result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / out), "-q"])
+        assert result.exit_code == 0, result.output
+        assert bool(calls) == (flag == "1")
+        calls.clear()
+    for f in (tmp_path / "cached").glob("*.safetensors"):
+        assert (tmp_path / "dropped" / f.name).read_bytes() == f.read_bytes()
 
 
 def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, monkeypatch, family):
