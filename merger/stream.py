@@ -110,7 +110,8 @@ class ShardWriter:
             raise RuntimeError(f"tensor '{t.name}': got {data.dtype} {list(data.shape)}, planned {t.dtype}")
         if data.nbytes:
             self._f.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
-            self._hand_back()
+            if self._drop_behind:
+                self._hand_back()
         self._done += data.nbytes
         if self._done == t.nbytes:
             self._next += 1
@@ -118,7 +119,7 @@ class ShardWriter:
 
     def _hand_back(self) -> None:
         end = self._f.tell()
-        if not self._drop_behind or end - self._advised < WRITEBACK:
+        if end - self._advised < WRITEBACK:
             return
         fd = self._f.fileno()
         # DONTNEED starts writeback of dirty pages without waiting for it and drops the clean ones
@@ -493,7 +494,7 @@ def write_shards(
         dynamic_ncols=True,
     )
     writers: dict[str, ShardWriter] = {}
-    drop = drop_behind(sum(t.nbytes for t in plan.tensors))  # the whole output: other ranks write the rest
+    drop = drop_behind(plan.bytes_written)  # the whole output: other ranks write the rest
     pending: list[Future | None] = [None, None]  # double buffer: the writer drains one, we fill the other
     remaining = {s.filename: len(s.tensors) for s in chosen}
 
