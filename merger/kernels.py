@@ -101,9 +101,10 @@ def _lanes(context, builder, arrty, arr, off):
 
 @intrinsic
 def _marks8(typingctx, x, xoff, bf, boff, low, high):
-    """For the eight a_i = |x[xoff + i] - bf[boff + i]| (bf float32): bit i set where a_i >= low,
-    bit 8 + i where a_i > high (ordered compares: a NaN sets neither) and bit 16 + i where a_i is NaN,
-    as LLVM vector compares. The loop vectorizer does not turn the scalar form into this."""
+    """For the eight a_i = |x[xoff + i] - bf[boff + i]| (bf float32): bit i set where a_i >= low or
+    a_i is NaN (an unordered compare), bit 8 + i where a_i > high (ordered: not NaN), as LLVM vector
+    compares. A NaN thus lands in the band and is gathered, where it is counted for nothing here.
+    The loop vectorizer does not turn the scalar form into this."""
     if x.dtype not in (types.int16, types.uint16, types.float32) or bf.dtype != types.float32:
         return None
 
@@ -121,12 +122,9 @@ def _marks8(typingctx, x, xoff, bf, boff, low, high):
             return builder.shuffle_vector(v, ir.Constant(f32x8, ir.Undefined), ir.Constant(i32x8, [0] * 8))
 
         i64 = ir.IntType(64)
-        reach = builder.zext(builder.bitcast(builder.fcmp_ordered(">=", a, splat(args[4])), ir.IntType(8)), i64)
+        reach = builder.zext(builder.bitcast(builder.fcmp_unordered(">=", a, splat(args[4])), ir.IntType(8)), i64)
         over = builder.zext(builder.bitcast(builder.fcmp_ordered(">", a, splat(args[5])), ir.IntType(8)), i64)
-        nan = builder.zext(builder.bitcast(builder.fcmp_unordered("uno", a, a), ir.IntType(8)), i64)
-        return builder.or_(
-            builder.or_(reach, builder.shl(over, ir.Constant(i64, 8))), builder.shl(nan, ir.Constant(i64, 16))
-        )
+        return builder.or_(reach, builder.shl(over, ir.Constant(i64, 8)))
 
     return types.uint64(x, types.uint64, bf, types.uint64, types.float32, types.float32), codegen
 
@@ -230,9 +228,8 @@ def _kth_largest(vals, rank):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
-    """Per model j: how many |x_j - b| > hi[j], and the entries with lo[j] <= |x_j - b| <= hi[j]
-    gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered,
-    NaN count).
+    """Per model j: how many |x_j - b| > hi[j], and the entries with lo[j] <= |x_j - b| <= hi[j], or
+    NaN, gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered).
 
     Eight entries at a time give two bit masks (>= lo, > hi); 64 entries' masks give the count above
     (a popcount) and the band entries (set bits of reach & ~above), which are few."""
@@ -240,7 +237,6 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     nm = len(xs)
     above = np.zeros(nm, np.int64)
     got = np.zeros(nm, np.int64)
-    nans = np.zeros(nm, np.int64)
     bf = np.empty(BLOCK, np.float32)
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
@@ -252,7 +248,6 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
             low = lo[j]
             high = hi[j]
             cnt = U(0)
-            nan = U(0)
             g = got[j]
             vj = vals[j]
             ij = idx[j]
@@ -262,8 +257,7 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
                 for k in range(8):
                     marks = _marks8(x, U(st + w0 + 8 * k), bf, U(w0 + 8 * k), low, high)
                     reach |= (marks & U(0xFF)) << U(8 * k)
-                    over |= ((marks >> U(8)) & U(0xFF)) << U(8 * k)
-                    nan += _popcount(marks >> U(16))
+                    over |= (marks >> U(8)) << U(8 * k)
                 cnt += _popcount(over)
                 band = reach & ~over
                 while band:
@@ -275,15 +269,13 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
             for i in range(full, m):  # the last block's tail
                 v = abs(load(x, U(st + i)) - bf[i])
                 cnt += U(v > high)
-                nan += U(v != v)
-                if (v >= low) & (v <= high):
+                if not ((v < low) | (v > high)):  # in the band, or NaN
                     vj[U(g)] = v
                     ij[U(g)] = offset + st + i
                     g += 1
             above[j] += np.int64(cnt)
             got[j] = g
-            nans[j] += np.int64(nan)
-    return above, got, nans
+    return above, got
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -295,6 +287,8 @@ def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  
     n = b.size
     nm = len(xs)
     zero = np.float32(0)
+    one = np.float32(1)
+    tiny = np.float32(np.finfo(np.float32).tiny)
     bf = np.empty(BLOCK, np.float32)
     s = np.empty(BLOCK, np.float32)
     num = np.empty(BLOCK, np.float32)
@@ -331,19 +325,22 @@ def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  
             else:
                 for i in range(m):
                     s[i] += dj[i]
+        for i in range(m):  # the elected sign: +1, -1, or 0 where the votes cancel or are NaN
+            s[i] = (one if s[i] > zero else zero) - (one if s[i] < zero else zero)
         for j in range(nm):
             awj = abs(w[j])
             dj = trimmed[j]
             for i in range(m):
                 v = dj[i]
-                agree = ((v > zero) & (s[i] > zero)) | ((v < zero) & (s[i] < zero))
+                agree = v * s[i] > zero  # exact: s[i] is a sign
                 num[i] += v if agree else zero
                 den[i] += awj if agree else zero
-        for i in range(m):
-            r = num[i]
-            if normalize:
-                r = num[i] / den[i] if den[i] > zero else zero
-            store(out, U(st + i), r * lam + bf[i])
+        if normalize:  # den is 0 only where nothing agrees and num is 0: 0 / tiny is 0
+            for i in range(m):
+                store(out, U(st + i), num[i] / max(den[i], tiny) * lam + bf[i])
+        else:
+            for i in range(m):
+                store(out, U(st + i), num[i] * lam + bf[i])
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -518,8 +515,10 @@ def _gather(
     def part(s: int, e: int):
         vals = np.empty((nm, e - s), np.float32)
         idx = np.empty((nm, e - s), np.int64)
-        above, got, nans = _band_pass(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
-        return above, [vals[j, : got[j]].copy() for j in range(nm)], [idx[j, : got[j]].copy() for j in range(nm)], nans
+        above, got = _band_pass(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
+        band = [vals[j, : got[j]].copy() for j in range(nm)]
+        nans = [int(np.isnan(v).sum()) for v in band]  # the band pass gathers NaN entries with the band's
+        return above, band, [idx[j, : got[j]].copy() for j in range(nm)], nans
 
     parts = run(part, base.size)
     return [
