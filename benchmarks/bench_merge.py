@@ -10,15 +10,17 @@ torch==2.13.0 mergekit`) and pass `--mergekit-bin /tmp/mk/bin/mergekit-yaml`, or
 Checkpoints (a base and N fine-tunes, bf16, sharded, with a real Llama config) are generated once
 into --dir and reused. Each method first gets one untimed merger run (numba compiles its kernels on
 a machine's first merge and caches them; this also warms the page cache), then the I/O limit is
-measured on those files: read every input once (page cache warm, as the merges see it) plus write
-one output of the merged size. merger and mergekit are then run alternately, each as its own
-process; peak RSS is the process's high-water mark.
+measured on those files: read every input once (page cache warm, as the merges see it; the faster of
+read(2) and a mapping) plus write one output of the merged size (the faster of two writers). merger
+and mergekit are then run alternately, each as its own process; peak RSS is the process's high-water
+mark.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -121,30 +123,46 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[float, dict[str, float]]:
-    """Seconds to read every input file once, and to write out_bytes: plain `write(2)` of a 1 MiB
-    block, and through merger's ShardWriter handing written pages back to the kernel as it goes
-    (stream.drop_behind), each without and with fdatasync. The faster write counts toward the limit."""
+def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds to read every input file once, two ways: `read(2)` into a 1 MiB buffer, and mapping each
+    file and loading every 64-byte line of it (how merger reads); and to write out_bytes: plain
+    `write(2)` of a 1 MiB block, and through merger's ShardWriter handing written pages back to the
+    kernel as it goes (stream.drop_behind), each without and with fdatasync. The faster read and the
+    faster write make the limit."""
     from merger.plan import OutTensor
     from merger.stream import ShardWriter
 
     buf = bytearray(1 << 20)  # cache-resident, as dd's blocks: the copy out of the page cache is all it costs
     mv = memoryview(buf)
     files = [f for d in inputs for f in sorted(d.glob("*.safetensors"))]
+
+    def read_syscall(f: Path) -> None:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(mv):
+                pass
+
+    def read_mapped(f: Path) -> None:
+        with open(f, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        words = np.frombuffer(mm, np.uint64, count=mm.size() // 8)
+        for s in range(0, words.size, 1 << 20):
+            words[s : s + (1 << 20) : 8].max()  # one load per 64-byte line: every line comes from memory
+        del words
+        mm.madvise(mmap.MADV_DONTNEED)  # unmapped as merger's reader does when a tensor is done
+        mm.close()
+
     for f in files:  # warm the page cache, as the merges will find it
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(mv):
-                pass
-    t = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(mv):
-                pass
-    read_s = time.perf_counter() - t
+        read_syscall(f)
+    reads = {}
+    for how, read in (("read", read_syscall), ("mmap", read_mapped)):
+        t = time.perf_counter()
+        for f in files:
+            read(f)
+        reads[how] = time.perf_counter() - t
     target = scratch / "io-limit.bin"
     whole = OutTensor("bytes", (out_bytes,), "U8", True, out_bytes)
     block = np.frombuffer(buf, np.uint8)
-    times = {}
+    writes = {}
     for how in ("plain", "writer", "plain+sync", "writer+sync"):
         t = time.perf_counter()
         if how.startswith("plain"):
@@ -163,9 +181,9 @@ def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[float, 
                 fd = os.open(target, os.O_RDONLY)
                 os.fdatasync(fd)  # any descriptor of the file will do
                 os.close(fd)
-        times[how] = time.perf_counter() - t
+        writes[how] = time.perf_counter() - t
         target.unlink()
-    return read_s, times
+    return reads, writes
 
 
 def recipe(method: str, dirs: list[Path], out: Path) -> str:
@@ -238,13 +256,15 @@ def main() -> None:
             run_process(cmd)  # warm-up, not timed: compiles the kernels once, as a machine's first merge does
             shutil.rmtree(out, ignore_errors=True)
             # linear reads every model; task vector methods read the base and the fine-tunes: all of them here
-            read_s, writes = io_limit(dirs, in_bytes, scratch)
+            reads, writes = io_limit(dirs, in_bytes, scratch)
+            read_s = min(reads.values())
             write_s = min(writes["plain"], writes["writer"])
             limits[method] = read_s + write_s
             print(
-                f"{method}: I/O limit read all inputs {read_s:.2f} s + write one output {write_s:.2f} s "
-                f"(write(2) {writes['plain']:.2f} s, merger's writer {writes['writer']:.2f} s; with fdatasync "
-                f"{writes['plain+sync']:.2f} / {writes['writer+sync']:.2f} s)",
+                f"{method}: I/O limit read all inputs {read_s:.2f} s (read(2) {reads['read']:.2f} s, mapped "
+                f"{reads['mmap']:.2f} s) + write one output {write_s:.2f} s (write(2) {writes['plain']:.2f} s, "
+                f"merger's writer {writes['writer']:.2f} s; with fdatasync {writes['plain+sync']:.2f} / "
+                f"{writes['writer+sync']:.2f} s)",
                 flush=True,
             )
             for rep in range(args.repeat):
