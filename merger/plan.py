@@ -139,18 +139,21 @@ class Plan:
         (mapped while the tensor is merged, then dropped) and two output buffers (one being written):
         on the CPU of a piece (stream.PIECE entries) each, on CUDA of the tensor. On the CPU the merge
         runs through a few chunk buffers (TIES also gathers the entries near each trim threshold); on
-        CUDA whole tensors are staged in pinned host memory, two tensors' worth
-        (the next one is uploaded while one merges), and the method's temporaries (about four tensors
-        for TIES) live on the GPU."""
-        from merger.stream import CHUNK, PIECE, default_threads  # the engine's (stream imports plan)
+        CUDA whole tensors are staged in pinned host memory, two tensors' worth (the next one is
+        uploaded while one merges), and a tensor too large for the GPU whole goes in pieces
+        (stream.GPU_PIECE entries) through pageable memory."""
+        from merger.stream import CHUNK, GPU_PIECE, PIECE, default_threads  # the engine's (stream imports plan)
 
         csize = np.dtype(self.compute_dtype).itemsize
+        whole = self._gpu_whole()
         worst = 0
         for t in self.tensors:
             readers = self.readers_of(t)
             raw = sum(m.tensors[t.name].nbytes for m in readers)
-            if self.device == "cuda":
+            if self.device == "cuda" and whole(t):
                 host = raw * 3 + 2 * t.nbytes
+            elif self.device == "cuda":
+                host = raw + 2 * min(t.numel, GPU_PIECE) * DTYPES[t.dtype][1]
             else:  # two output buffers of a piece each
                 numel = t.numel
                 host = raw + 2 * min(numel, PIECE) * DTYPES[t.dtype][1]
@@ -162,19 +165,26 @@ class Plan:
 
     @property
     def peak_gpu_memory(self) -> int:
-        """Estimated GPU memory on CUDA: the largest tensor's inputs in the compute dtype, plus about
-        four temporaries."""
+        """Estimated GPU memory on CUDA (stream.gpu_bytes): the largest tensor merged whole, or a piece
+        of one merged in pieces."""
+        from merger.stream import GPU_PIECE, gpu_bytes
+
         if self.device != "cuda":
             return 0
-        csize = np.dtype(self.compute_dtype).itemsize
-        return max(  # plus the next tensor's inputs, uploaded meanwhile
-            (
-                t.nbytes // DTYPES[t.dtype][1] * csize * (len(self.readers_of(t)) + 4)
-                + sum(m.tensors[t.name].nbytes for m in self.readers_of(t))
-                for t in self.tensors
-            ),
+        whole = self._gpu_whole()
+        return max(
+            (gpu_bytes(self, t) if whole(t) else gpu_bytes(self, t) * GPU_PIECE // t.numel for t in self.tensors),
             default=0,
         )
+
+    def _gpu_whole(self):
+        """t -> whether CUDA merges t whole (stream.CudaStages.whole)."""
+        from merger.stream import gpu_budget, gpu_bytes
+
+        if self.device != "cuda":
+            return lambda t: True
+        budget = gpu_budget()
+        return lambda t: not t.merged or gpu_bytes(self, t) <= budget
 
 
 def natural_key(name: str) -> list:

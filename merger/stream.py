@@ -8,8 +8,9 @@ On the CPU, a method with a fused kernel (merger.kernels: every built-in method,
 float16 and float32 checkpoints merged in float32) runs straight on those views and never imports
 torch, which saves about two seconds of start-up. Other merges (float64 compute, mixed input dtypes,
 plugin methods) go through the method's torch function in chunks of CHUNK elements through reused
-float buffers, so temporaries stay in cache and no fresh pages are touched per tensor; on CUDA whole
-tensors go through pinned staging buffers.
+float buffers, so temporaries stay in cache and no fresh pages are touched per tensor. On CUDA whole
+tensors go through pinned staging buffers, and a tensor too large for that (CudaStages.whole) is
+merged on the GPU in pieces of GPU_PIECE entries, so GPU memory stays bounded whatever the model.
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ PIECE = 16 * CHUNK  # output elements merged and handed to the writer at a time 
 # bfloat16): the two output buffers stay small and warm whatever the largest tensor (a 70B model's
 # embedding is 2 GiB)
 WRITEBACK = 64 << 20  # bytes of output between two page-cache hand-backs (ShardWriter._hand_back)
+GPU_PIECE = 1 << 25  # entries per piece of a tensor too large to stage whole on the GPU (128 MiB of
+# float32 per operand): a 70B model's embedding (1G entries) would need ~40 GB of GPU memory at once
+
+
+def gpu_budget() -> int:
+    """GPU bytes a tensor merged whole may need (CudaStages.whole): half the device's memory."""
+    import torch
+
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory // 2
+
+
+def gpu_bytes(plan: Plan, t: OutTensor) -> int:
+    """GPU memory for merging t whole: its inputs in the compute dtype, about four temporaries, and
+    the next tensor's inputs as stored, uploaded meanwhile (counted as t's own)."""
+    readers = plan.readers_of(t)
+    raw = sum(m.tensors[t.name].nbytes for m in readers)
+    return t.numel * np.dtype(plan.compute_dtype).itemsize * (len(readers) + 4) + 2 * raw
 
 
 def drop_behind(output_bytes: int) -> bool:
@@ -259,14 +277,17 @@ class Merger:
                 self.bytes_read += info.nbytes
         return views, codes
 
-    def start(self, t: OutTensor) -> MergeRange:
-        """Begin merging t on the CPU (on CUDA, CudaStages does the work). What needs the whole tensor
-        (the inputs' agreement, TIES thresholds) happens here; the returned merge_range(start, end,
-        out) fills the flat output entries [start, end) into `out`."""
+    def start(self, t: OutTensor, device: str | None = None) -> MergeRange:
+        """Begin merging t on the CPU, or through the GPU `device` in pieces (CudaStages.pieces). What
+        needs the whole tensor (the inputs' agreement, TIES thresholds) happens here; the returned
+        merge_range(start, end, out) fills the flat output entries [start, end) into `out`, a host
+        array."""
         views, codes = self.inputs_of(t)
         if not t.merged:
             return self._agreed_copy(t, views)
         with self._naming(t):
+            if device is not None:
+                return self._eager(t, views, codes, device)
             if self._fusable(t):
                 spec = self.plan.spec
                 xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
@@ -341,24 +362,36 @@ class Merger:
             buf = bufs[slot] = torch.empty(CHUNK, dtype=getattr(torch, self.plan.compute_dtype))
         return buf[:n]
 
-    def _eager(self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str]) -> MergeRange:
-        """The method's torch function over chunks of the flattened tensors."""
+    def _eager(
+        self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str], device: str | None = None
+    ) -> MergeRange:
+        """The method's torch function over chunks of the flattened tensors: on the CPU, CHUNK entries
+        at a time through reused float buffers on the chunk threads; on a GPU `device`, GPU_PIECE
+        entries at a time uploaded from the page cache, one after the other."""
+        import torch
+
         spec = self.plan.spec
         method = spec.method
         models = [g.params for g in spec.ingredients]
         flat = {p: to_torch(v.reshape(-1), codes[p]) for p, v in views.items()}
         xs, base = self._roles(flat)
         numel = t.numel
+        size = CHUNK if device is None else GPU_PIECE
+        compute = getattr(torch, self.plan.compute_dtype)
 
         def load(slot: object, src: torch.Tensor, s: int, e: int) -> torch.Tensor:
-            return self._chunk(slot, e - s).copy_(src[s:e])  # stored dtype -> compute dtype, in cache
+            if device is None:
+                return self._chunk(slot, e - s).copy_(src[s:e])  # stored dtype -> compute dtype, in cache
+            # uploaded as stored (half the bytes of float32 for 16-bit inputs), a copy even on a stand-in
+            # device, since the chunk is modified in place
+            return src[s:e].to(device, copy=True).to(compute)
 
         state = None
         if method.prepare is not None:
 
             def task_vectors(i: int) -> Iterator[torch.Tensor]:
-                for s in range(0, numel, CHUNK):
-                    e = min(s + CHUNK, numel)
+                for s in range(0, numel, size):
+                    e = min(s + size, numel)
                     yield load("x", xs[i], s, e).sub_(load("b", base, s, e))
 
             state = method.prepare(task_vectors, numel, models, spec.params)
@@ -371,9 +404,12 @@ class Merger:
                 chunk_xs = [load(i, x, a, b) for i, x in enumerate(xs)]
                 chunk_base = load("b", base, a, b) if base is not None else None
                 extra = (state, a) if method.prepare is not None else ()
-                out[s:e].copy_(method.fn(chunk_xs, chunk_base, models, spec.params, *extra))
+                merged = method.fn(chunk_xs, chunk_base, models, spec.params, *extra)
+                if device is not None:  # cast on the GPU: fewer bytes come back
+                    merged = merged.to(out.dtype)
+                out[s:e].copy_(merged)
 
-            self._run(merge_chunk, end - start)
+            self._run(merge_chunk, end - start, size)
 
         return merge_range
 
@@ -391,7 +427,11 @@ class CudaStages:
     cache into pinned memory and uploads it on a copy stream, while tensor j is merged on the current
     stream and its result is copied back (non-blocking) into pinned memory, which the writer thread
     reads once that copy's event has fired (and meanwhile writes tensor j-1). Pinned buffers come in
-    two slots (j % 2); a slot is refilled only after the GPU is done with its previous contents."""
+    two slots (j % 2); a slot is refilled only after the GPU is done with its previous contents.
+
+    A tensor that would need more than gpu_budget() merged whole (gpu_bytes) is not staged: it goes
+    through the GPU in pieces of GPU_PIECE entries instead (pieces()), as the CPU path goes through
+    its chunks, TIES thresholds included."""
 
     def __init__(self, merger: Merger):
         import torch
@@ -399,6 +439,7 @@ class CudaStages:
         self.torch = torch
         self.merger = merger
         self.device = merger.plan.device
+        self.budget = gpu_budget()
         self.copy_stream = torch.cuda.Stream()
         self.pinned_in = Buffers(pin=True)  # by (slot, input path)
         self.pinned_out = Buffers(pin=True)  # by slot
@@ -411,9 +452,19 @@ class CudaStages:
     def stage(self, t: OutTensor, slot: int) -> Future:
         return self.stager.submit(self.upload, t, slot)
 
+    def whole(self, t: OutTensor) -> bool:
+        """Whether t is merged as one tensor (staged, uploaded, merged, copied back), else in pieces."""
+        return not t.merged or gpu_bytes(self.merger.plan, t) <= self.budget
+
+    def pieces(self, t: OutTensor) -> MergeRange:
+        """merge_range for t through the GPU, GPU_PIECE entries at a time (see Merger.start)."""
+        return self.merger.start(t, self.device)
+
     def upload(self, t: OutTensor, slot: int) -> tuple:
         """Tensor t's inputs on the GPU (as stored), after pinned slot `slot`: (views, on_gpu, event)."""
         torch = self.torch
+        if not self.whole(t):  # merged in pieces when its turn comes (it reads its inputs then)
+            return {}, None, None
         views, codes = self.merger.inputs_of(t)
         if not t.merged:
             return views, None, None
@@ -452,6 +503,22 @@ class CudaStages:
         ready = torch.cuda.Event()
         ready.record(stream)
         return out.reshape(-1).view(torch.uint8).numpy().view(DTYPES[t.dtype][2]).reshape(t.shape), ready
+
+
+@contextlib.contextmanager
+def _out_of_gpu_memory(t: OutTensor, cuda: bool) -> Iterator[None]:
+    """CUDA running out of memory, as a MergeError naming the tensor (something else holds the GPU's
+    memory: merger's own use is bounded by gpu_budget and GPU_PIECE)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not cuda or type(e).__name__ != "OutOfMemoryError":
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+        raise MergeError(
+            f"tensor '{t.name}' {list(t.shape)}: the GPU ran out of memory ({first}); free GPU memory "
+            "(other processes?) or merge with --device cpu"
+        ) from None
 
 
 @functools.cache
@@ -531,27 +598,29 @@ def write_shards(
         ):
             staged = stages.stage(todo[0][1], 0) if stages else None
             for j, (shard, t) in enumerate(todo):
-                current = staged.result() if stages else None
-                if j + 1 < len(todo):
-                    merger.prefetch(todo[j + 1][1])
-                    if stages:
-                        staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # read ahead while j merges
-                _, itemsize, dtype = DTYPES[t.dtype]
-                if stages:  # whole tensors, one slot each (j % 2, as their staging); a host buffer only for
-                    # the tensors copied on the CPU
-                    slot = free_slot()
-                    host = functools.partial(outputs.get, slot, t.nbytes, dtype, t.shape)
-                    out, ready = stages.merge(t, current, slot, host)
-                    queue(slot, shard, t, out, ready)
-                else:  # in pieces, through two small buffers
-                    merge_range = merger.start(t)
-                    n = t.numel
-                    for s in range(0, max(n, 1), PIECE):
-                        e = min(s + PIECE, n)
+                with _out_of_gpu_memory(t, stages is not None):
+                    current = staged.result() if stages else None
+                    if j + 1 < len(todo):
+                        merger.prefetch(todo[j + 1][1])
+                        if stages:
+                            staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # read ahead while j merges
+                    _, itemsize, dtype = DTYPES[t.dtype]
+                    if stages and stages.whole(t):  # a pinned output slot each; a host buffer only for the
+                        # tensors copied on the CPU
                         slot = free_slot()
-                        out = outputs.get(slot, (e - s) * itemsize, dtype, (e - s,))
-                        merge_range(s, e, out)
-                        queue(slot, shard, t, out, last=e == n)
+                        host = functools.partial(outputs.get, slot, t.nbytes, dtype, t.shape)
+                        out, ready = stages.merge(t, current, slot, host)
+                        queue(slot, shard, t, out, ready)
+                    else:  # in pieces through two buffers: on the CPU, or on the GPU a tensor too large whole
+                        merge_range = stages.pieces(t) if stages else merger.start(t)
+                        piece = GPU_PIECE if stages else PIECE
+                        n = t.numel
+                        for s in range(0, max(n, 1), piece):
+                            e = min(s + piece, n)
+                            slot = free_slot()
+                            out = outputs.get(slot, (e - s) * itemsize, dtype, (e - s,))
+                            merge_range(s, e, out)
+                            queue(slot, shard, t, out, last=e == n)
                 merger.release(t)
                 before = merger.bytes_read
                 bar.update(before - bar.n)
@@ -583,12 +652,14 @@ def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tu
                 continue
             out = np.empty(t.shape, dtype=DTYPES[t.dtype][2])
             # not across the yield: the consumer keeps its threads
-            with cpu_engine_settings(plan.device, merger.needs_torch):
-                if stages:
+            with cpu_engine_settings(plan.device, merger.needs_torch), _out_of_gpu_memory(t, stages is not None):
+                if stages and stages.whole(t):
                     data, ready = stages.merge(t, stages.upload(t, 0), 0, lambda out=out: out)
                     if ready is not None:
                         ready.synchronize()
                         np.copyto(out, data)  # out of the pinned slot, which the next tensor reuses
+                elif stages:
+                    stages.pieces(t)(0, t.numel, out.reshape(-1))
                 else:
                     merger.merge_into(t, out)
             merger.release(t)

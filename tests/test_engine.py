@@ -278,20 +278,13 @@ def test_output_drops_behind_only_when_it_cannot_stay_cached(tmp_path, monkeypat
         assert (tmp_path / "dropped" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, monkeypatch, family):
-    """CudaStages' slots, read-ahead, agreed copies and writer hand-off, run with torch.cuda's stream
-    and event calls stood in by synchronous CPU ones (tests/test_gpu.py runs the real thing): the
-    output is the CPU engine's, and every result waits for its event before it is written."""
-    from merger.plan import build_plan
-    from merger.recipe import parse_recipe
-    from merger.stream import CudaStages, merge_tensors, write_shards
+@pytest.fixture
+def stand_in_cuda(monkeypatch):
+    """torch.cuda's streams, events and pinned memory stood in by synchronous CPU ones, and CudaStages on
+    the CPU with a GPU budget that stages every tensor whole (a test may set merger.stream.gpu_budget
+    lower). Returns the names of the threads that waited on an event, in order."""
+    from merger.stream import CudaStages
 
-    paths, _ = family
-    text = (
-        f"merge_method: task_arithmetic\nbase_model: {paths['base']}\n"
-        f"models: [{{model: {paths['ft1']}, parameters: {{weight: 0.7}}}}, {{model: {paths['ft2']}}}]\n"
-        "out_dtype: bfloat16\n"
-    )
     waits = []
 
     class Event:
@@ -312,6 +305,7 @@ def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, monkeypatch, fami
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     monkeypatch.setattr(merger.stream, "_pinned", lambda n: torch.empty(n, dtype=torch.uint8))
+    monkeypatch.setattr(merger.stream, "gpu_budget", lambda: 1 << 40)
 
     class OnCpu(CudaStages):
         def __init__(self, m):
@@ -319,14 +313,41 @@ def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, monkeypatch, fami
             self.device = "cpu"
 
     monkeypatch.setattr(merger.stream, "CudaStages", OnCpu)
+    return waits
+
+
+def cpu_and_stand_in_gpu(tmp_path, text: str):
+    """The recipe written by the CPU engine into tmp_path/cpu and through CudaStages into tmp_path/gpu;
+    returns the plan (its device then cuda)."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import write_shards
+
     plan = build_plan(parse_recipe(text), device="cpu")
     for d in ("cpu", "gpu"):
         (tmp_path / d).mkdir()
     write_shards(plan, tmp_path / "cpu")
     plan.device = "cuda"  # everything else as planned
     write_shards(plan, tmp_path / "gpu")
+    return plan
+
+
+def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, stand_in_cuda, family):
+    """CudaStages' slots, read-ahead, agreed copies and writer hand-off, with torch.cuda stood in
+    (tests/test_gpu.py runs the real thing): the output is the CPU engine's, and every result waits
+    for its event before it is written."""
+    from merger.stream import merge_tensors
+
+    paths, _ = family
+    text = (
+        f"merge_method: task_arithmetic\nbase_model: {paths['base']}\n"
+        f"models: [{{model: {paths['ft1']}, parameters: {{weight: 0.7}}}}, {{model: {paths['ft2']}}}]\n"
+        "out_dtype: bfloat16\n"
+    )
+    plan = cpu_and_stand_in_gpu(tmp_path, text)
     merged = [t for t in plan.tensors if t.merged]
     # the writer waited on each merged tensor's copy back; the stager, before refilling a used slot
+    waits = stand_in_cuda
     assert waits.count("merger-writer") == len(merged) and waits.count("merger-stager") > 0
     for shard in plan.shards:
         gpu, cpu = load_file(tmp_path / "gpu" / shard.filename), load_file(tmp_path / "cpu" / shard.filename)
@@ -340,3 +361,69 @@ def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, monkeypatch, fami
     assert in_memory.keys() == written.keys()
     for name, tensor in in_memory.items():
         assert torch.equal(tensor, written[name]), name
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, family, monkeypatch, method):
+    """A tensor that would need more GPU memory whole than gpu_budget() is not staged: it goes through
+    the GPU GPU_PIECE entries at a time (TIES' thresholds over all its pieces) to the CPU engine's bits,
+    smaller tensors are still staged whole, and the plan's GPU estimate follows the same rule."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import CudaStages, gpu_bytes, merge_tensors
+
+    paths, _ = family
+    extra = ", density: 0.3" if method == "ties" else ""
+    text = (
+        f"merge_method: {method}\nbase_model: {paths['base']}\n"
+        f"models: [{{model: {paths['ft1']}, parameters: {{weight: 0.7{extra}}}}}, "
+        f"{{model: {paths['ft2']}, parameters: {{weight: 0.4{extra}}}}}]\nout_dtype: float32\n"
+    )
+    probe = build_plan(parse_recipe(text), device="cpu")
+    sizes = {t.name: t for t in probe.tensors}
+    layer, embed = sizes["layers.0.w"], sizes["embed.weight"]  # 64 and 96 entries
+    monkeypatch.setattr(merger.stream, "gpu_budget", lambda: gpu_bytes(probe, layer))  # the embedding is over
+    monkeypatch.setattr(merger.stream, "GPU_PIECE", 10)  # ten pieces, the last of 6 entries
+    pieced = []
+    real = CudaStages.pieces
+    monkeypatch.setattr(CudaStages, "pieces", lambda self, t: pieced.append(t.name) or real(self, t))
+
+    plan = cpu_and_stand_in_gpu(tmp_path, text)
+    assert pieced == ["embed.weight"]
+    waits = stand_in_cuda
+    assert waits.count("merger-writer") == len([t for t in plan.tensors if t.merged]) - 1  # the staged ones
+    cpu, gpu = (
+        {k: v for sh in plan.shards for k, v in load_file(tmp_path / d / sh.filename).items()} for d in ("cpu", "gpu")
+    )
+    assert cpu.keys() == gpu.keys()
+    for name in cpu:  # TIES: the same float32 operations, whole or in pieces; torch's add(alpha=w) may fuse
+        if method == "ties":  # a multiply-add that merger's task-arithmetic kernel does not
+            assert torch.equal(gpu[name], cpu[name]), name
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-7)
+    assert torch.equal(dict(merge_tensors(plan))["embed.weight"], gpu["embed.weight"])
+    assert pieced == ["embed.weight"] * 2
+    assert plan.peak_gpu_memory == max(gpu_bytes(plan, layer), gpu_bytes(plan, embed) * 10 // 96)
+
+
+def test_running_out_of_gpu_memory_is_an_error_naming_the_tensor(tmp_path, stand_in_cuda, family, monkeypatch):
+    """Another process holding the GPU's memory: a MergeError naming the tensor, not a traceback."""
+    from merger.errors import MergeError
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import CudaStages, write_shards
+
+    def oom(self, t, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(CudaStages, "merge", oom)
+    paths, _ = family
+    text = f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
+    plan = build_plan(parse_recipe(text), device="cpu")
+    plan.device = "cuda"
+    with pytest.raises(MergeError) as e:
+        write_shards(plan, tmp_path)
+    first = plan.shards[0].tensors[0]
+    assert str(e.value) == (
+        f"tensor '{first.name}' {list(first.shape)}: the GPU ran out of memory (CUDA out of memory. Tried to "
+        "allocate 2.00 GiB); free GPU memory (other processes?) or merge with --device cpu"
+    )
