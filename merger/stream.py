@@ -438,7 +438,8 @@ class CudaStages:
 
         self.torch = torch
         self.merger = merger
-        self.device = merger.plan.device
+        # this thread's GPU (a rank's, under --workers or accelerate): other threads start on GPU 0
+        self.device = torch.device("cuda", torch.cuda.current_device())
         self.budget = gpu_budget()
         self.copy_stream = torch.cuda.Stream()
         self.pinned_in = Buffers(pin=True)  # by (slot, input path)
@@ -471,7 +472,7 @@ class CudaStages:
         if self.uploaded[slot] is not None:
             self.uploaded[slot].synchronize()  # the DMAs out of this slot's pinned buffers are done
         on_gpu = {}
-        with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
             for path, v in views.items():
                 src = to_torch(v, codes[path])
                 pinned = self.pinned_in.get((slot, path), v.nbytes, src.dtype, tuple(src.shape))
