@@ -141,11 +141,11 @@ class Plan:
         runs through a few chunk buffers (TIES also gathers the entries near each trim threshold); on
         CUDA whole tensors are staged in pinned host memory, two tensors' worth (the next one is
         uploaded while one merges), and a tensor too large for the GPU whole goes in pieces
-        (stream.GPU_PIECE entries) through pageable memory."""
-        from merger.stream import CHUNK, GPU_PIECE, PIECE, default_threads  # the engine's (stream imports plan)
+        (stream.gpu_piece entries) through pageable memory."""
+        from merger.stream import CHUNK, PIECE, default_threads  # the engine's (stream imports plan)
 
         csize = np.dtype(self.compute_dtype).itemsize
-        whole = self._gpu_whole()
+        whole, piece = self._gpu_rules()
         worst = 0
         for t in self.tensors:
             readers = self.readers_of(t)
@@ -153,7 +153,7 @@ class Plan:
             if self.device == "cuda" and whole(t):
                 host = raw * 3 + 2 * t.nbytes
             elif self.device == "cuda":
-                host = raw + 2 * min(t.numel, GPU_PIECE) * DTYPES[t.dtype][1]
+                host = raw + 2 * piece(t) * DTYPES[t.dtype][1]
             else:  # two output buffers of a piece each
                 numel = t.numel
                 host = raw + 2 * min(numel, PIECE) * DTYPES[t.dtype][1]
@@ -167,24 +167,24 @@ class Plan:
     def peak_gpu_memory(self) -> int:
         """Estimated GPU memory on CUDA (stream.gpu_bytes): the largest tensor merged whole, or a piece
         of one merged in pieces."""
-        from merger.stream import GPU_PIECE, gpu_bytes
+        from merger.stream import gpu_bytes
 
         if self.device != "cuda":
             return 0
-        whole = self._gpu_whole()
+        whole, piece = self._gpu_rules()
         return max(
-            (gpu_bytes(self, t) if whole(t) else gpu_bytes(self, t) * GPU_PIECE // t.numel for t in self.tensors),
+            (gpu_bytes(self, t) if whole(t) else gpu_bytes(self, t) * piece(t) // t.numel for t in self.tensors),
             default=0,
         )
 
-    def _gpu_whole(self):
-        """t -> whether CUDA merges t whole (stream.CudaStages.whole)."""
-        from merger.stream import gpu_budget, gpu_bytes
+    def _gpu_rules(self):
+        """(t -> whether CUDA merges t whole, t -> entries per piece otherwise), as stream.CudaStages."""
+        from merger.stream import gpu_budget, gpu_bytes, gpu_piece
 
         if self.device != "cuda":
-            return lambda t: True
+            return (lambda t: True), (lambda t: t.numel)
         budget = gpu_budget()
-        return lambda t: not t.merged or gpu_bytes(self, t) <= budget
+        return (lambda t: not t.merged or gpu_bytes(self, t) <= budget), (lambda t: gpu_piece(self, t, budget))
 
 
 def natural_key(name: str) -> list:

@@ -48,15 +48,20 @@ PIECE = 16 * CHUNK  # output elements merged and handed to the writer at a time 
 # bfloat16): the two output buffers stay small and warm whatever the largest tensor (a 70B model's
 # embedding is 2 GiB)
 WRITEBACK = 64 << 20  # bytes of output between two page-cache hand-backs (ShardWriter._hand_back)
-GPU_PIECE = 1 << 25  # entries per piece of a tensor too large to stage whole on the GPU (128 MiB of
-# float32 per operand): a 70B model's embedding (1G entries) would need ~40 GB of GPU memory at once
+GPU_PIECE = 1 << 25  # the most entries per piece of a tensor too large to stage whole on the GPU (128 MiB
+# of float32 per operand): a 70B model's embedding (1G entries) would need ~40 GB of GPU memory at once
 
 
 def gpu_budget() -> int:
-    """GPU bytes a tensor merged whole may need (CudaStages.whole): half the device's memory."""
+    """GPU bytes one tensor's merge may take (CudaStages): half the device's memory, or 3/4 of what is
+    free if that is less (another process, or a model being evaluated, holds the rest). Memory that
+    torch's caching allocator holds unused counts as free."""
     import torch
 
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory // 2
+    device = torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return min(total // 2, free * 3 // 4)
 
 
 def gpu_bytes(plan: Plan, t: OutTensor) -> int:
@@ -65,6 +70,13 @@ def gpu_bytes(plan: Plan, t: OutTensor) -> int:
     readers = plan.readers_of(t)
     raw = sum(m.tensors[t.name].nbytes for m in readers)
     return t.numel * np.dtype(plan.compute_dtype).itemsize * (len(readers) + 4) + 2 * raw
+
+
+def gpu_piece(plan: Plan, t: OutTensor, budget: int) -> int:
+    """Entries per GPU piece of t when it is too large to merge whole: GPU_PIECE, fewer where that
+    would not fit in `budget` bytes (but at least 64K)."""
+    fits = budget * t.numel // max(gpu_bytes(plan, t), 1)
+    return min(GPU_PIECE, max(1 << 16, fits), max(t.numel, 1))
 
 
 def drop_behind(output_bytes: int) -> bool:
@@ -277,17 +289,17 @@ class Merger:
                 self.bytes_read += info.nbytes
         return views, codes
 
-    def start(self, t: OutTensor, device: str | None = None) -> MergeRange:
-        """Begin merging t on the CPU, or through the GPU `device` in pieces (CudaStages.pieces). What
-        needs the whole tensor (the inputs' agreement, TIES thresholds) happens here; the returned
-        merge_range(start, end, out) fills the flat output entries [start, end) into `out`, a host
-        array."""
+    def start(self, t: OutTensor, device: object = None, piece: int = 0) -> MergeRange:
+        """Begin merging t on the CPU, or through the GPU `device` `piece` entries at a time
+        (CudaStages.pieces). What needs the whole tensor (the inputs' agreement, TIES thresholds)
+        happens here; the returned merge_range(start, end, out) fills the flat output entries
+        [start, end) into `out`, a host array."""
         views, codes = self.inputs_of(t)
         if not t.merged:
             return self._agreed_copy(t, views)
         with self._naming(t):
             if device is not None:
-                return self._eager(t, views, codes, device)
+                return self._eager(t, views, codes, device, piece)
             if self._fusable(t):
                 spec = self.plan.spec
                 xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
@@ -363,11 +375,11 @@ class Merger:
         return buf[:n]
 
     def _eager(
-        self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str], device: str | None = None
+        self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str], device: object = None, piece: int = 0
     ) -> MergeRange:
         """The method's torch function over chunks of the flattened tensors: on the CPU, CHUNK entries
-        at a time through reused float buffers on the chunk threads; on a GPU `device`, GPU_PIECE
-        entries at a time uploaded from the page cache, one after the other."""
+        at a time through reused float buffers on the chunk threads; on a GPU `device`, `piece` entries
+        at a time uploaded from the page cache, one after the other."""
         import torch
 
         spec = self.plan.spec
@@ -376,7 +388,7 @@ class Merger:
         flat = {p: to_torch(v.reshape(-1), codes[p]) for p, v in views.items()}
         xs, base = self._roles(flat)
         numel = t.numel
-        size = CHUNK if device is None else GPU_PIECE
+        size = CHUNK if device is None else piece
         compute = getattr(torch, self.plan.compute_dtype)
 
         def load(slot: object, src: torch.Tensor, s: int, e: int) -> torch.Tensor:
@@ -430,8 +442,8 @@ class CudaStages:
     two slots (j % 2); a slot is refilled only after the GPU is done with its previous contents.
 
     A tensor that would need more than gpu_budget() merged whole (gpu_bytes) is not staged: it goes
-    through the GPU in pieces of GPU_PIECE entries instead (pieces()), as the CPU path goes through
-    its chunks, TIES thresholds included."""
+    through the GPU in pieces of up to GPU_PIECE entries instead (pieces()), as the CPU path goes
+    through its chunks, TIES thresholds included."""
 
     def __init__(self, merger: Merger):
         import torch
@@ -457,9 +469,13 @@ class CudaStages:
         """Whether t is merged as one tensor (staged, uploaded, merged, copied back), else in pieces."""
         return not t.merged or gpu_bytes(self.merger.plan, t) <= self.budget
 
+    def piece(self, t: OutTensor) -> int:
+        """Entries per piece of a tensor merged in pieces."""
+        return gpu_piece(self.merger.plan, t, self.budget)
+
     def pieces(self, t: OutTensor) -> MergeRange:
-        """merge_range for t through the GPU, GPU_PIECE entries at a time (see Merger.start)."""
-        return self.merger.start(t, self.device)
+        """merge_range for t through the GPU, piece(t) entries at a time (see Merger.start)."""
+        return self.merger.start(t, self.device, self.piece(t))
 
     def upload(self, t: OutTensor, slot: int) -> tuple:
         """Tensor t's inputs on the GPU (as stored), after pinned slot `slot`: (views, on_gpu, event)."""
@@ -509,7 +525,7 @@ class CudaStages:
 @contextlib.contextmanager
 def _out_of_gpu_memory(t: OutTensor, cuda: bool) -> Iterator[None]:
     """CUDA running out of memory, as a MergeError naming the tensor (something else holds the GPU's
-    memory: merger's own use is bounded by gpu_budget and GPU_PIECE)."""
+    memory: merger's own use is bounded by gpu_budget)."""
     try:
         yield
     except RuntimeError as e:
@@ -614,7 +630,7 @@ def write_shards(
                         queue(slot, shard, t, out, ready)
                     else:  # in pieces through two buffers: on the CPU, or on the GPU a tensor too large whole
                         merge_range = stages.pieces(t) if stages else merger.start(t)
-                        piece = GPU_PIECE if stages else PIECE
+                        piece = stages.piece(t) if stages else PIECE
                         n = t.numel
                         for s in range(0, max(n, 1), piece):
                             e = min(s + piece, n)

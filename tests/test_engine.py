@@ -429,3 +429,32 @@ def test_running_out_of_gpu_memory_is_an_error_naming_the_tensor(tmp_path, stand
         f"tensor '{first.name}' {list(first.shape)}: the GPU ran out of memory (CUDA out of memory. Tried to "
         "allocate 2.00 GiB); free GPU memory (other processes?) or merge with --device cpu"
     )
+
+
+def test_gpu_budget_follows_free_memory_and_pieces_fit_in_it(monkeypatch, family):
+    """Half the GPU, or 3/4 of what is free if less (torch's unused cache counts as free); a piece is
+    GPU_PIECE entries unless fewer fit the budget, and never under 64K entries or over the tensor."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import GPU_PIECE, gpu_budget, gpu_bytes, gpu_piece
+
+    gb = 1 << 30
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 6 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 2 * gb)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (70 * gb, 80 * gb))
+    assert gpu_budget() == 40 * gb  # half of 80 GB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (20 * gb, 80 * gb))  # another process holds 56 GB
+    assert gpu_budget() == 18 * gb  # 3/4 of 20 GB free + 4 GB cached
+
+    paths, _ = family
+    plan = build_plan(
+        parse_recipe(f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n")
+    )
+    t = plan.tensors[0]
+    big = t.__class__(t.name, (1 << 30,), t.dtype, True, 4 << 30)  # a 1G-entry float32 tensor, planned like t
+    per_entry = gpu_bytes(plan, big) / big.numel
+    assert gpu_piece(plan, big, 40 * gb) == GPU_PIECE
+    assert abs(gpu_piece(plan, big, int(per_entry * 5_000_000)) - 5_000_000) <= 1  # what fits
+    assert gpu_piece(plan, big, 1000) == 1 << 16
+    assert gpu_piece(plan, t, 1000) == t.numel
