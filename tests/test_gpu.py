@@ -114,3 +114,26 @@ def test_gpu_ties_treats_non_finite_weights_as_the_cpu_does(tmp_path, family):
         assert result.exit_code == 2, result.output
         errors[device] = result.stderr
     assert errors["cuda"] == errors["cpu"] and "'layers.0.w'" in errors["cpu"] and "NaN" in errors["cpu"]
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_gpu_pieces_equal_cpu(tmp_path, family, method, monkeypatch):
+    """Tensors over the GPU budget go through the GPU in pieces (TIES thresholds over all of them) and
+    still give the CPU's result: here every merged tensor, in pieces of 10 entries."""
+    import merger.stream
+
+    monkeypatch.setattr(merger.stream, "gpu_budget", lambda: 1)
+    monkeypatch.setattr(merger.stream, "gpu_piece", lambda plan, t, budget: 10)
+    paths, _ = family
+    (tmp_path / "r.yaml").write_text(
+        RECIPES[method].format(**{k: str(v) for k, v in paths.items()}) + "out_dtype: float32\n"
+    )
+    outs = {}
+    for device in ("cpu", "cuda"):
+        result = CliRunner().invoke(
+            cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / device), "--device", device, "-q"]
+        )
+        assert result.exit_code == 0, result.output
+        outs[device] = load_output(tmp_path / device)
+    for name, cpu in outs["cpu"].items():
+        torch.testing.assert_close(outs["cuda"][name], cpu, rtol=1e-6, atol=1e-6)
