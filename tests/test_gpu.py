@@ -20,9 +20,9 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(RECIPES))
-def test_gpu_equals_cpu(tmp_path, family, method):
-    paths, _ = family
+def assert_cuda_equals_cpu(tmp_path, paths, method):
+    """The method's recipe merged with --device cpu and --device cuda: the same tensors within float32
+    rounding."""
     (tmp_path / "r.yaml").write_text(
         RECIPES[method].format(**{k: str(v) for k, v in paths.items()}) + "out_dtype: float32\n"
     )
@@ -35,6 +35,11 @@ def test_gpu_equals_cpu(tmp_path, family, method):
         outs[device] = load_output(tmp_path / device)
     for name, cpu in outs["cpu"].items():
         torch.testing.assert_close(outs["cuda"][name], cpu, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_gpu_equals_cpu(tmp_path, family, method):
+    assert_cuda_equals_cpu(tmp_path, family[0], method)
 
 
 def test_gpu_json_reports_gpu_memory(tmp_path, family):
@@ -124,16 +129,4 @@ def test_gpu_pieces_equal_cpu(tmp_path, family, method, monkeypatch):
 
     monkeypatch.setattr(merger.stream, "gpu_budget", lambda: 1)
     monkeypatch.setattr(merger.stream, "gpu_piece", lambda plan, t, budget: 10)
-    paths, _ = family
-    (tmp_path / "r.yaml").write_text(
-        RECIPES[method].format(**{k: str(v) for k, v in paths.items()}) + "out_dtype: float32\n"
-    )
-    outs = {}
-    for device in ("cpu", "cuda"):
-        result = CliRunner().invoke(
-            cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / device), "--device", device, "-q"]
-        )
-        assert result.exit_code == 0, result.output
-        outs[device] = load_output(tmp_path / device)
-    for name, cpu in outs["cpu"].items():
-        torch.testing.assert_close(outs["cuda"][name], cpu, rtol=1e-6, atol=1e-6)
+    assert_cuda_equals_cpu(tmp_path, family[0], method)
