@@ -431,6 +431,7 @@ Runner = Callable[..., list]
 SAMPLE_RUN = 128  # consecutive entries per sample point: 256 bytes of bfloat16, each run costs a page walk
 SAMPLE_EVERY = 16  # one entry in SAMPLE_EVERY is sampled: a run per 4 KiB page of bfloat16
 EXACT_BELOW = 1 << 16  # smaller tensors gather every entry: exact in one pass
+SAMPLE_PART = 1 << 21  # the fewest entries per thread's share of the sample pass (it samples 1/16 of them)
 
 
 def top_k_abs_deltas(
@@ -506,7 +507,8 @@ def _sample(xs: tuple[np.ndarray, ...], base: np.ndarray, run: Runner) -> np.nda
         _sample_hist(xs, base, mine, SAMPLE_RUN, hist)  # a run may reach past e: still inside the tensor
         return hist
 
-    first, *rest = run(part, n, -(-n // 2))  # two parts: few histograms to add
+    # up to 16 parts (the engine's most threads), of at least SAMPLE_PART entries: few histograms to add
+    first, *rest = run(part, n, max(SAMPLE_PART, -(-n // 16)))
     for h in rest:
         first += h
     return first

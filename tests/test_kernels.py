@@ -123,6 +123,28 @@ def test_ties_at_the_threshold_keep_the_lowest_indices_across_chunks(chunk):
     assert same_bits(fused(xs, base, models, TiesParams(), runner(chunk), piece=chunk * 3 + 5), want)
 
 
+def test_the_sample_pass_splits_over_up_to_sixteen_threads_and_adds_up():
+    """Large tensors' samples are split in up to 16 parts (a many-core machine's threads), none under
+    SAMPLE_PART entries, and their histograms add up to the one-part histogram."""
+    n = 9 * kernels.SAMPLE_PART + 5
+    base, xs = case(n, torch.bfloat16, models=2, seed=4)
+    arrays, b = tuple(as_array(x) for x in xs), as_array(base)
+    sizes = []
+    real = runner(1)
+
+    def recording(fn, n, part=None):
+        sizes.append(part)
+        return real(fn, n, part)
+
+    split = kernels._sample(arrays, b, recording)
+    assert sizes == [kernels.SAMPLE_PART]  # 9 parts and a few entries
+    whole = kernels._sample(arrays, b, lambda fn, n, part=None: [fn(0, n)])
+    assert np.array_equal(split, whole) and split.sum() > 0
+    big = 40 * kernels.SAMPLE_PART
+    kernels._sample((np.zeros(big, np.int16),), np.zeros(big, np.int16), recording)
+    assert sizes[-1] == big // 16
+
+
 @pytest.mark.parametrize("side", ["above", "below"])
 def test_a_band_that_misses_is_widened_and_the_answer_stays_exact(monkeypatch, side):
     base, xs = case(200_000, torch.bfloat16, models=2, seed=4)
