@@ -179,12 +179,16 @@ class Plan:
 
     def _gpu_rules(self):
         """(t -> whether CUDA merges t whole, t -> entries per piece otherwise), as stream.CudaStages."""
-        from merger.stream import gpu_budget, gpu_bytes, gpu_piece
+        from merger.stream import gpu_budget, gpu_bytes, gpu_piece, pinned_budget, pinned_bytes
 
         if self.device != "cuda":
             return (lambda t: True), (lambda t: t.numel)
-        budget = gpu_budget()
-        return (lambda t: not t.merged or gpu_bytes(self, t) <= budget), (lambda t: gpu_piece(self, t, budget))
+        budget, pinned = gpu_budget(), pinned_budget()
+
+        def whole(t: OutTensor) -> bool:
+            return not t.merged or (gpu_bytes(self, t) <= budget and pinned_bytes(self, t) <= pinned)
+
+        return whole, (lambda t: gpu_piece(self, t, budget))
 
 
 def natural_key(name: str) -> list:

@@ -64,6 +64,21 @@ def gpu_budget() -> int:
     return min(total // 2, free * 3 // 4)
 
 
+def pinned_budget() -> int:
+    """Host bytes CudaStages may pin for staging whole tensors (two slots of a tensor's inputs and of
+    its output, kept for the largest): a quarter of the memory available, since pinned pages can be
+    neither swapped nor reclaimed."""
+    from merger.output import proc_kib  # output imports this module
+
+    available = proc_kib("/proc/meminfo", "MemAvailable")
+    return available // 4 if available is not None else 1 << 62
+
+
+def pinned_bytes(plan: Plan, t: OutTensor) -> int:
+    """Pinned host memory for staging t whole: two slots of its inputs as stored and of its output."""
+    return 2 * (sum(m.tensors[t.name].nbytes for m in plan.readers_of(t)) + t.nbytes)
+
+
 def gpu_bytes(plan: Plan, t: OutTensor) -> int:
     """GPU memory for merging t whole: its inputs in the compute dtype, about four temporaries, and
     the next tensor's inputs as stored, uploaded meanwhile (counted as t's own)."""
@@ -441,9 +456,10 @@ class CudaStages:
     reads once that copy's event has fired (and meanwhile writes tensor j-1). Pinned buffers come in
     two slots (j % 2); a slot is refilled only after the GPU is done with its previous contents.
 
-    A tensor that would need more than gpu_budget() merged whole (gpu_bytes) is not staged: it goes
-    through the GPU in pieces of up to GPU_PIECE entries instead (pieces()), as the CPU path goes
-    through its chunks, TIES thresholds included."""
+    A tensor that would need more than gpu_budget() merged whole (gpu_bytes), or more pinned memory
+    than pinned_budget() to stage (pinned_bytes), is not staged: it goes through the GPU in pieces of
+    up to GPU_PIECE entries instead (pieces()), as the CPU path goes through its chunks, TIES
+    thresholds included."""
 
     def __init__(self, merger: Merger):
         import torch
@@ -453,6 +469,7 @@ class CudaStages:
         # this thread's GPU (a rank's, under --workers or accelerate): other threads start on GPU 0
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.budget = gpu_budget()
+        self.pinned_budget = pinned_budget()
         self.copy_stream = torch.cuda.Stream()
         self.pinned_in = Buffers(pin=True)  # by (slot, input path)
         self.pinned_out = Buffers(pin=True)  # by slot
@@ -466,8 +483,10 @@ class CudaStages:
         return self.stager.submit(self.upload, t, slot)
 
     def whole(self, t: OutTensor) -> bool:
-        """Whether t is merged as one tensor (staged, uploaded, merged, copied back), else in pieces."""
-        return not t.merged or gpu_bytes(self.merger.plan, t) <= self.budget
+        """Whether t is merged as one tensor (staged, uploaded, merged, copied back), else in pieces: its
+        merge fits the GPU budget and its staging the pinned one."""
+        plan = self.merger.plan
+        return not t.merged or (gpu_bytes(plan, t) <= self.budget and pinned_bytes(plan, t) <= self.pinned_budget)
 
     def piece(self, t: OutTensor) -> int:
         """Entries per piece of a tensor merged in pieces."""

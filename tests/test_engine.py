@@ -308,6 +308,7 @@ def stand_in_cuda(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     monkeypatch.setattr(merger.stream, "_pinned", lambda n: torch.empty(n, dtype=torch.uint8))
     monkeypatch.setattr(merger.stream, "gpu_budget", lambda: 1 << 40)
+    monkeypatch.setattr(merger.stream, "pinned_budget", lambda: 1 << 40)
 
     class OnCpu(CudaStages):
         def __init__(self, m):
@@ -365,14 +366,16 @@ def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, stand_in_cuda, fa
         assert torch.equal(tensor, written[name]), name
 
 
+@pytest.mark.parametrize("budget", ["gpu", "pinned"])
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
-def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, family, monkeypatch, method):
-    """A tensor that would need more GPU memory whole than gpu_budget() is not staged: it goes through
-    the GPU GPU_PIECE entries at a time (TIES' thresholds over all its pieces) to the CPU engine's bits,
-    smaller tensors are still staged whole, and the plan's GPU estimate follows the same rule."""
+def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, family, monkeypatch, method, budget):
+    """A tensor that would need more GPU memory whole than gpu_budget(), or more pinned host memory to
+    stage than pinned_budget(), is not staged: it goes through the GPU GPU_PIECE entries at a time
+    (TIES' thresholds over all its pieces) to the CPU engine's bits, smaller tensors are still staged
+    whole, and the plan's GPU estimate follows the same rule."""
     from merger.plan import build_plan
     from merger.recipe import parse_recipe
-    from merger.stream import CudaStages, gpu_bytes, merge_tensors
+    from merger.stream import CudaStages, gpu_bytes, merge_tensors, pinned_bytes
 
     paths, _ = family
     extra = ", density: 0.3" if method == "ties" else ""
@@ -384,7 +387,10 @@ def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, fa
     probe = build_plan(parse_recipe(text), device="cpu")
     sizes = {t.name: t for t in probe.tensors}
     layer, embed = sizes["layers.0.w"], sizes["embed.weight"]  # 64 and 96 entries
-    monkeypatch.setattr(merger.stream, "gpu_budget", lambda: gpu_bytes(probe, layer))  # the embedding is over
+    if budget == "gpu":  # the embedding is over it, the layers are not
+        monkeypatch.setattr(merger.stream, "gpu_budget", lambda: gpu_bytes(probe, layer))
+    else:
+        monkeypatch.setattr(merger.stream, "pinned_budget", lambda: pinned_bytes(probe, layer))
     monkeypatch.setattr(merger.stream, "GPU_PIECE", 10)  # ten pieces, the last of 6 entries
     pieced = []
     real = CudaStages.pieces
