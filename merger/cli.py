@@ -230,6 +230,7 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         "bytes_written": p.bytes_written,
         "peak_memory_estimate": p.peak_memory,
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
+        "gpu_tensors_in_pieces": p.gpu_pieced,
         "disk": disk_needs(p),
         "publish": hub.model_dump() if hub else None,
         "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in p.shards],
@@ -250,6 +251,8 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
     gpu = f", GPU ~{_size(p.peak_gpu_memory)}" if p.device == "cuda" else ""
+    if info["gpu_tensors_in_pieces"]:
+        gpu += f"; {len(info['gpu_tensors_in_pieces'])} tensor(s) too large to merge whole go through the GPU in pieces"
     click.echo(f"  peak memory:  ~{_size(p.peak_memory)} beyond the process itself (estimate){gpu}")
     if disk["download_bytes"]:
         click.echo(

@@ -177,6 +177,13 @@ class Plan:
             default=0,
         )
 
+    @property
+    def gpu_pieced(self) -> list[str]:
+        """On CUDA, the tensors too large for the GPU (or pinned) budget to merge whole: they go through
+        the GPU in pieces (stream.CudaStages)."""
+        whole, _ = self._gpu_rules()
+        return [t.name for t in self.tensors if not whole(t)]
+
     def _gpu_rules(self):
         """(t -> whether CUDA merges t whole, t -> entries per piece otherwise), as stream.CudaStages."""
         from merger.stream import gpu_budget, gpu_bytes, gpu_piece, pinned_budget, pinned_bytes

@@ -223,6 +223,29 @@ def test_plan_reads_headers_and_shows_layout(tmp_path, family):
     assert "model-00001-of-" in human.output and "peak memory" in human.output
 
 
+def test_plan_on_cuda_names_the_tensors_merged_in_pieces(tmp_path, family, monkeypatch):
+    """`merger plan --device cuda` reports which tensors are too large for the GPU budget to merge
+    whole (CUDA stood in: this machine has none)."""
+    import merger.plan
+    import merger.stream
+
+    paths, _ = family
+    monkeypatch.setattr(merger.plan, "cuda_available", lambda: True)
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
+    )
+    for budget, pieced in ((1 << 40, []), (3000, ["embed.weight"])):  # embed: 96 entries, ~3.5 kB to merge whole
+        monkeypatch.setattr(merger.stream, "gpu_budget", lambda budget=budget: budget)
+        monkeypatch.setattr(merger.stream, "pinned_budget", lambda: 1 << 40)
+        result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--device", "cuda", "--json"])
+        assert result.exit_code == 0, result.output
+        info = json.loads(result.stdout)
+        assert info["device"] == "cuda" and info["gpu_tensors_in_pieces"] == pieced
+        assert info["peak_gpu_memory_estimate"] > 0
+        human = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--device", "cuda"]).output
+        assert ("1 tensor(s) too large to merge whole go through the GPU in pieces" in human) == bool(pieced)
+
+
 def test_force_replaces_existing_output(tmp_path, family):
     paths, _ = family
     (tmp_path / "out").mkdir()
