@@ -60,15 +60,15 @@ def ties_reference(base, xs, weights, densities):
     return (base.reshape(-1) + merged).reshape(base.shape)
 
 
-@pytest.mark.parametrize("chunk", [7, 100, 1 << 18])
-def test_chunked_ties_equals_reference_with_ties_across_chunks(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(merger.stream, "CHUNK", chunk)
+def tied_ties_case(tmp_path):
+    """A bfloat16 base and three fine-tunes on a coarse grid (many entries tie at each trim threshold),
+    written to tmp_path, and the TIES recipe over them: (recipe text, base, fine-tunes, weights,
+    densities)."""
     g = torch.Generator().manual_seed(3)
     base = {
         "w": (torch.randn(30, 40, generator=g) * 4).round().bfloat16(),
         "v": torch.randn(50, generator=g).bfloat16(),
     }
-    # bfloat16 task vectors on a coarse grid: many entries tie at each trim threshold
     fts = [
         {k: (v.float() + (torch.randn(v.shape, generator=g) * 2).round()).bfloat16() for k, v in base.items()}
         for _ in range(3)
@@ -81,9 +81,15 @@ def test_chunked_ties_equals_reference_with_ties_across_chunks(tmp_path, monkeyp
         f"{{model: {tmp_path / f'ft{i}'}, parameters: {{weight: {w}, density: {d}}}}}"
         for i, (w, d) in enumerate(zip(weights, densities))
     )
-    (tmp_path / "r.yaml").write_text(
-        f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels: [{models}]\nout_dtype: float32\n"
-    )
+    text = f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels: [{models}]\nout_dtype: float32\n"
+    return text, base, fts, weights, densities
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 1 << 18])
+def test_chunked_ties_equals_reference_with_ties_across_chunks(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(merger.stream, "CHUNK", chunk)
+    text, base, fts, weights, densities = tied_ties_case(tmp_path)
+    (tmp_path / "r.yaml").write_text(text)
     result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output
     out = load_output(tmp_path / "out")
@@ -411,6 +417,27 @@ def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, fa
     assert torch.equal(dict(merge_tensors(plan))["embed.weight"], gpu["embed.weight"])
     assert pieced == ["embed.weight"] * 2
     assert plan.peak_gpu_memory == max(gpu_bytes(plan, layer), gpu_bytes(plan, embed) * 10 // 96)
+
+
+def test_gpu_pieces_keep_the_lowest_indices_among_ties_across_pieces(tmp_path, stand_in_cuda, monkeypatch):
+    """TIES through the GPU in 7-entry pieces on tie-heavy data: each model keeps exactly its top
+    entries, the lowest flat indices winning ties across pieces, as the reference formula does."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import write_shards
+
+    text, base, fts, weights, densities = tied_ties_case(tmp_path)
+    monkeypatch.setattr(merger.stream, "gpu_budget", lambda: 1)  # every merged tensor in pieces
+    monkeypatch.setattr(merger.stream, "gpu_piece", lambda plan, t, budget: 7)
+    plan = build_plan(parse_recipe(text), device="cpu")
+    plan.device = "cuda"
+    assert sorted(plan.gpu_pieced) == ["v", "w"]
+    (tmp_path / "gpu").mkdir()
+    write_shards(plan, tmp_path / "gpu")
+    out = {k: v for sh in plan.shards for k, v in load_file(tmp_path / "gpu" / sh.filename).items()}
+    for name, b in base.items():
+        want = ties_reference(b.double(), [ft[name].double() for ft in fts], weights, densities)
+        torch.testing.assert_close(out[name].double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_running_out_of_gpu_memory_is_an_error_naming_the_tensor(tmp_path, stand_in_cuda, family, monkeypatch):
