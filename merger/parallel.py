@@ -36,7 +36,12 @@ def assign(shards: list[Shard], world: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int) -> int:
+def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int, index: int = 0) -> int:
+    """One --workers process's shards; on CUDA on GPU index % count, so K workers spread over the GPUs."""
+    if plan.device == "cuda":
+        import torch
+
+        torch.cuda.set_device(index % torch.cuda.device_count())
     return write_shards(plan, directory, shards=shards, threads=threads)
 
 
@@ -47,7 +52,7 @@ def write_with_workers(plan: Plan, directory: Path, workers: int) -> int:
     ctx = multiprocessing.get_context("spawn")  # fork would copy our threads (and torch's CUDA state)
     threads = max(1, default_threads() // len(parts))  # the cores, shared among the processes
     with ProcessPoolExecutor(len(parts), mp_context=ctx) as pool:
-        jobs = [pool.submit(_write_part, plan, directory, p, threads) for p in parts]
+        jobs = [pool.submit(_write_part, plan, directory, p, threads, i) for i, p in enumerate(parts)]
         try:
             return sum(j.result() for j in jobs)
         except BrokenProcessPool:

@@ -53,6 +53,27 @@ def test_assign_balances_and_covers_every_shard():
     assert assign(shards, 3) == parts  # deterministic
 
 
+def test_cuda_workers_spread_over_the_gpus(monkeypatch):
+    """--workers K on CUDA: worker i merges on GPU i % count (each in its own process, so setting the
+    device there is enough); a CPU merge leaves CUDA alone."""
+    import merger.parallel
+
+    devices, written = [], []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(merger.parallel, "write_shards", lambda plan, d, shards, threads: written.append(shards) or 7)
+
+    class Planned:
+        device = "cuda"
+
+    for i in range(3):
+        assert merger.parallel._write_part(Planned(), None, [i], 1, i) == 7
+    assert devices == [0, 1, 0] and written == [[0], [1], [2]]
+    Planned.device = "cpu"
+    merger.parallel._write_part(Planned(), None, [3], 1, 3)
+    assert devices == [0, 1, 0] and written[-1] == [3]
+
+
 def test_workers_output_is_byte_identical(tmp_path):
     recipe = _family(tmp_path)
     one = _merger("apply", str(recipe), "-o", str(tmp_path / "one" / "out"), "-q")
