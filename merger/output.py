@@ -93,6 +93,7 @@ def write_model(
     match it before anything is downloaded or written. `provenance`: the plan whose inputs the lock
     records, if not `plan` (greedy soup: every ingredient its search read)."""
     start = time.perf_counter()
+    worker_rss = worker_gpu = 0  # with --workers, the workers' peaks
     dest = dest.expanduser().resolve()
     check_destination(dest, plan, force)
     if low_disk and workers > 1:
@@ -120,7 +121,7 @@ def write_model(
         else:
             with staged(dest, force) as tmp:
                 if workers > 1:
-                    bytes_read = parallel.write_with_workers(plan, tmp, workers)
+                    bytes_read, worker_rss, worker_gpu = parallel.write_with_workers(plan, tmp, workers)
                 else:
                     files = JustInTime(plan) if low_disk else None
                     bytes_read = write_shards(plan, tmp, progress=progress, files=files)
@@ -135,12 +136,12 @@ def write_model(
         "bytes_read": bytes_read,
         "bytes_written": plan.bytes_written,
         "seconds": round(time.perf_counter() - start, 3),
-        "peak_rss_bytes": peak_rss(),
+        "peak_rss_bytes": max(peak_rss(), worker_rss),  # per process: the largest, workers included
     }
     if plan.device == "cuda":
         import torch
 
-        summary["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        summary["peak_gpu_bytes"] = max(torch.cuda.max_memory_allocated(), worker_gpu)
     return summary
 
 

@@ -36,25 +36,34 @@ def assign(shards: list[Shard], world: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int, index: int = 0) -> int:
-    """One --workers process's shards; on CUDA on GPU index % count, so K workers spread over the GPUs."""
+def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int, index: int = 0) -> tuple[int, int, int]:
+    """One --workers process's shards; on CUDA on GPU index % count, so K workers spread over the GPUs.
+    Returns (bytes read, this process's peak resident memory, its peak GPU memory)."""
+    from merger.output import peak_rss  # output imports this module
+
+    gpu = 0
     if plan.device == "cuda":
         import torch
 
         torch.cuda.set_device(index % torch.cuda.device_count())
-    return write_shards(plan, directory, shards=shards, threads=threads)
+    read = write_shards(plan, directory, shards=shards, threads=threads)
+    if plan.device == "cuda":
+        gpu = torch.cuda.max_memory_allocated()
+    return read, peak_rss(), gpu
 
 
-def write_with_workers(plan: Plan, directory: Path, workers: int) -> int:
-    """Write all shards with `workers` local processes; returns bytes read. A process that dies (killed,
-    out of memory) fails the merge instead of leaving the others waiting for its shards."""
+def write_with_workers(plan: Plan, directory: Path, workers: int) -> tuple[int, int, int]:
+    """Write all shards with `workers` local processes; returns (bytes read, the largest worker's peak
+    resident memory, the largest peak GPU memory). A process that dies (killed, out of memory) fails
+    the merge instead of leaving the others waiting for its shards."""
     parts = [p for p in assign(plan.shards, workers) if p]
     ctx = multiprocessing.get_context("spawn")  # fork would copy our threads (and torch's CUDA state)
     threads = max(1, default_threads() // len(parts))  # the cores, shared among the processes
     with ProcessPoolExecutor(len(parts), mp_context=ctx) as pool:
         jobs = [pool.submit(_write_part, plan, directory, p, threads, i) for i, p in enumerate(parts)]
         try:
-            return sum(j.result() for j in jobs)
+            done = [j.result() for j in jobs]
+            return sum(r[0] for r in done), max(r[1] for r in done), max(r[2] for r in done)
         except BrokenProcessPool:
             raise MergerError("a --workers process died while writing its shards (killed, or out of memory?)") from None
 

@@ -66,11 +66,13 @@ def test_cuda_workers_spread_over_the_gpus(monkeypatch):
     class Planned:
         device = "cuda"
 
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 5)
     for i in range(3):
-        assert merger.parallel._write_part(Planned(), None, [i], 1, i) == 7
+        read, rss, gpu = merger.parallel._write_part(Planned(), None, [i], 1, i)
+        assert read == 7 and rss > 0 and gpu == 5
     assert devices == [0, 1, 0] and written == [[0], [1], [2]]
     Planned.device = "cpu"
-    merger.parallel._write_part(Planned(), None, [3], 1, 3)
+    assert merger.parallel._write_part(Planned(), None, [3], 1, 3)[2] == 0
     assert devices == [0, 1, 0] and written[-1] == [3]
 
 
