@@ -97,6 +97,10 @@ class Plan:
             return self.models
         return self.inputs + ([self.base] if self.spec.method.needs_base else [])
 
+    def stored_bytes(self, t: OutTensor) -> int:
+        """Bytes of t read from the inputs, as stored: every reader's copy."""
+        return sum(m.tensors[t.name].nbytes for m in self.readers_of(t))
+
     def files_used(self) -> list[tuple[LocalModel, list[str]]]:
         """Each model the merge reads files of, with those files' names: weights and index and the model
         card (for its license) of every input, config and generation files of the reference, tokenizer
@@ -127,7 +131,7 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(m.tensors[t.name].nbytes for t in self.tensors for m in self.readers_of(t))
+        return sum(self.stored_bytes(t) for t in self.tensors)
 
     @property
     def bytes_written(self) -> int:
@@ -148,8 +152,7 @@ class Plan:
         whole, piece = self._gpu_rules()
         worst = 0
         for t in self.tensors:
-            readers = self.readers_of(t)
-            raw = sum(m.tensors[t.name].nbytes for m in readers)
+            raw = self.stored_bytes(t)
             if self.device == "cuda" and whole(t):
                 host = raw * 3 + 2 * t.nbytes
             elif self.device == "cuda":
@@ -157,7 +160,7 @@ class Plan:
             else:  # two output buffers of a piece each
                 numel = t.numel
                 host = raw + 2 * min(numel, PIECE) * DTYPES[t.dtype][1]
-                host += min(numel, CHUNK) * csize * (len(readers) + 8)
+                host += min(numel, CHUNK) * csize * (len(self.readers_of(t)) + 8)
                 if self.spec.method.prepare is not None:  # the trim's gathered band: a few % of the entries
                     host += numel // 20 * 12 * len(self.inputs) + default_threads() * CHUNK * 12 * len(self.inputs)
             worst = max(worst, host)
@@ -186,16 +189,12 @@ class Plan:
 
     def _gpu_rules(self):
         """(t -> whether CUDA merges t whole, t -> entries per piece otherwise), as stream.CudaStages."""
-        from merger.stream import gpu_budget, gpu_bytes, gpu_piece, pinned_budget, pinned_bytes
+        from merger.stream import gpu_budget, gpu_piece, merges_whole, pinned_budget
 
         if self.device != "cuda":
             return (lambda t: True), (lambda t: t.numel)
         budget, pinned = gpu_budget(), pinned_budget()
-
-        def whole(t: OutTensor) -> bool:
-            return not t.merged or (gpu_bytes(self, t) <= budget and pinned_bytes(self, t) <= pinned)
-
-        return whole, (lambda t: gpu_piece(self, t, budget))
+        return (lambda t: merges_whole(self, t, budget, pinned)), (lambda t: gpu_piece(self, t, budget))
 
 
 def natural_key(name: str) -> list:

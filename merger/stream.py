@@ -76,15 +76,20 @@ def pinned_budget() -> int:
 
 def pinned_bytes(plan: Plan, t: OutTensor) -> int:
     """Pinned host memory for staging t whole: two slots of its inputs as stored and of its output."""
-    return 2 * (sum(m.tensors[t.name].nbytes for m in plan.readers_of(t)) + t.nbytes)
+    return 2 * (plan.stored_bytes(t) + t.nbytes)
 
 
 def gpu_bytes(plan: Plan, t: OutTensor) -> int:
     """GPU memory for merging t whole: its inputs in the compute dtype, about four temporaries, and
     the next tensor's inputs as stored, uploaded meanwhile (counted as t's own)."""
-    readers = plan.readers_of(t)
-    raw = sum(m.tensors[t.name].nbytes for m in readers)
-    return t.numel * np.dtype(plan.compute_dtype).itemsize * (len(readers) + 4) + 2 * raw
+    operands = len(plan.readers_of(t)) + 4
+    return t.numel * np.dtype(plan.compute_dtype).itemsize * operands + 2 * plan.stored_bytes(t)
+
+
+def merges_whole(plan: Plan, t: OutTensor, budget: int, pinned: int) -> bool:
+    """Whether CUDA merges t as one tensor (staged, uploaded, merged, copied back), else in pieces:
+    its merge fits the GPU `budget` and its staging the `pinned` one (CudaStages, Plan estimates)."""
+    return not t.merged or (gpu_bytes(plan, t) <= budget and pinned_bytes(plan, t) <= pinned)
 
 
 def gpu_piece(plan: Plan, t: OutTensor, budget: int) -> int:
@@ -483,10 +488,8 @@ class CudaStages:
         return self.stager.submit(self.upload, t, slot)
 
     def whole(self, t: OutTensor) -> bool:
-        """Whether t is merged as one tensor (staged, uploaded, merged, copied back), else in pieces: its
-        merge fits the GPU budget and its staging the pinned one."""
-        plan = self.merger.plan
-        return not t.merged or (gpu_bytes(plan, t) <= self.budget and pinned_bytes(plan, t) <= self.pinned_budget)
+        """Whether t is merged as one tensor, else in pieces (merges_whole)."""
+        return merges_whole(self.merger.plan, t, self.budget, self.pinned_budget)
 
     def piece(self, t: OutTensor) -> int:
         """Entries per piece of a tensor merged in pieces."""
@@ -585,7 +588,7 @@ def write_shards(
     reader = MappedReader(files)
     merger = Merger(plan, reader, threads)
     outputs = Buffers()
-    total_bytes = sum(m.tensors[t.name].nbytes for _, t in todo for m in plan.readers_of(t))
+    total_bytes = sum(plan.stored_bytes(t) for _, t in todo)
     bar = tqdm(
         total=total_bytes,
         unit="B",
