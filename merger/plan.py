@@ -140,16 +140,18 @@ class Plan:
     @property
     def peak_memory(self) -> int:
         """Estimated working memory beyond the Python process itself. Per tensor: the inputs' pages
-        (mapped while the tensor is merged, then dropped) and two output buffers (one being written):
-        on the CPU of a piece (stream.PIECE entries) each, on CUDA of the tensor. On the CPU the merge
+        (mapped while the tensor is merged, then dropped) and the output buffers queued for the writer
+        (stream.write_depth): on the CPU of a piece (stream.PIECE entries) each, on CUDA two of the
+        tensor. On the CPU the merge
         runs through a few chunk buffers (TIES also gathers the entries near each trim threshold); on
         CUDA whole tensors are staged in pinned host memory, two tensors' worth (the next one is
         uploaded while one merges), and a tensor too large for the GPU whole goes in pieces
         (stream.gpu_piece entries) through pageable memory."""
-        from merger.stream import CHUNK, PIECE, default_threads  # the engine's (stream imports plan)
+        from merger.stream import CHUNK, PIECE, default_threads, write_depth  # the engine's (stream imports plan)
 
         csize = np.dtype(self.compute_dtype).itemsize
         whole, piece = self._gpu_rules()
+        depth = write_depth(self, self.device == "cuda")
         worst = 0
         for t in self.tensors:
             raw = self.stored_bytes(t)
@@ -157,9 +159,9 @@ class Plan:
                 host = raw * 3 + 2 * t.nbytes
             elif self.device == "cuda":
                 host = raw + 2 * piece(t) * DTYPES[t.dtype][1]
-            else:  # two output buffers of a piece each
+            else:  # output buffers of a piece each
                 numel = t.numel
-                host = raw + 2 * min(numel, PIECE) * DTYPES[t.dtype][1]
+                host = raw + depth * min(numel, PIECE) * DTYPES[t.dtype][1]
                 host += min(numel, CHUNK) * csize * (len(self.readers_of(t)) + 8)
                 if self.spec.method.prepare is not None:  # the trim's gathered band: a few % of the entries
                     host += numel // 20 * 12 * len(self.inputs) + default_threads() * CHUNK * 12 * len(self.inputs)

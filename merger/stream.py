@@ -45,8 +45,9 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 18  # elements per CPU chunk: 1 MiB of float32 per operand
 PIECE = 16 * CHUNK  # output elements merged and handed to the writer at a time on the CPU (8 MiB of
-# bfloat16): the two output buffers stay small and warm whatever the largest tensor (a 70B model's
+# bfloat16): the output buffers stay small and warm whatever the largest tensor (a 70B model's
 # embedding is 2 GiB)
+WRITE_AHEAD = 128 << 20  # bytes of merged pieces that may wait for the writer on the CPU (write_depth)
 WRITEBACK = 64 << 20  # bytes of output between two page-cache hand-backs (ShardWriter._hand_back)
 GPU_PIECE = 1 << 25  # the most entries per piece of a tensor too large to stage whole on the GPU (128 MiB
 # of float32 per operand): a 70B model's embedding (1G entries) would need ~40 GB of GPU memory at once
@@ -97,6 +98,18 @@ def gpu_piece(plan: Plan, t: OutTensor, budget: int) -> int:
     would not fit in `budget` bytes (but at least 64K)."""
     fits = budget * t.numel // max(gpu_bytes(plan, t), 1)
     return min(GPU_PIECE, max(1 << 16, fits), max(t.numel, 1))
+
+
+def write_depth(plan: Plan, cuda: bool = False) -> int:
+    """Output buffers in flight between the merge and the writer thread. On the CPU, WRITE_AHEAD bytes of
+    pieces: the writer goes on writing one tensor while the next one's whole-tensor passes (TIES
+    thresholds) produce nothing to write. With two pieces it sat idle then and the merge waited for it
+    afterwards; 16 made TIES about 10% faster on 2 cores (README, Performance). On CUDA two, since a
+    whole tensor's buffer there is pinned memory."""
+    if cuda:
+        return 2
+    itemsize = max((DTYPES[t.dtype][1] for t in plan.tensors if t.merged), default=4)  # copied ones are small
+    return max(2, WRITE_AHEAD // (PIECE * itemsize))
 
 
 def drop_behind(output_bytes: int) -> bool:
@@ -601,7 +614,8 @@ def write_shards(
     )
     writers: dict[str, ShardWriter] = {}
     drop = drop_behind(plan.bytes_written)  # the whole output: other ranks write the rest
-    pending: list[Future | None] = [None, None]  # double buffer: the writer drains one, we fill the other
+    # output buffers by slot: the writer drains them in turn while the merge fills the next free one
+    pending: list[Future | None] = [None] * write_depth(plan, merger.cuda)
     remaining = {s.filename: len(s.tensors) for s in chosen}
 
     def write(shard: Shard, t: OutTensor, data: np.ndarray, ready=None, last: bool = True) -> None:  # writer thread
@@ -616,7 +630,7 @@ def write_shards(
             if remaining[shard.filename] == 0:
                 writers.pop(shard.filename).close()
 
-    slots = itertools.cycle((0, 1))
+    slots = itertools.cycle(range(len(pending)))
 
     def free_slot() -> int:
         """The next output slot, once the writer is done with its buffer (re-raises a write error)."""
@@ -650,7 +664,7 @@ def write_shards(
                         host = functools.partial(outputs.get, slot, t.nbytes, dtype, t.shape)
                         out, ready = stages.merge(t, current, slot, host)
                         queue(slot, shard, t, out, ready)
-                    else:  # in pieces through two buffers: on the CPU, or on the GPU a tensor too large whole
+                    else:  # in pieces through the slots: on the CPU, or on the GPU a tensor too large whole
                         merge_range = stages.pieces(t) if stages else merger.start(t)
                         piece = stages.piece(t) if stages else PIECE
                         n = t.numel

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -148,6 +149,66 @@ def test_output_written_in_pieces_is_byte_identical(tmp_path, monkeypatch, metho
     assert len(shards) > 1
     for name in shards:
         assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_write_depth_is_write_ahead_bytes_of_pieces(family):
+    """CPU output pieces queued for the writer: WRITE_AHEAD bytes of them in the output dtype (at least
+    two); two on CUDA, where a whole tensor's buffer is pinned."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import PIECE, WRITE_AHEAD, write_depth
+
+    paths, _ = family
+    models = f"models: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
+    as_f32 = build_plan(parse_recipe(f"merge_method: linear\n{models}"))  # the int64 buffer is copied, not counted
+    as_bf16 = build_plan(parse_recipe(f"merge_method: linear\n{models}dtype: bfloat16\n"))
+    assert write_depth(as_f32) == WRITE_AHEAD // (PIECE * 4)
+    assert write_depth(as_bf16) == WRITE_AHEAD // (PIECE * 2) == 16
+    assert write_depth(as_bf16, cuda=True) == 2
+
+
+def test_merge_runs_write_depth_pieces_ahead_of_a_stalled_writer(tmp_path, monkeypatch, family):
+    """While the writer is stuck on the first piece, the merge fills the other output slots (write_depth
+    in all) and then waits for it: it neither stops at two nor runs on without bound."""
+    paths, models = family
+    monkeypatch.setattr(merger.stream, "PIECE", 5)
+    monkeypatch.setattr(merger.stream, "WRITE_AHEAD", 5 * 4 * 6)  # six slots of five float32 entries
+    merged = []
+    start = merger.stream.Merger.start
+
+    def counting_start(self, t, *args):
+        merge_range = start(self, t, *args)
+
+        def counted(s, e, out):
+            merge_range(s, e, out)
+            merged.append((t.name, s))
+
+        return counted
+
+    write = merger.stream.ShardWriter.write
+    seen = []
+
+    def stalling_write(self, t, data):
+        if not seen:  # the first piece: hold the writer until the merge has filled every slot
+            deadline = time.monotonic() + 10
+            while len(merged) < 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # time for a seventh merge, which must wait for this write
+            seen.append(len(merged))
+        write(self, t, data)
+
+    monkeypatch.setattr(merger.stream.Merger, "start", counting_start)
+    monkeypatch.setattr(merger.stream.ShardWriter, "write", stalling_write)
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert seen == [6]
+    out = load_output(tmp_path / "out")
+    for name, a in models["ft1"].items():  # every piece still lands where it belongs
+        expected = (a + models["ft2"][name]) / 2 if a.is_floating_point() else a
+        assert torch.allclose(out[name], expected, rtol=1e-6, atol=1e-6), name
 
 
 def test_scalar_and_empty_tensors(tmp_path):
