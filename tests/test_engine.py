@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import threading
 import time
 
@@ -209,6 +210,35 @@ def test_merge_runs_write_depth_pieces_ahead_of_a_stalled_writer(tmp_path, monke
     for name, a in models["ft1"].items():  # every piece still lands where it belongs
         expected = (a + models["ft2"][name]) / 2 if a.is_floating_point() else a
         assert torch.allclose(out[name], expected, rtol=1e-6, atol=1e-6), name
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="needs Linux THP")
+def test_input_mappings_ask_for_huge_pages(family):
+    """MappedReader maps each input file with MADV_HUGEPAGE (smaps VmFlags 'hg'), so a first read from
+    disk caches it in 2 MiB folios where the kernel can, which later mappings take cheaply."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.sources import MappedReader
+
+    paths, _ = family
+    plan = build_plan(parse_recipe(f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}]\n"))
+    info = plan.inputs[0].tensors["embed.weight"]
+    reader = MappedReader()
+    try:
+        address = reader.view(info).ctypes.data
+        flags = None
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
+                    low, high = (int(x, 16) for x in head.split("-"))
+                    inside = low <= address < high
+                elif inside and head == "VmFlags:":
+                    flags = line.split()[1:]
+        assert flags is not None and "hg" in flags, flags
+    finally:
+        reader.close()
 
 
 def test_scalar_and_empty_tensors(tmp_path):
