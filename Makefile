@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO := demo
 LINTED := merger tests $(wildcard benchmarks)
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test gpu lint format bench clean
 
 setup: $(BIN)/merger
 
@@ -29,6 +29,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# On a machine with an NVIDIA GPU (set up with a CUDA build of torch: make setup TORCH=torch): the GPU
+# tests, which skip elsewhere, then the benchmark at a 3B shape on the GPU. Stops at once without CUDA.
+gpu: setup
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu: torch sees no CUDA device')"
+	$(BIN)/python -m pytest -q -rs tests/test_gpu.py
+	$(BIN)/python benchmarks/bench_merge.py --shape 3b --device cuda --repeat 2
 
 lint: setup
 	$(BIN)/ruff check $(LINTED)
