@@ -142,16 +142,15 @@ class Plan:
         """Estimated working memory beyond the Python process itself. Per tensor: the inputs' pages
         (mapped while the tensor is merged, then dropped) and the output buffers queued for the writer
         (stream.write_depth): on the CPU of a piece (stream.PIECE entries) each, on CUDA two of the
-        tensor. On the CPU the merge
-        runs through a few chunk buffers (TIES also gathers the entries near each trim threshold); on
-        CUDA whole tensors are staged in pinned host memory, two tensors' worth (the next one is
-        uploaded while one merges), and a tensor too large for the GPU whole goes in pieces
-        (stream.gpu_piece entries) through pageable memory."""
+        tensor. On the CPU the merge runs through a few chunk buffers (TIES also gathers the entries
+        near each trim threshold); on CUDA whole tensors are staged in pinned host memory, two
+        tensors' worth (the next one is uploaded while one merges), and a tensor too large for the
+        GPU whole goes in pieces (stream.gpu_piece entries) through pageable memory."""
         from merger.stream import CHUNK, PIECE, default_threads, write_depth  # the engine's (stream imports plan)
 
         csize = np.dtype(self.compute_dtype).itemsize
         whole, piece = self._gpu_rules()
-        depth = write_depth(self, self.device == "cuda")
+        depth = write_depth(self)
         worst = 0
         for t in self.tensors:
             raw = self.stored_bytes(t)

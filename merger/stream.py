@@ -100,13 +100,13 @@ def gpu_piece(plan: Plan, t: OutTensor, budget: int) -> int:
     return min(GPU_PIECE, max(1 << 16, fits), max(t.numel, 1))
 
 
-def write_depth(plan: Plan, cuda: bool = False) -> int:
+def write_depth(plan: Plan) -> int:
     """Output buffers in flight between the merge and the writer thread. On the CPU, WRITE_AHEAD bytes of
     pieces: the writer goes on writing one tensor while the next one's whole-tensor passes (TIES
     thresholds) produce nothing to write. With two pieces it sat idle then and the merge waited for it
     afterwards; 16 made TIES about 10% faster on 2 cores (README, Performance). On CUDA two, since a
     whole tensor's buffer there is pinned memory."""
-    if cuda:
+    if plan.device == "cuda":
         return 2
     itemsize = max((DTYPES[t.dtype][1] for t in plan.tensors if t.merged), default=4)  # copied ones are small
     return max(2, WRITE_AHEAD // (PIECE * itemsize))
@@ -615,7 +615,7 @@ def write_shards(
     writers: dict[str, ShardWriter] = {}
     drop = drop_behind(plan.bytes_written)  # the whole output: other ranks write the rest
     # output buffers by slot: the writer drains them in turn while the merge fills the next free one
-    pending: list[Future | None] = [None] * write_depth(plan, merger.cuda)
+    pending: list[Future | None] = [None] * write_depth(plan)
     remaining = {s.filename: len(s.tensors) for s in chosen}
 
     def write(shard: Shard, t: OutTensor, data: np.ndarray, ready=None, last: bool = True) -> None:  # writer thread

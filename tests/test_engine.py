@@ -4,6 +4,7 @@ and the writer produces files safetensors reads back."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -165,7 +166,7 @@ def test_write_depth_is_write_ahead_bytes_of_pieces(family):
     as_bf16 = build_plan(parse_recipe(f"merge_method: linear\n{models}dtype: bfloat16\n"))
     assert write_depth(as_f32) == WRITE_AHEAD // (PIECE * 4)
     assert write_depth(as_bf16) == WRITE_AHEAD // (PIECE * 2) == 16
-    assert write_depth(as_bf16, cuda=True) == 2
+    assert write_depth(dataclasses.replace(as_bf16, device="cuda")) == 2
 
 
 def test_merge_runs_write_depth_pieces_ahead_of_a_stalled_writer(tmp_path, monkeypatch, family):
