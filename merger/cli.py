@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from merger import __version__
-from merger.errors import MergerError, describe
+from merger.errors import Interrupted, MergerError, describe
 
 
 def _size(n: int) -> str:
@@ -30,18 +30,27 @@ def _domain_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            click.echo(f"error: {_printable(str(e))}", err=True)
+            sys.exit(130)
         except MergerError as e:
             for line in str(e).splitlines():
-                click.echo(f"error: {line}", err=True)
+                click.echo(f"error: {_printable(line)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written to the output", err=True)
             sys.exit(130)
         except OSError as e:
-            click.echo(f"error: {describe(e)}; nothing was written to the output", err=True)
+            click.echo(f"error: {_printable(describe(e))}; nothing was written to the output", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def _printable(line: str) -> str:
+    """A message line as the terminal should show it: names from input files (tensor names, paths) may
+    hold control characters, which are shown escaped rather than sent to the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 def _sigterm(signum, frame):
@@ -144,10 +153,11 @@ def apply(
     (progress on stderr), then writes the chosen soup and prints the search as a table.
     """
     from merger import publish
+    from merger.apply import apply as write_model
     from merger.methods import greedy
-    from merger.output import write_model
 
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGHUP, _sigterm)  # the terminal went away: stop as on Ctrl-C, keeping what is done
     progress = not quiet and not as_json and sys.stderr.isatty()
     plan, lock = _plan(recipe, device, shard_size, locked, offline, progress)
     dest = _destination(plan, output)
@@ -207,10 +217,15 @@ def apply(
 def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
     """Validate RECIPE and show what `apply` would do, reading only the safetensors headers
     (for Hub models, remotely: nothing is downloaded but each model's index)."""
-    from merger.hub import disk_needs
+    from merger.fetch import disk_needs
+    from merger.staging import inspect
 
     p, _ = _plan(recipe, device, shard_size, locked, offline)
     dest = output or p.spec.recipe.output.path
+    partial = inspect(p, Path(dest).expanduser().resolve()) if dest else None
+    todo = None
+    if partial is not None and partial.state == "resumable":
+        todo = [i for i, s in enumerate(p.shards) if s.filename not in partial.done]
     n_merged = sum(t.merged for t in p.tensors)
     hub = p.spec.recipe.hub
     info = {
@@ -231,7 +246,15 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         "peak_memory_estimate": p.peak_memory,
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
         "gpu_tensors_in_pieces": p.gpu_pieced,
-        "disk": disk_needs(p),
+        "disk": disk_needs(p, todo),
+        "resume": None
+        if partial is None
+        else {
+            "partial": str(partial.path),
+            "state": partial.state,
+            "shards_done": len(partial.done),
+            "bytes_done": partial.done_bytes,
+        },
         "publish": hub.model_dump() if hub else None,
         "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in p.shards],
     }
@@ -269,11 +292,24 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         )
     exists = " (exists: apply needs --force)" if info["output_exists"] else ""
     click.echo(f"  output:       {info['output'] or '(none: give -o DIR or output.path)'}{exists}")
+    if partial is not None:
+        click.echo(f"  resume:       {_resume_line(partial, len(p.shards))}")
     if hub:
         where = f", branch {hub.revision}" if hub.revision else ""
         click.echo(f"  publish:      {hub.repo_id}{' (private)' if hub.private else ''}{where}")
     for s in info["shards"]:
         click.echo(f"    {s['file']}  {s['tensors']:>5} tensors  {_size(s['bytes'])}")
+
+
+def _resume_line(partial, shards: int) -> str:
+    if partial.state == "busy":
+        return f"another merger is writing it now ({partial.path})"
+    if partial.state == "stale":
+        return f"an interrupted merge of other inputs or another recipe left {partial.path}; apply starts over"
+    return (
+        f"an interrupted merge left {len(partial.done)} of {shards} shards ({_size(partial.done_bytes)}) in "
+        f"{partial.path}; apply keeps them and writes the rest"
+    )
 
 
 @cli.command()

@@ -17,6 +17,14 @@ class ModelError(MergerError):
     """A model reference cannot be used: missing, unreadable, or inconsistent with the others."""
 
 
+class OutputError(MergerError):
+    """The output cannot be written or replaced (an existing directory in the way, a full disk)."""
+
+
+class Interrupted(MergerError):
+    """The run was interrupted (Ctrl-C, SIGTERM): says what was kept for the next run to resume."""
+
+
 class MergeError(MergerError):
     """A tensor could not be merged (for example integer buffers that differ between inputs)."""
 

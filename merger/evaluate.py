@@ -26,11 +26,14 @@ from typing import Protocol
 
 import torch
 
+from merger import staging, system
+from merger.apply import apply
 from merger.errors import EvaluationError, MergerError
-from merger.output import proc_kib, write_model
+from merger.files import sha256_file
+from merger.output import copy_support_files
 from merger.plan import Plan
 from merger.recipe import CommandEvaluation, PerplexityEvaluation, PythonEvaluation
-from merger.sources import sha256_file
+from merger.sources import INDEX_NAME
 from merger.stream import merge_tensors
 
 FIT_FRACTION = 0.8  # in-memory evaluation when the model takes at most this much of the free memory
@@ -40,7 +43,7 @@ def available_memory(device: str) -> int:
     """Bytes free for a new allocation: free GPU memory on CUDA, else the kernel's MemAvailable."""
     if device == "cuda":
         return torch.cuda.mem_get_info()[0]
-    available = proc_kib("/proc/meminfo", "MemAvailable")
+    available = system.mem_available()
     return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -64,8 +67,9 @@ class Candidate:
     def path(self) -> Path:
         """A complete model directory (shards, index, config, tokenizer), written on first access."""
         if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix=".merger-candidate-", dir=self._workdir))
-            write_model(self.plan, self._tmp / "model")
+            self._tmp = Path(tempfile.mkdtemp(prefix=staging.CANDIDATE, dir=self._workdir))
+            self._held = staging.hold(self._tmp)  # a later run removes it only once this process is gone
+            apply(self.plan, self._tmp / "model", durable=False)
         return self._tmp / "model"
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -98,6 +102,7 @@ class Candidate:
     def close(self) -> None:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            os.close(self._held)
             self._tmp = None
 
     def __enter__(self) -> Candidate:
@@ -205,9 +210,13 @@ class PerplexityEvaluator:
     """Perplexity of each candidate as a causal LM, on the plan's device.
 
     When the model, in the evaluation dtype, takes at most FIT_FRACTION of the free memory on the device,
-    one model is loaded (from the reference model's directory) and each candidate's merged tensors are
+    one model is loaded (the reference model's weights) and each candidate's merged tensors are
     streamed into its parameters: no file is written. Otherwise each candidate is written to a temporary
     directory and loaded with device_map="auto", which offloads what does not fit.
+
+    transformers never reads an input's folder itself: config, tokenizer and weights come from a private
+    directory holding merger's checked copies of the support files and links to the weight files the
+    plan checked, and it loads safetensors only (no pickle, no code from the model).
     """
 
     def __init__(self, ev: PerplexityEvaluation, plan: Plan):
@@ -222,10 +231,12 @@ class PerplexityEvaluator:
         data = Path(ev.data).expanduser()
         self.data_sha256 = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else ""
         docs = read_documents(data, ev.text_field, where("evaluation", "data"))
+        self.support = Path(tempfile.mkdtemp(prefix="merger-eval-"))
+        _support_dir(plan, self.support)
         with quiet_transformers():
             try:
-                config = AutoConfig.from_pretrained(plan.reference.path, local_files_only=True)
-                tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_from.path, local_files_only=True)
+                config = AutoConfig.from_pretrained(self.support, local_files_only=True, trust_remote_code=False)
+                tokenizer = AutoTokenizer.from_pretrained(self.support, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as e:
                 raise EvaluationError(
                     f"{where('evaluation')}: cannot load the model's config or tokenizer: {e}"
@@ -270,12 +281,14 @@ class PerplexityEvaluator:
         from transformers import AutoModelForCausalLM
 
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=self.dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=self.dtype, use_safetensors=True, trust_remote_code=False, **kwargs
+            )
         return model.eval()
 
     def score(self, candidate: Candidate) -> float:
         if self.in_memory and self._model is None:
-            self._model = self._load(self.plan.reference.path).to(self.plan.device)
+            self._model = self._load(self.support).to(self.plan.device)
             names = {t.name for t in self.plan.tensors}
             if not names <= set(self._model.state_dict()):  # a checkpoint transformers renames on load
                 self.in_memory, self._model = False, None
@@ -298,6 +311,20 @@ class PerplexityEvaluator:
     def close(self) -> None:
         self._model = None
         self._free()
+        shutil.rmtree(self.support, ignore_errors=True)
+
+
+def _support_dir(plan: Plan, directory: Path) -> None:
+    """What transformers loads the reference model from: the output's support files (config, tokenizer),
+    and links to the reference's weight files (and its index) where the plan checked them."""
+    copy_support_files(plan, directory)
+    ref = plan.reference
+    for f in ref.files:
+        name = ref.name_of(f)
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).symlink_to(ref.folder.locate(name))
+    if ref.folder.has(INDEX_NAME):
+        (directory / INDEX_NAME).write_bytes(ref.folder.read_bytes(INDEX_NAME))
 
 
 # --- command ---------------------------------------------------------------------------------------
@@ -362,7 +389,7 @@ class CommandEvaluator:
     def score(self, candidate: Candidate) -> float:
         command = self.ev.command.replace("{model}", shlex.quote(str(candidate.path)))
         try:
-            done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=self.ev.timeout)
+            done = system.run_in_group(command, self.ev.timeout)  # ended with its children on timeout or interrupt
         except subprocess.TimeoutExpired:
             raise EvaluationError(f"{self.where}: timed out after {self.ev.timeout:g} s on {candidate.label}") from None
         if done.returncode != 0:

@@ -8,17 +8,18 @@ message, a log line or a file.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from merger import __version__
 from merger.errors import ModelError
+from merger.files import Folder
 from merger.sources import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -28,14 +29,11 @@ from merger.sources import (
     describe,
     header_length,
     no_weights,
+    not_here,
     parse_header,
     read_index,
     scan_file,
-    sha256_file,
 )
-
-if TYPE_CHECKING:
-    from merger.plan import Plan
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 HEADER_PROBE = 100_000  # bytes asked for first: most safetensors headers fit, so one request per shard
@@ -62,6 +60,29 @@ class Remote:
     commit: str
     files: dict[str, RemoteFile]  # the repo's files at `commit` (offline: those in the cache)
     snapshot: Path  # where hf_hub_download puts them
+
+    @property
+    def folder(self) -> Folder:
+        """The snapshot as merger reads it: its files, and the blobs they link to beside it."""
+        return Folder.of(self.snapshot, self.ref, storage=self.snapshot.parent.parent)
+
+    def verify(self, name: str) -> dict[str, str | int]:
+        """Check that the fetched copy of `name` is the file the Hub lists (by its LFS sha256, or git blob
+        id), reading it now; returns how the lock records it."""
+        listed = self.files[name].record()
+        folder = self.folder
+        if "sha256" in listed:
+            now = {"sha256": folder.sha256(name), "size": folder.stat(name).st_size}
+        else:
+            data = folder.read_bytes(name)
+            now = {"git_sha1": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), "size": len(data)}
+        if now != listed:
+            raise ModelError(
+                f"'{self.ref}': the cached copy of {name} ({self.snapshot / name}) is not the file the Hub lists "
+                f"at {self.commit[:12]} ({short_hash(now)}, expected {short_hash(listed)}): delete it from the Hugging "
+                "Face cache and run again"
+            )
+        return listed
 
     def fetch(self, name: str) -> Path:
         """Download `name` into the cache (if it is not there yet) and return its path in the snapshot."""
@@ -125,8 +146,10 @@ class Hub:
             raise self.explain(e, ref, revision=revision) from None
         names = list(remote.files)
         weight_map = None
+        folder = remote.folder
         if INDEX_NAME in remote.files:
-            weight_map = read_index(remote.fetch(INDEX_NAME).read_text(), ref)
+            remote.fetch(INDEX_NAME)
+            weight_map = read_index(folder.read_bytes(INDEX_NAME), ref)
             shards = sorted(set(weight_map.values()))
         elif SINGLE_NAME in remote.files:
             shards = [SINGLE_NAME]
@@ -142,9 +165,13 @@ class Hub:
         missing = [f for f in shards if f not in remote.files]
         if missing:
             raise self._missing(remote, missing, f"{INDEX_NAME} names")
-        scanned = {remote.snapshot / f: self._header(remote, f) for f in shards}
+        scanned, stamps = {}, {}
+        for f in shards:
+            scanned[remote.snapshot / f], stamp = self._header(remote, f)
+            if stamp is not None:
+                stamps[remote.snapshot / f] = stamp
         tensors = collect(ref, scanned, weight_map, remote.snapshot)
-        return LocalModel(ref, remote.snapshot, sorted(scanned), tensors, remote=remote)
+        return LocalModel(ref, remote.snapshot, sorted(scanned), tensors, folder, stamps, remote=remote)
 
     def _resolve(self, ref: str, repo_id: str, revision: str | None) -> Remote:
         """Ask the Hub which commit `revision` is and which files it holds (checks repo, revision and
@@ -178,15 +205,19 @@ class Hub:
         snapshot = storage / "snapshots" / (commit or "?")
         if commit is None or not snapshot.is_dir():
             raise ModelError(
-                f"'{ref}' is not in the Hugging Face cache ({self.cache_dir}) and merger is offline; "
-                "run once without --offline (and HF_HUB_OFFLINE unset) to download it"
+                f"'{ref}': {not_here(ref)}, and no model of that name is in the Hugging Face cache "
+                f"({self.cache_dir}); merger is offline: run once without --offline (and HF_HUB_OFFLINE unset) "
+                "to download it"
             )
         files = {}
+        folder = Folder.of(snapshot, ref, storage=storage)
         for path in sorted(snapshot.rglob("*")):
-            if path.is_file():
+            name = path.relative_to(snapshot).as_posix()
+            st = folder.stat(name) if not path.is_dir() else None  # refused if it leads outside
+            if st is not None:
                 blob = path.resolve()
-                etag = blob.name if blob != path else sha256_file(path)  # links point at blobs named by etag
-                files[path.relative_to(snapshot).as_posix()] = RemoteFile(path.stat().st_size, etag)
+                etag = blob.name if blob != path else folder.sha256(name)  # links point at blobs named by etag
+                files[name] = RemoteFile(st.st_size, etag)
         return Remote(self, ref, repo_id, commit, files, snapshot)
 
     def _storage(self, repo_id: str) -> Path:
@@ -194,18 +225,19 @@ class Hub:
 
         return self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
 
-    def _header(self, remote: Remote, name: str) -> dict:
-        """The tensors of one shard, from the cache if it is there, else from ranged reads of the Hub."""
+    def _header(self, remote: Remote, name: str) -> tuple[dict[str, TensorInfo], tuple | None]:
+        """The tensors of one shard, from the cache if it is there (with the file's stamp), else from
+        ranged reads of the Hub (no stamp)."""
         path = remote.snapshot / name
         if path.exists():
-            return scan_file(path)
+            return scan_file(remote.folder, name)
         label = f"{remote.repo_id}@{remote.commit[:12]}/{name}"
         size = remote.files[name].size
         head = self._range(remote, name, 0, min(size, HEADER_PROBE))
-        n = header_length(head, label)
+        n = header_length(head, label, size)
         if 8 + n > len(head):
             head += self._range(remote, name, len(head), min(size, 8 + n))
-        return describe(parse_header(head[8 : 8 + n], n, label), 8 + n, size, path, label)
+        return describe(parse_header(head[8 : 8 + n], n, label), 8 + n, size, path, label), None
 
     def _range(self, remote: Remote, name: str, start: int, stop: int) -> bytes:
         """Bytes [start, stop) of a file on the Hub."""
@@ -239,6 +271,11 @@ class Hub:
         repo_id = ref.partition("@")[0]
         page = f"{self.endpoint}/{repo_id}"
         status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ModelError(
+                f"'{ref}': no space left on the device for the Hugging Face cache ({self.cache_dir}) while "
+                f"downloading {name or 'its files'}; free space, or point HF_HUB_CACHE elsewhere"
+            )
         if isinstance(e, errors.HFValidationError):
             return ModelError(f"'{ref}' is not a valid Hub id (org/name, of letters, digits, '-', '_' and '.')")
         if isinstance(e, errors.GatedRepoError):
@@ -249,8 +286,8 @@ class Hub:
             return ModelError(f"'{ref}' is gated: request access at {page}, then {LOGIN_HINT}")
         if isinstance(e, errors.RepositoryNotFoundError):
             return ModelError(
-                f"'{ref}': no such local directory, nor model on the Hub ({self.endpoint}); if it is a private "
-                f"model, {LOGIN_HINT} with a token that can read it"
+                f"'{ref}': {not_here(ref)}, nor a model of that name on the Hub ({self.endpoint}); if it is a "
+                f"private model, {LOGIN_HINT} with a token that can read it"
             )
         if isinstance(e, errors.RevisionNotFoundError):
             return ModelError(f"'{ref}': {repo_id} has no revision '{revision}' (a branch, tag or commit)")
@@ -260,6 +297,11 @@ class Hub:
             return ModelError(
                 f"'{ref}': {name} is not in the Hugging Face cache ({self.cache_dir}) and merger is offline; "
                 "run once without --offline to download it"
+            )
+        if name is None and isinstance(e, httpx2.TransportError | errors.LocalEntryNotFoundError):
+            return ModelError(
+                f"'{ref}': {not_here(ref)}, and the Hub at {self.endpoint} cannot be reached to look for a model "
+                "of that name; check the path, or the network (--offline uses the Hugging Face cache alone)"
             )
         if isinstance(e, httpx2.TransportError | errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):
             return ModelError(
@@ -273,85 +315,17 @@ class Hub:
         return ModelError(f"'{ref}': {type(e).__name__} while talking to the Hub at {self.endpoint}")
 
 
-def fetch_inputs(plan: Plan, *, weights: bool = True) -> None:
-    """Download every file the merge uses from the Hub, weights too unless they are fetched as needed.
-    Small files first, so that a missing one is found before gigabytes of weights are downloaded."""
-    todo = []
-    for model, names in plan.files_used():
-        if model.remote is not None:
-            shards = {f.relative_to(model.path).as_posix() for f in model.files}
-            todo += [(name in shards, model.remote, name) for name in names if weights or name not in shards]
-    for _, remote, name in sorted(todo, key=lambda item: item[0]):
-        remote.fetch(name)
-
-
-class JustInTime:
-    """The engine's FileSource for --low-disk: a Hub shard is fetched when the engine first maps it and
-    deleted once the engine is done with every tensor the merge needs from it, so the disk holds the
-    shards in use rather than whole models. Shards that were already cached stay."""
-
-    def __init__(self, plan: Plan):
-        uses = plan.file_uses()
-        self._todo = {
-            f: (m.remote, f.relative_to(m.path).as_posix())
-            for m in plan.models
-            if m.remote is not None
-            for f in m.files
-            if f in uses and not f.exists()
-        }
-        self._left = {f: set(uses[f].names) for f in self._todo}
-        self._lock = threading.Lock()
-
-    def path(self, file: Path) -> Path:
-        with self._lock:
-            if file in self._todo and not file.exists():
-                remote, name = self._todo[file]
-                remote.fetch(name)
-        return file
-
-    def done(self, info: TensorInfo) -> bool:
-        with self._lock:
-            left = self._left.get(info.file)
-            if not left or info.name not in left:
-                return False  # not ours, or told twice
-            left.discard(info.name)
-            return not left
-
-    def release(self, file: Path) -> None:
-        with self._lock:
-            remote, name = self._todo[file]
-            remote.drop(name)
-
-
-def disk_needs(plan: Plan) -> dict[str, int]:
-    """Bytes of disk the merge needs, output and downloads together: with every Hub file fetched first,
-    and with --low-disk (the shards in use at any moment, plus the output written so far)."""
-    uses = plan.file_uses()
-    new: dict[Path, int] = {}  # Hub files not in the cache yet
-    for model, names in plan.files_used():
-        if model.remote is not None:
-            new |= {model.path / n: model.remote.files[n].size for n in names if not (model.path / n).exists()}
-    shards = {f: size for f, size in new.items() if f in uses}
-    peak, written = 0, 0
-    for i, t in enumerate(plan.tensors):
-        written += t.nbytes
-        # the engine maps the next tensor's inputs while merging this one: a shard arrives one tensor early
-        live = sum(size for f, size in shards.items() if uses[f].first - 1 <= i <= uses[f].last)
-        peak = max(peak, live + written)
-    others = sum(new.values()) - sum(shards.values())
-    return {
-        "output_bytes": plan.bytes_written,
-        "download_bytes": sum(new.values()),
-        "peak_bytes": sum(new.values()) + plan.bytes_written,
-        "low_disk_peak_bytes": others + peak,
-    }
-
-
 class _Silent(tqdm):
     """No download bars (huggingface_hub passes its own options to a plain tqdm subclass)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **{**kwargs, "disable": True})
+
+
+def short_hash(entry: dict) -> str:
+    """A lock entry for messages: 'sha256 0123456789ab, 1000 bytes'."""
+    kind = "sha256" if "sha256" in entry else "git_sha1"
+    return f"{kind} {str(entry.get(kind))[:12]}, {entry.get('size')} bytes"
 
 
 def _true(value: str | None) -> bool:

@@ -10,8 +10,10 @@ Arrays reach the kernels as the numpy views merger.sources.MappedReader makes: b
 bits and float16 as uint16 bits (numba has neither type), float32 as itself. Indices inside the
 loops are unsigned, which lets LLVM vectorize them (a signed index costs a negative-index check per
 access); where its loop vectorizer gives up (the band pass's compares into bit masks), an intrinsic
-emits the LLVM vector operations directly. Kernels are compiled on first use and cached on disk by
-numba (`NUMBA_CACHE_DIR` moves the cache).
+emits the LLVM vector operations directly. Kernels are compiled on first use and cached on disk in
+merger's own cache directory (`numba/` in merger.files.cache_dir()), which only this user may write:
+numba's cache index is a pickle, and loading one somebody else wrote could run their code. Where that
+directory is not private, kernels are compiled in every process instead.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -27,6 +30,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from merger.errors import NaNTaskVector
+from merger.files import private_cache
+
+_cache_dir = private_cache("numba")
+CACHE = _cache_dir is not None
+if CACHE:  # read by numba when each kernel below is decorated: before that, whatever NUMBA_CACHE_DIR says
+    numba.config.CACHE_DIR = str(_cache_dir)
 
 U = np.uint64
 BLOCK = 256  # entries per inner loop of every kernel: their float32 scratch stays in L1 (1024 measured 15-20% slower
@@ -36,6 +45,15 @@ SUPPORTED = {"BF16", "F16", "F32"}  # safetensors codes the kernels read and wri
 
 def supported(*codes: str) -> bool:
     return all(c in SUPPORTED for c in codes)
+
+
+@njit(nogil=True, cache=CACHE, boundscheck=False)
+def count_masked(bits, mask):  # pragma: no cover - compiled
+    """Entries whose bits under `mask` are all set (with a float format's exponent mask: inf and NaN)."""
+    n = 0
+    for i in range(U(bits.size)):
+        n += (bits[i] & mask) == mask
+    return n
 
 
 @intrinsic
@@ -192,7 +210,7 @@ def _store(a, i, v):
 RADIX_BINS = 1 << 15  # the top 16 bits of a non-negative float32 (sign clear): the same order as the value
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=CACHE, boundscheck=False)
 def _sample_hist(xs, b, starts, run, hist):  # pragma: no cover - compiled
     """hist[j, top 16 bits of |x_j - b|] += 1 over the runs of `run` entries at `starts`.
 
@@ -218,7 +236,7 @@ def _sample_hist(xs, b, starts, run, hist):  # pragma: no cover - compiled
                 h[U(_bits_of_f32(v) >> np.uint32(16))] += 1
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=CACHE, boundscheck=False)
 def _kth_largest(vals, rank):  # pragma: no cover - compiled
     """The rank-th largest of non-negative float32 values: a radix select on their bit patterns
     (which order like the values), 14 bits of the remaining span per round, no sort."""
@@ -251,7 +269,7 @@ def _kth_largest(vals, rank):  # pragma: no cover - compiled
         vals = members
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=CACHE, boundscheck=False)
 def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     """Per model j: how many |x_j - b| > hi[j], and the entries with lo[j] <= |x_j - b| <= hi[j], or
     NaN, gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered).
@@ -303,7 +321,7 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     return above, got
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=CACHE, boundscheck=False)
 def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  # pragma: no cover - compiled
     """TIES on a flat chunk starting at flat index `offset`. Model j keeps |d_j| > gt[j] at flat
     indices >= cut[j] and |d_j| > ge[j] (ge = the float just below the threshold, i.e. >= threshold)
@@ -368,7 +386,7 @@ def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  
                 store(out, U(st + i), num[i] * lam + bf[i])
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=CACHE, boundscheck=False)
 def _weighted_sum(xs, b, out, w, scale, divisor):  # pragma: no cover - compiled
     """out = sum_j w[j] * x_j, divided by `divisor` unless it is 0 (linear), or with a base b (an
     array with entries): out = b + scale * sum_j w[j] * (x_j - b) (task arithmetic)."""
@@ -566,7 +584,7 @@ def _select(vals: np.ndarray, idx: np.ndarray, rank: int) -> tuple[float, int, i
     return float(threshold), int(ties), int(cutoff)
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=CACHE, boundscheck=False)
 def _select_kernel(vals, idx, rank):  # pragma: no cover - compiled
     """_select in one compiled call: the threshold, then one pass counting the entries above it and
     one (stopping early) finding the last tie kept; idx is ascending."""

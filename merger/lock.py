@@ -5,15 +5,18 @@ refuses any that changed. Nothing in it depends on when or where the merge ran."
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from merger import __version__
+from merger import __version__, system
 from merger.errors import MergerError, ModelError
+from merger.files import SUPPORT_LIMIT, parse_json
+from merger.hub import short_hash
 from merger.plan import Plan
-from merger.sources import sha256_file
+from merger.sources import LocalModel
 
 LOCK_NAME = "merger.lock.json"
 
@@ -61,30 +64,69 @@ class Lock(BaseModel):
                 elif b is None:
                     problems.append(f"'{ref}': {file} is in the lock but not there now")
                 elif a != b:
-                    problems.append(f"'{ref}': {file} has changed since the lock ({_short(a)} then, {_short(b)} now)")
+                    problems.append(
+                        f"'{ref}': {file} has changed since the lock ({short_hash(a)} then, {short_hash(b)} now)"
+                    )
         if problems:
             raise ModelError("\n".join(f"{name}: {p}" for p in problems))
 
 
-def inputs_of(plan: Plan) -> list[LockedInput]:
-    """The lock's record of what the merge reads. Local files are hashed here (read once, in full); Hub
-    files carry the hashes the Hub lists for them (LFS sha256, or git blob id)."""
+def inputs_of(plan: Plan, *, hub_weights: bool = True, threads: int | None = None) -> list[LockedInput]:
+    """The lock's record of what the merge reads, every file hashed now (never a cached answer): local
+    files by sha256; Hub files fetched into the cache by the hash the Hub lists for them (LFS sha256, or
+    git blob id), after checking that the bytes there have that hash. Hub weights not fetched yet
+    (--low-disk) are checked as they arrive (hub.JustInTime). Files are hashed `threads` at a time
+    (default: a quarter of the cores, at least one), beside the merge."""
     refs: dict[Path, list[str]] = {}
     for m in [plan.base, *plan.inputs, plan.tokenizer_from]:
         if m is not None and m.ref not in refs.setdefault(m.path, []):
             refs[m.path].append(m.ref)
+    used = plan.files_used()
+    jobs = [(model, name) for model, names in used for name in names]
+    with ThreadPoolExecutor(threads or max(1, system.default_threads() // 4), thread_name_prefix="merger-hash") as pool:
+        records = dict(zip(((m.path, n) for m, n in jobs), pool.map(lambda job: record(*job, hub_weights), jobs)))
     out = []
-    for model, names in plan.files_used():
-        if model.remote is not None:
-            files = {n: model.remote.files[n].record() for n in names}
-            repo_id, commit = model.remote.repo_id, model.remote.commit
-        else:
-            files = {n: {"sha256": sha256_file(model.path / n), "size": (model.path / n).stat().st_size} for n in names}
-            repo_id = commit = None
+    for model, names in used:
+        files = {n: records[model.path, n] for n in sorted(names)}
+        remote = model.remote
         out.append(
-            LockedInput(refs=refs[model.path], repo_id=repo_id, commit=commit, files=dict(sorted(files.items())))
+            LockedInput(
+                refs=refs[model.path],
+                repo_id=remote.repo_id if remote else None,
+                commit=remote.commit if remote else None,
+                files=files,
+            )
         )
     return out
+
+
+def listed(plan: Plan) -> list[LockedInput]:
+    """The Hub inputs as the Hub lists them (commit, files and their hashes), nothing read: what a lock
+    can be checked against before anything is downloaded."""
+    return [
+        LockedInput(
+            refs=[m.ref],
+            repo_id=m.remote.repo_id,
+            commit=m.remote.commit,
+            files={n: m.remote.files[n].record() for n in names},
+        )
+        for m, names in plan.files_used()
+        if m.remote is not None
+    ]
+
+
+def record(model: LocalModel, name: str, hub_weights: bool = True) -> dict[str, str | int]:
+    """How the lock records one file of a model, its bytes hashed now. A Hub file fetched into the cache
+    is checked against the hash the Hub lists (remote.verify); with `hub_weights` False its weights are
+    not (--low-disk: hub.JustInTime checks each as it arrives)."""
+    remote = model.remote
+    if remote is None:
+        st = model.folder.stat(name)
+        return {"sha256": model.folder.sha256(name), "size": st.st_size}
+    weight = any(model.name_of(f) == name for f in model.files)
+    if (model.path / name).exists() and (hub_weights or not weight):
+        return remote.verify(name)
+    return remote.files[name].record()
 
 
 def write_lock(plan: Plan, inputs: list[LockedInput], directory: Path) -> None:
@@ -96,19 +138,17 @@ def write_lock(plan: Plan, inputs: list[LockedInput], directory: Path) -> None:
 
 def read_lock(path: str | Path) -> Lock:
     try:
-        data = json.loads(Path(path).read_text())
+        with open(path, "rb") as f:
+            raw = f.read(SUPPORT_LIMIT + 1)
     except OSError as e:
         raise MergerError(f"{path}: cannot read lock file: {e.strerror}") from None
-    except ValueError:
-        raise MergerError(f"{path}: not a lock file (not JSON)") from None
+    try:
+        data = parse_json(raw, str(path))
+    except ModelError as e:
+        raise MergerError(f"{e}: not a merger lock file") from None
     try:
         return Lock.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise MergerError(f"{path}: not a merger lock file ({where}: {err['msg']})") from None
-
-
-def _short(entry: dict) -> str:
-    kind = "sha256" if "sha256" in entry else "git_sha1"
-    return f"{kind} {str(entry.get(kind))[:12]}, {entry.get('size')} bytes"

@@ -13,14 +13,14 @@ import contextlib
 import multiprocessing
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from datetime import timedelta
+from multiprocessing.connection import wait
 from pathlib import Path
 
-from merger.errors import MergerError
+from merger import system
+from merger.errors import MergerError, describe
 from merger.plan import Plan, Shard
-from merger.stream import default_threads, write_shards
+from merger.stream import write_shards
 
 TIMEOUT_ENV = "MERGER_DIST_TIMEOUT"  # seconds a rank waits for the others (to start, or to finish their shards)
 
@@ -36,39 +36,85 @@ def assign(shards: list[Shard], world: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int, index: int = 0) -> tuple[int, int, int]:
+def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int, index: int, finished, durable: bool):
     """One --workers process's shards; on CUDA on GPU index % count, so K workers spread over the GPUs.
     Returns (bytes read, this process's peak resident memory, its peak GPU memory)."""
-    from merger.output import peak_rss  # output imports this module
-
     gpu = 0
     if plan.device == "cuda":
         import torch
 
         torch.cuda.set_device(index % torch.cuda.device_count())
-    read = write_shards(plan, directory, shards=shards, threads=threads)
+    read = write_shards(plan, directory, shards=shards, threads=threads, finished=finished, durable=durable)
     if plan.device == "cuda":
         gpu = torch.cuda.max_memory_allocated()
-    return read, peak_rss(), gpu
+    return read, system.peak_rss(), gpu
 
 
-def write_with_workers(plan: Plan, directory: Path, workers: int) -> tuple[int, int, int]:
-    """Write all shards with `workers` local processes; returns (bytes read, the largest worker's peak
-    resident memory, the largest peak GPU memory). A process that dies (killed, out of memory) fails
-    the merge instead of leaving the others waiting for its shards."""
-    parts = [p for p in assign(plan.shards, workers) if p]
+def _worker(conn, *args) -> None:
+    """A --workers process: write its shards, send back ("ok", result) or ("error", exception)."""
+    system.die_with_parent(at_once=True)
+    try:
+        result: tuple = ("ok", _write_part(*args))
+    except BaseException as e:  # the parent raises it (an interrupt included)
+        result = ("error", e)
+    try:
+        conn.send(result)
+    except Exception:  # an exception that does not pickle
+        conn.send(("error", MergerError(describe(result[1]))))
+
+
+class ProcessDied(MergerError):
+    """A process that writes shards (a --workers process, or a rank of a launch) is gone."""
+
+
+def write_with_workers(
+    plan: Plan, directory: Path, workers: int, shards: list[int], finished=None, durable: bool = False
+) -> tuple[int, int, int]:
+    """Write the given shards with up to `workers` local processes; returns (bytes read, the largest
+    worker's peak resident memory, the largest peak GPU memory). A process that dies (killed, out of
+    memory) fails the merge at once; a failure, or an interrupt, ends every other process."""
+    parts = [[shards[i] for i in p] for p in assign([plan.shards[i] for i in shards], workers) if p]
     ctx = multiprocessing.get_context("spawn")  # fork would copy our threads (and torch's CUDA state)
-    threads = max(1, default_threads() // len(parts))  # the cores, shared among the processes
-    with ProcessPoolExecutor(len(parts), mp_context=ctx) as pool:
-        jobs = [pool.submit(_write_part, plan, directory, p, threads, i) for i, p in enumerate(parts)]
-        try:
-            done = [j.result() for j in jobs]
-            return sum(r[0] for r in done), max(r[1] for r in done), max(r[2] for r in done)
-        except BrokenProcessPool:
-            raise MergerError("a --workers process died while writing its shards (killed, or out of memory?)") from None
+    threads = max(1, system.default_threads() // max(1, len(parts)))  # the cores, shared among the processes
+    procs, results = {}, []
+    try:
+        for i, part in enumerate(parts):
+            recv, send = ctx.Pipe(duplex=False)
+            args = (send, plan, directory, part, threads, i, finished, durable)
+            proc = procs[recv] = ctx.Process(target=_worker, args=args, name=f"merger-worker-{i}", daemon=True)
+            proc.start()
+            send.close()
+        waiting = set(procs)
+        while waiting:
+            for conn in wait(list(waiting)):
+                try:
+                    status, value = conn.recv()
+                except EOFError:  # it exited without a word: killed
+                    raise ProcessDied(
+                        "a --workers process died while writing its shards (killed, or out of memory?)"
+                    ) from None
+                if status == "error":
+                    raise value
+                results.append(value)
+                waiting.discard(conn)
+    finally:
+        _end(procs.values())
+    return sum(r[0] for r in results), max((r[1] for r in results), default=0), max((r[2] for r in results), default=0)
 
 
-class GroupError(MergerError):
+def _end(procs) -> None:
+    """Stop the worker processes still running (after a failure or an interrupt) and reap them all."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+class GroupError(ProcessDied):
     """Another process of a distributed launch is gone (it crashed, or never came)."""
 
 
@@ -123,8 +169,11 @@ class Group:
 
 
 def launched_group() -> Group | None:
+    """The distributed launch this process is a rank of (WORLD_SIZE > 1), else None. A rank ends when
+    its launcher does."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    system.die_with_parent(at_once=False)
     import torch
 
     if torch.cuda.is_available():

@@ -6,31 +6,36 @@ can be produced on its own.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import struct
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from merger import budget, system
 from merger.errors import ModelError, RecipeError
+from merger.files import SUPPORT_LIMIT
+from merger.hub import Hub
 from merger.recipe import DTYPE_CODE, MergeSpec
 from merger.sources import (
     CARD_NAME,
     DTYPES,
     INDEX_NAME,
     MODEL_FILES,
+    SUPPORT_JSON,
     TOKENIZER_FILES,
     LocalModel,
-    open_model,
+    is_hub_id,
+    open_local,
     read_config,
+    read_support,
 )
-
-if TYPE_CHECKING:
-    from merger.hub import Hub
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,28 @@ class Shard:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def header(self) -> bytes:
+        return shard_header(self.tensors)
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + self.nbytes
+
+
+def shard_header(tensors: Iterable[OutTensor]) -> bytes:
+    """The first bytes of a safetensors file holding `tensors` in this order: the header's length and
+    the header, padded so that tensor data starts 8-byte aligned."""
+    header: dict = {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 @dataclass(frozen=True)
@@ -115,13 +142,14 @@ class Plan:
             entry[1].extend(n for n in names if n not in entry[1] and model.has(n))
         return list(out.values())
 
-    def file_uses(self) -> dict[Path, FileUse]:
-        """For each input file, the tensors read from it and when: what fetching Hub shards just in time,
-        and dropping them after their last tensor, relies on."""
+    def file_uses(self, shards: list[int] | None = None) -> dict[Path, FileUse]:
+        """For each input file, the tensors read from it and when (in the order of `shards`, default all):
+        what fetching Hub shards just in time, and dropping them after their last tensor, relies on."""
         first: dict[Path, int] = {}
         last: dict[Path, int] = {}
         names: dict[Path, set[str]] = {}
-        for i, t in enumerate(self.tensors):
+        chosen = self.shards if shards is None else [self.shards[i] for i in shards]
+        for i, t in enumerate(t for s in chosen for t in s.tensors):
             for m in self.readers_of(t):
                 f = m.tensors[t.name].file
                 first.setdefault(f, i)
@@ -137,20 +165,52 @@ class Plan:
     def bytes_written(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
+    def pinned_bytes(self, t: OutTensor) -> int:
+        """Pinned host memory for staging t whole on CUDA: two slots of its inputs as stored and of its
+        output."""
+        return 2 * (self.stored_bytes(t) + t.nbytes)
+
+    def gpu_bytes(self, t: OutTensor) -> int:
+        """GPU memory for merging t whole: its inputs in the compute dtype, about four temporaries, and
+        the next tensor's inputs as stored, uploaded meanwhile (counted as t's own)."""
+        operands = len(self.readers_of(t)) + 4
+        return t.numel * np.dtype(self.compute_dtype).itemsize * operands + 2 * self.stored_bytes(t)
+
+    def merges_whole(self, t: OutTensor, gpu: int, pinned: int) -> bool:
+        """Whether CUDA merges t as one tensor (staged, uploaded, merged, copied back), else in pieces:
+        its merge fits the GPU budget `gpu` and its staging the `pinned` one (stream.CudaStages)."""
+        return not t.merged or (self.gpu_bytes(t) <= gpu and self.pinned_bytes(t) <= pinned)
+
+    def gpu_piece(self, t: OutTensor, gpu: int) -> int:
+        """Entries per GPU piece of t when it is too large to merge whole: budget.GPU_PIECE, fewer where
+        that would not fit in `gpu` bytes (but at least 64K)."""
+        fits = gpu * t.numel // max(self.gpu_bytes(t), 1)
+        return min(budget.GPU_PIECE, max(1 << 16, fits), max(t.numel, 1))
+
+    @property
+    def write_depth(self) -> int:
+        """Output buffers in flight between the merge and the writer thread. On the CPU, budget.WRITE_AHEAD
+        bytes of pieces: the writer goes on writing one tensor while the next one's whole-tensor passes
+        (TIES thresholds) produce nothing to write. With two pieces it sat idle then and the merge waited
+        for it afterwards; 16 made TIES about 10% faster on 2 cores (README, Performance). On CUDA two,
+        since a whole tensor's buffer there is pinned memory."""
+        if self.device == "cuda":
+            return 2
+        itemsize = max((DTYPES[t.dtype][1] for t in self.tensors if t.merged), default=4)  # copied ones are small
+        return max(2, budget.WRITE_AHEAD // (budget.PIECE * itemsize))
+
     @property
     def peak_memory(self) -> int:
         """Estimated working memory beyond the Python process itself. Per tensor: the inputs' pages
         (mapped while the tensor is merged, then dropped) and the output buffers queued for the writer
-        (stream.write_depth): on the CPU of a piece (stream.PIECE entries) each, on CUDA two of the
+        (write_depth): on the CPU of a piece (budget.PIECE entries) each, on CUDA two of the
         tensor. On the CPU the merge runs through a few chunk buffers (TIES also gathers the entries
         near each trim threshold); on CUDA whole tensors are staged in pinned host memory, two
         tensors' worth (the next one is uploaded while one merges), and a tensor too large for the
-        GPU whole goes in pieces (stream.gpu_piece entries) through pageable memory."""
-        from merger.stream import CHUNK, PIECE, default_threads, write_depth  # the engine's (stream imports plan)
-
+        GPU whole goes in pieces (gpu_piece entries) through pageable memory."""
         csize = np.dtype(self.compute_dtype).itemsize
         whole, piece = self._gpu_rules()
-        depth = write_depth(self)
+        depth = self.write_depth
         worst = 0
         for t in self.tensors:
             raw = self.stored_bytes(t)
@@ -160,24 +220,24 @@ class Plan:
                 host = raw + 2 * piece(t) * DTYPES[t.dtype][1]
             else:  # output buffers of a piece each
                 numel = t.numel
-                host = raw + depth * min(numel, PIECE) * DTYPES[t.dtype][1]
-                host += min(numel, CHUNK) * csize * (len(self.readers_of(t)) + 8)
+                host = raw + depth * min(numel, budget.PIECE) * DTYPES[t.dtype][1]
+                host += min(numel, budget.CHUNK) * csize * (len(self.readers_of(t)) + 8)
                 if self.spec.method.prepare is not None:  # the trim's gathered band: a few % of the entries
-                    host += numel // 20 * 12 * len(self.inputs) + default_threads() * CHUNK * 12 * len(self.inputs)
+                    gathered = numel // 20 + system.default_threads() * budget.CHUNK
+                    host += gathered * 12 * len(self.inputs)
             worst = max(worst, host)
         return worst
 
     @property
     def peak_gpu_memory(self) -> int:
-        """Estimated GPU memory on CUDA (stream.gpu_bytes): the largest tensor merged whole, or a piece
-        of one merged in pieces."""
-        from merger.stream import gpu_bytes
-
+        """Estimated GPU memory on CUDA (gpu_bytes): the largest tensor merged whole, or a piece of one
+        merged in pieces."""
+        gpu_bytes = self.gpu_bytes
         if self.device != "cuda":
             return 0
         whole, piece = self._gpu_rules()
         return max(
-            (gpu_bytes(self, t) if whole(t) else gpu_bytes(self, t) * piece(t) // t.numel for t in self.tensors),
+            (gpu_bytes(t) if whole(t) else gpu_bytes(t) * piece(t) // t.numel for t in self.tensors),
             default=0,
         )
 
@@ -190,12 +250,10 @@ class Plan:
 
     def _gpu_rules(self):
         """(t -> whether CUDA merges t whole, t -> entries per piece otherwise), as stream.CudaStages."""
-        from merger.stream import gpu_budget, gpu_piece, merges_whole, pinned_budget
-
         if self.device != "cuda":
             return (lambda t: True), (lambda t: t.numel)
-        budget, pinned = gpu_budget(), pinned_budget()
-        return (lambda t: merges_whole(self, t, budget, pinned)), (lambda t: gpu_piece(self, t, budget))
+        gpu, pinned = budget.gpu_budget(), budget.pinned_budget()
+        return (lambda t: self.merges_whole(t, gpu, pinned)), (lambda t: self.gpu_piece(t, gpu))
 
 
 def natural_key(name: str) -> list:
@@ -211,6 +269,11 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def open_model(ref: str, hub: Hub | None = None) -> LocalModel:
+    """A recipe's model reference, its headers read: a local directory, else a Hub id (org/name[@rev])."""
+    return (hub or Hub()).open(ref) if is_hub_id(ref) else open_local(ref)
 
 
 def resolve_device(device: str) -> str:
@@ -233,56 +296,33 @@ def build_plan(
     (for Hub models, `hub` reads the headers remotely and downloads nothing but the index). `opened`:
     models already opened, by reference (a search planning many merges of the same models)."""
     recipe = spec.recipe
-    opened = dict(opened or {})
-    problems: list[str] = []
-
-    def open_at(ref: str, *loc: str | int) -> LocalModel | None:
-        if ref not in opened:
-            try:
-                opened[ref] = open_model(ref, hub)
-            except ModelError as e:
-                problems.append(f"{spec.where(*loc)}: {e}")
-                return None
-        return opened[ref]
-
-    base = open_at(spec.base, "base_model") if spec.base else None
-    inputs = [open_at(g.ref, "models", g.index, "model") for g in spec.ingredients]
-    tok = open_at(spec.tokenizer_source, "tokenizer_source") if spec.tokenizer_source else None
-    if problems:
-        raise RecipeError(problems)
-    assert all(inputs)
+    base, inputs, tok, where_of = _open_models(spec, hub, dict(opened or {}))
     reference = base or inputs[0]
     try:
         read_config(reference)  # copied into the output at the end: a broken one fails now, not then
     except ModelError as e:
-        where = spec.where("base_model") if base else spec.where("models", spec.ingredients[0].index, "model")
-        raise RecipeError([f"{where}: {e}"]) from None
-
+        raise RecipeError([f"{where_of[reference.path]}: {e}"]) from None
     # Every model must hold the reference's tensors, with the same shapes (and for non-float tensors,
     # the same dtype, since they are copied rather than merged).
+    problems = []
     checked = {reference.path}
-    located = [(base, spec.where("base_model"))] if base else []
-    located += [(m, spec.where("models", g.index, "model")) for m, g in zip(inputs, spec.ingredients)]
-    for model, where in located:
+    for model in ([base] if base else []) + inputs:
         if model.path not in checked:
             checked.add(model.path)
-            problems += _compare(reference, model, where)
+            problems += _compare(reference, model, where_of[model.path])
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(list(dict.fromkeys(problems)))
 
     out_code = DTYPE_CODE.get(recipe.out_dtype or recipe.dtype or "")
     tensors = []
     for name in sorted(reference.tensors, key=natural_key):
         info = reference.tensors[name]
-        merged = info.is_float
-        code = (out_code or info.dtype) if merged else info.dtype
-        numel = info.numel
-        tensors.append(OutTensor(name, info.shape, code, merged, numel * DTYPES[code][1]))
-
+        code = (out_code or info.dtype) if info.is_float else info.dtype
+        tensors.append(OutTensor(name, info.shape, code, info.is_float, info.numel * DTYPES[code][1]))
     size = shard_size or int(recipe.output.shard_size)
-    return Plan(
+    plan = Plan(
         spec=spec,
-        inputs=list(inputs),
+        inputs=inputs,
         base=base,
         reference=reference,
         tokenizer_from=tok or reference,
@@ -291,6 +331,58 @@ def build_plan(
         device=resolve_device(device or recipe.device),
         compute_dtype=recipe.compute_dtype,
     )
+    for model in plan.models + [plan.tokenizer_from]:
+        try:
+            check_support_files(plan, model)
+        except ModelError as e:
+            problems.append(f"{where_of[model.path]}: {e}")
+    if problems:
+        raise RecipeError(list(dict.fromkeys(problems)))
+    return plan
+
+
+def _open_models(spec: MergeSpec, hub: Hub | None, opened: dict[str, LocalModel]):
+    """(base, inputs, tokenizer source, model path -> where the recipe first names it), or RecipeError
+    listing every model that cannot be opened."""
+    problems: list[str] = []
+    where_of: dict[Path, str] = {}
+
+    def open_at(ref: str, *loc: str | int) -> LocalModel | None:
+        if ref not in opened:
+            try:
+                opened[ref] = open_model(ref, hub)
+            except ModelError as e:
+                problems.append(f"{spec.where(*loc)}: {e}")
+                return None
+        where_of.setdefault(opened[ref].path, spec.where(*loc))
+        return opened[ref]
+
+    base = open_at(spec.base, "base_model") if spec.base else None
+    inputs = [open_at(g.ref, "models", g.index, "model") for g in spec.ingredients]
+    tok = open_at(spec.tokenizer_source, "tokenizer_source") if spec.tokenizer_source else None
+    if problems:
+        raise RecipeError(problems)
+    return base, inputs, tok, where_of
+
+
+def check_support_files(plan: Plan, model: LocalModel, fetched: bool = False) -> None:
+    """The files besides the weights that the merge reads from `model` (index, card, config, generation
+    and tokenizer files): regular files inside its folder, of at most SUPPORT_LIMIT bytes, and JSON ones
+    well formed (sources.read_support). For a Hub model, the sizes it lists, then (`fetched`) the files."""
+    for used, names in plan.files_used():
+        if used.path != model.path:
+            continue
+        weights = {model.name_of(f) for f in model.files}
+        for name in names:
+            if name in weights:
+                continue
+            size = model.remote.files[name].size if model.remote else model.folder.stat(name).st_size
+            if size > SUPPORT_LIMIT:
+                raise ModelError(
+                    f"'{model.ref}': {name} is {size} bytes, more than the {SUPPORT_LIMIT} merger reads of such a file"
+                )
+            if name in SUPPORT_JSON and (model.remote is None or fetched):
+                read_support(model, name)
 
 
 def layout(tensors: list[OutTensor], shard_size: int) -> list[Shard]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from merger.errors import RecipeError
+from merger.files import YAMLTooLarge, check_yaml
 from merger.methods import Method, Params, all_methods, get_method, greedy
 
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"]
@@ -169,21 +172,35 @@ class MergeSpec:
         return self.source.where(*loc)
 
 
+RECIPE_LIMIT = 1 << 20  # bytes: a recipe is a page of YAML
+
+
 def load_recipe(path: str | Path) -> MergeSpec:
     """Read and validate a recipe file. Raises RecipeError listing every problem found."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(RECIPE_LIMIT + 1)
     except OSError as e:
         raise RecipeError([f"{path}: cannot read recipe: {e.strerror}"]) from None
+    if len(raw) > RECIPE_LIMIT:
+        raise RecipeError([f"{path}: more than {RECIPE_LIMIT} bytes; not a recipe"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError([f"{path}:{line}: not UTF-8 text"]) from None
     return parse_recipe(text, name=str(path))
 
 
 def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
     source = RecipeSource(name, text)
     try:
+        check_yaml(text)  # aliases and nesting bounded before anything is built
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except YAMLTooLarge as e:
+        raise RecipeError([f"{name}:{e.line}: {e}; not a recipe merger reads"]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -270,6 +287,8 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
 
     if not problems and not ingredients:
         problems.append(f"{source.where('models')}: {method.name} needs at least one model besides the base model")
+    if not problems:
+        problems += _beyond_range(recipe, ingredients, params, source)
     if not problems and method.check is not None:
         msg = method.check([g.params for g in ingredients], params)
         if msg:
@@ -341,6 +360,50 @@ def _module_exists(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     finally:
         sys.path.remove(os.getcwd())
+
+
+def _numbers(p: BaseModel) -> dict[str, float]:
+    """A parameter object's numbers, by the key the recipe spells."""
+    out = {}
+    for name, f in type(p).model_fields.items():
+        value = getattr(p, name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[f.alias or name] = float(value)
+    return out
+
+
+def _beyond_range(recipe: Recipe, ingredients: list[Ingredient], params: Params, source: RecipeSource) -> list[str]:
+    """Parameters no merge can stay finite with in the compute dtype: a number past its range, a model's
+    numbers times the method's (weight x lambda) past it, or normalising by weights that sum to less
+    than its smallest normal number's worth. Checked before anything is read: float32 would turn them
+    into inf and the output into inf and NaN."""
+    dtype = recipe.compute_dtype
+    largest = float(np.finfo(dtype).max)
+    problems = []
+    method_numbers = _numbers(params)
+    scale = math.prod(abs(v) for v in method_numbers.values())
+    for key, value in method_numbers.items():
+        if abs(value) > largest:
+            problems.append(f"{source.where('parameters', key)}: {value:g} is beyond {dtype}'s range ({largest:.3g})")
+    for g in ingredients:
+        for key, value in _numbers(g.params).items():
+            loc = ("models", g.index, "parameters", key)
+            if abs(value) > largest:
+                problems.append(f"{source.where(*loc)}: {value:g} is beyond {dtype}'s range ({largest:.3g})")
+            elif abs(value) * scale > largest:
+                problems.append(
+                    f"{source.where(*loc)}: {value:g} times the method's parameters "
+                    f"({', '.join(f'{k} {v:g}' for k, v in method_numbers.items())}) is beyond {dtype}'s range ({largest:.3g})"
+                )
+    weights = [_numbers(g.params).get("weight") for g in ingredients]
+    if getattr(params, "normalize", False) and None not in weights and weights:
+        total = math.fsum(weights)
+        if total != 0 and abs(1 / total) * scale > largest:
+            problems.append(
+                f"{source.where('parameters', 'normalize')}: the weights sum to {total:g}; normalising divides "
+                f"by it, which is beyond {dtype}'s range: set normalize: false or change a weight"
+            )
+    return problems
 
 
 def _by_line(problems: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ the evaluator's settings, so a rerun evaluates nothing twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,14 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from merger.errors import MergerError
+from merger.apply import apply
+from merger.errors import MergerError, ModelError
 from merger.evaluate import Candidate, Evaluator, make_evaluator
-from merger.hub import fetch_inputs
+from merger.fetch import fetch_inputs
+from merger.files import cache_dir, parse_json, write_json
 from merger.lock import Lock, inputs_of
-from merger.output import check_destination, write_model
 from merger.plan import Plan, build_plan
 from merger.recipe import DTYPE_CODE
-from merger.sources import TOKENIZER_FILES, LocalModel, cache_dir, sha256_file
+from merger.sources import TOKENIZER_FILES, LocalModel, stamp
+from merger.staging import check_destination, remove_leftovers
 
 
 @dataclass
@@ -70,8 +73,9 @@ def default_cache_path() -> Path:
 
 
 class ScoreCache:
-    """Scores by key, in one JSON file (None: memory only). Weight files' hashes live in merger's hash
-    cache (sources.sha256_file), shared with the lock."""
+    """Scores by key, in one JSON file (None: memory only). Weight files' hashes are remembered in
+    merger's cache too (sha256.json), by each file's stamp: a cache key may take a remembered hash,
+    since nothing is verified by it (the lock hashes every file afresh)."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -81,15 +85,15 @@ class ScoreCache:
 
     def _read(self) -> dict:
         try:
-            return dict(json.loads(self.path.read_text())["scores"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return dict(parse_json(self.path.read_bytes(), str(self.path))["scores"])
+        except (OSError, ModelError, KeyError, TypeError, ValueError):
             raise MergerError(
                 f"score cache {self.path} is unreadable; delete it, or set evaluation.cache: false"
             ) from None
 
     def model_hash(self, model: LocalModel) -> str:
         """The content of a model's safetensors files (names and bytes)."""
-        lines = [f"{f.name} {sha256_file(f)}\n" for f in sorted(model.files)]
+        lines = [f"{f.name} {remembered_sha256(model, f)}\n" for f in sorted(model.files)]
         return hashlib.sha256("".join(lines).encode()).hexdigest()
 
     def get(self, key: str) -> float | None:
@@ -107,9 +111,33 @@ class ScoreCache:
         if self.path.exists():
             self.scores = self._read() | self.scores
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": 1, "scores": self.scores}, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, {"version": 1, "scores": self.scores})
+
+
+_hashes: dict[str, str] | None = None
+
+
+def remembered_sha256(model: LocalModel, file: Path) -> str:
+    """The sha256 of one of a model's weight files, remembered in merger's cache by the file's stamp
+    (path, size, times, inode: rewriting a file changes its ctime even where size and mtime are put
+    back), so an unchanged model is read for hashing once. For cache keys only, never for a lock."""
+    global _hashes
+    name = model.name_of(file)
+    st = model.folder.stat(name)
+    key = f"{model.folder.locate(name)}|{'|'.join(map(str, stamp(st)))}"
+    store = cache_dir() / "sha256.json"
+    if _hashes is None:
+        try:
+            loaded = parse_json(store.read_bytes(), str(store))
+            _hashes = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ModelError):
+            _hashes = {}
+    if key not in _hashes:
+        _hashes[key] = model.folder.sha256(name)
+        with contextlib.suppress(OSError):  # a read-only home only costs the next run a re-hash
+            store.parent.mkdir(parents=True, exist_ok=True)
+            write_json(store, _hashes, indent=None)
+    return _hashes[key]
 
 
 def subset_plan(plan: Plan, subset: tuple[int, ...]) -> Plan:
@@ -130,7 +158,7 @@ def greedy_soup(
     lock: Lock | None = None,
     lock_name: str = "lock",
 ) -> dict:
-    """Search, then write the chosen soup to `dest` like any merge. Returns write_model's summary with
+    """Search, then write the chosen soup to `dest` like any merge. Returns apply's summary with
     the search report under 'greedy_soup'. Temporary candidates live beside `dest` and are removed.
     The output's lock records every ingredient (the search read them all); with `lock`, every
     ingredient must match it before anything is evaluated."""
@@ -141,6 +169,7 @@ def greedy_soup(
         raise MergerError("greedy_soup runs in one process; use --workers to write the final soup in parallel")
     dest = dest.expanduser().resolve()
     check_destination(dest, plan, force)
+    remove_leftovers(dest)  # candidates of a killed search
     if lock is not None:
         lock.verify(inputs_of(plan), lock_name)
     fetch_inputs(plan, weights=True)  # Hub inputs: every candidate reads them
@@ -197,7 +226,7 @@ def greedy_soup(
         "cache": str(cache.path) if cache.path else None,
     }
     final = subset_plan(plan, tuple(sorted(result.selected)))
-    summary = write_model(
+    summary = apply(
         final, dest, force=force, progress=progress, workers=workers, card=format_markdown(report), provenance=plan
     )
     summary["seconds"] = round(time.perf_counter() - start, 3)  # the search included
@@ -213,11 +242,11 @@ def _keys(plan: Plan, cache: ScoreCache, evaluator: Evaluator) -> Callable[[tupl
     recipe = plan.spec.recipe
     # Without a cache file, paths are identity enough within one run.
     idents = [cache.model_hash(m) if cache.path else str(m.path) for m in plan.inputs]
-    support = [plan.reference.path / "config.json"] + [plan.tokenizer_from.path / n for n in TOKENIZER_FILES]
+    support = [(plan.reference, "config.json")] + [(plan.tokenizer_from, n) for n in TOKENIZER_FILES]
     common = {
         "dtype": DTYPE_CODE.get(recipe.out_dtype or recipe.dtype or ""),
         "compute_dtype": recipe.compute_dtype,
-        "support": {f.name: sha256_file(f) for f in support if f.is_file()},
+        "support": {n: m.folder.sha256(n) for m, n in support if m.folder.has(n)},
         "evaluator": evaluator.settings(),
     }
 

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import mmap
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 
 from merger.errors import ModelError
+from merger.files import Folder, check_name, forget_mapping, parse_json, watch_mapping
 
 if TYPE_CHECKING:
     import torch
-
-    from merger.hub import Hub, Remote
 
 # safetensors dtype code -> (torch's name for it, bytes per element, the numpy dtype of a zero-copy
 # view). numpy has no bfloat16 or float8: those are viewed as integers of their size (bfloat16 as
@@ -101,6 +98,26 @@ class TensorInfo:
         return self.dtype in FLOAT_CODES
 
 
+class Remote(Protocol):
+    """What a model read from the Hub says of where its files come from (merger.hub.Remote)."""
+
+    repo_id: str
+    commit: str
+    files: dict  # name -> hub.RemoteFile (size, etag) of the repo's files at `commit`
+
+    def fetch(self, name: str) -> Path: ...
+
+    def drop(self, name: str) -> None: ...
+
+    def verify(self, name: str) -> dict: ...
+
+
+def stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """A local file as merger saw it: size, modification and change times, inode, device. Rewriting a
+    file changes its ctime and usually its inode, even where its size and mtime were put back."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
 @dataclass
 class LocalModel:
     """A model directory with safetensors weights, described by its headers.
@@ -111,52 +128,107 @@ class LocalModel:
 
     ref: str  # as written in the recipe
     path: Path
-    files: list[Path]
+    files: list[Path]  # its weight files, as paths in `path`
     tensors: dict[str, TensorInfo] = field(repr=False)
+    folder: Folder = field(repr=False)
+    stamps: dict[Path, tuple] = field(default_factory=dict, repr=False)  # weight files read locally: stamp()
     remote: Remote | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def name_of(self, file: Path) -> str:
+        return file.relative_to(self.path).as_posix()
+
     def has(self, name: str) -> bool:
-        """Whether the model holds the file `name` (a Hub model: in its repo, fetched or not)."""
-        return name in self.remote.files if self.remote else (self.path / name).is_file()
+        """Whether the model holds the file `name` (a Hub model: in its repo, fetched or not). A local
+        file that leads outside the folder, or is not a regular file, is refused here."""
+        return name in self.remote.files if self.remote else self.folder.has(name)
+
+    def open_weights(self, file: Path) -> BinaryIO:
+        """One of its weight files, opened for mapping, refused if it changed since its header was read
+        (or, fetched since, if it is not the size the Hub lists)."""
+        name = self.name_of(file)
+        f = self.folder.open(name)
+        now = stamp(os.fstat(f.fileno()))
+        seen = self.stamps.get(file)
+        listed = self.remote.files[name].size if self.remote and name in self.remote.files else None
+        if (seen is not None and seen[:4] != now[:4]) or (seen is None and listed not in (None, now[0])):
+            f.close()
+            raise ModelError(f"'{self.ref}': {name} changed after merger read its header; run the command again")
+        return f
 
 
 def read_config(model: LocalModel) -> dict | None:
     """The model's config.json as a dict (None if it has none, or a Hub model's is not fetched yet)."""
-    path = model.path / "config.json"
-    if not path.is_file():
+    if model.folder.stat("config.json") is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"'{model.ref}': config.json is not valid JSON ({e})") from None
+    data = read_support(model, "config.json")
     if not isinstance(data, dict):
         raise ModelError(f"'{model.ref}': config.json is not a JSON object")
     return data
 
 
-def read_header(file: Path) -> tuple[dict, int]:
-    """Return (header dict, byte offset where tensor data starts) of a safetensors file."""
-    try:
-        with open(file, "rb") as f:
+# JSON support files copied into the output, checked when read: a "..._file" value that points outside
+# the folder (tokenizer_config.json's vocab_file: /home/you/.ssh/id_rsa) would make transformers read
+# that file when it loads the output, or merger's evaluator when it loads a candidate.
+SUPPORT_JSON = {
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+}
+
+
+def read_support(model: LocalModel, name: str) -> object:
+    """A support file's content: bytes, or for SUPPORT_JSON the parsed JSON (checked as above)."""
+    if name not in SUPPORT_JSON:
+        return model.folder.read_bytes(name)
+    data = model.folder.read_json(name)
+    todo = [data]
+    while todo:
+        node = todo.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if isinstance(key, str) and key.endswith("_file") and isinstance(value, str) and _escapes(value):
+                raise ModelError(
+                    f"'{model.ref}': {name} gives {key}: {value!r}, a file outside the model's folder; "
+                    "refusing to copy it (transformers would read that file when loading the model)"
+                )
+            todo.append(value)
+    return data
+
+
+def _escapes(value: str) -> bool:
+    return value.startswith(("/", "~", "\\")) or ".." in value.replace("\\", "/").split("/") or ":" in value[1:3]
+
+
+def read_header(folder: Folder, name: str) -> tuple[dict, int, tuple]:
+    """(header dict, byte offset where tensor data starts, the file's stamp) of a safetensors file."""
+    with folder.open(name) as f:
+        st = stamp(os.fstat(f.fileno()))
+        try:
             head = f.read(8)
-            n = header_length(head, file)
+            n = header_length(head, folder.path / name, st[0])
             raw = f.read(n)
-    except OSError as e:
-        raise ModelError(f"{file}: cannot read: {e.strerror}") from None
-    return parse_header(raw, n, file), 8 + n
+        except OSError as e:
+            raise ModelError(f"{folder.path / name}: cannot read: {e.strerror}") from None
+    return parse_header(raw, n, folder.path / name), 8 + n, st
 
 
-def header_length(head: bytes, file: Path | str) -> int:
-    """The JSON header's length, from a safetensors file's first 8 bytes."""
+def header_length(head: bytes, file: Path | str, size: int) -> int:
+    """The JSON header's length, from a safetensors file's first 8 bytes (the file is `size` bytes)."""
     if len(head) < 8:
         raise ModelError(f"{file}: not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", head[:8])
-    if n > MAX_HEADER_BYTES:
+    if n > MAX_HEADER_BYTES or n < 2:
         raise ModelError(f"{file}: not a safetensors file (header length {n} is implausible)")
+    if 8 + n > size:
+        raise ModelError(f"{file}: not a safetensors file (its header of {n} bytes runs past its end; truncated?)")
     return n
 
 
@@ -164,78 +236,73 @@ def parse_header(raw: bytes, n: int, file: Path | str) -> dict:
     if len(raw) != n:
         raise ModelError(f"{file}: truncated safetensors header")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelError(f"{file}: not a safetensors file (header is not JSON)") from None
+        header = parse_json(raw, f"{file}: the safetensors header", unique_keys=True)
+    except ModelError as e:
+        raise ModelError(f"{e} (not a safetensors file?)") from None
     if not isinstance(header, dict):
         raise ModelError(f"{file}: not a safetensors file (header is not a JSON object)")
     return header
 
 
-def scan_file(file: Path) -> dict[str, TensorInfo]:
-    """Describe every tensor of one safetensors file, checking offsets against the file size."""
-    header, data_start = read_header(file)
-    return describe(header, data_start, file.stat().st_size, file)
+def scan_file(folder: Folder, name: str) -> tuple[dict[str, TensorInfo], tuple]:
+    """Describe every tensor of one safetensors file of a folder, checking the header against the file;
+    also the file's stamp."""
+    header, data_start, st = read_header(folder, name)
+    return describe(header, data_start, st[0], folder.path / name), st
+
+
+def _count(value: object) -> int | None:
+    """A JSON integer (not a bool, a float or a string) that is not negative, else None."""
+    return value if type(value) is int and value >= 0 else None
 
 
 def describe(header: dict, data_start: int, size: int, file: Path, label: str | None = None) -> dict[str, TensorInfo]:
     """The tensors of a parsed header, for a file of `size` bytes (local, or remote and not fetched yet, in
-    which case `file` is where it will be and `label` names it in errors)."""
+    which case `file` is where it will be and `label` names it in errors). Checked as the safetensors
+    library checks a file before reading it: known dtypes, shapes of non-negative integers, offsets
+    that match the shapes, tensors that neither overlap nor leave gaps, and data that ends where the
+    file does."""
     label = label or str(file)
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ModelError(f"{label}: the header's __metadata__ is not a map of strings (not a safetensors file?)")
     out: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            code = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{label}: malformed header entry for tensor '{name}'") from None
-        if code not in DTYPES:
-            raise ModelError(f"{label}: tensor '{name}' has unsupported dtype {code}")
-        info = TensorInfo(name, code, shape, file, data_start + begin, end - begin)
-        if info.nbytes != info.numel * DTYPES[code][1] or data_start + end > size or begin < 0:
-            raise ModelError(f"{label}: tensor '{name}' has inconsistent offsets (truncated file?)")
+        where = f"{label}: tensor '{name}'"
+        if not isinstance(entry, dict):
+            raise ModelError(f"{where}: its header entry is not an object")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(code, str) or code not in DTYPES:
+            raise ModelError(f"{where}: unsupported dtype {code!r} (merger reads {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or any(_count(d) is None for d in shape):
+            raise ModelError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or any(_count(x) is None for x in offsets):
+            raise ModelError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
+        begin, end = offsets
+        info = TensorInfo(name, code, tuple(shape), file, data_start + begin, end - begin)
+        if end < begin or info.nbytes != info.numel * DTYPES[code][1]:
+            raise ModelError(
+                f"{where}: data_offsets {offsets} hold {end - begin} bytes, but shape {shape} of {code} needs "
+                f"{info.numel * DTYPES[code][1]}"
+            )
+        if data_start + end > size:
+            raise ModelError(f"{where}: its data runs past the end of the file (truncated?)")
         out[name] = info
+    end = data_start
+    for info in sorted(out.values(), key=lambda i: (i.start, i.nbytes)):
+        if info.start != end:
+            what = (
+                "overlaps the tensor before it"
+                if info.start < end
+                else f"leaves {info.start - end} bytes unused before it"
+            )
+            raise ModelError(f"{label}: tensor '{info.name}' {what} (not a valid safetensors file)")
+        end = info.start + info.nbytes
+    if end != size:
+        raise ModelError(f"{label}: {size - end} bytes follow the last tensor's data (not a valid safetensors file)")
     return out
-
-
-def cache_dir() -> Path:
-    """merger's own cache: $MERGER_CACHE_DIR, else $XDG_CACHE_HOME/merger, else ~/.cache/merger."""
-    if os.environ.get("MERGER_CACHE_DIR"):
-        return Path(os.environ["MERGER_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "merger"
-
-
-_hashes: dict[str, str] | None = None
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file's bytes. Remembered in the cache by (path, size, mtime), so a model that has
-    not changed is read for hashing once, not at every merge."""
-    global _hashes
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    store = cache_dir() / "sha256.json"
-    if _hashes is None:
-        try:
-            _hashes = json.loads(store.read_text())
-        except (OSError, ValueError):
-            _hashes = {}
-    if key in _hashes:
-        return _hashes[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    _hashes[key] = h.hexdigest()
-    with contextlib.suppress(OSError):  # a read-only home only costs the next run a re-hash
-        store.parent.mkdir(parents=True, exist_ok=True)
-        tmp = store.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_hashes))
-        os.replace(tmp, store)
-    return _hashes[key]
 
 
 def is_hub_id(ref: str) -> bool:
@@ -247,47 +314,50 @@ def is_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts)
 
 
-def open_model(ref: str, hub: Hub | None = None) -> LocalModel:
-    """Resolve a recipe's model reference (a local directory or a Hub id) and read its headers.
+def not_here(ref: str) -> str:
+    """What a relative model reference that is not a local folder means, where merger runs."""
+    return f"no such directory in the working directory ({os.getcwd()})"
 
-    Raises ModelError with a message that names the reference and how to fix it.
-    """
-    if is_hub_id(ref):
-        from merger.hub import Hub
 
-        return (hub or Hub()).open(ref)
+def open_local(ref: str) -> LocalModel:
+    """Read the headers of a local model directory. Raises ModelError with a message that names the
+    reference and how to fix it."""
     path = Path(ref).expanduser()
     if not path.exists():
-        raise ModelError(f"'{ref}': no such directory")
+        raise ModelError(f"'{ref}': {not_here(ref) if not path.is_absolute() else 'no such directory'}")
     if not path.is_dir():
         raise ModelError(f"'{ref}' is not a directory (a model is a directory of safetensors files)")
-    path = path.resolve()
+    folder = Folder.of(path, ref)
+    if folder.has(INDEX_NAME):
+        weight_map = read_index(folder.read_bytes(INDEX_NAME), ref)
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not folder.has(name):
+                raise ModelError(f"'{ref}': {INDEX_NAME} names {name}, which is missing")
+    else:
+        weight_map = None
+        names = [SINGLE_NAME] if folder.has(SINGLE_NAME) else sorted(p.name for p in folder.path.glob("*.safetensors"))
+        if not names:
+            raise no_weights(ref, [p.name for p in folder.path.iterdir()])
+    scanned, stamps = {}, {}
+    for name in names:
+        scanned[folder.path / name], stamps[folder.path / name] = scan_file(folder, name)
+    tensors = collect(ref, scanned, weight_map, folder.path)
+    return LocalModel(ref, folder.path, sorted(scanned), tensors, folder, stamps)
 
-    index = path / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = read_index(index.read_text(), ref)
-        except OSError as e:
-            raise ModelError(f"'{ref}': cannot read {INDEX_NAME}: {e.strerror}") from None
-        files = sorted({path / f for f in weight_map.values()})
-        for f in files:
-            if not f.exists():
-                raise ModelError(f"'{ref}': {INDEX_NAME} names {f.name}, which is missing")
-        return LocalModel(ref, path, files, collect(ref, {f: scan_file(f) for f in files}, weight_map, path))
 
-    files = [path / SINGLE_NAME] if (path / SINGLE_NAME).exists() else sorted(path.glob("*.safetensors"))
-    if not files:
-        raise no_weights(ref, [p.name for p in path.iterdir()])
-    return LocalModel(ref, path, files, collect(ref, {f: scan_file(f) for f in files}, None, path))
-
-
-def read_index(text: str, ref: str) -> dict[str, str]:
-    """The weight_map (tensor name -> file name) of a model.safetensors.index.json."""
+def read_index(raw: bytes, ref: str) -> dict[str, str]:
+    """The weight_map (tensor name -> file name) of a model.safetensors.index.json: every file a plain
+    name of a .safetensors file inside the model's folder."""
     try:
-        weight_map = json.loads(text)["weight_map"]
+        weight_map = parse_json(raw, f"'{ref}': {INDEX_NAME}")["weight_map"]
         assert isinstance(weight_map, dict)
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except (KeyError, TypeError, AssertionError):
         raise ModelError(f"'{ref}': {INDEX_NAME} is not a valid index (no weight_map)") from None
+    for name in weight_map.values():
+        check_name(name, ref, INDEX_NAME)
+        if not name.endswith(".safetensors"):
+            raise ModelError(f"'{ref}': {INDEX_NAME} names {name!r}, which is not a .safetensors file")
     return weight_map
 
 
@@ -324,12 +394,12 @@ def no_weights(ref: str, names: list[str]) -> ModelError:
 
 
 class FileSource(Protocol):
-    """Input files that appear on demand (Hub shards with --low-disk): the reader asks for a file's local
-    path when it first maps it, says when the engine is done with each tensor, and unmaps a file before
-    it is released."""
+    """Where the reader's input files come from: opened (fetched first, for Hub shards with --low-disk)
+    when the reader first maps one, told when the engine is done with each tensor, and told when a file
+    is unmapped for good."""
 
-    def path(self, file: Path) -> Path:
-        """A readable local path for `file`, fetched first if need be."""
+    def open(self, file: Path) -> BinaryIO:
+        """`file` opened for reading, checked (see LocalModel.open_weights)."""
         ...
 
     def done(self, info: TensorInfo) -> bool:
@@ -339,6 +409,22 @@ class FileSource(Protocol):
     def release(self, file: Path) -> None:
         """The reader has unmapped `file` for good."""
         ...
+
+
+class Confined:
+    """The FileSource of models on disk: each file opened through its model's folder, as the plan saw it."""
+
+    def __init__(self, models: list[LocalModel]):
+        self._owner = {f: m for m in models for f in m.files}
+
+    def open(self, file: Path) -> BinaryIO:
+        return self._owner[file].open_weights(file)
+
+    def done(self, info: TensorInfo) -> bool:
+        return False
+
+    def release(self, file: Path) -> None:
+        pass
 
 
 def _huge_pages(mm: mmap.mmap) -> None:
@@ -364,16 +450,17 @@ class MappedReader:
     reads it ahead while the current one is merged.
     """
 
-    def __init__(self, files: FileSource | None = None) -> None:
+    def __init__(self, files: FileSource) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
         self.files = files
 
     def _map(self, file: Path) -> mmap.mmap:
         mm = self._maps.get(file)
         if mm is None:
-            with open(self.files.path(file) if self.files else file, "rb") as f:
+            with self.files.open(file) as f:
                 # ACCESS_COPY: a private mapping numpy and torch may wrap as writable; nothing is ever written
                 mm = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            watch_mapping(mm, file)
             _huge_pages(mm)
         return mm
 
@@ -401,15 +488,21 @@ class MappedReader:
     def release(self, info: TensorInfo) -> None:
         if info.file in self._maps:
             self._advise(info, mmap.MADV_DONTNEED)
-        if self.files is not None and self.files.done(info):
+        if self.files.done(info):
             mm = self._maps.pop(info.file, None)
             if mm is not None:
-                with contextlib.suppress(BufferError):  # a view is still alive: the space is freed with it
-                    mm.close()
+                _unmap(mm)
             self.files.release(info.file)
 
     def close(self) -> None:
         for mm in self._maps.values():
-            with contextlib.suppress(BufferError):  # a view is still alive; the mapping goes with it
-                mm.close()
+            _unmap(mm)
         self._maps.clear()
+
+
+def _unmap(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a view is still alive: the mapping goes with it (and stays watched until then)
+        return
+    forget_mapping(mm)

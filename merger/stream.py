@@ -21,9 +21,7 @@ import functools
 import gc
 import importlib
 import itertools
-import json
 import os
-import struct
 import sys
 import threading
 import warnings
@@ -35,81 +33,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from merger import budget, system
 from merger.errors import MergeError, NaNTaskVector
+from merger.files import start_writeback
 from merger.methods.base import MergeRange
-from merger.plan import OutTensor, Plan, Shard
-from merger.sources import DTYPES, FileSource, MappedReader, to_torch
+from merger.plan import OutTensor, Plan, Shard, shard_header
+from merger.sources import DTYPES, Confined, FileSource, MappedReader, to_torch
 
 if TYPE_CHECKING:
     import torch
 
-CHUNK = 1 << 18  # elements per CPU chunk: 1 MiB of float32 per operand
-PIECE = 16 * CHUNK  # output elements merged and handed to the writer at a time on the CPU (8 MiB of
-# bfloat16): the output buffers stay small and warm whatever the largest tensor (a 70B model's
-# embedding is 2 GiB)
-WRITE_AHEAD = 128 << 20  # bytes of merged pieces that may wait for the writer on the CPU (write_depth)
 WRITEBACK = 64 << 20  # bytes of output between two page-cache hand-backs (ShardWriter._hand_back)
-GPU_PIECE = 1 << 25  # the most entries per piece of a tensor too large to stage whole on the GPU (128 MiB
-# of float32 per operand): a 70B model's embedding (1G entries) would need ~40 GB of GPU memory at once
-
-
-def gpu_budget() -> int:
-    """GPU bytes one tensor's merge may take (CudaStages): half the device's memory, or 3/4 of what is
-    free if that is less (another process, or a model being evaluated, holds the rest). Memory that
-    torch's caching allocator holds unused counts as free."""
-    import torch
-
-    device = torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return min(total // 2, free * 3 // 4)
-
-
-def pinned_budget() -> int:
-    """Host bytes CudaStages may pin for staging whole tensors (two slots of a tensor's inputs and of
-    its output, kept for the largest): a quarter of the memory available, since pinned pages can be
-    neither swapped nor reclaimed."""
-    from merger.output import proc_kib  # output imports this module
-
-    available = proc_kib("/proc/meminfo", "MemAvailable")
-    return available // 4 if available is not None else 1 << 62
-
-
-def pinned_bytes(plan: Plan, t: OutTensor) -> int:
-    """Pinned host memory for staging t whole: two slots of its inputs as stored and of its output."""
-    return 2 * (plan.stored_bytes(t) + t.nbytes)
-
-
-def gpu_bytes(plan: Plan, t: OutTensor) -> int:
-    """GPU memory for merging t whole: its inputs in the compute dtype, about four temporaries, and
-    the next tensor's inputs as stored, uploaded meanwhile (counted as t's own)."""
-    operands = len(plan.readers_of(t)) + 4
-    return t.numel * np.dtype(plan.compute_dtype).itemsize * operands + 2 * plan.stored_bytes(t)
-
-
-def merges_whole(plan: Plan, t: OutTensor, budget: int, pinned: int) -> bool:
-    """Whether CUDA merges t as one tensor (staged, uploaded, merged, copied back), else in pieces:
-    its merge fits the GPU `budget` and its staging the `pinned` one (CudaStages, Plan estimates)."""
-    return not t.merged or (gpu_bytes(plan, t) <= budget and pinned_bytes(plan, t) <= pinned)
-
-
-def gpu_piece(plan: Plan, t: OutTensor, budget: int) -> int:
-    """Entries per GPU piece of t when it is too large to merge whole: GPU_PIECE, fewer where that
-    would not fit in `budget` bytes (but at least 64K)."""
-    fits = budget * t.numel // max(gpu_bytes(plan, t), 1)
-    return min(GPU_PIECE, max(1 << 16, fits), max(t.numel, 1))
-
-
-def write_depth(plan: Plan) -> int:
-    """Output buffers in flight between the merge and the writer thread. On the CPU, WRITE_AHEAD bytes of
-    pieces: the writer goes on writing one tensor while the next one's whole-tensor passes (TIES
-    thresholds) produce nothing to write. With two pieces it sat idle then and the merge waited for it
-    afterwards; 16 made TIES about 10% faster on 2 cores (README, Performance). On CUDA two, since a
-    whole tensor's buffer there is pinned memory."""
-    if plan.device == "cuda":
-        return 2
-    itemsize = max((DTYPES[t.dtype][1] for t in plan.tensors if t.merged), default=4)  # copied ones are small
-    return max(2, WRITE_AHEAD // (PIECE * itemsize))
 
 
 def drop_behind(output_bytes: int) -> bool:
@@ -117,12 +51,10 @@ def drop_behind(output_bytes: int) -> bool:
     ShardWriter): when the output is larger than half the memory available, so it could not stay
     cached anyway and would evict everything else. A smaller output stays cached for what usually
     comes next (loading or evaluating the model). MERGER_DROP_BEHIND=1 or 0 decides instead."""
-    from merger.output import proc_kib  # output imports this module
-
     forced = os.environ.get("MERGER_DROP_BEHIND", "")
     if forced in ("0", "1"):
         return forced == "1"
-    available = proc_kib("/proc/meminfo", "MemAvailable")
+    available = system.mem_available()
     return available is not None and output_bytes > available // 2
 
 
@@ -136,29 +68,18 @@ class ShardWriter:
     windows of page cache instead of its whole size and does not evict other files' cache. On a VM
     whose freed memory goes back to the host (free page reporting, as the development machine),
     filling reused pages is also 2-3x faster than fresh ones (README, Performance). Pages still
-    dirty are left alone, so a slow disk never blocks the writer here."""
+    dirty are left alone, so a slow disk never blocks the writer here.
 
-    def __init__(
-        self,
-        path: Path,
-        tensors: Iterable[OutTensor],
-        metadata: dict[str, str] | None = None,
-        drop_behind: bool = False,
-    ):
+    With `durable`, close() returns once the shard is on disk (fsync); writeback of each window starts
+    as it fills (merger.files.start_writeback), so little is left to wait for then."""
+
+    def __init__(self, path: Path, tensors: Iterable[OutTensor], drop_behind: bool = False, durable: bool = False):
         self.path = path
         self._drop_behind = drop_behind and hasattr(os, "posix_fadvise")
+        self._durable = durable
         self._todo = list(tensors)
-        header: dict = {}
-        offset = 0
-        for t in self._todo:
-            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-            offset += t.nbytes
-        header["__metadata__"] = {"format": "pt", **(metadata or {})}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned
         self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        self._f.write(shard_header(self._todo))
         self._next = 0  # the tensor being written
         self._done = 0  # its bytes written so far
         self._advised = self._dropped = 0  # file offsets: writeback started below, cache dropped below
@@ -175,6 +96,8 @@ class ShardWriter:
             self._f.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
             if self._drop_behind:
                 self._hand_back()
+            elif self._durable:
+                self._write_back()
         self._done += data.nbytes
         if self._done == t.nbytes:
             self._next += 1
@@ -192,9 +115,22 @@ class ShardWriter:
             self._dropped = self._advised
         self._advised = end
 
+    def _write_back(self) -> None:
+        """Start writeback of each WRITEBACK window as it fills (keeping its pages cached), so that the
+        fsync at close finds most of the shard on disk already."""
+        end = self._f.tell()
+        if end - self._advised >= WRITEBACK:
+            self._f.flush()
+            start_writeback(self._f.fileno(), self._advised, end - self._advised)
+            self._advised = end
+
     def close(self) -> None:
+        """Finish the shard; with `durable`, once it is on disk."""
         if self._next != len(self._todo):
             raise RuntimeError(f"shard {self.path.name}: {len(self._todo) - self._next} tensors never written")
+        if self._durable:
+            self._f.flush()
+            os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:
@@ -233,15 +169,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
-
-
-def default_threads() -> int:
-    """Chunk threads of one merging process: the cores this process may use (at most 16)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return min(cores, 16)
 
 
 def _keep_freed_memory() -> None:
@@ -287,7 +214,8 @@ class Merger:
         self.cuda = plan.device == "cuda"
         self.work = threading.local()  # eager CPU float chunk buffers: .bufs, by slot, per thread
         self.bytes_read = 0
-        self.threads = 1 if self.cuda else max(1, threads or default_threads())
+        self.live: dict[str, tuple[dict, dict]] = {}  # tensor name -> its input views and dtypes, until released
+        self.threads = 1 if self.cuda else max(1, threads or system.default_threads())
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="merger-chunk") if self.threads > 1 else None
         method = plan.spec.method
         fusable = not self.cuda and plan.compute_dtype == "float32" and method.fused is not None
@@ -320,7 +248,21 @@ class Merger:
                 views[m.path] = self.reader.view(info)
                 codes[m.path] = info.dtype
                 self.bytes_read += info.nbytes
+        self.live[t.name] = (views, codes)
         return views, codes
+
+    def check_finite(self, t: OutTensor, start: int, out: np.ndarray) -> None:
+        """Merged values that are not finite (`out`: t's flat entries from `start`) stop the merge where
+        every input is finite there: the parameters took them past the output dtype's range. Where an
+        input holds inf or NaN itself, the output may too (a mask buffer of -inf, say)."""
+        bad = sum(self._run(lambda s, e: count_nonfinite(out[s:e], t.dtype), out.size))
+        if not bad:
+            return
+        views, codes = self.live[t.name]
+        for path, v in views.items():
+            if count_nonfinite(v.reshape(-1)[start : start + out.size], codes[path]):
+                return
+        raise overflow_error(t, bad)
 
     def start(self, t: OutTensor, device: object = None, piece: int = 0) -> MergeRange:
         """Begin merging t on the CPU, or through the GPU `device` `piece` entries at a time
@@ -377,7 +319,7 @@ class Merger:
     def _run(self, fn: Callable[[int, int], object], n: int, size: int | None = None) -> list:
         """fn(start, end) over ranges of `size` (default CHUNK) covering [0, n), on the chunk threads;
         results in order."""
-        size = size or CHUNK
+        size = size or budget.CHUNK
         bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
         if self.pool is None or len(bounds) < 2:
             return [fn(s, e) for s, e in bounds]
@@ -404,7 +346,7 @@ class Merger:
             bufs = self.work.bufs = {}
         buf = bufs.get(slot)
         if buf is None:
-            buf = bufs[slot] = torch.empty(CHUNK, dtype=getattr(torch, self.plan.compute_dtype))
+            buf = bufs[slot] = torch.empty(budget.CHUNK, dtype=getattr(torch, self.plan.compute_dtype))
         return buf[:n]
 
     def _eager(
@@ -421,7 +363,7 @@ class Merger:
         flat = {p: to_torch(v.reshape(-1), codes[p]) for p, v in views.items()}
         xs, base = self._roles(flat)
         numel = t.numel
-        size = CHUNK if device is None else piece
+        size = budget.CHUNK if device is None else piece
         compute = getattr(torch, self.plan.compute_dtype)
 
         def load(slot: object, src: torch.Tensor, s: int, e: int) -> torch.Tensor:
@@ -459,6 +401,7 @@ class Merger:
         return merge_range
 
     def release(self, t: OutTensor) -> None:
+        self.live.pop(t.name, None)
         for m in self.plan.readers_of(t):
             self.reader.release(m.tensors[t.name])
 
@@ -474,8 +417,8 @@ class CudaStages:
     reads once that copy's event has fired (and meanwhile writes tensor j-1). Pinned buffers come in
     two slots (j % 2); a slot is refilled only after the GPU is done with its previous contents.
 
-    A tensor that would need more than gpu_budget() merged whole (gpu_bytes), or more pinned memory
-    than pinned_budget() to stage (pinned_bytes), is not staged: it goes through the GPU in pieces of
+    A tensor that would need more than budget.gpu_budget() merged whole (Plan.gpu_bytes), or more pinned
+    memory than budget.pinned_budget() to stage (Plan.pinned_bytes), is not staged: it goes through the GPU in pieces of
     up to GPU_PIECE entries instead (pieces()), as the CPU path goes through its chunks, TIES
     thresholds included."""
 
@@ -486,8 +429,8 @@ class CudaStages:
         self.merger = merger
         # this thread's GPU (a rank's, under --workers or accelerate): other threads start on GPU 0
         self.device = torch.device("cuda", torch.cuda.current_device())
-        self.budget = gpu_budget()
-        self.pinned_budget = pinned_budget()
+        self.budget = budget.gpu_budget()
+        self.pinned_budget = budget.pinned_budget()
         self.copy_stream = torch.cuda.Stream()
         self.pinned_in = Buffers(pin=True)  # by (slot, input path)
         self.pinned_out = Buffers(pin=True)  # by slot
@@ -502,11 +445,11 @@ class CudaStages:
 
     def whole(self, t: OutTensor) -> bool:
         """Whether t is merged as one tensor, else in pieces (merges_whole)."""
-        return merges_whole(self.merger.plan, t, self.budget, self.pinned_budget)
+        return self.merger.plan.merges_whole(t, self.budget, self.pinned_budget)
 
     def piece(self, t: OutTensor) -> int:
         """Entries per piece of a tensor merged in pieces."""
-        return gpu_piece(self.merger.plan, t, self.budget)
+        return self.merger.plan.gpu_piece(t, self.budget)
 
     def pieces(self, t: OutTensor) -> MergeRange:
         """merge_range for t through the GPU, piece(t) entries at a time (see Merger.start)."""
@@ -552,9 +495,29 @@ class CudaStages:
         merged = self.merger.gpu_merge(t, on_gpu)
         out = self.pinned_out.get(slot, t.nbytes, merged.dtype, t.shape)
         out.copy_(merged.reshape(out.shape), non_blocking=True)
+        # (inf or NaN merged, any input holding some): checked by the writer once the copies have landed
+        flags = self.pinned_out.get(("flags", slot), 16, torch.int64, (2,))
+        bad_in = torch.stack([(~torch.isfinite(g)).any() for g in on_gpu.values()]).any()
+        flags.copy_(torch.stack([(~torch.isfinite(merged)).sum(), bad_in.long()]), non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(stream)
-        return out.reshape(-1).view(torch.uint8).numpy().view(DTYPES[t.dtype][2]).reshape(t.shape), ready
+        host = out.reshape(-1).view(torch.uint8).numpy().view(DTYPES[t.dtype][2]).reshape(t.shape)
+        return host, _Landed(ready, flags, t)
+
+
+class _Landed:
+    """What the writer waits for before writing a tensor merged whole on the GPU: the copy back (an
+    event), then the tensor's finiteness flags (see CudaStages.merge), as Merger.check_finite does on
+    the CPU."""
+
+    def __init__(self, event, flags, t: OutTensor):
+        self.event, self.flags, self.t = event, flags, t
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+        bad, inputs_bad = (int(x) for x in self.flags)
+        if bad and not inputs_bad:
+            raise overflow_error(self.t, bad)
 
 
 @contextlib.contextmanager
@@ -571,6 +534,40 @@ def _out_of_gpu_memory(t: OutTensor, cuda: bool) -> Iterator[None]:
             f"tensor '{t.name}' {list(t.shape)}: the GPU ran out of memory ({first}); free GPU memory "
             "(other processes?) or merge with --device cpu"
         ) from None
+
+
+# Where each float format keeps its exponent: all ones there is inf or NaN (float8 e4m3 has no inf, and
+# NaN only with the mantissa all ones too).
+NONFINITE_BITS = {
+    "F64": (np.uint64, 0x7FF0000000000000),
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+    "F8_E4M3": (np.uint8, 0x7F),
+    "F8_E5M2": (np.uint8, 0x7C),
+}
+
+
+def count_nonfinite(a: np.ndarray, code: str) -> int:
+    """How many entries of `a` (a float tensor in sources.DTYPES' form for `code`) are inf or NaN."""
+    uint, mask = NONFINITE_BITS[code]
+    bits = a.reshape(-1).view(uint)
+    kernels = _kernels()
+    if kernels is not None:
+        return int(kernels.count_masked(bits, uint(mask)))
+    return int(np.count_nonzero((bits & uint(mask)) == uint(mask)))
+
+
+LARGEST = {"F64": 1.8e308, "F32": 3.4e38, "F16": 65504.0, "BF16": 3.39e38, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
+
+
+def overflow_error(t: OutTensor, count: int) -> MergeError:
+    dtype = DTYPES[t.dtype][0]
+    return MergeError(
+        f"tensor '{t.name}': the merge gives {count} values that are inf or NaN in {dtype} although every "
+        f"input is finite there: the weights or lambda take them past {dtype}'s range (about "
+        f"{LARGEST[t.dtype]:.3g}); lower them, or write a wider dtype (dtype: float32)"
+    )
 
 
 @functools.cache
@@ -592,18 +589,20 @@ def write_shards(
     shards: Iterable[int] | None = None,
     files: FileSource | None = None,
     threads: int | None = None,
+    finished: Callable[[Shard, Path], None] | None = None,
+    durable: bool = False,
 ) -> int:
     """Write the planned shards (all, or the given indices) into `directory`. Returns bytes read.
-    `files` provides input files fetched on demand (see sources.FileSource); `threads`: CPU chunk
-    threads (default: the cores this process may use)."""
+    `files`: where input files come from (default: each model's folder; sources.FileSource); `threads`:
+    CPU chunk threads (default: the cores this process may use); `finished(shard, path)` is called on
+    the writer thread as each shard is complete (with `durable`, once it is on disk)."""
     chosen = [plan.shards[i] for i in shards] if shards is not None else plan.shards
     todo = [(shard, t) for shard in chosen for t in shard.tensors]
-    reader = MappedReader(files)
+    reader = MappedReader(files or Confined(plan.models))
     merger = Merger(plan, reader, threads)
-    outputs = Buffers()
-    total_bytes = sum(plan.stored_bytes(t) for _, t in todo)
+    stages = CudaStages(merger) if merger.cuda and todo else None
     bar = tqdm(
-        total=total_bytes,
+        total=sum(plan.stored_bytes(t) for _, t in todo),
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
@@ -612,42 +611,11 @@ def write_shards(
         disable=not progress,
         dynamic_ncols=True,
     )
-    writers: dict[str, ShardWriter] = {}
-    drop = drop_behind(plan.bytes_written)  # the whole output: other ranks write the rest
-    # output buffers by slot: the writer drains them in turn while the merge fills the next free one
-    pending: list[Future | None] = [None] * write_depth(plan)
-    remaining = {s.filename: len(s.tensors) for s in chosen}
-
-    def write(shard: Shard, t: OutTensor, data: np.ndarray, ready=None, last: bool = True) -> None:  # writer thread
-        if ready is not None:
-            ready.synchronize()  # the GPU's copy into `data` has landed
-        w = writers.get(shard.filename)
-        if w is None:
-            w = writers[shard.filename] = ShardWriter(directory / shard.filename, shard.tensors, drop_behind=drop)
-        w.write(t, data)
-        if last:
-            remaining[shard.filename] -= 1
-            if remaining[shard.filename] == 0:
-                writers.pop(shard.filename).close()
-
-    slots = itertools.cycle(range(len(pending)))
-
-    def free_slot() -> int:
-        """The next output slot, once the writer is done with its buffer (re-raises a write error)."""
-        slot = next(slots)
-        if pending[slot] is not None:
-            pending[slot].result()
-        return slot
-
-    def queue(slot: int, shard: Shard, t: OutTensor, data: np.ndarray, ready=None, last: bool = True) -> None:
-        pending[slot] = pool.submit(write, shard, t, data, ready, last)
-
-    stages = CudaStages(merger) if merger.cuda and todo else None
     try:
         with (
             _gc_paused(),
             cpu_engine_settings(plan.device, merger.needs_torch),
-            ThreadPoolExecutor(1, thread_name_prefix="merger-writer") as pool,
+            _Writer(plan, directory, chosen, finished, durable) as out,
         ):
             staged = stages.stage(todo[0][1], 0) if stages else None
             for j, (shard, t) in enumerate(todo):
@@ -657,33 +625,17 @@ def write_shards(
                         merger.prefetch(todo[j + 1][1])
                         if stages:
                             staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # read ahead while j merges
-                    _, itemsize, dtype = DTYPES[t.dtype]
-                    if stages and stages.whole(t):  # a pinned output slot each; a host buffer only for the
-                        # tensors copied on the CPU
-                        slot = free_slot()
-                        host = functools.partial(outputs.get, slot, t.nbytes, dtype, t.shape)
-                        out, ready = stages.merge(t, current, slot, host)
-                        queue(slot, shard, t, out, ready)
+                    if stages and stages.whole(t):  # a pinned output slot each
+                        slot = out.free_slot()
+                        host = functools.partial(out.buffers.get, slot, t.nbytes, DTYPES[t.dtype][2], t.shape)
+                        out.queue(slot, shard, t, *stages.merge(t, current, slot, host))
                     else:  # in pieces through the slots: on the CPU, or on the GPU a tensor too large whole
-                        merge_range = stages.pieces(t) if stages else merger.start(t)
-                        piece = stages.piece(t) if stages else PIECE
-                        n = t.numel
-                        for s in range(0, max(n, 1), piece):
-                            e = min(s + piece, n)
-                            slot = free_slot()
-                            out = outputs.get(slot, (e - s) * itemsize, dtype, (e - s,))
-                            merge_range(s, e, out)
-                            queue(slot, shard, t, out, last=e == n)
+                        _in_pieces(merger, stages, out, shard, t)
                 merger.release(t)
-                before = merger.bytes_read
-                bar.update(before - bar.n)
+                bar.update(merger.bytes_read - bar.n)
                 bar.set_postfix_str(f"{j + 1}/{len(todo)} tensors", refresh=False)
-            for f in pending:
-                if f is not None:
-                    f.result()
+            out.drain()
     finally:
-        for w in writers.values():
-            w.abort()
         bar.close()
         if stages:
             stages.close()
@@ -692,11 +644,87 @@ def write_shards(
     return merger.bytes_read
 
 
+def _in_pieces(merger: Merger, stages: CudaStages | None, out: _Writer, shard: Shard, t: OutTensor) -> None:
+    """Merge t a piece at a time into the writer's slots, each piece checked for values that are not
+    finite (Merger.check_finite)."""
+    merge_range = stages.pieces(t) if stages else merger.start(t)
+    piece = stages.piece(t) if stages else budget.PIECE
+    _, itemsize, dtype = DTYPES[t.dtype]
+    n = t.numel
+    for s in range(0, max(n, 1), piece):
+        e = min(s + piece, n)
+        slot = out.free_slot()
+        data = out.buffers.get(slot, (e - s) * itemsize, dtype, (e - s,))
+        merge_range(s, e, data)
+        if t.merged:
+            merger.check_finite(t, s, data)
+        out.queue(slot, shard, t, data, last=e == n)
+
+
+class _Writer:
+    """The writer thread of write_shards: it drains the output slots in order into one ShardWriter per
+    shard, and closes each shard (then reports it finished) after its last tensor. The merge fills the
+    next free slot meanwhile (Plan.write_depth of them)."""
+
+    def __init__(self, plan: Plan, directory: Path, shards: list[Shard], finished, durable: bool):
+        self.directory = directory
+        self.finished = finished
+        self.durable = durable
+        self.drop = drop_behind(plan.bytes_written)  # the whole output: other ranks write the rest
+        self.buffers = Buffers()  # output buffers, by slot
+        self.pending: list[Future | None] = [None] * plan.write_depth
+        self.slots = itertools.cycle(range(len(self.pending)))
+        self.remaining = {s.filename: len(s.tensors) for s in shards}
+        self.writers: dict[str, ShardWriter] = {}
+
+    def __enter__(self) -> _Writer:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="merger-writer")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown()  # waits for the writes queued
+        for w in self.writers.values():  # shards a failure left unfinished
+            w.abort()
+
+    def free_slot(self) -> int:
+        """The next output slot, once the writer is done with its buffer (re-raises a write error)."""
+        slot = next(self.slots)
+        if self.pending[slot] is not None:
+            self.pending[slot].result()
+        return slot
+
+    def queue(self, slot: int, shard: Shard, t: OutTensor, data: np.ndarray, ready=None, last: bool = True) -> None:
+        """Write `data` (the next bytes of t) once `ready` (a GPU copy's event and its checks) allows."""
+        self.pending[slot] = self.pool.submit(self._write, shard, t, data, ready, last)
+
+    def drain(self) -> None:
+        for f in self.pending:
+            if f is not None:
+                f.result()
+
+    def _write(self, shard: Shard, t: OutTensor, data: np.ndarray, ready, last: bool) -> None:  # writer thread
+        if ready is not None:
+            ready.synchronize()  # the GPU's copy into `data` has landed (and its checks are known)
+        w = self.writers.get(shard.filename)
+        if w is None:
+            path = self.directory / shard.filename
+            w = self.writers[shard.filename] = ShardWriter(
+                path, shard.tensors, drop_behind=self.drop, durable=self.durable
+            )
+        w.write(t, data)
+        if last:
+            self.remaining[shard.filename] -= 1
+            if self.remaining[shard.filename] == 0:
+                self.writers.pop(shard.filename).close()
+                if self.finished is not None:
+                    self.finished(shard, w.path)
+
+
 def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor) in plan order without writing files, for in-process consumers
     (an evaluator that loads the candidate straight into a model). Each tensor is a fresh CPU tensor."""
     wanted = set(names) if names is not None else None
-    reader = MappedReader()
+    reader = MappedReader(Confined(plan.models))
     merger = Merger(plan, reader)
     stages = CudaStages(merger) if merger.cuda else None
     try:

@@ -226,6 +226,7 @@ def test_plan_reads_headers_and_shows_layout(tmp_path, family):
 def test_plan_on_cuda_names_the_tensors_merged_in_pieces(tmp_path, family, monkeypatch):
     """`merger plan --device cuda` reports which tensors are too large for the GPU budget to merge
     whole (CUDA stood in: this machine has none)."""
+    import merger.budget
     import merger.plan
     import merger.stream
 
@@ -235,8 +236,8 @@ def test_plan_on_cuda_names_the_tensors_merged_in_pieces(tmp_path, family, monke
         f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
     )
     for budget, pieced in ((1 << 40, []), (3000, ["embed.weight"])):  # embed: 96 entries, ~3.5 kB to merge whole
-        monkeypatch.setattr(merger.stream, "gpu_budget", lambda budget=budget: budget)
-        monkeypatch.setattr(merger.stream, "pinned_budget", lambda: 1 << 40)
+        monkeypatch.setattr(merger.budget, "gpu_budget", lambda budget=budget: budget)
+        monkeypatch.setattr(merger.budget, "pinned_budget", lambda: 1 << 40)
         result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--device", "cuda", "--json"])
         assert result.exit_code == 0, result.output
         info = json.loads(result.stdout)
@@ -246,14 +247,15 @@ def test_plan_on_cuda_names_the_tensors_merged_in_pieces(tmp_path, family, monke
         assert ("1 tensor(s) too large to merge whole go through the GPU in pieces" in human) == bool(pieced)
 
 
-def test_force_replaces_existing_output(tmp_path, family):
+def test_force_replaces_an_earlier_output(tmp_path, family):
+    """An earlier output of more shards is replaced whole: none of its shards stays behind."""
     paths, _ = family
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
+    out = tmp_path / "out"
     recipe = f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}]\n"
-    apply(tmp_path, recipe, "-o", str(tmp_path / "out"), "--force")
-    assert not (tmp_path / "out" / "stale.txt").exists()
-    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    apply(tmp_path, recipe, "-o", str(out), "--shard-size", "200")
+    assert len(list(out.glob("*.safetensors"))) > 2
+    apply(tmp_path, recipe, "-o", str(out), "--force")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00001.safetensors"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from conftest import load_output, write_checkpoint
 from safetensors.torch import load_file
 
+import merger.budget
+import merger.plan
 import merger.stream
 from merger.cli import cli
 from merger.methods.task_vectors import kth_largest
@@ -90,7 +92,7 @@ def tied_ties_case(tmp_path):
 
 @pytest.mark.parametrize("chunk", [7, 100, 1 << 18])
 def test_chunked_ties_equals_reference_with_ties_across_chunks(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(merger.stream, "CHUNK", chunk)
+    monkeypatch.setattr(merger.budget, "CHUNK", chunk)
     text, base, fts, weights, densities = tied_ties_case(tmp_path)
     (tmp_path / "r.yaml").write_text(text)
     result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q"])
@@ -110,7 +112,7 @@ def test_chunked_elementwise_methods_equal_whole_tensor(tmp_path, monkeypatch, m
     )
     (tmp_path / "r.yaml").write_text(recipe)
     for chunk, out in ((3, "small"), (1 << 18, "whole")):
-        monkeypatch.setattr(merger.stream, "CHUNK", chunk)
+        monkeypatch.setattr(merger.budget, "CHUNK", chunk)
         result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / out), "-q"])
         assert result.exit_code == 0, result.output
     small, whole = load_output(tmp_path / "small"), load_output(tmp_path / "whole")
@@ -142,9 +144,9 @@ def test_output_written_in_pieces_is_byte_identical(tmp_path, monkeypatch, metho
         f"{{model: {tmp_path / 'ft1'}, parameters: {{weight: 0.9{density[1]}}}}}]\n"
         "output: {shard_size: 2KB}\n"
     )
-    for piece, out in ((merger.stream.PIECE, "whole"), (77, "pieces")):
-        monkeypatch.setattr(merger.stream, "CHUNK", 10)
-        monkeypatch.setattr(merger.stream, "PIECE", piece)
+    for piece, out in ((merger.budget.PIECE, "whole"), (77, "pieces")):
+        monkeypatch.setattr(merger.budget, "CHUNK", 10)
+        monkeypatch.setattr(merger.budget, "PIECE", piece)
         result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / out), "-q"])
         assert result.exit_code == 0, result.output
     shards = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
@@ -156,25 +158,25 @@ def test_output_written_in_pieces_is_byte_identical(tmp_path, monkeypatch, metho
 def test_write_depth_is_write_ahead_bytes_of_pieces(family):
     """CPU output pieces queued for the writer: WRITE_AHEAD bytes of them in the output dtype (at least
     two); two on CUDA, where a whole tensor's buffer is pinned."""
+    from merger.budget import PIECE, WRITE_AHEAD
     from merger.plan import build_plan
     from merger.recipe import parse_recipe
-    from merger.stream import PIECE, WRITE_AHEAD, write_depth
 
     paths, _ = family
     models = f"models: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
     as_f32 = build_plan(parse_recipe(f"merge_method: linear\n{models}"))  # the int64 buffer is copied, not counted
     as_bf16 = build_plan(parse_recipe(f"merge_method: linear\n{models}dtype: bfloat16\n"))
-    assert write_depth(as_f32) == WRITE_AHEAD // (PIECE * 4)
-    assert write_depth(as_bf16) == WRITE_AHEAD // (PIECE * 2) == 16
-    assert write_depth(dataclasses.replace(as_bf16, device="cuda")) == 2
+    assert as_f32.write_depth == WRITE_AHEAD // (PIECE * 4)
+    assert as_bf16.write_depth == WRITE_AHEAD // (PIECE * 2) == 16
+    assert dataclasses.replace(as_bf16, device="cuda").write_depth == 2
 
 
 def test_merge_runs_write_depth_pieces_ahead_of_a_stalled_writer(tmp_path, monkeypatch, family):
     """While the writer is stuck on the first piece, the merge fills the other output slots (write_depth
     in all) and then waits for it: it neither stops at two nor runs on without bound."""
     paths, models = family
-    monkeypatch.setattr(merger.stream, "PIECE", 5)
-    monkeypatch.setattr(merger.stream, "WRITE_AHEAD", 5 * 4 * 6)  # six slots of five float32 entries
+    monkeypatch.setattr(merger.budget, "PIECE", 5)
+    monkeypatch.setattr(merger.budget, "WRITE_AHEAD", 5 * 4 * 6)  # six slots of five float32 entries
     merged = []
     start = merger.stream.Merger.start
 
@@ -219,12 +221,12 @@ def test_input_mappings_ask_for_huge_pages(family):
     disk caches it in 2 MiB folios where the kernel can, which later mappings take cheaply."""
     from merger.plan import build_plan
     from merger.recipe import parse_recipe
-    from merger.sources import MappedReader
+    from merger.sources import Confined, MappedReader
 
     paths, _ = family
     plan = build_plan(parse_recipe(f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}]\n"))
     info = plan.inputs[0].tensors["embed.weight"]
-    reader = MappedReader()
+    reader = MappedReader(Confined(plan.models))
     try:
         address = reader.view(info).ctypes.data
         flags = None
@@ -349,9 +351,9 @@ def test_output_drops_behind_only_when_it_cannot_stay_cached(tmp_path, monkeypat
     load that follows."""
     import os
 
-    import merger.output
+    import merger.system
 
-    monkeypatch.setattr(merger.output, "proc_kib", lambda path, field: 1000 if field == "MemAvailable" else None)
+    monkeypatch.setattr(merger.system, "mem_available", lambda: 1000)
     monkeypatch.delenv("MERGER_DROP_BEHIND", raising=False)
     assert merger.stream.drop_behind(501) and not merger.stream.drop_behind(500)
     monkeypatch.setenv("MERGER_DROP_BEHIND", "0")
@@ -405,8 +407,8 @@ def stand_in_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     monkeypatch.setattr(merger.stream, "_pinned", lambda n: torch.empty(n, dtype=torch.uint8))
-    monkeypatch.setattr(merger.stream, "gpu_budget", lambda: 1 << 40)
-    monkeypatch.setattr(merger.stream, "pinned_budget", lambda: 1 << 40)
+    monkeypatch.setattr(merger.budget, "gpu_budget", lambda: 1 << 40)
+    monkeypatch.setattr(merger.budget, "pinned_budget", lambda: 1 << 40)
 
     class OnCpu(CudaStages):
         def __init__(self, m):
@@ -473,7 +475,7 @@ def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, fa
     whole, and the plan's GPU estimate follows the same rule."""
     from merger.plan import build_plan
     from merger.recipe import parse_recipe
-    from merger.stream import CudaStages, gpu_bytes, merge_tensors, pinned_bytes
+    from merger.stream import CudaStages, merge_tensors
 
     paths, _ = family
     extra = ", density: 0.3" if method == "ties" else ""
@@ -486,10 +488,10 @@ def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, fa
     sizes = {t.name: t for t in probe.tensors}
     layer, embed = sizes["layers.0.w"], sizes["embed.weight"]  # 64 and 96 entries
     if budget == "gpu":  # the embedding is over it, the layers are not
-        monkeypatch.setattr(merger.stream, "gpu_budget", lambda: gpu_bytes(probe, layer))
+        monkeypatch.setattr(merger.budget, "gpu_budget", lambda: probe.gpu_bytes(layer))
     else:
-        monkeypatch.setattr(merger.stream, "pinned_budget", lambda: pinned_bytes(probe, layer))
-    monkeypatch.setattr(merger.stream, "GPU_PIECE", 10)  # ten pieces, the last of 6 entries
+        monkeypatch.setattr(merger.budget, "pinned_budget", lambda: probe.pinned_bytes(layer))
+    monkeypatch.setattr(merger.budget, "GPU_PIECE", 10)  # ten pieces, the last of 6 entries
     pieced = []
     real = CudaStages.pieces
     monkeypatch.setattr(CudaStages, "pieces", lambda self, t: pieced.append(t.name) or real(self, t))
@@ -508,7 +510,7 @@ def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, fa
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-7)
     assert torch.equal(dict(merge_tensors(plan))["embed.weight"], gpu["embed.weight"])
     assert pieced == ["embed.weight"] * 2
-    assert plan.peak_gpu_memory == max(gpu_bytes(plan, layer), gpu_bytes(plan, embed) * 10 // 96)
+    assert plan.peak_gpu_memory == max(plan.gpu_bytes(layer), plan.gpu_bytes(embed) * 10 // 96)
 
 
 def test_gpu_pieces_keep_the_lowest_indices_among_ties_across_pieces(tmp_path, stand_in_cuda, monkeypatch):
@@ -519,8 +521,8 @@ def test_gpu_pieces_keep_the_lowest_indices_among_ties_across_pieces(tmp_path, s
     from merger.stream import write_shards
 
     text, base, fts, weights, densities = tied_ties_case(tmp_path)
-    monkeypatch.setattr(merger.stream, "gpu_budget", lambda: 1)  # every merged tensor in pieces
-    monkeypatch.setattr(merger.stream, "gpu_piece", lambda plan, t, budget: 7)
+    monkeypatch.setattr(merger.budget, "gpu_budget", lambda: 1)  # every merged tensor in pieces
+    monkeypatch.setattr(merger.plan.Plan, "gpu_piece", lambda self, t, gpu: 7)
     plan = build_plan(parse_recipe(text), device="cpu")
     plan.device = "cuda"
     assert sorted(plan.gpu_pieced) == ["v", "w"]
@@ -559,9 +561,9 @@ def test_running_out_of_gpu_memory_is_an_error_naming_the_tensor(tmp_path, stand
 def test_gpu_budget_follows_free_memory_and_pieces_fit_in_it(monkeypatch, family):
     """Half the GPU, or 3/4 of what is free if less (torch's unused cache counts as free); a piece is
     GPU_PIECE entries unless fewer fit the budget, and never under 64K entries or over the tensor."""
+    from merger.budget import GPU_PIECE, gpu_budget
     from merger.plan import build_plan
     from merger.recipe import parse_recipe
-    from merger.stream import GPU_PIECE, gpu_budget, gpu_bytes, gpu_piece
 
     gb = 1 << 30
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -578,8 +580,8 @@ def test_gpu_budget_follows_free_memory_and_pieces_fit_in_it(monkeypatch, family
     )
     t = plan.tensors[0]
     big = t.__class__(t.name, (1 << 30,), t.dtype, True, 4 << 30)  # a 1G-entry float32 tensor, planned like t
-    per_entry = gpu_bytes(plan, big) / big.numel
-    assert gpu_piece(plan, big, 40 * gb) == GPU_PIECE
-    assert abs(gpu_piece(plan, big, int(per_entry * 5_000_000)) - 5_000_000) <= 1  # what fits
-    assert gpu_piece(plan, big, 1000) == 1 << 16
-    assert gpu_piece(plan, t, 1000) == t.numel
+    per_entry = plan.gpu_bytes(big) / big.numel
+    assert plan.gpu_piece(big, 40 * gb) == GPU_PIECE
+    assert abs(plan.gpu_piece(big, int(per_entry * 5_000_000)) - 5_000_000) <= 1  # what fits
+    assert plan.gpu_piece(big, 1000) == 1 << 16
+    assert plan.gpu_piece(t, 1000) == t.numel

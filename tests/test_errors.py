@@ -162,7 +162,9 @@ def test_mergekit_slices_not_supported_yet(workdir):
 
 def test_missing_model_directory(workdir):
     err = run_bad(GOOD.replace("model: ft2", "model: ft9"))
-    assert err == "error: recipe.yaml:8: models[1].model: 'ft9': no such directory\n"
+    assert (
+        err == f"error: recipe.yaml:8: models[1].model: 'ft9': no such directory in the working directory ({workdir})\n"
+    )
 
 
 def test_pickled_checkpoint_is_refused(workdir):
@@ -186,7 +188,7 @@ def test_truncated_shard(workdir):
     f = Path("ft2/model.safetensors")
     f.write_bytes(f.read_bytes()[:-8])
     err = run_bad(GOOD)
-    assert "tensor" in err and "inconsistent offsets (truncated file?)" in err
+    assert err.endswith("ft2/model.safetensors: tensor 'b.bias': its data runs past the end of the file (truncated?)\n")
 
 
 def test_broken_config_of_the_base(workdir):
@@ -262,6 +264,8 @@ def test_missing_recipe_file(workdir):
 
 def test_failure_midway_leaves_no_temporary_directory(workdir, monkeypatch):
     """An error raised while writing (here a merge failure) removes the staging directory."""
+    import merger.budget
+    import merger.plan
     import merger.stream
 
     def boom(*a, **k):

@@ -125,8 +125,10 @@ def test_gpu_ties_treats_non_finite_weights_as_the_cpu_does(tmp_path, family):
 def test_gpu_pieces_equal_cpu(tmp_path, family, method, monkeypatch):
     """Tensors over the GPU budget go through the GPU in pieces (TIES thresholds over all of them) and
     still give the CPU's result: here every merged tensor, in pieces of 10 entries."""
+    import merger.budget
+    import merger.plan
     import merger.stream
 
-    monkeypatch.setattr(merger.stream, "gpu_budget", lambda: 1)
-    monkeypatch.setattr(merger.stream, "gpu_piece", lambda plan, t, budget: 10)
+    monkeypatch.setattr(merger.budget, "gpu_budget", lambda: 1)
+    monkeypatch.setattr(merger.plan.Plan, "gpu_piece", lambda self, t, gpu: 10)
     assert_cuda_equals_cpu(tmp_path, family[0], method)

@@ -192,7 +192,7 @@ def test_hub_failures(tmp_path, hub, models, hf_home, monkeypatch, case):
     endpoint = hub.url
     if case == "unknown repo":
         refs["ft1"] = "org/nope"
-        want = f"'org/nope': no such local directory, nor model on the Hub ({endpoint}); if it is a private model, set HF_TOKEN or run `hf auth login` (`huggingface-cli login` in older versions) with a token that can read it"
+        want = f"'org/nope': no such directory in the working directory ({tmp_path}), nor a model of that name on the Hub ({endpoint}); if it is a private model, set HF_TOKEN or run `hf auth login` (`huggingface-cli login` in older versions) with a token that can read it"
     elif case == "unknown revision":
         refs["ft1"] = "org/ft1@v9"
         want = "'org/ft1@v9': org/ft1 has no revision 'v9' (a branch, tag or commit)"
@@ -209,11 +209,15 @@ def test_hub_failures(tmp_path, hub, models, hf_home, monkeypatch, case):
     elif case == "private without token":
         hub.publish("org/secret", hub.repos["org/ft1"].commits[commits["ft1"]], private=True)
         refs["ft1"] = "org/secret"
-        want = f"'org/secret': no such local directory, nor model on the Hub ({endpoint}); if it is a private model, set HF_TOKEN or run `hf auth login` (`huggingface-cli login` in older versions) with a token that can read it"
+        want = f"'org/secret': no such directory in the working directory ({tmp_path}), nor a model of that name on the Hub ({endpoint}); if it is a private model, set HF_TOKEN or run `hf auth login` (`huggingface-cli login` in older versions) with a token that can read it"
     elif case == "network down":
         endpoint = f"http://127.0.0.1:{closed_port()}"
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
-        want = f"'org/base': cannot reach the Hub at {endpoint}; check the network, or pass --offline to use the Hugging Face cache alone"
+        want = (
+            f"'org/base': no such directory in the working directory ({tmp_path}), and the Hub at {endpoint} cannot "
+            "be reached to look for a model of that name; check the path, or the network (--offline uses the "
+            "Hugging Face cache alone)"
+        )
     elif case == "file missing from the remote":
         hub.repos["org/ft1"].lost.add("model-00002-of-00003.safetensors")
         want = f"'org/ft1@v1': model-00002-of-00003.safetensors is missing from the repo at {commits['ft1'][:12]}"
@@ -271,9 +275,10 @@ def test_offline_uses_the_cache_alone(tmp_path, hub, models, hf_home, monkeypatc
 
     err = apply(tmp_path, recipe(hub_refs(commits) | {"ft1": "org/never-fetched"}), tmp_path / "d", code=2).stderr
     assert err == (
-        f"error: {tmp_path / 'recipe.yaml'}:4: models[0].model: 'org/never-fetched' is not in the Hugging Face "
-        f"cache ({hf_home / 'hub'}) and merger is offline; run once without --offline (and HF_HUB_OFFLINE unset) "
-        "to download it\n"
+        f"error: {tmp_path / 'recipe.yaml'}:4: models[0].model: 'org/never-fetched': no such directory in the "
+        f"working directory ({os.getcwd()}), and no model of that name is in the Hugging Face cache "
+        f"({hf_home / 'hub'}); merger is offline: run once without --offline (and HF_HUB_OFFLINE unset) to "
+        "download it\n"
     )
 
 

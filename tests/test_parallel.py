@@ -61,18 +61,20 @@ def test_cuda_workers_spread_over_the_gpus(monkeypatch):
     devices, written = [], []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
-    monkeypatch.setattr(merger.parallel, "write_shards", lambda plan, d, shards, threads: written.append(shards) or 7)
+    monkeypatch.setattr(
+        merger.parallel, "write_shards", lambda plan, d, shards, threads, **k: written.append(shards) or 7
+    )
 
     class Planned:
         device = "cuda"
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 5)
     for i in range(3):
-        read, rss, gpu = merger.parallel._write_part(Planned(), None, [i], 1, i)
+        read, rss, gpu = merger.parallel._write_part(Planned(), None, [i], 1, i, None, False)
         assert read == 7 and rss > 0 and gpu == 5
     assert devices == [0, 1, 0] and written == [[0], [1], [2]]
     Planned.device = "cpu"
-    assert merger.parallel._write_part(Planned(), None, [3], 1, 3)[2] == 0
+    assert merger.parallel._write_part(Planned(), None, [3], 1, 3, None, False)[2] == 0
     assert devices == [0, 1, 0] and written[-1] == [3]
 
 
@@ -133,36 +135,52 @@ def test_distributed_gloo_launch_is_byte_identical(tmp_path):
 KILL_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":
-    import merger.output
-    merger.output.write_shards = lambda *a, **k: os._exit(9)  # killed mid-merge (OOM killer, scancel)
+    import merger.apply
+    merger.apply.write_shards = lambda *a, **k: os._exit(9)  # killed mid-merge (OOM killer, scancel)
 """
 
 FAIL_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":
-    import merger.output
+    import merger.apply
     def write_shards(*a, **k):
         raise OSError(28, "No space left on device")
-    merger.output.write_shards = write_shards
+    merger.apply.write_shards = write_shards
 """
 
 
 @pytest.mark.parametrize("sabotage", ["killed", "failed"])
-def test_a_rank_that_dies_or_fails_fails_every_rank_and_leaves_nothing(tmp_path, sabotage):
+def test_a_rank_that_dies_or_fails_fails_every_rank(tmp_path, sabotage):
+    """One rank failing fails every rank, and nothing lands at the output. A rank killed outright (the OOM
+    killer, scancel) is the interruption a resume is for: what the other rank finished is kept, and the
+    same launch again writes the rest, byte-identical to a single process. A rank's error is not: nothing
+    is kept."""
     recipe = _family(tmp_path)
     env = _sabotage(tmp_path, KILL_RANK_1 if sabotage == "killed" else FAIL_RANK_1)
     (rc0, out0, err0), (rc1, _, err1) = _launch(recipe, tmp_path / "dist" / "out", env=env)
     assert rc0 == 2 and out0 == ""
     assert "Traceback" not in err0 + err1
-    if sabotage == "killed":
-        assert rc1 == 9
-        assert err0.startswith("error: rank 0: could not collect every rank's result: another process")
-        assert len(err0.splitlines()) == 1
-    else:
+    assert not (tmp_path / "dist" / "out").exists()
+    if sabotage == "failed":
         assert rc1 == 2
         assert err0 == "error: rank 1: No space left on device\n"
         assert err1 == "error: rank 1: No space left on device\n"
-    assert list((tmp_path / "dist").iterdir()) == []  # no output, no staging directory left behind
+        assert list((tmp_path / "dist").iterdir()) == []  # no output, no staging directory left behind
+        return
+    assert rc1 == 9
+    assert err0.startswith("error: rank 0: could not collect every rank's result: another process")
+    partial = tmp_path / "dist" / ".out.merger-partial"
+    kept = sorted(p.name for p in (partial / "done").iterdir())
+    assert len(err0.splitlines()) == 1 and err0.endswith(
+        f"; {len(kept)} of 6 shards are done and kept in {partial}: run the same command again to resume (or delete it)\n"
+    )
+    assert 0 < len(kept) < 6  # rank 0's share
+    ranks = _launch(recipe, tmp_path / "dist" / "out")
+    assert [r[0] for r in ranks] == [0, 0], ranks
+    one = _merger("apply", str(recipe), "-o", str(tmp_path / "one" / "out"), "-q")
+    assert one.returncode == 0, one.stderr
+    assert _files(tmp_path / "one" / "out") == _files(tmp_path / "dist" / "out")
+    assert [p.name for p in (tmp_path / "dist").iterdir()] == ["out"]
 
 
 def test_a_rank_that_never_joins_is_waited_for_the_timeout(tmp_path):

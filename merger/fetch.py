@@ -1,0 +1,101 @@
+"""Which of a plan's Hub files are downloaded, and when: all before the merge, or the weights shard by
+shard as the merge reads them (--low-disk), and how much disk either way takes."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+from merger.plan import Plan, check_support_files
+from merger.sources import TensorInfo
+
+
+def fetch_inputs(plan: Plan, *, weights: bool = True, shards: list[int] | None = None) -> None:
+    """Download every file the merge uses from the Hub, weights too unless they are fetched as needed
+    (of the weights, those the given shards read). Small files first, so that a missing or malformed
+    one is found before gigabytes of weights are downloaded."""
+    uses = plan.file_uses(shards)
+    todo = []
+    for model, names in plan.files_used():
+        if model.remote is None:
+            continue
+        shard_names = {model.name_of(f): f for f in model.files}
+        for name in names:
+            if name not in shard_names:
+                todo.append((False, model, name))
+            elif weights and shard_names[name] in uses:
+                todo.append((True, model, name))
+    for _, model, name in sorted(todo, key=lambda item: item[0]):
+        model.remote.fetch(name)
+    for model, _ in plan.files_used():
+        if model.remote is not None:
+            check_support_files(plan, model, fetched=True)
+
+
+class JustInTime:
+    """The engine's FileSource for --low-disk: a Hub shard is fetched when the engine first maps it,
+    checked against the hash the Hub lists, and deleted once the engine is done with every tensor the
+    given shards need from it, so the disk holds the shards in use rather than whole models. Shards
+    that were already cached stay (checked all the same)."""
+
+    def __init__(self, plan: Plan, shards: list[int] | None = None):
+        uses = plan.file_uses(shards)
+        self._owner = {f: m for m in plan.models for f in m.files}
+        self._fetched = {f for f, m in self._owner.items() if m.remote is not None and f in uses and not f.exists()}
+        self._left = {f: set(uses[f].names) for f in self._fetched}
+        self._checked: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def open(self, file: Path) -> BinaryIO:
+        model = self._owner[file]
+        with self._lock:
+            if model.remote is not None and file not in self._checked:
+                name = model.name_of(file)
+                if not file.exists():
+                    model.remote.fetch(name)
+                model.remote.verify(name)
+                self._checked.add(file)
+        return model.open_weights(file)
+
+    def done(self, info: TensorInfo) -> bool:
+        with self._lock:
+            left = self._left.get(info.file)
+            if not left or info.name not in left:
+                return False  # not ours, or told twice
+            left.discard(info.name)
+            return not left
+
+    def release(self, file: Path) -> None:
+        with self._lock:
+            model = self._owner[file]
+            model.remote.drop(model.name_of(file))
+
+
+def disk_needs(plan: Plan, shards: list[int] | None = None) -> dict[str, int]:
+    """Bytes of disk the merge needs, output and downloads together: with every Hub file fetched first,
+    and with --low-disk (the shards in use at any moment, plus the output written so far). `shards`:
+    the shards still to write (a resumed merge), default all."""
+    uses = plan.file_uses(shards)
+    new: dict[Path, int] = {}  # Hub files not in the cache yet
+    for model, names in plan.files_used():
+        if model.remote is not None:
+            new |= {model.path / n: model.remote.files[n].size for n in names if not (model.path / n).exists()}
+    all_weights = {f for m in plan.models for f in m.files}
+    new = {f: size for f, size in new.items() if f in uses or f not in all_weights}  # weights only where still read
+    weights = {f: size for f, size in new.items() if f in uses}
+    chosen = plan.shards if shards is None else [plan.shards[i] for i in shards]
+    peak = written = 0
+    for i, t in enumerate(t for s in chosen for t in s.tensors):
+        written += t.nbytes
+        # the engine maps the next tensor's inputs while merging this one: a shard arrives one tensor early
+        live = sum(size for f, size in weights.items() if uses[f].first - 1 <= i <= uses[f].last)
+        peak = max(peak, live + written)
+    others = sum(new.values()) - sum(weights.values())
+    output = sum(s.nbytes for s in chosen)
+    return {
+        "output_bytes": output,
+        "download_bytes": sum(new.values()),
+        "peak_bytes": sum(new.values()) + output,
+        "low_disk_peak_bytes": others + peak,
+    }

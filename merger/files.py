@@ -1,0 +1,420 @@
+"""Files: what merger reads from an input, and how it makes its own writes durable.
+
+Inputs come from strangers. Every file merger reads from a model is a regular file inside that model's
+folder (a Hub snapshot's files may link into the repo's blob store beside it): a name that climbs out
+(`../x`, `/etc/x`), a symlink that leads elsewhere, a FIFO or a device is refused with one line naming
+it, before anything is read. Support files (config, tokenizer, index, card) have a size limit, JSON a
+nesting limit. A mapped input that shrinks under the merge would kill the process with SIGBUS; a
+handler turns that into the same kind of one-line error.
+
+Outputs: a file counts as written once it is on disk (fsync), and a directory once its entries are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import mmap
+import os
+import stat
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from merger.errors import ModelError
+
+SUPPORT_LIMIT = 128 << 20  # bytes: the largest config, tokenizer, index or card read from an input
+# (the largest tokenizer.json on the Hub are ~35 MB)
+JSON_DEPTH = 64  # nesting of the JSON merger reads (real configs and tokenizers nest under 10 deep)
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_name(name: object, label: str, what: str) -> str:
+    """A file name an input gives (an index's weight_map entry): relative, inside the folder."""
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"'{label}': {what} names {name!r}, which is not a file name")
+    parts = name.split("/")
+    if name.startswith("/") or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in parts):
+        raise ModelError(f"'{label}': {what} names {name!r}, which is not a plain file name inside the model's folder")
+    return name
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A model's folder, and the real directories its files may live in: the folder itself, and for a
+    Hugging Face cache snapshot the repo's storage directory (snapshot files are links into its blobs)."""
+
+    path: Path
+    label: str  # the recipe's reference, for messages
+    roots: tuple[Path, ...] = field(default=())
+
+    @classmethod
+    def of(cls, path: Path, label: str, storage: Path | None = None) -> Folder:
+        path = Path(os.path.realpath(path))
+        if storage is None and path.parent.name == "snapshots" and (path.parent.parent / "blobs").is_dir():
+            storage = path.parent.parent  # a snapshot in a Hugging Face cache, given as a local path
+        roots = (path,) + ((Path(os.path.realpath(storage)),) if storage is not None else ())
+        return cls(path, label, roots)
+
+    def locate(self, name: str) -> Path:
+        """The real path of `name` in this folder; refused if it leads outside."""
+        real = Path(os.path.realpath(self.path / name))
+        if not any(real == r or r in real.parents for r in self.roots):
+            raise ModelError(
+                f"'{self.label}': {name} leads outside the model's folder (to {real}); refusing to read it"
+            )
+        return real
+
+    def stat(self, name: str) -> os.stat_result | None:
+        """`name`'s status if it is there (None if not); refused if it is not a regular file inside."""
+        real = self.locate(name)
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ModelError(f"'{self.label}': cannot read {name}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelError(f"'{self.label}': {name} is {_kind(st.st_mode)}; merger reads regular files only")
+        return st
+
+    def has(self, name: str) -> bool:
+        return self.stat(name) is not None
+
+    def open(self, name: str, limit: int | None = None) -> BinaryIO:
+        """`name` opened for reading: a regular file inside the folder (never blocking on a FIFO), of at
+        most `limit` bytes."""
+        real = self.locate(name)
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(real, flags)
+        except FileNotFoundError:
+            raise ModelError(f"'{self.label}': {name} is missing") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # swapped for a link since it was located
+                raise ModelError(f"'{self.label}': {name} changed while merger opened it") from None
+            raise ModelError(f"'{self.label}': cannot read {name}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ModelError(f"'{self.label}': {name} is {_kind(st.st_mode)}; merger reads regular files only")
+        if limit is not None and st.st_size > limit:
+            os.close(fd)
+            raise ModelError(
+                f"'{self.label}': {name} is {st.st_size} bytes, more than the {limit} merger reads of such a file"
+            )
+        return os.fdopen(fd, "rb")
+
+    def read_bytes(self, name: str, limit: int = SUPPORT_LIMIT) -> bytes:
+        try:
+            with self.open(name, limit) as f:
+                data = f.read(limit + 1)
+        except OSError as e:
+            raise ModelError(f"'{self.label}': cannot read {name}: {e.strerror}") from None
+        if len(data) > limit:
+            raise ModelError(f"'{self.label}': {name} grew past {limit} bytes while merger read it")
+        return data
+
+    def read_text(self, name: str, limit: int = SUPPORT_LIMIT) -> str:
+        try:
+            return self.read_bytes(name, limit).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelError(f"'{self.label}': {name} is not UTF-8 text") from None
+
+    def read_json(self, name: str, limit: int = SUPPORT_LIMIT) -> object:
+        return parse_json(self.read_bytes(name, limit), f"'{self.label}': {name}")
+
+    def sha256(self, name: str) -> str:
+        """The sha256 of `name`'s bytes, read now."""
+        h = hashlib.sha256()
+        try:
+            with self.open(name) as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError as e:
+            raise ModelError(f"'{self.label}': cannot read {name}: {e.strerror}") from None
+        return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read now (a file of the user's: a script, a data file)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_json(raw: bytes, what: str, *, unique_keys: bool = False) -> object:
+    """JSON from an input, as one-line errors: not UTF-8, not JSON, nested deeper than JSON_DEPTH, or
+    (with `unique_keys`) a key given twice in one object."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"{what} is not UTF-8 JSON") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_unique if unique_keys else None)
+    except _Duplicate as e:
+        raise ModelError(f"{what} gives the key {e.args[0]!r} twice") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{what} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        data = _TOO_DEEP
+    if data is _TOO_DEEP or _depth(data) > JSON_DEPTH:
+        raise ModelError(f"{what} nests deeper than {JSON_DEPTH} levels; not a file merger reads")
+    return data
+
+
+_TOO_DEEP = object()
+
+
+def _depth(data: object) -> int:
+    """How deep lists and objects nest in parsed JSON (without recursion)."""
+    deepest = 0
+    todo = [(data, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > JSON_DEPTH:
+                break
+            todo.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+YAML_NODES = 100_000  # nodes a YAML document may hold once its aliases are expanded (a recipe has ~100)
+
+
+class YAMLTooLarge(ValueError):
+    """YAML that would expand past YAML_NODES nodes, nest deeper than JSON_DEPTH or refer to itself;
+    `line` is where (1-based)."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
+def check_yaml(text: str) -> None:
+    """Refuse YAML that is too large once built, from its event stream alone (before any object is built,
+    so an alias bomb costs nothing): raises YAMLTooLarge, or yaml.YAMLError for YAML that does not parse."""
+    import yaml
+
+    sizes: dict[str, int] = {}  # anchor -> nodes of the anchored node, aliases inside it expanded
+    open_nodes: list[tuple[str | None, int]] = []  # collections being read: (anchor, nodes before it)
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor not in sizes:
+                raise YAMLTooLarge(f"the alias *{event.anchor} refers to the node that holds it", line)
+            total += sizes[event.anchor]
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            total += 1
+            open_nodes.append((event.anchor, total - 1))
+            if len(open_nodes) > JSON_DEPTH:
+                raise YAMLTooLarge(f"nests deeper than {JSON_DEPTH} levels", line)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = open_nodes.pop()
+            if anchor:
+                sizes[anchor] = total - before
+        if total > YAML_NODES:
+            raise YAMLTooLarge(f"expands to more than {YAML_NODES} values (aliases of aliases?)", line)
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """merger's own cache: $MERGER_CACHE_DIR, else $XDG_CACHE_HOME/merger, else ~/.cache/merger."""
+    if os.environ.get("MERGER_CACHE_DIR"):
+        return Path(os.environ["MERGER_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "merger"
+
+
+def private_cache(name: str) -> Path | None:
+    """cache_dir() / name, created for this user alone (mode 0700), or None if it cannot be had, or if
+    it or the cache directory belongs to someone else or others may write to it."""
+    path = cache_dir() / name
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        for p in (path, path.parent):
+            st = os.stat(p)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
+                return None
+    except OSError:
+        return None
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (files created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Replace `path` with `data` in one step (a temporary sibling renamed over it): a reader, or a
+    process killed meanwhile, sees the old file or the new one. `durable`: on disk before it returns."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_json(path: Path, data: object, *, durable: bool = False, indent: int | None = 1) -> None:
+    write_atomic(path, (json.dumps(data, indent=indent) + "\n").encode(), durable=durable)
+
+
+_libc = None
+
+
+def _c_library():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing [offset, offset + nbytes) of `fd` to disk, without waiting and
+    without dropping the pages from the cache (sync_file_range on Linux; nothing elsewhere): the fsync
+    that ends a shard then finds most of it written."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        lib = _c_library()
+        lib.sync_file_range(ctypes.c_int(fd), ctypes.c_longlong(offset), ctypes.c_longlong(nbytes), ctypes.c_uint(2))
+
+
+# --- mapped inputs that shrink ----------------------------------------------------------------------
+
+_mapped: dict[int, tuple[int, int, str]] = {}  # id(mapping) -> (start address, end address, file)
+_on_fatal: list[Callable[[], None]] = []  # cleanups run before a SIGBUS ends the process
+_handler = None
+
+
+def watch_mapping(mm: mmap.mmap, path: Path) -> None:
+    """Remember where `mm` (a mapping of `path`) lies, so that a SIGBUS in it (the file shrank: another
+    process truncated it) ends the process with one line naming the file, instead of a crash."""
+    if not len(mm):
+        return
+    _install()
+    buf = (ctypes.c_char * 1).from_buffer(mm)
+    start = ctypes.addressof(buf)
+    del buf
+    _mapped[id(mm)] = (start, start + len(mm), str(path))
+
+
+def forget_mapping(mm: mmap.mmap) -> None:
+    _mapped.pop(id(mm), None)
+
+
+def on_fatal(cleanup: Callable[[], None]) -> Callable[[], None]:
+    """Run `cleanup` if a SIGBUS ends the process (returns a function that cancels it)."""
+    _on_fatal.append(cleanup)
+    return lambda: _on_fatal.remove(cleanup) if cleanup in _on_fatal else None
+
+
+_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class _Sigaction(ctypes.Structure):  # glibc's struct sigaction on 64-bit Linux
+    _fields_ = [
+        ("sa_sigaction", _HANDLER),
+        ("sa_mask", ctypes.c_ulong * 16),
+        ("sa_flags", ctypes.c_int),
+        ("sa_restorer", ctypes.c_void_p),
+    ]
+
+
+_SA_SIGINFO = 4
+_SI_ADDR = 16  # offset of si_addr in siginfo_t on 64-bit Linux
+
+
+def _on_sigbus(signum: int, info: int, context: int) -> None:
+    addr = ctypes.c_void_p.from_address(info + _SI_ADDR).value or 0
+    where = next((m for m in list(_mapped.values()) if m[0] <= addr < m[1]), None)
+    if where is None:
+        line = "error: bus error outside merger's input mappings (a hardware or memory fault?)\n"
+    else:
+        path = where[2]
+        try:
+            now = f"it is {os.stat(path).st_size} bytes now"
+        except OSError:
+            now = "it is gone now"
+        line = (
+            f"error: {path}: the file shrank while merger was reading it ({now}; another process truncated or "
+            "rewrote it); nothing was written to the output\n"
+        )
+    os.write(2, line.encode(errors="replace"))
+    for cleanup in list(_on_fatal):
+        with contextlib.suppress(BaseException):
+            cleanup()
+    os._exit(2)
+
+
+def _install() -> None:
+    global _handler
+    if _handler is not None or not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return
+    _handler = _HANDLER(_on_sigbus)
+    action = _Sigaction()
+    action.sa_sigaction = _handler
+    action.sa_flags = _SA_SIGINFO
+    try:
+        if _c_library().sigaction(7, ctypes.byref(action), None) != 0:  # SIGBUS is 7 on x86-64 and arm64
+            _handler = False
+    except AttributeError:
+        _handler = False

@@ -1,0 +1,431 @@
+"""The output directory's life: written as a partial output beside the destination, resumed after an
+interruption, and swapped into place in one step.
+
+For the output `dir/out` merger writes into `dir/.out.merger-partial/`:
+
+    model/           the output as it will be, shard by shard, then its index, config, card and lock
+    state.json       what the shards are merged from: a fingerprint of the plan and its inputs
+    done/NAME.json   one per finished shard, written once the shard is on disk
+
+A merge holds a lock on that directory (flock: it goes with the process, however it dies), so a second
+merger into the same output stops at once. A later run with the same fingerprint keeps every finished
+shard that is still as it was written (its size, header and file) and writes the rest; a changed
+recipe or input starts over. At the end every file and the directory are flushed to disk, and
+`model/` is exchanged with the destination in one rename (RENAME_EXCHANGE): at every instant the
+destination holds the complete old output or the complete new one.
+
+`--force` replaces only an earlier merger output or an empty directory; anything else is refused
+with the name of a file merger did not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from merger import __version__
+from merger.errors import OutputError
+from merger.files import fsync_dir, on_fatal, write_json
+from merger.lock import LOCK_NAME, LockedInput
+from merger.plan import Plan, Shard
+from merger.sources import CARD_NAME, INDEX_NAME, MODEL_FILES, SINGLE_NAME, TOKENIZER_FILES
+
+PARTIAL = ".merger-partial"
+CANDIDATE = ".merger-candidate-"  # greedy soup's temporary candidates, beside the output
+LEGACY = (".merger-tmp", ".merger-old")  # staging of merger before resume existed: never resumable
+SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
+OUTPUT_NAMES = {INDEX_NAME, SINGLE_NAME, "config.json", CARD_NAME, LOCK_NAME, *MODEL_FILES, *TOKENIZER_FILES}
+
+
+def partial_path(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}{PARTIAL}"
+
+
+def fingerprint(plan: Plan) -> str:
+    """What the output's bytes depend on: merger's version, the method and every parameter, the device
+    and compute dtype, the layout of every shard, and each input file as it is now (a local file's
+    stamp, a Hub file's hash)."""
+    spec = plan.spec
+
+    def identity(model) -> dict:
+        files = {}
+        for f in model.files:
+            name = model.name_of(f)
+            files[name] = model.remote.files[name].etag if model.remote else list(model.stamps[f])
+        return {"path": str(model.path), "commit": model.remote.commit if model.remote else None, "files": files}
+
+    data = {
+        "merger": __version__,
+        "method": spec.method.name,
+        "params": spec.params.model_dump(mode="json"),
+        "models": [g.params.model_dump(mode="json") for g in spec.ingredients],
+        "inputs": [identity(m) for m in plan.inputs],
+        "base": identity(plan.base) if plan.base else None,
+        "device": plan.device,
+        "compute_dtype": plan.compute_dtype,
+        "shards": [[s.filename, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in plan.shards],
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Records that a shard is done, once it is on disk: called on the writer thread of whichever
+    process wrote it (a --workers process or a launched rank too, so it pickles)."""
+
+    partial: Path
+    durable: bool = True
+
+    def __call__(self, shard: Shard, path: Path) -> None:
+        if self.durable:
+            fsync_dir(path.parent)  # the shard's name, as well as its bytes (ShardWriter synced those)
+        st = path.stat()
+        record = {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
+        write_json(self.partial / "done" / f"{shard.filename}.json", record, durable=self.durable)
+
+
+@dataclass
+class Resume:
+    """What a partial output of `dest` holds, as `merger plan` reports it."""
+
+    path: Path
+    state: str  # "resumable", "stale" (another recipe or changed inputs: apply starts over), "busy"
+    done: list[str]  # finished shards that would be kept
+    done_bytes: int
+
+
+def inspect(plan: Plan, dest: Path) -> Resume | None:
+    """The partial output of `dest`, if there is one (reads it, locks nothing for longer than a look)."""
+    path = partial_path(dest)
+    if not path.is_dir():
+        return None
+    try:
+        fd = _lock(path)
+    except BlockingIOError:
+        return Resume(path, "busy", [], 0)
+    try:
+        if _state(path).get("fingerprint") != fingerprint(plan):
+            return Resume(path, "stale", [], 0)
+        done = [plan.shards[i] for i in _verified(path, plan)]
+        return Resume(path, "resumable", [s.filename for s in done], sum(s.file_size for s in done))
+    finally:
+        os.close(fd)
+
+
+class Partial:
+    """The partial output of `dest` this process writes: locked, checked against the plan, and holding
+    the shards an earlier run finished (`done`, indices into plan.shards) when it was the same merge."""
+
+    def __init__(self, dest: Path, plan: Plan, *, durable: bool = True):
+        self.dest = dest
+        self.plan = plan
+        self.path = partial_path(dest)
+        self.model = self.path / "model"
+        self.durable = durable
+        remove_leftovers(dest)
+        self._fd = _claim(self.path, dest)
+        self._cancel = on_fatal(self.discard)  # an input that shrinks under the merge (SIGBUS)
+        try:
+            _restore(self.path / "old", dest)
+            self.done = self._resume()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def todo(self) -> list[int]:
+        return [i for i in range(len(self.plan.shards)) if i not in self.done]
+
+    @property
+    def finished(self) -> Finished:
+        return Finished(self.path, self.durable)
+
+    def _resume(self) -> set[int]:
+        fp = fingerprint(self.plan)
+        state = _state(self.path)
+        if state.get("fingerprint") != fp:
+            for entry in self.path.iterdir():
+                _remove(entry)
+            state = {"fingerprint": fp, "merger": __version__}
+            write_json(self.path / "state.json", state, durable=self.durable)
+        self.model.mkdir(exist_ok=True)
+        (self.path / "done").mkdir(exist_ok=True)
+        done = _verified(self.path, self.plan)
+        keep = {self.plan.shards[i].filename for i in done}
+        for entry in self.model.iterdir():  # a shard cut short, metadata of the run that was interrupted
+            if entry.name not in keep:
+                _remove(entry)
+        for entry in (self.path / "done").iterdir():
+            if entry.name.removesuffix(".json") not in keep:
+                _remove(entry)
+        return done
+
+    def check_inputs(self, inputs: list[LockedInput]) -> list[int]:
+        """Record the inputs' hashes, as read in this run. Returns the shards kept from an earlier run
+        that must be written again: all of them if that run recorded other hashes (an input rewritten
+        in a way its stamp did not show), else none."""
+        state = _state(self.path)
+        now = [i.files for i in inputs]
+        redo = sorted(self.done) if state.get("inputs", now) != now else []
+        for i in redo:
+            (self.path / "done" / f"{self.plan.shards[i].filename}.json").unlink(missing_ok=True)
+        write_json(self.path / "state.json", state | {"inputs": now}, durable=self.durable)
+        return redo
+
+    def commit(self, force: bool) -> None:
+        """Put the finished output at the destination: flushed to disk, then renamed into place in one
+        step (an earlier output, which --force allows to replace, is exchanged with it and removed)."""
+        if self.durable:
+            for entry in self.model.iterdir():
+                _fsync(entry)
+            fsync_dir(self.model)
+        dest = self.dest
+        if os.path.lexists(dest):
+            if not force:
+                raise OutputError(f"output {dest} already exists; pass --force to replace it")
+            check_replaceable(dest)
+            _exchange(self.model, dest, self.path / "old")
+        else:
+            _rename_new(self.model, dest)
+        if self.durable:
+            fsync_dir(dest.parent)
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the partial output (after a commit it holds the old output, if any)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Let go of the partial output, keeping it for a later run to resume."""
+        self._cancel()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def check_destination(dest: Path, plan: Plan, force: bool) -> None:
+    """Refuse outputs that would clobber an input, or an existing directory (without --force, or with it
+    one that is not an earlier merger output)."""
+    for m in plan.models + [plan.tokenizer_from]:
+        if dest == m.path or m.path in dest.parents:
+            raise OutputError(f"output {dest} is inside input model '{m.ref}'; choose another directory")
+        if dest in m.path.parents:
+            raise OutputError(f"output {dest} contains input model '{m.ref}'; choose another directory")
+    if dest == Path.cwd() or dest in Path.cwd().parents:
+        raise OutputError(f"output {dest} is the working directory or holds it; choose another directory")
+    if os.path.lexists(dest):
+        if not force:
+            raise OutputError(f"output {dest} already exists; pass --force to replace it")
+        check_replaceable(dest)
+
+
+def check_replaceable(dest: Path) -> None:
+    """--force replaces an earlier merger output (a merger.lock.json and only files merger writes) or
+    an empty directory: never a directory that holds anything else."""
+    how = "; --force replaces only an earlier merger output or an empty directory"
+    if dest.is_symlink() or not dest.is_dir():
+        raise OutputError(f"output {dest} is {'a link' if dest.is_symlink() else 'a file'}, not a directory{how}")
+    entries = sorted(dest.iterdir())
+    if not entries:
+        return
+    if not _is_lock(dest / LOCK_NAME):
+        raise OutputError(f"output {dest} is not a merger output (it holds no {LOCK_NAME}){how}")
+    strangers = [
+        e.name
+        for e in entries
+        if e.is_symlink() or not e.is_file() or not (e.name in OUTPUT_NAMES or SHARD_NAME.fullmatch(e.name))
+    ]
+    if strangers:
+        more = f" (and {len(strangers) - 1} more)" if len(strangers) > 1 else ""
+        raise OutputError(
+            f"output {dest} holds '{strangers[0]}'{more}, which merger did not write{how}: move it away first"
+        )
+
+
+def _is_lock(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("merger_version"), str)
+
+
+def remove_leftovers(dest: Path) -> None:
+    """Remove what killed runs left beside `dest`: staging directories of earlier merger versions and
+    greedy-soup candidates that no live process holds. (The partial output itself is resumed or
+    cleared by Partial.)"""
+    parent = dest.parent
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        name = entry.name
+        legacy = name.startswith(f".{dest.name}.") and name.endswith(LEGACY)
+        if not (legacy or name.startswith(CANDIDATE)) or entry.is_symlink():
+            continue
+        if not entry.is_dir():
+            entry.unlink(missing_ok=True)
+            continue
+        try:
+            fd = _lock(entry)
+        except OSError:  # held by a live process (a candidate being evaluated), or gone
+            continue
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def hold(directory: Path) -> int:
+    """Lock `directory` for this process (a greedy-soup candidate): remove_leftovers leaves it alone
+    while the returned descriptor is open."""
+    return _lock(directory)
+
+
+def _claim(path: Path, dest: Path) -> int:
+    """The locked partial directory of `dest`, created if need be (and the directory that holds it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(10):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(parents=False)
+        try:
+            fd = _lock(path)
+        except BlockingIOError:
+            raise OutputError(
+                f"output {dest}: another merger is writing it now (it holds {path}); wait for it to finish"
+            ) from None
+        except FileNotFoundError:  # removed meanwhile by the run that held it
+            continue
+        except NotADirectoryError:
+            raise OutputError(f"output {dest}: {path} is in the way (not a merger partial output); remove it") from None
+        if os.path.isdir(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            return fd
+        os.close(fd)  # committed or removed by its holder between our mkdir and the lock: again
+    raise OutputError(f"output {dest}: could not take hold of {path}")
+
+
+def _lock(directory: Path) -> int:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _restore(aside: Path, dest: Path) -> None:
+    """An earlier output left aside by a replacement that was killed between its two renames (where the
+    file system cannot exchange directories) goes back to the destination."""
+    if aside.is_dir() and not os.path.lexists(dest):
+        os.rename(aside, dest)
+    elif aside.is_dir():
+        shutil.rmtree(aside)  # the new output made it into place: this is the old one
+
+
+def _state(path: Path) -> dict:
+    try:
+        with open(path / "state.json", "rb") as f:
+            data = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _verified(path: Path, plan: Plan) -> set[int]:
+    """The shards recorded as finished whose file is still the one recorded, of the planned size and
+    with the planned header."""
+    done = set()
+    for i, shard in enumerate(plan.shards):
+        try:
+            with open(path / "done" / f"{shard.filename}.json", "rb") as f:
+                record = json.loads(f.read(4096))
+            file = path / "model" / shard.filename
+            st = file.stat()
+            header = shard.header
+            with open(file, "rb") as f:
+                ok = f.read(len(header)) == header
+        except (OSError, ValueError, RecursionError):
+            continue
+        now = {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
+        if ok and record == now and st.st_size == shard.file_size:
+            done.add(i)
+    return done
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    if path.is_file() and not path.is_symlink():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(2) where the system has it: True when done, False when unsupported here (the
+    caller falls back); any other failure raises OSError."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _exchange(new: Path, dest: Path, aside: Path) -> None:
+    """Swap the directory `new` with the existing `dest` in one step, the old output ending at `new`.
+    Where the file system cannot exchange, the old output is renamed to `aside` and the new one into
+    place with SIGINT, SIGTERM and SIGHUP held back between the two renames."""
+    if _renameat2(new, dest, _RENAME_EXCHANGE):
+        return
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        os.rename(dest, aside)
+        os.rename(new, dest)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _rename_new(new: Path, dest: Path) -> None:
+    """Rename `new` to `dest`, which must not exist (never silently over an empty directory that
+    appeared meanwhile)."""
+    try:
+        if _renameat2(new, dest, _RENAME_NOREPLACE):
+            return
+    except FileExistsError:
+        raise OutputError(f"output {dest} appeared while merging; pass --force to replace it") from None
+    if os.path.lexists(dest):
+        raise OutputError(f"output {dest} appeared while merging; pass --force to replace it")
+    os.rename(new, dest)

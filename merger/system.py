@@ -1,0 +1,136 @@
+"""What merger asks of the operating system: memory figures, the cores it may use, and processes that
+end together (a worker or rank whose parent is gone exits; a command runs in its own process group)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+
+def proc_kib(path: str, field: str) -> int | None:
+    """A `Field:  N kB` line of a /proc file, in bytes (None off Linux or if absent)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def mem_available() -> int | None:
+    """Bytes of memory a new allocation may take: the kernel's MemAvailable, capped by this process's
+    cgroup (v2) memory limit where one is set (a container), less what the cgroup already uses."""
+    available = proc_kib("/proc/meminfo", "MemAvailable")
+    limit = _cgroup_room()
+    if limit is not None:
+        available = limit if available is None else min(available, limit)
+    return available
+
+
+def _cgroup_room() -> int | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            line = next((x for x in f if x.startswith("0::")), None)
+        if line is None:
+            return None
+        base = "/sys/fs/cgroup" + line.strip()[3:]
+        with open(os.path.join(base, "memory.max")) as f:
+            raw = f.read().strip()
+        if raw == "max":
+            return None
+        with open(os.path.join(base, "memory.current")) as f:
+            used = int(f.read().strip())
+        return max(0, int(raw) - used)
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: on Linux the latter survives exec, so a
+    process started from a big parent (a test runner, a notebook) would report the parent's size."""
+    hwm = proc_kib("/proc/self/status", "VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def default_threads() -> int:
+    """Chunk threads of one merging process: the cores this process may use (at most 16)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(cores, 16)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(*, at_once: bool) -> None:
+    """End this process when the process that started it ends (killed with SIGKILL included): a --workers
+    process or a launched rank must not go on writing for a parent that is gone. A watcher thread checks
+    the parent every half second; `at_once` also asks the kernel to signal at once (PR_SET_PDEATHSIG on
+    Linux), which is right only where the parent started us from a thread that lives as long as it does
+    (the signal follows the parent *thread*): our own --workers, not a launcher's ranks."""
+    parent = os.getppid()
+    if at_once and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # gone already
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # as if interrupted: the process cleans up as it would on Ctrl-C
+        time.sleep(10)
+        os._exit(1)  # still here: something swallowed the signal
+
+    threading.Thread(target=watch, name="merger-parent-watch", daemon=True).start()
+
+
+def run_in_group(command: str, timeout: float | None) -> subprocess.CompletedProcess:
+    """Run a shell command in its own process group, capturing its output as text. On timeout
+    (subprocess.TimeoutExpired), an interrupt or any other exception the whole group is ended: SIGTERM,
+    then SIGKILL after two seconds, so nothing the command started keeps running."""
+    proc = subprocess.Popen(
+        command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        end_group(proc)
+        raise
+    end_group(proc)  # the command exited; anything it left running in its group goes with it
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def end_group(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """SIGTERM to the process group `proc` leads, SIGKILL to what remains after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not _group_alive(proc.pid):
+            break
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
+        proc.communicate(timeout=grace)  # reap it, and close its pipes
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
