@@ -51,8 +51,10 @@ def apply(
     dest = dest.expanduser().resolve()
     check_destination(dest, plan, force)
     group = parallel.launched_group()
-    if low_disk and (workers > 1 or group is not None):
+    if low_disk and workers > 1:
         raise MergerError("--low-disk fetches and deletes Hub shards in one process; leave out --workers")
+    if low_disk and group is not None:
+        raise MergerError("--low-disk fetches and deletes Hub shards in one process, not in a distributed launch")
     verified = None
     if lock is not None:  # every input matches the lock before anything is written
         lock.verify(listed(provenance or plan), lock_name)  # Hub inputs, before anything is downloaded

@@ -75,15 +75,17 @@ def inputs_of(plan: Plan, *, hub_weights: bool = True, threads: int | None = Non
     """The lock's record of what the merge reads, every file hashed now (never a cached answer): local
     files by sha256; Hub files fetched into the cache by the hash the Hub lists for them (LFS sha256, or
     git blob id), after checking that the bytes there have that hash. Hub weights not fetched yet
-    (--low-disk) are checked as they arrive (hub.JustInTime). Files are hashed `threads` at a time
-    (default: a quarter of the cores, at least one), beside the merge."""
+    (--low-disk) are checked as they arrive (fetch.JustInTime). Files are hashed `threads` at a time
+    (default: one per core), at a lower priority than the merge beside which they run: they take the
+    cores the merge leaves idle (while it waits for the disk, say)."""
     refs: dict[Path, list[str]] = {}
     for m in [plan.base, *plan.inputs, plan.tokenizer_from]:
         if m is not None and m.ref not in refs.setdefault(m.path, []):
             refs[m.path].append(m.ref)
     used = plan.files_used()
     jobs = [(model, name) for model, names in used for name in names]
-    with ThreadPoolExecutor(threads or max(1, system.default_threads() // 4), thread_name_prefix="merger-hash") as pool:
+    workers = threads or system.default_threads()
+    with ThreadPoolExecutor(workers, thread_name_prefix="merger-hash", initializer=system.lower_priority) as pool:
         records = dict(zip(((m.path, n) for m, n in jobs), pool.map(lambda job: record(*job, hub_weights), jobs)))
     out = []
     for model, names in used:

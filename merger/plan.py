@@ -129,18 +129,25 @@ class Plan:
         return sum(m.tensors[t.name].nbytes for m in self.readers_of(t))
 
     def files_used(self) -> list[tuple[LocalModel, list[str]]]:
-        """Each model the merge reads files of, with those files' names: weights and index and the model
-        card (for its license) of every input, config and generation files of the reference, tokenizer
-        files of the tokenizer source. What is fetched from the Hub, and what the lock records."""
+        """Each model the merge reads files of, with those files' names: its weights, and the support
+        files it holds (support_names). What is fetched from the Hub, and what the lock records."""
         out: dict[Path, tuple[LocalModel, list[str]]] = {}
-        wanted = [
-            (m, [f.relative_to(m.path).as_posix() for f in m.files] + [INDEX_NAME, CARD_NAME]) for m in self.models
-        ]
-        wanted += [(self.reference, ["config.json", *MODEL_FILES]), (self.tokenizer_from, list(TOKENIZER_FILES))]
-        for model, names in wanted:
-            entry = out.setdefault(model.path, (model, []))
-            entry[1].extend(n for n in names if n not in entry[1] and model.has(n))
+        for model in [*self.models, self.tokenizer_from]:
+            if model.path not in out:
+                weights = [model.name_of(f) for f in model.files]
+                out[model.path] = (model, weights + [n for n in self.support_names(model) if model.has(n)])
         return list(out.values())
+
+    def support_names(self, model: LocalModel) -> list[str]:
+        """The files besides its weights the merge may read from `model`, by its part in the merge: every
+        input's index and model card (for its license), the reference's config and generation files, the
+        tokenizer source's tokenizer files."""
+        names = [INDEX_NAME, CARD_NAME]
+        if model.path == self.reference.path:
+            names += ["config.json", *MODEL_FILES]
+        if model.path == self.tokenizer_from.path:
+            names += TOKENIZER_FILES
+        return names
 
     def file_uses(self, shards: list[int] | None = None) -> dict[Path, FileUse]:
         """For each input file, the tensors read from it and when (in the order of `shards`, default all):
@@ -366,23 +373,25 @@ def _open_models(spec: MergeSpec, hub: Hub | None, opened: dict[str, LocalModel]
 
 
 def check_support_files(plan: Plan, model: LocalModel, fetched: bool = False) -> None:
-    """The files besides the weights that the merge reads from `model` (index, card, config, generation
-    and tokenizer files): regular files inside its folder, of at most SUPPORT_LIMIT bytes, and JSON ones
-    well formed (sources.read_support). For a Hub model, the sizes it lists, then (`fetched`) the files."""
-    for used, names in plan.files_used():
-        if used.path != model.path:
-            continue
-        weights = {model.name_of(f) for f in model.files}
-        for name in names:
-            if name in weights:
+    """The files besides the weights that the merge reads from `model` (Plan.support_names): regular
+    files inside its folder, of at most SUPPORT_LIMIT bytes, and JSON ones well formed
+    (sources.read_support). For a Hub model, the sizes it lists, then (`fetched`) the files themselves."""
+    for name in plan.support_names(model):
+        if model.remote is not None:
+            if name not in model.remote.files:
                 continue
-            size = model.remote.files[name].size if model.remote else model.folder.stat(name).st_size
-            if size > SUPPORT_LIMIT:
-                raise ModelError(
-                    f"'{model.ref}': {name} is {size} bytes, more than the {SUPPORT_LIMIT} merger reads of such a file"
-                )
-            if name in SUPPORT_JSON and (model.remote is None or fetched):
-                read_support(model, name)
+            size = model.remote.files[name].size
+        else:
+            st = model.folder.stat(name)
+            if st is None:
+                continue
+            size = st.st_size
+        if size > SUPPORT_LIMIT:
+            raise ModelError(
+                f"'{model.ref}': {name} is {size} bytes, more than the {SUPPORT_LIMIT} merger reads of such a file"
+            )
+        if name in SUPPORT_JSON and (model.remote is None or fetched):
+            read_support(model, name)
 
 
 def layout(tensors: list[OutTensor], shard_size: int) -> list[Shard]:

@@ -373,36 +373,40 @@ def _numbers(p: BaseModel) -> dict[str, float]:
 
 
 def _beyond_range(recipe: Recipe, ingredients: list[Ingredient], params: Params, source: RecipeSource) -> list[str]:
-    """Parameters no merge can stay finite with in the compute dtype: a number past its range, a model's
-    numbers times the method's (weight x lambda) past it, or normalising by weights that sum to less
-    than its smallest normal number's worth. Checked before anything is read: float32 would turn them
-    into inf and the output into inf and NaN."""
+    """Parameters no merge can keep finite in the compute dtype: a number past its range, a model's weight
+    times the method's lambda past it, or normalising by weights that sum to so little that dividing by
+    the sum is. Checked before anything is read: float32 would turn them into inf, and the output into
+    inf and NaN."""
     dtype = recipe.compute_dtype
     largest = float(np.finfo(dtype).max)
     problems = []
-    method_numbers = _numbers(params)
-    scale = math.prod(abs(v) for v in method_numbers.values())
-    for key, value in method_numbers.items():
+
+    def beyond(value: float, *loc: str | int) -> bool:
         if abs(value) > largest:
-            problems.append(f"{source.where('parameters', key)}: {value:g} is beyond {dtype}'s range ({largest:.3g})")
+            problems.append(f"{source.where(*loc)}: {value:g} is beyond {dtype}'s range ({largest:.3g})")
+        return abs(value) > largest
+
+    method = _numbers(params)
+    if any([beyond(v, "parameters", k) for k, v in method.items()]):
+        return problems
+    scale = abs(method.get("lambda", 1.0))
+    weights = []
     for g in ingredients:
-        for key, value in _numbers(g.params).items():
-            loc = ("models", g.index, "parameters", key)
-            if abs(value) > largest:
-                problems.append(f"{source.where(*loc)}: {value:g} is beyond {dtype}'s range ({largest:.3g})")
-            elif abs(value) * scale > largest:
-                problems.append(
-                    f"{source.where(*loc)}: {value:g} times the method's parameters "
-                    f"({', '.join(f'{k} {v:g}' for k, v in method_numbers.items())}) is beyond {dtype}'s range ({largest:.3g})"
-                )
-    weights = [_numbers(g.params).get("weight") for g in ingredients]
-    if getattr(params, "normalize", False) and None not in weights and weights:
-        total = math.fsum(weights)
-        if total != 0 and abs(1 / total) * scale > largest:
+        numbers = _numbers(g.params)
+        if any([beyond(v, "models", g.index, "parameters", k) for k, v in numbers.items()]) or "weight" not in numbers:
+            continue
+        weights.append(numbers["weight"])
+        if abs(numbers["weight"]) * scale > largest:
             problems.append(
-                f"{source.where('parameters', 'normalize')}: the weights sum to {total:g}; normalising divides "
-                f"by it, which is beyond {dtype}'s range: set normalize: false or change a weight"
+                f"{source.where('models', g.index, 'parameters', 'weight')}: {numbers['weight']:g} times lambda "
+                f"{method['lambda']:g} is beyond {dtype}'s range ({largest:.3g})"
             )
+    total = math.fsum(weights)
+    if not problems and getattr(params, "normalize", False) and weights and total and scale / abs(total) > largest:
+        problems.append(
+            f"{source.where('parameters', 'normalize')}: the weights sum to {total:g}; normalising divides by it, "
+            f"which is beyond {dtype}'s range: set normalize: false or change a weight"
+        )
     return problems
 
 

@@ -478,9 +478,11 @@ class MappedReader:
     def _advise(self, info: TensorInfo, advice: int) -> None:
         if info.nbytes == 0:
             return
+        mm = self._map(info.file)
         start = info.start - info.start % mmap.PAGESIZE
-        end = min(info.start + info.nbytes, self._map(info.file).size())
-        self._map(info.file).madvise(advice, start, end - start)
+        end = min(info.start + info.nbytes, len(mm))
+        if end > start:
+            mm.madvise(advice, start, end - start)
 
     def prefetch(self, info: TensorInfo) -> None:
         self._advise(info, mmap.MADV_WILLNEED)

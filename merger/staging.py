@@ -203,7 +203,10 @@ class Partial:
         self.discard()
 
     def discard(self) -> None:
-        """Remove the partial output (after a commit it holds the old output, if any)."""
+        """Remove the partial output (after a commit it holds the old output, if any). An old output set
+        aside and not replaced goes back first."""
+        with contextlib.suppress(OSError):
+            _restore(self.path / "old", self.dest)
         shutil.rmtree(self.path, ignore_errors=True)
 
     def close(self) -> None:
@@ -413,7 +416,11 @@ def _exchange(new: Path, dest: Path, aside: Path) -> None:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         os.rename(dest, aside)
-        os.rename(new, dest)
+        try:
+            os.rename(new, dest)
+        except BaseException:
+            os.rename(aside, dest)  # the old output goes back
+            raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 

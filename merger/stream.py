@@ -70,8 +70,8 @@ class ShardWriter:
     filling reused pages is also 2-3x faster than fresh ones (README, Performance). Pages still
     dirty are left alone, so a slow disk never blocks the writer here.
 
-    With `durable`, close() returns once the shard is on disk (fsync); writeback of each window starts
-    as it fills (merger.files.start_writeback), so little is left to wait for then."""
+    With `durable`, writeback of each window starts as it fills (merger.files.start_writeback), so that
+    little is left to wait for when the shard is made durable (fsync, by write_shards' syncer thread)."""
 
     def __init__(self, path: Path, tensors: Iterable[OutTensor], drop_behind: bool = False, durable: bool = False):
         self.path = path
@@ -125,12 +125,8 @@ class ShardWriter:
             self._advised = end
 
     def close(self) -> None:
-        """Finish the shard; with `durable`, once it is on disk."""
         if self._next != len(self._todo):
             raise RuntimeError(f"shard {self.path.name}: {len(self._todo) - self._next} tensors never written")
-        if self._durable:
-            self._f.flush()
-            os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:
@@ -670,6 +666,7 @@ class _Writer:
         self.directory = directory
         self.finished = finished
         self.durable = durable
+        self.synced: list[Future] = []  # durable: each finished shard's fsync, then `finished`
         self.drop = drop_behind(plan.bytes_written)  # the whole output: other ranks write the rest
         self.buffers = Buffers()  # output buffers, by slot
         self.pending: list[Future | None] = [None] * plan.write_depth
@@ -679,10 +676,13 @@ class _Writer:
 
     def __enter__(self) -> _Writer:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="merger-writer")
+        # A shard is made durable off the writer thread: the disk catches up while the next one is merged.
+        self.syncer = ThreadPoolExecutor(1, thread_name_prefix="merger-sync")
         return self
 
     def __exit__(self, *exc) -> None:
         self.pool.shutdown()  # waits for the writes queued
+        self.syncer.shutdown()
         for w in self.writers.values():  # shards a failure left unfinished
             w.abort()
 
@@ -698,9 +698,12 @@ class _Writer:
         self.pending[slot] = self.pool.submit(self._write, shard, t, data, ready, last)
 
     def drain(self) -> None:
+        """Wait for every write, and every finished shard to be on disk (re-raises their errors)."""
         for f in self.pending:
             if f is not None:
                 f.result()
+        for f in self.synced:
+            f.result()
 
     def _write(self, shard: Shard, t: OutTensor, data: np.ndarray, ready, last: bool) -> None:  # writer thread
         if ready is not None:
@@ -716,8 +719,17 @@ class _Writer:
             self.remaining[shard.filename] -= 1
             if self.remaining[shard.filename] == 0:
                 self.writers.pop(shard.filename).close()
-                if self.finished is not None:
-                    self.finished(shard, w.path)
+                self.synced.append(self.syncer.submit(self._done, shard, w.path))
+
+    def _done(self, shard: Shard, path: Path) -> None:  # syncer thread
+        if self.durable:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if self.finished is not None:
+            self.finished(shard, path)
 
 
 def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
+
+from merger.cli import cli
 
 
 def write_checkpoint(
@@ -38,6 +43,14 @@ def write_checkpoint(
     return directory
 
 
+def hooked(tmp_path: Path, code: str) -> dict[str, str]:
+    """Environment variables under which every Python process runs `code` at start-up (a sitecustomize):
+    to make one process of a merge fail, or be killed, at a chosen point, the way a real one might."""
+    hook = Path(tempfile.mkdtemp(prefix="hook-", dir=tmp_path))
+    (hook / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+
+
 def load_output(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a merged output, through its index and safetensors' own reader."""
     from safetensors.torch import load_file
@@ -48,6 +61,22 @@ def load_output(directory: Path) -> dict[str, torch.Tensor]:
         out |= load_file(directory / fname)
     assert set(out) == set(index["weight_map"])
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: a test of the CUDA path on a real GPU (skips without one)")
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(request, monkeypatch):
+    """Every test not marked `cuda` is a CPU test: on a machine with a GPU, `device: auto` must still mean
+    the CPU for it, in this process and in the merger processes it starts."""
+    if request.node.get_closest_marker("cuda"):
+        return
+    import merger.plan
+
+    monkeypatch.setattr(merger.plan, "cuda_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(autouse=True)
@@ -83,8 +112,60 @@ def family(tmp_path: Path):
     return paths, models
 
 
+@pytest.fixture(scope="session")
+def _kernel_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One compiled-kernel cache for the run, kept in pytest's cache between runs (numba compiles each
+    kernel once, not once per test; about 30 s on 2 cores)."""
+    cache = getattr(request.config, "cache", None)
+    path = cache.mkdir("merger-kernels") if cache is not None else tmp_path_factory.mktemp("numba")
+    path.chmod(0o700)
+    return path
+
+
 @pytest.fixture(autouse=True)
-def _merger_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """merger's caches (file hashes, greedy soup scores) go to a fresh directory, never ~/.cache."""
+def _merger_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, _kernel_cache) -> None:
+    """merger's caches (file hashes, greedy soup scores) go to a fresh directory, never ~/.cache; its
+    compiled kernels to the run's one cache (a link to it, which merger accepts as it is private)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-    monkeypatch.setenv("MERGER_CACHE_DIR", str(tmp_path_factory.mktemp("merger-cache")))
+    cache = tmp_path_factory.mktemp("merger-cache")
+    cache.chmod(0o700)
+    (cache / "numba").symlink_to(_kernel_cache)
+    monkeypatch.setenv("MERGER_CACHE_DIR", str(cache))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Three small models in the working directory, referenced by relative paths as users write them."""
+    monkeypatch.chdir(tmp_path)
+    t = {"a.weight": torch.ones(4, 4), "b.bias": torch.zeros(4), "ids": torch.arange(3)}
+    write_checkpoint(Path("base"), t)
+    write_checkpoint(Path("ft1"), {k: v + 1 if v.is_floating_point() else v for k, v in t.items()})
+    write_checkpoint(Path("ft2"), {k: v - 1 if v.is_floating_point() else v for k, v in t.items()}, n_shards=1)
+    return tmp_path
+
+
+GOOD = """\
+merge_method: ties
+base_model: base
+models:
+  - model: ft1
+    parameters:
+      weight: 1.0
+      density: 0.5
+  - model: ft2
+    parameters:
+      weight: 0.5
+output:
+  path: out
+"""
+
+
+def run_bad(recipe: str, *args: str, command: str = "apply") -> str:
+    Path("recipe.yaml").write_text(recipe)
+    before = sorted(os.listdir("."))
+    result = CliRunner().invoke(cli, [command, "recipe.yaml", *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert sorted(os.listdir(".")) == before, "something was written"
+    return result.stderr

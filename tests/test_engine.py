@@ -25,16 +25,17 @@ from merger.methods.task_vectors import kth_largest
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("chunk", [1, 5, 64, 10_000])
-def test_kth_largest_matches_sort(dtype, chunk):
+@pytest.mark.parametrize(("chunk", "n"), [(1, 120), (5, 1000), (64, 1000), (10_000, 1000)])
+def test_kth_largest_matches_sort(dtype, chunk, n):
+    """Chunks of one entry (every tie split across chunks) on fewer entries: a chunk is a torch call."""
     g = torch.Generator().manual_seed(0)
     # quantised values: many exact ties, zeros, and a spread of exponents
-    x = (torch.randn(1000, generator=g, dtype=dtype) * 8).round() / 4
-    x = x * torch.where(torch.rand(1000, generator=g) < 0.1, 1e-30, 1.0).to(dtype)
+    x = (torch.randn(n, generator=g, dtype=dtype) * 8).round() / 4
+    x = x * torch.where(torch.rand(n, generator=g) < 0.1, 1e-30, 1.0).to(dtype)
     mags = x.abs()
     ordered = torch.sort(mags, descending=True).values
-    for k in (1, 2, 17, 500, 999, 1000):
-        thr, ties, cutoff = kth_largest(lambda: (mags[i : i + chunk] for i in range(0, 1000, chunk)), k)
+    for k in sorted({1, 2, 17, n // 2, n - 1, n}):
+        thr, ties, cutoff = kth_largest(lambda: (mags[i : i + chunk] for i in range(0, n, chunk)), k)
         assert thr == ordered[k - 1].item()
         assert ties == k - int((mags > thr).sum())
         assert 1 <= ties <= int((mags == thr).sum())
@@ -585,3 +586,24 @@ def test_gpu_budget_follows_free_memory_and_pieces_fit_in_it(monkeypatch, family
     assert abs(plan.gpu_piece(big, int(per_entry * 5_000_000)) - 5_000_000) <= 1  # what fits
     assert plan.gpu_piece(big, 1000) == 1 << 16
     assert plan.gpu_piece(t, 1000) == t.numel
+
+
+@pytest.mark.parametrize("gpu_budget", [1 << 40, 1])  # every tensor staged whole, then every one in pieces
+def test_overflow_from_finite_inputs_is_caught_on_the_gpu_paths_too(tmp_path, stand_in_cuda, monkeypatch, gpu_budget):
+    """Merged whole on the GPU the finiteness of the output and inputs travels back with the copy and
+    the writer checks it; in pieces it is checked on the host as on the CPU: the same error either way."""
+    from merger.errors import MergeError
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import write_shards
+
+    big = {"w": torch.full((8,), 60000.0), "ok": torch.ones(4)}
+    for name in ("a", "b"):
+        write_checkpoint(tmp_path / name, big)
+    text = f"merge_method: linear\nmodels: [{{model: {tmp_path / 'a'}}}, {{model: {tmp_path / 'b'}}}]\n"
+    plan = build_plan(parse_recipe(text + "parameters: {normalize: false}\ndtype: float16\n"), device="cpu")
+    plan.device = "cuda"
+    monkeypatch.setattr(merger.budget, "gpu_budget", lambda: gpu_budget)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MergeError, match="tensor 'w': the merge gives 8 values that are inf or NaN in float16"):
+        write_shards(plan, tmp_path / "out")

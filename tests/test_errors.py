@@ -8,47 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_checkpoint
+from conftest import GOOD, run_bad, write_checkpoint
 
 from merger.cli import cli
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """Three small models in the working directory, referenced by relative paths as users write them."""
-    monkeypatch.chdir(tmp_path)
-    t = {"a.weight": torch.ones(4, 4), "b.bias": torch.zeros(4), "ids": torch.arange(3)}
-    write_checkpoint(Path("base"), t)
-    write_checkpoint(Path("ft1"), {k: v + 1 if v.is_floating_point() else v for k, v in t.items()})
-    write_checkpoint(Path("ft2"), {k: v - 1 if v.is_floating_point() else v for k, v in t.items()}, n_shards=1)
-    return tmp_path
-
-
-GOOD = """\
-merge_method: ties
-base_model: base
-models:
-  - model: ft1
-    parameters:
-      weight: 1.0
-      density: 0.5
-  - model: ft2
-    parameters:
-      weight: 0.5
-output:
-  path: out
-"""
-
-
-def run_bad(recipe: str, *args: str, command: str = "apply") -> str:
-    Path("recipe.yaml").write_text(recipe)
-    before = sorted(os.listdir("."))
-    result = CliRunner().invoke(cli, [command, "recipe.yaml", *args])
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    assert sorted(os.listdir(".")) == before, "something was written"
-    return result.stderr
 
 
 def test_good_recipe_runs(workdir):

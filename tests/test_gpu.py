@@ -9,7 +9,7 @@ from conftest import load_output
 
 from merger.cli import cli
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 RECIPES = {
     "linear": "merge_method: linear\nmodels: [{{model: {ft1}, parameters: {{weight: 0.7}}}}, {{model: {ft2}}}]\n",

@@ -319,6 +319,44 @@ def test_low_disk_fetches_shard_by_shard_and_drops_each(tmp_path, hub, models, h
     assert max(seen) <= disk["low_disk_peak_bytes"] < disk["peak_bytes"]
 
 
+@pytest.mark.parametrize("low_disk", [False, True])
+def test_an_interrupted_hub_merge_resumes(tmp_path, hub, models, hf_home, monkeypatch, low_disk):
+    """Interrupted after two shards, the same command finishes the merge: the output is the one an
+    uninterrupted run writes, and (with --low-disk) only the Hub shards the rest of the merge reads are
+    downloaded again."""
+    import merger.hub
+    import merger.stream
+
+    _, commits = models
+    text = recipe(hub_refs(commits))
+    apply(tmp_path, text, tmp_path / "a" / "out")
+    shutil.rmtree(hf_home / "hub")
+    flag = ["--low-disk"] if low_disk else []
+
+    release = merger.stream.Merger.release
+    released = []
+
+    def interrupted(self, t):  # Ctrl-C, once the first shard's tensors are merged
+        release(self, t)
+        released.append(t.name)
+        if len(released) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(merger.stream.Merger, "release", interrupted)
+    first = apply(tmp_path, text, tmp_path / "b" / "out", *flag, code=130)
+    kept = int(first.stderr.split("; ")[1].split()[0])
+    assert 1 <= kept < 3 and "of 3 shards are done and kept in" in first.stderr, first.stderr
+    monkeypatch.setattr(merger.stream.Merger, "release", release)
+    fetched = []
+    fetch = merger.hub.Remote.fetch
+    monkeypatch.setattr(merger.hub.Remote, "fetch", lambda self, name: fetched.append(name) or fetch(self, name))
+    apply(tmp_path, text, tmp_path / "b" / "out", *flag)
+    assert tree(tmp_path / "a" / "out") == tree(tmp_path / "b" / "out")
+    weights = [n for n in fetched if n.endswith(".safetensors")]
+    if low_disk:
+        assert 0 < len(weights) < 7  # of the 3 + 3 + 1 input shards
+
+
 def test_low_disk_runs_in_one_process(tmp_path, hub, models):
     _, commits = models
     err = apply(tmp_path, recipe(hub_refs(commits)), tmp_path / "out", "--low-disk", "--workers", "2", code=2).stderr

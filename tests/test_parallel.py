@@ -7,10 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from conftest import write_checkpoint
+from conftest import hooked, write_checkpoint
 
 from merger.parallel import assign
 from merger.plan import OutTensor, layout
@@ -112,15 +113,6 @@ def _launch(recipe, out, ranks=(0, 1), env=None):
     return [(p.returncode, *o) for p, o in zip(procs, outs)]
 
 
-def _sabotage(tmp_path, code: str) -> dict:
-    """An environment whose Python processes run `code` at start-up (a sitecustomize), to make one
-    process of a merge fail the way a real one might."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(code)
-    return {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
-
-
 def test_distributed_gloo_launch_is_byte_identical(tmp_path):
     recipe = _family(tmp_path)
     one = _merger("apply", str(recipe), "-o", str(tmp_path / "one" / "out"), "-q")
@@ -156,7 +148,7 @@ def test_a_rank_that_dies_or_fails_fails_every_rank(tmp_path, sabotage):
     same launch again writes the rest, byte-identical to a single process. A rank's error is not: nothing
     is kept."""
     recipe = _family(tmp_path)
-    env = _sabotage(tmp_path, KILL_RANK_1 if sabotage == "killed" else FAIL_RANK_1)
+    env = hooked(tmp_path, KILL_RANK_1 if sabotage == "killed" else FAIL_RANK_1)
     (rc0, out0, err0), (rc1, _, err1) = _launch(recipe, tmp_path / "dist" / "out", env=env)
     assert rc0 == 2 and out0 == ""
     assert "Traceback" not in err0 + err1
@@ -219,7 +211,7 @@ merger.parallel._write_part = _write_part  # what the pool's processes run (the 
 def test_a_worker_that_dies_fails_the_merge_instead_of_hanging(tmp_path):
     recipe = _family(tmp_path)
     out = tmp_path / "w" / "out"
-    env = os.environ | _sabotage(tmp_path, KILL_A_WORKER)
+    env = os.environ | hooked(tmp_path, KILL_A_WORKER)
     done = subprocess.run(
         [sys.executable, "-m", "merger", "apply", str(recipe), "-o", str(out), "--workers", "2", "-q"],
         env=env, capture_output=True, text=True, timeout=120,
@@ -227,3 +219,41 @@ def test_a_worker_that_dies_fails_the_merge_instead_of_hanging(tmp_path):
     assert done.returncode == 2
     assert done.stderr == "error: a --workers process died while writing its shards (killed, or out of memory?)\n"
     assert list(out.parent.iterdir()) == []
+
+
+LAUNCHER = """
+import os, subprocess, sys
+port, recipe, out = sys.argv[1:]
+env = os.environ | {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port, "MERGER_DIST_TIMEOUT": "600"}
+rank = subprocess.Popen([sys.executable, "-m", "merger", "apply", recipe, "-o", out], env=env)
+print(rank.pid, flush=True)
+rank.wait()
+"""
+
+
+def test_a_rank_ends_when_its_launcher_dies(tmp_path):
+    """A launcher killed outright (SIGKILL, the OOM killer) cannot stop its ranks: each notices its parent
+    is gone and ends within seconds, even while it waits for a rank that will never come."""
+    recipe = _family(tmp_path)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(_free_port()), str(recipe), str(tmp_path / "out")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    rank = int(launcher.stdout.readline())
+    time.sleep(3)  # the rank is up, waiting for rank 1 (for 600 s)
+    assert _alive(rank)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 15
+    while _alive(rank) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(rank), "a rank outlived its launcher"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, waiting to be reaped
+    except OSError:
+        return False

@@ -170,3 +170,40 @@ def test_bad_data_and_settings(tiny, tmp_path):
         setup(tiny, text, max_length=64)
     evaluator, _ = setup(tiny, text)  # defaults: the model's 32 tokens, stride 16
     assert (evaluator.max_length, evaluator.stride) == (32, 16)
+
+
+class _Planted:
+    """A pickle that creates a file when it is loaded: what a stranger's pytorch_model.bin could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_the_evaluator_loads_safetensors_only(tiny, tmp_path):
+    """A pickled checkpoint beside the safetensors (or instead of them) is never loaded: the evaluator
+    reads merger's own copies and links, and asks transformers for safetensors alone."""
+    import pickle
+    import shutil
+
+    marker = tmp_path / "pickle-ran"
+    paths = {n: tmp_path / n for n in ("m1", "m2")}
+    for n, p in paths.items():
+        shutil.copytree(tiny[n], p)
+        with open(p / "pytorch_model.bin", "wb") as f:
+            pickle.dump(_Planted(marker), f)
+    data = tmp_path / "heldout.txt"
+    data.write_text(TEXT)
+    evaluator, plan = setup(paths, data, max_length=8, stride=4)
+    with Candidate(subset_plan(plan, (0, 1)), workdir=tmp_path) as candidate:
+        evaluator.score(candidate)
+    evaluator.close()
+    only_pickle = tmp_path / "only-pickle"
+    only_pickle.mkdir()
+    shutil.copy(paths["m1"] / "config.json", only_pickle)
+    shutil.copy(paths["m1"] / "pytorch_model.bin", only_pickle)
+    with pytest.raises(OSError):
+        evaluator._load(only_pickle)
+    assert not marker.exists()

@@ -1,0 +1,304 @@
+"""Resume: a merge stopped in any way (Ctrl-C, SIGTERM, SIGHUP, SIGKILL; a killed --workers parent; at any
+point, metadata and the final rename included) is finished by running the same command again: the shards
+it finished are kept as they are (same files), the rest written, and the output is byte-identical to a
+merge that was never stopped. A changed recipe or input starts over. Every merge here is a real process
+stopped by a real signal, at a point a start-up hook picks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hooked, write_checkpoint
+
+SHARDS = 6
+
+# Stop the merge, by the signal in $STOP_WITH, once the writer has finished $STOP_AFTER shards.
+STOP_AFTER_SHARDS = """
+import os, signal
+import merger.staging as staging
+
+_finished = staging.Finished.__call__
+_count = [0]
+
+def __call__(self, shard, path):
+    _finished(self, shard, path)
+    _count[0] += 1
+    if _count[0] == int(os.environ["STOP_AFTER"]):
+        os.kill(os.getpid(), getattr(signal, os.environ["STOP_WITH"]))
+        signal.pause() if os.environ["STOP_WITH"] == "SIGKILL" else None
+
+staging.Finished.__call__ = __call__
+"""
+
+# SIGKILL the merge as it calls $KILL_IN (module:function) for the $KILL_AT-th time.
+KILL_IN = """
+import importlib, os, signal
+module, _, name = os.environ["KILL_IN"].partition(":")
+owner, _, attr = name.rpartition(".")
+target = importlib.import_module(module)
+for part in filter(None, owner.split(".")):
+    target = getattr(target, part)
+original = getattr(target, attr)
+calls = [0]
+
+def killed(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ.get("KILL_AT", "1")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+
+setattr(target, attr, killed)
+"""
+
+
+def merger(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "merger", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ | (env or {}),
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A TIES recipe over bf16 models whose output is six shards, and the output of an uninterrupted run."""
+    root = tmp_path_factory.mktemp("resume")
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.w": torch.randn(64, 64, generator=g).bfloat16() for i in range(12)}
+    base["ids"] = torch.arange(10)
+    write_checkpoint(root / "base", base)
+    for m in (1, 2):
+        ft = {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() if v.is_floating_point() else v
+              for k, v in base.items()}  # fmt: skip
+        write_checkpoint(root / f"ft{m}", ft, n_shards=3)
+    recipe = root / "r.yaml"
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: {root / 'base'}\n"
+        f"models: [{{model: {root / 'ft1'}, parameters: {{density: 0.3}}}}, {{model: {root / 'ft2'}}}]\n"
+        "output: {shard_size: 20KB}\n"
+    )
+    done = merger(
+        "apply", str(recipe), "-o", str(root / "whole" / "out"), "-q"
+    )  # named as the outputs below: the card's title
+    assert done.returncode == 0, done.stderr
+    return root, recipe, files(root / "whole" / "out")
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def kept_shards(partial: Path) -> dict[str, tuple[int, int]]:
+    """The shards a partial output records as finished: name -> (inode, mtime) of the file."""
+    out = {}
+    for marker in (partial / "done").glob("[!.]*.json"):  # not a marker cut short by the kill (.*.tmp)
+        st = (partial / "model" / marker.name.removesuffix(".json")).stat()
+        out[marker.name.removesuffix(".json")] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def assert_resumed(out: Path, kept: dict[str, tuple[int, int]], whole: dict[str, bytes]) -> None:
+    """`out` is the uninterrupted run's output, byte for byte, and its shards kept from the stopped run are
+    the very files that run wrote (not written again); nothing is left beside it."""
+    assert files(out) == whole
+    for name, (inode, mtime) in kept.items():
+        st = (out / name).stat()
+        assert (st.st_ino, st.st_mtime_ns) == (inode, mtime), name
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    ("signal_name", "after"), [("SIGKILL", 1), ("SIGTERM", 3), ("SIGINT", 2), ("SIGHUP", 1), ("SIGKILL", 5)]
+)
+def test_a_stopped_merge_resumes_where_it_stopped(family, tmp_path, signal_name, after):
+    _, recipe, whole = family
+    out = tmp_path / "out"
+    env = hooked(tmp_path, STOP_AFTER_SHARDS) | {"STOP_AFTER": str(after), "STOP_WITH": signal_name}
+    stopped = merger("apply", str(recipe), "-o", str(out), "-q", env=env)
+    partial = tmp_path / ".out.merger-partial"
+    kept = kept_shards(partial)
+    assert not out.exists() and len(kept) >= after
+    if signal_name == "SIGKILL":
+        assert stopped.returncode == -9
+    else:  # a clean stop: one line saying what is kept and how to go on
+        assert stopped.returncode == 130
+        assert stopped.stderr == (
+            f"error: interrupted; {len(kept)} of {SHARDS} shards are done and kept in {partial}: run the same "
+            "command again to resume (or delete it)\n"
+        )
+    plan = merger("plan", str(recipe), "-o", str(out), "--json")
+    resume = json.loads(plan.stdout)["resume"]
+    assert resume["state"] == "resumable" and resume["shards_done"] == len(kept) and resume["bytes_done"] > 0
+    text = merger("plan", str(recipe), "-o", str(out)).stdout
+    assert f"resume:       an interrupted merge left {len(kept)} of {SHARDS} shards" in text
+
+    again = merger("apply", str(recipe), "-o", str(out), "-q")
+    assert again.returncode == 0, again.stderr
+    assert_resumed(out, kept, whole)
+
+
+@pytest.mark.parametrize(
+    ("where", "at"),
+    [
+        ("merger.stream:ShardWriter.write", 2),  # in the middle of the first shard: nothing finished yet
+        ("merger.stream:ShardWriter.write", 9),  # in the middle of a later shard
+        ("merger.output:write_card", 1),  # every shard done, metadata half written
+        ("merger.staging:_rename_new", 1),  # everything written and flushed, not yet in place
+    ],
+)
+def test_killed_anywhere_the_same_command_finishes(family, tmp_path, where, at):
+    _, recipe, whole = family
+    out = tmp_path / "out"
+    env = hooked(tmp_path, KILL_IN) | {"KILL_IN": where, "KILL_AT": str(at)}
+    assert merger("apply", str(recipe), "-o", str(out), "-q", env=env).returncode == -9
+    assert not out.exists()
+    kept = kept_shards(tmp_path / ".out.merger-partial")
+    again = merger("apply", str(recipe), "-o", str(out), "-q")
+    assert again.returncode == 0, again.stderr
+    assert_resumed(out, kept, whole)
+
+
+def test_killed_after_the_rename_leaves_the_new_output_and_the_next_run_cleans_up(family, tmp_path):
+    """Killed between putting the output in place and removing the partial directory: the destination
+    is complete; a later run into it (here with --force) clears what is left."""
+    _, recipe, whole = family
+    out = tmp_path / "out"
+    env = hooked(tmp_path, KILL_IN) | {"KILL_IN": "merger.staging:Partial.discard"}
+    assert merger("apply", str(recipe), "-o", str(out), "-q", env=env).returncode == -9
+    assert files(out) == whole
+    again = merger("apply", str(recipe), "-o", str(out), "-q", "--force")
+    assert again.returncode == 0, again.stderr
+    assert files(out) == whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_changed_recipe_or_input_starts_over(family, tmp_path):
+    root, recipe, _ = family
+    out = tmp_path / "out"
+    stop = hooked(tmp_path, STOP_AFTER_SHARDS) | {"STOP_AFTER": "2", "STOP_WITH": "SIGKILL"}
+    other = tmp_path / "other.yaml"
+    other.write_text(recipe.read_text().replace("density: 0.3", "density: 0.4"))
+    fresh = merger("apply", str(other), "-o", str(tmp_path / "fresh" / "out"), "-q")
+    assert fresh.returncode == 0, fresh.stderr
+
+    assert merger("apply", str(recipe), "-o", str(out), "-q", env=stop).returncode == -9
+    stale = kept_shards(tmp_path / ".out.merger-partial")
+    plan = json.loads(merger("plan", str(other), "-o", str(out), "--json").stdout)
+    assert plan["resume"]["state"] == "stale"
+    assert merger("apply", str(other), "-o", str(out), "-q").returncode == 0
+    assert files(out) == files(tmp_path / "fresh" / "out")
+    assert all((out / n).stat().st_ino != inode for n, (inode, _) in stale.items())  # every shard written anew
+
+    # an input rewritten in place, its size and mtime put back: its stamp (ctime, inode) still tells
+    shutil.copytree(root / "ft2", tmp_path / "ft2")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(recipe.read_text().replace(str(root / "ft2"), str(tmp_path / "ft2")))
+    out2 = tmp_path / "out2"
+    assert merger("apply", str(mine), "-o", str(out2), "-q", env=stop).returncode == -9
+    stale = kept_shards(tmp_path / ".out2.merger-partial")
+    shard = tmp_path / "ft2" / "model-00002-of-00003.safetensors"
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-2:] = b"\x80\x3f"
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert merger("apply", str(mine), "-o", str(tmp_path / "fresh2" / "out2"), "-q").returncode == 0
+    assert merger("apply", str(mine), "-o", str(out2), "-q").returncode == 0
+    assert files(out2) == files(tmp_path / "fresh2" / "out2")
+    assert all((out2 / n).stat().st_ino != inode for n, (inode, _) in stale.items())
+
+
+# Record each --workers process's pid, then SIGKILL the parent once a worker has finished its first shard.
+KILL_THE_PARENT = """
+import os, signal
+import merger.staging as staging
+
+_finished = staging.Finished.__call__
+
+def __call__(self, shard, path):
+    _finished(self, shard, path)
+    if os.environ.get("PIDS"):
+        with open(os.environ["PIDS"], "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        os.kill(os.getppid(), signal.SIGKILL)
+        signal.pause()
+
+staging.Finished.__call__ = __call__
+"""
+
+
+def test_workers_die_with_their_parent_and_their_shards_are_resumed(family, tmp_path):
+    _, recipe, whole = family
+    out = tmp_path / "out"
+    pids = tmp_path / "pids"
+    env = hooked(tmp_path, KILL_THE_PARENT) | {"PIDS": str(pids)}
+    assert merger("apply", str(recipe), "-o", str(out), "-q", "--workers", "2", env=env).returncode == -9
+    workers = {int(p) for p in pids.read_text().split()}
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "a --workers process outlived its parent"
+    kept = kept_shards(tmp_path / ".out.merger-partial")
+    assert kept
+    again = merger("apply", str(recipe), "-o", str(out), "-q", "--workers", "2")
+    assert again.returncode == 0, again.stderr
+    assert_resumed(out, kept, whole)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, waiting to be reaped
+    except OSError:
+        return False
+
+
+# Finish one shard, then hold the partial output (and its lock) until killed.
+HOLD = """
+import os, signal
+import merger.staging as staging
+
+_finished = staging.Finished.__call__
+
+def __call__(self, shard, path):
+    _finished(self, shard, path)
+    signal.pause()
+
+staging.Finished.__call__ = __call__
+"""
+
+
+def test_a_second_merger_into_the_same_output_stops_at_once(family, tmp_path):
+    _, recipe, _ = family
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "merger", "apply", str(recipe), "-o", str(out), "-q"],
+        env=os.environ | hooked(tmp_path, HOLD),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        done = tmp_path / ".out.merger-partial" / "done"
+        deadline = time.monotonic() + 60
+        while not (done.is_dir() and any(done.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = merger("apply", str(recipe), "-o", str(out), "-q")
+        assert second.returncode == 2
+        assert second.stderr == (
+            f"error: output {out}: another merger is writing it now (it holds {tmp_path / '.out.merger-partial'}); "
+            "wait for it to finish\n"
+        )
+        plan = merger("plan", str(recipe), "-o", str(out)).stdout
+        assert "resume:       another merger is writing it now" in plan
+    finally:
+        first.kill()
+        first.communicate()
