@@ -245,6 +245,7 @@ def main() -> None:
         )
         rows = []
         limits = {}
+        durable = {}  # read + a write that is on disk when it ends, as merger's output is
         for method in args.methods.split(","):
             cfg = scratch / f"{method}.yaml"
             cfg.write_text(recipe(method, dirs, scratch / "out"))
@@ -260,6 +261,7 @@ def main() -> None:
             read_s = min(reads.values())
             write_s = min(writes["plain"], writes["writer"])
             limits[method] = read_s + write_s
+            durable[method] = read_s + min(writes["plain+sync"], writes["writer+sync"])
             print(
                 f"{method}: I/O limit read all inputs {read_s:.2f} s (read(2) {reads['read']:.2f} s, mapped "
                 f"{reads['mmap']:.2f} s) + write one output {write_s:.2f} s (write(2) {writes['plain']:.2f} s, "
@@ -280,18 +282,21 @@ def main() -> None:
                     wall, rss, _ = run_process(mk)
                     rows.append(("mergekit", method, rep, wall, wall, rss, None))
                     shutil.rmtree(out, ignore_errors=True)
-        print(f"\n{'tool':9} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'vs mk':>6} "
+        print(f"\n{'tool':9} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'x dur':>6} {'vs mk':>6} "
               f"{'peak RSS':>9} {'peak GPU':>9}")  # fmt: skip
         for tool, method, _rep, wall, inner, rss, gpu in rows:
             best_mk = min((r[3] for r in rows if r[0] == "mergekit" and r[1] == method), default=None)
             vs = f"{best_mk / wall:5.1f}x" if best_mk and tool == "merger" else "     -"
             gbps = len(dirs) * in_bytes / inner / 1e9
             gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
-            print(f"{tool:9} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} {vs:>6} "
+            print(f"{tool:9} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} "
+                  f"{inner / durable[method]:6.2f} {vs:>6} "
                   f"{rss / 1e9:7.2f}GB {gpu_s}")  # fmt: skip
         print(
             "\nwall s: the whole process (Python start-up and imports included); merge s: merger's own timer "
-            "(read, merge, write, rename). x I/O: merge s / (read + write) limit. GB/s: input bytes / merge s."
+            "(read, merge, write, hash the inputs for the lock, flush to disk, rename). x I/O: merge s / (read + "
+            "write) limit; x dur: merge s / (read + write flushed to disk) limit, as merger's output is. "
+            "GB/s: input bytes / merge s."
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -8,8 +8,11 @@ config, tokenizer, card and lock, and the whole swapped into place (merger.stagi
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -99,6 +102,20 @@ class Job:
     def __init__(self, plan, dest, verified, provenance, low_disk, durable):
         self.plan, self.dest, self.verified = plan, dest, verified
         self.provenance, self.low_disk, self.durable = provenance or plan, low_disk, durable
+        self.stop = threading.Event()
+
+    @contextlib.contextmanager
+    def beside(self) -> Iterator[ThreadPoolExecutor]:
+        """A thread to hash the inputs on beside the merge, told to stop if the merge fails or is
+        interrupted: nobody then waits for the hashing of a 70B model that no longer matters."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="merger-hash")
+        try:
+            yield pool
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            pool.shutdown()
 
     def hash_inputs(self, pool: ThreadPoolExecutor, shards: list[int]) -> Future | None:
         """Fetch the Hub files `shards` need (all of them, or with --low-disk all but the weights), then
@@ -111,7 +128,7 @@ class Job:
             done: Future = Future()
             done.set_result(self.verified)
             return done
-        return pool.submit(inputs_of, self.provenance, hub_weights=not self.low_disk)
+        return pool.submit(inputs_of, self.provenance, hub_weights=not self.low_disk, stop=self.stop)
 
     def finish(self, partial: Partial, hashing: Future | None, card: str | None) -> int:
         """Once the shards are written: record the inputs (any kept shard whose inputs turn out to have
@@ -119,7 +136,9 @@ class Job:
         read to write shards again."""
         inputs: list[LockedInput] | None = hashing.result() if hashing else None
         again = partial.check_inputs(inputs) if inputs is not None else []
-        read = write_shards(self.plan, partial.model, shards=again, finished=partial.finished, durable=self.durable)
+        read = 0
+        if again:
+            read = write_shards(self.plan, partial.model, shards=again, finished=partial.finished, durable=self.durable)
         write_metadata(self.plan, partial.model, self.dest.name, inputs, card)
         return read
 
@@ -131,7 +150,7 @@ def _in_this_process(job: Job, force: bool, progress: bool, workers: int, card: 
     partial = Partial(job.dest, plan, durable=job.durable)
     peaks = (0, 0)
     try:
-        with _kept_for_resume(partial), ThreadPoolExecutor(1, thread_name_prefix="merger-hash") as pool:
+        with _kept_for_resume(partial), job.beside() as pool:
             hashing = job.hash_inputs(pool, partial.todo)
             if workers > 1:
                 read, *peaks = parallel.write_with_workers(
@@ -163,7 +182,7 @@ def _as_rank(job: Job, force: bool, progress: bool, group: parallel.Group, card:
     plan = job.plan
     partial = Partial(job.dest, plan, durable=job.durable) if group.rank == 0 else None
     try:
-        with _kept_for_resume(partial), ThreadPoolExecutor(1, thread_name_prefix="merger-hash") as pool:
+        with _kept_for_resume(partial), job.beside() as pool:
             where, todo = group.share((str(partial.path), partial.todo) if partial else None)
             finished = Finished(Path(where), job.durable)
             parts = parallel.assign([plan.shards[i] for i in todo], group.world)
@@ -210,7 +229,8 @@ class _kept_for_resume:
         if partial is None or error is None:
             return False
         kept = len(_finished(partial))
-        resumable = kept > 0 and isinstance(error, KeyboardInterrupt | OSError | parallel.ProcessDied)
+        interrupted = isinstance(error, KeyboardInterrupt) or system.INTERRUPTED.is_set()
+        resumable = kept > 0 and (interrupted or isinstance(error, OSError | parallel.ProcessDied))
         if resumable:
             after = (
                 f"{kept} of {len(partial.plan.shards)} shards are done and kept in {partial.path}: run the same "
@@ -219,13 +239,14 @@ class _kept_for_resume:
         else:
             partial.discard()  # nothing done yet, or a failure that would come again
             after = "nothing was written to the output"
-        if isinstance(error, KeyboardInterrupt):
+        if interrupted:
             raise Interrupted(f"interrupted; {after}") from None
         if isinstance(error, OSError):
-            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise OutputError(
-                f"{f'output {partial.dest}: no space left on the device' if full else describe(error)}; {after}"
-            ) from None
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                what = f"output {partial.dest}: no space left on the device"
+            else:  # an error without a file name came from writing the output
+                what = describe(error) if error.filename else f"output {partial.dest}: {describe(error)}"
+            raise OutputError(f"{what}; {after}") from None
         if resumable:
             raise parallel.ProcessDied(f"{error}; {after}") from None
         return False

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import signal
 import sys
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
-from merger import __version__
+from merger import __version__, system
 from merger.errors import Interrupted, MergerError, describe
 
 
@@ -41,8 +44,14 @@ def _domain_errors(fn):
             click.echo("error: interrupted; nothing was written to the output", err=True)
             sys.exit(130)
         except OSError as e:
+            if system.INTERRUPTED.is_set():
+                raise _interrupted() from None
             click.echo(f"error: {_printable(describe(e))}; nothing was written to the output", err=True)
             sys.exit(1)
+        except Exception:
+            if system.INTERRUPTED.is_set():  # an interrupt that a library turned into another error
+                raise _interrupted() from None
+            raise
 
     return wrapper
 
@@ -53,8 +62,29 @@ def _printable(line: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
-def _sigterm(signum, frame):
+def _interrupted() -> SystemExit:
+    click.echo("error: interrupted; nothing was written to the output", err=True)
+    return SystemExit(130)
+
+
+def _interrupt(signum, frame):
+    """SIGINT, SIGTERM, SIGHUP: stop as on Ctrl-C, keeping what is done, wherever the signal lands."""
+    system.INTERRUPTED.set()
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Ctrl-C, kill (SIGTERM) and a terminal that went away (SIGHUP) interrupt `merger apply` alike;
+    the handlers are the caller's again afterwards (a test runner, a notebook)."""
+    system.INTERRUPTED.clear()
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = [signal.signal(s, _interrupt) for s in signals]
+    try:
+        yield
+    finally:
+        for s, handler in zip(signals, previous):
+            signal.signal(s, handler)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,6 +126,8 @@ def _destination(plan, output: str | None) -> Path:
     path = output or plan.spec.recipe.output.path
     if not path:
         raise MergerError(f"{plan.spec.where('output')}: no output directory; give -o DIR or output.path")
+    if "\0" in path:
+        raise MergerError("-o: an output directory's name cannot contain a NUL character")
     return Path(path)
 
 
@@ -128,7 +160,7 @@ _offline_opt = click.option(
     help="Fetch Hub weights shard by shard as the merge reads them and delete each after its last read.",
 )
 @click.option("--no-push", is_flag=True, help="Do not publish, even if the recipe has a hub: section.")
-@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output if it is an earlier merger output (or empty).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (implies --quiet).")
 @click.option(
@@ -146,18 +178,23 @@ def apply(
 
     Models are local directories or Hub ids (org/name or org/name@revision). Everything is checked from
     the safetensors headers (read remotely for Hub models) before any weight is read or downloaded. The
-    output, with merger.lock.json, is written to a temporary sibling directory and renamed into place
-    when complete; with a hub: section in the recipe it is then published.
+    output, with merger.lock.json, is written into a hidden partial directory beside it, flushed to disk
+    and renamed into place when complete; an interrupted merge is finished by running the same command
+    again (the shards it finished are kept). --force replaces only an earlier merger output or an empty
+    directory. With a hub: section in the recipe the result is then published.
 
     greedy_soup first searches: it scores every model and candidate soup with the recipe's evaluator
     (progress on stderr), then writes the chosen soup and prints the search as a table.
     """
+    with _signals_interrupt():
+        _apply(recipe, output, device, shard_size, locked, offline, low_disk, no_push, force, quiet, as_json, workers)
+
+
+def _apply(recipe, output, device, shard_size, locked, offline, low_disk, no_push, force, quiet, as_json, workers):
     from merger import publish
     from merger.apply import apply as write_model
     from merger.methods import greedy
 
-    signal.signal(signal.SIGTERM, _sigterm)
-    signal.signal(signal.SIGHUP, _sigterm)  # the terminal went away: stop as on Ctrl-C, keeping what is done
     progress = not quiet and not as_json and sys.stderr.isatty()
     plan, lock = _plan(recipe, device, shard_size, locked, offline, progress)
     dest = _destination(plan, output)
@@ -218,11 +255,17 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
     """Validate RECIPE and show what `apply` would do, reading only the safetensors headers
     (for Hub models, remotely: nothing is downloaded but each model's index)."""
     from merger.fetch import disk_needs
-    from merger.staging import inspect
+    from merger.lock import listed
+    from merger.staging import check_path, check_replaceable, inspect
 
-    p, _ = _plan(recipe, device, shard_size, locked, offline)
-    dest = output or p.spec.recipe.output.path
-    partial = inspect(p, Path(dest).expanduser().resolve()) if dest else None
+    p, lock = _plan(recipe, device, shard_size, locked, offline)
+    if lock is not None:  # what can be checked without reading a file: commits, file lists and sizes
+        lock.verify(listed(p, local=True), locked)
+    dest = str(_destination(p, output)) if output or p.spec.recipe.output.path else None
+    resolved = Path(dest).expanduser().resolve() if dest else None
+    if resolved is not None:
+        check_path(resolved, p)
+    partial = inspect(p, resolved) if resolved else None
     todo = None
     if partial is not None and partial.state == "resumable":
         todo = [i for i, s in enumerate(p.shards) if s.filename not in partial.done]
@@ -236,8 +279,8 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         "commits": {m.ref: m.remote.commit for m in [p.base, *p.inputs, p.tokenizer_from] if m and m.remote},
         "device": p.device,
         "compute_dtype": p.compute_dtype,
-        "output": str(Path(dest).expanduser().resolve()) if dest else None,
-        "output_exists": bool(dest) and Path(dest).expanduser().exists(),
+        "output": str(resolved) if resolved else None,
+        "output_exists": resolved is not None and os.path.lexists(resolved),
         "tensors": len(p.tensors),
         "tensors_merged": n_merged,
         "tensors_copied": len(p.tensors) - n_merged,
@@ -290,7 +333,14 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
             f"  evaluation:   {ev.evaluator}, {ev.direction} is better, accept {ev.accept}; "
             f"up to {2 * n} evaluations ({n} models alone, {n - 1} soups, the uniform soup of all)"
         )
-    exists = " (exists: apply needs --force)" if info["output_exists"] else ""
+    exists = ""
+    if info["output_exists"]:
+        try:
+            check_replaceable(resolved)
+            exists = " (exists: apply needs --force to replace it)"
+        except MergerError as e:
+            reason = str(e).split("; ")[0].removeprefix(f"output {resolved} ")
+            exists = f" (exists, but it {reason}: apply --force would refuse to replace it)"
     click.echo(f"  output:       {info['output'] or '(none: give -o DIR or output.path)'}{exists}")
     if partial is not None:
         click.echo(f"  resume:       {_resume_line(partial, len(p.shards))}")

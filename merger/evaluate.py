@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -232,6 +233,9 @@ class PerplexityEvaluator:
         self.data_sha256 = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else ""
         docs = read_documents(data, ev.text_field, where("evaluation", "data"))
         self.support = Path(tempfile.mkdtemp(prefix="merger-eval-"))
+        weakref.finalize(
+            self, shutil.rmtree, self.support, True
+        )  # also if set-up fails below, or close() is never called
         _support_dir(plan, self.support)
         with quiet_transformers():
             try:

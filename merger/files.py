@@ -142,29 +142,89 @@ class Folder:
     def read_json(self, name: str, limit: int = SUPPORT_LIMIT) -> object:
         return parse_json(self.read_bytes(name, limit), f"'{self.label}': {name}")
 
-    def sha256(self, name: str) -> str:
-        """The sha256 of `name`'s bytes, read now."""
-        h = hashlib.sha256()
+    def sha256(self, name: str, stop: threading.Event | None = None) -> str:
+        """The sha256 of `name`'s bytes, read now (raises Stopped once `stop` is set)."""
         try:
             with self.open(name) as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+                return _sha256(f, stop)
         except OSError as e:
             raise ModelError(f"'{self.label}': cannot read {name}: {e.strerror}") from None
-        return h.hexdigest()
+
+
+PIPE_WAIT = 60.0  # seconds a pipe named as a recipe or lock may take to deliver it (`<(generate-recipe)`)
+
+
+def read_user_file(path: str | Path, limit: int) -> bytes:
+    """A file the user names on the command line (a recipe, a lock): a regular file, or a pipe (process
+    substitution, /dev/stdin) read until its writer is done; at most `limit` bytes (one more is read, so
+    the caller can tell). Raises OSError, or ValueError for a device, a directory, a pipe nothing writes
+    to, or one that keeps it waiting past PIPE_WAIT."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            os.set_blocking(fd, True)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read(limit + 1)
+        if not stat.S_ISFIFO(mode):
+            raise ValueError(f"is {_kind(mode)}, not a file")
+        return _read_pipe(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _read_pipe(fd: int, limit: int) -> bytes:
+    """Read a non-blocking pipe to its end: a read returns b"" once its writer is done, or at once if it
+    has none (a FIFO nobody opened for writing); EAGAIN means a writer that has not written yet."""
+    import select
+    import time
+
+    chunks: list[bytes] = []
+    size = 0
+    deadline = time.monotonic() + PIPE_WAIT
+    while size <= limit:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise ValueError(f"is a pipe that sent nothing more for {PIPE_WAIT:g} s") from None
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if not chunks:
+        raise ValueError("is a pipe that nothing wrote to")
+    return b"".join(chunks)
 
 
 def sha256_file(path: Path) -> str:
     """The sha256 of a file's bytes, read now (a file of the user's: a script, a data file)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+        return _sha256(f)
+
+
+class Stopped(Exception):
+    """Work in the background was told to stop (the merge it ran beside was interrupted)."""
+
+
+def _sha256(f: BinaryIO, stop: threading.Event | None = None) -> str:
+    """Through one reused 1 MiB buffer (hashlib releases the GIL on blocks this size); `stop`, checked
+    between blocks, ends it early."""
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        if stop is not None and stop.is_set():
+            raise Stopped
+        h.update(view[:n])
     return h.hexdigest()
 
 
-def parse_json(raw: bytes, what: str, *, unique_keys: bool = False) -> object:
-    """JSON from an input, as one-line errors: not UTF-8, not JSON, nested deeper than JSON_DEPTH, or
+def parse_json(raw: bytes, what: str, *, unique_keys: bool = False, depth: bool = True) -> object:
+    """JSON from an input, as one-line errors: not UTF-8, not JSON, nested deeper than JSON_DEPTH (unless
+    `depth` is False: a caller that checks the shape itself, as a safetensors header's reader does), or
     (with `unique_keys`) a key given twice in one object."""
     try:
         text = raw.decode("utf-8")
@@ -178,7 +238,9 @@ def parse_json(raw: bytes, what: str, *, unique_keys: bool = False) -> object:
         raise ModelError(f"{what} is not valid JSON ({e.msg} at line {e.lineno})") from None
     except RecursionError:
         data = _TOO_DEEP
-    if data is _TOO_DEEP or _depth(data) > JSON_DEPTH:
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ModelError(f"{what} is not valid JSON ({str(e).split(';')[0]})") from None
+    if data is _TOO_DEEP or (depth and _depth(data) > JSON_DEPTH):
         raise ModelError(f"{what} nests deeper than {JSON_DEPTH} levels; not a file merger reads")
     return data
 
@@ -189,14 +251,14 @@ _TOO_DEEP = object()
 def _depth(data: object) -> int:
     """How deep lists and objects nest in parsed JSON (without recursion)."""
     deepest = 0
-    todo = [(data, 1)]
+    todo = [(data, 1)] if isinstance(data, dict | list) else []
     while todo:
         node, depth = todo.pop()
-        if isinstance(node, dict | list):
-            deepest = max(deepest, depth)
-            if deepest > JSON_DEPTH:
-                break
-            todo.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+        deepest = max(deepest, depth)
+        if deepest > JSON_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node
+        todo.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return deepest
 
 
@@ -240,7 +302,8 @@ def check_yaml(text: str) -> None:
             if anchor:
                 sizes[anchor] = total - before
         if total > YAML_NODES:
-            raise YAMLTooLarge(f"expands to more than {YAML_NODES} values (aliases of aliases?)", line)
+            why = " (aliases of aliases?)" if sizes else ""
+            raise YAMLTooLarge(f"expands to more than {YAML_NODES} values{why}", line)
 
 
 class _Duplicate(ValueError):
@@ -248,11 +311,10 @@ class _Duplicate(ValueError):
 
 
 def _unique(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise _Duplicate(k)
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return out
 
 

@@ -324,8 +324,8 @@ class _Silent(tqdm):
 
 def short_hash(entry: dict) -> str:
     """A lock entry for messages: 'sha256 0123456789ab, 1000 bytes'."""
-    kind = "sha256" if "sha256" in entry else "git_sha1"
-    return f"{kind} {str(entry.get(kind))[:12]}, {entry.get('size')} bytes"
+    kind = "sha256" if "sha256" in entry else "git_sha1" if "git_sha1" in entry else None
+    return f"{kind} {str(entry.get(kind))[:12]}, {entry.get('size')} bytes" if kind else f"{entry.get('size')} bytes"
 
 
 def _true(value: str | None) -> bool:

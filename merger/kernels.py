@@ -18,8 +18,10 @@ directory is not private, kernels are compiled in every process instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import numba
@@ -27,6 +29,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
+from numba.core.caching import FunctionCache
 from numba.extending import intrinsic, overload
 
 from merger.errors import NaNTaskVector
@@ -36,6 +39,48 @@ _cache_dir = private_cache("numba")
 CACHE = _cache_dir is not None
 if CACHE:  # read by numba when each kernel below is decorated: before that, whatever NUMBA_CACHE_DIR says
     numba.config.CACHE_DIR = str(_cache_dir)
+
+
+class _MendingCache(FunctionCache):
+    """numba's on-disk cache of a kernel, except that files a crash or a full disk left damaged (numba
+    raises on a truncated index) are dropped and the kernel compiled again, instead of ending the merge."""
+
+    def load_overload(self, sig, target_context):
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception as e:
+            if _from_an_interrupt(e):
+                raise
+            self._drop()
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            super().save_overload(sig, data)
+        except Exception:
+            self._drop()  # the next run compiles it again
+
+    def _drop(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.unlink(self._cache_file._index_path)
+
+
+def _from_an_interrupt(e: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt caused `e` (numba reraises one that lands in its loader as SystemError)."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def kernel(fn):
+    """A numba kernel: compiled on first use without the GIL, cached in merger's private cache."""
+    dispatcher = njit(nogil=True, cache=False, boundscheck=False)(fn)
+    if CACHE:
+        dispatcher._cache = _MendingCache(fn)  # what njit(cache=True) sets, with the mending above
+    return dispatcher
+
 
 U = np.uint64
 BLOCK = 256  # entries per inner loop of every kernel: their float32 scratch stays in L1 (1024 measured 15-20% slower
@@ -47,7 +92,7 @@ def supported(*codes: str) -> bool:
     return all(c in SUPPORTED for c in codes)
 
 
-@njit(nogil=True, cache=CACHE, boundscheck=False)
+@kernel
 def count_masked(bits, mask):  # pragma: no cover - compiled
     """Entries whose bits under `mask` are all set (with a float format's exponent mask: inf and NaN)."""
     n = 0
@@ -210,7 +255,7 @@ def _store(a, i, v):
 RADIX_BINS = 1 << 15  # the top 16 bits of a non-negative float32 (sign clear): the same order as the value
 
 
-@njit(nogil=True, cache=CACHE, boundscheck=False)
+@kernel
 def _sample_hist(xs, b, starts, run, hist):  # pragma: no cover - compiled
     """hist[j, top 16 bits of |x_j - b|] += 1 over the runs of `run` entries at `starts`.
 
@@ -236,7 +281,7 @@ def _sample_hist(xs, b, starts, run, hist):  # pragma: no cover - compiled
                 h[U(_bits_of_f32(v) >> np.uint32(16))] += 1
 
 
-@njit(nogil=True, cache=CACHE, boundscheck=False)
+@kernel
 def _kth_largest(vals, rank):  # pragma: no cover - compiled
     """The rank-th largest of non-negative float32 values: a radix select on their bit patterns
     (which order like the values), 14 bits of the remaining span per round, no sort."""
@@ -269,7 +314,7 @@ def _kth_largest(vals, rank):  # pragma: no cover - compiled
         vals = members
 
 
-@njit(nogil=True, cache=CACHE, boundscheck=False)
+@kernel
 def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     """Per model j: how many |x_j - b| > hi[j], and the entries with lo[j] <= |x_j - b| <= hi[j], or
     NaN, gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered).
@@ -321,7 +366,7 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     return above, got
 
 
-@njit(nogil=True, cache=CACHE, boundscheck=False)
+@kernel
 def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  # pragma: no cover - compiled
     """TIES on a flat chunk starting at flat index `offset`. Model j keeps |d_j| > gt[j] at flat
     indices >= cut[j] and |d_j| > ge[j] (ge = the float just below the threshold, i.e. >= threshold)
@@ -386,7 +431,7 @@ def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  
                 store(out, U(st + i), num[i] * lam + bf[i])
 
 
-@njit(nogil=True, cache=CACHE, boundscheck=False)
+@kernel
 def _weighted_sum(xs, b, out, w, scale, divisor):  # pragma: no cover - compiled
     """out = sum_j w[j] * x_j, divided by `divisor` unless it is 0 (linear), or with a base b (an
     array with entries): out = b + scale * sum_j w[j] * (x_j - b) (task arithmetic)."""
@@ -584,7 +629,7 @@ def _select(vals: np.ndarray, idx: np.ndarray, rank: int) -> tuple[float, int, i
     return float(threshold), int(ties), int(cutoff)
 
 
-@njit(nogil=True, cache=CACHE, boundscheck=False)
+@kernel
 def _select_kernel(vals, idx, rank):  # pragma: no cover - compiled
     """_select in one compiled call: the threshold, then one pass counting the entries above it and
     one (stopping early) finding the last tie kept; idx is ascending."""

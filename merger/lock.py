@@ -5,15 +5,16 @@ refuses any that changed. Nothing in it depends on when or where the merge ran."
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merger import __version__, system
 from merger.errors import MergerError, ModelError
-from merger.files import SUPPORT_LIMIT, parse_json
+from merger.files import SUPPORT_LIMIT, parse_json, read_user_file
 from merger.hub import short_hash
 from merger.plan import Plan
 from merger.sources import LocalModel
@@ -35,7 +36,7 @@ class Lock(BaseModel):
 
     merger_version: str
     recipe: str
-    shard_size: int
+    shard_size: int = Field(gt=0)
     inputs: list[LockedInput]
 
     @property
@@ -63,7 +64,7 @@ class Lock(BaseModel):
                     problems.append(f"'{ref}': {file} is used now but is not in the lock")
                 elif b is None:
                     problems.append(f"'{ref}': {file} is in the lock but not there now")
-                elif a != b:
+                elif a != b if len(b) > 1 else a.get("size") != b.get("size"):  # b: the size alone (plan)
                     problems.append(
                         f"'{ref}': {file} has changed since the lock ({short_hash(a)} then, {short_hash(b)} now)"
                     )
@@ -71,7 +72,9 @@ class Lock(BaseModel):
             raise ModelError("\n".join(f"{name}: {p}" for p in problems))
 
 
-def inputs_of(plan: Plan, *, hub_weights: bool = True, threads: int | None = None) -> list[LockedInput]:
+def inputs_of(
+    plan: Plan, *, hub_weights: bool = True, threads: int | None = None, stop: threading.Event | None = None
+) -> list[LockedInput]:
     """The lock's record of what the merge reads, every file hashed now (never a cached answer): local
     files by sha256; Hub files fetched into the cache by the hash the Hub lists for them (LFS sha256, or
     git blob id), after checking that the bytes there have that hash. Hub weights not fetched yet
@@ -85,8 +88,14 @@ def inputs_of(plan: Plan, *, hub_weights: bool = True, threads: int | None = Non
     used = plan.files_used()
     jobs = [(model, name) for model, names in used for name in names]
     workers = threads or system.default_threads()
+    stop = stop or threading.Event()
     with ThreadPoolExecutor(workers, thread_name_prefix="merger-hash", initializer=system.lower_priority) as pool:
-        records = dict(zip(((m.path, n) for m, n in jobs), pool.map(lambda job: record(*job, hub_weights), jobs)))
+        try:
+            hashed = list(pool.map(lambda job: record(*job, hub_weights, stop), jobs))
+        except BaseException:  # an interrupt: the files being hashed stop at their next block
+            stop.set()
+            raise
+    records = dict(zip(((m.path, n) for m, n in jobs), hashed))
     out = []
     for model, names in used:
         files = {n: records[model.path, n] for n in sorted(names)}
@@ -102,29 +111,30 @@ def inputs_of(plan: Plan, *, hub_weights: bool = True, threads: int | None = Non
     return out
 
 
-def listed(plan: Plan) -> list[LockedInput]:
+def listed(plan: Plan, local: bool = False) -> list[LockedInput]:
     """The Hub inputs as the Hub lists them (commit, files and their hashes), nothing read: what a lock
-    can be checked against before anything is downloaded."""
-    return [
-        LockedInput(
-            refs=[m.ref],
-            repo_id=m.remote.repo_id,
-            commit=m.remote.commit,
-            files={n: m.remote.files[n].record() for n in names},
-        )
-        for m, names in plan.files_used()
-        if m.remote is not None
-    ]
+    can be checked against before anything is downloaded. With `local`, the local inputs too, by their
+    files' sizes alone (what `merger plan --locked` checks without reading any file)."""
+    out = []
+    for m, names in plan.files_used():
+        if m.remote is not None:
+            files = {n: m.remote.files[n].record() for n in names}
+            out.append(LockedInput(refs=[m.ref], repo_id=m.remote.repo_id, commit=m.remote.commit, files=files))
+        elif local:
+            out.append(LockedInput(refs=[m.ref], files={n: {"size": m.folder.stat(n).st_size} for n in names}))
+    return out
 
 
-def record(model: LocalModel, name: str, hub_weights: bool = True) -> dict[str, str | int]:
+def record(
+    model: LocalModel, name: str, hub_weights: bool = True, stop: threading.Event | None = None
+) -> dict[str, str | int]:
     """How the lock records one file of a model, its bytes hashed now. A Hub file fetched into the cache
     is checked against the hash the Hub lists (remote.verify); with `hub_weights` False its weights are
-    not (--low-disk: hub.JustInTime checks each as it arrives)."""
+    not (--low-disk: fetch.JustInTime checks each as it arrives)."""
     remote = model.remote
     if remote is None:
         st = model.folder.stat(name)
-        return {"sha256": model.folder.sha256(name), "size": st.st_size}
+        return {"sha256": model.folder.sha256(name, stop), "size": st.st_size}
     weight = any(model.name_of(f) == name for f in model.files)
     if (model.path / name).exists() and (hub_weights or not weight):
         return remote.verify(name)
@@ -140,10 +150,11 @@ def write_lock(plan: Plan, inputs: list[LockedInput], directory: Path) -> None:
 
 def read_lock(path: str | Path) -> Lock:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(SUPPORT_LIMIT + 1)
+        raw = read_user_file(path, SUPPORT_LIMIT)
     except OSError as e:
         raise MergerError(f"{path}: cannot read lock file: {e.strerror}") from None
+    except ValueError as e:
+        raise MergerError(f"{path}: cannot read lock file: it {e}") from None
     try:
         data = parse_json(raw, str(path))
     except ModelError as e:

@@ -13,6 +13,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import signal
 from datetime import timedelta
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -50,15 +51,18 @@ def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int, in
     return read, system.peak_rss(), gpu
 
 
-def _worker(conn, *args) -> None:
-    """A --workers process: write its shards, send back ("ok", result) or ("error", exception)."""
-    system.die_with_parent(at_once=True)
+def _worker(conn, parent: int, *args) -> None:
+    """A --workers process: write its shards, send back ("ok", result) or ("error", exception). It ends
+    with its parent, and leaves Ctrl-C to it (the parent ends its workers)."""
+    system.die_with_parent(at_once=True, parent=parent)
     try:
         result: tuple = ("ok", _write_part(*args))
-    except BaseException as e:  # the parent raises it (an interrupt included)
+    except BaseException as e:  # the parent raises it
         result = ("error", e)
     try:
         conn.send(result)
+    except (BrokenPipeError, ConnectionError):  # the parent is gone: nobody to tell
+        os._exit(1)
     except Exception:  # an exception that does not pickle
         conn.send(("error", MergerError(describe(result[1]))))
 
@@ -78,12 +82,18 @@ def write_with_workers(
     threads = max(1, system.default_threads() // max(1, len(parts)))  # the cores, shared among the processes
     procs, results = {}, []
     try:
-        for i, part in enumerate(parts):
-            recv, send = ctx.Pipe(duplex=False)
-            args = (send, plan, directory, part, threads, i, finished, durable)
-            proc = procs[recv] = ctx.Process(target=_worker, args=args, name=f"merger-worker-{i}", daemon=True)
-            proc.start()
-            send.close()
+        # Started with SIGINT ignored, which they keep: Ctrl-C reaches the whole process group, and only
+        # the parent should act on it (it ends the workers), not every worker with a traceback of its own.
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for i, part in enumerate(parts):
+                recv, send = ctx.Pipe(duplex=False)
+                args = (send, os.getpid(), plan, directory, part, threads, i, finished, durable)
+                proc = procs[recv] = ctx.Process(target=_worker, args=args, name=f"merger-worker-{i}", daemon=True)
+                proc.start()
+                send.close()
+        finally:
+            signal.signal(signal.SIGINT, sigint)
         waiting = set(procs)
         while waiting:
             for conn in wait(list(waiting)):

@@ -22,10 +22,10 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from merger.errors import RecipeError
-from merger.files import YAMLTooLarge, check_yaml
+from merger.files import YAMLTooLarge, check_yaml, read_user_file
 from merger.methods import Method, Params, all_methods, get_method, greedy
 
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"]
@@ -49,13 +49,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def _no_nul(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_no_nul)]  # a path or model reference: the OS takes no NUL in one
+
+
 class ModelEntry(Strict):
-    model: str = Field(min_length=1, description="a local model directory, or a Hub id: org/name[@revision]")
+    model: Name = Field(min_length=1, description="a local model directory, or a Hub id: org/name[@revision]")
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 class OutputSettings(Strict):
-    path: str | None = Field(None, description="output directory (the CLI's -o overrides it)")
+    path: Name | None = Field(None, min_length=1, description="output directory (the CLI's -o overrides it)")
     shard_size: ByteSize = Field(ByteSize(5_000_000_000), gt=0, description="bytes per output shard")
 
 
@@ -77,7 +86,7 @@ class EvaluationBase(Strict):
     accept: Literal[">=", ">"] = Field(
         ">=", description="keep an ingredient if the soup is not worse (>=, the paper's Recipe 1) or only if better (>)"
     )
-    cache: bool | str = Field(
+    cache: bool | Name = Field(
         True, description="true: $XDG_CACHE_HOME/merger/greedy-soup.json; false: no cache; or a JSON file path"
     )
 
@@ -86,7 +95,7 @@ class PerplexityEvaluation(EvaluationBase):
     """Token-level perplexity of a causal LM (transformers) on held-out text."""
 
     evaluator: Literal["perplexity"]
-    data: str = Field(min_length=1, description="a text file (one document) or .jsonl (one document per line)")
+    data: Name = Field(min_length=1, description="a text file (one document) or .jsonl (one document per line)")
     text_field: str = Field("text", min_length=1, description="the text's key in each JSONL record")
     max_length: int | None = Field(None, ge=2, description="tokens per window; default min(1024, the model's)")
     stride: int | None = Field(None, ge=1, description="tokens between window starts; default max_length // 2")
@@ -98,7 +107,7 @@ class CommandEvaluation(EvaluationBase):
     """A shell command run on each candidate's directory; its score is a number it prints."""
 
     evaluator: Literal["command"]
-    command: str = Field(min_length=1, description="shell command; {model} is replaced by the candidate's directory")
+    command: Name = Field(min_length=1, description="shell command; {model} is replaced by the candidate's directory")
     json_field: str | None = Field(None, description="read this (dotted) field of a JSON object on stdout")
     timeout: float | None = Field(None, gt=0, description="seconds before a run counts as failed")
     direction: Literal["lower", "higher"]
@@ -108,7 +117,7 @@ class PythonEvaluation(EvaluationBase):
     """A Python function called with each candidate, returning its score."""
 
     evaluator: Literal["python"]
-    function: str = Field(description="module:function, imported with the working directory on sys.path")
+    function: Name = Field(description="module:function, imported with the working directory on sys.path")
     direction: Literal["lower", "higher"]
 
 
@@ -118,12 +127,12 @@ Evaluation = Annotated[PerplexityEvaluation | CommandEvaluation | PythonEvaluati
 class Recipe(Strict):
     merge_method: str
     models: list[ModelEntry] = Field(min_length=1)
-    base_model: str | None = None
+    base_model: Name | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: DTypeName | None = None  # output dtype when out_dtype is not given
     out_dtype: DTypeName | None = None
     compute_dtype: Literal["float32", "float64"] = "float32"
-    tokenizer_source: str | None = None  # "base", "model:REF" or REF; default: the base model
+    tokenizer_source: Name | None = None  # "base", "model:REF" or REF; default: the base model
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output: OutputSettings = Field(default_factory=OutputSettings)
     hub: HubSettings | None = None
@@ -172,17 +181,18 @@ class MergeSpec:
         return self.source.where(*loc)
 
 
-RECIPE_LIMIT = 1 << 20  # bytes: a recipe is a page of YAML
+RECIPE_LIMIT = 256 << 10  # bytes: a recipe is a page of YAML (mergekit's largest examples are ~10 KB)
 
 
 def load_recipe(path: str | Path) -> MergeSpec:
     """Read and validate a recipe file. Raises RecipeError listing every problem found."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(RECIPE_LIMIT + 1)
+        raw = read_user_file(path, RECIPE_LIMIT)
     except OSError as e:
         raise RecipeError([f"{path}: cannot read recipe: {e.strerror}"]) from None
+    except ValueError as e:
+        raise RecipeError([f"{path}: cannot read recipe: it {e}"]) from None
     if len(raw) > RECIPE_LIMIT:
         raise RecipeError([f"{path}: more than {RECIPE_LIMIT} bytes; not a recipe"])
     try:
@@ -402,7 +412,12 @@ def _beyond_range(recipe: Recipe, ingredients: list[Ingredient], params: Params,
                 f"{method['lambda']:g} is beyond {dtype}'s range ({largest:.3g})"
             )
     total = math.fsum(weights)
-    if not problems and getattr(params, "normalize", False) and weights and total and scale / abs(total) > largest:
+    if not problems and abs(total) * scale > largest:
+        problems.append(
+            f"{source.where('models')}: the weights sum to {total:g}, which times lambda {scale:g} is beyond "
+            f"{dtype}'s range ({largest:.3g}): lower them"
+        )
+    elif not problems and getattr(params, "normalize", False) and weights and total and scale / abs(total) > largest:
         problems.append(
             f"{source.where('parameters', 'normalize')}: the weights sum to {total:g}; normalising divides by it, "
             f"which is beyond {dtype}'s range: set normalize: false or change a weight"

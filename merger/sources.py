@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import struct
@@ -236,7 +237,7 @@ def parse_header(raw: bytes, n: int, file: Path | str) -> dict:
     if len(raw) != n:
         raise ModelError(f"{file}: truncated safetensors header")
     try:
-        header = parse_json(raw, f"{file}: the safetensors header", unique_keys=True)
+        header = parse_json(raw, f"{file}: the safetensors header", unique_keys=True, depth=False)
     except ModelError as e:
         raise ModelError(f"{e} (not a safetensors file?)") from None
     if not isinstance(header, dict):
@@ -278,6 +279,8 @@ def describe(header: dict, data_start: int, size: int, file: Path, label: str | 
             raise ModelError(f"{where}: unsupported dtype {code!r} (merger reads {', '.join(DTYPES)})")
         if not isinstance(shape, list) or any(_count(d) is None for d in shape):
             raise ModelError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if math.prod(d for d in shape if d) * DTYPES[code][1] >= 1 << 62 or len(shape) > 64:
+            raise ModelError(f"{where}: shape {shape!r} is larger than any tensor merger can hold")
         if not isinstance(offsets, list) or len(offsets) != 2 or any(_count(x) is None for x in offsets):
             raise ModelError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
         begin, end = offsets

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger import __version__
-from merger.errors import OutputError
+from merger.errors import OutputError, describe
 from merger.files import fsync_dir, on_fatal, write_json
 from merger.lock import LOCK_NAME, LockedInput
 from merger.plan import Plan, Shard
@@ -133,13 +133,16 @@ class Partial:
         self.path = partial_path(dest)
         self.model = self.path / "model"
         self.durable = durable
+        self.created = _make_parents(dest)
         remove_leftovers(dest)
         self._fd = _claim(self.path, dest)
         self._cancel = on_fatal(self.discard)  # an input that shrinks under the merge (SIGBUS)
         try:
             _restore(self.path / "old", dest)
             self.done = self._resume()
-        except BaseException:
+        except BaseException:  # an interrupt as it starts: nothing of an earlier run is lost by it
+            if not any((self.path / "done").glob("*.json")):
+                self.discard()
             self.close()
             raise
 
@@ -204,10 +207,15 @@ class Partial:
 
     def discard(self) -> None:
         """Remove the partial output (after a commit it holds the old output, if any). An old output set
-        aside and not replaced goes back first."""
+        aside and not replaced goes back first; directories made to hold the output go if nothing else
+        is in them."""
         with contextlib.suppress(OSError):
             _restore(self.path / "old", self.dest)
         shutil.rmtree(self.path, ignore_errors=True)
+        if not os.path.lexists(self.dest):
+            for d in self.created:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
     def close(self) -> None:
         """Let go of the partial output, keeping it for a later run to resume."""
@@ -220,6 +228,16 @@ class Partial:
 def check_destination(dest: Path, plan: Plan, force: bool) -> None:
     """Refuse outputs that would clobber an input, or an existing directory (without --force, or with it
     one that is not an earlier merger output)."""
+    check_path(dest, plan)
+    if os.path.lexists(dest):
+        if not force:
+            raise OutputError(f"output {dest} already exists; pass --force to replace it")
+        check_replaceable(dest)
+
+
+def check_path(dest: Path, plan: Plan) -> None:
+    """Refuse an output that is or holds an input, the working directory, or that cannot be made
+    where it is (under a file)."""
     for m in plan.models + [plan.tokenizer_from]:
         if dest == m.path or m.path in dest.parents:
             raise OutputError(f"output {dest} is inside input model '{m.ref}'; choose another directory")
@@ -227,10 +245,11 @@ def check_destination(dest: Path, plan: Plan, force: bool) -> None:
             raise OutputError(f"output {dest} contains input model '{m.ref}'; choose another directory")
     if dest == Path.cwd() or dest in Path.cwd().parents:
         raise OutputError(f"output {dest} is the working directory or holds it; choose another directory")
-    if os.path.lexists(dest):
-        if not force:
-            raise OutputError(f"output {dest} already exists; pass --force to replace it")
-        check_replaceable(dest)
+    for parent in dest.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise OutputError(f"output {dest}: {parent} is a file, not a directory to hold it")
+            break
 
 
 def check_replaceable(dest: Path) -> None:
@@ -297,11 +316,9 @@ def hold(directory: Path) -> int:
 
 
 def _claim(path: Path, dest: Path) -> int:
-    """The locked partial directory of `dest`, created if need be (and the directory that holds it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The locked partial directory of `dest`, created if need be."""
     for _ in range(10):
-        with contextlib.suppress(FileExistsError):
-            path.mkdir(parents=False)
+        _mkdir(path, dest)
         try:
             fd = _lock(path)
         except BlockingIOError:
@@ -316,6 +333,29 @@ def _claim(path: Path, dest: Path) -> int:
             return fd
         os.close(fd)  # committed or removed by its holder between our mkdir and the lock: again
     raise OutputError(f"output {dest}: could not take hold of {path}")
+
+
+def _make_parents(dest: Path) -> list[Path]:
+    """Create the directories that will hold `dest`; returns those created, deepest first (removed again
+    if the merge fails before anything is kept)."""
+    missing = []
+    for parent in [dest.parent, *dest.parent.parents]:
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
+    for d in reversed(missing):
+        _mkdir(d, dest)
+    return missing
+
+
+def _mkdir(d: Path, dest: Path) -> None:
+    """Create directory `d` (there already is fine) on the way to the output `dest`."""
+    try:
+        d.mkdir()
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise OutputError(f"output {dest}: cannot create {d}: {describe(e)}") from None
 
 
 def _lock(directory: Path) -> int:

@@ -13,6 +13,10 @@ import sys
 import threading
 import time
 
+INTERRUPTED = threading.Event()  # set by the CLI's signal handler before it raises KeyboardInterrupt: code
+# that turns an exception into another (numba turns one raised while it loads a kernel into SystemError)
+# cannot then hide that the run was interrupted
+
 
 def proc_kib(path: str, field: str) -> int | None:
     """A `Field:  N kB` line of a /proc file, in bytes (None off Linux or if absent)."""
@@ -70,24 +74,31 @@ def default_threads() -> int:
     return min(cores, 16)
 
 
-def lower_priority(niceness: int = 10) -> None:
-    """Run the calling thread at a lower priority (Linux: a thread's own nice value), so that background
-    work (hashing inputs for the lock) takes the cores the merge leaves idle rather than the merge's."""
-    if sys.platform.startswith("linux"):
+def lower_priority() -> None:
+    """Run the calling thread only on cores nothing else wants (Linux: SCHED_IDLE, per thread; else the
+    lowest nice value), so that background work (hashing inputs for the lock) takes the time the merge
+    leaves idle, waiting for the disk say, rather than the merge's."""
+    if not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
         with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
 
 
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(*, at_once: bool) -> None:
+def die_with_parent(*, at_once: bool, parent: int | None = None) -> None:
     """End this process when the process that started it ends (killed with SIGKILL included): a --workers
     process or a launched rank must not go on writing for a parent that is gone. A watcher thread checks
     the parent every half second; `at_once` also asks the kernel to signal at once (PR_SET_PDEATHSIG on
     Linux), which is right only where the parent started us from a thread that lives as long as it does
-    (the signal follows the parent *thread*): our own --workers, not a launcher's ranks."""
-    parent = os.getppid()
+    (the signal follows the parent *thread*): our own --workers, not a launcher's ranks. `parent`: the
+    pid the parent had (a process that starts slowly may find itself orphaned already)."""
+    parent = parent or os.getppid()
     if at_once and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)

@@ -51,6 +51,57 @@ def hooked(tmp_path: Path, code: str) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
 
 
+def six_shard_ties(root: Path) -> Path:
+    """A TIES recipe over a bf16 base and two fine-tunes (12 tensors of 64x64 and an int buffer, the
+    fine-tunes in three shards each) whose output is six shards of 20 KB: small, yet several shards
+    for workers, ranks and resumes to share. Returns the recipe's path."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.w": torch.randn(64, 64, generator=g).bfloat16() for i in range(12)}
+    base["ids"] = torch.arange(10)
+    write_checkpoint(root / "base", base)
+    for m in (1, 2):
+        ft = {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() if v.is_floating_point() else v
+              for k, v in base.items()}  # fmt: skip
+        write_checkpoint(root / f"ft{m}", ft, n_shards=3)
+    recipe = root / "r.yaml"
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: {root / 'base'}\n"
+        f"models: [{{model: {root / 'ft1'}, parameters: {{density: 0.3}}}}, {{model: {root / 'ft2'}}}]\n"
+        "output: {shard_size: 20KB}\n"
+    )
+    return recipe
+
+
+# SIGKILL the process as it calls $KILL_IN (module:function, or module:Class.method) for the $KILL_AT-th time.
+KILL_IN = """
+import importlib, os, signal
+module, _, name = os.environ["KILL_IN"].partition(":")
+owner, _, attr = name.rpartition(".")
+target = importlib.import_module(module)
+for part in filter(None, owner.split(".")):
+    target = getattr(target, part)
+original = getattr(target, attr)
+calls = [0]
+
+def killed(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(os.environ.get("KILL_AT", "1")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+
+setattr(target, attr, killed)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead and waiting to be reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def load_output(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a merged output, through its index and safetensors' own reader."""
     from safetensors.torch import load_file

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import GOOD, hooked, run_bad, write_checkpoint
+from conftest import GOOD, KILL_IN, hooked, run_bad, write_checkpoint
 
 from merger.cli import cli
 
@@ -54,7 +54,18 @@ HEADERS = {
     "shape a dict": (ft2_header(**{"b.bias": {"shape": {"n": 4}}}), "shape {'n': 4} is not a list"),
     "huge dims": (
         ft2_header(**{"b.bias": {"shape": [2**62, 2**62]}}),
-        "hold 16 bytes, but shape [4611686018427387904, 4611686018427387904] of F32 needs",
+        "shape [4611686018427387904, 4611686018427387904] is larger than any tensor merger can hold",
+    ),
+    "huge dims, no entries": (
+        ft2_header(
+            **{"b.bias": {"shape": [2**40, 2**40, 0], "data_offsets": [64, 64]}, "ids": {"data_offsets": [64, 88]}}
+        ),
+        "shape [1099511627776, 1099511627776, 0] is larger than any tensor merger can hold",
+        88,
+    ),
+    "a 5000-digit dim": (
+        b'{"b.bias": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}',
+        "is not valid JSON (Exceeds the limit (4300 digits)",
     ),
     "dtype a list": (ft2_header(**{"b.bias": {"dtype": ["F32"]}}), "unsupported dtype ['F32']"),
     "dtype a number": (ft2_header(**{"b.bias": {"dtype": 5}}), "unsupported dtype 5"),
@@ -324,7 +335,7 @@ def test_hostile_yaml(workdir, recipe, problem):
 
 
 def test_a_recipe_too_large_or_not_text(workdir):
-    assert run_bad("# " + "x" * (2 << 20)) == "error: recipe.yaml: more than 1048576 bytes; not a recipe\n"
+    assert run_bad("# " + "x" * (2 << 20)) == "error: recipe.yaml: more than 262144 bytes; not a recipe\n"
     Path("recipe.yaml").write_bytes(b"merge_method: ties\nmodels: \xff\n")
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml"])
     assert result.exit_code == 2 and result.stderr == "error: recipe.yaml:2: not UTF-8 text\n"
@@ -484,25 +495,6 @@ import merger.staging
 merger.staging._renameat2 = lambda *a: False
 """
 
-KILL_IN = """
-import importlib, os, signal
-module, _, name = os.environ["KILL_IN"].partition(":")
-owner, _, attr = name.rpartition(".")
-target = importlib.import_module(module)
-for part in filter(None, owner.split(".")):
-    target = getattr(target, part)
-original = getattr(target, attr)
-calls = [0]
-
-def killed(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == int(os.environ.get("KILL_AT", "1")):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-
-setattr(target, attr, killed)
-"""
-
 
 def test_leftovers_of_killed_runs_are_removed_by_the_next(workdir):
     """Staging directories of earlier merger versions and candidates of a killed greedy soup, beside the
@@ -657,3 +649,91 @@ def test_an_interrupted_evaluator_command_is_ended_with_everything_it_started(tm
     with pytest.raises(KeyboardInterrupt):
         evaluator.score(_Candidate(tmp_path))
     assert _gone(pid_file), "the command's background child outlived the interrupt"
+
+
+def test_a_recipe_or_lock_from_a_pipe_is_read_and_one_nothing_writes_to_is_refused(workdir):
+    """`merger apply <(make-recipe)` works; a FIFO that nothing writes to is refused instead of waiting."""
+    os.mkfifo("fifo.yaml")
+    started = time.monotonic()
+    done = run_merger("plan", "fifo.yaml", cwd=workdir, timeout=30)
+    assert done.returncode == 2 and time.monotonic() - started < 10
+    assert done.stderr == "error: fifo.yaml: cannot read recipe: it is a pipe that nothing wrote to\n"
+    done = run_merger("plan", "--locked", "fifo.yaml", cwd=workdir, timeout=30)
+    assert done.stderr == "error: fifo.yaml: cannot read lock file: it is a pipe that nothing wrote to\n"
+    piped = subprocess.run(
+        f"{sys.executable} -m merger plan <(cat <<'EOF'\n{GOOD}EOF\n)", shell=True, executable="/bin/bash",
+        cwd=workdir, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert (
+        run_merger("plan", "/dev/null", cwd=workdir).stderr
+        == "error: /dev/null: cannot read recipe: it is a character device, not a file\n"
+    )
+
+
+def test_odd_output_paths_are_one_line_before_anything_is_written(workdir):
+    assert run_bad(GOOD.replace("path: out", 'path: "o\\0ut"'), command="plan") == (
+        "error: recipe.yaml:12: output.path: Value error, must not contain a NUL character, got 'o\\x00ut'\n"
+    )
+    Path("notes.txt").write_text("mine")
+    for command in ("plan", "apply"):
+        assert run_bad(GOOD.replace("path: out", "path: notes.txt/out"), command=command) == (
+            f"error: output {workdir / 'notes.txt' / 'out'}: {workdir / 'notes.txt'} is a file, not a directory to hold it\n"
+        )
+        assert run_bad(GOOD.replace("path: out", "path: base"), command=command) == (
+            f"error: output {workdir / 'base'} is inside input model 'base'; choose another directory\n"
+        )
+    assert run_bad(GOOD.replace("path: out", "path: /proc/merger-out")).startswith(
+        "error: output /proc/merger-out: cannot create /proc/.merger-out.merger-partial: "
+    )
+
+
+def test_a_failed_merge_removes_the_directories_it_made_for_the_output(workdir):
+    """A merge that fails (here on the weights' sum, checked late by the engine's finiteness test)
+    leaves no trace: not even the parent directories it created to hold the output."""
+    big = {"a.weight": torch.full((4, 4), 3e38), "b.bias": torch.zeros(4), "ids": torch.arange(3)}
+    write_checkpoint(Path("ft1"), big)
+    write_checkpoint(Path("ft2"), big, n_shards=1)
+    recipe = "merge_method: linear\nmodels: [{model: ft1}, {model: ft2}]\nparameters: {normalize: false}\noutput: {path: new/deep/out}\n"
+    err = run_bad(recipe)
+    assert (
+        err.startswith("error: tensor 'a.weight': the merge gives 16 values that are inf or NaN in float32")
+        and err[-1] == "\n"
+    )
+    assert not Path("new").exists()
+
+
+def test_weights_that_sum_past_the_range_are_refused(workdir):
+    recipe = "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 3e38}\n  - model: ft2\n    parameters: {weight: 3e38}\n"
+    assert run_bad(recipe) == (
+        "error: recipe.yaml:2: models: the weights sum to 6e+38, which times lambda 1 is beyond float32's range "
+        "(3.4e+38): lower them\n"
+    )
+
+
+def test_plan_checks_a_lock_as_far_as_it_can_without_reading(workdir):
+    Path("recipe.yaml").write_text(GOOD)
+    assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["plan", "--locked", "out/merger.lock.json"]).exit_code == 0
+    lock = json.loads(Path("out/merger.lock.json").read_text())
+    Path("bad.json").write_text(json.dumps(lock | {"shard_size": -1}))
+    result = CliRunner().invoke(cli, ["plan", "--locked", "bad.json"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: bad.json: not a merger lock file (shard_size: ")
+    Path("ft2/model.safetensors").write_bytes(Path("ft2/model.safetensors").read_bytes() + bytes(8))
+    result = CliRunner().invoke(cli, ["plan", "--locked", "out/merger.lock.json"])
+    assert result.exit_code == 2
+    assert "'ft2': model.safetensors has changed since the lock" in result.stderr or "bytes follow" in result.stderr
+
+
+def test_a_damaged_kernel_cache_is_compiled_again(tmp_path):
+    """A crash or a full disk can leave numba's cache files cut short; numba itself raises on them. The
+    merge compiles those kernels again instead."""
+    probe = "import numpy as np, merger.kernels as k; print(k.count_masked(np.zeros(4, np.uint16), np.uint16(0x7c00)))"
+    env = os.environ | {"MERGER_CACHE_DIR": str(tmp_path / "cache")}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout == "0\n"
+    cached = list((tmp_path / "cache" / "numba").rglob("*.nb*"))
+    assert cached
+    for f in cached:
+        f.write_bytes(f.read_bytes()[:20])
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "0\n", done.stderr

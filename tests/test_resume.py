@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import hooked, write_checkpoint
+from conftest import KILL_IN, alive, hooked, six_shard_ties
 
 SHARDS = 6
 
@@ -38,26 +37,6 @@ def __call__(self, shard, path):
 staging.Finished.__call__ = __call__
 """
 
-# SIGKILL the merge as it calls $KILL_IN (module:function) for the $KILL_AT-th time.
-KILL_IN = """
-import importlib, os, signal
-module, _, name = os.environ["KILL_IN"].partition(":")
-owner, _, attr = name.rpartition(".")
-target = importlib.import_module(module)
-for part in filter(None, owner.split(".")):
-    target = getattr(target, part)
-original = getattr(target, attr)
-calls = [0]
-
-def killed(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == int(os.environ.get("KILL_AT", "1")):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-
-setattr(target, attr, killed)
-"""
-
 
 def merger(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -73,20 +52,7 @@ def merger(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def family(tmp_path_factory):
     """A TIES recipe over bf16 models whose output is six shards, and the output of an uninterrupted run."""
     root = tmp_path_factory.mktemp("resume")
-    g = torch.Generator().manual_seed(0)
-    base = {f"layers.{i}.w": torch.randn(64, 64, generator=g).bfloat16() for i in range(12)}
-    base["ids"] = torch.arange(10)
-    write_checkpoint(root / "base", base)
-    for m in (1, 2):
-        ft = {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() if v.is_floating_point() else v
-              for k, v in base.items()}  # fmt: skip
-        write_checkpoint(root / f"ft{m}", ft, n_shards=3)
-    recipe = root / "r.yaml"
-    recipe.write_text(
-        f"merge_method: ties\nbase_model: {root / 'base'}\n"
-        f"models: [{{model: {root / 'ft1'}, parameters: {{density: 0.3}}}}, {{model: {root / 'ft2'}}}]\n"
-        "output: {shard_size: 20KB}\n"
-    )
+    recipe = six_shard_ties(root)
     done = merger(
         "apply", str(recipe), "-o", str(root / "whole" / "out"), "-q"
     )  # named as the outputs below: the card's title
@@ -102,18 +68,21 @@ def kept_shards(partial: Path) -> dict[str, tuple[int, int]]:
     """The shards a partial output records as finished: name -> (inode, mtime) of the file."""
     out = {}
     for marker in (partial / "done").glob("[!.]*.json"):  # not a marker cut short by the kill (.*.tmp)
-        st = (partial / "model" / marker.name.removesuffix(".json")).stat()
-        out[marker.name.removesuffix(".json")] = (st.st_ino, st.st_mtime_ns)
+        out[marker.name.removesuffix(".json")] = _stamp(partial / "model" / marker.name.removesuffix(".json"))
     return out
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns  # an inode may be used again once freed: with the mtime, it tells
 
 
 def assert_resumed(out: Path, kept: dict[str, tuple[int, int]], whole: dict[str, bytes]) -> None:
     """`out` is the uninterrupted run's output, byte for byte, and its shards kept from the stopped run are
     the very files that run wrote (not written again); nothing is left beside it."""
     assert files(out) == whole
-    for name, (inode, mtime) in kept.items():
-        st = (out / name).stat()
-        assert (st.st_ino, st.st_mtime_ns) == (inode, mtime), name
+    for name, was in kept.items():
+        assert _stamp(out / name) == was, name
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
 
@@ -127,7 +96,7 @@ def test_a_stopped_merge_resumes_where_it_stopped(family, tmp_path, signal_name,
     stopped = merger("apply", str(recipe), "-o", str(out), "-q", env=env)
     partial = tmp_path / ".out.merger-partial"
     kept = kept_shards(partial)
-    assert not out.exists() and len(kept) >= after
+    assert not out.exists() and len(kept) >= after, stopped.stderr
     if signal_name == "SIGKILL":
         assert stopped.returncode == -9
     else:  # a clean stop: one line saying what is kept and how to go on
@@ -197,7 +166,7 @@ def test_a_changed_recipe_or_input_starts_over(family, tmp_path):
     assert plan["resume"]["state"] == "stale"
     assert merger("apply", str(other), "-o", str(out), "-q").returncode == 0
     assert files(out) == files(tmp_path / "fresh" / "out")
-    assert all((out / n).stat().st_ino != inode for n, (inode, _) in stale.items())  # every shard written anew
+    assert all(_stamp(out / n) != was for n, was in stale.items())  # every shard written anew
 
     # an input rewritten in place, its size and mtime put back: its stamp (ctime, inode) still tells
     shutil.copytree(root / "ft2", tmp_path / "ft2")
@@ -215,7 +184,7 @@ def test_a_changed_recipe_or_input_starts_over(family, tmp_path):
     assert merger("apply", str(mine), "-o", str(tmp_path / "fresh2" / "out2"), "-q").returncode == 0
     assert merger("apply", str(mine), "-o", str(out2), "-q").returncode == 0
     assert files(out2) == files(tmp_path / "fresh2" / "out2")
-    assert all((out2 / n).stat().st_ino != inode for n, (inode, _) in stale.items())
+    assert all(_stamp(out2 / n) != was for n, was in stale.items())
 
 
 # Record each --workers process's pid, then SIGKILL the parent once a worker has finished its first shard.
@@ -245,22 +214,14 @@ def test_workers_die_with_their_parent_and_their_shards_are_resumed(family, tmp_
     assert merger("apply", str(recipe), "-o", str(out), "-q", "--workers", "2", env=env).returncode == -9
     workers = {int(p) for p in pids.read_text().split()}
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in workers), "a --workers process outlived its parent"
+    assert not any(alive(p) for p in workers), "a --workers process outlived its parent"
     kept = kept_shards(tmp_path / ".out.merger-partial")
     assert kept
     again = merger("apply", str(recipe), "-o", str(out), "-q", "--workers", "2")
     assert again.returncode == 0, again.stderr
     assert_resumed(out, kept, whole)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, waiting to be reaped
-    except OSError:
-        return False
 
 
 # Finish one shard, then hold the partial output (and its lock) until killed.
@@ -302,3 +263,33 @@ def test_a_second_merger_into_the_same_output_stops_at_once(family, tmp_path):
     finally:
         first.kill()
         first.communicate()
+
+
+def test_an_interrupt_does_not_wait_for_the_inputs_to_be_hashed(workdir, monkeypatch):
+    """Hashing the inputs for the lock runs beside the merge; a merge interrupted meanwhile stops it at
+    its next block rather than waiting for it (for a 70B model, minutes)."""
+    from click.testing import CliRunner
+    from conftest import GOOD
+
+    import merger.files
+    import merger.lock
+    import merger.stream
+    from merger.cli import cli
+
+    def endless(model, name, hub_weights=True, stop=None):  # a file that takes very long to hash
+        while not stop.is_set():
+            time.sleep(0.01)
+        raise merger.files.Stopped
+
+    interrupts = []
+
+    def interrupted(self, t):
+        interrupts.append(time.monotonic())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merger.lock, "record", endless)
+    monkeypatch.setattr(merger.stream.Merger, "release", interrupted)
+    Path("recipe.yaml").write_text(GOOD)
+    result = CliRunner().invoke(cli, ["apply", "recipe.yaml"])
+    assert result.exit_code == 130 and result.stderr == "error: interrupted; nothing was written to the output\n"
+    assert time.monotonic() - interrupts[0] < 2
