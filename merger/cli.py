@@ -254,9 +254,8 @@ def _apply(recipe, output, device, shard_size, locked, offline, low_disk, no_pus
 def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
     """Validate RECIPE and show what `apply` would do, reading only the safetensors headers
     (for Hub models, remotely: nothing is downloaded but each model's index)."""
-    from merger.fetch import disk_needs
     from merger.lock import listed
-    from merger.staging import check_path, check_replaceable, inspect
+    from merger.staging import check_path, inspect
 
     p, lock = _plan(recipe, device, shard_size, locked, offline)
     if lock is not None:  # what can be checked without reading a file: commits, file lists and sizes
@@ -266,13 +265,24 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
     if resolved is not None:
         check_path(resolved, p)
     partial = inspect(p, resolved) if resolved else None
+    info = _plan_info(p, recipe or locked, resolved, partial)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        _show_plan(p, info, resolved, partial)
+
+
+def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
+    """What `merger plan --json` prints."""
+    from merger.fetch import disk_needs
+
     todo = None
     if partial is not None and partial.state == "resumable":
         todo = [i for i, s in enumerate(p.shards) if s.filename not in partial.done]
     n_merged = sum(t.merged for t in p.tensors)
-    hub = p.spec.recipe.hub
+    hub, ev = p.spec.recipe.hub, p.spec.recipe.evaluation
     info = {
-        "recipe": recipe or locked,
+        "recipe": name,
         "method": p.spec.method.name,
         "base_model": p.spec.base,
         "models": [g.ref for g in p.spec.ingredients],
@@ -290,9 +300,7 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
         "gpu_tensors_in_pieces": p.gpu_pieced,
         "disk": disk_needs(p, todo),
-        "resume": None
-        if partial is None
-        else {
+        "resume": None if partial is None else {
             "partial": str(partial.path),
             "state": partial.state,
             "shards_done": len(partial.done),
@@ -300,20 +308,21 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         },
         "publish": hub.model_dump() if hub else None,
         "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.nbytes} for s in p.shards],
-    }
-    ev = p.spec.recipe.evaluation
+    }  # fmt: skip
     if ev is not None:
         info["evaluation"] = ev.model_dump()
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
+    return info
+
+
+def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
+    """`merger plan` for a person."""
+    ev, hub, disk = p.spec.recipe.evaluation, p.spec.recipe.hub, info["disk"]
     base = f" onto base '{p.spec.base}'" if p.spec.base else ""
-    disk = info["disk"]
     click.echo(f"{info['recipe']}: {info['method']} of {len(info['models'])} model(s){base}")
     for ref, commit in info["commits"].items():
         click.echo(f"  hub:          {ref} at commit {commit}")
     click.echo(f"  device:       {p.device} (compute {info['compute_dtype']})")
-    click.echo(f"  tensors:      {len(p.tensors)} ({n_merged} merged, {info['tensors_copied']} copied)")
+    click.echo(f"  tensors:      {len(p.tensors)} ({info['tensors_merged']} merged, {info['tensors_copied']} copied)")
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
     gpu = f", GPU ~{_size(p.peak_gpu_memory)}" if p.device == "cuda" else ""
@@ -333,15 +342,7 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
             f"  evaluation:   {ev.evaluator}, {ev.direction} is better, accept {ev.accept}; "
             f"up to {2 * n} evaluations ({n} models alone, {n - 1} soups, the uniform soup of all)"
         )
-    exists = ""
-    if info["output_exists"]:
-        try:
-            check_replaceable(resolved)
-            exists = " (exists: apply needs --force to replace it)"
-        except MergerError as e:
-            reason = str(e).split("; ")[0].removeprefix(f"output {resolved} ")
-            exists = f" (exists, but it {reason}: apply --force would refuse to replace it)"
-    click.echo(f"  output:       {info['output'] or '(none: give -o DIR or output.path)'}{exists}")
+    click.echo(f"  output:       {info['output'] or '(none: give -o DIR or output.path)'}{_exists(resolved)}")
     if partial is not None:
         click.echo(f"  resume:       {_resume_line(partial, len(p.shards))}")
     if hub:
@@ -349,6 +350,20 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
         click.echo(f"  publish:      {hub.repo_id}{' (private)' if hub.private else ''}{where}")
     for s in info["shards"]:
         click.echo(f"    {s['file']}  {s['tensors']:>5} tensors  {_size(s['bytes'])}")
+
+
+def _exists(resolved: Path | None) -> str:
+    """What `merger plan` adds to an output that exists: whether --force would replace it."""
+    from merger.staging import check_replaceable
+
+    if resolved is None or not os.path.lexists(resolved):
+        return ""
+    try:
+        check_replaceable(resolved)
+    except MergerError as e:
+        reason = str(e).split("; ")[0].removeprefix(f"output {resolved} ")
+        return f" (exists, but it {reason}: apply --force would refuse to replace it)"
+    return " (exists: apply needs --force to replace it)"
 
 
 def _resume_line(partial, shards: int) -> str:
