@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -17,13 +18,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from merger import parallel, system
-from merger.errors import Interrupted, MergerError, OutputError, describe
+from merger.errors import Interrupted, MergeError, MergerError, OutputError, RecipeError, describe
 from merger.fetch import JustInTime, fetch_inputs
 from merger.lock import Lock, LockedInput, inputs_of, listed
 from merger.output import write_metadata
 from merger.plan import Plan
-from merger.sources import Confined
-from merger.staging import Finished, Partial, check_destination
+from merger.sources import Confined, FileSource
+from merger.staging import Finished, Partial, check_destination, join, recover
 from merger.stream import write_shards
 
 
@@ -52,6 +53,7 @@ def apply(
     candidate of greedy soup needs none of that, nor a lock)."""
     start = time.perf_counter()
     dest = dest.expanduser().resolve()
+    recover(dest)
     check_destination(dest, plan, force)
     group = parallel.launched_group()
     if low_disk and workers > 1:
@@ -99,10 +101,19 @@ class Job:
     """What every way of writing the shards shares: the plan, where it goes, and what the lock needs
     (`verified`: the inputs as hashed to check a lock, if one was checked)."""
 
-    def __init__(self, plan, dest, verified, provenance, low_disk, durable):
+    def __init__(
+        self,
+        plan: Plan,
+        dest: Path,
+        verified: list[LockedInput] | None,
+        provenance: Plan | None,
+        low_disk: bool,
+        durable: bool,
+    ):
         self.plan, self.dest, self.verified = plan, dest, verified
         self.provenance, self.low_disk, self.durable = provenance or plan, low_disk, durable
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # the merge failed: hashing beside it stops
+        self.background = system.Background()  # hashing beside the merge takes idle cores only
 
     @contextlib.contextmanager
     def beside(self) -> Iterator[ThreadPoolExecutor]:
@@ -117,28 +128,44 @@ class Job:
         finally:
             pool.shutdown()
 
-    def hash_inputs(self, pool: ThreadPoolExecutor, shards: list[int]) -> Future | None:
+    def hash_inputs(self, pool: ThreadPoolExecutor, partial: Partial | None, shards: list[int]) -> Future | None:
         """Fetch the Hub files `shards` need (all of them, or with --low-disk all but the weights), then
-        start hashing every input for the lock beside the merge (unless a lock's check did already).
-        None where no lock is written (a temporary candidate)."""
+        start hashing every input for the lock beside the merge (unless a lock's check did already); the
+        hashes are recorded in `partial` as soon as they are known. None where no lock is written (a
+        temporary candidate)."""
         fetch_inputs(self.plan, weights=not self.low_disk, shards=shards)
         if not self.durable:
             return None
         if self.verified is not None:
-            done: Future = Future()
-            done.set_result(self.verified)
-            return done
-        return pool.submit(inputs_of, self.provenance, hub_weights=not self.low_disk, stop=self.stop)
+            hashing: Future = Future()
+            hashing.set_result(self.verified)
+        else:
+            hashing = pool.submit(
+                inputs_of, self.provenance, hub_weights=not self.low_disk, stop=self.stop, priority=self.background
+            )
+        if partial is not None:
+            hashing.add_done_callback(lambda f: None if f.exception() else partial.record_inputs(f.result()))
+        return hashing
 
-    def finish(self, partial: Partial, hashing: Future | None, card: str | None) -> int:
-        """Once the shards are written: record the inputs (any kept shard whose inputs turn out to have
-        changed is written again), then the index, config, tokenizer, card and lock. Returns the bytes
-        read to write shards again."""
+    def files(self, shards: list[int], partial: Partial) -> FileSource:
+        """Where the engine reads the inputs of `shards`: each model's folder, or with --low-disk Hub shards
+        fetched as they are needed (and the ones this merge fetched, dropped after their last use)."""
+        return JustInTime(self.plan, shards, partial.fetched) if self.low_disk else Confined(self.plan.models)
+
+    def finish(self, partial: Partial, hashing: Future | None, card: str | None, progress: bool) -> int:
+        """Once the shards are written: check the inputs' hashes against the ones an earlier run recorded
+        (its shards are written again if they differ), then the index, config, tokenizer, card and lock.
+        Returns the bytes read to write shards again."""
+        if hashing is not None:
+            self.background.now_wanted()  # the merge is done and waits for it: full priority
         inputs: list[LockedInput] | None = hashing.result() if hashing else None
         again = partial.check_inputs(inputs) if inputs is not None else []
         read = 0
         if again:
-            read = write_shards(self.plan, partial.model, shards=again, finished=partial.finished, durable=self.durable)
+            read = write_shards(
+                self.plan, partial.model, progress=progress, shards=again, files=self.files(again, partial),
+                finished=partial.finished, durable=self.durable,
+            )  # fmt: skip
         write_metadata(self.plan, partial.model, self.dest.name, inputs, card)
         return read
 
@@ -151,23 +178,18 @@ def _in_this_process(job: Job, force: bool, progress: bool, workers: int, card: 
     peaks = (0, 0)
     try:
         with _kept_for_resume(partial), job.beside() as pool:
-            hashing = job.hash_inputs(pool, partial.todo)
+            todo = partial.todo
+            hashing = job.hash_inputs(pool, partial, todo)
             if workers > 1:
                 read, *peaks = parallel.write_with_workers(
-                    plan, partial.model, workers, partial.todo, partial.finished, job.durable
+                    plan, partial.model, workers, todo, partial.finished, job.durable
                 )
             else:
-                files = JustInTime(plan, partial.todo) if job.low_disk else Confined(plan.models)
                 read = write_shards(
-                    plan,
-                    partial.model,
-                    progress=progress,
-                    shards=partial.todo,
-                    files=files,
-                    finished=partial.finished,
-                    durable=job.durable,
-                )
-            read += job.finish(partial, hashing, card)
+                    plan, partial.model, progress=progress, shards=todo, files=job.files(todo, partial),
+                    finished=partial.finished, durable=job.durable,
+                )  # fmt: skip
+            read += job.finish(partial, hashing, card, progress)
             partial.commit(force)
     finally:
         partial.close()
@@ -178,66 +200,81 @@ def _as_rank(job: Job, force: bool, progress: bool, group: parallel.Group, card:
     """This rank's share of the shards still to write; rank 0 then finishes the directory. Every rank
     reports before anyone commits, so one failing rank fails the whole merge (every rank exits with an
     error) and nothing lands at the destination; a rank that dies outright fails the others' exchange.
-    Rank 0 holds the partial output: what finished is kept for the next launch to resume."""
+    Rank 0 holds the partial output (every rank shares its lock while it writes there): what finished
+    is kept for the next launch to resume, unless a rank's failure would come again."""
     plan = job.plan
     partial = Partial(job.dest, plan, durable=job.durable) if group.rank == 0 else None
+    joined = None
     try:
         with _kept_for_resume(partial), job.beside() as pool:
+            if partial is not None:
+                partial.share()
             where, todo = group.share((str(partial.path), partial.todo) if partial else None)
-            finished = Finished(Path(where), job.durable)
+            if partial is None:
+                joined = join(Path(where))
             parts = parallel.assign([plan.shards[i] for i in todo], group.world)
             mine = [todo[i] for i in parts[group.rank]]
-            result: tuple[int, str | None] = (0, None)
-            try:
-                hashing = job.hash_inputs(pool, mine) if group.rank == 0 else fetch_inputs(plan, shards=mine)
-                read = write_shards(
-                    plan, Path(where) / "model", progress=progress and group.rank == 0, shards=mine, finished=finished,
-                    durable=job.durable,
-                )  # fmt: skip
-                result = (read, None)
-            except Exception as e:  # reported through the gather below
-                result = (0, f"rank {group.rank}: {describe(e)}")
+            result, hashing = _rank_writes(
+                job, partial, pool, Path(where), mine, progress and group.rank == 0, group.rank
+            )
             results = group.gather(result)
-            errors = [err for _, err in results if err]
+            errors = [err for _, err, _ in results if err]
             if errors:  # rank 0 says everything; the others what failed there, if anything
                 elsewhere = f"rank {group.rank}: the merge failed on another rank (rank 0's log says why)"
-                raise MergerError("\n".join(errors) if group.rank == 0 else result[1] or elsewhere)
+                failure = MergeError if any(recurs for *_, recurs in results) else MergerError
+                raise failure("\n".join(errors) if group.rank == 0 else result[1] or elsewhere)
             if partial is None:
                 return None
-            read = sum(n for n, _ in results) + job.finish(partial, hashing, card)
+            read = sum(n for n, *_ in results) + job.finish(partial, hashing, card, progress)
             partial.commit(force)
             return read
     finally:
         if partial is not None:
             partial.close()
+        if joined is not None:
+            os.close(joined)
         group.close()
 
 
-class _kept_for_resume:
-    """Around writing a partial output: an interruption or an I/O error (a full disk) keeps what is done
-    for the same command to resume, and says so; any other failure removes it (the same inputs would
-    fail the same way). A worker or rank that died keeps it too."""
+def _rank_writes(job: Job, partial: Partial | None, pool, where: Path, mine: list[int], progress: bool, rank: int):
+    """This rank's shards: ((bytes read, the error as text or None, whether it would come again), the
+    hashing of the inputs, which rank 0 runs beside its shards)."""
+    hashing = None
+    try:
+        if partial is not None:
+            hashing = job.hash_inputs(pool, partial, mine)
+        else:
+            fetch_inputs(job.plan, shards=mine)
+        finished = Finished(where, job.durable)
+        read = write_shards(
+            job.plan, where / "model", progress=progress, shards=mine, finished=finished, durable=job.durable
+        )
+        return (read, None, False), hashing
+    except Exception as e:  # every rank hears of it through the gather
+        return (0, f"rank {rank}: {describe(e)}", getattr(e, "recurs", False)), hashing
 
-    def __init__(self, partial: Partial | None):
-        self.partial = partial
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, tb) -> bool:
-        partial = self.partial
-        if partial is None or error is None:
-            return False
-        kept = len(_finished(partial))
+@contextlib.contextmanager
+def _kept_for_resume(partial: Partial | None) -> Iterator[None]:
+    """Around writing a partial output: a failure keeps what is done for the same command to resume, and
+    says so (an interrupt, a full disk, the network, a worker or rank that died), unless it is one that
+    would come again (MergerError.recurs: a tensor that cannot be merged), which removes it."""
+    try:
+        yield
+    except BaseException as error:
+        if partial is None:
+            raise
         interrupted = isinstance(error, KeyboardInterrupt) or system.INTERRUPTED.is_set()
-        resumable = kept > 0 and (interrupted or isinstance(error, OSError | parallel.ProcessDied))
-        if resumable:
+        if partial.committed:  # interrupted as it cleared up after putting the output in place
+            raise Interrupted(f"interrupted; the merge was complete and is in place at {partial.dest}") from None
+        kept = len(_finished(partial))
+        if kept and not getattr(error, "recurs", False):
             after = (
                 f"{kept} of {len(partial.plan.shards)} shards are done and kept in {partial.path}: run the same "
                 "command again to resume (or delete it)"
             )
         else:
-            partial.discard()  # nothing done yet, or a failure that would come again
+            partial.discard()
             after = "nothing was written to the output"
         if interrupted:
             raise Interrupted(f"interrupted; {after}") from None
@@ -247,9 +284,9 @@ class _kept_for_resume:
             else:  # an error without a file name came from writing the output
                 what = describe(error) if error.filename else f"output {partial.dest}: {describe(error)}"
             raise OutputError(f"{what}; {after}") from None
-        if resumable:
-            raise parallel.ProcessDied(f"{error}; {after}") from None
-        return False
+        if isinstance(error, MergerError) and kept and not error.recurs:
+            raise type(error)(f"{error}; {after}") if not isinstance(error, RecipeError) else error from None
+        raise
 
 
 def _finished(partial: Partial) -> list[Path]:

@@ -68,9 +68,9 @@ def _interrupted() -> SystemExit:
 
 
 def _interrupt(signum, frame):
-    """SIGINT, SIGTERM, SIGHUP: stop as on Ctrl-C, keeping what is done, wherever the signal lands."""
-    system.INTERRUPTED.set()
-    raise KeyboardInterrupt
+    """SIGINT, SIGTERM, SIGHUP: stop as on Ctrl-C, keeping what is done, wherever the signal lands (but
+    between the two halves of putting the output in place: system.interrupts_held)."""
+    system.interrupt()
 
 
 @contextlib.contextmanager

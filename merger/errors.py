@@ -4,6 +4,8 @@
 class MergerError(Exception):
     """A problem the user can fix: bad recipe, bad model, bad output path."""
 
+    recurs = False  # the same inputs fail the same way again: a partial output is not worth keeping
+
 
 class RecipeError(MergerError):
     """The recipe is invalid. Holds one message per problem, each already located."""
@@ -27,6 +29,8 @@ class Interrupted(MergerError):
 
 class MergeError(MergerError):
     """A tensor could not be merged (for example integer buffers that differ between inputs)."""
+
+    recurs = True
 
 
 class NaNTaskVector(ValueError):

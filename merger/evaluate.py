@@ -19,7 +19,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,8 +67,7 @@ class Candidate:
     def path(self) -> Path:
         """A complete model directory (shards, index, config, tokenizer), written on first access."""
         if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix=staging.CANDIDATE, dir=self._workdir))
-            self._held = staging.hold(self._tmp)  # a later run removes it only once this process is gone
+            self._tmp, self._held = staging.temporary(self._workdir)
             apply(self.plan, self._tmp / "model", durable=False)
         return self._tmp / "model"
 
@@ -125,11 +123,11 @@ class Evaluator(Protocol):
     def close(self) -> None: ...
 
 
-def make_evaluator(plan: Plan) -> Evaluator:
+def make_evaluator(plan: Plan, workdir: Path | None = None) -> Evaluator:
     """The recipe's evaluator, set up and checked (data read, function imported) before any tensor is read."""
     ev = plan.spec.recipe.evaluation
     if isinstance(ev, PerplexityEvaluation):
-        return PerplexityEvaluator(ev, plan)
+        return PerplexityEvaluator(ev, plan, workdir)
     if isinstance(ev, CommandEvaluation):
         return CommandEvaluator(ev, plan)
     if isinstance(ev, PythonEvaluation):
@@ -220,7 +218,7 @@ class PerplexityEvaluator:
     plan checked, and it loads safetensors only (no pickle, no code from the model).
     """
 
-    def __init__(self, ev: PerplexityEvaluation, plan: Plan):
+    def __init__(self, ev: PerplexityEvaluation, plan: Plan, workdir: Path | None = None):
         where = plan.spec.where
         try:
             from transformers import AutoConfig, AutoTokenizer
@@ -232,10 +230,10 @@ class PerplexityEvaluator:
         data = Path(ev.data).expanduser()
         self.data_sha256 = hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else ""
         docs = read_documents(data, ev.text_field, where("evaluation", "data"))
-        self.support = Path(tempfile.mkdtemp(prefix="merger-eval-"))
-        weakref.finalize(
-            self, shutil.rmtree, self.support, True
-        )  # also if set-up fails below, or close() is never called
+        # merger's checked copies for transformers, beside the output like a candidate (and removed with
+        # the evaluator, or by a later run if this one is killed)
+        self.support, held = staging.temporary(workdir)
+        weakref.finalize(self, _remove_held, self.support, held)
         _support_dir(plan, self.support)
         with quiet_transformers():
             try:
@@ -316,6 +314,11 @@ class PerplexityEvaluator:
         self._model = None
         self._free()
         shutil.rmtree(self.support, ignore_errors=True)
+
+
+def _remove_held(directory: Path, fd: int) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    os.close(fd)
 
 
 def _support_dir(plan: Plan, directory: Path) -> None:

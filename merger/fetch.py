@@ -7,6 +7,8 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
+from merger.errors import ModelError
+from merger.files import parse_json, write_json
 from merger.plan import Plan, check_support_files
 from merger.sources import TensorInfo
 
@@ -37,15 +39,23 @@ class JustInTime:
     """The engine's FileSource for --low-disk: a Hub shard is fetched when the engine first maps it,
     checked against the hash the Hub lists, and deleted once the engine is done with every tensor the
     given shards need from it, so the disk holds the shards in use rather than whole models. Shards
-    that were already cached stay (checked all the same)."""
+    that were already cached stay (checked all the same). `ledger` (a JSON file) remembers what was
+    fetched, so that after an interruption the run that resumes drops those shards as well: the ones
+    it still needs once it is done with them, the others at once."""
 
-    def __init__(self, plan: Plan, shards: list[int] | None = None):
+    def __init__(self, plan: Plan, shards: list[int] | None = None, ledger: Path | None = None):
         uses = plan.file_uses(shards)
         self._owner = {f: m for m in plan.models for f in m.files}
-        self._fetched = {f for f, m in self._owner.items() if m.remote is not None and f in uses and not f.exists()}
+        self._ledger = ledger
+        earlier = {Path(p) for p in _read_ledger(ledger)} & set(self._owner)
+        for f in earlier - set(uses):  # fetched by an interrupted run, and no longer needed
+            self._drop(f)
+        fetched = {f for f, m in self._owner.items() if m.remote is not None and f in uses and not f.exists()}
+        self._fetched = fetched | (earlier & set(uses))  # deleted after their last use
         self._left = {f: set(uses[f].names) for f in self._fetched}
         self._checked: set[Path] = set()
         self._lock = threading.Lock()
+        self._note()
 
     def open(self, file: Path) -> BinaryIO:
         model = self._owner[file]
@@ -68,8 +78,25 @@ class JustInTime:
 
     def release(self, file: Path) -> None:
         with self._lock:
-            model = self._owner[file]
-            model.remote.drop(model.name_of(file))
+            self._drop(file)
+            self._fetched.discard(file)
+            self._note()
+
+    def _drop(self, file: Path) -> None:
+        model = self._owner[file]
+        model.remote.drop(model.name_of(file))
+
+    def _note(self) -> None:
+        if self._ledger is not None:
+            write_json(self._ledger, sorted(map(str, self._fetched)))
+
+
+def _read_ledger(ledger: Path | None) -> list[str]:
+    try:
+        data = parse_json(ledger.read_bytes(), str(ledger)) if ledger is not None else []
+    except (OSError, ModelError):
+        return []
+    return [p for p in data if isinstance(p, str)] if isinstance(data, list) else []
 
 
 def disk_needs(plan: Plan, shards: list[int] | None = None) -> dict[str, int]:

@@ -1,11 +1,10 @@
-"""Files: what merger reads from an input, and how it makes its own writes durable.
+"""Files: what merger reads from an input or the user names, and how it makes its own writes durable.
 
 Inputs come from strangers. Every file merger reads from a model is a regular file inside that model's
 folder (a Hub snapshot's files may link into the repo's blob store beside it): a name that climbs out
 (`../x`, `/etc/x`), a symlink that leads elsewhere, a FIFO or a device is refused with one line naming
 it, before anything is read. Support files (config, tokenizer, index, card) have a size limit, JSON a
-nesting limit. A mapped input that shrinks under the merge would kill the process with SIGBUS; a
-handler turns that into the same kind of one-line error.
+nesting limit. A recipe or lock may come from a pipe (`<(...)`); one nothing writes to is refused.
 
 Outputs: a file counts as written once it is on disk (fsync), and a directory once its entries are.
 """
@@ -17,16 +16,16 @@ import ctypes
 import errno
 import hashlib
 import json
-import mmap
 import os
+import select
 import stat
-import sys
 import threading
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from merger import system
 from merger.errors import ModelError
 
 SUPPORT_LIMIT = 128 << 20  # bytes: the largest config, tokenizer, index or card read from an input
@@ -45,6 +44,14 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def _opened_path(fd: int) -> Path | None:
+    """The path of what descriptor `fd` opened, as the kernel knows it (Linux); None elsewhere."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
 
 
 def check_name(name: object, label: str, what: str) -> str:
@@ -112,6 +119,10 @@ class Folder:
             if e.errno == errno.ELOOP:  # swapped for a link since it was located
                 raise ModelError(f"'{self.label}': {name} changed while merger opened it") from None
             raise ModelError(f"'{self.label}': cannot read {name}: {e.strerror}") from None
+        opened = _opened_path(fd)  # a directory on the way swapped for a link since locate(): seen here
+        if opened is not None and not any(opened == r or r in opened.parents for r in self.roots):
+            os.close(fd)
+            raise ModelError(f"'{self.label}': {name} changed while merger opened it (it led to {opened})")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -144,11 +155,25 @@ class Folder:
 
     def sha256(self, name: str, stop: threading.Event | None = None) -> str:
         """The sha256 of `name`'s bytes, read now (raises Stopped once `stop` is set)."""
+        return self.hash(name, stop)[0]
+
+    def hash(self, name: str, stop: threading.Event | None = None) -> tuple[str, os.stat_result]:
+        """The sha256 of `name`'s bytes, read now, and the status of the file those bytes were read from;
+        refused if the file changed while it was read."""
         try:
             with self.open(name) as f:
-                return _sha256(f, stop)
+                before = os.fstat(f.fileno())
+                digest = _sha256(f, stop)
+                after = os.fstat(f.fileno())
         except OSError as e:
             raise ModelError(f"'{self.label}': cannot read {name}: {e.strerror}") from None
+        if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (
+            after.st_size,
+            after.st_mtime_ns,
+            after.st_ctime_ns,
+        ):
+            raise ModelError(f"'{self.label}': {name} changed while merger read it; run the command again")
+        return digest, after
 
 
 PIPE_WAIT = 60.0  # seconds a pipe named as a recipe or lock may take to deliver it (`<(generate-recipe)`)
@@ -176,9 +201,6 @@ def read_user_file(path: str | Path, limit: int) -> bytes:
 def _read_pipe(fd: int, limit: int) -> bytes:
     """Read a non-blocking pipe to its end: a read returns b"" once its writer is done, or at once if it
     has none (a FIFO nobody opened for writing); EAGAIN means a writer that has not written yet."""
-    import select
-    import time
-
     chunks: list[bytes] = []
     size = 0
     deadline = time.monotonic() + PIPE_WAIT
@@ -262,50 +284,6 @@ def _depth(data: object) -> int:
     return deepest
 
 
-YAML_NODES = 100_000  # nodes a YAML document may hold once its aliases are expanded (a recipe has ~100)
-
-
-class YAMLTooLarge(ValueError):
-    """YAML that would expand past YAML_NODES nodes, nest deeper than JSON_DEPTH or refer to itself;
-    `line` is where (1-based)."""
-
-    def __init__(self, message: str, line: int):
-        super().__init__(message)
-        self.line = line
-
-
-def check_yaml(text: str) -> None:
-    """Refuse YAML that is too large once built, from its event stream alone (before any object is built,
-    so an alias bomb costs nothing): raises YAMLTooLarge, or yaml.YAMLError for YAML that does not parse."""
-    import yaml
-
-    sizes: dict[str, int] = {}  # anchor -> nodes of the anchored node, aliases inside it expanded
-    open_nodes: list[tuple[str | None, int]] = []  # collections being read: (anchor, nodes before it)
-    total = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        line = event.start_mark.line + 1
-        if isinstance(event, yaml.AliasEvent):
-            if event.anchor not in sizes:
-                raise YAMLTooLarge(f"the alias *{event.anchor} refers to the node that holds it", line)
-            total += sizes[event.anchor]
-        elif isinstance(event, yaml.ScalarEvent):
-            total += 1
-            if event.anchor:
-                sizes[event.anchor] = 1
-        elif isinstance(event, yaml.CollectionStartEvent):
-            total += 1
-            open_nodes.append((event.anchor, total - 1))
-            if len(open_nodes) > JSON_DEPTH:
-                raise YAMLTooLarge(f"nests deeper than {JSON_DEPTH} levels", line)
-        elif isinstance(event, yaml.CollectionEndEvent):
-            anchor, before = open_nodes.pop()
-            if anchor:
-                sizes[anchor] = total - before
-        if total > YAML_NODES:
-            why = " (aliases of aliases?)" if sizes else ""
-            raise YAMLTooLarge(f"expands to more than {YAML_NODES} values{why}", line)
-
-
 class _Duplicate(ValueError):
     pass
 
@@ -346,7 +324,16 @@ def private_cache(name: str) -> Path | None:
 
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (files created, renamed or removed in it) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    _fsync_path(path, getattr(os, "O_DIRECTORY", 0))
+
+
+def fsync_file(path: Path) -> None:
+    """Make a file's bytes durable (through a descriptor of its own: any will do)."""
+    _fsync_path(path)
+
+
+def _fsync_path(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | flags)
     try:
         os.fsync(fd)
     finally:
@@ -376,16 +363,6 @@ def write_json(path: Path, data: object, *, durable: bool = False, indent: int |
     write_atomic(path, (json.dumps(data, indent=indent) + "\n").encode(), durable=durable)
 
 
-_libc = None
-
-
-def _c_library():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -393,90 +370,12 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing [offset, offset + nbytes) of `fd` to disk, without waiting and
     without dropping the pages from the cache (sync_file_range on Linux; nothing elsewhere): the fsync
     that ends a shard then finds most of it written."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        lib = _c_library()
-        lib.sync_file_range(ctypes.c_int(fd), ctypes.c_longlong(offset), ctypes.c_longlong(nbytes), ctypes.c_uint(2))
-
-
-# --- mapped inputs that shrink ----------------------------------------------------------------------
-
-_mapped: dict[int, tuple[int, int, str]] = {}  # id(mapping) -> (start address, end address, file)
-_on_fatal: list[Callable[[], None]] = []  # cleanups run before a SIGBUS ends the process
-_handler = None
-
-
-def watch_mapping(mm: mmap.mmap, path: Path) -> None:
-    """Remember where `mm` (a mapping of `path`) lies, so that a SIGBUS in it (the file shrank: another
-    process truncated it) ends the process with one line naming the file, instead of a crash."""
-    if not len(mm):
-        return
-    _install()
-    buf = (ctypes.c_char * 1).from_buffer(mm)
-    start = ctypes.addressof(buf)
-    del buf
-    _mapped[id(mm)] = (start, start + len(mm), str(path))
-
-
-def forget_mapping(mm: mmap.mmap) -> None:
-    _mapped.pop(id(mm), None)
-
-
-def on_fatal(cleanup: Callable[[], None]) -> Callable[[], None]:
-    """Run `cleanup` if a SIGBUS ends the process (returns a function that cancels it)."""
-    _on_fatal.append(cleanup)
-    return lambda: _on_fatal.remove(cleanup) if cleanup in _on_fatal else None
-
-
-_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-
-
-class _Sigaction(ctypes.Structure):  # glibc's struct sigaction on 64-bit Linux
-    _fields_ = [
-        ("sa_sigaction", _HANDLER),
-        ("sa_mask", ctypes.c_ulong * 16),
-        ("sa_flags", ctypes.c_int),
-        ("sa_restorer", ctypes.c_void_p),
-    ]
-
-
-_SA_SIGINFO = 4
-_SI_ADDR = 16  # offset of si_addr in siginfo_t on 64-bit Linux
-
-
-def _on_sigbus(signum: int, info: int, context: int) -> None:
-    addr = ctypes.c_void_p.from_address(info + _SI_ADDR).value or 0
-    where = next((m for m in list(_mapped.values()) if m[0] <= addr < m[1]), None)
-    if where is None:
-        line = "error: bus error outside merger's input mappings (a hardware or memory fault?)\n"
-    else:
-        path = where[2]
-        try:
-            now = f"it is {os.stat(path).st_size} bytes now"
-        except OSError:
-            now = "it is gone now"
-        line = (
-            f"error: {path}: the file shrank while merger was reading it ({now}; another process truncated or "
-            "rewrote it); nothing was written to the output\n"
+    call = getattr(system.libc(), "sync_file_range", None)
+    if call is not None:
+        call(
+            ctypes.c_int(fd),
+            ctypes.c_longlong(offset),
+            ctypes.c_longlong(nbytes),
+            ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
         )
-    os.write(2, line.encode(errors="replace"))
-    for cleanup in list(_on_fatal):
-        with contextlib.suppress(BaseException):
-            cleanup()
-    os._exit(2)
 
-
-def _install() -> None:
-    global _handler
-    if _handler is not None or not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
-        return
-    _handler = _HANDLER(_on_sigbus)
-    action = _Sigaction()
-    action.sa_sigaction = _handler
-    action.sa_flags = _SA_SIGINFO
-    try:
-        if _c_library().sigaction(7, ctypes.byref(action), None) != 0:  # SIGBUS is 7 on x86-64 and arm64
-            _handler = False
-    except AttributeError:
-        _handler = False

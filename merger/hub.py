@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,13 +67,14 @@ class Remote:
         """The snapshot as merger reads it: its files, and the blobs they link to beside it."""
         return Folder.of(self.snapshot, self.ref, storage=self.snapshot.parent.parent)
 
-    def verify(self, name: str) -> dict[str, str | int]:
+    def verify(self, name: str, stop: threading.Event | None = None) -> dict[str, str | int]:
         """Check that the fetched copy of `name` is the file the Hub lists (by its LFS sha256, or git blob
         id), reading it now; returns how the lock records it."""
         listed = self.files[name].record()
         folder = self.folder
         if "sha256" in listed:
-            now = {"sha256": folder.sha256(name), "size": folder.stat(name).st_size}
+            digest, st = folder.hash(name, stop)
+            now = {"sha256": digest, "size": st.st_size}
         else:
             data = folder.read_bytes(name)
             now = {"git_sha1": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), "size": len(data)}
@@ -201,11 +203,12 @@ class Hub:
         commit = revision if revision and COMMIT.fullmatch(revision) else None
         ref_file = storage / "refs" / (revision or "main")
         if commit is None and ref_file.is_file():
-            commit = ref_file.read_text().strip()
+            commit = ref_file.read_text(errors="replace").strip()[:64]
+            commit = commit if COMMIT.fullmatch(commit) else None  # a damaged refs file names no snapshot
         snapshot = storage / "snapshots" / (commit or "?")
         if commit is None or not snapshot.is_dir():
             raise ModelError(
-                f"'{ref}': {not_here(ref)}, and no model of that name is in the Hugging Face cache "
+                f"'{ref}': {not_here()}, and no model of that name is in the Hugging Face cache "
                 f"({self.cache_dir}); merger is offline: run once without --offline (and HF_HUB_OFFLINE unset) "
                 "to download it"
             )
@@ -286,7 +289,7 @@ class Hub:
             return ModelError(f"'{ref}' is gated: request access at {page}, then {LOGIN_HINT}")
         if isinstance(e, errors.RepositoryNotFoundError):
             return ModelError(
-                f"'{ref}': {not_here(ref)}, nor a model of that name on the Hub ({self.endpoint}); if it is a "
+                f"'{ref}': {not_here()}, nor a model of that name on the Hub ({self.endpoint}); if it is a "
                 f"private model, {LOGIN_HINT} with a token that can read it"
             )
         if isinstance(e, errors.RevisionNotFoundError):
@@ -300,7 +303,7 @@ class Hub:
             )
         if name is None and isinstance(e, httpx2.TransportError | errors.LocalEntryNotFoundError):
             return ModelError(
-                f"'{ref}': {not_here(ref)}, and the Hub at {self.endpoint} cannot be reached to look for a model "
+                f"'{ref}': {not_here()}, and the Hub at {self.endpoint} cannot be reached to look for a model "
                 "of that name; check the path, or the network (--offline uses the Hugging Face cache alone)"
             )
         if isinstance(e, httpx2.TransportError | errors.LocalEntryNotFoundError | errors.OfflineModeIsEnabled):

@@ -17,7 +17,7 @@ from merger.errors import MergerError, ModelError
 from merger.files import SUPPORT_LIMIT, parse_json, read_user_file
 from merger.hub import short_hash
 from merger.plan import Plan
-from merger.sources import LocalModel
+from merger.sources import LocalModel, stamp
 
 LOCK_NAME = "merger.lock.json"
 
@@ -73,14 +73,19 @@ class Lock(BaseModel):
 
 
 def inputs_of(
-    plan: Plan, *, hub_weights: bool = True, threads: int | None = None, stop: threading.Event | None = None
+    plan: Plan,
+    *,
+    hub_weights: bool = True,
+    threads: int | None = None,
+    stop: threading.Event | None = None,
+    priority: system.Background | None = None,
 ) -> list[LockedInput]:
     """The lock's record of what the merge reads, every file hashed now (never a cached answer): local
     files by sha256; Hub files fetched into the cache by the hash the Hub lists for them (LFS sha256, or
     git blob id), after checking that the bytes there have that hash. Hub weights not fetched yet
     (--low-disk) are checked as they arrive (fetch.JustInTime). Files are hashed `threads` at a time
-    (default: one per core), at a lower priority than the merge beside which they run: they take the
-    cores the merge leaves idle (while it waits for the disk, say)."""
+    (default: one per core); beside a merge, at the `priority` it sets (system.Background). `stop`, once
+    set, ends the hashing at the next block."""
     refs: dict[Path, list[str]] = {}
     for m in [plan.base, *plan.inputs, plan.tokenizer_from]:
         if m is not None and m.ref not in refs.setdefault(m.path, []):
@@ -89,11 +94,13 @@ def inputs_of(
     jobs = [(model, name) for model, names in used for name in names]
     workers = threads or system.default_threads()
     stop = stop or threading.Event()
-    with ThreadPoolExecutor(workers, thread_name_prefix="merger-hash", initializer=system.lower_priority) as pool:
+    initializer = priority.enter if priority else None
+    with ThreadPoolExecutor(workers, thread_name_prefix="merger-hash", initializer=initializer) as pool:
         try:
             hashed = list(pool.map(lambda job: record(*job, hub_weights, stop), jobs))
-        except BaseException:  # an interrupt: the files being hashed stop at their next block
+        except BaseException:  # an interrupt: files being hashed stop at their next block, the rest never start
             stop.set()
+            pool.shutdown(cancel_futures=True)
             raise
     records = dict(zip(((m.path, n) for m, n in jobs), hashed))
     out = []
@@ -133,11 +140,14 @@ def record(
     not (--low-disk: fetch.JustInTime checks each as it arrives)."""
     remote = model.remote
     if remote is None:
-        st = model.folder.stat(name)
-        return {"sha256": model.folder.sha256(name, stop), "size": st.st_size}
+        digest, st = model.folder.hash(name, stop)
+        seen = model.stamps.get(model.path / name)  # a weight file: the one the merge maps
+        if seen is not None and seen[:4] != stamp(st)[:4]:
+            raise ModelError(f"'{model.ref}': {name} changed after merger read its header; run the command again")
+        return {"sha256": digest, "size": st.st_size}
     weight = any(model.name_of(f) == name for f in model.files)
     if (model.path / name).exists() and (hub_weights or not weight):
-        return remote.verify(name)
+        return remote.verify(name, stop)
     return remote.files[name].record()
 
 

@@ -11,15 +11,14 @@ import yaml
 
 from merger import __version__
 from merger.errors import ModelError
-from merger.files import check_yaml
 from merger.lock import LockedInput, write_lock
 from merger.plan import Plan
+from merger.recipe import check_yaml
 from merger.sources import (
     CARD_NAME,
     DTYPES,
     INDEX_NAME,
     MODEL_FILES,
-    SUPPORT_JSON,
     TOKENIZER_FILES,
     LocalModel,
     read_config,
@@ -77,10 +76,8 @@ def copy_support_files(plan: Plan, directory: Path) -> None:
 
 
 def _copy(model: LocalModel, name: str, directory: Path) -> None:
-    """One support file, as its model holds it (JSON checked first)."""
-    if name in SUPPORT_JSON:
-        read_support(model, name)
-    (directory / name).write_bytes(model.folder.read_bytes(name))
+    """One support file, as its model holds it (JSON checked first: the bytes checked are the ones copied)."""
+    (directory / name).write_bytes(read_support(model, name)[0])
 
 
 def write_card(plan: Plan, directory: Path, title: str, extra: str | None = None) -> None:

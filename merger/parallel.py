@@ -2,9 +2,10 @@
 
 Two ways in: `merger apply --workers K` starts K local processes itself, and a launcher that sets
 WORLD_SIZE/RANK (`accelerate launch`, `torchrun`) runs one `merger apply` per rank, which meet through
-torch.distributed (gloo). Either way every process writes whole shards into one staging directory and
-the first process alone writes the index and renames the directory into place, so the output is
-byte-identical to a single-process run.
+torch.distributed (gloo). Either way every process writes whole shards into the one partial output
+(merger.staging) and records each as it finishes; the first process alone writes the index and puts the
+output in place, so the output is byte-identical to a single-process run, and an interrupted one
+resumes as any does.
 """
 
 from __future__ import annotations

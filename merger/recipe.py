@@ -25,7 +25,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from merger.errors import RecipeError
-from merger.files import YAMLTooLarge, check_yaml, read_user_file
+from merger.files import JSON_DEPTH, read_user_file
 from merger.methods import Method, Params, all_methods, get_method, greedy
 
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"]
@@ -179,6 +179,50 @@ class MergeSpec:
 
     def where(self, *loc: str | int) -> str:
         return self.source.where(*loc)
+
+
+YAML_NODES = 100_000  # nodes a YAML document may hold once its aliases are expanded (a recipe has ~100)
+
+
+class YAMLTooLarge(ValueError):
+    """YAML that would expand past YAML_NODES nodes, nest deeper than JSON_DEPTH or refer to itself;
+    `line` is where (1-based)."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
+def check_yaml(text: str) -> None:
+    """Refuse YAML that is too large once built, from its event stream alone (before any object is built,
+    so an alias bomb costs nothing): raises YAMLTooLarge, or yaml.YAMLError for YAML that does not parse."""
+    sizes: dict[str, int] = {}  # anchor -> nodes of the anchored node, aliases inside it expanded
+    open_nodes: list[tuple[str | None, int]] = []  # collections being read: (anchor, nodes before it)
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor not in sizes:
+                holds = any(anchor == event.anchor for anchor, _ in open_nodes)
+                what = "refers to the node that holds it" if holds else "names no anchor defined before it"
+                raise YAMLTooLarge(f"the alias *{event.anchor} {what}", line)
+            total += sizes[event.anchor]
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            total += 1
+            open_nodes.append((event.anchor, total - 1))
+            if len(open_nodes) > JSON_DEPTH:
+                raise YAMLTooLarge(f"nests deeper than {JSON_DEPTH} levels", line)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = open_nodes.pop()
+            if anchor:
+                sizes[anchor] = total - before
+        if total > YAML_NODES:
+            why = " (aliases of aliases?)" if sizes else ""
+            raise YAMLTooLarge(f"expands to more than {YAML_NODES} values{why}", line)
 
 
 RECIPE_LIMIT = 256 << 10  # bytes: a recipe is a page of YAML (mergekit's largest examples are ~10 KB)

@@ -178,7 +178,7 @@ def greedy_soup(
     workdir = dest.parent if dest.parent.is_dir() else None
     counts = {"evaluations": 0, "cached": 0}
 
-    evaluator = make_evaluator(plan)
+    evaluator = make_evaluator(plan, workdir)
     try:
         log(
             f"greedy soup over {len(refs)} models by {evaluator.describe()}"

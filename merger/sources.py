@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import mmap
 import os
+import signal
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import numpy as np
 
+from merger import system
 from merger.errors import ModelError
-from merger.files import Folder, check_name, forget_mapping, parse_json, watch_mapping
+from merger.files import Folder, check_name, parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +114,7 @@ class Remote(Protocol):
 
     def drop(self, name: str) -> None: ...
 
-    def verify(self, name: str) -> dict: ...
+    def verify(self, name: str, stop=None) -> dict: ...
 
 
 def stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -165,7 +169,7 @@ def read_config(model: LocalModel) -> dict | None:
     """The model's config.json as a dict (None if it has none, or a Hub model's is not fetched yet)."""
     if model.folder.stat("config.json") is None:
         return None
-    data = read_support(model, "config.json")
+    _, data = read_support(model, "config.json")
     if not isinstance(data, dict):
         raise ModelError(f"'{model.ref}': config.json is not a JSON object")
     return data
@@ -185,11 +189,13 @@ SUPPORT_JSON = {
 }
 
 
-def read_support(model: LocalModel, name: str) -> object:
-    """A support file's content: bytes, or for SUPPORT_JSON the parsed JSON (checked as above)."""
+def read_support(model: LocalModel, name: str) -> tuple[bytes, object]:
+    """A support file's bytes, read once, and for SUPPORT_JSON its parsed content (checked as above;
+    None for other files): what is checked is what is copied."""
+    raw = model.folder.read_bytes(name)
     if name not in SUPPORT_JSON:
-        return model.folder.read_bytes(name)
-    data = model.folder.read_json(name)
+        return raw, None
+    data = parse_json(raw, f"'{model.ref}': {name}")
     todo = [data]
     while todo:
         node = todo.pop()
@@ -201,7 +207,7 @@ def read_support(model: LocalModel, name: str) -> object:
                     "refusing to copy it (transformers would read that file when loading the model)"
                 )
             todo.append(value)
-    return data
+    return raw, data
 
 
 def _escapes(value: str) -> bool:
@@ -317,7 +323,7 @@ def is_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts)
 
 
-def not_here(ref: str) -> str:
+def not_here() -> str:
     """What a relative model reference that is not a local folder means, where merger runs."""
     return f"no such directory in the working directory ({os.getcwd()})"
 
@@ -327,7 +333,7 @@ def open_local(ref: str) -> LocalModel:
     reference and how to fix it."""
     path = Path(ref).expanduser()
     if not path.exists():
-        raise ModelError(f"'{ref}': {not_here(ref) if not path.is_absolute() else 'no such directory'}")
+        raise ModelError(f"'{ref}': {not_here() if not path.is_absolute() else 'no such directory'}")
     if not path.is_dir():
         raise ModelError(f"'{ref}' is not a directory (a model is a directory of safetensors files)")
     folder = Folder.of(path, ref)
@@ -428,6 +434,87 @@ class Confined:
 
     def release(self, file: Path) -> None:
         pass
+
+
+# A mapped input that shrinks under the merge (another process truncated it) kills the process with
+# SIGBUS when a lost page is touched. A handler turns that into one line naming the file.
+
+_mapped: dict[int, tuple[int, int, str]] = {}  # id(mapping) -> (start address, end address, file)
+_on_fatal: list[Callable[[], None]] = []  # cleanups run before a SIGBUS ends the process
+_handler = None
+
+
+def watch_mapping(mm: mmap.mmap, path: Path) -> None:
+    """Remember where `mm` (a mapping of `path`) lies, so that a SIGBUS in it (the file shrank: another
+    process truncated it) ends the process with one line naming the file, instead of a crash."""
+    if not len(mm):
+        return
+    _install()
+    buf = (ctypes.c_char * 1).from_buffer(mm)
+    start = ctypes.addressof(buf)
+    del buf
+    _mapped[id(mm)] = (start, start + len(mm), str(path))
+
+
+def forget_mapping(mm: mmap.mmap) -> None:
+    _mapped.pop(id(mm), None)
+
+
+def on_fatal(cleanup: Callable[[], None]) -> Callable[[], None]:
+    """Run `cleanup` if a SIGBUS ends the process (returns a function that cancels it)."""
+    _on_fatal.append(cleanup)
+    return lambda: _on_fatal.remove(cleanup) if cleanup in _on_fatal else None
+
+
+_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class _Sigaction(ctypes.Structure):  # glibc's struct sigaction on 64-bit Linux
+    _fields_ = [
+        ("sa_sigaction", _HANDLER),
+        ("sa_mask", ctypes.c_ulong * 16),
+        ("sa_flags", ctypes.c_int),
+        ("sa_restorer", ctypes.c_void_p),
+    ]
+
+
+_SA_SIGINFO = 4
+_SI_ADDR = 16  # offset of si_addr in siginfo_t on 64-bit Linux
+
+
+def _on_sigbus(signum: int, info: int, context: int) -> None:
+    addr = ctypes.c_void_p.from_address(info + _SI_ADDR).value or 0
+    where = next((m for m in list(_mapped.values()) if m[0] <= addr < m[1]), None)
+    if where is None:
+        line = "error: bus error outside merger's input mappings (a hardware or memory fault?)\n"
+    else:
+        path = where[2]
+        try:
+            now = f"it is {os.stat(path).st_size} bytes now"
+        except OSError:
+            now = "it is gone now"
+        line = (
+            f"error: {path}: the file shrank while merger was reading it ({now}; another process truncated or "
+            "rewrote it); nothing was written to the output\n"
+        )
+    os.write(2, line.encode(errors="replace"))
+    for cleanup in list(_on_fatal):
+        with contextlib.suppress(BaseException):
+            cleanup()
+    os._exit(2)
+
+
+def _install() -> None:
+    global _handler
+    sigaction = getattr(system.libc(), "sigaction", None)
+    if _handler is not None or sigaction is None or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return
+    _handler = _HANDLER(_on_sigbus)
+    action = _Sigaction()
+    action.sa_sigaction = _handler
+    action.sa_flags = _SA_SIGINFO
+    if sigaction(signal.SIGBUS, ctypes.byref(action), None) != 0:
+        _handler = False
 
 
 def _huge_pages(mm: mmap.mmap) -> None:

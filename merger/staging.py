@@ -25,21 +25,22 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
 import shutil
-import signal
-import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from merger import __version__
+from merger import __version__, system
 from merger.errors import OutputError, describe
-from merger.files import fsync_dir, on_fatal, write_json
+from merger.files import fsync_dir, fsync_file, write_json
 from merger.lock import LOCK_NAME, LockedInput
 from merger.plan import Plan, Shard
-from merger.sources import CARD_NAME, INDEX_NAME, MODEL_FILES, SINGLE_NAME, TOKENIZER_FILES
+from merger.sources import CARD_NAME, INDEX_NAME, MODEL_FILES, SINGLE_NAME, TOKENIZER_FILES, on_fatal
 
 PARTIAL = ".merger-partial"
 CANDIDATE = ".merger-candidate-"  # greedy soup's temporary candidates, beside the output
@@ -62,11 +63,13 @@ def fingerprint(plan: Plan) -> str:
         files = {}
         for f in model.files:
             name = model.name_of(f)
-            files[name] = model.remote.files[name].etag if model.remote else list(model.stamps[f])
+            # size, times, inode (not the device: a number that may change at the next boot or mount)
+            files[name] = model.remote.files[name].etag if model.remote else list(model.stamps[f][:4])
         return {"path": str(model.path), "commit": model.remote.commit if model.remote else None, "files": files}
 
     data = {
         "merger": __version__,
+        "libraries": {name: _version(name) for name in ("numpy", "numba", "torch")},  # they compute the bits
         "method": spec.method.name,
         "params": spec.params.model_dump(mode="json"),
         "models": [g.params.model_dump(mode="json") for g in spec.ingredients],
@@ -79,9 +82,21 @@ def fingerprint(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def _record(st: os.stat_result) -> dict[str, int]:
+    """What the record of a finished shard says of its file, and what a later run checks it against."""
+    return {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 @dataclass(frozen=True)
 class Finished:
-    """Records that a shard is done, once it is on disk: called on the writer thread of whichever
+    """Records that a shard is done, once it is on disk: called on the syncer thread of whichever
     process wrote it (a --workers process or a launched rank too, so it pickles)."""
 
     partial: Path
@@ -89,10 +104,8 @@ class Finished:
 
     def __call__(self, shard: Shard, path: Path) -> None:
         if self.durable:
-            fsync_dir(path.parent)  # the shard's name, as well as its bytes (ShardWriter synced those)
-        st = path.stat()
-        record = {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
-        write_json(self.partial / "done" / f"{shard.filename}.json", record, durable=self.durable)
+            fsync_dir(path.parent)  # the shard's name, as well as its bytes (fsynced before this is called)
+        write_json(self.partial / "done" / f"{shard.filename}.json", _record(path.stat()), durable=self.durable)
 
 
 @dataclass
@@ -108,12 +121,14 @@ class Resume:
 def inspect(plan: Plan, dest: Path) -> Resume | None:
     """The partial output of `dest`, if there is one (reads it, locks nothing for longer than a look)."""
     path = partial_path(dest)
-    if not path.is_dir():
+    if not os.path.lexists(path):
         return None
     try:
         fd = _lock(path)
     except BlockingIOError:
         return Resume(path, "busy", [], 0)
+    except OSError as e:
+        return Resume(path, f"in the way ({describe(e)}): apply will refuse to use it", [], 0)
     try:
         if _state(path).get("fingerprint") != fingerprint(plan):
             return Resume(path, "stale", [], 0)
@@ -133,6 +148,7 @@ class Partial:
         self.path = partial_path(dest)
         self.model = self.path / "model"
         self.durable = durable
+        self.committed = False
         self.created = _make_parents(dest)
         remove_leftovers(dest)
         self._fd = _claim(self.path, dest)
@@ -140,6 +156,7 @@ class Partial:
         try:
             _restore(self.path / "old", dest)
             self.done = self._resume()
+            self.recorded = _state(self.path).get("inputs")  # the inputs' hashes an earlier run read
         except BaseException:  # an interrupt as it starts: nothing of an earlier run is lost by it
             if not any((self.path / "done").glob("*.json")):
                 self.discard()
@@ -154,6 +171,12 @@ class Partial:
     def finished(self) -> Finished:
         return Finished(self.path, self.durable)
 
+    @property
+    def fetched(self) -> Path:
+        """Where --low-disk notes the Hub shards it fetched for this output (fetch.JustInTime), so that
+        a run that resumes it drops those too once they are used."""
+        return self.path / "fetched.json"
+
     def _resume(self) -> set[int]:
         fp = fingerprint(self.plan)
         state = _state(self.path)
@@ -164,6 +187,9 @@ class Partial:
             write_json(self.path / "state.json", state, durable=self.durable)
         self.model.mkdir(exist_ok=True)
         (self.path / "done").mkdir(exist_ok=True)
+        if self.durable:  # the directories the records and shards are in, and where those are
+            for d in (self.path, self.path.parent):
+                fsync_dir(d)
         done = _verified(self.path, self.plan)
         keep = {self.plan.shards[i].filename for i in done}
         for entry in self.model.iterdir():  # a shard cut short, metadata of the run that was interrupted
@@ -174,16 +200,22 @@ class Partial:
                 _remove(entry)
         return done
 
+    def record_inputs(self, inputs: list[LockedInput]) -> None:
+        """Record the inputs' hashes as this run read them, as soon as they are known (a later run that
+        resumes this one compares its own with them)."""
+        write_json(
+            self.path / "state.json", _state(self.path) | {"inputs": [i.files for i in inputs]}, durable=self.durable
+        )
+
     def check_inputs(self, inputs: list[LockedInput]) -> list[int]:
-        """Record the inputs' hashes, as read in this run. Returns the shards kept from an earlier run
-        that must be written again: all of them if that run recorded other hashes (an input rewritten
-        in a way its stamp did not show), else none."""
-        state = _state(self.path)
+        """The shards kept from an earlier run that must be written again: all of them if that run
+        recorded other hashes for the inputs (one rewritten in a way its stamp did not show), else none.
+        Records this run's."""
         now = [i.files for i in inputs]
-        redo = sorted(self.done) if state.get("inputs", now) != now else []
+        redo = sorted(self.done) if self.recorded not in (None, now) else []
         for i in redo:
             (self.path / "done" / f"{self.plan.shards[i].filename}.json").unlink(missing_ok=True)
-        write_json(self.path / "state.json", state | {"inputs": now}, durable=self.durable)
+        self.record_inputs(inputs)
         return redo
 
     def commit(self, force: bool) -> None:
@@ -191,31 +223,45 @@ class Partial:
         step (an earlier output, which --force allows to replace, is exchanged with it and removed)."""
         if self.durable:
             for entry in self.model.iterdir():
-                _fsync(entry)
+                if entry.is_file() and not entry.is_symlink():
+                    fsync_file(entry)
             fsync_dir(self.model)
         dest = self.dest
-        if os.path.lexists(dest):
-            if not force:
-                raise OutputError(f"output {dest} already exists; pass --force to replace it")
-            check_replaceable(dest)
-            _exchange(self.model, dest, self.path / "old")
-        else:
-            _rename_new(self.model, dest)
-        if self.durable:
-            fsync_dir(dest.parent)
-        self.discard()
+        with system.interrupts_held():  # the swap and what it leaves behind, as one step
+            if os.path.lexists(dest):
+                if not force:
+                    raise OutputError(already_exists(dest))
+                check_replaceable(dest)
+                _exchange(self.model, dest, self.path / "old")
+            else:
+                _rename_new(self.model, dest)
+            self.committed = True
+            if self.durable:
+                fsync_dir(dest.parent)
+            self.discard()
 
     def discard(self) -> None:
         """Remove the partial output (after a commit it holds the old output, if any). An old output set
         aside and not replaced goes back first; directories made to hold the output go if nothing else
         is in them."""
+        aside = self.path / "old"
         with contextlib.suppress(OSError):
-            _restore(self.path / "old", self.dest)
+            _restore(aside, self.dest)
+        if aside.is_dir():  # it could not go back: the one copy of the old output is never removed
+            for entry in self.path.iterdir():
+                if entry != aside:
+                    _remove(entry)
+            return
         shutil.rmtree(self.path, ignore_errors=True)
         if not os.path.lexists(self.dest):
             for d in self.created:
                 with contextlib.suppress(OSError):
                     d.rmdir()
+
+    def share(self) -> None:
+        """Let the other ranks of a launch hold the partial output too (staging.join): from now on it is
+        busy for a new run until every rank has let go of it."""
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
 
     def close(self) -> None:
         """Let go of the partial output, keeping it for a later run to resume."""
@@ -225,14 +271,34 @@ class Partial:
             self._fd = None
 
 
+def recover(dest: Path) -> None:
+    """Put back an earlier output that a replacement killed between its two renames left aside (where
+    the file system cannot exchange directories), before anything else looks at the destination."""
+    path = partial_path(dest)
+    if not (path / "old").is_dir() or os.path.lexists(dest):
+        return
+    try:
+        fd = _lock(path)
+    except OSError:  # a run that holds it does this itself
+        return
+    try:
+        _restore(path / "old", dest)
+    finally:
+        os.close(fd)
+
+
 def check_destination(dest: Path, plan: Plan, force: bool) -> None:
     """Refuse outputs that would clobber an input, or an existing directory (without --force, or with it
     one that is not an earlier merger output)."""
     check_path(dest, plan)
     if os.path.lexists(dest):
         if not force:
-            raise OutputError(f"output {dest} already exists; pass --force to replace it")
+            raise OutputError(already_exists(dest))
         check_replaceable(dest)
+
+
+def already_exists(dest: Path) -> str:
+    return f"output {dest} already exists; pass --force to replace it"
 
 
 def check_path(dest: Path, plan: Plan) -> None:
@@ -294,7 +360,8 @@ def remove_leftovers(dest: Path) -> None:
     for entry in parent.iterdir():
         name = entry.name
         legacy = name.startswith(f".{dest.name}.") and name.endswith(LEGACY)
-        if not (legacy or name.startswith(CANDIDATE)) or entry.is_symlink():
+        being_made = name.startswith(NEW) and _older_than(entry, 60)  # killed between its mkdir and rename
+        if not (legacy or being_made or name.startswith(CANDIDATE)) or entry.is_symlink():
             continue
         if not entry.is_dir():
             entry.unlink(missing_ok=True)
@@ -309,30 +376,61 @@ def remove_leftovers(dest: Path) -> None:
             os.close(fd)
 
 
-def hold(directory: Path) -> int:
-    """Lock `directory` for this process (a greedy-soup candidate): remove_leftovers leaves it alone
-    while the returned descriptor is open."""
-    return _lock(directory)
+NEW = ".merger-new-"  # a temporary directory being made (temporary)
+
+
+def temporary(parent: Path | None) -> tuple[Path, int]:
+    """A new directory for greedy soup's candidates and the evaluator's copies, beside the output (or in
+    the system's temporary directory): held by this process (the descriptor returned; close it when
+    done), so that remove_leftovers leaves it alone, and found and removed by a later run into that
+    output if this process is killed. Made under another name and renamed once held, so that no other
+    run can take it in between."""
+    made = Path(tempfile.mkdtemp(prefix=NEW, dir=parent))
+    fd = _lock(made)
+    final = made.with_name(CANDIDATE + made.name.removeprefix(NEW))
+    os.rename(made, final)
+    return final, fd
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 def _claim(path: Path, dest: Path) -> int:
     """The locked partial directory of `dest`, created if need be."""
-    for _ in range(10):
+    deadline = time.monotonic() + 2  # a `merger plan` looking at it holds it for a moment
+    while True:
         _mkdir(path, dest)
         try:
             fd = _lock(path)
         except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             raise OutputError(
                 f"output {dest}: another merger is writing it now (it holds {path}); wait for it to finish"
             ) from None
         except FileNotFoundError:  # removed meanwhile by the run that held it
             continue
-        except NotADirectoryError:
+        except OSError:  # a link, a file: not a directory merger made
             raise OutputError(f"output {dest}: {path} is in the way (not a merger partial output); remove it") from None
-        if os.path.isdir(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+        st = os.lstat(path) if os.path.lexists(path) else None
+        if st is not None and os.path.samestat(os.fstat(fd), st):
             return fd
         os.close(fd)  # committed or removed by its holder between our mkdir and the lock: again
-    raise OutputError(f"output {dest}: could not take hold of {path}")
+        if time.monotonic() > deadline + 10:
+            raise OutputError(f"output {dest}: could not take hold of {path}")
+
+
+def join(path: Path) -> int:
+    """Share the partial output `path` with the rank of a launch that holds it (Partial.share): a new
+    run into the output then sees it busy until every rank is gone."""
+    fd = _open_dir(path)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
 def _make_parents(dest: Path) -> list[Path]:
@@ -358,8 +456,14 @@ def _mkdir(d: Path, dest: Path) -> None:
         raise OutputError(f"output {dest}: cannot create {d}: {describe(e)}") from None
 
 
+def _open_dir(directory: Path) -> int:
+    """A directory opened as itself: never through a link that another user put in its place."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    return os.open(directory, flags)
+
+
 def _lock(directory: Path) -> int:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    fd = _open_dir(directory)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BaseException:
@@ -401,8 +505,7 @@ def _verified(path: Path, plan: Plan) -> set[int]:
                 ok = f.read(len(header)) == header
         except (OSError, ValueError, RecursionError):
             continue
-        now = {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
-        if ok and record == now and st.st_size == shard.file_size:
+        if ok and record == _record(st) and st.st_size == shard.file_size:
             done.add(i)
     return done
 
@@ -414,15 +517,6 @@ def _remove(entry: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
-    if path.is_file() and not path.is_symlink():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -431,12 +525,8 @@ _RENAME_EXCHANGE = 2
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """renameat2(2) where the system has it: True when done, False when unsupported here (the
     caller falls back); any other failure raises OSError."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.renameat2
-    except (OSError, AttributeError):
+    call = getattr(system.libc(), "renameat2", None)
+    if call is None:
         return False
     if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags)) == 0:
         return True
@@ -449,20 +539,16 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 def _exchange(new: Path, dest: Path, aside: Path) -> None:
     """Swap the directory `new` with the existing `dest` in one step, the old output ending at `new`.
     Where the file system cannot exchange, the old output is renamed to `aside` and the new one into
-    place with SIGINT, SIGTERM and SIGHUP held back between the two renames."""
+    place (the caller holds interrupts back meanwhile; a run killed between the two leaves the old output
+    at `aside`, which the next run puts back first)."""
     if _renameat2(new, dest, _RENAME_EXCHANGE):
         return
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    os.rename(dest, aside)
     try:
-        os.rename(dest, aside)
-        try:
-            os.rename(new, dest)
-        except BaseException:
-            os.rename(aside, dest)  # the old output goes back
-            raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.rename(new, dest)
+    except BaseException:
+        os.rename(aside, dest)  # the old output goes back
+        raise
 
 
 def _rename_new(new: Path, dest: Path) -> None:
@@ -472,7 +558,7 @@ def _rename_new(new: Path, dest: Path) -> None:
         if _renameat2(new, dest, _RENAME_NOREPLACE):
             return
     except FileExistsError:
-        raise OutputError(f"output {dest} appeared while merging; pass --force to replace it") from None
+        raise OutputError(already_exists(dest)) from None
     if os.path.lexists(dest):
-        raise OutputError(f"output {dest} appeared while merging; pass --force to replace it")
+        raise OutputError(already_exists(dest))
     os.rename(new, dest)

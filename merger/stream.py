@@ -16,7 +16,6 @@ merged on the GPU in pieces of GPU_PIECE entries, so GPU memory stays bounded wh
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import gc
 import importlib
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from merger import budget, system
 from merger.errors import MergeError, NaNTaskVector
-from merger.files import start_writeback
+from merger.files import fsync_file, start_writeback
 from merger.methods.base import MergeRange
 from merger.plan import OutTensor, Plan, Shard, shard_header
 from merger.sources import DTYPES, Confined, FileSource, MappedReader, to_torch
@@ -170,12 +169,11 @@ def _gc_paused() -> Iterator[None]:
 def _keep_freed_memory() -> None:
     """Let glibc reuse freed blocks instead of returning them to the kernel and faulting fresh zeroed
     pages on the next allocation (about 20x slower than reusing touched memory)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum)
-    except (OSError, AttributeError):
-        pass  # not glibc: only slower
+    lib = system.libc()
+    with contextlib.suppress(AttributeError):  # not glibc: only slower
+        if lib is not None:
+            lib.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+            lib.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (its maximum)
 
 
 class Buffers:
@@ -591,7 +589,7 @@ def write_shards(
     """Write the planned shards (all, or the given indices) into `directory`. Returns bytes read.
     `files`: where input files come from (default: each model's folder; sources.FileSource); `threads`:
     CPU chunk threads (default: the cores this process may use); `finished(shard, path)` is called on
-    the writer thread as each shard is complete (with `durable`, once it is on disk)."""
+    a syncer thread as each shard is complete (with `durable`, once it is on disk)."""
     chosen = [plan.shards[i] for i in shards] if shards is not None else plan.shards
     todo = [(shard, t) for shard in chosen for t in shard.tensors]
     reader = MappedReader(files or Confined(plan.models))
@@ -723,11 +721,7 @@ class _Writer:
 
     def _done(self, shard: Shard, path: Path) -> None:  # syncer thread
         if self.durable:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(path)
         if self.finished is not None:
             self.finished(shard, path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import resource
 import signal
@@ -12,10 +13,50 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+
+
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """The C library's functions Python has no wrapper for (prctl, renameat2, sync_file_range, sigaction),
+    with errno kept; None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
 
 INTERRUPTED = threading.Event()  # set by the CLI's signal handler before it raises KeyboardInterrupt: code
 # that turns an exception into another (numba turns one raised while it loads a kernel into SystemError)
 # cannot then hide that the run was interrupted
+_held = threading.local()
+
+
+def interrupt() -> None:
+    """What the CLI's handler of SIGINT, SIGTERM and SIGHUP does: raise KeyboardInterrupt in the main
+    thread now, or, inside interrupts_held(), as soon as that section ends."""
+    INTERRUPTED.set()
+    if getattr(_held, "depth", 0):
+        _held.pending = True
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """A section no interrupt may cut in two (renaming the output into place and clearing up after):
+    one that arrives meanwhile is raised when it ends. A Python signal handler runs in the main thread,
+    so holding it there is enough."""
+    _held.depth = getattr(_held, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _held.depth -= 1
+        if not _held.depth and getattr(_held, "pending", False):
+            _held.pending = False
+            raise KeyboardInterrupt
 
 
 def proc_kib(path: str, field: str) -> int | None:
@@ -74,18 +115,38 @@ def default_threads() -> int:
     return min(cores, 16)
 
 
-def lower_priority() -> None:
-    """Run the calling thread only on cores nothing else wants (Linux: SCHED_IDLE, per thread; else the
-    lowest nice value), so that background work (hashing inputs for the lock) takes the time the merge
-    leaves idle, waiting for the disk say, rather than the merge's."""
+class Background:
+    """Threads doing work beside the merge (hashing inputs for the lock) that take only the cores the
+    merge leaves idle, waiting for the disk say (Linux: SCHED_IDLE, per thread), until somebody waits
+    for their result: then they run as any thread does (on a busy machine they could otherwise starve)."""
+
+    def __init__(self) -> None:
+        self._threads: list[int] = []
+        self._wanted = False
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        """A thread's initializer: run at idle priority, unless the work is wanted now already."""
+        with self._lock:
+            if self._wanted:
+                return
+            self._threads.append(threading.get_native_id())
+            _schedule(threading.get_native_id(), idle=True)
+
+    def now_wanted(self) -> None:
+        """Somebody waits for the work: every thread of it back to the normal priority."""
+        with self._lock:
+            self._wanted = True
+            for tid in self._threads:
+                _schedule(tid, idle=False)
+
+
+def _schedule(tid: int, idle: bool) -> None:
     if not sys.platform.startswith("linux"):
         return
-    tid = threading.get_native_id()
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, tid, 19)
+    with contextlib.suppress(OSError, AttributeError):  # a thread that ended, a kernel without SCHED_IDLE
+        policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+        os.sched_setscheduler(tid, policy, os.sched_param(0))
 
 
 _PR_SET_PDEATHSIG = 1
@@ -99,10 +160,9 @@ def die_with_parent(*, at_once: bool, parent: int | None = None) -> None:
     (the signal follows the parent *thread*): our own --workers, not a launcher's ranks. `parent`: the
     pid the parent had (a process that starts slowly may find itself orphaned already)."""
     parent = parent or os.getppid()
-    if at_once and sys.platform.startswith("linux"):
+    if at_once and libc() is not None:
         with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            libc().prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # gone already
         os._exit(1)
 

@@ -485,9 +485,16 @@ def test_replacing_uses_one_atomic_exchange(workdir, monkeypatch):
     assert not Path("out").exists() and sorted(p.name for p in Path(".out.merger-partial/old").iterdir()) == before
     plan = run_merger("plan", "recipe.yaml", cwd=workdir)
     assert plan.returncode == 0, plan.stderr
+    again = run_merger("apply", "recipe.yaml", "-q", cwd=workdir)  # without --force: the old output is back first
+    assert (
+        again.returncode == 2
+        and again.stderr == f"error: output {workdir / 'out'} already exists; pass --force to replace it\n"
+    )
+    assert sorted(p.name for p in Path("out").iterdir()) == before
     again = run_merger("apply", "recipe.yaml", "--force", "-q", cwd=workdir, env=hooked(workdir.parent, NO_EXCHANGE))
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in Path("out").iterdir()) == before
+    assert not Path(".out.merger-partial").exists()
 
 
 NO_EXCHANGE = """
@@ -504,13 +511,11 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next(workdir):
     for name in (".out.123.merger-tmp", ".out.4242.merger-old", ".merger-candidate-abc"):
         Path(name).mkdir()
         (Path(name) / "model-00001-of-00001.safetensors").write_bytes(bytes(100))
-    held = Path(".merger-candidate-held")
-    held.mkdir()
-    fd = merger.staging.hold(held)
+    held, fd = merger.staging.temporary(workdir)
     try:
         Path("recipe.yaml").write_text(GOOD)
         assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"]).exit_code == 0
-        assert sorted(p.name for p in workdir.iterdir() if p.name.startswith(".")) == [".merger-candidate-held"]
+        assert sorted(p.name for p in workdir.iterdir() if p.name.startswith(".")) == [held.name]
     finally:
         os.close(fd)
 
@@ -737,3 +742,31 @@ def test_a_damaged_kernel_cache_is_compiled_again(tmp_path):
         f.write_bytes(f.read_bytes()[:20])
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout == "0\n", done.stderr
+
+
+def test_a_partial_output_that_is_a_link_is_never_followed(workdir, tmp_path_factory):
+    """Someone else's link in place of the partial directory (in a shared /tmp, say) must not make merger
+    clear out the directory it points to."""
+    elsewhere = tmp_path_factory.mktemp("important")
+    (elsewhere / "thesis.tex").write_text("years of work")
+    Path(".out.merger-partial").symlink_to(elsewhere)
+    err = run_bad(GOOD)
+    assert err == (
+        f"error: output {workdir / 'out'}: {workdir / '.out.merger-partial'} is in the way (not a merger partial "
+        "output); remove it\n"
+    )
+    assert (elsewhere / "thesis.tex").read_text() == "years of work"
+
+
+def test_interrupts_wait_for_the_end_of_a_held_section():
+    """The two renames that put an output in place (where the file system cannot exchange) and the
+    clearing up after them are one step for Ctrl-C: an interrupt meanwhile is raised when they end."""
+    from merger import system
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt), system.interrupts_held():
+        system.interrupt()  # what the CLI's signal handler does
+        steps.append("first rename")
+        steps.append("second rename")
+    assert steps == ["first rename", "second rename"] and system.INTERRUPTED.is_set()
+    system.INTERRUPTED.clear()

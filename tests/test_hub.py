@@ -355,6 +355,7 @@ def test_an_interrupted_hub_merge_resumes(tmp_path, hub, models, hf_home, monkey
     weights = [n for n in fetched if n.endswith(".safetensors")]
     if low_disk:
         assert 0 < len(weights) < 7  # of the 3 + 3 + 1 input shards
+        assert cached_weights(hf_home) == []  # the ones the first run fetched and left are dropped too
 
 
 def test_low_disk_runs_in_one_process(tmp_path, hub, models):

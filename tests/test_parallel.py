@@ -119,38 +119,41 @@ FAIL_RANK_1 = """
 import os
 if os.environ.get("RANK") == "1":
     import merger.apply
+    from merger.errors import MergeError
     def write_shards(*a, **k):
-        raise OSError(28, "No space left on device")
+        raise OSError(28, "No space left on device") if os.environ["FAIL"] == "disk" else MergeError("tensor 'w': bad")
     merger.apply.write_shards = write_shards
 """
 
 
-@pytest.mark.parametrize("sabotage", ["killed", "failed"])
+@pytest.mark.parametrize("sabotage", ["killed", "disk full", "cannot merge"])
 def test_a_rank_that_dies_or_fails_fails_every_rank(tmp_path, sabotage):
     """One rank failing fails every rank, and nothing lands at the output. A rank killed outright (the OOM
-    killer, scancel) is the interruption a resume is for: what the other rank finished is kept, and the
-    same launch again writes the rest, byte-identical to a single process. A rank's error is not: nothing
-    is kept."""
+    killer, scancel) or a full disk is what a resume is for: what the other rank finished is kept, and
+    the same launch again writes the rest, byte-identical to a single process. A failure that would come
+    again (a tensor that cannot be merged) keeps nothing."""
     recipe = _family(tmp_path)
     env = hooked(tmp_path, KILL_RANK_1 if sabotage == "killed" else FAIL_RANK_1)
+    env["FAIL"] = "disk" if sabotage == "disk full" else "merge"
     (rc0, out0, err0), (rc1, _, err1) = _launch(recipe, tmp_path / "dist" / "out", env=env)
     assert rc0 == 2 and out0 == ""
     assert "Traceback" not in err0 + err1
     assert not (tmp_path / "dist" / "out").exists()
-    if sabotage == "failed":
-        assert rc1 == 2
-        assert err0 == "error: rank 1: No space left on device\n"
-        assert err1 == "error: rank 1: No space left on device\n"
-        assert not (tmp_path / "dist").exists()  # no output, no staging directory, not even the directory made for them
+    if sabotage == "cannot merge":
+        assert rc1 == 2 and err0 == err1 == "error: rank 1: tensor 'w': bad\n"
+        assert not (tmp_path / "dist").exists()  # no output, no partial output, not even the directory made for them
         return
-    assert rc1 == 9
-    assert err0.startswith("error: rank 0: could not collect every rank's result: another process")
     partial = tmp_path / "dist" / ".out.merger-partial"
     kept = sorted(p.name for p in (partial / "done").iterdir())
-    assert len(err0.splitlines()) == 1 and err0.endswith(
-        f"; {len(kept)} of 6 shards are done and kept in {partial}: run the same command again to resume (or delete it)\n"
-    )
     assert 0 < len(kept) < 6  # rank 0's share
+    resume = f"; {len(kept)} of 6 shards are done and kept in {partial}: run the same command again to resume (or delete it)\n"
+    if sabotage == "killed":
+        assert rc1 == 9
+        assert err0.startswith("error: rank 0: could not collect every rank's result: another process")
+    else:
+        assert rc1 == 2 and err1 == "error: rank 1: No space left on device\n"
+        assert err0.startswith("error: rank 1: No space left on device")
+    assert len(err0.splitlines()) == 1 and err0.endswith(resume)
     ranks = _launch(recipe, tmp_path / "dist" / "out")
     assert [r[0] for r in ranks] == [0, 0], ranks
     one = _merger("apply", str(recipe), "-o", str(tmp_path / "one" / "out"), "-q")
