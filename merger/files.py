@@ -378,4 +378,3 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
             ctypes.c_longlong(nbytes),
             ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
         )
-
