@@ -30,12 +30,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# On a machine with an NVIDIA GPU (set up with a CUDA build of torch: make setup TORCH=torch): the GPU
-# tests, which skip elsewhere, then the benchmark at a 3B shape on the GPU. Stops at once without CUDA.
+# On a machine with an NVIDIA GPU (set up with a CUDA build of torch: make setup TORCH=torch), ~15 min:
+# the CUDA tests, torch's CUDA sanitizer on a small merge, a 3B-shape TIES merge on cuda and on cpu
+# compared byte for byte, then the 3B benchmark alternating cuda and cpu. Stops at the first failure
+# (at once without CUDA); everything goes to gpu-report.txt too. See benchmarks/gpu_check.py --help.
 gpu: setup
-	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu: torch sees no CUDA device')"
-	$(BIN)/python -m pytest -q -rs tests/test_gpu.py
-	$(BIN)/python benchmarks/bench_merge.py --shape 3b --device cuda --repeat 2
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu: torch sees no CUDA device. On an NVIDIA machine, install a CUDA build of torch: rm -rf .venv && make setup TORCH=torch')"
+	$(BIN)/python benchmarks/gpu_check.py --report gpu-report.txt
 
 lint: setup
 	$(BIN)/ruff check $(LINTED)

@@ -3,6 +3,7 @@
     python benchmarks/bench_merge.py --shape tinyllama            # 3 x 2.2 GB bf16 inputs, CPU
     python benchmarks/bench_merge.py --shape llama2-7b --device cuda
     python benchmarks/bench_merge.py --shape small --repeat 1     # a quick smoke run (~30 MB)
+    python benchmarks/bench_merge.py --shape 3b --devices cuda,cpu   # GPU and CPU runs alternating
 
 mergekit is optional: install it in its own environment (`python -m venv /tmp/mk && /tmp/mk/bin/pip install
 torch==2.13.0 mergekit`) and pass `--mergekit-bin /tmp/mk/bin/mergekit-yaml`, or have mergekit-yaml on PATH.
@@ -34,6 +35,7 @@ import numpy as np
 
 SHAPES = {
     # name: (vocab, hidden, intermediate, layers, heads, kv_heads)
+    "tiny": (256, 64, 176, 2, 4, 2),  # 0.25 MB a model: for checks of the scripts themselves
     "small": (4096, 512, 1408, 4, 8, 2),
     "tinyllama": (32000, 2048, 5632, 22, 32, 4),
     "3b": (32000, 3200, 8640, 26, 32, 32),
@@ -226,12 +228,16 @@ def main() -> None:
     ap.add_argument("--finetunes", type=int, default=2, help="fine-tunes besides the base (default 2: three models)")
     ap.add_argument("--methods", default="linear,task_arithmetic,ties")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--devices", help="devices to alternate within each repeat, e.g. cuda,cpu (instead of --device)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")))
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if installed")
     ap.add_argument("--mergekit-bin", help="the mergekit-yaml to run (default: the one on PATH)")
     args = ap.parse_args()
+    devices = args.devices.split(",") if args.devices else [args.device]
+    if any(d not in ("cpu", "cuda") for d in devices):
+        ap.error(f"--devices: cpu, cuda or both, comma-separated (got {args.devices})")
 
     dirs = generate(args.dir, args.shape, args.finetunes, 2 << 30)
     in_bytes = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
@@ -240,7 +246,7 @@ def main() -> None:
     try:
         print(
             f"\n{args.shape}: {len(dirs)} models x {in_bytes / 1e9:.2f} GB bf16; "
-            f"{os.cpu_count()} cores, device {args.device}",
+            f"{os.cpu_count()} cores, device {','.join(devices)}",
             flush=True,
         )
         rows = []
@@ -250,12 +256,15 @@ def main() -> None:
             cfg = scratch / f"{method}.yaml"
             cfg.write_text(recipe(method, dirs, scratch / "out"))
             out = scratch / "out"
-            cmd = [sys.executable, "-m", "merger.cli", "apply", str(cfg), "-o", str(out), "--force", "--json",
-                   "--device", args.device]  # fmt: skip
-            if args.workers > 1:
-                cmd += ["--workers", str(args.workers)]
-            run_process(cmd)  # warm-up, not timed: compiles the kernels once, as a machine's first merge does
-            shutil.rmtree(out, ignore_errors=True)
+            cmds = {}
+            for device in devices:
+                cmd = [sys.executable, "-m", "merger.cli", "apply", str(cfg), "-o", str(out), "--force", "--json",
+                       "--device", device]  # fmt: skip
+                if args.workers > 1:
+                    cmd += ["--workers", str(args.workers)]
+                cmds[device] = cmd
+                run_process(cmd)  # warm-up, not timed: compiles the kernels once, as a machine's first merge does
+                shutil.rmtree(out, ignore_errors=True)
             # linear reads every model; task vector methods read the base and the fine-tunes: all of them here
             reads, writes = io_limit(dirs, in_bytes, scratch)
             read_s = min(reads.values())
@@ -269,34 +278,35 @@ def main() -> None:
                 f"{writes['writer+sync']:.2f} s)",
                 flush=True,
             )
-            for rep in range(args.repeat):
-                wall, rss, stdout = run_process(cmd)
-                summary = json.loads(stdout)
-                rows.append(("merger", method, rep, wall, summary["seconds"], max(rss, summary["peak_rss_bytes"]),
-                             summary.get("peak_gpu_bytes")))  # fmt: skip
-                shutil.rmtree(out, ignore_errors=True)
-                if mergekit:
-                    mk = [mergekit, str(cfg), str(out), "--copy-tokenizer", "--lazy-unpickle"]
-                    if args.device == "cuda":
-                        mk.append("--cuda")
-                    wall, rss, _ = run_process(mk)
-                    rows.append(("mergekit", method, rep, wall, wall, rss, None))
+            for _rep in range(args.repeat):
+                for device in devices:  # alternating: each device's runs see the same conditions
+                    wall, rss, stdout = run_process(cmds[device])
+                    summary = json.loads(stdout)
+                    rows.append(("merger", method, device, wall, summary["seconds"],
+                                 max(rss, summary["peak_rss_bytes"]), summary.get("peak_gpu_bytes")))  # fmt: skip
                     shutil.rmtree(out, ignore_errors=True)
+                    if mergekit:
+                        mk = [mergekit, str(cfg), str(out), "--copy-tokenizer", "--lazy-unpickle"]
+                        if device == "cuda":
+                            mk.append("--cuda")
+                        wall, rss, _ = run_process(mk)
+                        rows.append(("mergekit", method, device, wall, wall, rss, None))
+                        shutil.rmtree(out, ignore_errors=True)
         print(f"\n{'tool':9} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'x dur':>6} {'vs mk':>6} "
-              f"{'peak RSS':>9} {'peak GPU':>9}")  # fmt: skip
-        for tool, method, _rep, wall, inner, rss, gpu in rows:
-            best_mk = min((r[3] for r in rows if r[0] == "mergekit" and r[1] == method), default=None)
+              f"{'peak RSS':>9} {'peak GPU':>9} device")  # fmt: skip
+        for tool, method, device, wall, inner, rss, gpu in rows:
+            best_mk = min((r[3] for r in rows if r[0] == "mergekit" and r[1:3] == (method, device)), default=None)
             vs = f"{best_mk / wall:5.1f}x" if best_mk and tool == "merger" else "     -"
             gbps = len(dirs) * in_bytes / inner / 1e9
             gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
             print(f"{tool:9} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} "
                   f"{inner / durable[method]:6.2f} {vs:>6} "
-                  f"{rss / 1e9:7.2f}GB {gpu_s}")  # fmt: skip
+                  f"{rss / 1e9:7.2f}GB {gpu_s} {device}")  # fmt: skip
         print(
             "\nwall s: the whole process (Python start-up and imports included); merge s: merger's own timer "
             "(read, merge, write, hash the inputs for the lock, flush to disk, rename). x I/O: merge s / (read + "
             "write) limit; x dur: merge s / (read + write flushed to disk) limit, as merger's output is. "
-            "GB/s: input bytes / merge s."
+            "GB/s: input bytes / merge s; vs mk: against mergekit's best wall on the same device."
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -288,6 +288,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "models": [g.ref for g in p.spec.ingredients],
         "commits": {m.ref: m.remote.commit for m in [p.base, *p.inputs, p.tokenizer_from] if m and m.remote},
         "device": p.device,
+        "device_reason": p.device_reason,
         "compute_dtype": p.compute_dtype,
         "output": str(resolved) if resolved else None,
         "output_exists": resolved is not None and os.path.lexists(resolved),
@@ -298,6 +299,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "bytes_written": p.bytes_written,
         "peak_memory_estimate": p.peak_memory,
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
+        "peak_pinned_memory_estimate": p.peak_pinned_memory,
         "gpu_tensors_in_pieces": p.gpu_pieced,
         "disk": disk_needs(p, todo),
         "resume": None if partial is None else {
@@ -321,14 +323,19 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     click.echo(f"{info['recipe']}: {info['method']} of {len(info['models'])} model(s){base}")
     for ref, commit in info["commits"].items():
         click.echo(f"  hub:          {ref} at commit {commit}")
-    click.echo(f"  device:       {p.device} (compute {info['compute_dtype']})")
+    click.echo(f"  device:       {p.device} (compute {info['compute_dtype']}; {p.device_reason})")
     click.echo(f"  tensors:      {len(p.tensors)} ({info['tensors_merged']} merged, {info['tensors_copied']} copied)")
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
-    gpu = f", GPU ~{_size(p.peak_gpu_memory)}" if p.device == "cuda" else ""
+    gpu = ""
+    if p.device == "cuda":
+        gpu = (
+            f", ~{_size(info['peak_pinned_memory_estimate'])} of it pinned; "
+            f"GPU ~{_size(info['peak_gpu_memory_estimate'])}"
+        )
     if info["gpu_tensors_in_pieces"]:
         gpu += f"; {len(info['gpu_tensors_in_pieces'])} tensor(s) too large to merge whole go through the GPU in pieces"
-    click.echo(f"  peak memory:  ~{_size(p.peak_memory)} beyond the process itself (estimate){gpu}")
+    click.echo(f"  peak memory:  ~{_size(info['peak_memory_estimate'])} beyond the process itself (estimate){gpu}")
     if disk["download_bytes"]:
         click.echo(
             f"  disk:         {_size(disk['peak_bytes'])} ({_size(disk['download_bytes'])} downloaded, then the output); "

@@ -33,6 +33,13 @@ class MergeError(MergerError):
     recurs = True
 
 
+class OutOfMemory(MergeError):
+    """The GPU, or the host memory pinned for its copies, ran out while merging a tensor: not the
+    inputs' doing, so the partial output is kept for a run that asks for less (the message says how)."""
+
+    recurs = False
+
+
 class NaNTaskVector(ValueError):
     """A model's task vector holds NaN entries, which a ranking by magnitude (the TIES trim) cannot
     order. Raised by the methods with the model's index; the engine names the tensor and model."""

@@ -19,7 +19,7 @@ from datetime import timedelta
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from merger import system
+from merger import budget, system
 from merger.errors import MergerError, describe
 from merger.plan import Plan, Shard
 from merger.stream import write_shards
@@ -38,9 +38,14 @@ def assign(shards: list[Shard], world: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
-def _write_part(plan: Plan, directory: Path, shards: list[int], threads: int, index: int, finished, durable: bool):
-    """One --workers process's shards; on CUDA on GPU index % count, so K workers spread over the GPUs.
-    Returns (bytes read, this process's peak resident memory, its peak GPU memory)."""
+def _write_part(
+    plan: Plan, directory: Path, shards: list[int], threads: int, index: int, finished, durable: bool, workers: int = 1
+):
+    """One of `workers` processes' shards; on CUDA on GPU index % count, so they spread over the GPUs,
+    and share the GPU and pinned-memory budgets (budget.local_processes). Returns (bytes read, this
+    process's peak resident memory, its peak GPU memory)."""
+    if workers > 1:
+        os.environ[budget.WORKERS_ENV] = str(workers)  # this process's own environment
     gpu = 0
     if plan.device == "cuda":
         import torch
@@ -89,7 +94,7 @@ def write_with_workers(
         try:
             for i, part in enumerate(parts):
                 recv, send = ctx.Pipe(duplex=False)
-                args = (send, os.getpid(), plan, directory, part, threads, i, finished, durable)
+                args = (send, os.getpid(), plan, directory, part, threads, i, finished, durable, len(parts))
                 proc = procs[recv] = ctx.Process(target=_worker, args=args, name=f"merger-worker-{i}", daemon=True)
                 proc.start()
                 send.close()

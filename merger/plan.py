@@ -6,19 +6,21 @@ can be produced on its own.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import re
 import struct
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from merger import budget, system
+from merger import device as merger_device
 from merger.errors import ModelError, RecipeError
 from merger.files import SUPPORT_LIMIT
 from merger.hub import Hub
@@ -36,6 +38,14 @@ from merger.sources import (
     read_config,
     read_support,
 )
+
+OUTPUT = "output"  # the role of a staged tensor's output among its pinned blocks (Plan.staging_blocks)
+FLAGS = 16  # bytes of the finiteness counts CudaStages copies back per slot (two int64)
+
+
+def _slots(blocks: dict[Path | str, int]) -> int:
+    """Pinned bytes of CudaStages' two staging slots of `blocks` (by role) and of the flags."""
+    return 2 * (sum(blocks.values()) + budget.pinned_block(FLAGS)) if blocks else 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,8 @@ class Plan:
     shard_size: int
     device: str  # "cpu" or "cuda"
     compute_dtype: str  # "float32" or "float64"
+    device_reason: str = ""  # why that device (merger.device.choose)
+    _pinned_caps: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def tensors(self) -> list[OutTensor]:
@@ -123,6 +135,22 @@ class Plan:
         if not t.merged:
             return self.models
         return self.inputs + ([self.base] if self.spec.method.needs_base else [])
+
+    @property
+    def estimate(self) -> merger_device.Estimate:
+        """The figures that decide between the CPU and the GPU (merger.device)."""
+        merged = [t for t in self.tensors if t.merged]
+        method = self.spec.method
+        models = {m.tensors[t.name].dtype for t in merged for m in self.readers_of(t)}
+        fused = method.fused is not None and self.compute_dtype == "float32" and len(models) <= 1
+        return merger_device.Estimate(
+            entries=sum(t.numel * len(self.readers_of(t)) for t in merged),
+            cpu_ns=method.cpu_ns,
+            fused=fused,
+            bytes_read=self.bytes_read,
+            bytes_written=self.bytes_written,
+            cores=system.default_threads(),
+        )
 
     def stored_bytes(self, t: OutTensor) -> int:
         """Bytes of t read from the inputs, as stored: every reader's copy."""
@@ -172,26 +200,93 @@ class Plan:
     def bytes_written(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
-    def pinned_bytes(self, t: OutTensor) -> int:
-        """Pinned host memory for staging t whole on CUDA: two slots of its inputs as stored and of its
-        output."""
-        return 2 * (self.stored_bytes(t) + t.nbytes)
+    def staging_blocks(self, t: OutTensor) -> dict[Path | str, int]:
+        """The pinned blocks one slot of CudaStages' staging takes for t, by role (each input model's
+        path, and OUTPUT): its bytes there, rounded up as torch's pinned allocator does."""
+        blocks: dict[Path | str, int] = {
+            m.path: budget.pinned_block(m.tensors[t.name].nbytes) for m in self.readers_of(t)
+        }
+        blocks[OUTPUT] = budget.pinned_block(t.nbytes)
+        return blocks
 
-    def gpu_bytes(self, t: OutTensor) -> int:
-        """GPU memory for merging t whole: its inputs in the compute dtype, about four temporaries, and
-        the next tensor's inputs as stored, uploaded meanwhile (counted as t's own)."""
-        operands = len(self.readers_of(t)) + 4
-        return t.numel * np.dtype(self.compute_dtype).itemsize * operands + 2 * self.stored_bytes(t)
+    def pinned_bytes(self, t: OutTensor) -> int:
+        """Pinned host memory for staging t whole on CUDA: two slots of its staging blocks and of the
+        merge's finiteness flags."""
+        return _slots(self.staging_blocks(t))
+
+    def staging_sizes(self, whole: Callable[[OutTensor], bool]) -> dict[Path | str, int]:
+        """By role (staging_blocks), the largest block of the tensors staged whole (`whole`): CudaStages
+        sizes each staging buffer so from the start, since one that grew would leave its outgrown block
+        pinned (torch's allocator keeps it for a request of its size)."""
+        sizes: dict[Path | str, int] = {}
+        for t in self.tensors:
+            if t.merged and whole(t):
+                for role, block in self.staging_blocks(t).items():
+                    sizes[role] = max(sizes.get(role, 0), block)
+        return sizes
+
+    def gpu_bytes(self, t: OutTensor, piece: int | None = None) -> int:
+        """GPU memory for merging t on CUDA whole, or `piece` entries at a time: the method's buffers
+        (Method.gpu: fn's, or before them prepare's beside the task vectors) over its inputs in the
+        compute dtype, and the result in t's dtype beside the previous one, still on its way back;
+        whole, also the inputs as uploaded and as much again for the next tensor's, uploaded meanwhile
+        (counted as t's own); in pieces, a piece as uploaded, before its cast. Every buffer rounded up
+        to budget.GPU_BLOCK."""
+        phases, buffers = self._gpu_terms(t, whole=piece is None)
+        entries = t.numel if piece is None else piece
+        return max(per_entry * entries + fixed for per_entry, fixed in phases) + buffers * budget.GPU_BLOCK
+
+    def _gpu_terms(self, t: OutTensor, whole: bool) -> tuple[list[tuple[int, int]], int]:
+        """gpu_bytes as ([(bytes per entry, bytes whatever the size)] for fn, and for prepare if any;
+        how many tensor-sized buffers)."""
+        method, csize, models = self.spec.method, np.dtype(self.compute_dtype).itemsize, len(self.inputs)
+        footprint = method.gpu
+        stored = [DTYPES[m.tensors[t.name].dtype] for m in {m.path: m for m in self.readers_of(t)}.values()]
+        cast = [size for name, size, _ in stored if name != self.compute_dtype]  # converted on the GPU
+        if whole:
+            engine = len(cast) * csize + 2 * sum(size for _, size, _ in stored)
+            buffers = len(cast) + 2 * len(stored)
+        else:
+            engine = len(stored) * csize + max(cast, default=0)
+            buffers = len(stored) + 1
+        result = 2 * DTYPES[t.dtype][1]
+        phases = [(engine + footprint.bytes_per_entry(models, csize) + result, 0)]
+        if method.prepare is not None:
+            vectors = models * csize if whole else 0  # fn makes them whole; in pieces they are the loaded inputs
+            # beside the previous tensor's result, still on its way back
+            held = engine + vectors + DTYPES[t.dtype][1]
+            phases.append((held + footprint.prepare_bytes_per_entry(csize), footprint.fixed_per_model * models))
+            phases.append((held, footprint.settle_per_model * models))  # between passes over the chunks
+        return phases, buffers + footprint.buffers(models) + 2
 
     def merges_whole(self, t: OutTensor, gpu: int, pinned: int) -> bool:
         """Whether CUDA merges t as one tensor (staged, uploaded, merged, copied back), else in pieces:
-        its merge fits the GPU budget `gpu` and its staging the `pinned` one (stream.CudaStages)."""
-        return not t.merged or (self.gpu_bytes(t) <= gpu and self.pinned_bytes(t) <= pinned)
+        its merge fits the GPU budget `gpu`, and its staging the `pinned` one together with that of
+        every tensor staged whole (_pinned_cap)."""
+        return not t.merged or (self.gpu_bytes(t) <= gpu and self.pinned_bytes(t) <= self._pinned_cap(pinned))
+
+    def _pinned_cap(self, pinned: int) -> int:
+        """The most pinned_bytes(t) of a tensor staged whole within `pinned` bytes: the largest need such
+        that the staging buffers of every tensor needing no more (staging_sizes) fit."""
+        if pinned not in self._pinned_caps:
+            sizes: dict[Path | str, int] = {}
+            cap = 0
+            merged = sorted((t for t in self.tensors if t.merged), key=self.pinned_bytes)
+            for need, same in itertools.groupby(merged, key=self.pinned_bytes):
+                for t in same:
+                    for role, block in self.staging_blocks(t).items():
+                        sizes[role] = max(sizes.get(role, 0), block)
+                if _slots(sizes) > pinned:
+                    break
+                cap = need
+            self._pinned_caps[pinned] = cap
+        return self._pinned_caps[pinned]
 
     def gpu_piece(self, t: OutTensor, gpu: int) -> int:
         """Entries per GPU piece of t when it is too large to merge whole: budget.GPU_PIECE, fewer where
         that would not fit in `gpu` bytes (but at least 64K)."""
-        fits = gpu * t.numel // max(self.gpu_bytes(t), 1)
+        phases, buffers = self._gpu_terms(t, whole=False)
+        fits = min((gpu - buffers * budget.GPU_BLOCK - fixed) // per_entry for per_entry, fixed in phases)
         return min(budget.GPU_PIECE, max(1 << 16, fits), max(t.numel, 1))
 
     @property
@@ -214,17 +309,16 @@ class Plan:
         tensor. On the CPU the merge runs through a few chunk buffers (TIES also gathers the entries
         near each trim threshold); on CUDA whole tensors are staged in pinned host memory, two
         tensors' worth (the next one is uploaded while one merges), and a tensor too large for the
-        GPU whole goes in pieces (gpu_piece entries) through pageable memory."""
+        GPU whole goes in pieces (gpu_piece entries); the pinned memory stays for the whole run
+        (peak_pinned_memory)."""
         csize = np.dtype(self.compute_dtype).itemsize
         whole, piece = self._gpu_rules()
         depth = self.write_depth
         worst = 0
         for t in self.tensors:
             raw = self.stored_bytes(t)
-            if self.device == "cuda" and whole(t):
-                host = raw * 3 + 2 * t.nbytes
-            elif self.device == "cuda":
-                host = raw + 2 * piece(t) * DTYPES[t.dtype][1]
+            if self.device == "cuda":  # its pages, and the next tensor's while the stager copies them
+                host = raw * 2 if whole(t) else raw
             else:  # output buffers of a piece each
                 numel = t.numel
                 host = raw + depth * min(numel, budget.PIECE) * DTYPES[t.dtype][1]
@@ -233,20 +327,40 @@ class Plan:
                     gathered = numel // 20 + system.default_threads() * budget.CHUNK
                     host += gathered * 12 * len(self.inputs)
             worst = max(worst, host)
-        return worst
+        return worst + self.peak_pinned_memory
 
     @property
     def peak_gpu_memory(self) -> int:
         """Estimated GPU memory on CUDA (gpu_bytes): the largest tensor merged whole, or a piece of one
         merged in pieces."""
-        gpu_bytes = self.gpu_bytes
         if self.device != "cuda":
             return 0
         whole, piece = self._gpu_rules()
-        return max(
-            (gpu_bytes(t) if whole(t) else gpu_bytes(t) * piece(t) // t.numel for t in self.tensors),
-            default=0,
-        )
+        merged = [t for t in self.tensors if t.merged]
+        return max((self.gpu_bytes(t) if whole(t) else self.gpu_bytes(t, piece(t)) for t in merged), default=0)
+
+    @property
+    def peak_pinned_memory(self) -> int:
+        """Estimated pinned host memory on CUDA, held from first use to the end of the run: CudaStages'
+        staging buffers (staging_sizes) and the piece buffers of the tensors merged in pieces."""
+        if self.device != "cuda":
+            return 0
+        whole, piece = self._gpu_rules()
+        pieced = [t for t in self.tensors if t.merged and not whole(t)]
+        return _slots(self.staging_sizes(whole)) + self._piece_pinned(pieced, piece)
+
+    def _piece_pinned(self, pieced: list[OutTensor], piece: Callable[[OutTensor], int]) -> int:
+        """Pinned bytes of stream.PieceCopies' buffers for the tensors `pieced`: two for each input (by
+        its place among the models, and the base) and for the result, each of which may keep a block of
+        every power of two it grew through, for a full piece or a tensor's last, shorter one."""
+        roles = dict(enumerate(self.inputs)) | ({"b": self.base} if self.spec.method.needs_base and self.base else {})
+        classes: dict[object, set[int]] = {}
+        for t in pieced:
+            p = piece(t)
+            sizes = {role: DTYPES[m.tensors[t.name].dtype][1] for role, m in roles.items()}
+            for role, size in (sizes | {"result": DTYPES[t.dtype][1]}).items():
+                classes.setdefault(role, set()).update(budget.pinned_block(n * size) for n in {p, t.numel % p} - {0})
+        return 2 * sum(sum(c) for c in classes.values())
 
     @property
     def gpu_pieced(self) -> list[str]:
@@ -283,12 +397,14 @@ def open_model(ref: str, hub: Hub | None = None) -> LocalModel:
     return (hub or Hub()).open(ref) if is_hub_id(ref) else open_local(ref)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    if device == "cuda" and not cuda_available():
+def resolve_device(plan: Plan, requested: str) -> tuple[str, str]:
+    """(device, why) for `requested` ("auto", "cpu" or "cuda"): auto picks the faster (merger.device)."""
+    if requested == "cpu":
+        return merger_device.choose(requested, False, plan.estimate, plan.spec.method.name)
+    cuda = cuda_available()
+    if requested == "cuda" and not cuda:
         raise ModelError("device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    return device
+    return merger_device.choose(requested, cuda, plan.estimate, plan.spec.method.name)
 
 
 def build_plan(
@@ -335,9 +451,10 @@ def build_plan(
         tokenizer_from=tok or reference,
         shards=layout(tensors, size),
         shard_size=size,
-        device=resolve_device(device or recipe.device),
+        device="cpu",
         compute_dtype=recipe.compute_dtype,
     )
+    plan.device, plan.device_reason = resolve_device(plan, device or recipe.device)
     for model in plan.models + [plan.tokenizer_from]:
         try:
             check_support_files(plan, model)

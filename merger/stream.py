@@ -1,8 +1,9 @@
 """The streaming engine: for each output tensor, read it from every input, merge, cast, write.
 
-Stages overlap: while tensor j is merged, the kernel reads tensor j+1 ahead (MADV_WILLNEED) and a
-writer thread streams tensor j-1's bytes into its shard. Tensors travel as numpy views of the
-memory-mapped inputs (sources.MappedReader) and numpy output buffers.
+Stages overlap: while tensor j is merged, the kernel reads tensor j+1 ahead (MADV_WILLNEED; on CUDA
+j+2, since j+1 is being staged) and a writer thread streams tensor j-1's bytes into its shard.
+Tensors travel as numpy views of the memory-mapped inputs (sources.MappedReader) and numpy output
+buffers.
 
 On the CPU, a method with a fused kernel (merger.kernels: every built-in method, for bfloat16,
 float16 and float32 checkpoints merged in float32) runs straight on those views and never imports
@@ -33,10 +34,10 @@ import numpy as np
 from tqdm import tqdm
 
 from merger import budget, system
-from merger.errors import MergeError, NaNTaskVector
+from merger.errors import MergeError, NaNTaskVector, OutOfMemory
 from merger.files import fsync_file, start_writeback
 from merger.methods.base import MergeRange
-from merger.plan import OutTensor, Plan, Shard, shard_header
+from merger.plan import OUTPUT, OutTensor, Plan, Shard, shard_header
 from merger.sources import DTYPES, Confined, FileSource, MappedReader, to_torch
 
 if TYPE_CHECKING:
@@ -178,25 +179,55 @@ def _keep_freed_memory() -> None:
 
 class Buffers:
     """Reusable byte buffers, grown on demand and never shrunk: numpy, or torch pinned host memory
-    (`pin`) for staging CUDA copies."""
+    (`pin`) for staging CUDA copies. A pinned buffer is a power of two, what torch's pinned allocator
+    pins for it anyway (budget.pinned_block), and at first at least `least(key)` bytes: one that grew
+    would leave its outgrown block pinned, kept by torch for a request of that size."""
 
-    def __init__(self, pin: bool = False):
+    def __init__(self, pin: bool = False, least: Callable[[object], int] | None = None):
         self._bufs: dict[object, object] = {}
         self._pin = pin
+        self._least = least or (lambda key: 0)
 
     def get(self, key: object, nbytes: int, dtype, shape: tuple[int, ...]):
         """A (numpy dtype) array, or with `pin` a (torch dtype) tensor, of `shape` over the buffer `key`."""
         buf = self._bufs.get(key)
         if buf is None or len(buf) < nbytes:
             size = max(nbytes, 16)
+            if self._pin:
+                size = budget.pinned_block(max(size, self._least(key) if buf is None else 0))
             buf = self._bufs[key] = _pinned(size) if self._pin else np.empty(size, dtype=np.uint8)
         return buf[:nbytes].view(dtype).reshape(shape)
+
+
+class PinFailed(OutOfMemory):
+    """Pinned host memory could not be had (_pinned); _out_of_gpu_memory names the tensor."""
 
 
 def _pinned(nbytes: int) -> torch.Tensor:
     import torch
 
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError as e:  # cudaHostAlloc refused: memory, or the locked-memory limit (ulimit -l)
+        raise PinFailed(
+            f"could not pin {nbytes} bytes of host memory for the GPU's copies ({_first_line(e)})"
+        ) from None
+
+
+# The engine's two kinds of copy between pinned host memory and the GPU. Both are queued on the current
+# stream and return at once; the engine orders them with events (CudaStages). tests/fakecuda.py
+# replaces them (and _pinned) with copies that run late, on a thread per stream.
+
+
+def copy_to_device(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A new GPU tensor, allocated on the current stream, that the copy of `pinned` fills. `pinned` may
+    be rewritten once an event recorded after this call has fired."""
+    return pinned.to(device, non_blocking=True)
+
+
+def copy_to_host(pinned: torch.Tensor, gpu: torch.Tensor) -> None:
+    """Queue the copy of `gpu` into `pinned`: readable once an event recorded after this call has fired."""
+    pinned.copy_(gpu, non_blocking=True)
 
 
 class Merger:
@@ -248,18 +279,20 @@ class Merger:
     def check_finite(self, t: OutTensor, start: int, out: np.ndarray) -> None:
         """Merged values that are not finite (`out`: t's flat entries from `start`) stop the merge where
         every input is finite there: the parameters took them past the output dtype's range. Where an
-        input holds inf or NaN itself, the output may too (a mask buffer of -inf, say)."""
+        input holds inf or NaN itself, the output may too (a mask buffer of -inf, say), its NaNs made
+        canonical (canonical_nan)."""
         bad = sum(self._run(lambda s, e: count_nonfinite(out[s:e], t.dtype), out.size))
         if not bad:
             return
         views, codes = self.live[t.name]
         for path, v in views.items():
             if count_nonfinite(v.reshape(-1)[start : start + out.size], codes[path]):
+                canonical_nan(out, t.dtype)
                 return
         raise overflow_error(t, bad)
 
-    def start(self, t: OutTensor, device: object = None, piece: int = 0) -> MergeRange:
-        """Begin merging t on the CPU, or through the GPU `device` `piece` entries at a time
+    def start(self, t: OutTensor, gpu: PieceCopies | None = None, piece: int = 0) -> MergeRange:
+        """Begin merging t on the CPU, or on the GPU `piece` entries at a time through `gpu`'s copies
         (CudaStages.pieces). What needs the whole tensor (the inputs' agreement, TIES thresholds)
         happens here; the returned merge_range(start, end, out) fills the flat output entries
         [start, end) into `out`, a host array."""
@@ -267,8 +300,8 @@ class Merger:
         if not t.merged:
             return self._agreed_copy(t, views)
         with self._naming(t):
-            if device is not None:
-                return self._eager(t, views, codes, device, piece)
+            if gpu is not None:
+                return self._eager(t, views, codes, gpu, piece)
             if self._fusable(t):
                 spec = self.plan.spec
                 xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
@@ -344,11 +377,16 @@ class Merger:
         return buf[:n]
 
     def _eager(
-        self, t: OutTensor, views: dict[Path, np.ndarray], codes: dict[Path, str], device: object = None, piece: int = 0
+        self,
+        t: OutTensor,
+        views: dict[Path, np.ndarray],
+        codes: dict[Path, str],
+        gpu: PieceCopies | None = None,
+        piece: int = 0,
     ) -> MergeRange:
         """The method's torch function over chunks of the flattened tensors: on the CPU, CHUNK entries
-        at a time through reused float buffers on the chunk threads; on a GPU `device`, `piece` entries
-        at a time uploaded from the page cache, one after the other."""
+        at a time through reused float buffers on the chunk threads; on the GPU, `piece` entries at a
+        time, one after the other, uploaded and copied back through `gpu`'s pinned buffers."""
         import torch
 
         spec = self.plan.spec
@@ -357,23 +395,24 @@ class Merger:
         flat = {p: to_torch(v.reshape(-1), codes[p]) for p, v in views.items()}
         xs, base = self._roles(flat)
         numel = t.numel
-        size = budget.CHUNK if device is None else piece
+        size = budget.CHUNK if gpu is None else piece
         compute = getattr(torch, self.plan.compute_dtype)
 
         def load(slot: object, src: torch.Tensor, s: int, e: int) -> torch.Tensor:
-            if device is None:
+            if gpu is None:
                 return self._chunk(slot, e - s).copy_(src[s:e])  # stored dtype -> compute dtype, in cache
-            # uploaded as stored (half the bytes of float32 for 16-bit inputs), a copy even on a stand-in
-            # device, since the chunk is modified in place
-            return src[s:e].to(device, copy=True).to(compute)
+            # uploaded as stored (half the bytes of float32 for 16-bit inputs), into a fresh GPU tensor
+            # that the chunk's in-place operations may modify
+            return gpu.load(slot, src[s:e]).to(compute)
 
         state = None
         if method.prepare is not None:
 
-            def task_vectors(i: int) -> Iterator[torch.Tensor]:
+            def task_vectors() -> Iterator[list[torch.Tensor]]:  # every model's next chunk, the base read once
                 for s in range(0, numel, size):
                     e = min(s + size, numel)
-                    yield load("x", xs[i], s, e).sub_(load("b", base, s, e))
+                    b = load("b", base, s, e)
+                    yield [load(i, x, s, e).sub_(b) for i, x in enumerate(xs)]
 
             state = method.prepare(task_vectors, numel, models, spec.params)
 
@@ -386,11 +425,14 @@ class Merger:
                 chunk_base = load("b", base, a, b) if base is not None else None
                 extra = (state, a) if method.prepare is not None else ()
                 merged = method.fn(chunk_xs, chunk_base, models, spec.params, *extra)
-                if device is not None:  # cast on the GPU: fewer bytes come back
-                    merged = merged.to(out.dtype)
-                out[s:e].copy_(merged)
+                if gpu is None:
+                    out[s:e].copy_(merged)
+                else:  # cast on the GPU: fewer bytes come back
+                    gpu.store(out[s:e], merged.to(out.dtype))
 
             self._run(merge_chunk, end - start, size)
+            if gpu is not None:
+                gpu.finish()
 
         return merge_range
 
@@ -406,15 +448,22 @@ class Merger:
 
 class CudaStages:
     """write_shards on CUDA, three tensors in flight: a stager thread copies tensor j+1 from the page
-    cache into pinned memory and uploads it on a copy stream, while tensor j is merged on the current
-    stream and its result is copied back (non-blocking) into pinned memory, which the writer thread
-    reads once that copy's event has fired (and meanwhile writes tensor j-1). Pinned buffers come in
-    two slots (j % 2); a slot is refilled only after the GPU is done with its previous contents.
+    cache into pinned memory and uploads it on the copy stream, while tensor j is merged on the current
+    (compute) stream and its result is copied back into pinned memory on the back stream, which the
+    writer thread reads once that copy's event has fired (and meanwhile writes tensor j-1). Pinned
+    buffers come in two slots (j % 2).
+
+    Only events order the streams and the host: the compute stream waits for the event after a tensor's
+    uploads, the back stream for one recorded after its merge, the writer for the one after the copy
+    back, and the stager for a slot's last uploads before it refills the slot. A GPU tensor used on
+    another stream than the one it was allocated on is marked with record_stream, so that the caching
+    allocator does not hand its memory out again while that stream may still read it. tests/fakecuda.py
+    and tests/test_streams.py hold every one of these to account on the CPU.
 
     A tensor that would need more than budget.gpu_budget() merged whole (Plan.gpu_bytes), or more pinned
-    memory than budget.pinned_budget() to stage (Plan.pinned_bytes), is not staged: it goes through the GPU in pieces of
-    up to GPU_PIECE entries instead (pieces()), as the CPU path goes through its chunks, TIES
-    thresholds included."""
+    memory than budget.pinned_budget() to stage (Plan.pinned_bytes), is not staged: it goes through the
+    GPU in pieces of up to GPU_PIECE entries instead (pieces(), PieceCopies), as the CPU path goes
+    through its chunks, TIES thresholds included."""
 
     def __init__(self, merger: Merger):
         import torch
@@ -425,17 +474,33 @@ class CudaStages:
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.budget = budget.gpu_budget()
         self.pinned_budget = budget.pinned_budget()
-        self.copy_stream = torch.cuda.Stream()
-        self.pinned_in = Buffers(pin=True)  # by (slot, input path)
-        self.pinned_out = Buffers(pin=True)  # by slot
+        self.copy_stream = torch.cuda.Stream()  # uploads
+        self.back_stream = torch.cuda.Stream()  # copies back: never queued behind the next merge
+        sizes = merger.plan.staging_sizes(self.whole)  # each buffer sized once, for the largest tensor
+        self.pinned_in = Buffers(pin=True, least=lambda key: sizes.get(key[1], 0))  # by (slot, input path)
+        self.pinned_out = Buffers(pin=True, least=lambda key: sizes.get(OUTPUT, 0) if isinstance(key, int) else 0)
         self.uploaded: list = [None, None]  # per slot: the event that follows its last uploads
-        self.stager = ThreadPoolExecutor(1, thread_name_prefix="merger-stager")
+        # MERGER_INLINE_STAGING=1 stages on the merging thread, without the overlap: for torch's CUDA
+        # sanitizer (make gpu), which sees only the thread that enabled it
+        inline = os.environ.get("MERGER_INLINE_STAGING") == "1"
+        self.stager = None if inline else ThreadPoolExecutor(1, thread_name_prefix="merger-stager")
+        self.piece_copies = PieceCopies(self)
 
     def close(self) -> None:
-        self.stager.shutdown()
+        if self.stager is not None:
+            self.stager.shutdown()
 
     def stage(self, t: OutTensor, slot: int) -> Future:
-        return self.stager.submit(self.upload, t, slot)
+        """Tensor t's upload (upload), on the stager thread, or done now with MERGER_INLINE_STAGING=1:
+        its error is raised at .result() either way, in t's own turn."""
+        if self.stager is not None:
+            return self.stager.submit(self.upload, t, slot)
+        staged: Future = Future()
+        try:
+            staged.set_result(self.upload(t, slot))
+        except Exception as e:
+            staged.set_exception(e)
+        return staged
 
     def whole(self, t: OutTensor) -> bool:
         """Whether t is merged as one tensor, else in pieces (merges_whole)."""
@@ -447,7 +512,7 @@ class CudaStages:
 
     def pieces(self, t: OutTensor) -> MergeRange:
         """merge_range for t through the GPU, piece(t) entries at a time (see Merger.start)."""
-        return self.merger.start(t, self.device, self.piece(t))
+        return self.merger.start(t, self.piece_copies, self.piece(t))
 
     def upload(self, t: OutTensor, slot: int) -> tuple:
         """Tensor t's inputs on the GPU (as stored), after pinned slot `slot`: (views, on_gpu, event)."""
@@ -465,8 +530,8 @@ class CudaStages:
                 src = to_torch(v, codes[path])
                 pinned = self.pinned_in.get((slot, path), v.nbytes, src.dtype, tuple(src.shape))
                 pinned.copy_(src)  # page cache -> pinned memory, on this thread
-                on_gpu[path] = pinned.to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
+                on_gpu[path] = copy_to_device(pinned, self.device)
+            done = torch.cuda.Event()  # after the copies: what the compute stream and the slot wait for
             done.record(self.copy_stream)
         self.uploaded[slot] = done
         return views, on_gpu, done
@@ -486,48 +551,135 @@ class CudaStages:
         stream.wait_event(uploaded)
         for g in on_gpu.values():
             g.record_stream(stream)  # allocated on the copy stream, freed after this stream's use
-        merged = self.merger.gpu_merge(t, on_gpu)
-        out = self.pinned_out.get(slot, t.nbytes, merged.dtype, t.shape)
-        out.copy_(merged.reshape(out.shape), non_blocking=True)
+        merged = self.merger.gpu_merge(t, on_gpu).reshape(t.shape)
         # (inf or NaN merged, any input holding some): checked by the writer once the copies have landed
-        flags = self.pinned_out.get(("flags", slot), 16, torch.int64, (2,))
         bad_in = torch.stack([(~torch.isfinite(g)).any() for g in on_gpu.values()]).any()
-        flags.copy_(torch.stack([(~torch.isfinite(merged)).sum(), bad_in.long()]), non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record(stream)
+        counts = torch.stack([(~torch.isfinite(merged)).sum(), bad_in.long()])
+        out = self.pinned_out.get(slot, t.nbytes, merged.dtype, t.shape)
+        flags = self.pinned_out.get(("flags", slot), 16, torch.int64, (2,))
+        ready = self.copy_back([(out, merged), (flags, counts)])
         host = out.reshape(-1).view(torch.uint8).numpy().view(DTYPES[t.dtype][2]).reshape(t.shape)
-        return host, _Landed(ready, flags, t)
+        return host, _Landed(ready, flags, t, host)
+
+    def copy_back(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> object:
+        """Queue on the back stream, after the work queued so far on the current stream, the copies of
+        GPU tensors into pinned buffers ((pinned, gpu) pairs, same shape and dtype); returns the event
+        that follows them."""
+        torch = self.torch
+        merged = torch.cuda.Event()
+        merged.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.device(self.device), torch.cuda.stream(self.back_stream):
+            self.back_stream.wait_event(merged)
+            for pinned, gpu in copies:
+                gpu.record_stream(self.back_stream)  # allocated on the compute stream
+                copy_to_host(pinned, gpu)
+            landed = torch.cuda.Event()
+            landed.record(self.back_stream)
+        return landed
 
 
 class _Landed:
     """What the writer waits for before writing a tensor merged whole on the GPU: the copy back (an
     event), then the tensor's finiteness flags (see CudaStages.merge), as Merger.check_finite does on
-    the CPU."""
+    the CPU, NaNs in `host` (the landed bytes) made canonical as there."""
 
-    def __init__(self, event, flags, t: OutTensor):
-        self.event, self.flags, self.t = event, flags, t
+    def __init__(self, event, flags, t: OutTensor, host: np.ndarray):
+        self.event, self.flags, self.t, self.host = event, flags, t, host
 
     def synchronize(self) -> None:
         self.event.synchronize()
         bad, inputs_bad = (int(x) for x in self.flags)
         if bad and not inputs_bad:
             raise overflow_error(self.t, bad)
+        if bad:
+            canonical_nan(self.host, self.t.dtype)
+
+
+class PieceCopies:
+    """The copies of tensors merged on the GPU in pieces (Merger._eager): each piece of an input goes
+    from the page cache into a pinned buffer and up on the copy stream, and each merged piece comes back
+    on the back stream into a pinned buffer, then into the caller's host array. Every role (a model's
+    input, the base, the result) has two buffers that take turns, so that one piece is staged while the
+    copy of the piece before is still queued; a buffer is refilled only once the event after its last
+    copy has fired."""
+
+    def __init__(self, stages: CudaStages):
+        self.stages = stages
+        self.pinned = Buffers(pin=True)  # by (role, turn % 2)
+        self.turns: dict[object, int] = {}  # by role: pieces through its buffers so far
+        self.uploaded: dict[tuple, object] = {}  # by input buffer: the event after its last upload
+        self.landing: dict[tuple, tuple] = {}  # by result buffer: (event, pinned, host) not yet read
+        self.lock = threading.Lock()  # a plugin's prepare may iterate on threads of its own
+
+    def load(self, role: object, src: torch.Tensor) -> torch.Tensor:
+        """`src` (a piece of an input, on the host as stored) on the GPU, usable on the current stream."""
+        torch, stages = self.stages.torch, self.stages
+        with self.lock:
+            key = self._turn(role)
+            if key in self.uploaded:
+                self.uploaded[key].synchronize()  # the buffer's last upload has run: it may be rewritten
+            pinned = self.pinned.get(key, src.nbytes, src.dtype, tuple(src.shape))
+            pinned.copy_(src)  # page cache -> pinned memory, on this thread
+            with torch.cuda.device(stages.device), torch.cuda.stream(stages.copy_stream):
+                gpu = copy_to_device(pinned, stages.device)
+                done = self.uploaded[key] = torch.cuda.Event()
+                done.record(stages.copy_stream)
+        stream = torch.cuda.current_stream(stages.device)  # where this thread's ops on it run
+        stream.wait_event(done)
+        gpu.record_stream(stream)  # allocated on the copy stream, freed after this stream's use
+        return gpu
+
+    def store(self, host: torch.Tensor, merged: torch.Tensor) -> None:
+        """Queue the copy of a merged piece (on the GPU, in host's dtype and shape) back into `host`; it
+        is there once finish() returns."""
+        with self.lock:
+            key = self._turn("result")
+        self._land(key)  # the piece before last, out of this buffer first
+        pinned = self.pinned.get(key, host.nbytes, host.dtype, tuple(host.shape))
+        self.landing[key] = (self.stages.copy_back([(pinned, merged)]), pinned, host)
+
+    def finish(self) -> None:
+        """Every piece stored so far, in its host array."""
+        for key in list(self.landing):
+            self._land(key)
+
+    def _land(self, key: tuple) -> None:
+        if key in self.landing:
+            landed, pinned, host = self.landing.pop(key)
+            landed.synchronize()
+            host.copy_(pinned)
+
+    def _turn(self, role: object) -> tuple:
+        turn = self.turns.get(role, 0)
+        self.turns[role] = turn + 1
+        return role, turn % 2
 
 
 @contextlib.contextmanager
 def _out_of_gpu_memory(t: OutTensor, cuda: bool) -> Iterator[None]:
-    """CUDA running out of memory, as a MergeError naming the tensor (something else holds the GPU's
-    memory: merger's own use is bounded by gpu_budget)."""
+    """CUDA running out of memory, or pinned host memory that cannot be had, as one line naming the
+    tensor and what to change (merger's own use is bounded by the budgets, so something else holds the
+    memory, or the budgets are more than this machine gives)."""
     try:
         yield
+    except PinFailed as e:
+        raise OutOfMemory(
+            f"tensor '{t.name}' {list(t.shape)}: {e}; use fewer --workers, set {budget.PINNED_MEMORY_ENV} "
+            "lower (e.g. 2GB: larger tensors then go through the GPU in pieces), or merge with --device cpu"
+        ) from None
     except RuntimeError as e:
         if not cuda or type(e).__name__ != "OutOfMemoryError":
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
-        raise MergeError(
-            f"tensor '{t.name}' {list(t.shape)}: the GPU ran out of memory ({first}); free GPU memory "
-            "(other processes?) or merge with --device cpu"
+        raise OutOfMemory(
+            f"tensor '{t.name}' {list(t.shape)}: the GPU ran out of memory ({_first_line(e)}); free GPU memory "
+            f"(other processes?), use fewer --workers, set {budget.GPU_MEMORY_ENV} lower (e.g. 8GB: large "
+            "tensors then go through the GPU in smaller pieces), or merge with --device cpu"
         ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # Where each float format keeps its exponent: all ones there is inf or NaN (float8 e4m3 has no inf, and
@@ -540,6 +692,32 @@ NONFINITE_BITS = {
     "F8_E4M3": (np.uint8, 0x7F),
     "F8_E5M2": (np.uint8, 0x7C),
 }
+
+
+# One NaN per float format, the positive quiet one, for every NaN merger writes: arithmetic leaves NaN
+# payloads that differ between the CPU kernels, torch on the CPU and CUDA (which makes 0x7FFFFFFF), and
+# the output's bytes should not depend on the device. (mantissa bits, canonical NaN); float8 e4m3 has one
+# NaN per sign, all exponent and mantissa bits set.
+NAN_BITS = {
+    "F64": (0x000FFFFFFFFFFFFF, 0x7FF8000000000000),
+    "F32": (0x007FFFFF, 0x7FC00000),
+    "F16": (0x03FF, 0x7E00),
+    "BF16": (0x007F, 0x7FC0),
+    "F8_E4M3": (0x07, 0x7F),
+    "F8_E5M2": (0x03, 0x7E),
+}
+
+
+def canonical_nan(a: np.ndarray, code: str) -> None:
+    """Rewrite every NaN of `a` (a float tensor in sources.DTYPES' form for `code`) in place as the
+    format's canonical NaN (NAN_BITS)."""
+    uint, exponent = NONFINITE_BITS[code]
+    mantissa, canonical = NAN_BITS[code]
+    bits = a.reshape(-1).view(uint)
+    nan = ((bits & uint(exponent)) == uint(exponent)) & ((bits & uint(mantissa)) != 0)
+    if code == "F8_E4M3":  # its exponent mask covers the mantissa: all ones is its only NaN
+        nan = (bits & uint(0x7F)) == uint(0x7F)
+    bits[nan] = uint(canonical)
 
 
 def count_nonfinite(a: np.ndarray, code: str) -> int:
@@ -611,14 +789,19 @@ def write_shards(
             cpu_engine_settings(plan.device, merger.needs_torch),
             _Writer(plan, directory, chosen, finished, durable) as out,
         ):
+            # The kernel reads tensor j + ahead from disk while j merges; on CUDA the stager meanwhile
+            # copies j+1 out of the page cache, so the read-ahead runs one tensor further.
+            ahead = 2 if stages else 1
             staged = stages.stage(todo[0][1], 0) if stages else None
+            for _, t in todo[1:ahead]:
+                merger.prefetch(t)
             for j, (shard, t) in enumerate(todo):
                 with _out_of_gpu_memory(t, stages is not None):
                     current = staged.result() if stages else None
-                    if j + 1 < len(todo):
-                        merger.prefetch(todo[j + 1][1])
-                        if stages:
-                            staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # read ahead while j merges
+                    if j + ahead < len(todo):
+                        merger.prefetch(todo[j + ahead][1])
+                    if stages and j + 1 < len(todo):
+                        staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # staged while j merges
                     if stages and stages.whole(t):  # a pinned output slot each
                         slot = out.free_slot()
                         host = functools.partial(out.buffers.get, slot, t.nbytes, DTYPES[t.dtype][2], t.shape)

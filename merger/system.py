@@ -72,31 +72,86 @@ def proc_kib(path: str, field: str) -> int | None:
 
 
 def mem_available() -> int | None:
-    """Bytes of memory a new allocation may take: the kernel's MemAvailable, capped by this process's
-    cgroup (v2) memory limit where one is set (a container), less what the cgroup already uses."""
+    """Bytes of memory a new allocation may take: the kernel's MemAvailable, capped by the room left
+    under this process's cgroup (v2) memory limits where any is set (a container, a systemd slice)."""
     available = proc_kib("/proc/meminfo", "MemAvailable")
-    limit = _cgroup_room()
-    if limit is not None:
-        available = limit if available is None else min(available, limit)
+    room = cgroup_room()
+    if room is not None:
+        available = room if available is None else min(available, room)
     return available
 
 
-def _cgroup_room() -> int | None:
+# How each cgroup version states a memory limit: (the hierarchy's directory under the cgroup root, the
+# limit's file, the usage's file, memory.stat's field for the page cache the kernel reclaims first).
+_CGROUP_FILES = {
+    "v2": ("", "memory.max", "memory.current", "inactive_file"),
+    "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
+_NO_LIMIT = 1 << 62  # cgroup v1 writes "no limit" as the largest page count it holds, about 2**63
+
+
+def cgroup_room(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> int | None:
+    """The least room under the memory limit of this process's cgroup and of each cgroup above it (a
+    limit set on a parent binds its children), cgroup v2 or v1; None where no limit is set. Room is
+    the limit less what the cgroup holds that it cannot drop: its usage less its inactive page cache
+    (a merge's inputs, read once, fill the cache up to the limit, and the kernel reclaims those first)."""
+    rooms = []
+    for version, path in _memory_cgroups(membership):
+        where, *files = _CGROUP_FILES[version]
+        path = path.strip("/")
+        while True:
+            room = _room_in(os.path.join(root, where, path), *files)
+            if room is not None:
+                rooms.append(room)
+            if not path:
+                break
+            path = os.path.dirname(path)
+    return min(rooms, default=None)
+
+
+def _memory_cgroups(membership: str) -> list[tuple[str, str]]:
+    """(version, path) of this process's memory cgroups, from /proc/self/cgroup: the v2 one (`0::path`)
+    and the v1 memory controller's (`N:memory:path`)."""
+    found = []
     try:
-        with open("/proc/self/cgroup") as f:
-            line = next((x for x in f if x.startswith("0::")), None)
-        if line is None:
-            return None
-        base = "/sys/fs/cgroup" + line.strip()[3:]
-        with open(os.path.join(base, "memory.max")) as f:
+        with open(membership) as f:
+            for line in f:
+                number, _, rest = line.rstrip("\n").partition(":")
+                controllers, _, path = rest.partition(":")
+                if number == "0" and not controllers:
+                    found.append(("v2", path))
+                elif "memory" in controllers.split(","):
+                    found.append(("v1", path))
+    except OSError:
+        pass
+    return found
+
+
+def _room_in(group: str, limit_file: str, usage_file: str, cache_field: str) -> int | None:
+    """Room under one cgroup's memory limit (cgroup_room), None if it sets none or cannot be read."""
+    try:
+        with open(os.path.join(group, limit_file)) as f:
             raw = f.read().strip()
-        if raw == "max":
+        if raw == "max" or int(raw) >= _NO_LIMIT:
             return None
-        with open(os.path.join(base, "memory.current")) as f:
+        with open(os.path.join(group, usage_file)) as f:
             used = int(f.read().strip())
-        return max(0, int(raw) - used)
-    except (OSError, ValueError, StopIteration):
+    except (OSError, ValueError):
         return None
+    return max(0, int(raw) - used + _stat_bytes(os.path.join(group, "memory.stat"), cache_field))
+
+
+def _stat_bytes(path: str, field: str) -> int:
+    """The bytes on a `field N` line of a cgroup's memory.stat, 0 if absent."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == field:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def peak_rss() -> int:

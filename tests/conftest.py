@@ -14,6 +14,16 @@ from safetensors.torch import save_file
 
 from merger.cli import cli
 
+# One recipe per method over the `family` fixture's models (format with their paths): the GPU tests
+# compare each method's result on the GPU, or the fake one, with the CPU's.
+RECIPES = {
+    "linear": "merge_method: linear\nmodels: [{{model: {ft1}, parameters: {{weight: 0.7}}}}, {{model: {ft2}}}]\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\n"
+    "models: [{{model: {ft1}, parameters: {{weight: 0.7}}}}, {{model: {ft2}, parameters: {{weight: -0.2}}}}]\n",
+    "ties": "merge_method: ties\nbase_model: {base}\n"
+    "models: [{{model: {ft1}, parameters: {{density: 0.3}}}}, {{model: {ft2}, parameters: {{density: 0.6}}}}]\n",
+}
+
 
 def write_checkpoint(
     directory: Path,

@@ -228,6 +228,7 @@ def test_plan_on_cuda_names_the_tensors_merged_in_pieces(tmp_path, family, monke
     whole (CUDA stood in: this machine has none)."""
     import merger.budget
     import merger.plan
+    import merger.recipe
     import merger.stream
 
     paths, _ = family
@@ -235,7 +236,9 @@ def test_plan_on_cuda_names_the_tensors_merged_in_pieces(tmp_path, family, monke
     (tmp_path / "r.yaml").write_text(
         f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
     )
-    for budget, pieced in ((1 << 40, []), (3000, ["embed.weight"])):  # embed: 96 entries, ~3.5 kB to merge whole
+    probe = merger.plan.build_plan(merger.recipe.load_recipe(tmp_path / "r.yaml"), device="cpu")
+    layer = next(t for t in probe.tensors if t.name == "layers.0.w")  # 64 entries; embed.weight has 96
+    for budget, pieced in ((1 << 40, []), (probe.gpu_bytes(layer), ["embed.weight"])):
         monkeypatch.setattr(merger.budget, "gpu_budget", lambda budget=budget: budget)
         monkeypatch.setattr(merger.budget, "pinned_budget", lambda: 1 << 40)
         result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--device", "cuda", "--json"])

@@ -3,19 +3,19 @@ and the writer produces files safetensors reads back."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import threading
 import time
 
+import fakecuda
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import load_output, write_checkpoint
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import merger.budget
 import merger.plan
@@ -27,26 +27,81 @@ from merger.methods.task_vectors import kth_largest
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("chunk", "n"), [(1, 120), (5, 1000), (64, 1000), (10_000, 1000)])
 def test_kth_largest_matches_sort(dtype, chunk, n):
-    """Chunks of one entry (every tie split across chunks) on fewer entries: a chunk is a torch call."""
+    """Two vectors side by side (different data, different k), chunks of one entry (every tie split
+    across chunks) on fewer entries: a chunk is a torch call."""
     g = torch.Generator().manual_seed(0)
-    # quantised values: many exact ties, zeros, and a spread of exponents
+    # quantised values: many exact ties, zeros, and a spread of exponents; the second without ties
     x = (torch.randn(n, generator=g, dtype=dtype) * 8).round() / 4
     x = x * torch.where(torch.rand(n, generator=g) < 0.1, 1e-30, 1.0).to(dtype)
-    mags = x.abs()
-    ordered = torch.sort(mags, descending=True).values
+    vectors = [x.abs(), torch.randn(n, generator=g, dtype=dtype).abs()]
     for k in sorted({1, 2, 17, n // 2, n - 1, n}):
-        thr, ties, cutoff = kth_largest(lambda: (mags[i : i + chunk] for i in range(0, n, chunk)), k)
-        assert thr == ordered[k - 1].item()
-        assert ties == k - int((mags > thr).sum())
-        assert 1 <= ties <= int((mags == thr).sum())
-        assert cutoff == int((mags == thr).nonzero()[ties - 1]) + 1  # just past the last tie kept
+        ks = [k, max(1, n - k)]
+        found = kth_largest(lambda: ([v[i : i + chunk] for v in vectors] for i in range(0, n, chunk)), ks)
+        for mags, k, (thr, ties, cutoff) in zip(vectors, ks, found):
+            ordered = torch.sort(mags, descending=True).values
+            assert thr == ordered[k - 1].item()
+            assert ties == k - int((mags > thr).sum())
+            assert 1 <= ties <= int((mags == thr).sum())
+            assert cutoff == int((mags == thr).nonzero()[ties - 1]) + 1  # just past the last tie kept
 
 
 def test_kth_largest_all_equal():
     mags = torch.full((300,), 0.5)
-    assert kth_largest(lambda: iter([mags]), 120) == (0.5, 120, 120)
+    assert kth_largest(lambda: iter([[mags]]), [120]) == [(0.5, 120, 120)]
     zeros = torch.zeros(10)
-    assert kth_largest(lambda: iter([zeros[:4], zeros[4:]]), 3) == (0.0, 3, 3)
+    assert kth_largest(lambda: iter([[zeros[:4]], [zeros[4:]]]), [3]) == [(0.0, 3, 3)]
+
+
+# Operations that make a GPU wait for the host: a value read back, or an output whose size depends on
+# the data. On the CPU the reads back do not reach torch's dispatcher, so they are counted where Python
+# calls them.
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "unique", "_unique2", "equal"}
+READS_BACK = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+class _CountSyncs(TorchDispatchMode):
+    """Counts the operations that would synchronise a GPU with the host, on every thread."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        for name in READS_BACK:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(real))
+
+    def _counting(self, real):
+        def counted(tensor, *args, **kwargs):
+            self.count += 1
+            return real(tensor, *args, **kwargs)
+
+        return counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name == "index" and any(getattr(i, "dtype", None) == torch.bool for i in args[1] if i is not None)
+        self.count += name in SYNCING_OPS or bool_index
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_trim_selection_does_not_synchronise_per_chunk(dtype, monkeypatch):
+    """ties_prepare over 1 chunk and over 40: the same (small) number of operations that would make a
+    GPU wait for the host, so the merge of a tensor in pieces never stalls the GPU per piece."""
+    from merger.methods.task_vectors import TiesModelParams, TiesParams, ties_prepare
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4000, generator=g, dtype=dtype) for _ in range(3)]
+    models = [TiesModelParams(density=d) for d in (0.2, 0.5, 1.0)]
+
+    def syncs(size: int):
+        chunks = lambda: ([x[s : s + size].clone() for x in xs] for s in range(0, 4000, size))  # noqa: E731
+        with monkeypatch.context() as patch, _CountSyncs(patch) as counted:
+            state = ties_prepare(chunks, 4000, models, TiesParams())
+        return counted.count, state
+
+    (whole, state), (pieces, same) = syncs(4000), syncs(100)
+    assert state == same and state.thresholds[2] is None
+    assert pieces == whole <= 4
 
 
 def ties_reference(base, xs, weights, densities):
@@ -381,43 +436,15 @@ def test_output_drops_behind_only_when_it_cannot_stay_cached(tmp_path, monkeypat
 
 @pytest.fixture
 def stand_in_cuda(monkeypatch):
-    """torch.cuda's streams, events and pinned memory stood in by synchronous CPU ones, and CudaStages on
-    the CPU with a GPU budget that stages every tensor whole (a test may set merger.stream.gpu_budget
-    lower). Returns the names of the threads that waited on an event, in order."""
-    from merger.stream import CudaStages
-
-    waits = []
-
-    class Event:
-        def record(self, stream=None):
-            self.recorded = True
-
-        def synchronize(self):
-            assert self.recorded
-            waits.append(threading.current_thread().name.split("_")[0])
-
-    class Stream:
-        def wait_event(self, event):
-            assert event.recorded
-
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
-    monkeypatch.setattr(merger.stream, "_pinned", lambda n: torch.empty(n, dtype=torch.uint8))
-    monkeypatch.setattr(merger.budget, "gpu_budget", lambda: 1 << 40)
-    monkeypatch.setattr(merger.budget, "pinned_budget", lambda: 1 << 40)
-
-    class OnCpu(CudaStages):
-        def __init__(self, m):
-            super().__init__(m)
-            self.device = "cpu"
-
-    monkeypatch.setattr(merger.stream, "CudaStages", OnCpu)
-    return waits
+    """torch.cuda's streams, events and pinned memory stood in by tests/fakecuda.py (streams on threads,
+    copies late, their targets poisoned until they run), and a GPU budget that stages every tensor
+    whole (a test may set merger.budget.gpu_budget lower). Returns the fake (its .waits: the names of
+    the threads that waited on an event, in order); the test fails on any stream violation it saw."""
+    with fakecuda.installed(monkeypatch) as fake:
+        monkeypatch.setattr(merger.budget, "gpu_budget", lambda: 1 << 40)
+        monkeypatch.setattr(merger.budget, "pinned_budget", lambda: 1 << 40)
+        yield fake
+        fake.assert_clean()
 
 
 def cpu_and_stand_in_gpu(tmp_path, text: str):
@@ -451,7 +478,7 @@ def test_cuda_pipeline_plumbing_on_a_stand_in_device(tmp_path, stand_in_cuda, fa
     plan = cpu_and_stand_in_gpu(tmp_path, text)
     merged = [t for t in plan.tensors if t.merged]
     # the writer waited on each merged tensor's copy back; the stager, before refilling a used slot
-    waits = stand_in_cuda
+    waits = stand_in_cuda.waits
     assert waits.count("merger-writer") == len(merged) and waits.count("merger-stager") > 0
     for shard in plan.shards:
         gpu, cpu = load_file(tmp_path / "gpu" / shard.filename), load_file(tmp_path / "cpu" / shard.filename)
@@ -499,7 +526,7 @@ def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, fa
 
     plan = cpu_and_stand_in_gpu(tmp_path, text)
     assert pieced == ["embed.weight"]
-    waits = stand_in_cuda
+    waits = stand_in_cuda.waits
     assert waits.count("merger-writer") == len([t for t in plan.tensors if t.merged]) - 1  # the staged ones
     cpu, gpu = (
         {k: v for sh in plan.shards for k, v in load_file(tmp_path / d / sh.filename).items()} for d in ("cpu", "gpu")
@@ -511,7 +538,7 @@ def test_tensors_over_the_gpu_budget_merge_in_pieces(tmp_path, stand_in_cuda, fa
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-7)
     assert torch.equal(dict(merge_tensors(plan))["embed.weight"], gpu["embed.weight"])
     assert pieced == ["embed.weight"] * 2
-    assert plan.peak_gpu_memory == max(plan.gpu_bytes(layer), plan.gpu_bytes(embed) * 10 // 96)
+    assert plan.peak_gpu_memory == max(plan.gpu_bytes(layer), plan.gpu_bytes(embed, 10))
 
 
 def test_gpu_pieces_keep_the_lowest_indices_among_ties_across_pieces(tmp_path, stand_in_cuda, monkeypatch):
@@ -555,7 +582,8 @@ def test_running_out_of_gpu_memory_is_an_error_naming_the_tensor(tmp_path, stand
     first = plan.shards[0].tensors[0]
     assert str(e.value) == (
         f"tensor '{first.name}' {list(first.shape)}: the GPU ran out of memory (CUDA out of memory. Tried to "
-        "allocate 2.00 GiB); free GPU memory (other processes?) or merge with --device cpu"
+        "allocate 2.00 GiB); free GPU memory (other processes?), use fewer --workers, set MERGER_GPU_MEMORY lower "
+        "(e.g. 8GB: large tensors then go through the GPU in smaller pieces), or merge with --device cpu"
     )
 
 
@@ -581,9 +609,9 @@ def test_gpu_budget_follows_free_memory_and_pieces_fit_in_it(monkeypatch, family
     )
     t = plan.tensors[0]
     big = t.__class__(t.name, (1 << 30,), t.dtype, True, 4 << 30)  # a 1G-entry float32 tensor, planned like t
-    per_entry = plan.gpu_bytes(big) / big.numel
     assert plan.gpu_piece(big, 40 * gb) == GPU_PIECE
-    assert abs(plan.gpu_piece(big, int(per_entry * 5_000_000)) - 5_000_000) <= 1  # what fits
+    assert plan.gpu_piece(big, plan.gpu_bytes(big, 5_000_000)) == 5_000_000  # what fits
+    assert plan.gpu_piece(big, plan.gpu_bytes(big, 5_000_000) - 1) == 4_999_999
     assert plan.gpu_piece(big, 1000) == 1 << 16
     assert plan.gpu_piece(t, 1000) == t.numel
 
@@ -607,3 +635,36 @@ def test_overflow_from_finite_inputs_is_caught_on_the_gpu_paths_too(tmp_path, st
     (tmp_path / "out").mkdir()
     with pytest.raises(MergeError, match="tensor 'w': the merge gives 8 values that are inf or NaN in float16"):
         write_shards(plan, tmp_path / "out")
+
+
+@pytest.mark.parametrize("compute", ["float32", "float64"])  # the fused kernel, and torch's path
+@pytest.mark.parametrize("out", ["bfloat16", "float16", "float32"])
+def test_every_nan_written_is_the_formats_canonical_nan(tmp_path, compute, out):
+    """NaN in an input (here with odd payloads and signs) merges to NaN, written as the output format's
+    positive quiet NaN whatever the path, so the output's bytes cannot depend on the device."""
+    from conftest import write_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    a = {"w": torch.randn(64, 8, generator=g).to(torch.bfloat16)}
+    b = {"w": torch.randn(64, 8, generator=g).to(torch.bfloat16)}
+    bits = a["w"].view(torch.int16).reshape(-1)
+    bits[[0, 9, 100, 511]] = torch.tensor([0x7FC1, -0x3F, 0x7F81, 0x7FFF], dtype=torch.int16)  # -0x3F: 0xFFC1
+    write_checkpoint(tmp_path / "a", a, n_shards=1)
+    write_checkpoint(tmp_path / "b", b, n_shards=1)
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nmodels: [{{model: {tmp_path / 'a'}}}, {{model: {tmp_path / 'b'}}}]\n"
+        f"out_dtype: {out}\ncompute_dtype: {compute}\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o"), "-q"])
+    assert result.exit_code == 0, result.output
+    merged = load_output(tmp_path / "o")["w"].reshape(-1)
+    nan = torch.isnan(merged)
+    assert nan.nonzero().reshape(-1).tolist() == [0, 9, 100, 511]
+    canonical = {
+        "bfloat16": (torch.int16, 0x7FC0),
+        "float16": (torch.int16, 0x7E00),
+        "float32": (torch.int32, 0x7FC00000),
+    }
+    view, expected = canonical[out]
+    assert set(merged[nan].view(view).tolist()) == {expected}
+    assert torch.isfinite(merged[~nan]).all()

@@ -5,19 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import load_output
+from conftest import RECIPES, load_output
 
 from merger.cli import cli
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-RECIPES = {
-    "linear": "merge_method: linear\nmodels: [{{model: {ft1}, parameters: {{weight: 0.7}}}}, {{model: {ft2}}}]\n",
-    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\n"
-    "models: [{{model: {ft1}, parameters: {{weight: 0.7}}}}, {{model: {ft2}, parameters: {{weight: -0.2}}}}]\n",
-    "ties": "merge_method: ties\nbase_model: {base}\n"
-    "models: [{{model: {ft1}, parameters: {{density: 0.3}}}}, {{model: {ft2}, parameters: {{density: 0.6}}}}]\n",
-}
 
 
 def assert_cuda_equals_cpu(tmp_path, paths, method):
@@ -132,3 +124,41 @@ def test_gpu_pieces_equal_cpu(tmp_path, family, method, monkeypatch):
     monkeypatch.setattr(merger.budget, "gpu_budget", lambda: 1)
     monkeypatch.setattr(merger.plan.Plan, "gpu_piece", lambda self, t, gpu: 10)
     assert_cuda_equals_cpu(tmp_path, family[0], method)
+
+
+def test_the_ties_trim_never_waits_for_the_host_per_piece():
+    """ties_prepare on GPU chunks under torch's sync debug mode, which raises on any synchronising call:
+    only the results at the end may synchronise (run here with the mode off for them)."""
+    from merger.methods.task_vectors import TiesModelParams, TiesParams, _RadixSelect, ties_prepare
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(1 << 16, device="cuda", generator=g) for _ in range(3)]
+    models = [TiesModelParams(density=d) for d in (0.2, 0.5, 0.9)]
+    real = _RadixSelect.results
+
+    def results(self):
+        torch.cuda.set_sync_debug_mode("default")
+        return real(self)
+
+    _RadixSelect.results = results
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        chunks = lambda: ([x[s : s + 4096].clone() for x in xs] for s in range(0, 1 << 16, 4096))  # noqa: E731
+        on_gpu = ties_prepare(chunks, 1 << 16, models, TiesParams())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        _RadixSelect.results = real
+    on_cpu = ties_prepare(lambda: [[x.cpu() for x in xs]], 1 << 16, models, TiesParams())
+    assert on_gpu == on_cpu
+
+
+def test_gpu_ties_writes_the_cpus_bytes(tmp_path, family):
+    """TIES in bfloat16 on the GPU: the CPU engine's bytes exactly (the fused
+    kernel and torch's ops are the same float32 operations), as make gpu checks at a 3B shape."""
+    paths, _ = family
+    (tmp_path / "r.yaml").write_text(RECIPES["ties"].format(**{k: str(v) for k, v in paths.items()}))
+    for device in ("cpu", "cuda"):
+        args = ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / device), "--device", device, "-q"]
+        assert CliRunner().invoke(cli, args).exit_code == 0
+    for f in (tmp_path / "cpu").glob("*.safetensors"):
+        assert (tmp_path / "cuda" / f.name).read_bytes() == f.read_bytes(), f.name

@@ -34,9 +34,11 @@ class Params(BaseModel):
 MergeFn = Callable[..., "Tensor"]
 
 # prepare(task_vectors, numel, models, params) -> state
-#   task_vectors(i) yields the i-th ingredient's x_i - base as consecutive flat chunks (a fresh
-#   iterator each call, so prepare may make several passes).
-Prepare = Callable[[Callable[[int], Iterable["Tensor"]], int, Sequence[BaseModel], BaseModel], Any]
+#   task_vectors() yields consecutive flat chunks, each a list of every ingredient's x_i - base there
+#   (the base read once per chunk); a fresh iterator each call, so prepare may make several passes;
+#   the chunks are fresh tensors prepare may modify in place. On a GPU, prepare should not synchronise
+#   with the host per chunk (ties_prepare synchronises once).
+Prepare = Callable[[Callable[[], Iterable[list["Tensor"]]], int, Sequence[BaseModel], BaseModel], Any]
 
 # fused(tensors, base, models, params, run) -> merge_range: an optional fast path for CPU merges in
 # float32, on the stored bytes: tensors and base are whole flat numpy views in merger.sources.DTYPES'
@@ -49,6 +51,38 @@ Prepare = Callable[[Callable[[int], Iterable["Tensor"]], int, Sequence[BaseModel
 # allow, and then never imports torch.
 MergeRange = Callable[[int, int, "np.ndarray"], None]
 Fused = Callable[..., MergeRange]
+
+
+@dataclass(frozen=True)
+class GpuFootprint:
+    """The GPU memory a method holds at its peak beyond its inputs (tensors and base in the compute
+    dtype), in buffers the size of the tensor merged: fn's `words` of the compute dtype, `per_model`
+    more per model, and `masks` of one byte an entry (bool); before that, prepare's `prepare_words` and
+    `prepare_masks` beside the task vectors it is given and `fixed_per_model` bytes per model whatever
+    the tensor's size (TIES: a pass's radix histogram), and between its passes `settle_per_model` bytes
+    per model beside the task vectors alone (TIES: picking a digit from the histogram takes three).
+    Plan.gpu_bytes adds the engine's own buffers; the tests (tests/test_gpu_memory.py) hold each
+    built-in method's figures to what its functions hold."""
+
+    words: int
+    per_model: int = 0
+    masks: int = 0
+    prepare_words: int = 0
+    prepare_masks: int = 0
+    fixed_per_model: int = 0
+    settle_per_model: int = 0
+
+    def bytes_per_entry(self, models: int, itemsize: int) -> int:
+        """fn's bytes per entry of the tensor."""
+        return (self.words + self.per_model * models) * itemsize + self.masks
+
+    def prepare_bytes_per_entry(self, itemsize: int) -> int:
+        """prepare's bytes per entry beside its task vectors."""
+        return self.prepare_words * itemsize + self.prepare_masks
+
+    def buffers(self, models: int) -> int:
+        """How many tensor-sized buffers fn and prepare hold (each rounded up to the allocator's block)."""
+        return self.words + self.per_model * models + self.masks + self.prepare_words + self.prepare_masks
 
 
 @dataclass(frozen=True)
@@ -65,6 +99,13 @@ class Method:
     # Optional per-tensor statistics over whole task vectors (TIES: trim thresholds). Needs a base.
     prepare: Prepare | None = None
     fused: Fused | None = None
+    # CPU nanoseconds per entry per input on one core through the fused kernel, the writer's copy
+    # included: what `device: auto` weighs against reading and writing (merger.device). From the
+    # TinyLlama figures (README, Performance): TIES takes 6-8 CPU-seconds for 3 x 1.1G entries.
+    cpu_ns: float = 1.0
+    # GPU memory its fn and prepare take (Plan.gpu_bytes); a plugin that states none is assumed to hold,
+    # like TIES, a task vector per model and four more buffers.
+    gpu: GpuFootprint = GpuFootprint(words=4, per_model=1, masks=1, prepare_words=4, prepare_masks=1)
 
 
 def normalizable(models: Sequence[BaseModel], params: BaseModel) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merger.methods.base import MergeRange, Method, Params
+from merger.methods.base import GpuFootprint, MergeRange, Method, Params
 from merger.methods.linear import LinearModelParams, LinearParams, linear, linear_fused
 
 if TYPE_CHECKING:
@@ -41,4 +41,6 @@ METHOD = Method(
     "the soup's score does not get worse; needs an evaluation: section.",
     paper="Wortsman et al. 2022, Model soups (greedy soup, Recipe 1), arXiv:2203.05482",
     fused=uniform_soup_fused,
+    cpu_ns=0.5,
+    gpu=GpuFootprint(words=1),  # linear's sum
 )

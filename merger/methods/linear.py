@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from merger.methods.base import MergeRange, Method, Params, normalizable
+from merger.methods.base import GpuFootprint, MergeRange, Method, Params, normalizable
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -56,4 +56,6 @@ METHOD = Method(
     paper="Wortsman et al. 2022, Model soups, arXiv:2203.05482",
     check=normalizable,
     fused=linear_fused,
+    cpu_ns=0.5,
+    gpu=GpuFootprint(words=1),  # the sum
 )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Literal
@@ -13,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from merger.errors import NaNTaskVector
-from merger.methods.base import MergeRange, Method, Params, normalizable
+from merger.methods.base import GpuFootprint, MergeRange, Method, Params, normalizable
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -63,45 +61,125 @@ def keep_count(n: int, density: float) -> int:
     return max(1, math.floor(Fraction(repr(density)) * n))
 
 
-def kth_largest(magnitudes: Callable[[], Iterable[Tensor]], k: int) -> tuple[float, int, int]:
-    """The k-th largest of non-negative floats given as consecutive flat chunks, and which entries
-    equal to it are among the k largest (the lowest flat indices first): (threshold, how many of them,
-    the flat index just past the last of them).
+# The radix digits of |x| (sign bit 0), from the top: (shift, width) per float dtype.
+_DIGITS = {"float32": ((15, 16), (0, 15)), "float64": ((47, 16), (31, 16), (15, 16), (0, 15))}
 
-    A radix select: a histogram of the top 16 bits of each float (for non-negative floats the bit
-    pattern orders like the value) finds the bucket holding the k-th largest, then only that bucket's
-    entries (and flat indices) are gathered for kthvalue. Two passes, no sort, and the chunks can
-    stream from disk. NaN cannot be ranked: NaNTaskVector(-1, count) if any entry is NaN."""
-    import torch
 
-    radix = {torch.float32: (torch.int32, 15), torch.float64: (torch.int64, 47)}  # top 16 bits of |x|
-    hist = None
-    int_dtype = shift = None
-    nans = 0
-    for m in magnitudes():
-        int_dtype, shift = radix[m.dtype]
-        h = torch.bincount((m.view(int_dtype) >> shift).reshape(-1), minlength=1 << 16)
-        hist = h if hist is None else hist.add_(h)
-        nans += int(torch.isnan(m).sum())
-    if nans:
-        raise NaNTaskVector(-1, nans)
-    from_top = hist.flip(0).cumsum(0)  # from_top[j]: entries in buckets >= 65535 - j
-    j = int(torch.searchsorted(from_top, k))
-    bucket = (1 << 16) - 1 - j
-    above = int(from_top[j - 1]) if j else 0
-    vals, where, offset = [], [], 0
-    for m in magnitudes():
-        flat = m.reshape(-1)
-        idx = ((flat.view(int_dtype) >> shift) == bucket).nonzero().reshape(-1)
-        vals.append(flat[idx].cpu())
-        where.append(idx.cpu().add_(offset).to(torch.int32 if offset + flat.numel() < 2**31 else torch.int64))
-        offset += flat.numel()
-    values, indices = torch.cat(vals), torch.cat(where)
-    rank = k - above  # the k-th largest overall is the rank-th largest in its bucket
-    threshold = torch.kthvalue(values, values.numel() - rank + 1).values
-    ties = k - above - int((values > threshold).sum())
-    tied = indices[values == threshold]  # ascending: chunks in order, nonzero() in order
-    return float(threshold), ties, int(tied[ties - 1]) + 1
+def kth_largest(chunks: Callable[[], Iterable[Sequence[Tensor]]], ks: Sequence[int]) -> list[tuple[float, int, int]]:
+    """For several vectors of non-negative floats given side by side as consecutive flat chunks (each
+    item of chunks() holds every vector's next chunk), the ks[i]-th largest of vector i and which
+    entries equal to it are among its k largest, the lowest flat indices first: (threshold, how many
+    of them, the flat index just past the last of them).
+
+    A radix select: for non-negative floats the bit pattern orders like the value, so each pass over
+    the chunks histograms one digit of the entries that match the digits found so far and picks the
+    digit that holds the k-th largest (two passes for float32, four for float64); a last pass finds
+    where the kept ties end. No sort and no gathering; the chunks can stream from disk; the bookkeeping
+    stays on the chunks' device, so a GPU is synchronised at the end, never per chunk. NaN cannot be
+    ranked: NaNTaskVector(i, count) for the first vector holding any."""
+    select = _RadixSelect(ks)
+    level = 0
+    while level < select.levels:  # known from the first chunk
+        select.histogram_pass(chunks(), level)
+        level += 1
+    offset = 0
+    for chunk in chunks():
+        for i, m in enumerate(chunk):
+            select.find_cutoff(select.bits(m), i, offset)
+        offset += chunk[0].numel()
+    return select.results()
+
+
+class _RadixSelect:
+    """kth_largest's bookkeeping, one entry per vector in tensors on the chunks' device, made when the
+    first chunk shows their dtype and device (not from a chunk of its own: in pieces on a GPU, making
+    one means uploading it)."""
+
+    def __init__(self, ks: Sequence[int]):
+        self.ks = list(ks)
+        self.digits: tuple[tuple[int, int], ...] = ((0, 0),)  # (shift, width) per level, from the top
+        self.ties = None
+
+    @property
+    def levels(self) -> int:
+        return len(self.digits)
+
+    def _start(self, first: Tensor) -> None:
+        import torch
+
+        self.dtype, self.ints = first.dtype, {torch.float32: torch.int32, torch.float64: torch.int64}[first.dtype]
+        self.digits = _DIGITS[str(first.dtype).removeprefix("torch.")]
+        device = first.device
+        self.prefix = torch.zeros(len(self.ks), dtype=torch.int64, device=device)  # the digits found so far
+        self.need = torch.tensor(self.ks, dtype=torch.int64, device=device)  # the rank sought among them
+        self.nans = torch.zeros_like(self.prefix)
+        self.cutoff = torch.full_like(self.prefix, -1)
+        self.one = torch.ones(1, dtype=torch.int64, device=device)
+
+    def bits(self, m: Tensor) -> Tensor:
+        return m.reshape(-1).view(self.ints)
+
+    def histogram_pass(self, chunks: Iterable[Sequence[Tensor]], level: int) -> None:
+        """Histogram the digit of this level over every chunk, then pick each vector's (the first pass
+        also counts NaN)."""
+        import torch
+
+        hist = None
+        for chunk in chunks:
+            if hist is None:
+                if level == 0:
+                    self._start(chunk[0])
+                shift, width = self.digits[level]
+                hist = torch.zeros((len(self.ks), (1 << width) + 1), dtype=torch.int64, device=self.prefix.device)
+            for i, m in enumerate(chunk):
+                self.count(hist[i], self.bits(m), i, shift, width, level)
+                if level == 0:
+                    self.nans[i] += torch.count_nonzero(torch.isnan(m))
+        self.pick(hist[:, :-1], width)
+
+    def count(self, hist: Tensor, bits: Tensor, i: int, shift: int, width: int, level: int) -> None:
+        """Add one chunk of vector i to the histogram of the digit at `shift`; entries that do not
+        match the digits found so far go to the extra last bin."""
+        import torch
+
+        digit = (bits >> shift) & ((1 << width) - 1)
+        if level:
+            digit = torch.where((bits >> (shift + width)) == self.prefix[i], digit, 1 << width)
+        hist.index_add_(0, digit, self.one.expand(digit.numel()))  # no sync, unlike bincount on CUDA
+
+    def pick(self, hist: Tensor, width: int) -> None:
+        """Each vector's digit that holds its sought rank, from its histogram (n_vectors, 2**width)."""
+        import torch
+
+        from_top = hist.flip(1).cumsum(1)  # [i, j]: entries of vector i in digits >= 2**width - 1 - j
+        j = torch.searchsorted(from_top, self.need[:, None]).squeeze(1).clamp_(max=(1 << width) - 1)
+        above = torch.where(j > 0, from_top.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1), 0)
+        self.need -= above
+        self.prefix = (self.prefix << width) | ((1 << width) - 1 - j)
+
+    def find_cutoff(self, bits: Tensor, i: int, offset: int) -> None:
+        """In vector i's chunk starting at flat index `offset`, where its self.need-th tie lies, if there."""
+        import torch
+
+        if self.ties is None:
+            self.ties = self.need.clone()  # the ties among the k largest; need now counts those still ahead
+        if not bits.numel():
+            return
+        seen = (bits == self.prefix[i]).cumsum(0, dtype=torch.int64 if bits.numel() >= 1 << 31 else torch.int32)
+        pos = torch.searchsorted(seen, self.need[i : i + 1])[0]
+        here = (self.cutoff[i] < 0) & (pos < bits.numel())
+        self.cutoff[i] = torch.where(here, offset + pos + 1, self.cutoff[i])
+        self.need[i] -= seen[-1]
+
+    def results(self) -> list[tuple[float, int, int]]:
+        import torch
+
+        thresholds = self.prefix.to(self.ints).view(self.dtype).cpu().tolist()
+        ties, cutoff, nans = torch.stack([self.ties, self.cutoff, self.nans]).cpu().tolist()
+        bad = next((i for i, n in enumerate(nans) if n), None)
+        if bad is not None:
+            raise NaNTaskVector(bad, nans[bad])
+        return list(zip(thresholds, ties, cutoff))
 
 
 @dataclass(frozen=True)
@@ -115,28 +193,28 @@ class TrimState:
 
 
 def ties_prepare(
-    task_vectors: Callable[[int], Iterable[Tensor]], numel: int, models: Sequence[TiesModelParams], params: TiesParams
+    task_vectors: Callable[[], Iterable[list[Tensor]]],
+    numel: int,
+    models: Sequence[TiesModelParams],
+    params: TiesParams,
 ) -> TrimState:
-    """Each model's trim threshold, the models side by side on threads (torch releases the GIL;
-    `task_vectors` may be called from several threads at once)."""
+    """Each model's trim threshold: every model's in the same streaming passes (kth_largest)."""
+    ks = [keep_count(numel, m.density) for m in models]
+    trimmed = [i for i, k in enumerate(ks) if k < numel]  # the others keep everything
+    thresholds: list[float | None] = [None] * len(models)
+    cutoffs = [0] * len(models)
+    if trimmed:
 
-    def select(i: int) -> tuple[float | None, int]:
-        k = keep_count(numel, models[i].density)
-        if k >= numel:
-            return None, 0
+        def chunks() -> Iterator[list[Tensor]]:  # the chunks are fresh: made magnitudes in place
+            return ([chunk[i].abs_() for i in trimmed] for chunk in task_vectors())
+
         try:
-            threshold, _, cutoff = kth_largest(lambda: (d.abs() for d in task_vectors(i)), k)
+            found = kth_largest(chunks, [ks[i] for i in trimmed])
         except NaNTaskVector as e:
-            raise NaNTaskVector(i, e.count) from None
-        return threshold, cutoff
-
-    workers = min(len(models), os.cpu_count() or 1)
-    if workers > 1:
-        with ThreadPoolExecutor(workers, thread_name_prefix="merger-trim") as pool:
-            picked = list(pool.map(select, range(len(models))))
-    else:
-        picked = [select(i) for i in range(len(models))]
-    return TrimState([t for t, _ in picked], [c for _, c in picked])
+            raise NaNTaskVector(trimmed[e.model], e.count) from None
+        for i, (threshold, _, cutoff) in zip(trimmed, found):
+            thresholds[i], cutoffs[i] = threshold, cutoff
+    return TrimState(thresholds, cutoffs)
 
 
 def _trim_(delta: Tensor, state: TrimState, i: int, offset: int) -> Tensor:
@@ -169,7 +247,7 @@ def ties(
     import torch
 
     if state is None:  # called on whole tensors: the statistics come from them in one chunk
-        state = ties_prepare(lambda i: [(tensors[i] - base).reshape(-1)], base.numel(), models, params)
+        state = ties_prepare(lambda: [[(x - base).reshape(-1) for x in tensors]], base.numel(), models, params)
     # Trimmed, weighted task vectors, one per model, kept as a list rather than stacked (n_models, ...).
     deltas = [_trim_(x - base, state, i, offset).mul_(m.weight) for i, (x, m) in enumerate(zip(tensors, models))]
     if params.consensus_method == "sum":
@@ -242,6 +320,8 @@ TASK_ARITHMETIC = Method(
     paper="Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089",
     check=normalizable,
     fused=task_arithmetic_fused,
+    cpu_ns=0.6,
+    gpu=GpuFootprint(words=2),  # the sum and one task vector
 )
 
 TIES = Method(
@@ -255,4 +335,17 @@ TIES = Method(
     paper="Yadav et al. 2023, TIES-Merging, arXiv:2306.01708",
     prepare=ties_prepare,
     fused=ties_fused,
+    cpu_ns=2.0,
+    # fn: the trimmed task vectors; the elected signs, the sum, the divisor, one vote; the agreement mask.
+    # prepare (the trim's selection): a digit, its match and a first chunk beside the task vectors, and
+    # per model three int64 histograms of a 16-bit digit (counts, flipped, summed).
+    gpu=GpuFootprint(
+        words=4,
+        per_model=1,
+        masks=1,
+        prepare_words=3,
+        prepare_masks=1,
+        fixed_per_model=8 * ((1 << 16) + 1) + 512,  # kth_largest's histogram of int64 counts, rounded up
+        settle_per_model=3 * (8 * ((1 << 16) + 1) + 512),  # that, flipped, and its cumulative sums
+    ),
 )
