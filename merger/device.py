@@ -23,9 +23,9 @@ EAGER = 4  # torch's chunked path (float64, mixed dtypes, plugins) against the f
 class Estimate:
     """What a merge costs on each path, from the plan alone."""
 
-    entries: int  # merged entries summed over the inputs each one is read from
-    cpu_ns: float  # the method's CPU cost per such entry on one core (Method.cpu_ns)
-    fused: bool  # whether the CPU merges through the fused kernels
+    entries: int  # merged entries times the models merged, through the fused kernels
+    eager_entries: int  # the same through torch's chunked path
+    cpu_ns: float  # the method's CPU cost per such entry on one core through a fused kernel (Method.cpu_ns)
     bytes_read: int
     bytes_written: int
     cores: int
@@ -37,7 +37,7 @@ class Estimate:
     @property
     def merge_s(self) -> float:
         """The CPU's arithmetic, spread over its cores."""
-        return self.entries * self.cpu_ns * (1 if self.fused else EAGER) * 1e-9 / self.cores
+        return (self.entries + EAGER * self.eager_entries) * self.cpu_ns * 1e-9 / self.cores
 
     @property
     def cpu_s(self) -> float:

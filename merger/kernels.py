@@ -34,6 +34,7 @@ from numba.extending import intrinsic, overload
 
 from merger.errors import NaNTaskVector
 from merger.files import private_cache
+from merger.sources import KERNEL_DTYPES
 
 _cache_dir = private_cache("numba")
 CACHE = _cache_dir is not None
@@ -85,7 +86,7 @@ def kernel(fn):
 U = np.uint64
 BLOCK = 256  # entries per inner loop of every kernel: their float32 scratch stays in L1 (1024 measured 15-20% slower
 # for TIES merging and linear sums with the inputs in DRAM, 2 to 5 models)
-SUPPORTED = {"BF16", "F16", "F32"}  # safetensors codes the kernels read and write
+SUPPORTED = KERNEL_DTYPES  # safetensors codes the kernels read and write
 
 
 def supported(*codes: str) -> bool:

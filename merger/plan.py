@@ -29,6 +29,7 @@ from merger.sources import (
     CARD_NAME,
     DTYPES,
     INDEX_NAME,
+    KERNEL_DTYPES,
     MODEL_FILES,
     SUPPORT_JSON,
     TOKENIZER_FILES,
@@ -138,19 +139,34 @@ class Plan:
 
     @property
     def estimate(self) -> merger_device.Estimate:
-        """The figures that decide between the CPU and the GPU (merger.device)."""
-        merged = [t for t in self.tensors if t.merged]
-        method = self.spec.method
-        models = {m.tensors[t.name].dtype for t in merged for m in self.readers_of(t)}
-        fused = method.fused is not None and self.compute_dtype == "float32" and len(models) <= 1
+        """The figures that decide between the CPU and the GPU (merger.device): each merged tensor's
+        entries times the models it merges (the base aside: Method.cpu_ns is per model), through the
+        fused kernels where the CPU engine would take them (Merger._fusable), else through torch."""
+        fused = eager = 0
+        for t in self.tensors:
+            if t.merged:
+                entries = t.numel * len(self.inputs)
+                if self._fusable(t):
+                    fused += entries
+                else:
+                    eager += entries
         return merger_device.Estimate(
-            entries=sum(t.numel * len(self.readers_of(t)) for t in merged),
-            cpu_ns=method.cpu_ns,
-            fused=fused,
+            entries=fused,
+            eager_entries=eager,
+            cpu_ns=self.spec.method.cpu_ns,
             bytes_read=self.bytes_read,
             bytes_written=self.bytes_written,
             cores=system.default_threads(),
         )
+
+    def _fusable(self, t: OutTensor) -> bool:
+        """Whether the CPU engine merges t through the method's fused kernel (as Merger._fusable decides,
+        numba aside): float32 compute, one stored dtype among the models, every dtype one it handles."""
+        if self.spec.method.fused is None or self.compute_dtype != "float32":
+            return False
+        models = {m.tensors[t.name].dtype for m in self.inputs}
+        codes = models | {m.tensors[t.name].dtype for m in self.readers_of(t)} | {t.dtype}
+        return len(models) == 1 and codes <= KERNEL_DTYPES
 
     def stored_bytes(self, t: OutTensor) -> int:
         """Bytes of t read from the inputs, as stored: every reader's copy."""
@@ -229,8 +245,8 @@ class Plan:
         """GPU memory for merging t on CUDA whole, or `piece` entries at a time: the method's buffers
         (Method.gpu: fn's, or before them prepare's beside the task vectors) over its inputs in the
         compute dtype, and the result in t's dtype beside the previous one, still on its way back;
-        whole, also the inputs as uploaded and as much again for the next tensor's, uploaded meanwhile
-        (counted as t's own); in pieces, a piece as uploaded, before its cast. Every buffer rounded up
+        whole, also the inputs as uploaded and as much again for the next tensor's, uploaded meanwhile,
+        and for the previous one's, not yet free (counted as t's own); in pieces, a piece as uploaded, before its cast. Every buffer rounded up
         to budget.GPU_BLOCK."""
         phases, buffers = self._gpu_terms(t, whole=piece is None)
         entries = t.numel if piece is None else piece
@@ -244,8 +260,11 @@ class Plan:
         stored = [DTYPES[m.tensors[t.name].dtype] for m in {m.path: m for m in self.readers_of(t)}.values()]
         cast = [size for name, size, _ in stored if name != self.compute_dtype]  # converted on the GPU
         if whole:
-            engine = len(cast) * csize + 2 * sum(size for _, size, _ in stored)
-            buffers = len(cast) + 2 * len(stored)
+            # t's uploads, the next tensor's (staged meanwhile), and the previous one's: its memory is
+            # the copy stream's to reuse only once the compute stream is past that merge, which the host
+            # does not wait for before staging the next
+            engine = len(cast) * csize + 3 * sum(size for _, size, _ in stored)
+            buffers = len(cast) + 3 * len(stored)
         else:
             engine = len(stored) * csize + max(cast, default=0)
             buffers = len(stored) + 1

@@ -40,6 +40,7 @@ DTYPES: dict[str, tuple[str, int, type[np.generic]]] = {
     "U8": ("uint8", 1, np.uint8),
     "BOOL": ("bool", 1, np.bool_),
 }
+KERNEL_DTYPES = frozenset({"BF16", "F16", "F32"})  # the safetensors codes merger.kernels reads and writes
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 

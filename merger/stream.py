@@ -37,7 +37,7 @@ from merger import budget, system
 from merger.errors import MergeError, NaNTaskVector, OutOfMemory
 from merger.files import fsync_file, start_writeback
 from merger.methods.base import MergeRange
-from merger.plan import OUTPUT, OutTensor, Plan, Shard, shard_header
+from merger.plan import FLAGS, OUTPUT, OutTensor, Plan, Shard, shard_header
 from merger.sources import DTYPES, Confined, FileSource, MappedReader, to_torch
 
 if TYPE_CHECKING:
@@ -531,7 +531,7 @@ class CudaStages:
                 pinned = self.pinned_in.get((slot, path), v.nbytes, src.dtype, tuple(src.shape))
                 pinned.copy_(src)  # page cache -> pinned memory, on this thread
                 on_gpu[path] = copy_to_device(pinned, self.device)
-            done = torch.cuda.Event()  # after the copies: what the compute stream and the slot wait for
+            done = _event(torch)  # after the copies: what the compute stream and the slot wait for
             done.record(self.copy_stream)
         self.uploaded[slot] = done
         return views, on_gpu, done
@@ -556,7 +556,7 @@ class CudaStages:
         bad_in = torch.stack([(~torch.isfinite(g)).any() for g in on_gpu.values()]).any()
         counts = torch.stack([(~torch.isfinite(merged)).sum(), bad_in.long()])
         out = self.pinned_out.get(slot, t.nbytes, merged.dtype, t.shape)
-        flags = self.pinned_out.get(("flags", slot), 16, torch.int64, (2,))
+        flags = self.pinned_out.get(("flags", slot), FLAGS, torch.int64, (2,))
         ready = self.copy_back([(out, merged), (flags, counts)])
         host = out.reshape(-1).view(torch.uint8).numpy().view(DTYPES[t.dtype][2]).reshape(t.shape)
         return host, _Landed(ready, flags, t, host)
@@ -573,7 +573,7 @@ class CudaStages:
             for pinned, gpu in copies:
                 gpu.record_stream(self.back_stream)  # allocated on the compute stream
                 copy_to_host(pinned, gpu)
-            landed = torch.cuda.Event()
+            landed = _event(torch)
             landed.record(self.back_stream)
         return landed
 
@@ -601,30 +601,44 @@ class PieceCopies:
     on the back stream into a pinned buffer, then into the caller's host array. Every role (a model's
     input, the base, the result) has two buffers that take turns, so that one piece is staged while the
     copy of the piece before is still queued; a buffer is refilled only once the event after its last
-    copy has fired."""
+    copy has fired, and only once the GPU is done with the piece before last (which bounds how far the
+    host runs ahead, and so the uploads' GPU memory). Within one merge_range call pieces overlap so (the
+    trim's passes, merge_tensors' whole tensor); write_shards asks for one piece per call, each landed
+    before the host checks it (Merger.check_finite), so there a piece's copy back does not yet overlap
+    the next piece's upload."""
 
     def __init__(self, stages: CudaStages):
         self.stages = stages
         self.pinned = Buffers(pin=True)  # by (role, turn % 2)
         self.turns: dict[object, int] = {}  # by role: pieces through its buffers so far
         self.uploaded: dict[tuple, object] = {}  # by input buffer: the event after its last upload
+        # by input buffer: an event on the compute stream after the work that used its last piece, so
+        # that the host, which never waits for the GPU within a tensor otherwise, runs at most two pieces
+        # ahead of it per role: each piece ahead holds its upload's GPU memory
+        self.used: dict[tuple, object] = {}
         self.landing: dict[tuple, tuple] = {}  # by result buffer: (event, pinned, host) not yet read
         self.lock = threading.Lock()  # a plugin's prepare may iterate on threads of its own
 
     def load(self, role: object, src: torch.Tensor) -> torch.Tensor:
         """`src` (a piece of an input, on the host as stored) on the GPU, usable on the current stream."""
         torch, stages = self.stages.torch, self.stages
+        stream = torch.cuda.current_stream(stages.device)  # where this thread's ops on it run
         with self.lock:
             key = self._turn(role)
+            other = (role, 1 - key[1])  # the piece before, whose work is queued on `stream` by now
+            if other in self.uploaded:
+                self.used[other] = _event(torch)
+                self.used[other].record(stream)
+            if key in self.used:
+                self.used.pop(key).synchronize()  # the GPU is done with the piece before last
             if key in self.uploaded:
                 self.uploaded[key].synchronize()  # the buffer's last upload has run: it may be rewritten
             pinned = self.pinned.get(key, src.nbytes, src.dtype, tuple(src.shape))
             pinned.copy_(src)  # page cache -> pinned memory, on this thread
             with torch.cuda.device(stages.device), torch.cuda.stream(stages.copy_stream):
                 gpu = copy_to_device(pinned, stages.device)
-                done = self.uploaded[key] = torch.cuda.Event()
+                done = self.uploaded[key] = _event(torch)
                 done.record(stages.copy_stream)
-        stream = torch.cuda.current_stream(stages.device)  # where this thread's ops on it run
         stream.wait_event(done)
         gpu.record_stream(stream)  # allocated on the copy stream, freed after this stream's use
         return gpu
@@ -653,6 +667,12 @@ class PieceCopies:
         turn = self.turns.get(role, 0)
         self.turns[role] = turn + 1
         return role, turn % 2
+
+
+def _event(torch):
+    """A CUDA event the host may wait on: it sleeps rather than spins while waiting (the stager's and the
+    writer's cores copy between the page cache and pinned memory)."""
+    return torch.cuda.Event(blocking=True)
 
 
 @contextlib.contextmanager

@@ -99,9 +99,9 @@ class Method:
     # Optional per-tensor statistics over whole task vectors (TIES: trim thresholds). Needs a base.
     prepare: Prepare | None = None
     fused: Fused | None = None
-    # CPU nanoseconds per entry per input on one core through the fused kernel, the writer's copy
-    # included: what `device: auto` weighs against reading and writing (merger.device). From the
-    # TinyLlama figures (README, Performance): TIES takes 6-8 CPU-seconds for 3 x 1.1G entries.
+    # CPU nanoseconds per entry per model merged (the base aside) on one core through the fused kernel,
+    # the writer's copy included: what `device: auto` weighs against reading and writing (merger.device).
+    # Each built-in method's figure comes from its TinyLlama benchmark (README, Performance).
     cpu_ns: float = 1.0
     # GPU memory its fn and prepare take (Plan.gpu_bytes); a plugin that states none is assumed to hold,
     # like TIES, a task vector per model and four more buffers.
