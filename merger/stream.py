@@ -208,7 +208,7 @@ def _pinned(nbytes: int) -> torch.Tensor:
 
     try:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    except RuntimeError as e:  # cudaHostAlloc refused: memory, or the locked-memory limit (ulimit -l)
+    except RuntimeError as e:  # cudaHostAlloc refused
         raise PinFailed(
             f"could not pin {nbytes} bytes of host memory for the GPU's copies ({_first_line(e)})"
         ) from None

@@ -63,6 +63,8 @@ def keep_count(n: int, density: float) -> int:
 
 # The radix digits of |x| (sign bit 0), from the top: (shift, width) per float dtype.
 _DIGITS = {"float32": ((15, 16), (0, 15)), "float64": ((47, 16), (31, 16), (15, 16), (0, 15))}
+DISCARD = 1024  # histogram bins for entries that no longer match, spread by their low bits: a GPU's atomic
+# adds to one bin would queue behind each other
 
 
 def kth_largest(chunks: Callable[[], Iterable[Sequence[Tensor]]], ks: Sequence[int]) -> list[tuple[float, int, int]]:
@@ -132,21 +134,21 @@ class _RadixSelect:
                 if level == 0:
                     self._start(chunk[0])
                 shift, width = self.digits[level]
-                hist = torch.zeros((len(self.ks), (1 << width) + 1), dtype=torch.int64, device=self.prefix.device)
+                hist = torch.zeros((len(self.ks), (1 << width) + DISCARD), dtype=torch.int64, device=self.prefix.device)
             for i, m in enumerate(chunk):
                 self.count(hist[i], self.bits(m), i, shift, width, level)
                 if level == 0:
                     self.nans[i] += torch.count_nonzero(torch.isnan(m))
-        self.pick(hist[:, :-1], width)
+        self.pick(hist[:, : 1 << width], width)
 
     def count(self, hist: Tensor, bits: Tensor, i: int, shift: int, width: int, level: int) -> None:
         """Add one chunk of vector i to the histogram of the digit at `shift`; entries that do not
-        match the digits found so far go to the extra last bin."""
+        match the digits found so far go to the DISCARD bins after it."""
         import torch
 
         digit = (bits >> shift) & ((1 << width) - 1)
-        if level:
-            digit = torch.where((bits >> (shift + width)) == self.prefix[i], digit, 1 << width)
+        if level:  # most entries match no longer: spread them over DISCARD bins, not one (atomic adds)
+            digit = torch.where((bits >> (shift + width)) == self.prefix[i], digit, (1 << width) + (bits & DISCARD - 1))
         hist.index_add_(0, digit, self.one.expand(digit.numel()))  # no sync, unlike bincount on CUDA
 
     def pick(self, hist: Tensor, width: int) -> None:
@@ -347,7 +349,7 @@ TIES = Method(
         masks=1,
         prepare_words=3,
         prepare_masks=1,
-        fixed_per_model=8 * ((1 << 16) + 1) + 512,  # kth_largest's histogram of int64 counts, rounded up
-        settle_per_model=3 * (8 * ((1 << 16) + 1) + 512),  # that, flipped, and its cumulative sums
+        fixed_per_model=8 * ((1 << 16) + DISCARD) + 512,  # kth_largest's histogram of int64 counts, rounded up
+        settle_per_model=3 * (8 * ((1 << 16) + DISCARD) + 512),  # that, flipped, and its cumulative sums
     ),
 )
