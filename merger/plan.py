@@ -24,6 +24,8 @@ from merger import device as merger_device
 from merger.errors import ModelError, RecipeError
 from merger.files import SUPPORT_LIMIT
 from merger.hub import Hub
+from merger.layers import LayerStack, find_stack
+from merger.methods import Params, TensorContext, tensor_seed
 from merger.recipe import DTYPE_CODE, MergeSpec
 from merger.sources import (
     CARD_NAME,
@@ -33,6 +35,7 @@ from merger.sources import (
     SUPPORT_JSON,
     TOKENIZER_FILES,
     LocalModel,
+    TensorInfo,
     is_hub_id,
     open_local,
     read_config,
@@ -43,9 +46,29 @@ OUTPUT = "output"  # the role of a staged tensor's output among its pinned block
 FLAGS = 16  # bytes of the finiteness counts CudaStages copies back per slot (two int64)
 
 
-def _slots(blocks: dict[Path | str, int]) -> int:
+def _slots(blocks: dict[int | str, int]) -> int:
     """Pinned bytes of CudaStages' two staging slots of `blocks` (by role) and of the flags."""
     return 2 * (sum(blocks.values()) + budget.pinned_block(FLAGS)) if blocks else 0
+
+
+Key = tuple[Path, str]  # an input tensor: its model's path, and its name there (Source.key)
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """One input tensor of an output tensor: a model, and the tensor's name there."""
+
+    model: LocalModel
+    name: str
+
+    @property
+    def key(self) -> Key:
+        """What the engine keys its views by: a model may supply two tensors to one output tensor."""
+        return self.model.path, self.name
+
+    @property
+    def info(self) -> TensorInfo:
+        return self.model.tensors[self.name]
 
 
 @dataclass(frozen=True)
@@ -55,10 +78,37 @@ class OutTensor:
     dtype: str  # safetensors code of the output
     merged: bool  # float: merged by the method; otherwise copied after checking all inputs agree
     nbytes: int
+    # What the plan resolved for this tensor; the engine reads these and looks no name up itself.
+    # Merged: one source per ingredient, in ingredient order, and the base's where the method reads it;
+    # copied: every model's, the first the one copied, the others checked against it.
+    sources: tuple[Source, ...] = field(default=(), compare=False, repr=False)
+    base: Source | None = field(default=None, compare=False, repr=False)
+    models: tuple[Params, ...] = field(default=(), compare=False, repr=False)  # per ingredient
+    params: Params | None = field(default=None, compare=False, repr=False)  # method-wide
+    layer: int | None = None  # in the output (merger.layers); None outside the layers
+    seed: int = field(default=0, compare=False, repr=False)  # methods.tensor_seed
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def readers(self) -> tuple[Source, ...]:
+        """The input tensors read for this one, in order: the sources, then the base (a model listed
+        twice is read twice here; `distinct` reads it once)."""
+        return self.sources + ((self.base,) if self.base is not None else ())
+
+    @property
+    def distinct(self) -> tuple[Source, ...]:
+        """readers, each input tensor once (the engine's views, and its staging roles by position)."""
+        first: dict[Key, Source] = {}
+        for s in self.readers:
+            first.setdefault(s.key, s)
+        return tuple(first.values())
+
+    @property
+    def context(self) -> TensorContext:
+        return TensorContext(self.name, self.layer, self.seed)
 
 
 @dataclass(frozen=True)
@@ -129,22 +179,15 @@ class Plan:
             out.setdefault(m.path, m)
         return list(out.values())
 
-    def readers_of(self, t: OutTensor) -> list[LocalModel]:
-        """The models whose copy of `t` is read: float tensors need the ingredients (and the base for
-        task-vector methods); other tensors are checked across every model."""
-        if not t.merged:
-            return self.models
-        return self.inputs + ([self.base] if self.spec.method.needs_base else [])
-
     @property
     def estimate(self) -> merger_device.Estimate:
         """The figures that decide between the CPU and the GPU (merger.device)."""
         merged = [t for t in self.tensors if t.merged]
         method = self.spec.method
-        models = {m.tensors[t.name].dtype for t in merged for m in self.readers_of(t)}
+        models = {s.info.dtype for t in merged for s in t.readers}
         fused = method.fused is not None and self.compute_dtype == "float32" and len(models) <= 1
         return merger_device.Estimate(
-            entries=sum(t.numel * len(self.readers_of(t)) for t in merged),
+            entries=sum(t.numel * len(t.readers) for t in merged),
             cpu_ns=method.cpu_ns,
             fused=fused,
             bytes_read=self.bytes_read,
@@ -154,7 +197,7 @@ class Plan:
 
     def stored_bytes(self, t: OutTensor) -> int:
         """Bytes of t read from the inputs, as stored: every reader's copy."""
-        return sum(m.tensors[t.name].nbytes for m in self.readers_of(t))
+        return sum(s.info.nbytes for s in t.readers)
 
     def files_used(self) -> list[tuple[LocalModel, list[str]]]:
         """Each model the merge reads files of, with those files' names: its weights, and the support
@@ -185,11 +228,11 @@ class Plan:
         names: dict[Path, set[str]] = {}
         chosen = self.shards if shards is None else [self.shards[i] for i in shards]
         for i, t in enumerate(t for s in chosen for t in s.tensors):
-            for m in self.readers_of(t):
-                f = m.tensors[t.name].file
+            for s in t.readers:
+                f = s.info.file
                 first.setdefault(f, i)
                 last[f] = i
-                names.setdefault(f, set()).add(t.name)
+                names.setdefault(f, set()).add(s.name)
         return {f: FileUse(first[f], last[f], frozenset(names[f])) for f in first}
 
     @property
@@ -200,12 +243,10 @@ class Plan:
     def bytes_written(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
-    def staging_blocks(self, t: OutTensor) -> dict[Path | str, int]:
-        """The pinned blocks one slot of CudaStages' staging takes for t, by role (each input model's
-        path, and OUTPUT): its bytes there, rounded up as torch's pinned allocator does."""
-        blocks: dict[Path | str, int] = {
-            m.path: budget.pinned_block(m.tensors[t.name].nbytes) for m in self.readers_of(t)
-        }
+    def staging_blocks(self, t: OutTensor) -> dict[int | str, int]:
+        """The pinned blocks one slot of CudaStages' staging takes for t, by role (each input's place
+        among t.distinct, and OUTPUT): its bytes there, rounded up as torch's pinned allocator does."""
+        blocks: dict[int | str, int] = {i: budget.pinned_block(s.info.nbytes) for i, s in enumerate(t.distinct)}
         blocks[OUTPUT] = budget.pinned_block(t.nbytes)
         return blocks
 
@@ -214,11 +255,11 @@ class Plan:
         merge's finiteness flags."""
         return _slots(self.staging_blocks(t))
 
-    def staging_sizes(self, whole: Callable[[OutTensor], bool]) -> dict[Path | str, int]:
+    def staging_sizes(self, whole: Callable[[OutTensor], bool]) -> dict[int | str, int]:
         """By role (staging_blocks), the largest block of the tensors staged whole (`whole`): CudaStages
         sizes each staging buffer so from the start, since one that grew would leave its outgrown block
         pinned (torch's allocator keeps it for a request of its size)."""
-        sizes: dict[Path | str, int] = {}
+        sizes: dict[int | str, int] = {}
         for t in self.tensors:
             if t.merged and whole(t):
                 for role, block in self.staging_blocks(t).items():
@@ -239,9 +280,9 @@ class Plan:
     def _gpu_terms(self, t: OutTensor, whole: bool) -> tuple[list[tuple[int, int]], int]:
         """gpu_bytes as ([(bytes per entry, bytes whatever the size)] for fn, and for prepare if any;
         how many tensor-sized buffers)."""
-        method, csize, models = self.spec.method, np.dtype(self.compute_dtype).itemsize, len(self.inputs)
+        method, csize, models = self.spec.method, np.dtype(self.compute_dtype).itemsize, len(t.sources)
         footprint = method.gpu
-        stored = [DTYPES[m.tensors[t.name].dtype] for m in {m.path: m for m in self.readers_of(t)}.values()]
+        stored = [DTYPES[s.info.dtype] for s in t.distinct]
         cast = [size for name, size, _ in stored if name != self.compute_dtype]  # converted on the GPU
         if whole:
             engine = len(cast) * csize + 2 * sum(size for _, size, _ in stored)
@@ -269,7 +310,7 @@ class Plan:
         """The most pinned_bytes(t) of a tensor staged whole within `pinned` bytes: the largest need such
         that the staging buffers of every tensor needing no more (staging_sizes) fit."""
         if pinned not in self._pinned_caps:
-            sizes: dict[Path | str, int] = {}
+            sizes: dict[int | str, int] = {}
             cap = 0
             merged = sorted((t for t in self.tensors if t.merged), key=self.pinned_bytes)
             for need, same in itertools.groupby(merged, key=self.pinned_bytes):
@@ -322,10 +363,10 @@ class Plan:
             else:  # output buffers of a piece each
                 numel = t.numel
                 host = raw + depth * min(numel, budget.PIECE) * DTYPES[t.dtype][1]
-                host += min(numel, budget.CHUNK) * csize * (len(self.readers_of(t)) + 8)
+                host += min(numel, budget.CHUNK) * csize * (len(t.readers) + 8)
                 if self.spec.method.prepare is not None:  # the trim's gathered band: a few % of the entries
                     gathered = numel // 20 + system.default_threads() * budget.CHUNK
-                    host += gathered * 12 * len(self.inputs)
+                    host += gathered * 12 * len(t.sources)
             worst = max(worst, host)
         return worst + self.peak_pinned_memory
 
@@ -351,13 +392,13 @@ class Plan:
 
     def _piece_pinned(self, pieced: list[OutTensor], piece: Callable[[OutTensor], int]) -> int:
         """Pinned bytes of stream.PieceCopies' buffers for the tensors `pieced`: two for each input (by
-        its place among the models, and the base) and for the result, each of which may keep a block of
+        its place among the sources, and the base) and for the result, each of which may keep a block of
         every power of two it grew through, for a full piece or a tensor's last, shorter one."""
-        roles = dict(enumerate(self.inputs)) | ({"b": self.base} if self.spec.method.needs_base and self.base else {})
         classes: dict[object, set[int]] = {}
         for t in pieced:
             p = piece(t)
-            sizes = {role: DTYPES[m.tensors[t.name].dtype][1] for role, m in roles.items()}
+            roles: dict[object, Source] = dict(enumerate(t.sources)) | ({"b": t.base} if t.base else {})
+            sizes = {role: DTYPES[s.info.dtype][1] for role, s in roles.items()}
             for role, size in (sizes | {"result": DTYPES[t.dtype][1]}).items():
                 classes.setdefault(role, set()).update(budget.pinned_block(n * size) for n in {p, t.numel % p} - {0})
         return 2 * sum(sum(c) for c in classes.values())
@@ -436,12 +477,7 @@ def build_plan(
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
 
-    out_code = DTYPE_CODE.get(recipe.out_dtype or recipe.dtype or "")
-    tensors = []
-    for name in sorted(reference.tensors, key=natural_key):
-        info = reference.tensors[name]
-        code = (out_code or info.dtype) if info.is_float else info.dtype
-        tensors.append(OutTensor(name, info.shape, code, info.is_float, info.numel * DTYPES[code][1]))
+    tensors = _whole_models(spec, base, inputs, reference)
     size = shard_size or int(recipe.output.shard_size)
     plan = Plan(
         spec=spec,
@@ -463,6 +499,47 @@ def build_plan(
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
     return plan
+
+
+def _whole_models(spec: MergeSpec, base: LocalModel | None, inputs: list[LocalModel], reference: LocalModel):
+    """The output tensors of a `models:` recipe, in natural name order: each the same tensor of every
+    input, with the ingredients' parameters; the layers where the reference has them."""
+    everyone = list({m.path: m for m in ([base] if base else []) + inputs}.values())  # the reference first
+    stack = find_stack(reference.tensors)
+    models = tuple(g.params for g in spec.ingredients)
+    tensors = []
+    for name in sorted(reference.tensors, key=natural_key):
+        if reference.tensors[name].is_float:
+            sources = tuple(Source(m, name) for m in inputs)
+            b = Source(base, name) if spec.method.needs_base and base else None
+        else:  # copied from the reference once every model agrees
+            sources, b = tuple(Source(m, name) for m in everyone), None
+        like = reference.tensors[name]
+        tensors.append(_out_tensor(spec, name, like, sources, b, models, spec.params, _layer(stack, name)))
+    return tensors
+
+
+def _layer(stack: LayerStack | None, name: str) -> int | None:
+    return stack.index(name) if stack is not None else None
+
+
+def _out_tensor(
+    spec: MergeSpec,
+    name: str,
+    like: TensorInfo,
+    sources: tuple[Source, ...],
+    base: Source | None,
+    models: tuple[Params, ...],
+    params: Params,
+    layer: int | None,
+) -> OutTensor:
+    """Output tensor `name` read from `sources` (and `base`): the shape of `like` (the reference's
+    tensor), and its dtype, or for a float tensor the recipe's output dtype if it names one."""
+    recipe, info = spec.recipe, like
+    code = (DTYPE_CODE.get(recipe.out_dtype or recipe.dtype or "") or info.dtype) if info.is_float else info.dtype
+    nbytes = info.numel * DTYPES[code][1]
+    seed = tensor_seed(spec.seed, name)
+    return OutTensor(name, info.shape, code, info.is_float, nbytes, sources, base, models, params, layer, seed)
 
 
 def _open_models(spec: MergeSpec, hub: Hub | None, opened: dict[str, LocalModel]):

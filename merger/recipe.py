@@ -176,6 +176,7 @@ class MergeSpec:
     base: str | None
     ingredients: list[Ingredient]
     tokenizer_source: str | None  # a model reference, None for the base (or first model)
+    seed: int = 0  # of every tensor's own (methods.tensor_seed), for methods that draw random numbers
 
     def where(self, *loc: str | int) -> str:
         return self.source.where(*loc)
