@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import re
 import struct
@@ -21,12 +20,11 @@ import numpy as np
 
 from merger import budget, system
 from merger import device as merger_device
+from merger.assemble import Assembler, OutTensor, Source
 from merger.errors import ModelError, RecipeError
 from merger.files import SUPPORT_LIMIT
 from merger.hub import Hub
-from merger.layers import LayerStack, find_stack
-from merger.methods import Params, TensorContext, tensor_seed
-from merger.recipe import DTYPE_CODE, MergeSpec
+from merger.recipe import MergeSpec
 from merger.sources import (
     CARD_NAME,
     DTYPES,
@@ -35,7 +33,6 @@ from merger.sources import (
     SUPPORT_JSON,
     TOKENIZER_FILES,
     LocalModel,
-    TensorInfo,
     is_hub_id,
     open_local,
     read_config,
@@ -49,66 +46,6 @@ FLAGS = 16  # bytes of the finiteness counts CudaStages copies back per slot (tw
 def _slots(blocks: dict[int | str, int]) -> int:
     """Pinned bytes of CudaStages' two staging slots of `blocks` (by role) and of the flags."""
     return 2 * (sum(blocks.values()) + budget.pinned_block(FLAGS)) if blocks else 0
-
-
-Key = tuple[Path, str]  # an input tensor: its model's path, and its name there (Source.key)
-
-
-@dataclass(frozen=True, eq=False)
-class Source:
-    """One input tensor of an output tensor: a model, and the tensor's name there."""
-
-    model: LocalModel
-    name: str
-
-    @property
-    def key(self) -> Key:
-        """What the engine keys its views by: a model may supply two tensors to one output tensor."""
-        return self.model.path, self.name
-
-    @property
-    def info(self) -> TensorInfo:
-        return self.model.tensors[self.name]
-
-
-@dataclass(frozen=True)
-class OutTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors code of the output
-    merged: bool  # float: merged by the method; otherwise copied after checking all inputs agree
-    nbytes: int
-    # What the plan resolved for this tensor; the engine reads these and looks no name up itself.
-    # Merged: one source per ingredient, in ingredient order, and the base's where the method reads it;
-    # copied: every model's, the first the one copied, the others checked against it.
-    sources: tuple[Source, ...] = field(default=(), compare=False, repr=False)
-    base: Source | None = field(default=None, compare=False, repr=False)
-    models: tuple[Params, ...] = field(default=(), compare=False, repr=False)  # per ingredient
-    params: Params | None = field(default=None, compare=False, repr=False)  # method-wide
-    layer: int | None = None  # in the output (merger.layers); None outside the layers
-    seed: int = field(default=0, compare=False, repr=False)  # methods.tensor_seed
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def readers(self) -> tuple[Source, ...]:
-        """The input tensors read for this one, in order: the sources, then the base (a model listed
-        twice is read twice here; `distinct` reads it once)."""
-        return self.sources + ((self.base,) if self.base is not None else ())
-
-    @property
-    def distinct(self) -> tuple[Source, ...]:
-        """readers, each input tensor once (the engine's views, and its staging roles by position)."""
-        first: dict[Key, Source] = {}
-        for s in self.readers:
-            first.setdefault(s.key, s)
-        return tuple(first.values())
-
-    @property
-    def context(self) -> TensorContext:
-        return TensorContext(self.name, self.layer, self.seed)
 
 
 @dataclass(frozen=True)
@@ -165,6 +102,8 @@ class Plan:
     device: str  # "cpu" or "cuda"
     compute_dtype: str  # "float32" or "float64"
     device_reason: str = ""  # why that device (merger.device.choose)
+    layers: int | None = None  # the reference's layers (merger.layers), None without any
+    layer_origins: list[int] = field(default_factory=list)  # per output layer, the layer it was made from
     _pinned_caps: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -460,24 +399,25 @@ def build_plan(
     (for Hub models, `hub` reads the headers remotely and downloads nothing but the index). `opened`:
     models already opened, by reference (a search planning many merges of the same models)."""
     recipe = spec.recipe
-    base, inputs, tok, where_of = _open_models(spec, hub, dict(opened or {}))
-    reference = base or inputs[0]
+    base, inputs, tok, where_of, opened = _open_models(spec, hub, dict(opened or {}))
+    reference = base or (inputs[0] if spec.slices is None else opened[spec.slices[0].inputs[0].ref])
     try:
         read_config(reference)  # copied into the output at the end: a broken one fails now, not then
     except ModelError as e:
         raise RecipeError([f"{where_of[reference.path]}: {e}"]) from None
-    # Every model must hold the reference's tensors, with the same shapes (and for non-float tensors,
-    # the same dtype, since they are copied rather than merged).
+    # In a models: recipe every model must hold the reference's tensors, with the same shapes (and for
+    # non-float tensors, the same dtype, since they are copied rather than merged); slices are checked
+    # tensor by tensor (merger.assemble).
     problems = []
     checked = {reference.path}
-    for model in ([base] if base else []) + inputs:
+    for model in ([base] if base else []) + inputs if spec.slices is None else []:
         if model.path not in checked:
             checked.add(model.path)
             problems += _compare(reference, model, where_of[model.path])
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
-
-    tensors = _whole_models(spec, base, inputs, reference)
+    assembly = Assembler(spec, opened, reference).assemble()
+    tensors = sorted(assembly.tensors, key=lambda t: natural_key(t.name))
     size = shard_size or int(recipe.output.shard_size)
     plan = Plan(
         spec=spec,
@@ -489,6 +429,8 @@ def build_plan(
         shard_size=size,
         device="cpu",
         compute_dtype=recipe.compute_dtype,
+        layers=assembly.stack.count if assembly.stack else None,
+        layer_origins=assembly.origins,
     )
     plan.device, plan.device_reason = resolve_device(plan, device or recipe.device)
     for model in plan.models + [plan.tokenizer_from]:
@@ -501,69 +443,26 @@ def build_plan(
     return plan
 
 
-def _whole_models(spec: MergeSpec, base: LocalModel | None, inputs: list[LocalModel], reference: LocalModel):
-    """The output tensors of a `models:` recipe, in natural name order: each the same tensor of every
-    input, with the ingredients' parameters; the layers where the reference has them."""
-    everyone = list({m.path: m for m in ([base] if base else []) + inputs}.values())  # the reference first
-    stack = find_stack(reference.tensors)
-    models = tuple(g.params for g in spec.ingredients)
-    tensors = []
-    for name in sorted(reference.tensors, key=natural_key):
-        if reference.tensors[name].is_float:
-            sources = tuple(Source(m, name) for m in inputs)
-            b = Source(base, name) if spec.method.needs_base and base else None
-        else:  # copied from the reference once every model agrees
-            sources, b = tuple(Source(m, name) for m in everyone), None
-        like = reference.tensors[name]
-        tensors.append(_out_tensor(spec, name, like, sources, b, models, spec.params, _layer(stack, name)))
-    return tensors
-
-
-def _layer(stack: LayerStack | None, name: str) -> int | None:
-    return stack.index(name) if stack is not None else None
-
-
-def _out_tensor(
-    spec: MergeSpec,
-    name: str,
-    like: TensorInfo,
-    sources: tuple[Source, ...],
-    base: Source | None,
-    models: tuple[Params, ...],
-    params: Params,
-    layer: int | None,
-) -> OutTensor:
-    """Output tensor `name` read from `sources` (and `base`): the shape of `like` (the reference's
-    tensor), and its dtype, or for a float tensor the recipe's output dtype if it names one."""
-    recipe, info = spec.recipe, like
-    code = (DTYPE_CODE.get(recipe.out_dtype or recipe.dtype or "") or info.dtype) if info.is_float else info.dtype
-    nbytes = info.numel * DTYPES[code][1]
-    seed = tensor_seed(spec.seed, name)
-    return OutTensor(name, info.shape, code, info.is_float, nbytes, sources, base, models, params, layer, seed)
-
-
 def _open_models(spec: MergeSpec, hub: Hub | None, opened: dict[str, LocalModel]):
-    """(base, inputs, tokenizer source, model path -> where the recipe first names it), or RecipeError
-    listing every model that cannot be opened."""
+    """(base, inputs, tokenizer source, model path -> where the recipe first names it, every model by
+    reference), or RecipeError listing every model that cannot be opened."""
     problems: list[str] = []
     where_of: dict[Path, str] = {}
-
-    def open_at(ref: str, *loc: str | int) -> LocalModel | None:
+    for ref, loc in spec.references() + (
+        [(spec.tokenizer_source, ("tokenizer_source",))] if spec.tokenizer_source else []
+    ):
         if ref not in opened:
             try:
                 opened[ref] = open_model(ref, hub)
             except ModelError as e:
                 problems.append(f"{spec.where(*loc)}: {e}")
-                return None
+                continue
         where_of.setdefault(opened[ref].path, spec.where(*loc))
-        return opened[ref]
-
-    base = open_at(spec.base, "base_model") if spec.base else None
-    inputs = [open_at(g.ref, "models", g.index, "model") for g in spec.ingredients]
-    tok = open_at(spec.tokenizer_source, "tokenizer_source") if spec.tokenizer_source else None
     if problems:
-        raise RecipeError(problems)
-    return base, inputs, tok, where_of
+        raise RecipeError(list(dict.fromkeys(problems)))
+    base = opened[spec.base] if spec.base else None
+    tok = opened[spec.tokenizer_source] if spec.tokenizer_source else None
+    return base, [opened[g.ref] for g in spec.ingredients], tok, where_of, opened
 
 
 def check_support_files(plan: Plan, model: LocalModel, fetched: bool = False) -> None:

@@ -34,10 +34,11 @@ import numpy as np
 from tqdm import tqdm
 
 from merger import budget, system
+from merger.assemble import Key
 from merger.errors import MergeError, NaNTaskVector, OutOfMemory
 from merger.files import fsync_file, start_writeback
 from merger.methods.base import MergeRange
-from merger.plan import OUTPUT, Key, OutTensor, Plan, Shard, shard_header
+from merger.plan import OUTPUT, OutTensor, Plan, Shard, shard_header
 from merger.sources import DTYPES, Confined, FileSource, MappedReader, to_torch
 
 if TYPE_CHECKING:
