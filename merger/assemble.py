@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from merger import settings
 from merger.errors import RecipeError
-from merger.layers import LayerStack, find_stack
+from merger.layers import LayerStack, find_stack, natural_key
 from merger.methods import Params, TensorContext, tensor_seed
 from merger.recipe import DTYPE_CODE, MergeSpec, Slice, SliceInput
 from merger.sources import DTYPES, LocalModel, TensorInfo
@@ -106,6 +106,7 @@ class Assembler:
         self.stacks = {m.path: find_stack(m.tensors) for m in [*models.values(), reference]}
         self._params: dict[tuple, Params] = {}  # resolved values -> their (validated) parameter object
         self._checked: set[tuple] = set()
+        self._failed: set[tuple] = set()  # slices whose parameters failed the method's check
         self.problems: list[str] = []
 
     def assemble(self) -> Assembly:
@@ -169,7 +170,7 @@ class Assembler:
         out = []
         for i in range(part.count):
             t = i / (part.count - 1) if part.count > 1 else 1.0  # mergekit's place of a layer in its slice
-            for name in [n for n in model.tensors if stack.index(n) == anchor.start + i]:
+            for name in sorted((n for n in model.tensors if stack.index(n) == anchor.start + i), key=natural_key):
                 out_name = stack.renamed(name, first + i)
                 out.append(self._tensor(part, out_name, name, t, layer=(i, stack)))
         return out
@@ -235,12 +236,14 @@ class Assembler:
         return True
 
     def _check_params(self, part: Slice, name: str, models: tuple[Params, ...], params: Params | None) -> None:
-        """Method.check over parameters resolved per tensor, once for each combination."""
+        """Method.check over parameters resolved per tensor, once for each combination; a slice's first
+        problem only (a gradient that fails at one layer likely fails at many)."""
         check = self.spec.method.check
-        if check is not None and (models, params) not in self._checked:
+        if check is not None and (models, params) not in self._checked and part.loc not in self._failed:
             self._checked.add((models, params))
             msg = check(models, params)
             if msg:
+                self._failed.add(part.loc)
                 self.problems.append(f"{self.spec.where(*part.loc)}: tensor '{name}': {msg}")
 
     def _model_params(self, part: Slice, e: SliceInput, name: str, t: float) -> Params:

@@ -38,6 +38,11 @@ class LayerStack:
         return f"{self.prefix}.{index}{m.group(3)}"
 
 
+def natural_key(name: str) -> list:
+    """'layers.10' after 'layers.9': output shards then follow the model's layer order."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def find_stack(names: Iterable[str]) -> LayerStack | None:
     """The layer stack of a checkpoint with these tensor names: the prefix of a first numeric
     component with the most distinct indices (ties: the most tensors, then the first name in order);

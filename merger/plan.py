@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import struct
 import sys
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from merger.assemble import Assembler, OutTensor, Source
 from merger.errors import ModelError, RecipeError
 from merger.files import SUPPORT_LIMIT
 from merger.hub import Hub
+from merger.layers import natural_key
 from merger.recipe import MergeSpec
 from merger.sources import (
     CARD_NAME,
@@ -355,11 +355,6 @@ class Plan:
             return (lambda t: True), (lambda t: t.numel)
         gpu, pinned = budget.gpu_budget(), budget.pinned_budget()
         return (lambda t: self.merges_whole(t, gpu, pinned)), (lambda t: self.gpu_piece(t, gpu))
-
-
-def natural_key(name: str) -> list:
-    """'layers.10' after 'layers.9': output shards then follow the model's layer order."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 def cuda_available() -> bool:
