@@ -274,3 +274,64 @@ class Assembler:
 
 def layer_of(stack: LayerStack | None, name: str) -> int | None:
     return stack.index(name) if stack is not None else None
+
+
+def tensor_record(t: OutTensor) -> dict:
+    """What `merger plan --json` says of one output tensor: where it comes from, with which parameters."""
+    return {
+        "name": t.name,
+        "layer": t.layer,
+        "sources": [[s.model.ref, s.name] for s in t.sources],
+        "base": [t.base.model.ref, t.base.name] if t.base else None,
+        "model_parameters": [m.model_dump(mode="json", by_alias=True) for m in t.models],
+        "parameters": t.params.model_dump(mode="json", by_alias=True) if t.params else None,
+    }
+
+
+def layer_rows(tensors: list[OutTensor]) -> list[tuple[str, str, str]]:
+    """`merger plan`'s table of a recipe with slices, gradients or filters: per output layer (then per
+    tensor outside the layers), (what, its inputs, its parameters). Inputs as model[layer]; a parameter
+    that differs between the layer's tensors (filters) as its range."""
+    stacks: dict[Path, LayerStack | None] = {}
+
+    def where(s: Source) -> str:
+        if s.model.path not in stacks:
+            stacks[s.model.path] = find_stack(s.model.tensors)
+        layer = layer_of(stacks[s.model.path], s.name)
+        return f"{s.model.ref}[{layer}]" if layer is not None else f"{s.model.ref}"
+
+    groups: dict[object, list[OutTensor]] = {}
+    for t in tensors:
+        if t.merged:
+            groups.setdefault(t.layer if t.layer is not None else t.name, []).append(t)
+    rows = []
+    for key, members in groups.items():
+        first = members[0]
+        inputs = " + ".join(where(s) for s in first.sources) + (f" onto {where(first.base)}" if first.base else "")
+        values: list[str] = []
+        for i, s in enumerate(first.sources):
+            shown = _values([t.models[i] for t in members])
+            values += [f"{s.model.ref}: {shown}"] if shown else []
+        wide = _values([t.params for t in members if t.params is not None])
+        rows.append(
+            (f"layer {key}" if isinstance(key, int) else str(key), inputs, "; ".join(values + [wide] * bool(wide)))
+        )
+    return rows
+
+
+def _values(params: list[Params]) -> str:
+    """Parameter objects' values, key by key: one value, or the range the objects span."""
+    out = []
+    for key in params[0].model_dump(by_alias=True) if params else []:
+        seen = sorted({p.model_dump(by_alias=True)[key] for p in params}, key=str)
+        if len(seen) == 1:
+            out.append(f"{key} {_number(seen[0])}")
+        elif all(isinstance(v, int | float) for v in seen):
+            out.append(f"{key} {_number(min(seen))}..{_number(max(seen))}")
+        else:
+            out.append(f"{key} {'/'.join(map(str, seen))}")
+    return ", ".join(out)
+
+
+def _number(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)

@@ -82,12 +82,13 @@ def shard_header(tensors: Iterable[OutTensor]) -> bytes:
 
 @dataclass(frozen=True)
 class FileUse:
-    """Which tensors the merge reads from an input file, and the first and last of them in write order
-    (indices into Plan.tensors)."""
+    """Which tensors the merge reads from an input file, and how many times each (an overlapping slice
+    reads a layer twice; a model listed twice is read twice), and the first and last output tensors
+    reading it in write order (indices into Plan.tensors)."""
 
     first: int
     last: int
-    names: frozenset[str]
+    reads: dict[str, int]
 
 
 @dataclass
@@ -164,15 +165,16 @@ class Plan:
         what fetching Hub shards just in time, and dropping them after their last tensor, relies on."""
         first: dict[Path, int] = {}
         last: dict[Path, int] = {}
-        names: dict[Path, set[str]] = {}
+        reads: dict[Path, dict[str, int]] = {}
         chosen = self.shards if shards is None else [self.shards[i] for i in shards]
         for i, t in enumerate(t for s in chosen for t in s.tensors):
-            for s in t.readers:
+            for s in t.readers:  # each released once after its tensor (stream.Merger.release)
                 f = s.info.file
                 first.setdefault(f, i)
                 last[f] = i
-                names.setdefault(f, set()).add(s.name)
-        return {f: FileUse(first[f], last[f], frozenset(names[f])) for f in first}
+                reads.setdefault(f, {})
+                reads[f][s.name] = reads[f].get(s.name, 0) + 1
+        return {f: FileUse(first[f], last[f], reads[f]) for f in first}
 
     @property
     def bytes_read(self) -> int:

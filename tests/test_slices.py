@@ -200,3 +200,33 @@ slices:
         want = base[f"layers.{b}.w"].double() + 0.5 * (ft[f"layers.{f}.w"].double() - base[f"layers.{b}.w"].double())
         torch.testing.assert_close(got[f"layers.{k}.w"], want.float())
     assert set(got) == {"layers.0.w", "layers.1.w", "embed.weight"}
+
+
+def test_plan_shows_each_output_layers_inputs_and_parameters(toys):
+    from pathlib import Path
+
+    Path("r.yaml").write_text(
+        "merge_method: linear\nslices:\n"
+        "  - sources:\n"
+        "      - {model: four, layer_range: [1, 3], parameters: {weight: [1, 3]}}\n"
+        "      - {model: two, layer_range: [0, 2]}\n"
+        "  - sources: [{model: four, layer_range: [3, 4]}, {model: two, layer_range: [1, 2]}]\n"
+        "    parameters: {normalize: false}\n"
+    )
+    text = CliRunner().invoke(cli, ["plan", "r.yaml"]).output
+    assert text.split("  merged from:\n")[1] == (
+        "    embed.weight  four + two        four: weight 1; two: weight 1; normalize true\n"
+        "    layer 0       four[1] + two[0]  four: weight 1; two: weight 1; normalize true\n"
+        "    layer 1       four[2] + two[1]  four: weight 3; two: weight 1; normalize true\n"
+        "    layer 2       four[3] + two[1]  four: weight 1; two: weight 1; normalize false\n"
+    )
+    info = json.loads(CliRunner().invoke(cli, ["plan", "r.yaml", "--json"]).stdout)
+    assert info["layers"] == 3 and len(info["tensor_sources"]) == info["tensors"] == 4
+    assert info["tensor_sources"][2] == {
+        "name": "layers.1.w",
+        "layer": 1,
+        "sources": [["four", "layers.2.w"], ["two", "layers.1.w"]],
+        "base": None,
+        "model_parameters": [{"weight": 3.0}, {"weight": 1.0}],
+        "parameters": {"normalize": True},
+    }
