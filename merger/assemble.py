@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,7 @@ class Assembler:
         self._params: dict[tuple, Params] = {}  # resolved values -> their (validated) parameter object
         self._checked: set[tuple] = set()
         self._failed: set[tuple] = set()  # slices whose parameters failed the method's check
+        self._by_layer: dict[Path, dict[int, list[str]]] = {}  # _names
         self.problems: list[str] = []
 
     def assemble(self) -> Assembly:
@@ -142,9 +144,8 @@ class Assembler:
         for e in (part.base, *part.inputs):
             if e is not None and self.models[e.ref].path == self.reference.path:
                 return e
-        if self.spec.slices is None:
-            count = part.count
-            return SliceInput(self.spec.base or part.inputs[0].ref, 0, count, {}, ("base_model",))
+        if self.spec.slices is None and self.spec.base:  # the base of a method that does not merge it
+            return SliceInput(self.spec.base, 0, part.count, {}, ("base_model",))
         return part.base or part.inputs[0]
 
     def _check_ranges(self, parts: list[Slice]) -> None:
@@ -170,10 +171,21 @@ class Assembler:
         out = []
         for i in range(part.count):
             t = i / (part.count - 1) if part.count > 1 else 1.0  # mergekit's place of a layer in its slice
-            for name in sorted((n for n in model.tensors if stack.index(n) == anchor.start + i), key=natural_key):
+            for name in self._names(model, stack).get(anchor.start + i, []):
                 out_name = stack.renamed(name, first + i)
                 out.append(self._tensor(part, out_name, name, t, layer=(i, stack)))
         return out
+
+    def _names(self, model: LocalModel, stack: LayerStack) -> dict[int, list[str]]:
+        """model's layer tensors by layer, each layer's in natural order (read once per model)."""
+        if model.path not in self._by_layer:
+            by_layer: dict[int, list[str]] = {}
+            for name in sorted(model.tensors, key=natural_key):
+                i = stack.index(name)
+                if i is not None:
+                    by_layer.setdefault(i, []).append(name)
+            self._by_layer[model.path] = by_layer
+        return self._by_layer[model.path]
 
     def _tensor(
         self, part: Slice, out_name: str, name: str, t: float, layer: tuple[int, LayerStack] | None = None
@@ -191,14 +203,7 @@ class Assembler:
         if like is None:
             self.problems.append(f"{spec.where(*part.loc)}: '{first.model.ref}' lacks tensor '{first.name}'")
             return None
-        if like.is_float:
-            sources = tuple(source(e) for e in part.inputs)
-            base = source(part.base) if part.base is not None else None
-        else:  # copied from the anchor once every model of the slice agrees
-            everyone = [anchor, *([part.base] if part.base else []), *part.inputs]
-            if spec.slices is None and spec.base:  # a models: recipe checks the base too, whatever the method
-                everyone.insert(1, SliceInput(spec.base, anchor.start, anchor.end, {}, ("base_model",)))
-            sources, base = tuple({s.key: s for s in map(source, everyone)}.values()), None
+        sources, base = self._sources(part, anchor, source, like.is_float)
         if not all([self._check(s, like, part) for s in (*sources, *([base] if base else []))]):
             return None
         models = (
@@ -215,6 +220,18 @@ class Assembler:
             out_name, like.shape, code, like.is_float, like.numel * DTYPES[code][1], sources, base, models, params,
             out_layer, tensor_seed(spec.seed, out_name),
         )  # fmt: skip
+
+    def _sources(
+        self, part: Slice, anchor: SliceInput, source: Callable[[SliceInput], Source], merged: bool
+    ) -> tuple[tuple[Source, ...], Source | None]:
+        """(sources, base) of a tensor: merged, the slice's inputs in order and its base; else every model
+        of the slice, the anchor first, from which the tensor is copied once every one agrees with it."""
+        if merged:
+            return tuple(map(source, part.inputs)), source(part.base) if part.base is not None else None
+        everyone = [anchor, *([part.base] if part.base else []), *part.inputs]
+        if self.spec.slices is None and self.spec.base:  # a models: recipe checks the base too, whatever the method
+            everyone.insert(1, SliceInput(self.spec.base, anchor.start, anchor.end, {}, ("base_model",)))
+        return tuple({s.key: s for s in map(source, everyone)}.values()), None
 
     def _check(self, s: Source, like: TensorInfo, part: Slice) -> bool:
         """Whether source s holds its tensor, of like's shape (and float, or of like's dtype); else a problem."""
