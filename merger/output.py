@@ -129,10 +129,12 @@ def write_card(plan: Plan, directory: Path, title: str, extra: str | None = None
         lines += [f"Base model: `{spec.base}`{_at_commit(plan.base)}", ""]
     lines += ["Models merged:", ""]
     for g, m in zip(spec.ingredients, plan.inputs):
-        shown = ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
+        shown = "" if spec.layered else ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
         lines.append(f"- `{g.ref}`{_at_commit(m)}" + (f" ({shown})" if shown else ""))
     method_params = ", ".join(f"{k}: {v}" for k, v in spec.params.model_dump(by_alias=True).items())
-    if method_params:
+    if spec.layered:  # slices, gradients or filters: no one value per model
+        lines += ["", "Layers and parameters per tensor: see the recipe below (`merger plan` shows each layer's)."]
+    elif method_params:
         lines += ["", f"Method parameters: {method_params}."]
     if extra:
         lines += ["", extra.strip()]

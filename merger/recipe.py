@@ -381,6 +381,8 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
             problems.append(f"{source.where('models')}: {method.name} needs at least one model besides the base model")
     if not problems and slices is None:
         problems += _beyond_range(recipe, ingredients, params, source)
+    if not problems:
+        problems += _listed_beyond_range(recipe, source)
     if not problems and method.check is not None:
         for models, loc in [(ingredients, ("parameters",))] if slices is None else _slice_checks(slices, method):
             msg = method.check([g.params for g in models], params)
@@ -623,6 +625,27 @@ def _beyond_range(recipe: Recipe, ingredients: list[Ingredient], params: Params,
             f"{source.where('parameters', 'normalize')}: the weights sum to {total:g}; normalising divides by it, "
             f"which is beyond {dtype}'s range: set normalize: false or change a weight"
         )
+    return problems
+
+
+def _listed_beyond_range(recipe: Recipe, source: RecipeSource) -> list[str]:
+    """The values of gradients and filters past the compute dtype's range, wherever parameters are given
+    (single values are checked with the weights they multiply, by _beyond_range)."""
+    largest = float(np.finfo(recipe.compute_dtype).max)
+    given: list[tuple[dict, tuple]] = [(recipe.parameters, ("parameters",))]
+    given += [(m.parameters, ("models", i, "parameters")) for i, m in enumerate(recipe.models or [])]
+    for i, s in enumerate(recipe.slices or []):
+        given += [(s.parameters, ("slices", i, "parameters"))]
+        given += [(src.parameters, ("slices", i, "sources", j, "parameters")) for j, src in enumerate(s.sources)]
+    problems = []
+    for values, loc in given:
+        for key, value in values.items():
+            for leaf, where in settings.leaves(value) if isinstance(value, list) else []:
+                if isinstance(leaf, int | float) and not isinstance(leaf, bool) and abs(leaf) > largest:
+                    problems.append(
+                        f"{source.where(*loc, key, *where)}: {leaf:g} is beyond {recipe.compute_dtype}'s range "
+                        f"({largest:.3g})"
+                    )
     return problems
 
 

@@ -60,6 +60,7 @@ def test_parameter_of_another_method(workdir):
         ("weight: 0.5", "weight: heavy", "recipe.yaml:10: models[1].parameters.weight: Input should be a valid number, unable to parse string as a number, got 'heavy'"),
         ("weight: 0.5", "weight: [0, heavy]", "recipe.yaml:10: models[1].parameters.weight: a list is either numbers (a gradient) or {filter, value} entries, not a mix"),
         ("weight: 0.5", "weight: [0, .inf]", "recipe.yaml:10: models[1].parameters.weight[1]: must be a finite number"),
+        ("weight: 0.5", "weight: [0, 1.0e+39]", "recipe.yaml:10: models[1].parameters.weight[1]: 1e+39 is beyond float32's range (3.4e+38)"),
         ("density: 0.5", "density: [{filter: mlp, value: [0.5, 2]}]", "recipe.yaml:7: models[0].parameters.density[0].value[1]: Input should be less than or equal to 1, got 2"),
         ("weight: 0.5", "normalize: false", "recipe.yaml:10: models[1].parameters.normalize: 'normalize' applies to the whole merge; put it under the top-level parameters"),
     ],

@@ -66,6 +66,7 @@ slices:
         assert torch.equal(got[name], value), name
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 8
+    assert "Layers and parameters per tensor: see the recipe below" in (out / "README.md").read_text()
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     oracle = transformers.LlamaForCausalLM(model.config).eval()
     oracle.load_state_dict(want)
