@@ -629,8 +629,9 @@ def _beyond_range(recipe: Recipe, ingredients: list[Ingredient], params: Params,
 
 
 def _listed_beyond_range(recipe: Recipe, source: RecipeSource) -> list[str]:
-    """The values of gradients and filters past the compute dtype's range, wherever parameters are given
-    (single values are checked with the weights they multiply, by _beyond_range)."""
+    """The values of gradients and filters past the compute dtype's range, wherever parameters are given;
+    with slices single values too (in a models: recipe _beyond_range checks those, with the weights
+    they multiply)."""
     largest = float(np.finfo(recipe.compute_dtype).max)
     given: list[tuple[dict, tuple]] = [(recipe.parameters, ("parameters",))]
     given += [(m.parameters, ("models", i, "parameters")) for i, m in enumerate(recipe.models or [])]
@@ -640,7 +641,7 @@ def _listed_beyond_range(recipe: Recipe, source: RecipeSource) -> list[str]:
     problems = []
     for values, loc in given:
         for key, value in values.items():
-            for leaf, where in settings.leaves(value) if isinstance(value, list) else []:
+            for leaf, where in settings.leaves(value) if isinstance(value, list) or recipe.slices else []:
                 if isinstance(leaf, int | float) and not isinstance(leaf, bool) and abs(leaf) > largest:
                     problems.append(
                         f"{source.where(*loc, key, *where)}: {leaf:g} is beyond {recipe.compute_dtype}'s range "

@@ -154,6 +154,8 @@ def toys(workdir):
          "recipe.yaml:3: slices[0].sources[0].layer_range: [2, 2] holds no layers; give [start, end] with 0 <= start < end (end not included)"),
         ("- sources: [{model: two, layer_range: [1, 3]}]",
          "recipe.yaml:3: slices[0].sources[0].layer_range: 'two' has 2 layers (0 to 1); [1, 3] goes past them"),
+        ("- sources: [{model: four, layer_range: [0, 2], parameters: {weight: -1.0e+39}}]",
+         "recipe.yaml:3: slices[0].sources[0].parameters.weight: -1e+39 is beyond float32's range (3.4e+38)"),
         ("- sources: [{model: four, layer_range: [0, 2], parameters: {normalize: false}}]",
          "recipe.yaml:3: slices[0].sources[0].parameters.normalize: 'normalize' applies to the whole merge; put it under the slice's or the top-level parameters"),
     ],
