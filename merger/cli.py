@@ -274,6 +274,7 @@ def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
 
 def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
     """What `merger plan --json` prints."""
+    from merger.assemble import tensor_record
     from merger.fetch import disk_needs
 
     todo = None
@@ -313,6 +314,9 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
     }  # fmt: skip
     if ev is not None:
         info["evaluation"] = ev.model_dump()
+    if p.spec.layered:  # every tensor's sources and parameters
+        info["layers"] = p.layers and len(p.layer_origins)
+        info["tensor_sources"] = [tensor_record(t) for t in p.tensors]
     return info
 
 
@@ -357,6 +361,20 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
         click.echo(f"  publish:      {hub.repo_id}{' (private)' if hub.private else ''}{where}")
     for s in info["shards"]:
         click.echo(f"    {s['file']}  {s['tensors']:>5} tensors  {_size(s['bytes'])}")
+    if p.spec.layered:
+        _show_layers(p)
+
+
+def _show_layers(p) -> None:
+    """Which inputs and parameter values each output layer gets (merger.assemble.layer_rows)."""
+    from merger.assemble import layer_rows
+
+    rows = layer_rows(p.tensors)
+    what = max(len(r[0]) for r in rows)
+    inputs = max(len(r[1]) for r in rows)
+    click.echo("  merged from:")
+    for name, sources, values in rows:
+        click.echo(f"    {name:<{what}}  {sources:<{inputs}}  {values}".rstrip())
 
 
 def _exists(resolved: Path | None) -> str:

@@ -52,7 +52,7 @@ class JustInTime:
             self._drop(f)
         fetched = {f for f, m in self._owner.items() if m.remote is not None and f in uses and not f.exists()}
         self._fetched = fetched | (earlier & set(uses))  # deleted after their last use
-        self._left = {f: set(uses[f].names) for f in self._fetched}
+        self._left = {f: dict(uses[f].reads) for f in self._fetched}  # reads still to come, by tensor
         self._checked: set[Path] = set()
         self._lock = threading.Lock()
         self._note()
@@ -72,8 +72,10 @@ class JustInTime:
         with self._lock:
             left = self._left.get(info.file)
             if not left or info.name not in left:
-                return False  # not ours, or told twice
-            left.discard(info.name)
+                return False  # not ours, or told more often than planned
+            left[info.name] -= 1
+            if not left[info.name]:
+                del left[info.name]
             return not left
 
     def release(self, file: Path) -> None:

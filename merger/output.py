@@ -68,11 +68,29 @@ def copy_support_files(plan: Plan, directory: Path) -> None:
             keys = [k for k in ("torch_dtype", "dtype") if k in data] or ["torch_dtype"]
             for k in keys:
                 data[k] = dtype
+        if plan.layers is not None and plan.layer_origins != list(range(plan.layers)):  # slices restacked them
+            restack_config(data, plan.layers, plan.layer_origins)
         (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     for model, names in ((plan.reference, MODEL_FILES), (plan.tokenizer_from, TOKENIZER_FILES)):
         for name in names:
             if model.folder.stat(name) is not None:
                 _copy(model, name, directory)
+
+
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # what configs call the count
+
+
+def restack_config(data: dict, layers: int, origins: list[int]) -> None:
+    """A config of `layers` layers as one of len(origins): the counts rewritten, and lists of one value
+    per layer (layer_types, ...) rebuilt from the layer each output layer was made from, in place; the
+    text_config of a multimodal model the same (its layers are the ones found by name)."""
+    for key, value in list(data.items()):
+        if key in LAYER_COUNTS and value == layers:
+            data[key] = len(origins)
+        elif isinstance(value, list) and len(value) == layers and key.startswith("layer"):
+            data[key] = [value[i] for i in origins]
+        elif key == "text_config" and isinstance(value, dict):
+            restack_config(value, layers, origins)
 
 
 def _copy(model: LocalModel, name: str, directory: Path) -> None:
@@ -111,10 +129,12 @@ def write_card(plan: Plan, directory: Path, title: str, extra: str | None = None
         lines += [f"Base model: `{spec.base}`{_at_commit(plan.base)}", ""]
     lines += ["Models merged:", ""]
     for g, m in zip(spec.ingredients, plan.inputs):
-        shown = ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
+        shown = "" if spec.layered else ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
         lines.append(f"- `{g.ref}`{_at_commit(m)}" + (f" ({shown})" if shown else ""))
     method_params = ", ".join(f"{k}: {v}" for k, v in spec.params.model_dump(by_alias=True).items())
-    if method_params:
+    if spec.layered:  # slices, gradients or filters: no one value per model
+        lines += ["", "Layers and parameters per tensor: see the recipe below (`merger plan` shows each layer's)."]
+    elif method_params:
         lines += ["", f"Method parameters: {method_params}."]
     if extra:
         lines += ["", extra.strip()]

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
-import re
 import struct
 import sys
 from collections.abc import Callable, Iterable
@@ -21,10 +19,12 @@ import numpy as np
 
 from merger import budget, system
 from merger import device as merger_device
+from merger.assemble import Assembler, OutTensor, Source
 from merger.errors import ModelError, RecipeError
 from merger.files import SUPPORT_LIMIT
 from merger.hub import Hub
-from merger.recipe import DTYPE_CODE, MergeSpec
+from merger.layers import natural_key
+from merger.recipe import MergeSpec
 from merger.sources import (
     CARD_NAME,
     DTYPES,
@@ -44,22 +44,9 @@ OUTPUT = "output"  # the role of a staged tensor's output among its pinned block
 FLAGS = 16  # bytes of the finiteness counts CudaStages copies back per slot (two int64)
 
 
-def _slots(blocks: dict[Path | str, int]) -> int:
+def _slots(blocks: dict[int | str, int]) -> int:
     """Pinned bytes of CudaStages' two staging slots of `blocks` (by role) and of the flags."""
     return 2 * (sum(blocks.values()) + budget.pinned_block(FLAGS)) if blocks else 0
-
-
-@dataclass(frozen=True)
-class OutTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors code of the output
-    merged: bool  # float: merged by the method; otherwise copied after checking all inputs agree
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -96,12 +83,13 @@ def shard_header(tensors: Iterable[OutTensor]) -> bytes:
 
 @dataclass(frozen=True)
 class FileUse:
-    """Which tensors the merge reads from an input file, and the first and last of them in write order
-    (indices into Plan.tensors)."""
+    """Which tensors the merge reads from an input file, and how many times each (an overlapping slice
+    reads a layer twice; a model listed twice is read twice), and the first and last output tensors
+    reading it in write order (indices into Plan.tensors)."""
 
     first: int
     last: int
-    names: frozenset[str]
+    reads: dict[str, int]
 
 
 @dataclass
@@ -116,6 +104,8 @@ class Plan:
     device: str  # "cpu" or "cuda"
     compute_dtype: str  # "float32" or "float64"
     device_reason: str = ""  # why that device (merger.device.choose)
+    layers: int | None = None  # the reference's layers (merger.layers), None without any
+    layer_origins: list[int] = field(default_factory=list)  # per output layer, the layer it was made from
     _pinned_caps: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -130,13 +120,6 @@ class Plan:
             out.setdefault(m.path, m)
         return list(out.values())
 
-    def readers_of(self, t: OutTensor) -> list[LocalModel]:
-        """The models whose copy of `t` is read: float tensors need the ingredients (and the base for
-        task-vector methods); other tensors are checked across every model."""
-        if not t.merged:
-            return self.models
-        return self.inputs + ([self.base] if self.spec.method.needs_base else [])
-
     @property
     def estimate(self) -> merger_device.Estimate:
         """The figures that decide between the CPU and the GPU (merger.device): each merged tensor's
@@ -145,7 +128,7 @@ class Plan:
         fused = eager = 0
         for t in self.tensors:
             if t.merged:
-                entries = t.numel * len(self.inputs)
+                entries = t.numel * len(t.sources)
                 if self._fusable(t):
                     fused += entries
                 else:
@@ -164,13 +147,13 @@ class Plan:
         numba aside): float32 compute, one stored dtype among the models, every dtype one it handles."""
         if self.spec.method.fused is None or self.compute_dtype != "float32":
             return False
-        models = {m.tensors[t.name].dtype for m in self.inputs}
-        codes = models | {m.tensors[t.name].dtype for m in self.readers_of(t)} | {t.dtype}
+        models = {s.info.dtype for s in t.sources}
+        codes = models | {s.info.dtype for s in t.readers} | {t.dtype}
         return len(models) == 1 and codes <= KERNEL_DTYPES
 
     def stored_bytes(self, t: OutTensor) -> int:
         """Bytes of t read from the inputs, as stored: every reader's copy."""
-        return sum(m.tensors[t.name].nbytes for m in self.readers_of(t))
+        return sum(s.info.nbytes for s in t.readers)
 
     def files_used(self) -> list[tuple[LocalModel, list[str]]]:
         """Each model the merge reads files of, with those files' names: its weights, and the support
@@ -198,15 +181,16 @@ class Plan:
         what fetching Hub shards just in time, and dropping them after their last tensor, relies on."""
         first: dict[Path, int] = {}
         last: dict[Path, int] = {}
-        names: dict[Path, set[str]] = {}
+        reads: dict[Path, dict[str, int]] = {}
         chosen = self.shards if shards is None else [self.shards[i] for i in shards]
         for i, t in enumerate(t for s in chosen for t in s.tensors):
-            for m in self.readers_of(t):
-                f = m.tensors[t.name].file
+            for s in t.readers:  # each released once after its tensor (stream.Merger.release)
+                f = s.info.file
                 first.setdefault(f, i)
                 last[f] = i
-                names.setdefault(f, set()).add(t.name)
-        return {f: FileUse(first[f], last[f], frozenset(names[f])) for f in first}
+                reads.setdefault(f, {})
+                reads[f][s.name] = reads[f].get(s.name, 0) + 1
+        return {f: FileUse(first[f], last[f], reads[f]) for f in first}
 
     @property
     def bytes_read(self) -> int:
@@ -216,12 +200,10 @@ class Plan:
     def bytes_written(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
-    def staging_blocks(self, t: OutTensor) -> dict[Path | str, int]:
-        """The pinned blocks one slot of CudaStages' staging takes for t, by role (each input model's
-        path, and OUTPUT): its bytes there, rounded up as torch's pinned allocator does."""
-        blocks: dict[Path | str, int] = {
-            m.path: budget.pinned_block(m.tensors[t.name].nbytes) for m in self.readers_of(t)
-        }
+    def staging_blocks(self, t: OutTensor) -> dict[int | str, int]:
+        """The pinned blocks one slot of CudaStages' staging takes for t, by role (each input's place
+        among t.distinct, and OUTPUT): its bytes there, rounded up as torch's pinned allocator does."""
+        blocks: dict[int | str, int] = {i: budget.pinned_block(s.info.nbytes) for i, s in enumerate(t.distinct)}
         blocks[OUTPUT] = budget.pinned_block(t.nbytes)
         return blocks
 
@@ -230,11 +212,11 @@ class Plan:
         merge's finiteness flags."""
         return _slots(self.staging_blocks(t))
 
-    def staging_sizes(self, whole: Callable[[OutTensor], bool]) -> dict[Path | str, int]:
+    def staging_sizes(self, whole: Callable[[OutTensor], bool]) -> dict[int | str, int]:
         """By role (staging_blocks), the largest block of the tensors staged whole (`whole`): CudaStages
         sizes each staging buffer so from the start, since one that grew would leave its outgrown block
         pinned (torch's allocator keeps it for a request of its size)."""
-        sizes: dict[Path | str, int] = {}
+        sizes: dict[int | str, int] = {}
         for t in self.tensors:
             if t.merged and whole(t):
                 for role, block in self.staging_blocks(t).items():
@@ -255,9 +237,9 @@ class Plan:
     def _gpu_terms(self, t: OutTensor, whole: bool) -> tuple[list[tuple[int, int]], int]:
         """gpu_bytes as ([(bytes per entry, bytes whatever the size)] for fn, and for prepare if any;
         how many tensor-sized buffers)."""
-        method, csize, models = self.spec.method, np.dtype(self.compute_dtype).itemsize, len(self.inputs)
+        method, csize, models = self.spec.method, np.dtype(self.compute_dtype).itemsize, len(t.sources)
         footprint = method.gpu
-        stored = [DTYPES[m.tensors[t.name].dtype] for m in {m.path: m for m in self.readers_of(t)}.values()]
+        stored = [DTYPES[s.info.dtype] for s in t.distinct]
         cast = [size for name, size, _ in stored if name != self.compute_dtype]  # converted on the GPU
         if whole:
             # t's uploads, the next tensor's (staged meanwhile), and the previous one's: its memory is
@@ -288,7 +270,7 @@ class Plan:
         """The most pinned_bytes(t) of a tensor staged whole within `pinned` bytes: the largest need such
         that the staging buffers of every tensor needing no more (staging_sizes) fit."""
         if pinned not in self._pinned_caps:
-            sizes: dict[Path | str, int] = {}
+            sizes: dict[int | str, int] = {}
             cap = 0
             merged = sorted((t for t in self.tensors if t.merged), key=self.pinned_bytes)
             for need, same in itertools.groupby(merged, key=self.pinned_bytes):
@@ -341,10 +323,10 @@ class Plan:
             else:  # output buffers of a piece each
                 numel = t.numel
                 host = raw + depth * min(numel, budget.PIECE) * DTYPES[t.dtype][1]
-                host += min(numel, budget.CHUNK) * csize * (len(self.readers_of(t)) + 8)
+                host += min(numel, budget.CHUNK) * csize * (len(t.readers) + 8)
                 if self.spec.method.prepare is not None:  # the trim's gathered band: a few % of the entries
                     gathered = numel // 20 + system.default_threads() * budget.CHUNK
-                    host += gathered * 12 * len(self.inputs)
+                    host += gathered * 12 * len(t.sources)
             worst = max(worst, host)
         return worst + self.peak_pinned_memory
 
@@ -370,13 +352,13 @@ class Plan:
 
     def _piece_pinned(self, pieced: list[OutTensor], piece: Callable[[OutTensor], int]) -> int:
         """Pinned bytes of stream.PieceCopies' buffers for the tensors `pieced`: two for each input (by
-        its place among the models, and the base) and for the result, each of which may keep a block of
+        its place among the sources, and the base) and for the result, each of which may keep a block of
         every power of two it grew through, for a full piece or a tensor's last, shorter one."""
-        roles = dict(enumerate(self.inputs)) | ({"b": self.base} if self.spec.method.needs_base and self.base else {})
         classes: dict[object, set[int]] = {}
         for t in pieced:
             p = piece(t)
-            sizes = {role: DTYPES[m.tensors[t.name].dtype][1] for role, m in roles.items()}
+            roles: dict[object, Source] = dict(enumerate(t.sources)) | ({"b": t.base} if t.base else {})
+            sizes = {role: DTYPES[s.info.dtype][1] for role, s in roles.items()}
             for role, size in (sizes | {"result": DTYPES[t.dtype][1]}).items():
                 classes.setdefault(role, set()).update(budget.pinned_block(n * size) for n in {p, t.numel % p} - {0})
         return 2 * sum(sum(c) for c in classes.values())
@@ -394,11 +376,6 @@ class Plan:
             return (lambda t: True), (lambda t: t.numel)
         gpu, pinned = budget.gpu_budget(), budget.pinned_budget()
         return (lambda t: self.merges_whole(t, gpu, pinned)), (lambda t: self.gpu_piece(t, gpu))
-
-
-def natural_key(name: str) -> list:
-    """'layers.10' after 'layers.9': output shards then follow the model's layer order."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 def cuda_available() -> bool:
@@ -438,29 +415,25 @@ def build_plan(
     (for Hub models, `hub` reads the headers remotely and downloads nothing but the index). `opened`:
     models already opened, by reference (a search planning many merges of the same models)."""
     recipe = spec.recipe
-    base, inputs, tok, where_of = _open_models(spec, hub, dict(opened or {}))
-    reference = base or inputs[0]
+    base, inputs, tok, where_of, opened = _open_models(spec, hub, dict(opened or {}))
+    reference = base or (inputs[0] if spec.slices is None else opened[spec.slices[0].inputs[0].ref])
     try:
         read_config(reference)  # copied into the output at the end: a broken one fails now, not then
     except ModelError as e:
         raise RecipeError([f"{where_of[reference.path]}: {e}"]) from None
-    # Every model must hold the reference's tensors, with the same shapes (and for non-float tensors,
-    # the same dtype, since they are copied rather than merged).
+    # In a models: recipe every model must hold the reference's tensors, with the same shapes (and for
+    # non-float tensors, the same dtype, since they are copied rather than merged); slices are checked
+    # tensor by tensor (merger.assemble).
     problems = []
     checked = {reference.path}
-    for model in ([base] if base else []) + inputs:
+    for model in ([base] if base else []) + inputs if spec.slices is None else []:
         if model.path not in checked:
             checked.add(model.path)
             problems += _compare(reference, model, where_of[model.path])
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
-
-    out_code = DTYPE_CODE.get(recipe.out_dtype or recipe.dtype or "")
-    tensors = []
-    for name in sorted(reference.tensors, key=natural_key):
-        info = reference.tensors[name]
-        code = (out_code or info.dtype) if info.is_float else info.dtype
-        tensors.append(OutTensor(name, info.shape, code, info.is_float, info.numel * DTYPES[code][1]))
+    assembly = Assembler(spec, opened, reference).assemble()
+    tensors = sorted(assembly.tensors, key=lambda t: natural_key(t.name))
     size = shard_size or int(recipe.output.shard_size)
     plan = Plan(
         spec=spec,
@@ -472,6 +445,8 @@ def build_plan(
         shard_size=size,
         device="cpu",
         compute_dtype=recipe.compute_dtype,
+        layers=assembly.stack.count if assembly.stack else None,
+        layer_origins=assembly.origins,
     )
     plan.device, plan.device_reason = resolve_device(plan, device or recipe.device)
     for model in plan.models + [plan.tokenizer_from]:
@@ -485,27 +460,25 @@ def build_plan(
 
 
 def _open_models(spec: MergeSpec, hub: Hub | None, opened: dict[str, LocalModel]):
-    """(base, inputs, tokenizer source, model path -> where the recipe first names it), or RecipeError
-    listing every model that cannot be opened."""
+    """(base, inputs, tokenizer source, model path -> where the recipe first names it, every model by
+    reference), or RecipeError listing every model that cannot be opened."""
     problems: list[str] = []
     where_of: dict[Path, str] = {}
-
-    def open_at(ref: str, *loc: str | int) -> LocalModel | None:
+    for ref, loc in spec.references() + (
+        [(spec.tokenizer_source, ("tokenizer_source",))] if spec.tokenizer_source else []
+    ):
         if ref not in opened:
             try:
                 opened[ref] = open_model(ref, hub)
             except ModelError as e:
                 problems.append(f"{spec.where(*loc)}: {e}")
-                return None
+                continue
         where_of.setdefault(opened[ref].path, spec.where(*loc))
-        return opened[ref]
-
-    base = open_at(spec.base, "base_model") if spec.base else None
-    inputs = [open_at(g.ref, "models", g.index, "model") for g in spec.ingredients]
-    tok = open_at(spec.tokenizer_source, "tokenizer_source") if spec.tokenizer_source else None
     if problems:
-        raise RecipeError(problems)
-    return base, inputs, tok, where_of
+        raise RecipeError(list(dict.fromkeys(problems)))
+    base = opened[spec.base] if spec.base else None
+    tok = opened[spec.tokenizer_source] if spec.tokenizer_source else None
+    return base, [opened[g.ref] for g in spec.ingredients], tok, where_of, opened
 
 
 def check_support_files(plan: Plan, model: LocalModel, fetched: bool = False) -> None:

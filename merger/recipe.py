@@ -16,6 +16,7 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +25,7 @@ import numpy as np
 import yaml
 from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
+from merger import settings
 from merger.errors import RecipeError
 from merger.files import JSON_DEPTH, read_user_file
 from merger.methods import Method, Params, all_methods, get_method, greedy
@@ -38,7 +40,6 @@ DTYPE_CODE = {
 
 # mergekit keys that merger does not implement yet: a clear message instead of "unknown key".
 NOT_YET = {
-    "slices": "slices (layer ranges) are not supported yet; list whole models under models:",
     "tokenizer": "the tokenizer: section is not supported yet; use tokenizer_source: base or a model",
     "chat_template": "chat_template is not supported yet; the tokenizer files are copied as they are",
     "modules": "modules are not supported yet",
@@ -60,6 +61,17 @@ Name = Annotated[str, AfterValidator(_no_nul)]  # a path or model reference: the
 
 class ModelEntry(Strict):
     model: Name = Field(min_length=1, description="a local model directory, or a Hub id: org/name[@revision]")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceSource(Strict):
+    model: Name = Field(min_length=1, description="a local model directory, or a Hub id: org/name[@revision]")
+    layer_range: tuple[int, int] = Field(description="the model's layers [start, end) that this slice takes")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceEntry(Strict):
+    sources: list[SliceSource] = Field(min_length=1)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -126,7 +138,8 @@ Evaluation = Annotated[PerplexityEvaluation | CommandEvaluation | PythonEvaluati
 
 class Recipe(Strict):
     merge_method: str
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] | None = Field(None, min_length=1)
+    slices: list[SliceEntry] | None = Field(None, min_length=1)  # the output's layers, slice after slice
     base_model: Name | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: DTypeName | None = None  # output dtype when out_dtype is not given
@@ -161,8 +174,37 @@ class RecipeSource:
 @dataclass(frozen=True)
 class Ingredient:
     ref: str
-    params: Params  # the method's model_params
-    index: int  # position in recipe.models, for error locations
+    # The method's model_params: its own values over the top-level ones. A gradient or filters leave
+    # their parameter's default here: the plan resolves them per tensor (merger.settings).
+    params: Params
+    index: int  # position in recipe.models, for error locations (-1: a model of slices)
+    settings: dict[str, Any] = field(default_factory=dict)  # its own parameters as written
+
+
+@dataclass(frozen=True)
+class SliceInput:
+    """One source of a slice: `ref`'s layers [start, end), and its own parameters as written."""
+
+    ref: str
+    start: int
+    end: int
+    settings: dict[str, Any]
+    loc: tuple  # where the recipe gives it: ("slices", i, "sources", j)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One slice of the output's layers: its sources merged layer by layer with the recipe's method
+    (the base's entry apart, for methods that read the base), then renumbered after the slice before."""
+
+    inputs: tuple[SliceInput, ...]
+    base: SliceInput | None
+    settings: dict[str, Any]  # the slice's parameters as written (per model and method-wide)
+    loc: tuple  # ("slices", i)
+
+    @property
+    def count(self) -> int:
+        return self.inputs[0].end - self.inputs[0].start
 
 
 @dataclass
@@ -176,9 +218,28 @@ class MergeSpec:
     base: str | None
     ingredients: list[Ingredient]
     tokenizer_source: str | None  # a model reference, None for the base (or first model)
+    seed: int = 0  # of every tensor's own (methods.tensor_seed), for methods that draw random numbers
+    slices: list[Slice] | None = None  # a recipe of slices; None for models:
+    settings: dict[str, Any] = field(default_factory=dict)  # the top-level parameters as written
 
     def where(self, *loc: str | int) -> str:
         return self.source.where(*loc)
+
+    @property
+    def layered(self) -> bool:
+        """Whether parameters differ between tensors (slices, gradients, filters): the plan resolves
+        them per tensor, and what holds for the whole merge (Ingredient.params) is only their default."""
+        given = [self.settings, *(g.settings for g in self.ingredients)]
+        return self.slices is not None or any(isinstance(v, list) for d in given for v in d.values())
+
+    def references(self) -> list[tuple[str, tuple]]:
+        """Every model the recipe names, with where: (reference, location), the base first."""
+        refs = [(self.base, ("base_model",))] if self.base else []
+        if self.slices is None:
+            return refs + [(g.ref, ("models", g.index, "model")) for g in self.ingredients]
+        for s in self.slices:
+            refs += [(e.ref, (*e.loc, "model")) for e in (*s.inputs, *([s.base] if s.base else []))]
+        return refs
 
 
 YAML_NODES = 100_000  # nodes a YAML document may hold once its aliases are expanded (a recipe has ~100)
@@ -284,7 +345,7 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
     except ValidationError as e:
         problems = [_describe(err, source, Recipe) for err in e.errors()]
         # Go on without the broken keys, to report the method's parameter problems in the same run.
-        broken = {err["loc"][0] for err in e.errors() if err["loc"]} - {"merge_method", "models"}
+        broken = {err["loc"][0] for err in e.errors() if err["loc"]} - {"merge_method", "models", "slices"}
         try:
             recipe = Recipe.model_validate({k: v for k, v in data.items() if k not in broken})
         except ValidationError:
@@ -299,73 +360,169 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
         )
         raise RecipeError(_by_line(problems))
 
-    model_keys = _keys(method.model_params)
-    method_keys = _keys(method.params)
-    defaults: dict[str, Any] = {}
-    method_values: dict[str, Any] = {}
-    for key, value in recipe.parameters.items():
-        if key in model_keys:
-            defaults[key] = value
-        elif key in method_keys:
-            method_values[key] = value
-        else:
-            problems.append(f"{source.where('parameters', key)}: {_not_a_parameter(key, method)}")
-
+    defaults, method_values = _split(recipe.parameters, method, ("parameters",), source, problems, whole=True)
     params = _validate_params(method.params, method_values, ("parameters",), source, problems)
     _validate_params(method.model_params, defaults, ("parameters",), source, problems)
 
     base = recipe.base_model
     if method.needs_base and base is None:
         problems.append(f"{source.where('base_model')}: {method.name} needs a base_model")
+    slices = None
+    if recipe.models is not None and recipe.slices is not None:
+        problems.append(f"{source.where('slices')}: a recipe lists models: or slices:, not both")
+    elif recipe.models is None and recipe.slices is None:
+        problems.append(f"{source.where('models')}: required key is missing")
+    if recipe.slices is not None:
+        slices = _slices(recipe, method, source, problems)
+        ingredients = _slice_models(slices, method, defaults)
+    else:
+        ingredients = _ingredients(recipe, method, defaults, source, problems)
+        if not problems and not ingredients:
+            problems.append(f"{source.where('models')}: {method.name} needs at least one model besides the base model")
+    if not problems and slices is None:
+        problems += _beyond_range(recipe, ingredients, params, source)
+    if not problems:
+        problems += _listed_beyond_range(recipe, source)
+    if not problems and method.check is not None:
+        for models, loc in [(ingredients, ("parameters",))] if slices is None else _slice_checks(slices, method):
+            msg = method.check([g.params for g in models], params)
+            if msg:
+                problems.append(f"{source.where(*loc)}: {msg}")
 
+    tokenizer_source = _tokenizer_source(recipe, source, problems)
+    _check_evaluation(recipe, "evaluation" in data, method, source, problems)
+    if problems:
+        raise RecipeError(_by_line(problems))
+    return MergeSpec(
+        recipe, source, method, params, base, ingredients, tokenizer_source, 0, slices, dict(recipe.parameters)
+    )
+
+
+def _split(
+    values: dict[str, Any], method: Method, loc: tuple, source: RecipeSource, problems: list[str], whole: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A `parameters:` mapping as (per-model keys, method-wide keys), unknown keys reported; method-wide
+    ones only where `whole` (the top level and a slice's), else reported as such."""
+    model_keys, method_keys = _keys(method.model_params), _keys(method.params)
+    own: dict[str, Any] = {}
+    wide: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in model_keys:
+            own[key] = value
+        elif key in method_keys and whole:
+            wide[key] = value
+        elif key in method_keys:
+            where = "the slice's or the top-level parameters" if loc[0] == "slices" else "the top-level parameters"
+            problems.append(f"{source.where(*loc, key)}: '{key}' applies to the whole merge; put it under {where}")
+        else:
+            problems.append(f"{source.where(*loc, key)}: {_not_a_parameter(key, method)}")
+    return own, wide
+
+
+def _ingredients(
+    recipe: Recipe, method: Method, defaults: dict[str, Any], source: RecipeSource, problems: list[str]
+) -> list[Ingredient]:
+    """The models: a recipe merges, each with its parameters over the top-level ones."""
     ingredients: list[Ingredient] = []
-    for i, entry in enumerate(recipe.models):
-        if method.needs_base and base is not None and _same_ref(entry.model, base):
+    for i, entry in enumerate(recipe.models or []):
+        if method.needs_base and recipe.base_model is not None and _same_ref(entry.model, recipe.base_model):
             continue  # the base's own task vector is zero; mergekit configs often list it
-        own: dict[str, Any] = {}
-        for key, value in entry.parameters.items():
-            if key in model_keys:
-                own[key] = value
-            elif key in method_keys:
-                problems.append(
-                    f"{source.where('models', i, 'parameters', key)}: '{key}' applies to the whole merge; "
-                    "put it under the top-level parameters"
-                )
-            else:
-                problems.append(f"{source.where('models', i, 'parameters', key)}: {_not_a_parameter(key, method)}")
-        merged = {k: v for k, v in defaults.items() if k not in own} | own
         loc = ("models", i, "parameters")
+        own, _ = _split(entry.parameters, method, loc, source, problems, whole=False)
+        merged = {k: v for k, v in defaults.items() if k not in own} | own
         mp = _validate_params(method.model_params, merged, loc, source, problems, only=set(own))
         if mp is not None:
-            ingredients.append(Ingredient(entry.model, mp, i))
+            ingredients.append(Ingredient(entry.model, mp, i, own))
+    return ingredients
 
-    if not problems and not ingredients:
-        problems.append(f"{source.where('models')}: {method.name} needs at least one model besides the base model")
-    if not problems:
-        problems += _beyond_range(recipe, ingredients, params, source)
-    if not problems and method.check is not None:
-        msg = method.check([g.params for g in ingredients], params)
-        if msg:
-            problems.append(f"{source.where('parameters')}: {msg}")
 
-    tokenizer_source = recipe.tokenizer_source
+def _slices(recipe: Recipe, method: Method, source: RecipeSource, problems: list[str]) -> list[Slice]:
+    """The slices of a recipe, each source's layer range and parameters checked (the layers each model
+    has are checked by the plan, which reads the headers)."""
+    base = recipe.base_model if method.needs_base else None
+    out = []
+    for i, entry in enumerate(recipe.slices or []):
+        loc = ("slices", i)
+        own, wide = _split(entry.parameters, method, (*loc, "parameters"), source, problems, whole=True)
+        _validate_params(method.params, wide, (*loc, "parameters"), source, problems)
+        _validate_params(method.model_params, own, (*loc, "parameters"), source, problems)
+        inputs, base_input = [], None
+        for j, src in enumerate(entry.sources):
+            given = _slice_input(src, (*loc, "sources", j), method, source, problems)
+            if base is not None and _same_ref(src.model, base):
+                base_input = given
+            else:
+                inputs.append(given)
+        counts = sorted({s.layer_range[1] - s.layer_range[0] for s in entry.sources})
+        if len(counts) > 1:
+            problems.append(
+                f"{source.where(*loc, 'sources')}: the sources of a slice are merged layer by layer, so each "
+                f"covers as many layers; these cover {', '.join(map(str, counts))}"
+            )
+        if base is not None and base_input is None:
+            problems.append(
+                f"{source.where(*loc, 'sources')}: {method.name} needs the base model '{base}' among each "
+                "slice's sources (with the layers whose task vectors are merged)"
+            )
+        if not inputs:
+            problems.append(f"{source.where(*loc, 'sources')}: {method.name} needs a model besides the base model")
+        out.append(Slice(tuple(inputs), base_input, dict(entry.parameters), loc))
+    return out
+
+
+def _slice_input(src: SliceSource, loc: tuple, method: Method, source: RecipeSource, problems: list[str]) -> SliceInput:
+    start, end = src.layer_range
+    if not 0 <= start < end:
+        problems.append(
+            f"{source.where(*loc, 'layer_range')}: [{start}, {end}] holds no layers; "
+            "give [start, end] with 0 <= start < end (end not included)"
+        )
+    own, _ = _split(src.parameters, method, (*loc, "parameters"), source, problems, whole=False)
+    _validate_params(method.model_params, own, (*loc, "parameters"), source, problems)
+    return SliceInput(src.model, start, end, own, loc)
+
+
+def _slice_models(slices: list[Slice], method: Method, defaults: dict[str, Any]) -> list[Ingredient]:
+    """The distinct models merged by slices, in order, with the top-level parameters' scalar values."""
+    refs = dict.fromkeys(e.ref for s in slices for e in s.inputs)
+    return [Ingredient(ref, _scalar(method.model_params, defaults), -1) for ref in refs]
+
+
+def _scalar(model: type[Params], values: dict[str, Any]) -> Params:
+    """The parameter object of `values`' single values (gradients and filters left at their defaults)."""
+    keys = _keys(model)
+    try:
+        return model.model_validate({k: v for k, v in values.items() if k in keys and not isinstance(v, list)})
+    except ValidationError:  # reported where the values are given
+        return model.model_validate({})
+
+
+def _slice_checks(slices: list[Slice], method: Method) -> Iterator[tuple[list[Ingredient], tuple]]:
+    """For Method.check at validation, each slice's inputs with their single-valued parameters (the
+    plan checks every tensor's resolved ones again), and where the slice's sources are."""
+    for s in slices:
+        models = [Ingredient(e.ref, _scalar(method.model_params, s.settings | e.settings), -1) for e in s.inputs]
+        yield models, (*s.loc, "sources")
+
+
+def _tokenizer_source(recipe: Recipe, source: RecipeSource, problems: list[str]) -> str | None:
+    """The model whose tokenizer files are copied, as a reference; None for the base (or the first model)."""
+    tokenizer_source, base = recipe.tokenizer_source, recipe.base_model
     if tokenizer_source == "base":
         if base is None:
             problems.append(f"{source.where('tokenizer_source')}: 'base' needs a base_model")
-        tokenizer_source = None
-    elif tokenizer_source == "union":
+        return None
+    if tokenizer_source == "union":
         problems.append(f"{source.where('tokenizer_source')}: 'union' is not supported yet; use base or a model")
     elif tokenizer_source is not None:
         tokenizer_source = tokenizer_source.removeprefix("model:")
-        refs = [m.model for m in recipe.models] + ([base] if base else [])
+        refs = [m.model for m in recipe.models or []] + ([base] if base else [])
+        refs += [src.model for s in recipe.slices or [] for src in s.sources]
         if not any(_same_ref(tokenizer_source, r) for r in refs):
             problems.append(
                 f"{source.where('tokenizer_source')}: '{tokenizer_source}' is not one of the recipe's models"
             )
-    _check_evaluation(recipe, "evaluation" in data, method, source, problems)
-    if problems:
-        raise RecipeError(_by_line(problems))
-    return MergeSpec(recipe, source, method, params, base, ingredients, tokenizer_source)
+    return tokenizer_source
 
 
 def _check_evaluation(recipe: Recipe, given: bool, method: Method, source: RecipeSource, problems: list[str]) -> None:
@@ -376,7 +533,9 @@ def _check_evaluation(recipe: Recipe, given: bool, method: Method, source: Recip
         if given:
             problems.append(f"{where('evaluation')}: only greedy_soup uses an evaluation section; remove it")
         return
-    if len(recipe.models) < 2:
+    if recipe.slices is not None:
+        problems.append(f"{where('slices')}: greedy_soup chooses among whole models: list them under models:")
+    elif len(recipe.models or []) < 2:
         problems.append(f"{where('models')}: greedy_soup chooses among models: list two or more")
     if not given:
         problems.append(
@@ -469,6 +628,28 @@ def _beyond_range(recipe: Recipe, ingredients: list[Ingredient], params: Params,
     return problems
 
 
+def _listed_beyond_range(recipe: Recipe, source: RecipeSource) -> list[str]:
+    """The values of gradients and filters past the compute dtype's range, wherever parameters are given;
+    with slices single values too (in a models: recipe _beyond_range checks those, with the weights
+    they multiply)."""
+    largest = float(np.finfo(recipe.compute_dtype).max)
+    given: list[tuple[dict, tuple]] = [(recipe.parameters, ("parameters",))]
+    given += [(m.parameters, ("models", i, "parameters")) for i, m in enumerate(recipe.models or [])]
+    for i, s in enumerate(recipe.slices or []):
+        given += [(s.parameters, ("slices", i, "parameters"))]
+        given += [(src.parameters, ("slices", i, "sources", j, "parameters")) for j, src in enumerate(s.sources)]
+    problems = []
+    for values, loc in given:
+        for key, value in values.items():
+            for leaf, where in settings.leaves(value) if isinstance(value, list) or recipe.slices else []:
+                if isinstance(leaf, int | float) and not isinstance(leaf, bool) and abs(leaf) > largest:
+                    problems.append(
+                        f"{source.where(*loc, key, *where)}: {leaf:g} is beyond {recipe.compute_dtype}'s range "
+                        f"({largest:.3g})"
+                    )
+    return problems
+
+
 def _by_line(problems: list[str]) -> list[str]:
     """Order problems as they appear in the file (those without a line first)."""
 
@@ -513,12 +694,17 @@ def _validate_params(
 ) -> Params | None:
     """Validate `values` into `model`; report errors at `loc` (only those for keys in `only`, if given,
     since errors in top-level defaults are reported once, at the top level)."""
+    scalars = {}
     for key, value in values.items():
-        if isinstance(value, list | dict) and (only is None or key in only):
-            problems.append(
-                f"{source.where(*loc, key)}: gradients and filters (lists) are not supported yet; give a single number"
-            )
-            return None
+        if not isinstance(value, list | dict):
+            scalars[key] = value
+        elif only is None or key in only:  # a gradient or filters: each value they give is checked
+            shape = settings.problem(value)
+            if shape:
+                problems.append(f"{source.where(*loc, key)}: {shape}")
+            for leaf, where in [] if shape else settings.leaves(value):
+                _check_leaf(model, key, leaf, where, loc, source, problems)
+    values = scalars
     try:
         return model.model_validate(values)
     except ValidationError as e:
@@ -528,6 +714,18 @@ def _validate_params(
                 continue
             problems.append(_describe(err, source, model, prefix=loc))
         return None
+
+
+def _check_leaf(
+    model: type[Params], key: str, leaf: Any, where: tuple, loc: tuple, source: RecipeSource, problems: list[str]
+) -> None:
+    """One value of a gradient or of filters (at `where` under the key), validated as that parameter."""
+    try:
+        model.model_validate({key: leaf})
+    except ValidationError as e:
+        for err in e.errors():
+            if tuple(err["loc"][:1]) == (key,):
+                problems.append(_describe({**err, "loc": (key, *where)}, source, model, prefix=loc))
 
 
 def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: tuple = ()) -> str:

@@ -79,6 +79,16 @@ def fingerprint(plan: Plan) -> str:
         "compute_dtype": plan.compute_dtype,
         "shards": [[s.filename, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in plan.shards],
     }
+    if spec.layered:  # parameters per tensor, and which layers go where: as written
+        slices = [
+            [[[e.ref, e.start, e.end, e.settings] for e in (*sl.inputs, sl.base) if e], sl.settings]
+            for sl in spec.slices or []
+        ]
+        data["layered"] = {
+            "parameters": spec.settings,
+            "models": [g.settings for g in spec.ingredients],
+            "slices": slices,
+        }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from merger import budget, system
+from merger.assemble import Key
 from merger.errors import MergeError, NaNTaskVector, OutOfMemory
 from merger.files import fsync_file, start_writeback
 from merger.methods.base import MergeRange
@@ -257,22 +258,20 @@ class Merger:
         every dtype (base and output too) one the kernels handle."""
         if self.kernels is None:
             return False
-        plan = self.plan
-        models = {m.tensors[t.name].dtype for m in plan.inputs}
-        base = {plan.base.tensors[t.name].dtype} if plan.spec.method.needs_base and plan.base else set()
+        models = {s.info.dtype for s in t.sources}
+        base = {t.base.info.dtype} if t.base is not None else set()
         return len(models) == 1 and self.kernels.supported(t.dtype, *models, *base)
 
-    def inputs_of(self, t: OutTensor) -> tuple[dict[Path, np.ndarray], dict[Path, str]]:
-        """Each distinct model's stored tensor (a zero-copy view) and its dtype code, read once even
-        if listed twice."""
-        views: dict[Path, np.ndarray] = {}
-        codes: dict[Path, str] = {}
-        for m in self.plan.readers_of(t):
-            if m.path not in views:
-                info = m.tensors[t.name]
-                views[m.path] = self.reader.view(info)
-                codes[m.path] = info.dtype
-                self.bytes_read += info.nbytes
+    def inputs_of(self, t: OutTensor) -> tuple[dict[Key, np.ndarray], dict[Key, str]]:
+        """Each distinct input tensor (t.distinct) as stored (a zero-copy view) and its dtype code, by
+        source key: read once even if listed twice."""
+        views: dict[Key, np.ndarray] = {}
+        codes: dict[Key, str] = {}
+        for s in t.distinct:
+            info = s.info
+            views[s.key] = self.reader.view(info)
+            codes[s.key] = info.dtype
+            self.bytes_read += info.nbytes
         self.live[t.name] = (views, codes)
         return views, codes
 
@@ -285,8 +284,8 @@ class Merger:
         if not bad:
             return
         views, codes = self.live[t.name]
-        for path, v in views.items():
-            if count_nonfinite(v.reshape(-1)[start : start + out.size], codes[path]):
+        for key, v in views.items():
+            if count_nonfinite(v.reshape(-1)[start : start + out.size], codes[key]):
                 canonical_nan(out, t.dtype)
                 return
         raise overflow_error(t, bad)
@@ -303,9 +302,8 @@ class Merger:
             if gpu is not None:
                 return self._eager(t, views, codes, gpu, piece)
             if self._fusable(t):
-                spec = self.plan.spec
-                xs, base = self._roles({p: v.reshape(-1) for p, v in views.items()})
-                return spec.method.fused(xs, base, [g.params for g in spec.ingredients], spec.params, self._run)
+                xs, base = self._roles(t, {k: v.reshape(-1) for k, v in views.items()})
+                return self.plan.spec.method.fused(xs, base, t.models, t.params, self._run, context=t.context)
             return self._eager(t, views, codes)
 
     @contextlib.contextmanager
@@ -314,7 +312,7 @@ class Merger:
         try:
             yield
         except NaNTaskVector as e:
-            model = self.plan.inputs[e.model]
+            model = t.sources[e.model].model
             raise MergeError(
                 f"tensor '{t.name}': {e.count} entries of the task vector of '{model.ref}' are NaN (NaN in that "
                 "model or in the base); TIES cannot rank NaN magnitudes. Is one of those checkpoints diverged?"
@@ -324,24 +322,25 @@ class Merger:
         """Merge all of t into `out` on the CPU."""
         self.start(t)(0, out.size, out.reshape(-1))
 
-    def _agreed_copy(self, t: OutTensor, views: dict[Path, np.ndarray]) -> MergeRange:
-        """Integer and bool tensors (position ids, masks) are not merged: every input must agree."""
-        plan = self.plan
-        ref = views[plan.reference.path]
-        for m in plan.models:
-            if m.path != plan.reference.path and not np.array_equal(views[m.path], ref):
+    def _agreed_copy(self, t: OutTensor, views: dict[Key, np.ndarray]) -> MergeRange:
+        """Integer and bool tensors (position ids, masks) are not merged: every source must agree with
+        the first, which is copied."""
+        first = t.sources[0]
+        ref = views[first.key]
+        for s in t.sources[1:]:
+            if s.key != first.key and not np.array_equal(views[s.key], ref):
                 raise MergeError(
-                    f"tensor '{t.name}' ({t.dtype}) differs between '{m.ref}' and '{plan.reference.ref}'; "
+                    f"tensor '{t.name}' ({t.dtype}) differs between '{s.model.ref}' and '{first.model.ref}'; "
                     "non-float tensors are copied, not merged, so every input must hold the same values"
                 )
         flat = ref.reshape(-1)
         return lambda start, end, out: np.copyto(out, flat[start:end])
 
-    def _roles(self, views: dict[Path, object]) -> tuple[list, object | None]:
-        plan = self.plan
-        xs = [views[m.path] for m in plan.inputs]
-        base = views[plan.base.path] if plan.spec.method.needs_base and plan.base else None
-        return xs, base
+    @staticmethod
+    def _roles(t: OutTensor, views: dict[Key, object]) -> tuple[list, object | None]:
+        """(t's sources, its base or None) out of `views`, by source key."""
+        xs = [views[s.key] for s in t.sources]
+        return xs, views[t.base.key] if t.base is not None else None
 
     def _run(self, fn: Callable[[int, int], object], n: int, size: int | None = None) -> list:
         """fn(start, end) over ranges of `size` (default CHUNK) covering [0, n), on the chunk threads;
@@ -352,15 +351,15 @@ class Merger:
             return [fn(s, e) for s, e in bounds]
         return list(self.pool.map(lambda b: fn(*b), bounds))
 
-    def gpu_merge(self, t: OutTensor, on_gpu: dict[Path, torch.Tensor]) -> torch.Tensor:
-        """The method on GPU tensors as stored; the result in t's dtype, on the current stream."""
+    def gpu_merge(self, t: OutTensor, on_gpu: dict[Key, torch.Tensor]) -> torch.Tensor:
+        """The method on GPU tensors as stored (by source key); the result in t's dtype, on the current
+        stream."""
         import torch
 
-        spec = self.plan.spec
         cdt = getattr(torch, self.plan.compute_dtype)
-        xs, base = self._roles({p: g.to(cdt) for p, g in on_gpu.items()})
+        xs, base = self._roles(t, {k: g.to(cdt) for k, g in on_gpu.items()})
         with self._naming(t):
-            merged = spec.method.fn(xs, base, [g.params for g in spec.ingredients], spec.params)
+            merged = self.plan.spec.method.fn(xs, base, t.models, t.params, context=t.context)
         return merged.to(getattr(torch, DTYPES[t.dtype][0]))
 
     def _chunk(self, slot: object, n: int) -> torch.Tensor:
@@ -379,8 +378,8 @@ class Merger:
     def _eager(
         self,
         t: OutTensor,
-        views: dict[Path, np.ndarray],
-        codes: dict[Path, str],
+        views: dict[Key, np.ndarray],
+        codes: dict[Key, str],
         gpu: PieceCopies | None = None,
         piece: int = 0,
     ) -> MergeRange:
@@ -389,11 +388,10 @@ class Merger:
         time, one after the other, uploaded and copied back through `gpu`'s pinned buffers."""
         import torch
 
-        spec = self.plan.spec
-        method = spec.method
-        models = [g.params for g in spec.ingredients]
-        flat = {p: to_torch(v.reshape(-1), codes[p]) for p, v in views.items()}
-        xs, base = self._roles(flat)
+        method = self.plan.spec.method
+        models, params, context = t.models, t.params, t.context
+        flat = {k: to_torch(v.reshape(-1), codes[k]) for k, v in views.items()}
+        xs, base = self._roles(t, flat)
         numel = t.numel
         size = budget.CHUNK if gpu is None else piece
         compute = getattr(torch, self.plan.compute_dtype)
@@ -414,7 +412,15 @@ class Merger:
                     b = load("b", base, s, e)
                     yield [load(i, x, s, e).sub_(b) for i, x in enumerate(xs)]
 
-            state = method.prepare(task_vectors, numel, models, spec.params)
+            def inputs() -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:  # the same chunks, as stored
+                for s in range(0, numel, size):
+                    e = min(s + size, numel)
+                    yield (
+                        [load(i, x, s, e) for i, x in enumerate(xs)],
+                        load("b", base, s, e) if base is not None else None,
+                    )
+
+            state = method.prepare(task_vectors, numel, models, params, context=context, inputs=inputs)
 
         def merge_range(start: int, end: int, out_array: np.ndarray) -> None:
             out = to_torch(out_array, t.dtype)
@@ -424,7 +430,7 @@ class Merger:
                 chunk_xs = [load(i, x, a, b) for i, x in enumerate(xs)]
                 chunk_base = load("b", base, a, b) if base is not None else None
                 extra = (state, a) if method.prepare is not None else ()
-                merged = method.fn(chunk_xs, chunk_base, models, spec.params, *extra)
+                merged = method.fn(chunk_xs, chunk_base, models, params, *extra, context=context)
                 if gpu is None:
                     out[s:e].copy_(merged)
                 else:  # cast on the GPU: fewer bytes come back
@@ -438,12 +444,12 @@ class Merger:
 
     def release(self, t: OutTensor) -> None:
         self.live.pop(t.name, None)
-        for m in self.plan.readers_of(t):
-            self.reader.release(m.tensors[t.name])
+        for s in t.readers:
+            self.reader.release(s.info)
 
     def prefetch(self, t: OutTensor) -> None:
-        for m in self.plan.readers_of(t):
-            self.reader.prefetch(m.tensors[t.name])
+        for s in t.readers:
+            self.reader.prefetch(s.info)
 
 
 class CudaStages:
@@ -477,7 +483,7 @@ class CudaStages:
         self.copy_stream = torch.cuda.Stream()  # uploads
         self.back_stream = torch.cuda.Stream()  # copies back: never queued behind the next merge
         sizes = merger.plan.staging_sizes(self.whole)  # each buffer sized once, for the largest tensor
-        self.pinned_in = Buffers(pin=True, least=lambda key: sizes.get(key[1], 0))  # by (slot, input path)
+        self.pinned_in = Buffers(pin=True, least=lambda key: sizes.get(key[1], 0))  # by (slot, role)
         self.pinned_out = Buffers(pin=True, least=lambda key: sizes.get(OUTPUT, 0) if isinstance(key, int) else 0)
         self.uploaded: list = [None, None]  # per slot: the event that follows its last uploads
         # MERGER_INLINE_STAGING=1 stages on the merging thread, without the overlap: for torch's CUDA
@@ -526,11 +532,11 @@ class CudaStages:
             self.uploaded[slot].synchronize()  # the DMAs out of this slot's pinned buffers are done
         on_gpu = {}
         with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
-            for path, v in views.items():
-                src = to_torch(v, codes[path])
-                pinned = self.pinned_in.get((slot, path), v.nbytes, src.dtype, tuple(src.shape))
+            for role, (key, v) in enumerate(views.items()):  # role: the input's place in t.distinct
+                src = to_torch(v, codes[key])
+                pinned = self.pinned_in.get((slot, role), v.nbytes, src.dtype, tuple(src.shape))
                 pinned.copy_(src)  # page cache -> pinned memory, on this thread
-                on_gpu[path] = copy_to_device(pinned, self.device)
+                on_gpu[key] = copy_to_device(pinned, self.device)
             done = _event(torch)  # after the copies: what the compute stream and the slot wait for
             done.record(self.copy_stream)
         self.uploaded[slot] = done

@@ -39,7 +39,7 @@ def test_unknown_method(workdir):
     err = run_bad(GOOD.replace("merge_method: ties", "merge_method: tie"))
     assert err == (
         "error: recipe.yaml:1: merge_method: unknown merge method 'tie' (did you mean 'ties'?); "
-        "available: greedy_soup, linear, task_arithmetic, ties\n"
+        "available: greedy_soup, linear, passthrough, task_arithmetic, ties\n"
     )
 
 
@@ -58,7 +58,10 @@ def test_parameter_of_another_method(workdir):
         ("density: 0.5", "density: 1.5", "recipe.yaml:7: models[0].parameters.density: Input should be less than or equal to 1, got 1.5"),
         ("weight: 0.5", "weight: .inf", "recipe.yaml:10: models[1].parameters.weight: must be a finite number"),
         ("weight: 0.5", "weight: heavy", "recipe.yaml:10: models[1].parameters.weight: Input should be a valid number, unable to parse string as a number, got 'heavy'"),
-        ("weight: 0.5", "weight: [0, 1]", "recipe.yaml:10: models[1].parameters.weight: gradients and filters (lists) are not supported yet; give a single number"),
+        ("weight: 0.5", "weight: [0, heavy]", "recipe.yaml:10: models[1].parameters.weight: a list is either numbers (a gradient) or {filter, value} entries, not a mix"),
+        ("weight: 0.5", "weight: [0, .inf]", "recipe.yaml:10: models[1].parameters.weight[1]: must be a finite number"),
+        ("weight: 0.5", "weight: [0, 1.0e+39]", "recipe.yaml:10: models[1].parameters.weight[1]: 1e+39 is beyond float32's range (3.4e+38)"),
+        ("density: 0.5", "density: [{filter: mlp, value: [0.5, 2]}]", "recipe.yaml:7: models[0].parameters.density[0].value[1]: Input should be less than or equal to 1, got 2"),
         ("weight: 0.5", "normalize: false", "recipe.yaml:10: models[1].parameters.normalize: 'normalize' applies to the whole merge; put it under the top-level parameters"),
     ],
 )  # fmt: skip
@@ -114,12 +117,11 @@ def test_not_a_mapping(workdir):
     assert run_bad("- ties\n") == "error: recipe.yaml: a recipe is a YAML mapping with merge_method and models\n"
 
 
-def test_mergekit_slices_not_supported_yet(workdir):
-    err = run_bad("slices:\n  - sources: []\nmerge_method: linear\nmodels: [{model: ft1}]\n")
-    assert (
-        err
-        == "error: recipe.yaml:1: slices: slices (layer ranges) are not supported yet; list whole models under models:\n"
+def test_models_and_slices_are_not_both_given(workdir):
+    err = run_bad(
+        "slices:\n  - sources: [{model: ft1, layer_range: [0, 1]}]\nmerge_method: linear\nmodels: [{model: ft1}]\n"
     )
+    assert err == "error: recipe.yaml:1: slices: a recipe lists models: or slices:, not both\n"
 
 
 def test_missing_model_directory(workdir):

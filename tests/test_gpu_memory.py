@@ -610,7 +610,7 @@ def test_pinned_memory_refused_is_one_line_with_what_to_change(tmp_path, cuda_on
     monkeypatch.setattr(merger.stream, "_pinned", PINNED)
     result, plan = apply_on_cuda(tmp_path, monkeypatch)
     assert result.exit_code == 2, result.output
-    first = plan.inputs[0].path  # the first buffer staged, sized for the largest tensor (e)
+    first = 0  # the first input's staging buffer (its role), sized for the largest tensor (e)
     assert plan.staging_sizes(lambda t: True)[first] == 65536
     assert result.stderr == (
         "error: tensor 'a' [8, 8]: could not pin 65536 bytes of host memory for the GPU's copies (CUDA error: out "

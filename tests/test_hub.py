@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import write_checkpoint
+from conftest import load_output, write_checkpoint
 from fakehub import FakeHub
 
 from merger.cli import cli
@@ -408,3 +408,20 @@ def test_locked_local_inputs_are_checked(tmp_path, models, monkeypatch):
     Path("bad.json").write_text('{"recipe": "x"}')
     err = run("apply", "--locked", "bad.json", code=2).stderr
     assert err.startswith("error: bad.json: not a merger lock file (merger_version: ")
+
+
+def test_low_disk_keeps_a_shard_that_an_overlapping_slice_reads_again(tmp_path, hub, models, hf_home):
+    """layers.1.w feeds output layers 1 and 2: its shard is dropped after its second read, not its first."""
+    _, commits = models
+    text = (
+        "merge_method: passthrough\nslices:\n"
+        "  - sources: [{model: org/ft1@v1, layer_range: [0, 2]}]\n"
+        "  - sources: [{model: org/ft1@v1, layer_range: [1, 2]}]\n"
+    )
+    apply(tmp_path, text, tmp_path / "a" / "out")
+    shutil.rmtree(hf_home / "hub")
+    apply(tmp_path, text, tmp_path / "b" / "out", "--low-disk")
+    assert tree(tmp_path / "a" / "out") == tree(tmp_path / "b" / "out")
+    out = load_output(tmp_path / "b" / "out")
+    assert torch.equal(out["layers.2.w"], out["layers.1.w"]) and "layers.3.w" not in out
+    assert cached_weights(hf_home) == []  # every shard fetched was dropped after its last read

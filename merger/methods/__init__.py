@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from merger.methods import greedy, linear, task_vectors
-from merger.methods.base import GpuFootprint, MergeFn, Method, Params
+from merger.methods import greedy, linear, passthrough, task_vectors
+from merger.methods.base import Fused, GpuFootprint, MergeFn, Method, Params, Prepare, TensorContext, tensor_seed
 
-__all__ = ["Method", "MergeFn", "Params", "GpuFootprint", "register", "get_method", "all_methods"]
+__all__ = [
+    "Method",
+    "MergeFn",
+    "Prepare",
+    "Fused",
+    "Params",
+    "GpuFootprint",
+    "TensorContext",
+    "tensor_seed",
+    "register",
+    "get_method",
+    "all_methods",
+]
 
-BUILTIN = (linear.METHOD, task_vectors.TASK_ARITHMETIC, task_vectors.TIES, greedy.METHOD)
+BUILTIN = (linear.METHOD, task_vectors.TASK_ARITHMETIC, task_vectors.TIES, greedy.METHOD, passthrough.METHOD)
 PLUGIN_GROUP = "merger.methods"  # a plugin's entry point names a Method object
 
 _registry: dict[str, Method] = {}

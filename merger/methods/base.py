@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -19,38 +20,103 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True)
 
 
-# fn(tensors, base, models, params, state=None, offset=0) -> merged tensor.
-#   tensors: one float tensor per ingredient, all the same shape, in the compute dtype and device;
-#            never modified
-#   base:    the base model's tensor, or None for methods that need no base
-#   models:  one per-model parameter object (Method.model_params) per ingredient
-#   params:  the method-wide parameter object (Method.params)
-#   state:   what `prepare` computed for this tensor (None for methods without prepare)
-#   offset:  with state, the flat index where these (chunk) tensors start in the whole tensor
-# Called on whole tensors it is the method. The streaming engine may instead call it on slices of the
-# flattened tensors, in any order and from several threads at once (to keep temporaries in cache and
-# use every core): so fn must be elementwise given (state, offset), must not modify state, and
-# anything that needs the whole tensor belongs in `prepare`. Only methods with prepare get state/offset.
-MergeFn = Callable[..., "Tensor"]
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method knows of the output tensor it merges besides its inputs: its name, its layer in
+    the output (merger.layers; None outside the layers), and a seed of its own for methods that draw
+    random numbers (tensor_seed: the same for a tensor in every run, on every device and worker)."""
 
-# prepare(task_vectors, numel, models, params) -> state
-#   task_vectors() yields consecutive flat chunks, each a list of every ingredient's x_i - base there
-#   (the base read once per chunk); a fresh iterator each call, so prepare may make several passes;
-#   the chunks are fresh tensors prepare may modify in place. On a GPU, prepare should not synchronise
-#   with the host per chunk (ties_prepare synchronises once).
-Prepare = Callable[[Callable[[], Iterable[list["Tensor"]]], int, Sequence[BaseModel], BaseModel], Any]
+    name: str
+    layer: int | None = None
+    seed: int = 0
 
-# fused(tensors, base, models, params, run) -> merge_range: an optional fast path for CPU merges in
-# float32, on the stored bytes: tensors and base are whole flat numpy views in merger.sources.DTYPES'
-# form (what merger.kernels reads), all of one dtype, and run(fn, n[, size]) maps fn(start, end) over
-# ranges covering [0, n) on the engine's threads, returning the results in order. The call does what
-# needs the whole tensor (TIES: the trim thresholds); merge_range(start, end, out) then merges flat
-# entries [start, end) into `out` (end - start entries, the output dtype), called for consecutive
-# ranges so that the output is written in pieces. It must agree with fn to float32 rounding (TIES:
-# bit for bit); tests hold both to the same oracles. The engine uses it when numba and the dtypes
-# allow, and then never imports torch.
+
+def tensor_seed(recipe_seed: int, name: str) -> int:
+    """A 63-bit seed for output tensor `name`: from sha256, so it does not change between processes as
+    Python's hash() of a string does."""
+    digest = hashlib.sha256(f"{recipe_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class MergeFn(Protocol):
+    """fn(tensors, base, models, params, state=None, offset=0, *, context) -> the merged tensor.
+
+    tensors: one float tensor per ingredient (the plan's sources of this output tensor, in ingredient
+    order), all the same shape, in the compute dtype and device; never modified. base: the base's
+    tensor, or None for methods that need no base. models: one per-model parameter object
+    (Method.model_params) per ingredient, resolved for this tensor; params: the method-wide one
+    (Method.params). state: what `prepare` computed for this tensor (None without prepare); offset:
+    with state, the flat index where these (chunk) tensors start in the whole tensor.
+
+    Called on whole tensors it is the method. The streaming engine may instead call it on slices of the
+    flattened tensors, in any order and from several threads at once (to keep temporaries in cache and
+    use every core): so fn must be elementwise given (state, offset), must not modify state, and
+    anything that needs the whole tensor belongs in `prepare`. Only methods with prepare get
+    state/offset."""
+
+    def __call__(
+        self,
+        tensors: Sequence[Tensor],
+        base: Tensor | None,
+        models: Sequence[Any],
+        params: Any,
+        state: Any = None,
+        offset: int = 0,
+        *,
+        context: TensorContext | None = None,
+    ) -> Tensor: ...
+
+
+# Every ingredient's next flat chunk and the base's (None without one), as stored, in the compute dtype.
+InputChunks = Callable[[], Iterable[tuple[list["Tensor"], "Tensor | None"]]]
+
+
+class Prepare(Protocol):
+    """prepare(task_vectors, numel, models, params, *, context, inputs) -> state: what needs every entry
+    of the tensor (TIES: trim thresholds), before fn merges it chunk by chunk.
+
+    task_vectors() yields consecutive flat chunks, each a list of every ingredient's x_i - base there
+    (the base read once per chunk); inputs() the same chunks of the tensors as they are (InputChunks),
+    for methods that do not work on task vectors. Each call is a fresh iterator, so prepare may make
+    several passes; the chunks are fresh tensors prepare may modify in place. On a GPU, prepare should
+    not synchronise with the host per chunk (ties_prepare synchronises once)."""
+
+    def __call__(
+        self,
+        task_vectors: Callable[[], Iterable[list[Tensor]]],
+        numel: int,
+        models: Sequence[Any],
+        params: Any,
+        *,
+        context: TensorContext | None = None,
+        inputs: InputChunks | None = None,
+    ) -> Any: ...
+
+
+# merge_range(start, end, out): merges flat entries [start, end) into `out` (end - start entries of
+# the output dtype); called for consecutive ranges, so that the output is written in pieces.
 MergeRange = Callable[[int, int, "np.ndarray"], None]
-Fused = Callable[..., MergeRange]
+
+
+class Fused(Protocol):
+    """fused(tensors, base, models, params, run, *, context) -> merge_range: an optional fast path for
+    CPU merges in float32, on the stored bytes: tensors and base are whole flat numpy views in
+    merger.sources.DTYPES' form (what merger.kernels reads), all of one dtype, and run(fn, n[, size])
+    maps fn(start, end) over ranges covering [0, n) on the engine's threads, returning the results in
+    order. The call does what needs the whole tensor (TIES: the trim thresholds). It must agree with
+    fn to float32 rounding (TIES: bit for bit); tests hold both to the same oracles. The engine uses it
+    when numba and the dtypes allow, and then never imports torch."""
+
+    def __call__(
+        self,
+        tensors: Sequence[np.ndarray],
+        base: np.ndarray | None,
+        models: Sequence[Any],
+        params: Any,
+        run: Callable[..., list],
+        *,
+        context: TensorContext | None = None,
+    ) -> MergeRange: ...
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from merger.methods.base import GpuFootprint, MergeRange, Method, Params
+from merger.methods.base import GpuFootprint, MergeRange, Method, Params, TensorContext
 from merger.methods.linear import LinearModelParams, LinearParams, linear, linear_fused
 
 if TYPE_CHECKING:
@@ -21,13 +21,20 @@ _ONE = LinearModelParams(weight=1.0)
 
 
 def uniform_soup(
-    tensors: Sequence[Tensor], base: Tensor | None, models: Sequence[NoParams], params: NoParams
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    models: Sequence[NoParams],
+    params: NoParams,
+    *,
+    context: TensorContext | None = None,
 ) -> Tensor:
     # The linear soup with weights 1, so a greedy soup is bit for bit the linear merge of what it kept.
     return linear(tensors, None, [_ONE] * len(tensors), _UNIFORM)
 
 
-def uniform_soup_fused(tensors, base, models: Sequence[NoParams], params: NoParams, run) -> MergeRange:
+def uniform_soup_fused(
+    tensors, base, models: Sequence[NoParams], params: NoParams, run, *, context: TensorContext | None = None
+) -> MergeRange:
     return linear_fused(tensors, None, [_ONE] * len(tensors), _UNIFORM, run)
 
 

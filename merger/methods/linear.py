@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from merger.methods.base import GpuFootprint, MergeRange, Method, Params, normalizable
+from merger.methods.base import GpuFootprint, MergeRange, Method, Params, TensorContext, normalizable
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -22,7 +22,12 @@ class LinearParams(Params):
 
 
 def linear(
-    tensors: Sequence[Tensor], base: Tensor | None, models: Sequence[LinearModelParams], params: LinearParams
+    tensors: Sequence[Tensor],
+    base: Tensor | None,
+    models: Sequence[LinearModelParams],
+    params: LinearParams,
+    *,
+    context: TensorContext | None = None,
 ) -> Tensor:
     import torch
 
@@ -34,7 +39,15 @@ def linear(
     return out
 
 
-def linear_fused(tensors, base, models: Sequence[LinearModelParams], params: LinearParams, run) -> MergeRange:
+def linear_fused(
+    tensors,
+    base,
+    models: Sequence[LinearModelParams],
+    params: LinearParams,
+    run,
+    *,
+    context: TensorContext | None = None,
+) -> MergeRange:
     from merger import kernels
 
     weights = [m.weight for m in models]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from merger.errors import NaNTaskVector
-from merger.methods.base import GpuFootprint, MergeRange, Method, Params, normalizable
+from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, normalizable
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -39,7 +39,12 @@ class TiesParams(TaskArithmeticParams):
 
 
 def task_arithmetic(
-    tensors: Sequence[Tensor], base: Tensor, models: Sequence[TaskModelParams], params: TaskArithmeticParams
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    models: Sequence[TaskModelParams],
+    params: TaskArithmeticParams,
+    *,
+    context: TensorContext | None = None,
 ) -> Tensor:
     import torch
 
@@ -201,6 +206,9 @@ def ties_prepare(
     numel: int,
     models: Sequence[TiesModelParams],
     params: TiesParams,
+    *,
+    context: TensorContext | None = None,
+    inputs: InputChunks | None = None,
 ) -> TrimState:
     """Each model's trim threshold: every model's in the same streaming passes (kth_largest)."""
     ks = [keep_count(numel, m.density) for m in models]
@@ -245,6 +253,8 @@ def ties(
     params: TiesParams,
     state: TrimState | None = None,
     offset: int = 0,
+    *,
+    context: TensorContext | None = None,
 ) -> Tensor:
     """TIES on whole tensors, or (given `state` from ties_prepare) on the chunk of the flattened
     tensors that starts at flat index `offset`."""
@@ -277,7 +287,13 @@ def ties(
 
 
 def task_arithmetic_fused(
-    tensors, base, models: Sequence[TaskModelParams], params: TaskArithmeticParams, run
+    tensors,
+    base,
+    models: Sequence[TaskModelParams],
+    params: TaskArithmeticParams,
+    run,
+    *,
+    context: TensorContext | None = None,
 ) -> MergeRange:
     from merger import kernels
 
@@ -289,7 +305,9 @@ def task_arithmetic_fused(
     return merge_range
 
 
-def ties_fused(tensors, base, models: Sequence[TiesModelParams], params: TiesParams, run) -> MergeRange:
+def ties_fused(
+    tensors, base, models: Sequence[TiesModelParams], params: TiesParams, run, *, context: TensorContext | None = None
+) -> MergeRange:
     """TIES through merger.kernels: one counting pass over the whole tensors finds every model's trim
     threshold exactly, then ranges merge in one pass each; bit-identical to `ties`."""
     from merger import kernels

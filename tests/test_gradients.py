@@ -1,0 +1,151 @@
+"""Parameters per tensor: gradients over the layers and filters on tensor names, at the top level, per
+model and per slice source, as mergekit reads them; each checked against an oracle written here
+(numpy's interp for the gradients, the tensor names for the filters)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_output, write_checkpoint
+
+from merger import settings
+from merger.cli import cli
+
+NAMES = ["embed.weight", "final_norm.weight", "head.weight"]
+NAMES += [f"model.layers.{i}.{w}.weight" for i in range(5) for w in ("self_attn.q", "mlp.up")]
+
+
+@pytest.fixture
+def models(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for m in ("a", "b", "base"):
+        out[m] = {n: torch.randn(6, 4, generator=g) for n in NAMES}
+        write_checkpoint(tmp_path / m, out[m], n_shards=2)
+    return out
+
+
+def merged(tmp_path, recipe: str) -> dict[str, torch.Tensor]:
+    (tmp_path / "r.yaml").write_text(recipe.replace("{root}", str(tmp_path)))
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q", "--force"])
+    assert result.exit_code == 0, result.output
+    return load_output(tmp_path / "out")
+
+
+def gradient(points: list[float], t: float) -> float:
+    """The oracle: points spread evenly over [0, 1], linearly in between."""
+    return float(np.interp(t, np.linspace(0, 1, len(points)), points))
+
+
+def place(name: str, layers: int = 5) -> float:
+    """A tensor's place t over the layers of a models: recipe; before them (embed) 0, after them 1."""
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2]) / (layers - 1)
+    return 0.0 if name.startswith("embed") else 1.0
+
+
+def test_gradient_reads_piecewise_linearly_and_filters_pick_the_first_match():
+    assert [settings.at([0, 1, 0.5], "x", t) for t in (0, 0.25, 0.5, 0.75, 1)] == [0, 0.5, 1, 0.75, 0.5]
+    filters = [{"filter": "mlp", "value": [0, 1]}, {"filter": "attn", "value": 3}, {"value": 2}]
+    assert settings.at(filters, "layers.1.mlp.up", 0.5) == 0.5
+    assert settings.at(filters, "layers.1.self_attn.q", 0.5) == 3
+    assert settings.at(filters, "norm", 0.5) == 2
+    assert settings.at(filters[:2], "norm", 0.5) is None  # unset here: the next level decides
+    assert settings.at([{"filter": "*", "value": 4}], "anything", 0) == 4
+
+
+@pytest.mark.parametrize("compute", ["float32", "float64"])  # the fused kernel, and torch
+def test_a_top_level_gradient_weights_each_layer_by_its_place(tmp_path, models, compute):
+    got = merged(
+        tmp_path,
+        f"merge_method: linear\ncompute_dtype: {compute}\ndtype: float32\n"
+        "models: [{model: {root}/a, parameters: {weight: [0, 1, 0.25]}}, {model: {root}/b}]\n"
+        "parameters: {normalize: false}\n",
+    )
+    a, b = models["a"], models["b"]
+    for name in NAMES:
+        w = gradient([0, 1, 0.25], place(name))
+        torch.testing.assert_close(got[name], (w * a[name].double() + b[name].double()).float(), msg=name)
+
+
+def test_filters_with_gradients_per_model_over_the_top_level(tmp_path, models):
+    """Model a: mlp tensors along a gradient, attention ones 3, the others fall through to the top level
+    (2); model b has none of its own: the top level's filters, and its default outside them."""
+    got = merged(
+        tmp_path,
+        "merge_method: task_arithmetic\nbase_model: {root}/base\ndtype: float32\ncompute_dtype: float64\n"
+        "models:\n"
+        "  - model: {root}/a\n"
+        "    parameters: {weight: [{filter: mlp, value: [1, 0]}, {filter: self_attn, value: 3}]}\n"
+        "  - model: {root}/b\n"
+        "parameters: {weight: [{filter: head, value: 2}, {filter: norm, value: [5, 6]}]}\n",
+    )
+    a, b, base = models["a"], models["b"], models["base"]
+    for name in NAMES:
+        t = place(name)
+        wa = (
+            gradient([1, 0], t)
+            if "mlp" in name
+            else 3
+            if "self_attn" in name
+            else 2
+            if "head" in name
+            else 6
+            if "norm" in name
+            else 1
+        )
+        wb = 2 if "head" in name else 6 if "norm" in name else 1
+        d = base[name].double()
+        want = d + wa * (a[name].double() - d) + wb * (b[name].double() - d)
+        torch.testing.assert_close(got[name], want.float(), msg=name)
+
+
+def test_gradients_in_slices_run_over_each_slice_and_a_source_overrides_its_slice(tmp_path, models):
+    got = merged(
+        tmp_path,
+        "merge_method: linear\ndtype: float32\ncompute_dtype: float64\n"
+        "slices:\n"
+        "  - sources:\n"
+        "      - {model: {root}/a, layer_range: [0, 3], parameters: {weight: [0, 2]}}\n"
+        "      - {model: {root}/b, layer_range: [2, 5]}\n"
+        "    parameters: {weight: 5, normalize: false}\n"
+        "  - sources:\n"
+        "      - {model: {root}/a, layer_range: [4, 5]}\n"
+        "      - {model: {root}/b, layer_range: [0, 1], parameters: {weight: [{filter: mlp, value: 0.5}]}}\n"
+        "parameters: {weight: [1, 3]}\n",
+    )
+    a, b = models["a"], models["b"]
+
+    def layer(state, i, w):
+        return state[f"model.layers.{i}.{w}.weight"].double()
+
+    # output layer k: (a's layer, b's layer, a's weight, b's weight, normalize)
+    plan = [(0, 2, 0.0, 5, False), (1, 3, 1.0, 5, False), (2, 4, 2.0, 5, False)]
+    plan += [(4, 0, 3.0, None, True)]  # one layer: t = 1, as mergekit; b: 0.5 on mlp, else the top level's 3
+    for k, (i, j, wa, wb, normalize) in enumerate(plan):
+        for w in ("self_attn.q", "mlp.up"):
+            wb_here = wb if wb is not None else (0.5 if w == "mlp.up" else 3.0)
+            want = wa * layer(a, i, w) + wb_here * layer(b, j, w)
+            if normalize:
+                want /= wa + wb_here
+            torch.testing.assert_close(got[f"model.layers.{k}.{w}.weight"], want.float(), msg=f"{k} {w}")
+    # the embedding from the first slice at t = 0 (a: 0, b: 5, not normalised); the head from the last at t = 1
+    torch.testing.assert_close(got["embed.weight"], (5 * b["embed.weight"]).float())
+    torch.testing.assert_close(got["head.weight"], ((3 * a["head.weight"].double() + 3 * b["head.weight"]) / 6).float())
+    assert len([n for n in got if n.startswith("model.layers.")]) == 8
+
+
+def test_a_gradient_that_makes_weights_sum_to_zero_somewhere_is_refused_before_merging(tmp_path, models):
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nmodels:\n  - model: {tmp_path}/a\n    parameters: {{weight: [1, -1]}}\n"
+        f"  - model: {tmp_path}/b\n    parameters: {{weight: [-1, 1]}}\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {tmp_path / 'r.yaml'}:2: models: tensor 'model.layers.0.mlp.up.weight': the weights sum to 0, so they cannot "
+        "be normalised; set normalize: false or change a weight\n"
+    )
+    assert not (tmp_path / "out").exists()
