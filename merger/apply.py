@@ -75,9 +75,9 @@ def apply(
         bytes_read = _as_rank(job, force, progress, group, card)
         if bytes_read is None:
             return None
-        peaks = (system.peak_rss(), 0)
+        peaks, resumed = (system.peak_rss(), 0), None
     else:
-        bytes_read, peaks = _in_this_process(job, force, progress, workers, card)
+        bytes_read, peaks, resumed = _in_this_process(job, force, progress, workers, card)
     summary = {
         "output": str(dest),
         "method": plan.spec.method.name,
@@ -89,6 +89,7 @@ def apply(
         "bytes_written": plan.bytes_written,
         "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_bytes": max(system.peak_rss(), peaks[0]),  # per process: the largest, workers included
+        "shards_resumed": resumed,  # kept from an interrupted run (None: not known to this rank)
     }
     if plan.device == "cuda":
         import torch
@@ -172,13 +173,14 @@ class Job:
 
 def _in_this_process(job: Job, force: bool, progress: bool, workers: int, card: str | None):
     """The shards written here (or by --workers processes), then committed. Returns (bytes read, the
-    workers' largest peak RSS and GPU memory)."""
+    workers' largest peak RSS and GPU memory, how many shards an interrupted run had finished)."""
     plan = job.plan
     partial = Partial(job.dest, plan, durable=job.durable)
     peaks = (0, 0)
     try:
         with _kept_for_resume(partial), job.beside() as pool:
             todo = partial.todo
+            resumed = len(plan.shards) - len(todo)
             hashing = job.hash_inputs(pool, partial, todo)
             if workers > 1:
                 read, *peaks = parallel.write_with_workers(
@@ -193,7 +195,7 @@ def _in_this_process(job: Job, force: bool, progress: bool, workers: int, card: 
             partial.commit(force)
     finally:
         partial.close()
-    return read, tuple(peaks)
+    return read, tuple(peaks), resumed
 
 
 def _as_rank(job: Job, force: bool, progress: bool, group: parallel.Group, card: str | None) -> int | None:

@@ -237,6 +237,11 @@ def _apply(recipe, output, device, shard_size, locked, offline, low_disk, no_pus
         click.echo(
             f"merged {summary['tensors']} tensors with {summary['method']} into {summary['output']} "
             f"({summary['shards']} shards, {_size(summary['bytes_written'])}) in {summary['seconds']:.1f} s"
+            + (
+                f"; {summary['shards_resumed']} of them kept from an interrupted run"
+                if summary["shards_resumed"]
+                else ""
+            )
         )
         if target:
             click.echo(f"published to {summary['published']}")

@@ -210,8 +210,20 @@ def greedy_soup(
     finally:
         evaluator.close()
 
-    report = {
-        "evaluator": evaluator.describe(),
+    report = _report(refs, ev, evaluator.describe(), result, counts, cache)
+    final = subset_plan(plan, tuple(sorted(result.selected)))
+    summary = apply(
+        final, dest, force=force, progress=progress, workers=workers, card=format_markdown(report), provenance=plan
+    )
+    summary["seconds"] = round(time.perf_counter() - start, 3)  # the search included
+    summary["greedy_soup"] = report
+    return summary
+
+
+def _report(refs: list[str], ev, described: str, result, counts: dict, cache: ScoreCache) -> dict:
+    """The search as the summary, the model card and --json tell it."""
+    return {
+        "evaluator": described,
         "direction": ev.direction,
         "accept": ev.accept,
         "ingredients": [{"model": refs[i], "score": result.alone[i]} for i in result.order],
@@ -225,13 +237,6 @@ def greedy_soup(
         **counts,
         "cache": str(cache.path) if cache.path else None,
     }
-    final = subset_plan(plan, tuple(sorted(result.selected)))
-    summary = apply(
-        final, dest, force=force, progress=progress, workers=workers, card=format_markdown(report), provenance=plan
-    )
-    summary["seconds"] = round(time.perf_counter() - start, 3)  # the search included
-    summary["greedy_soup"] = report
-    return summary
 
 
 def _keys(plan: Plan, cache: ScoreCache, evaluator: Evaluator) -> Callable[[tuple[int, ...]], str]:

@@ -111,8 +111,9 @@ def test_a_stopped_merge_resumes_where_it_stopped(family, tmp_path, signal_name,
     text = merger("plan", str(recipe), "-o", str(out)).stdout
     assert f"resume:       an interrupted merge left {len(kept)} of {SHARDS} shards" in text
 
-    again = merger("apply", str(recipe), "-o", str(out), "-q")
+    again = merger("apply", str(recipe), "-o", str(out))
     assert again.returncode == 0, again.stderr
+    assert again.stdout.rstrip().endswith(f"; {len(kept)} of them kept from an interrupted run"), again.stdout
     assert_resumed(out, kept, whole)
 
 
