@@ -6,7 +6,8 @@ of its slice (their layers in step), renumbered from 0. A `models:` recipe is th
 model's layers. Tensors outside the layers come, as in mergekit, from the first slice's sources when
 they come before the layers (the embeddings), else from the last slice's (final norm, head).
 Parameters are resolved per tensor (merger.settings): a source's own over its slice's over the top
-level's, a gradient read at the layer's place in its slice (0 to 1; 0 before the layers, 1 after).
+level's, a gradient read at the layer's place in its slice (0 to 1), and at 0 outside the layers, before
+and after them alike, as mergekit reads it.
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ class Assembler:
         for name in self.reference.tensors:
             if stack is None or stack.index(name) is None:
                 before = BEFORE_LAYERS.search(name) is not None
-                made.append(self._tensor(parts[0] if before else parts[-1], name, name, 0.0 if before else 1.0))
+                # a gradient's first value for every tensor outside the layers, after them too, as mergekit
+                # plans them (t = 0 both sides), so that its configs give its results
+                made.append(self._tensor(parts[0] if before else parts[-1], name, name, 0.0))
         if self.problems:
             raise RecipeError(list(dict.fromkeys(self.problems)))
         return Assembly([t for t in made if t is not None], stack, origins)
