@@ -650,9 +650,15 @@ def test_an_interrupted_evaluator_command_is_ended_with_everything_it_started(tm
 
     evaluator, pid_file = _started_in_background(tmp_path)
     main = threading.main_thread().ident
-    threading.Timer(1.0, lambda: signal.pthread_kill(main, signal.SIGINT)).start()  # Ctrl-C
-    with pytest.raises(KeyboardInterrupt):
-        evaluator.score(_Candidate(tmp_path))
+    # Ctrl-C as Python handles it by default: a run that a non-interactive shell started in the background
+    # (nohup make test &) inherits SIGINT ignored, and Python then installs no handler for it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Timer(1.0, lambda: signal.pthread_kill(main, signal.SIGINT)).start()  # Ctrl-C
+        with pytest.raises(KeyboardInterrupt):
+            evaluator.score(_Candidate(tmp_path))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert _gone(pid_file), "the command's background child outlived the interrupt"
 
 
