@@ -124,12 +124,12 @@ class Plan:
     def estimate(self) -> merger_device.Estimate:
         """The figures that decide between the CPU and the GPU (merger.device): each merged tensor's
         entries times the models it merges (the base aside: Method.cpu_ns is per model), through the
-        fused kernels where the CPU engine would take them (Merger._fusable), else through torch."""
+        fused kernels where the CPU engine would take them (fusable), else through torch."""
         fused = eager = 0
         for t in self.tensors:
             if t.merged:
                 entries = t.numel * len(t.sources)
-                if self._fusable(t):
+                if self.fusable(t):
                     fused += entries
                 else:
                     eager += entries
@@ -142,9 +142,9 @@ class Plan:
             cores=system.default_threads(),
         )
 
-    def _fusable(self, t: OutTensor) -> bool:
-        """Whether the CPU engine merges t through the method's fused kernel (as Merger._fusable decides,
-        numba aside): float32 compute, one stored dtype among the models, every dtype one it handles."""
+    def fusable(self, t: OutTensor) -> bool:
+        """Whether the CPU engine merges t through the method's fused kernel (Merger._fusable, where numba
+        loads): float32 compute, one stored dtype among the models, every dtype one it handles."""
         if self.spec.method.fused is None or self.compute_dtype != "float32":
             return False
         models = {s.info.dtype for s in t.sources}

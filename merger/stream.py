@@ -254,13 +254,9 @@ class Merger:
             self.pool.shutdown()
 
     def _fusable(self, t: OutTensor) -> bool:
-        """Whether t merges through the method's fused kernel: one stored dtype among the models, and
-        every dtype (base and output too) one the kernels handle."""
-        if self.kernels is None:
-            return False
-        models = {s.info.dtype for s in t.sources}
-        base = {t.base.info.dtype} if t.base is not None else set()
-        return len(models) == 1 and self.kernels.supported(t.dtype, *models, *base)
+        """Whether t merges through the method's fused kernel: the plan's rule (Plan.fusable), where
+        the kernels loaded."""
+        return self.kernels is not None and self.plan.fusable(t)
 
     def inputs_of(self, t: OutTensor) -> tuple[dict[Key, np.ndarray], dict[Key, str]]:
         """Each distinct input tensor (t.distinct) as stored (a zero-copy view) and its dtype code, by
