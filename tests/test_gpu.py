@@ -39,7 +39,9 @@ def test_gpu_json_reports_gpu_memory(tmp_path, family):
 
     paths, _ = family
     (tmp_path / "r.yaml").write_text(RECIPES["ties"].format(**{k: str(v) for k, v in paths.items()}))
-    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o"), "--json"])
+    result = CliRunner().invoke(
+        cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o"), "--json", "--device", "cuda"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["device"] == "cuda" and summary["peak_gpu_bytes"] > 0

@@ -120,7 +120,9 @@ class _RadixSelect:
         self.prefix = torch.zeros(len(self.ks), dtype=torch.int64, device=device)  # the digits found so far
         self.need = torch.empty_like(self.prefix)  # the rank sought among them
         for i, k in enumerate(self.ks):
-            self.need[i] = k  # a fill on the device: torch.tensor(ks, device=...) would wait for the GPU
+            # a fill kernel, k its argument: `need[i] = k` and torch.tensor(ks, device=...) copy from pageable
+            # memory, which waits for the GPU (torch's sync debug mode raised on the first, on an H100)
+            self.need[i].fill_(k)
         self.nans = torch.zeros_like(self.prefix)
         self.cutoff = torch.full_like(self.prefix, -1)
         self.one = torch.ones(1, dtype=torch.int64, device=device)
