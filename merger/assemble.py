@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from merger import settings
 from merger.errors import RecipeError
-from merger.layers import LayerStack, find_stack, natural_key
+from merger.layers import LayerStack, find_stacks, natural_key, numbered, stack_of
 from merger.methods import Params, TensorContext, tensor_seed
 from merger.recipe import DTYPE_CODE, MergeSpec, Slice, SliceInput
 from merger.sources import DTYPES, LocalModel, TensorInfo
@@ -96,7 +96,7 @@ class Assembly:
     """The output tensors (unsorted), and what the output's config needs of its layers."""
 
     tensors: list[OutTensor]
-    stack: LayerStack | None  # the reference's layers
+    stack: LayerStack | None  # the reference's (main) layers
     origins: list[int]  # per output layer, the reference-like model's layer it was made from
 
 
@@ -105,33 +105,43 @@ class Assembler:
 
     def __init__(self, spec: MergeSpec, models: dict[str, LocalModel], reference: LocalModel):
         self.spec, self.models, self.reference = spec, models, reference
-        self.stacks = {m.path: find_stack(m.tensors) for m in [*models.values(), reference]}
+        self.stacks = {m.path: find_stacks(m.tensors) for m in [*models.values(), reference]}
         self._params: dict[tuple, Params] = {}  # resolved values -> their (validated) parameter object
         self._checked: set[tuple] = set()
         self._failed: set[tuple] = set()  # slices whose parameters failed the method's check
-        self._by_layer: dict[Path, dict[int, list[str]]] = {}  # _names
+        self._by_layer: dict[tuple[Path, str], dict[int, list[str]]] = {}  # _names
         self.problems: list[str] = []
+
+    def main(self, model: LocalModel) -> LayerStack | None:
+        stacks = self.stacks[model.path]
+        return stacks[0] if stacks else None
 
     def assemble(self) -> Assembly:
         """Every output tensor, or RecipeError listing each range or tensor the models lack."""
-        stack = self.stacks[self.reference.path]
-        parts = [self._whole(stack)] if self.spec.slices is None else self.spec.slices
-        if self.spec.slices is not None:
-            self._check_ranges(parts)
+        stacks = self.stacks[self.reference.path]
         made: list[OutTensor | None] = []
         origins: list[int] = []
-        for part in parts:
-            made += self._layers(part, len(origins))
-            origins += [self._anchor(part).start + i for i in range(part.count)]
+        if self.spec.slices is None:  # each stack whole, its layers placed (gradients) within it
+            parts = [self._whole(stack) for stack in stacks] or [self._whole(None)]
+            for part, stack in zip(parts, stacks):
+                made += self._layers(part, 0, stack)
+            origins = list(range(stacks[0].count)) if stacks else []
+        else:
+            parts = self.spec.slices
+            self._check_stacks(parts)
+            self._check_ranges(parts)
+            for part in parts:
+                made += self._layers(part, len(origins))
+                origins += [self._anchor(part).start + i for i in range(part.count)]
         for name in self.reference.tensors:
-            if stack is None or stack.index(name) is None:
+            if stack_of(stacks, name) is None:
                 before = BEFORE_LAYERS.search(name) is not None
                 # a gradient's first value for every tensor outside the layers, after them too, as mergekit
                 # plans them (t = 0 both sides), so that its configs give its results
                 made.append(self._tensor(parts[0] if before else parts[-1], name, name, 0.0))
         if self.problems:
             raise RecipeError(list(dict.fromkeys(self.problems)))
-        return Assembly([t for t in made if t is not None], stack, origins)
+        return Assembly([t for t in made if t is not None], stacks[0] if stacks else None, origins)
 
     def _whole(self, stack: LayerStack | None) -> Slice:
         """A models: recipe as its one slice: every model's layers."""
@@ -151,10 +161,28 @@ class Assembler:
             return SliceInput(self.spec.base, 0, part.count, {}, ("base_model",))
         return part.base or part.inputs[0]
 
+    def _check_stacks(self, parts: list[Slice]) -> None:
+        """Slices number one stack of layers: a model with two (encoder and decoder, a vision tower beside
+        a language model) is refused, as mergekit refuses it outside its `modules:` form."""
+        for part in parts:
+            for e in (*part.inputs, *([part.base] if part.base else [])):
+                model = self.models[e.ref]
+                stacks = self.stacks[model.path]
+                if len(stacks) > 1:
+                    first = min((n for n in model.tensors if stacks[1].index(n) is not None), key=natural_key)
+                    names = ", ".join(f"'{s.prefix}.N'" for s in stacks)
+                    self.problems.append(
+                        f"{self.spec.where(*e.loc)}: '{e.ref}' has {len(stacks)} stacks of layers ({names}; "
+                        f"'{first}' is in the second), and slices number one: mergekit's `modules:` form for "
+                        "such models is not read yet; merge them whole with `models:`"
+                    )
+        if self.problems:
+            raise RecipeError(list(dict.fromkeys(self.problems)))
+
     def _check_ranges(self, parts: list[Slice]) -> None:
         for part in parts:
             for e in (*part.inputs, *([part.base] if part.base else [])):
-                stack = self.stacks[self.models[e.ref].path]
+                stack = self.main(self.models[e.ref])
                 count = stack.count if stack else 0
                 if e.end > count:
                     self.problems.append(
@@ -164,11 +192,11 @@ class Assembler:
         if self.problems:
             raise RecipeError(self.problems)
 
-    def _layers(self, part: Slice, first: int) -> list[OutTensor | None]:
-        """The output layers [first, first + part.count) of one slice."""
+    def _layers(self, part: Slice, first: int, stack: LayerStack | None = None) -> list[OutTensor | None]:
+        """The output layers [first, first + part.count) of one slice, of `stack` (default: the main one)."""
         anchor = self._anchor(part)
         model = self.models[anchor.ref]
-        stack = self.stacks[model.path]
+        stack = stack or self.main(model)
         if stack is None or not part.count:
             return []
         out = []
@@ -181,14 +209,15 @@ class Assembler:
 
     def _names(self, model: LocalModel, stack: LayerStack) -> dict[int, list[str]]:
         """model's layer tensors by layer, each layer's in natural order (read once per model)."""
-        if model.path not in self._by_layer:
+        key = (model.path, stack.prefix)
+        if key not in self._by_layer:
             by_layer: dict[int, list[str]] = {}
             for name in sorted(model.tensors, key=natural_key):
                 i = stack.index(name)
                 if i is not None:
                     by_layer.setdefault(i, []).append(name)
-            self._by_layer[model.path] = by_layer
-        return self._by_layer[model.path]
+            self._by_layer[key] = by_layer
+        return self._by_layer[key]
 
     def _tensor(
         self, part: Slice, out_name: str, name: str, t: float, layer: tuple[int, LayerStack] | None = None
@@ -218,7 +247,7 @@ class Assembler:
         code = like.dtype
         if like.is_float:
             code = DTYPE_CODE.get(spec.recipe.out_dtype or spec.recipe.dtype or "") or code
-        out_layer = layer_of(self.stacks[self.reference.path], out_name)
+        out_layer = layer_of(self.stacks[self.reference.path], out_name)  # in its own stack
         return OutTensor(
             out_name, like.shape, code, like.is_float, like.numel * DTYPES[code][1], sources, base, models, params,
             out_layer, tensor_seed(spec.seed, out_name),
@@ -292,8 +321,9 @@ class Assembler:
         return self._params[cached]
 
 
-def layer_of(stack: LayerStack | None, name: str) -> int | None:
-    return stack.index(name) if stack is not None else None
+def layer_of(stacks: list[LayerStack], name: str) -> int | None:
+    found = stack_of(stacks, name)
+    return found[1] if found else None
 
 
 def tensor_record(t: OutTensor) -> dict:
@@ -312,18 +342,20 @@ def layer_rows(tensors: list[OutTensor]) -> list[tuple[str, str, str]]:
     """`merger plan`'s table of a recipe with slices, gradients or filters: per output layer (then per
     tensor outside the layers), (what, its inputs, its parameters). Inputs as model[layer]; a parameter
     that differs between the layer's tensors (filters) as its range."""
-    stacks: dict[Path, LayerStack | None] = {}
+    stacks: dict[Path, list[LayerStack]] = {}
 
     def where(s: Source) -> str:
         if s.model.path not in stacks:
-            stacks[s.model.path] = find_stack(s.model.tensors)
+            stacks[s.model.path] = find_stacks(s.model.tensors)
         layer = layer_of(stacks[s.model.path], s.name)
         return f"{s.model.ref}[{layer}]" if layer is not None else f"{s.model.ref}"
 
     groups: dict[object, list[OutTensor]] = {}
     for t in tensors:
         if t.merged:
-            groups.setdefault(t.layer if t.layer is not None else t.name, []).append(t)
+            place = numbered(t.name) if t.layer is not None else None
+            groups.setdefault(place or t.name, []).append(t)
+    several = len({key[0] for key in groups if isinstance(key, tuple)}) > 1  # an encoder and a decoder
     rows = []
     for key, members in groups.items():
         first = members[0]
@@ -333,10 +365,15 @@ def layer_rows(tensors: list[OutTensor]) -> list[tuple[str, str, str]]:
             shown = _values([t.models[i] for t in members])
             values += [f"{s.model.ref}: {shown}"] if shown else []
         wide = _values([t.params for t in members if t.params is not None])
-        rows.append(
-            (f"layer {key}" if isinstance(key, int) else str(key), inputs, "; ".join(values + [wide] * bool(wide)))
-        )
+        rows.append((_row_name(key, several), inputs, "; ".join(values + [wide] * bool(wide))))
     return rows
+
+
+def _row_name(key: object, several: bool) -> str:
+    """'layer 3'; 'model.decoder.layers.3' where the output has several stacks; a tensor's name outside them."""
+    if not isinstance(key, tuple):
+        return str(key)
+    return f"{key[0]}.{key[1]}" if several else f"layer {key[1]}"
 
 
 def _values(params: list[Params]) -> str:

@@ -43,18 +43,46 @@ def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def find_stack(names: Iterable[str]) -> LayerStack | None:
-    """The layer stack of a checkpoint with these tensor names: the prefix of a first numeric
-    component with the most distinct indices (ties: the most tensors, then the first name in order);
-    None for a checkpoint without numbered tensors."""
+def numbered(name: str) -> tuple[str, int] | None:
+    """(prefix, index) of a name's first numeric component: ('model.layers', 3) for
+    'model.layers.3.mlp.up_proj.weight'; None for a name without one."""
+    m = _NUMBERED.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def find_stacks(names: Iterable[str]) -> list[LayerStack]:
+    """Every layer stack of a checkpoint with these tensor names, the main one first (find_stack), then
+    any other prefix numbered 0, 1, ..., n-1 with n >= 2 and at least two tensors a layer, in name order: an
+    encoder-decoder's second stack, a vision tower's blocks beside a language model's layers (not a small
+    numbered extra such as `patch.0.weight`, `patch.1.weight`). Empty without numbered tensors."""
     indices: dict[str, set[int]] = {}
     tensors: Counter[str] = Counter()
     for name in sorted(names):
-        m = _NUMBERED.match(name)
-        if m:
-            indices.setdefault(m.group(1), set()).add(int(m.group(2)))
-            tensors[m.group(1)] += 1
+        if found := numbered(name):
+            indices.setdefault(found[0], set()).add(found[1])
+            tensors[found[0]] += 1
     if not indices:
-        return None
-    prefix = max(indices, key=lambda p: (len(indices[p]), tensors[p]))
-    return LayerStack(prefix, max(indices[prefix]) + 1)
+        return []
+    main = max(indices, key=lambda p: (len(indices[p]), tensors[p]))
+    others = [
+        p for p in indices
+        if p != main and len(indices[p]) >= 2 and indices[p] == set(range(len(indices[p])))
+        and tensors[p] >= 2 * len(indices[p])
+    ]  # fmt: skip
+    return [LayerStack(p, max(indices[p]) + 1) for p in [main, *sorted(others, key=natural_key)]]
+
+
+def find_stack(names: Iterable[str]) -> LayerStack | None:
+    """The main layer stack of a checkpoint with these tensor names: the prefix of a first numeric
+    component with the most distinct indices (ties: the most tensors, then the first name in order);
+    None for a checkpoint without numbered tensors."""
+    stacks = find_stacks(names)
+    return stacks[0] if stacks else None
+
+
+def stack_of(stacks: Iterable[LayerStack], name: str) -> tuple[LayerStack, int] | None:
+    """The stack that holds tensor `name`, and its layer there; None outside every stack."""
+    for stack in stacks:
+        if (i := stack.index(name)) is not None:
+            return stack, i
+    return None

@@ -151,3 +151,61 @@ def test_a_gradient_that_makes_weights_sum_to_zero_somewhere_is_refused_before_m
         "be normalised; set normalize: false or change a weight\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+# An encoder-decoder: two stacks of different depths (T5's names), an embedding shared by both, a head.
+ENC_DEC = ["shared.weight", "lm_head.weight", "encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"]
+ENC_DEC += [f"encoder.block.{i}.layer.0.SelfAttention.{w}.weight" for i in range(3) for w in "qk"]
+ENC_DEC += [f"decoder.block.{i}.layer.{j}.DenseReluDense.wi.weight" for i in range(5) for j in (0, 2)]
+
+
+@pytest.fixture
+def enc_dec(tmp_path):
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    for m in ("a", "b"):
+        out[m] = {n: torch.randn(4, 3, generator=g) for n in ENC_DEC}
+        write_checkpoint(tmp_path / m, out[m], n_shards=2)
+    return out
+
+
+def test_a_gradient_runs_over_each_stack_of_an_encoder_decoder_on_its_own(tmp_path, enc_dec):
+    """mergekit places each module's layers within that module: the encoder's 3 layers at 0, 0.5, 1 and
+    the decoder's 5 at 0, 0.25, ..., 1; tensors outside both at 0."""
+    got = merged(
+        tmp_path,
+        "merge_method: linear\ndtype: float32\ncompute_dtype: float64\n"
+        "models: [{model: {root}/a, parameters: {weight: [0, 1]}}, {model: {root}/b, parameters: {weight: 1}}]\n"
+        "parameters: {normalize: false}\n",
+    )
+    a, b = enc_dec["a"], enc_dec["b"]
+    for name in ENC_DEC:
+        parts = name.split(".")
+        t = int(parts[2]) / {"encoder": 2, "decoder": 4}[parts[0]] if parts[1] == "block" else 0.0
+        torch.testing.assert_close(got[name], (t * a[name].double() + b[name].double()).float(), msg=name)
+    assert sorted(got) == sorted(ENC_DEC)
+
+
+def test_plan_names_each_stacks_layers(tmp_path, enc_dec):
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nmodels: [{{model: {tmp_path}/a, parameters: {{weight: [0, 1]}}}}, {{model: {tmp_path}/b}}]\n"
+    )
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "encoder.block.2 " in result.output and "decoder.block.4 " in result.output
+    assert "layer 2 " not in result.output  # two stacks: each row says which
+
+
+def test_slices_over_an_encoder_decoder_are_refused_naming_the_second_stack(tmp_path, enc_dec):
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: passthrough\nslices:\n  - sources: [{{model: {tmp_path}/a, layer_range: [0, 2]}}]\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {tmp_path / 'r.yaml'}:3: slices[0].sources[0]: '{tmp_path}/a' has 2 stacks of layers "
+        "('decoder.block.N', 'encoder.block.N'; 'encoder.block.0.layer.0.SelfAttention.k.weight' is in the second), "
+        "and slices number one: mergekit's `modules:` form for such models is not read yet; merge them whole with "
+        "`models:`\n"
+    )
+    assert not (tmp_path / "out").exists()

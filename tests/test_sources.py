@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import write_checkpoint
 
-from merger.layers import LayerStack, find_stack
+from merger.layers import LayerStack, find_stack, find_stacks, stack_of
 from merger.methods import Method, TensorContext, tensor_seed
 from merger.methods.linear import LinearModelParams, LinearParams
 from merger.plan import Source, build_plan
@@ -133,3 +133,26 @@ def test_one_model_may_supply_two_tensors_to_one_output(tmp_path):
         other = "model.layers.0.q.weight"
         torch.testing.assert_close(merged[other], ((3 * t0[other] + t1[other]) / 4), rtol=1e-6, atol=1e-6)
     assert plan.stored_bytes(plan.tensors[[t.name for t in plan.tensors].index(name)]) == 2 * 8 * 4 * 4
+
+
+def test_every_stack_of_an_encoder_decoder_or_a_vision_language_model_is_found():
+    t5 = [
+        f"{s}.block.{i}.layer.0.SelfAttention.{w}.weight"
+        for s in ("encoder", "decoder")
+        for i in range(4)
+        for w in "qk"
+    ]
+    assert find_stacks([*t5, "decoder.block.0.layer.1.EncDecAttention.q.weight", "shared.weight"]) == [
+        LayerStack("decoder.block", 4),
+        LayerStack("encoder.block", 4),
+    ]  # the main one first: the most tensors breaks the tie
+    vl = [f"model.layers.{i}.{w}.weight" for i in range(6) for w in ("q", "k")]
+    vl += [f"visual.blocks.{i}.{w}.weight" for i in range(3) for w in ("qkv", "proj")]
+    vl += ["visual.merger.mlp.0.weight", "visual.merger.mlp.2.weight", "lm_head.weight"]  # 0, 2: no stack
+    stacks = find_stacks(vl)
+    assert stacks == [LayerStack("model.layers", 6), LayerStack("visual.blocks", 3)]
+    assert stack_of(stacks, "visual.blocks.2.proj.weight") == (stacks[1], 2)
+    assert stack_of(stacks, "visual.merger.mlp.2.weight") is None
+    # one tensor per index is an extra, not layers
+    assert find_stacks([*vl[:12], "vision.patch.0.weight", "vision.patch.1.weight"]) == [LayerStack("model.layers", 6)]
+    assert find_stacks(["embed.weight"]) == []

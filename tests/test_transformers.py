@@ -135,3 +135,39 @@ def test_bert_style_encoder_without_prefix(tmp_path):
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).last_hidden_state, ref(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_t5_gradient_runs_over_the_encoder_and_the_decoder_each(tmp_path):
+    """An encoder-decoder (3 encoder blocks, 2 decoder blocks): a gradient weight is read at each block's
+    place within its own stack, and at 0 outside them, as mergekit places a module's layers; the output
+    loads in transformers and computes what the oracle's weights do."""
+    cfg = transformers.T5Config(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=3, num_decoder_layers=2, num_heads=2,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    a = transformers.T5ForConditionalGeneration(cfg).eval()
+    b = perturbed(a, 3, scale=0.05)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    out = run(
+        tmp_path,
+        f"merge_method: linear\ndtype: float32\nparameters: {{normalize: false}}\n"
+        f"models: [{{model: {tmp_path / 'a'}, parameters: {{weight: [1, 0]}}}}, "
+        f"{{model: {tmp_path / 'b'}, parameters: {{weight: [0, 1]}}}}]\n",
+    )
+
+    def place(name: str) -> float:
+        stack, _, rest = name.partition(".block.")
+        return int(rest.split(".")[0]) / {"encoder": 2, "decoder": 1}[stack] if rest else 0.0
+
+    sa, sb = a.state_dict(), b.state_dict()
+    ref = transformers.T5ForConditionalGeneration(cfg).eval()
+    ref.load_state_dict({k: (1 - place(k)) * v + place(k) * sb[k] for k, v in sa.items()})
+    merged = transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = merged(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        want = ref(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert place("decoder.block.1.layer.0.SelfAttention.q.weight") == 1.0  # the oracle covers both stacks
