@@ -88,7 +88,7 @@ class OutTensor:
 
     @property
     def context(self) -> TensorContext:
-        return TensorContext(self.name, self.layer, self.seed)
+        return TensorContext(self.name, self.layer, self.seed, self.shape)
 
 
 @dataclass
@@ -147,7 +147,7 @@ class Assembler:
         """A models: recipe as its one slice: every model's layers."""
         spec, count = self.spec, stack.count if stack else 0
         inputs = tuple(SliceInput(g.ref, 0, count, g.settings, ("models", g.index)) for g in spec.ingredients)
-        base = SliceInput(spec.base, 0, count, {}, ("base_model",)) if spec.base and spec.method.needs_base else None
+        base = SliceInput(spec.base, 0, count, {}, ("base_model",)) if spec.base and spec.method.reads_base else None
         return Slice(inputs, base, {}, ("models",))
 
     def _anchor(self, part: Slice) -> SliceInput:

@@ -94,9 +94,17 @@ def cli() -> None:
 
 
 def _plan(
-    recipe: str | None, device: str | None, shard_size: str | None, locked: str | None, offline: bool, progress=False
+    recipe: str | None,
+    device: str | None,
+    shard_size: str | None,
+    locked: str | None,
+    offline: bool,
+    seed: int | None,
+    progress=False,
 ):
     """The plan, and the lock it was pinned to (if any)."""
+    import dataclasses
+
     from pydantic import ByteSize, TypeAdapter, ValidationError
 
     from merger.hub import Hub
@@ -118,6 +126,8 @@ def _plan(
     spec = parse_recipe(lock.recipe, name=f"{locked} (recipe)") if lock else load_recipe(recipe)
     if lock is not None:
         size = size or lock.shard_size
+    if seed is not None or lock is not None:  # --random-seed, else the locked run's
+        spec = dataclasses.replace(spec, seed=seed if seed is not None else lock.random_seed)
     hub = Hub(offline=offline, pins=lock.pins if lock else None, progress=progress)
     return build_plan(spec, device=device, shard_size=size, hub=hub), lock
 
@@ -135,6 +145,12 @@ _recipe_arg = click.argument("recipe", type=click.Path(dir_okay=False), required
 _output_opt = click.option("-o", "--output", help="Output directory (overrides output.path).")
 _device_opt = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to merge (default: the recipe's, else auto)."
+)
+_seed_opt = click.option(
+    "--random-seed",
+    "seed",
+    type=click.IntRange(0, (1 << 63) - 1),
+    help="Seed of the methods that sample (DARE, DELLA...), instead of the recipe's random_seed (default 0).",
 )
 _shard_opt = click.option("--shard-size", help="Bytes per output shard, e.g. 2GB (overrides output.shard_size).")
 _locked_opt = click.option(
@@ -154,6 +170,7 @@ _offline_opt = click.option(
 @_shard_opt
 @_locked_opt
 @_offline_opt
+@_seed_opt
 @click.option(
     "--low-disk",
     is_flag=True,
@@ -172,7 +189,7 @@ _offline_opt = click.option(
 )
 @_domain_errors
 def apply(
-    recipe, output, device, shard_size, locked, offline, low_disk, no_push, force, quiet, as_json, workers
+    recipe, output, device, shard_size, locked, offline, seed, low_disk, no_push, force, quiet, as_json, workers
 ) -> None:
     """Validate RECIPE, then merge its models into a sharded safetensors model.
 
@@ -187,16 +204,20 @@ def apply(
     (progress on stderr), then writes the chosen soup and prints the search as a table.
     """
     with _signals_interrupt():
-        _apply(recipe, output, device, shard_size, locked, offline, low_disk, no_push, force, quiet, as_json, workers)
+        _apply(
+            recipe, output, device, shard_size, locked, offline, seed, low_disk, no_push, force, quiet, as_json, workers
+        )
 
 
-def _apply(recipe, output, device, shard_size, locked, offline, low_disk, no_push, force, quiet, as_json, workers):
+def _apply(
+    recipe, output, device, shard_size, locked, offline, seed, low_disk, no_push, force, quiet, as_json, workers
+):
     from merger import publish
     from merger.apply import apply as write_model
     from merger.methods import greedy
 
     progress = not quiet and not as_json and sys.stderr.isatty()
-    plan, lock = _plan(recipe, device, shard_size, locked, offline, progress)
+    plan, lock = _plan(recipe, device, shard_size, locked, offline, seed, progress)
     dest = _destination(plan, output)
     target = plan.spec.recipe.hub if not no_push else None
     api = publish.hub_api() if target else None  # no token: fail now, not after the merge
@@ -254,15 +275,16 @@ def _apply(recipe, output, device, shard_size, locked, offline, low_disk, no_pus
 @_shard_opt
 @_locked_opt
 @_offline_opt
+@_seed_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_domain_errors
-def plan(recipe, output, device, shard_size, locked, offline, as_json) -> None:
+def plan(recipe, output, device, shard_size, locked, offline, seed, as_json) -> None:
     """Validate RECIPE and show what `apply` would do, reading only the safetensors headers
     (for Hub models, remotely: nothing is downloaded but each model's index)."""
     from merger.lock import listed
     from merger.staging import check_path, inspect
 
-    p, lock = _plan(recipe, device, shard_size, locked, offline)
+    p, lock = _plan(recipe, device, shard_size, locked, offline, seed)
     if lock is not None:  # what can be checked without reading a file: commits, file lists and sizes
         lock.verify(listed(p, local=True), locked)
     dest = str(_destination(p, output)) if output or p.spec.recipe.output.path else None
@@ -449,6 +471,7 @@ def methods(as_json) -> None:
                 "summary": m.summary,
                 "paper": m.paper,
                 "needs_base_model": m.needs_base,
+                "takes_base_model": m.takes_base,
                 "model_parameters": _describe_params(m.model_params),
                 "parameters": _describe_params(m.params),
             }
@@ -457,7 +480,14 @@ def methods(as_json) -> None:
         click.echo(json.dumps(out, indent=2))
         return
     for m in out:
-        click.echo(click.style(m["name"], bold=True) + ("  (needs base_model)" if m["needs_base_model"] else ""))
+        base = (
+            "  (needs base_model)"
+            if m["needs_base_model"]
+            else "  (base_model optional)"
+            if m["takes_base_model"]
+            else ""
+        )
+        click.echo(click.style(m["name"], bold=True) + base)
         click.echo(f"  {m['summary']}")
         if m["paper"]:
             click.echo(f"  paper: {m['paper']}")

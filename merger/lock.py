@@ -37,6 +37,7 @@ class Lock(BaseModel):
     merger_version: str
     recipe: str
     shard_size: int = Field(gt=0)
+    random_seed: int = Field(0, ge=0, lt=1 << 63)  # the run's (the recipe's, or --random-seed's)
     inputs: list[LockedInput]
 
     @property
@@ -154,7 +155,9 @@ def record(
 def write_lock(plan: Plan, inputs: list[LockedInput], directory: Path) -> None:
     spec = plan.spec
     recipe = spec.source.text or yaml.safe_dump(spec.recipe.model_dump(exclude_defaults=True), sort_keys=False)
-    lock = Lock(merger_version=__version__, recipe=recipe, shard_size=plan.shard_size, inputs=inputs)
+    lock = Lock(
+        merger_version=__version__, recipe=recipe, shard_size=plan.shard_size, random_seed=spec.seed, inputs=inputs
+    )
     (directory / LOCK_NAME).write_text(json.dumps(lock.model_dump(exclude_none=True), indent=2) + "\n")
 
 

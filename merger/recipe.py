@@ -150,6 +150,8 @@ class Recipe(Strict):
     output: OutputSettings = Field(default_factory=OutputSettings)
     hub: HubSettings | None = None
     evaluation: Evaluation | None = None  # greedy_soup's held-out evaluator
+    # Methods that sample (DARE, DELLA...): every tensor's draws follow from it (methods.tensor_seed)
+    random_seed: int = Field(0, ge=0, lt=1 << 63)
 
 
 @dataclass
@@ -394,7 +396,16 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
     if problems:
         raise RecipeError(_by_line(problems))
     return MergeSpec(
-        recipe, source, method, params, base, ingredients, tokenizer_source, 0, slices, dict(recipe.parameters)
+        recipe,
+        source,
+        method,
+        params,
+        base,
+        ingredients,
+        tokenizer_source,
+        recipe.random_seed,
+        slices,
+        dict(recipe.parameters),
     )
 
 
@@ -425,7 +436,7 @@ def _ingredients(
     """The models: a recipe merges, each with its parameters over the top-level ones."""
     ingredients: list[Ingredient] = []
     for i, entry in enumerate(recipe.models or []):
-        if method.needs_base and recipe.base_model is not None and _same_ref(entry.model, recipe.base_model):
+        if method.reads_base and recipe.base_model is not None and _same_ref(entry.model, recipe.base_model):
             continue  # the base's own task vector is zero; mergekit configs often list it
         loc = ("models", i, "parameters")
         own, _ = _split(entry.parameters, method, loc, source, problems, whole=False)
@@ -439,7 +450,7 @@ def _ingredients(
 def _slices(recipe: Recipe, method: Method, source: RecipeSource, problems: list[str]) -> list[Slice]:
     """The slices of a recipe, each source's layer range and parameters checked (the layers each model
     has are checked by the plan, which reads the headers)."""
-    base = recipe.base_model if method.needs_base else None
+    base = recipe.base_model if method.reads_base else None
     out = []
     for i, entry in enumerate(recipe.slices or []):
         loc = ("slices", i)

@@ -71,6 +71,7 @@ def fingerprint(plan: Plan) -> str:
         "merger": __version__,
         "libraries": {name: _version(name) for name in ("numpy", "numba", "torch")},  # they compute the bits
         "method": spec.method.name,
+        "seed": spec.seed,
         "params": spec.params.model_dump(mode="json"),
         "models": [g.params.model_dump(mode="json") for g in spec.ingredients],
         "inputs": [identity(m) for m in plan.inputs],

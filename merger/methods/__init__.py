@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from merger.methods import greedy, linear, passthrough, task_vectors
+from merger.methods import greedy, interpolation, linear, passthrough, selection, sparse, subspace, task_vectors
 from merger.methods.base import Fused, GpuFootprint, MergeFn, Method, Params, Prepare, TensorContext, tensor_seed
 
 __all__ = [
@@ -21,7 +21,17 @@ __all__ = [
     "all_methods",
 ]
 
-BUILTIN = (linear.METHOD, task_vectors.TASK_ARITHMETIC, task_vectors.TIES, greedy.METHOD, passthrough.METHOD)
+BUILTIN = (
+    linear.METHOD,
+    task_vectors.TASK_ARITHMETIC,
+    task_vectors.TIES,
+    greedy.METHOD,
+    passthrough.METHOD,
+    *interpolation.METHODS,
+    *sparse.METHODS,
+    *selection.METHODS,
+    *subspace.METHODS,
+)
 PLUGIN_GROUP = "merger.methods"  # a plugin's entry point names a Method object
 
 _registry: dict[str, Method] = {}

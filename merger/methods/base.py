@@ -23,12 +23,14 @@ class Params(BaseModel):
 @dataclass(frozen=True)
 class TensorContext:
     """What a method knows of the output tensor it merges besides its inputs: its name, its layer in
-    the output (merger.layers; None outside the layers), and a seed of its own for methods that draw
-    random numbers (tensor_seed: the same for a tensor in every run, on every device and worker)."""
+    the output (merger.layers; None outside the layers), a seed of its own for methods that draw
+    random numbers (tensor_seed: the same for a tensor in every run, on every device and worker), and
+    its shape (the chunks fn and prepare see are flat: row r of a matrix is entries [r * cols, (r + 1) * cols))."""
 
     name: str
     layer: int | None = None
     seed: int = 0
+    shape: tuple[int, ...] = ()
 
 
 def tensor_seed(recipe_seed: int, name: str) -> int:
@@ -172,6 +174,13 @@ class Method:
     # GPU memory its fn and prepare take (Plan.gpu_bytes); a plugin that states none is assumed to hold,
     # like TIES, a task vector per model and four more buffers.
     gpu: GpuFootprint = GpuFootprint(words=4, per_model=1, masks=1, prepare_words=4, prepare_masks=1)
+    # Reads the base where the recipe names one, and works without (nuslerp, multislerp): fn's base is
+    # then None. needs_base methods refuse a recipe without one.
+    takes_base: bool = False
+
+    @property
+    def reads_base(self) -> bool:
+        return self.needs_base or self.takes_base
 
 
 def normalizable(models: Sequence[BaseModel], params: BaseModel) -> str | None:
