@@ -188,16 +188,51 @@ def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[dict[st
     return reads, writes
 
 
+# Each method's benchmark recipe, with mergekit's parameter names: (which models it reads: "all" every model
+# as an ingredient, "tasks" the base and the fine-tunes as task vectors, "pair" the base and the first
+# fine-tune; per-model parameters; method-wide parameters).
+RECIPES: dict[str, tuple[str, str, str]] = {
+    "linear": ("all", "weight: 1.0", ""),
+    "task_arithmetic": ("tasks", "weight: 0.5", "lambda: 1.0"),
+    "ties": ("tasks", "weight: 0.5, density: 0.5", "lambda: 1.0"),
+    "slerp": ("pair", "", "t: 0.5"),
+    "nuslerp": ("tasks", "weight: 0.5", ""),
+    "multislerp": ("tasks", "weight: 0.5", ""),
+    "karcher": ("all", "", ""),
+    "nearswap": ("pair", "", "t: 0.001"),
+    "dare_linear": ("tasks", "weight: 0.5, density: 0.5", ""),
+    "dare_ties": ("tasks", "weight: 0.5, density: 0.5", ""),
+    "breadcrumbs": ("tasks", "weight: 0.5, density: 0.9, gamma: 0.01", ""),
+    "breadcrumbs_ties": ("tasks", "weight: 0.5, density: 0.9, gamma: 0.01", ""),
+    "della": ("tasks", "weight: 0.5, density: 0.5, epsilon: 0.1", "lambda: 1.0"),
+    "della_linear": ("tasks", "weight: 0.5, density: 0.5, epsilon: 0.1", "lambda: 1.0"),
+    "sce": ("tasks", "weight: 0.5", "select_topk: 0.5"),
+    "model_stock": ("tasks", "", ""),
+    "arcee_fusion": ("pair", "", ""),
+    "ram": ("tasks", "", ""),
+    "ramplus_tl": ("tasks", "", ""),
+    "tsv": ("tasks", "", ""),
+    "iso_c": ("tasks", "", ""),
+    "iso_cts": ("tasks", "", ""),
+}
+MERGEKIT_LACKS = {"tsv", "iso_c", "iso_cts"}  # merger's own: no mergekit run to compare with
+
+
 def recipe(method: str, dirs: list[Path], out: Path) -> str:
+    """method's benchmark recipe over dirs (the base first), bfloat16 out."""
+    reads, per_model, wide = RECIPES[method]
     base, fts = dirs[0], dirs[1:]
-    if method == "linear":
-        models = "\n".join(f"  - model: {d}\n    parameters: {{weight: 1.0}}" for d in dirs)
-        return f"merge_method: linear\nmodels:\n{models}\ndtype: bfloat16\n"
-    extra = ", density: 0.5" if method == "ties" else ""
-    models = "\n".join(f"  - model: {d}\n    parameters: {{weight: 0.5{extra}}}" for d in fts)
-    return (
-        f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{lambda: 1.0}}\ndtype: bfloat16\n"
-    )
+    listed = {"all": dirs, "tasks": fts, "pair": fts[:1]}[reads]
+    params = f"\n    parameters: {{{per_model}}}" if per_model else ""
+    models = "\n".join(f"  - model: {d}{params}" for d in listed)
+    text = f"merge_method: {method}\n" + (f"base_model: {base}\n" if reads != "all" else "")
+    text += f"models:\n{models}\n" + (f"parameters: {{{wide}}}\n" if wide else "")
+    return text + "dtype: bfloat16\n"
+
+
+def read_by(method: str, dirs: list[Path]) -> list[Path]:
+    """The models method's recipe reads (the I/O limit reads those)."""
+    return dirs[:2] if RECIPES[method][0] == "pair" else dirs
 
 
 # Runs a command and appends "wall_seconds peak_rss_kib exit_code" to stderr. Commands start through it
@@ -265,8 +300,8 @@ def main() -> None:
                 cmds[device] = cmd
                 run_process(cmd)  # warm-up, not timed: compiles the kernels once, as a machine's first merge does
                 shutil.rmtree(out, ignore_errors=True)
-            # linear reads every model; task vector methods read the base and the fine-tunes: all of them here
-            reads, writes = io_limit(dirs, in_bytes, scratch)
+            # linear reads every model; task vector methods read the base and the fine-tunes; pairs two
+            reads, writes = io_limit(read_by(method, dirs), in_bytes, scratch)
             read_s = min(reads.values())
             write_s = min(writes["plain"], writes["writer"])
             limits[method] = read_s + write_s
@@ -285,7 +320,7 @@ def main() -> None:
                     rows.append(("merger", method, device, wall, summary["seconds"],
                                  max(rss, summary["peak_rss_bytes"]), summary.get("peak_gpu_bytes")))  # fmt: skip
                     shutil.rmtree(out, ignore_errors=True)
-                    if mergekit:
+                    if mergekit and method not in MERGEKIT_LACKS:
                         mk = [mergekit, str(cfg), str(out), "--copy-tokenizer", "--lazy-unpickle"]
                         if device == "cuda":
                             mk.append("--cuda")
@@ -297,7 +332,7 @@ def main() -> None:
         for tool, method, device, wall, inner, rss, gpu in rows:
             best_mk = min((r[3] for r in rows if r[0] == "mergekit" and r[1:3] == (method, device)), default=None)
             vs = f"{best_mk / wall:5.1f}x" if best_mk and tool == "merger" else "     -"
-            gbps = len(dirs) * in_bytes / inner / 1e9
+            gbps = len(read_by(method, dirs)) * in_bytes / inner / 1e9
             gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
             print(f"{tool:9} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} "
                   f"{inner / durable[method]:6.2f} {vs:>6} "

@@ -25,7 +25,7 @@ from merger.output import write_metadata
 from merger.plan import Plan
 from merger.sources import Confined, FileSource
 from merger.staging import Finished, Partial, check_destination, join, recover
-from merger.stream import write_shards
+from merger.stream import model_pass, write_shards
 
 
 def apply(
@@ -60,6 +60,11 @@ def apply(
         raise MergerError("--low-disk fetches and deletes Hub shards in one process; leave out --workers")
     if low_disk and group is not None:
         raise MergerError("--low-disk fetches and deletes Hub shards in one process, not in a distributed launch")
+    if low_disk and plan.model_wide:
+        raise MergerError(
+            f"--low-disk fetches Hub shards as the merge reads them, but {plan.spec.method.name} reads every input "
+            "before merging (trim_scope: model): leave out --low-disk"
+        )
     verified = None
     if lock is not None:  # every input matches the lock before anything is written
         lock.verify(listed(provenance or plan), lock_name)  # Hub inputs, before anything is downloaded
@@ -148,6 +153,14 @@ class Job:
             hashing.add_done_callback(lambda f: None if f.exception() else partial.record_inputs(f.result()))
         return hashing
 
+    def read_model(self, shards: list[int]) -> None:
+        """The method's pass over the whole model before merging (TIES with trim_scope: model), where the
+        recipe asks for one and shards remain: every input fetched first. Each rank and the parent of
+        --workers find the same, from the same inputs; workers get it with the plan."""
+        if shards and self.plan.model_wide and not self.plan.model_state:
+            fetch_inputs(self.plan)
+            self.plan.model_state = model_pass(self.plan)
+
     def files(self, shards: list[int], partial: Partial) -> FileSource:
         """Where the engine reads the inputs of `shards`: each model's folder, or with --low-disk Hub shards
         fetched as they are needed (and the ones this merge fetched, dropped after their last use)."""
@@ -163,6 +176,7 @@ class Job:
         again = partial.check_inputs(inputs) if inputs is not None else []
         read = 0
         if again:
+            self.read_model(again)
             read = write_shards(
                 self.plan, partial.model, progress=progress, shards=again, files=self.files(again, partial),
                 finished=partial.finished, durable=self.durable,
@@ -182,6 +196,7 @@ def _in_this_process(job: Job, force: bool, progress: bool, workers: int, card: 
             todo = partial.todo
             resumed = len(plan.shards) - len(todo)
             hashing = job.hash_inputs(pool, partial, todo)
+            job.read_model(todo)
             if workers > 1:
                 read, *peaks = parallel.write_with_workers(
                     plan, partial.model, workers, todo, partial.finished, job.durable
@@ -247,6 +262,7 @@ def _rank_writes(job: Job, partial: Partial | None, pool, where: Path, mine: lis
             hashing = job.hash_inputs(pool, partial, mine)
         else:
             fetch_inputs(job.plan, shards=mine)
+        job.read_model(mine)
         finished = Finished(where, job.durable)
         read = write_shards(
             job.plan, where / "model", progress=progress, shards=mine, finished=finished, durable=job.durable

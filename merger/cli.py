@@ -357,6 +357,8 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     click.echo(f"  device:       {p.device} (compute {info['compute_dtype']}; {p.device_reason})")
     click.echo(f"  tensors:      {len(p.tensors)} ({info['tensors_merged']} merged, {info['tensors_copied']} copied)")
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
+    if p.model_wide:  # TIES' global trim: the radix select's passes over the whole model come first
+        click.echo(f"                and before merging, {p.spec.method.name} reads the models through a few times")
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
     gpu = ""
     if p.device == "cuda":

@@ -120,6 +120,7 @@ def write_with_workers(
 
 def _end(procs) -> None:
     """Stop the worker processes still running (after a failure or an interrupt) and reap them all."""
+    procs = [proc for proc in procs if proc.pid is not None]  # one that failed to start has nothing to reap
     for proc in procs:
         if proc.is_alive():
             proc.terminate()

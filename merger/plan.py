@@ -6,6 +6,7 @@ can be produced on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from merger.errors import ModelError, RecipeError
 from merger.files import SUPPORT_LIMIT
 from merger.hub import Hub
 from merger.layers import natural_key
+from merger.methods import TensorContext
 from merger.recipe import MergeSpec
 from merger.sources import (
     CARD_NAME,
@@ -106,11 +109,26 @@ class Plan:
     device_reason: str = ""  # why that device (merger.device.choose)
     layers: int | None = None  # the reference's layers (merger.layers), None without any
     layer_origins: list[int] = field(default_factory=list)  # per output layer, the layer it was made from
+    # per tensor name, what the method's model-wide pass found (stream.model_pass; empty without one)
+    model_state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _pinned_caps: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def tensors(self) -> list[OutTensor]:
         return [t for s in self.shards for t in s.tensors]
+
+    @property
+    def model_wide(self) -> bool:
+        """Whether the method reads the whole model before merging any tensor (Method.model_prepare)."""
+        method = self.spec.method
+        return (
+            method.model_prepare is not None and method.model_wide is not None and method.model_wide(self.spec.params)
+        )
+
+    def context(self, t: OutTensor) -> TensorContext:
+        """What the method is told of tensor t: its own context, with the model-wide pass's finding."""
+        state = self.model_state.get(t.name)
+        return t.context if state is None else dataclasses.replace(t.context, model_state=state)
 
     @property
     def models(self) -> list[LocalModel]:

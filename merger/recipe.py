@@ -366,6 +366,11 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
     params = _validate_params(method.params, method_values, ("parameters",), source, problems)
     _validate_params(method.model_params, defaults, ("parameters",), source, problems)
 
+    if params is not None and method.model_wide is not None and method.model_wide(params) and recipe.slices:
+        problems.append(
+            f"{source.where('parameters')}: {method.name} with trim_scope: model ranks each model's whole task "
+            "vector, which slices spread over several slices; use models: (or trim_scope: tensor)"
+        )
     base = recipe.base_model
     if method.needs_base and base is None:
         problems.append(f"{source.where('base_model')}: {method.name} needs a base_model")

@@ -299,7 +299,9 @@ class Merger:
                 return self._eager(t, views, codes, gpu, piece)
             if self._fusable(t):
                 xs, base = self._roles(t, {k: v.reshape(-1) for k, v in views.items()})
-                return self.plan.spec.method.fused(xs, base, t.models, t.params, self._run, context=t.context)
+                return self.plan.spec.method.fused(
+                    xs, base, t.models, t.params, self._run, context=self.plan.context(t)
+                )
             return self._eager(t, views, codes)
 
     @contextlib.contextmanager
@@ -355,7 +357,7 @@ class Merger:
         cdt = getattr(torch, self.plan.compute_dtype)
         xs, base = self._roles(t, {k: g.to(cdt) for k, g in on_gpu.items()})
         with self._naming(t):
-            merged = self.plan.spec.method.fn(xs, base, t.models, t.params, context=t.context)
+            merged = self.plan.spec.method.fn(xs, base, t.models, t.params, context=self.plan.context(t))
         return merged.to(getattr(torch, DTYPES[t.dtype][0]))
 
     def _chunk(self, slot: object, n: int) -> torch.Tensor:
@@ -385,7 +387,7 @@ class Merger:
         import torch
 
         method = self.plan.spec.method
-        models, params, context = t.models, t.params, t.context
+        models, params, context = t.models, t.params, self.plan.context(t)
         flat = {k: to_torch(v.reshape(-1), codes[k]) for k, v in views.items()}
         xs, base = self._roles(t, flat)
         numel = t.numel
@@ -773,6 +775,45 @@ def _kernels():
         warnings.warn(f"merger's fused kernels are unavailable ({e}); merging through torch instead", stacklevel=2)
         return None
     return kernels
+
+
+def model_pass(plan: Plan) -> dict:
+    """What the method's model_prepare finds over every merged tensor before any is merged (TIES with
+    trim_scope: model), as Plan.model_state; empty where the recipe asks for no such pass. Reads the
+    inputs on the CPU, CHUNK entries at a time in the compute dtype, each tensor's pages dropped after
+    each of its passes: memory stays at a few chunks whatever the model's size."""
+    if not plan.model_wide:
+        return {}
+    import torch
+
+    compute = getattr(torch, plan.compute_dtype)
+    merged = [t for t in plan.tensors if t.merged]
+    reader = MappedReader(Confined(plan.models))
+
+    def task_vectors(t: OutTensor) -> Iterator[list[torch.Tensor]]:
+        flat = {s.key: to_torch(reader.view(s.info).reshape(-1), s.info.dtype) for s in t.distinct}
+        try:
+            for a in range(0, t.numel, budget.CHUNK):
+                b = min(a + budget.CHUNK, t.numel)
+                base = flat[t.base.key][a:b].to(compute)
+                yield [flat[s.key][a:b].to(compute).sub_(base) for s in t.sources]
+        finally:
+            for s in t.distinct:
+                reader.release(s.info)
+
+    def tensors():
+        return ((t.name, t.numel, t.models, functools.partial(task_vectors, t)) for t in merged)
+
+    try:
+        return plan.spec.method.model_prepare(tensors, plan.spec.params)
+    except NaNTaskVector as e:
+        ref = plan.inputs[e.model].ref if e.model < len(plan.inputs) else f"model {e.model}"
+        raise MergeError(
+            f"'{ref}': {e.count} entries of its task vector are NaN (NaN in that model or in the base); TIES "
+            "with trim_scope: model cannot rank NaN magnitudes. Is one of those checkpoints diverged?"
+        ) from None
+    finally:
+        reader.close()
 
 
 def write_shards(

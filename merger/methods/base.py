@@ -31,6 +31,7 @@ class TensorContext:
     layer: int | None = None
     seed: int = 0
     shape: tuple[int, ...] = ()
+    model_state: Any = None  # what the method's model_prepare found for this tensor (None without one)
 
 
 def tensor_seed(recipe_seed: int, name: str) -> int:
@@ -93,6 +94,20 @@ class Prepare(Protocol):
         context: TensorContext | None = None,
         inputs: InputChunks | None = None,
     ) -> Any: ...
+
+
+# Each merged tensor of the model in plan order: (name, numel, per-ingredient parameters, task_vectors as
+# Prepare gets them), from a fresh iterator per call.
+ModelTensors = Callable[[], Iterable[tuple[str, int, Sequence[Any], Callable[[], Iterable[list["Tensor"]]]]]]
+
+
+class ModelPrepare(Protocol):
+    """model_prepare(tensors, params) -> {tensor name: state}: what needs every tensor of the model before
+    any is merged (TIES' global trim: one threshold per model over its whole task vector), in as many
+    streaming passes over tensors() as it takes. Each tensor's state reaches prepare, fn and fused as
+    context.model_state. Run only where Method.model_wide(params) says the recipe asks for it."""
+
+    def __call__(self, tensors: ModelTensors, params: Any) -> dict[str, Any]: ...
 
 
 # merge_range(start, end, out): merges flat entries [start, end) into `out` (end - start entries of
@@ -177,6 +192,9 @@ class Method:
     # Reads the base where the recipe names one, and works without (nuslerp, multislerp): fn's base is
     # then None. needs_base methods refuse a recipe without one.
     takes_base: bool = False
+    # A pass over the whole model before the merge, where model_wide(params) (see ModelPrepare).
+    model_prepare: ModelPrepare | None = None
+    model_wide: Callable[[Any], bool] | None = None
 
     @property
     def reads_base(self) -> bool:

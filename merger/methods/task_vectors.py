@@ -38,6 +38,14 @@ class TiesParams(TaskArithmeticParams):
     int8_mask: bool = Field(False, description="accepted for mergekit configs; no effect in merger")
 
 
+class TiesTrimParams(TiesParams):
+    trim_scope: Literal["tensor", "model"] = Field(
+        "tensor",
+        description="tensor: keep each tensor's top density entries (mergekit); model: one threshold per model "
+        "over its whole task vector, as the paper trims (a pass over every input first)",
+    )
+
+
 def task_arithmetic(
     tensors: Sequence[Tensor],
     base: Tensor,
@@ -212,7 +220,10 @@ def ties_prepare(
     context: TensorContext | None = None,
     inputs: InputChunks | None = None,
 ) -> TrimState:
-    """Each model's trim threshold: every model's in the same streaming passes (kth_largest)."""
+    """Each model's trim threshold: every model's in the same streaming passes (kth_largest); with
+    trim_scope: model, the whole model's (context.model_state, from ties_model_prepare)."""
+    if context is not None and context.model_state is not None:
+        return context.model_state
     ks = [keep_count(numel, m.density) for m in models]
     trimmed = [i for i, k in enumerate(ks) if k < numel]  # the others keep everything
     thresholds: list[float | None] = [None] * len(models)
@@ -263,7 +274,8 @@ def ties(
     import torch
 
     if state is None:  # called on whole tensors: the statistics come from them in one chunk
-        state = ties_prepare(lambda: [[(x - base).reshape(-1) for x in tensors]], base.numel(), models, params)
+        chunks = lambda: [[(x - base).reshape(-1) for x in tensors]]  # noqa: E731
+        state = ties_prepare(chunks, base.numel(), models, params, context=context)
     # Trimmed, weighted task vectors, one per model, kept as a list rather than stacked (n_models, ...).
     deltas = [_trim_(x - base, state, i, offset).mul_(m.weight) for i, (x, m) in enumerate(zip(tensors, models))]
     if params.consensus_method == "sum":
@@ -314,7 +326,11 @@ def ties_fused(
     threshold exactly, then ranges merge in one pass each; bit-identical to `ties`."""
     from merger import kernels
 
-    trim = kernels.top_k_abs_deltas(tensors, base, [keep_count(base.size, m.density) for m in models], run)
+    if context is not None and context.model_state is not None:  # trim_scope: model
+        found = context.model_state
+        trim = [None if t is None else (t, 0, c) for t, c in zip(found.thresholds, found.cutoffs)]
+    else:
+        trim = kernels.top_k_abs_deltas(tensors, base, [keep_count(base.size, m.density) for m in models], run)
     weights = [m.weight for m in models]
 
     def merge_range(start: int, end: int, out) -> None:
@@ -332,6 +348,39 @@ def ties_fused(
         )
 
     return merge_range
+
+
+def trims_whole_model(params: TiesTrimParams) -> bool:  # a named function: --workers pickles the method
+    return params.trim_scope == "model"
+
+
+def ties_model_prepare(tensors, params: TiesTrimParams) -> dict[str, TrimState]:
+    """trim_scope: model: per model, one threshold over its task vector across every merged tensor, keeping
+    the sum over tensors of floor(density * numel) entries (the density may vary by tensor: gradients,
+    filters), ties at the threshold kept lowest plan-order index first; each tensor's TrimState is that
+    threshold with the cutoff moved to the tensor's own flat indices. Every model in the same passes."""
+    listed = list(tensors())  # (name, numel, models, task_vectors)
+    n, total = len(listed[0][2]), sum(numel for _, numel, _, _ in listed)
+    ks = [sum(keep_count(numel, models[i].density) for _, numel, models, _ in listed) for i in range(n)]
+    trimmed = [i for i, k in enumerate(ks) if k < total]
+    found: list[tuple[float, int, int]] = []
+    if trimmed:
+
+        def chunks() -> Iterator[list[Tensor]]:  # the model's tensors one after the other, as one vector
+            for _, _, _, task_vectors in listed:
+                for chunk in task_vectors():
+                    yield [chunk[i].abs_() for i in trimmed]
+
+        found = kth_largest(chunks, [ks[i] for i in trimmed])
+    states, start = {}, 0
+    for name, numel, _, _ in listed:
+        thresholds: list[float | None] = [None] * n
+        cutoffs = [0] * n
+        for i, (threshold, _, cutoff) in zip(trimmed, found):
+            thresholds[i], cutoffs[i] = threshold, min(max(cutoff - start, 0), numel)
+        states[name] = TrimState(thresholds, cutoffs)
+        start += numel
+    return states
 
 
 TASK_ARITHMETIC = Method(
@@ -352,13 +401,15 @@ TIES = Method(
     name="ties",
     fn=ties,
     model_params=TiesModelParams,
-    params=TiesParams,
+    params=TiesTrimParams,
     needs_base=True,
     summary="Trim each task vector to its top-density entries, elect a sign per entry, average the agreeing "
     "entries: base + lambda * disjoint_mean.",
     paper="Yadav et al. 2023, TIES-Merging, arXiv:2306.01708",
     prepare=ties_prepare,
     fused=ties_fused,
+    model_prepare=ties_model_prepare,
+    model_wide=trims_whole_model,
     cpu_ns=3.0,
     # fn: the trimmed task vectors; the elected signs, the sum, the divisor, one vote; the agreement mask.
     # prepare (the trim's selection): a digit, its match and a first chunk beside the task vectors, and
