@@ -1,7 +1,511 @@
-"""Methods that weigh or pick whole task vectors: Model Stock, Arcee Fusion, RAM."""
+"""Methods that weigh or pick whole task vectors: Model Stock, Arcee Fusion, RAM and RAM+ (tensor-local).
+
+Model Stock and Arcee Fusion need sums over whole rows or tensors (cosines, norms, softmaxes). The engine
+hands them over in chunks of any size, on the CPU or a GPU, and a float sum's rounding depends on how it is
+split; so each term is written as fixed-point integers (two int64 limbs, 2**-bits apart) and summed exactly,
+which gives the same bits whatever the chunks and the device (integer addition is associative). RAM is
+elementwise; RAM+ counts entries, in integers too.
+"""
 
 from __future__ import annotations
 
-from merger.methods.base import Method
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-METHODS: tuple[Method, ...] = ()
+from pydantic import BaseModel, Field
+
+from merger.methods.base import GpuFootprint, InputChunks, Method, Params, TensorContext
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class NoParams(Params):
+    """No parameters."""
+
+
+class ModelStockParams(Params):
+    filter_wise: bool = Field(
+        False, description="one interpolation ratio per row (last dimension) instead of one per tensor"
+    )
+
+
+class RamParams(Params):
+    epsilon: float = Field(1e-5, ge=0, description="a task vector entry counts as changed where |x - base| > epsilon")
+
+
+class RamPlusParams(RamParams):
+    r: float = Field(0.1, ge=0, description="gain on each model's unique updates: 1 + r * min(rho, alpha)")
+    alpha: float = Field(0.2, ge=0, description="cap on rho, a model's shared over unique changed entries")
+
+
+# --- row-wise reductions over flat chunks --------------------------------------------------------------------
+
+
+def _cols(context: TensorContext | None, numel: int, row_wise: bool) -> int:
+    """Entries per row: the last dimension where `row_wise` and the tensor has two or more; else the whole
+    tensor is one row."""
+    shape = context.shape if context is not None else ()
+    if row_wise and len(shape) >= 2:
+        return max(1, shape[-1])
+    return max(1, numel)
+
+
+def _by_rows(values: Tensor, offset: int, cols: int, reduce: Callable[..., Tensor]) -> tuple[int, Tensor]:
+    """`reduce` (torch.sum, torch.amax) over each row that a flat chunk starting at `offset` touches: the
+    first of those rows and a (rows touched,) tensor (partial for a row the chunk holds part of)."""
+    import torch
+
+    n = values.numel()
+    row, lead = divmod(offset, cols)
+    parts, s = [], 0
+    if lead:
+        s = min(cols - lead, n)
+        parts.append(reduce(values[:s], dim=0, keepdim=True))
+    full = (n - s) // cols
+    if full:
+        parts.append(reduce(values[s : s + full * cols].view(full, cols), dim=1))
+        s += full * cols
+    if s < n:
+        parts.append(reduce(values[s:], dim=0, keepdim=True))
+    return row, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _per_entry(per_row: Tensor, offset: int, n: int, cols: int) -> Tensor:
+    """A row statistic (rows,) spread over the n entries of a flat chunk starting at `offset`: a 0-d tensor
+    that broadcasts when the chunk lies in one row."""
+    first, last = offset // cols, (offset + n - 1) // cols
+    if first == last:
+        return per_row[first]
+    spread = per_row[first : last + 1, None].expand(last + 1 - first, cols).reshape(-1)
+    return spread[offset - first * cols : offset - first * cols + n]
+
+
+def _limbs(values: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """float64 values with |v| <= 1 (overwritten) as two int64 limbs, v ~ (hi + lo * 2**-bits) * 2**-bits, lo in
+    [0, 2**bits]: every step exact but the rounding of lo, so the integers do not depend on the device."""
+    v = values.mul_(2.0**bits)  # in place: the caller's temporary
+    hi = v.floor()
+    v.sub_(hi)
+    hi = hi.long()
+    return hi, v.mul_(2.0**bits).round_().long()
+
+
+def _bits(terms: int) -> int:
+    """Bits per limb so that `terms` terms of magnitude <= 2**bits sum in int64 without overflow."""
+    return 62 - max(1, terms).bit_length()
+
+
+class _ExactRowSums:
+    """Sums per row of float64 terms in [-1, 1] given chunk by chunk: (vectors, rows) accumulators of two int64
+    limbs, so that the result does not depend on the chunks' sizes, order or device."""
+
+    def __init__(self, vectors: int, rows: int, cols: int, device: Any):
+        import torch
+
+        self.cols, self.bits = cols, _bits(cols)
+        self.hi = torch.zeros((vectors, rows), dtype=torch.int64, device=device)
+        self.lo = torch.zeros_like(self.hi)
+
+    def add(self, i: int, terms: Tensor, offset: int) -> None:
+        """Add vector i's terms (float64, |t| <= 1; overwritten) of the flat chunk starting at `offset`."""
+        import torch
+
+        hi, lo = _limbs(terms, self.bits)
+        row, sums = _by_rows(hi, offset, self.cols, torch.sum)
+        self.hi[i, row : row + sums.numel()] += sums
+        row, sums = _by_rows(lo, offset, self.cols, torch.sum)
+        self.lo[i, row : row + sums.numel()] += sums
+
+    def result(self) -> Tensor:
+        """(vectors, rows) float64."""
+        return (self.hi.double() + self.lo.double() * 2.0**-self.bits) * 2.0**-self.bits
+
+
+def _pow2(exponents: Tensor) -> Tensor:
+    """2.0 ** e for int tensors, exactly (built from the bits: pow and exp2 need not be exact on a GPU)."""
+    import torch
+
+    return ((exponents.long().clamp(-1022, 1023) + 1023) << 52).view(torch.float64)
+
+
+def _with_shape(context: TensorContext | None, tensor: Tensor) -> TensorContext:
+    """The context of a whole tensor, its shape filled in where the caller gave none."""
+    if context is None:
+        return TensorContext("", shape=tuple(tensor.shape))
+    if not context.shape and tensor.dim():
+        return dataclasses.replace(context, shape=tuple(tensor.shape))
+    return context
+
+
+# --- Model Stock -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StockState:
+    t: Tensor  # (rows,) the interpolation ratio, compute dtype, on the chunks' device
+    cols: int
+
+
+def model_stock_prepare(
+    task_vectors: Callable[[], Iterable[list[Tensor]]],
+    numel: int,
+    models: Sequence[NoParams],
+    params: ModelStockParams,
+    *,
+    context: TensorContext | None = None,
+    inputs: InputChunks | None = None,
+) -> StockState:
+    """t per row (or per tensor) from the mean cosine between every pair of task vectors: two passes, the
+    first for each task vector's largest magnitude (which scales its terms into [-1, 1] by a power of two),
+    the second for the exact dot products of every pair, each with itself included."""
+    import torch
+
+    n = len(models)
+    cols = _cols(context, numel, params.filter_wise)
+    rows = max(1, numel // cols)
+    peak = dtype = None
+    for chunk in task_vectors():
+        dtype = chunk[0].dtype
+        m = torch.stack([d.abs().amax() for d in chunk]) if chunk[0].numel() else None
+        if m is not None:
+            peak = m if peak is None else torch.maximum(peak, m)
+    if peak is None:  # an empty tensor
+        return StockState(torch.zeros(1), cols)
+    exponent = torch.frexp(peak.double()).exponent  # |d_i| < 2**e_i
+    scale = _pow2(-exponent)  # (n,)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    sums = _ExactRowSums(len(pairs), rows, cols, peak.device)
+    offset = 0
+    for chunk in task_vectors():
+        scaled = None
+        for p, (i, j) in enumerate(pairs):
+            if scaled is None or scaled[0] != i:
+                scaled = (i, chunk[i].double().mul_(scale[i]))  # exact: a power of two
+            sums.add(p, scaled[1] * chunk[j].double().mul_(scale[j]), offset)  # float32 x float32: exact
+        offset += chunk[0].numel()
+    unscaled = _pow2(exponent)
+    dots = sums.result() * torch.stack([unscaled[i] * unscaled[j] for i, j in pairs])[:, None]  # (pairs, rows)
+    norms = {i: dots[pairs.index((i, i))].sqrt() for i in range(n)}
+    cosines = [
+        (dots[p] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)  # mergekit's floor on the norms' product
+        for p, (i, j) in enumerate(pairs)
+        if i < j
+    ]
+    cos = torch.stack(cosines).mean(0)
+    denominator = 1 + (n - 1) * cos
+    # Where the fine-tunes cancel out there is no finite ratio: keep the base there (mergekit's choice).
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
+    return StockState(t.to(dtype), cols)
+
+
+def model_stock(
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    models: Sequence[NoParams],
+    params: ModelStockParams,
+    state: StockState | None = None,
+    offset: int = 0,
+    *,
+    context: TensorContext | None = None,
+) -> Tensor:
+    """t * mean(x_i) + (1 - t) * base, t from model_stock_prepare (computed here for whole tensors)."""
+    shape = base.shape
+    if state is None:
+        context = _with_shape(context, base)
+        state = model_stock_prepare(
+            lambda: [[(x - base).reshape(-1) for x in tensors]], base.numel(), models, params, context=context
+        )
+    if not base.numel():
+        return base.clone()
+    t = _per_entry(state.t, offset, base.numel(), state.cols)
+    mean = tensors[0].reshape(-1).clone()
+    for x in tensors[1:]:
+        mean.add_(x.reshape(-1))
+    mean.div_(len(tensors))
+    return mean.mul_(t).add_(base.reshape(-1) * (1 - t)).reshape(shape)
+
+
+def at_least_two(models: Sequence[BaseModel], params: BaseModel) -> str | None:
+    if len(models) < 2:
+        return (
+            f"model_stock compares the task vectors of two or more models, not {len(models)}: "
+            "give at least two models besides the base model"
+        )
+    return None
+
+
+# --- Arcee Fusion ------------------------------------------------------------------------------------------
+
+_KL_EPS = 1e-8  # added to both softmaxes, as mergekit
+_KL_BOUND = 5  # |p * log(p / q)| <= (1 + eps) * log((1 + eps) / eps) < 19 < 2**5
+
+
+@dataclass(frozen=True)
+class FusionState:
+    kl: Tensor  # (rows,) KL(softmax(x) || softmax(base)) of each row, compute dtype, non-negative
+    cols: int
+    threshold: float  # keep x's entries whose importance |x - base| * kl >= threshold
+
+
+def _importance(x: Tensor, b: Tensor, kl: Tensor, offset: int, cols: int) -> Tensor:
+    return (x - b).abs_().mul_(_per_entry(kl, offset, x.numel(), cols))
+
+
+def arcee_fusion_prepare(
+    task_vectors: Callable[[], Iterable[list[Tensor]]],
+    numel: int,
+    models: Sequence[NoParams],
+    params: NoParams,
+    *,
+    context: TensorContext | None = None,
+    inputs: InputChunks | None = None,
+) -> FusionState:
+    """Each row's KL divergence between the softmaxes of the model's and the base's row (three passes:
+    maxima, normalisers, the divergence; in float64, summed exactly), then the importance's quartiles (exact,
+    by radix selection) and the threshold median + 1.5 * (q3 - q1)."""
+    import torch
+
+    from merger.methods.task_vectors import kth_largest
+
+    assert inputs is not None
+    cols = _cols(context, numel, row_wise=True)
+    rows = max(1, numel // cols)
+
+    def chunks() -> Iterator[tuple[int, Tensor, Tensor]]:
+        offset = 0
+        for xs, b in inputs():
+            yield offset, xs[0].reshape(-1), b.reshape(-1)
+            offset += b.numel()
+
+    peaks = None
+    for offset, x, b in chunks():
+        if peaks is None:
+            peaks = torch.full((2, rows), -math.inf, dtype=x.dtype, device=x.device)
+        for i, v in enumerate((x, b)):
+            row, m = _by_rows(v, offset, cols, torch.amax)
+            peaks[i, row : row + m.numel()] = torch.maximum(peaks[i, row : row + m.numel()], m)
+    if peaks is None:  # an empty tensor
+        return FusionState(torch.zeros(1), cols, 0.0)
+    dtype, device = peaks.dtype, peaks.device
+
+    def exps(offset: int, v: Tensor, i: int) -> Tensor:  # exp(v - max of its row): in (0, 1]
+        return v.double().sub_(_per_entry(peaks[i], offset, v.numel(), cols)).exp_()
+
+    normalisers = _ExactRowSums(2, rows, cols, device)
+    for offset, x, b in chunks():
+        for i, v in enumerate((x, b)):
+            normalisers.add(i, exps(offset, v, i), offset)
+    z = normalisers.result()
+    divergence = _ExactRowSums(1, rows, cols, device)
+    for offset, x, b in chunks():
+        p = exps(offset, x, 0).div_(_per_entry(z[0], offset, x.numel(), cols)).add_(_KL_EPS)
+        q = exps(offset, b, 1).div_(_per_entry(z[1], offset, x.numel(), cols)).add_(_KL_EPS)
+        divergence.add(0, p.mul_(p.div(q).log_()).mul_(2.0**-_KL_BOUND), offset)
+    # A KL divergence is >= 0; a rounding below 0 would rank below every importance of 0. abs: no -0.0.
+    kl = (divergence.result()[0] * 2.0**_KL_BOUND).clamp_(min=0).abs_().to(dtype)
+
+    # mergekit's quartiles: the sorted importances at floor(q * (n - 1)), from the bottom.
+    ranks = [numel - (numel - 1) // 4, numel - (numel - 1) // 2, numel - 3 * (numel - 1) // 4]
+
+    def importances() -> Iterator[list[Tensor]]:
+        for offset, x, b in chunks():
+            imp = _importance(x, b, kl, offset, cols)
+            yield [imp, imp, imp]
+
+    (q1, _, _), (median, _, _), (q3, _, _) = kth_largest(importances, ranks)
+    q1_, median_, q3_ = (torch.tensor(v, dtype=dtype) for v in (q1, median, q3))
+    return FusionState(kl, cols, (median_ + 1.5 * (q3_ - q1_)).item())  # in the compute dtype, as mergekit
+
+
+def arcee_fusion(
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    models: Sequence[NoParams],
+    params: NoParams,
+    state: FusionState | None = None,
+    offset: int = 0,
+    *,
+    context: TensorContext | None = None,
+) -> Tensor:
+    """base + (x - base) where the importance |x - base| * KL(row) reaches the threshold, else base."""
+    shape = base.shape
+    x, b = tensors[0].reshape(-1), base.reshape(-1)
+    if state is None:
+        context = _with_shape(context, base)
+        state = arcee_fusion_prepare(
+            lambda: [[x - b]], b.numel(), models, params, context=context, inputs=lambda: [([x], b)]
+        )
+    if not b.numel():
+        return base.clone()
+    keep = _importance(x, b, state.kl, offset, state.cols) >= state.threshold
+    return (x - b).masked_fill_(keep.logical_not_(), 0).add_(b).reshape(shape)  # not * keep: inf * 0 is NaN
+
+
+def exactly_one(models: Sequence[BaseModel], params: BaseModel) -> str | None:
+    if len(models) != 1:
+        return f"arcee_fusion fuses one model into the base model, not {len(models)}: give one model besides the base"
+    return None
+
+
+# --- RAM and RAM+ ------------------------------------------------------------------------------------------
+
+
+def _contributions(tensors: Sequence[Tensor], base: Tensor, epsilon: float) -> Tensor:
+    """How many task vectors change each entry (|x_i - base| > epsilon), in the compute dtype."""
+    count = None
+    for x in tensors:
+        changed = (x - base).abs_() > epsilon
+        count = changed.to(base.dtype) if count is None else count.add_(changed)
+    return count
+
+
+def _ram(tensors: Sequence[Tensor], base: Tensor, epsilon: float, gains: Tensor | None) -> Tensor:
+    """base + each entry's changes: one model's alone (times its gain with RAM+), the mean of several."""
+    import torch
+
+    count = _contributions(tensors, base, epsilon)
+    unique, shared = count == 1, count > 1
+    merged = torch.zeros_like(base)
+    for i, x in enumerate(tensors):
+        d = x - base
+        changed = d.abs() > epsilon
+        alone = d if gains is None else d * gains[i]
+        merged.add_(torch.where(changed & unique, alone, torch.where(changed & shared, d / count, 0)))
+    return merged.add_(base)
+
+
+def ram(
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    models: Sequence[NoParams],
+    params: RamParams,
+    *,
+    context: TensorContext | None = None,
+) -> Tensor:
+    return _ram(tensors, base, params.epsilon, None)
+
+
+@dataclass(frozen=True)
+class RamPlusState:
+    gains: Tensor  # (models,) 1 + r * clamp(shared_i / unique_i, 0, alpha), compute dtype
+
+
+def ramplus_prepare(
+    task_vectors: Callable[[], Iterable[list[Tensor]]],
+    numel: int,
+    models: Sequence[NoParams],
+    params: RamPlusParams,
+    *,
+    context: TensorContext | None = None,
+    inputs: InputChunks | None = None,
+) -> RamPlusState:
+    """Per model, over the whole tensor: its changed entries that others change too (shared) and that it
+    alone changes (unique), counted exactly; its gain from their ratio."""
+    import torch
+
+    shared = unique = None
+    dtype = None
+    for chunk in task_vectors():
+        changed = [d.abs_() > params.epsilon for d in chunk]  # the chunks are fresh: made magnitudes in place
+        count = torch.stack(changed).sum(0)
+        one, several = count == 1, count > 1
+        s = torch.stack([(c & several).sum() for c in changed])
+        u = torch.stack([(c & one).sum() for c in changed])
+        shared, unique = (s, u) if shared is None else (shared + s, unique + u)
+        dtype = chunk[0].dtype
+    if shared is None or dtype is None:
+        return RamPlusState(torch.ones(len(models)))
+    # In the compute dtype, as mergekit computes it in float32; a model with no unique entries has no use for
+    # its gain (0 / 0 with epsilon 0 is NaN, which the merge never reads).
+    rho = shared.to(dtype) / unique.to(dtype).clamp(min=params.epsilon)
+    return RamPlusState(1 + params.r * rho.clamp(min=0, max=params.alpha))
+
+
+def ramplus_tl(
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    models: Sequence[NoParams],
+    params: RamPlusParams,
+    state: RamPlusState | None = None,
+    offset: int = 0,
+    *,
+    context: TensorContext | None = None,
+) -> Tensor:
+    if state is None:
+        state = ramplus_prepare(lambda: [[(x - base).reshape(-1) for x in tensors]], base.numel(), models, params)
+    return _ram(tensors, base, params.epsilon, state.gains)
+
+
+METHODS: tuple[Method, ...] = (
+    Method(
+        name="model_stock",
+        fn=model_stock,
+        model_params=NoParams,
+        params=ModelStockParams,
+        needs_base=True,
+        summary="t * mean(x_i) + (1 - t) * base, t = N cos / (1 + (N - 1) cos) from the mean cosine between "
+        "the task vectors, per tensor or per row (filter_wise).",
+        paper="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models, arXiv:2403.19522",
+        check=at_least_two,
+        prepare=model_stock_prepare,
+        cpu_ns=4.0,
+        # fn: the mean, t spread over the entries, (1 - t) * base. prepare: a float64 product of two scaled
+        # task vectors (two words of float32), its high limb as float64 and as int64, then its low limb.
+        gpu=GpuFootprint(words=3, prepare_words=8),
+    ),
+    Method(
+        name="arcee_fusion",
+        fn=arcee_fusion,
+        model_params=NoParams,
+        params=NoParams,
+        needs_base=True,
+        summary="Keep the model's changes whose importance |x - base| * KL(softmax(x) || softmax(base)) per row "
+        "reaches median + 1.5 IQR of the tensor's importances; the base elsewhere.",
+        paper="Arcee AI 2025, Arcee Fusion (mergekit v0.1), "
+        "https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
+        check=exactly_one,
+        prepare=arcee_fusion_prepare,
+        cpu_ns=10.0,
+        # fn: x - base, the importance, the KL spread over the entries; the mask. prepare: float64 p, q and
+        # p / q (six words of float32) and the limbs (four); the radix select's buffers.
+        gpu=GpuFootprint(
+            words=3,
+            masks=1,
+            prepare_words=12,
+            prepare_masks=1,
+            fixed_per_model=3 * 8 * ((1 << 16) + 1024) + 512,
+            settle_per_model=9 * (8 * ((1 << 16) + 1024) + 512),
+        ),
+    ),
+    Method(
+        name="ram",
+        fn=ram,
+        model_params=NoParams,
+        params=RamParams,
+        needs_base=True,
+        summary="base + per entry the task vector of the one model that changes it (|x_i - base| > epsilon), "
+        "or the mean of those of the models that do.",
+        paper="Reinforced Agent Merging (RAM), arXiv:2601.13572",
+        cpu_ns=3.0,
+        # the count, the sum, a task vector, its magnitude, the chosen change and the shared mean; masks
+        gpu=GpuFootprint(words=6, masks=3),
+    ),
+    Method(
+        name="ramplus_tl",
+        fn=ramplus_tl,
+        model_params=NoParams,
+        params=RamPlusParams,
+        needs_base=True,
+        summary="RAM with each model's unique changes scaled by 1 + r * min(alpha, shared / unique changed "
+        "entries of that model in the tensor).",
+        paper="Reinforced Agent Merging (RAM+), arXiv:2601.13572",
+        prepare=ramplus_prepare,
+        cpu_ns=4.0,
+        gpu=GpuFootprint(words=7, masks=3, prepare_words=1, prepare_masks=4),
+    ),
+)

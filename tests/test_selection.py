@@ -1,0 +1,248 @@
+"""Model Stock, Arcee Fusion, RAM and RAM+ through the CLI, each against a float64 oracle written here from
+the paper and mergekit's documented behaviour (numpy, not merger's code); chunk-size independence; the
+whole-tensor call the GPU path makes; bad parameters refused at their recipe line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_output, write_checkpoint
+
+import merger.budget
+from merger.cli import cli
+from merger.methods import get_method
+
+SHAPES = {"w": (6, 10), "v": (12,), "cube": (2, 3, 5), "same": (4, 8), "ortho": (3, 4), "zero": (5, 3)}
+
+
+@pytest.fixture
+def family(tmp_path):
+    """A base and three fine-tunes. 'same': ft0 and ft1 change it identically (cosine 1); 'ortho': ft0 and
+    ft1 change different entries of every row (cosine 0); 'zero': nobody changes it."""
+    g = torch.Generator().manual_seed(3)
+    base = {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+    fts = []
+    for i in range(3):
+        ft = {n: b + 0.1 * torch.randn(b.shape, generator=g) for n, b in base.items()}
+        ft["zero"] = base["zero"].clone()
+        ortho = torch.zeros(3, 4)
+        ortho[:, i % 4] = 0.5 * (i + 1)
+        ft["ortho"] = base["ortho"] + ortho
+        fts.append(ft)
+    fts[1]["same"] = fts[0]["same"].clone()
+    write_checkpoint(tmp_path / "base", base)
+    for i, ft in enumerate(fts):
+        write_checkpoint(tmp_path / f"ft{i}", ft, n_shards=2)
+    return base, fts
+
+
+def merged(tmp_path, recipe: str, out: str = "out") -> dict[str, torch.Tensor]:
+    (tmp_path / "r.yaml").write_text(recipe)
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / out), "-q", "--force"])
+    assert result.exit_code == 0, result.output
+    return load_output(tmp_path / out)
+
+
+def recipe(tmp_path, method: str, n: int, params: str = "") -> str:
+    models = ", ".join(f"{{model: {tmp_path / f'ft{i}'}}}" for i in range(n))
+    text = f"merge_method: {method}\nbase_model: {tmp_path / 'base'}\ndtype: float32\nmodels: [{models}]\n"
+    return text + (f"parameters: {{{params}}}\n" if params else "")
+
+
+def np64(t: torch.Tensor) -> np.ndarray:
+    return t.double().numpy()
+
+
+# --- oracles -------------------------------------------------------------------------------------------------
+
+
+def stock_oracle(xs: list[np.ndarray], b: np.ndarray, filter_wise: bool) -> np.ndarray:
+    """Model Stock: t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors (mergekit
+    floors the product of the norms at 1e-6 and keeps the base where 1 + (N - 1) cos is within 1e-6 of 0)."""
+    rows = b.reshape(-1, b.shape[-1]) if filter_wise and b.ndim >= 2 else b.reshape(1, -1)
+    ds = [x.reshape(rows.shape) - rows for x in xs]
+    n = len(xs)
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            norms = np.linalg.norm(ds[i], axis=1) * np.linalg.norm(ds[j], axis=1)
+            cos.append(np.clip((ds[i] * ds[j]).sum(1) / np.maximum(norms, 1e-6), -1, 1))
+    c = np.mean(cos, axis=0)[:, None]
+    den = 1 + (n - 1) * c
+    t = np.where(np.abs(den) < 1e-6, 0.0, n * c / np.where(np.abs(den) < 1e-6, 1, den))
+    mean = sum(x.reshape(rows.shape) for x in xs) / n
+    return (t * mean + (1 - t) * rows).reshape(b.shape)
+
+
+def fusion_oracle(x: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Arcee Fusion: importance |x - b| * KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) over the last axis; keep
+    x where importance >= median + 1.5 (q3 - q1), quartiles the sorted importances at floor(q (n - 1))."""
+
+    def softmax(v):
+        e = np.exp(v - v.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(x) + 1e-8, softmax(b) + 1e-8
+    importance = np.abs(x - b) * (p * np.log(p / q)).sum(-1, keepdims=True)
+    s = np.sort(importance.reshape(-1))
+    q1, med, q3 = (s[int(f * (s.size - 1))] for f in (0.25, 0.5, 0.75))
+    keep = importance >= med + 1.5 * (q3 - q1)
+    return np.where(keep, x, b), keep
+
+
+def ram_oracle(xs: list[np.ndarray], b: np.ndarray, eps: float, r: float | None = None, alpha: float = 0):
+    """RAM: per entry, the changes (|x_i - b| > eps) of the models that make them, averaged; RAM+ (r given):
+    a model's unique changes times 1 + r * min(alpha, shared_i / max(unique_i, eps)), counted over the tensor."""
+    ds = np.stack([x - b for x in xs])
+    changed = np.abs(ds) > eps
+    count = changed.sum(0)
+    gains = np.ones(len(xs))
+    if r is not None:
+        for i in range(len(xs)):
+            shared, unique = (changed[i] & (count > 1)).sum(), (changed[i] & (count == 1)).sum()
+            if unique:  # else the gain has nothing to scale
+                gains[i] = 1 + r * min(max(shared / max(unique, eps), 0), alpha)
+    out = b.copy()
+    for i in range(len(xs)):
+        out += np.where(changed[i] & (count == 1), ds[i] * gains[i], 0)
+        out += np.where(changed[i] & (count > 1), ds[i] / np.maximum(count, 1), 0)
+    return out
+
+
+# --- against the oracles -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_equals_the_oracle(tmp_path, family, n, filter_wise):
+    base, fts = family
+    got = merged(tmp_path, recipe(tmp_path, "model_stock", n, f"filter_wise: {str(filter_wise).lower()}"))
+    for name, b in base.items():
+        want = stock_oracle([np64(ft[name]) for ft in fts[:n]], np64(b), filter_wise)
+        torch.testing.assert_close(got[name].double(), torch.from_numpy(want), rtol=2e-6, atol=2e-6, msg=name)
+
+
+def test_model_stock_edge_cases(tmp_path, family):
+    """Identical fine-tunes (cosine 1): t = 1, their mean; orthogonal ones (cosine 0) and zero task vectors:
+    t = 0, the base; a 1-D tensor is one row with filter_wise."""
+    base, fts = family
+    got = merged(tmp_path, recipe(tmp_path, "model_stock", 2))
+    torch.testing.assert_close(got["same"], fts[0]["same"])
+    assert torch.equal(got["ortho"], base["ortho"]) and torch.equal(got["zero"], base["zero"])
+    rows = merged(tmp_path, recipe(tmp_path, "model_stock", 2, "filter_wise: true"), "rows")
+    assert torch.equal(rows["v"], got["v"])
+    assert torch.equal(rows["ortho"], base["ortho"]) and not torch.equal(rows["w"], got["w"])
+
+
+def test_arcee_fusion_equals_the_oracle(tmp_path, family):
+    base, fts = family
+    got = merged(tmp_path, recipe(tmp_path, "arcee_fusion", 1))
+    kept = 0
+    for name, b in base.items():
+        want, keep = fusion_oracle(np64(fts[0][name]), np64(b))
+        torch.testing.assert_close(got[name].double(), torch.from_numpy(want), rtol=1e-6, atol=1e-6, msg=name)
+        kept += keep.sum()
+        if name == "zero":  # no change: every importance 0, the threshold 0, the base kept
+            assert torch.equal(got[name], b)
+    assert 0 < kept < sum(b.numel() for b in base.values())  # a selection, not all or nothing
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ram_equals_the_oracle(tmp_path, family, n):
+    base, fts = family
+    got = merged(tmp_path, recipe(tmp_path, "ram", n, "epsilon: 0.05"))
+    for name, b in base.items():
+        want = ram_oracle([np64(ft[name]) for ft in fts[:n]], np64(b), 0.05)
+        torch.testing.assert_close(got[name].double(), torch.from_numpy(want), rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("settings", [(0.1, 0.2, 0.05), (0.5, 10.0, 0.08), (1.0, 0.5, 0.0)])
+def test_ramplus_tl_equals_the_oracle(tmp_path, family, n, settings):
+    r, alpha, eps = settings
+    base, fts = family
+    got = merged(tmp_path, recipe(tmp_path, "ramplus_tl", n, f"r: {r}, alpha: {alpha}, epsilon: {eps}"))
+    for name, b in base.items():
+        want = ram_oracle([np64(ft[name]) for ft in fts[:n]], np64(b), eps, r, alpha)
+        torch.testing.assert_close(got[name].double(), torch.from_numpy(want), rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_ramplus_tl_scales_unique_changes_only_when_models_overlap(tmp_path, family):
+    """One model: nothing is shared, rho = 0, RAM+ is RAM."""
+    a = merged(tmp_path, recipe(tmp_path, "ram", 1), "ram")
+    b = merged(tmp_path, recipe(tmp_path, "ramplus_tl", 1, "r: 1, alpha: 1"), "plus")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# --- chunks, the whole-tensor path, parameters ----------------------------------------------------------------
+
+RECIPES = {
+    "model_stock": ("model_stock", 3, ""),
+    "model_stock_rows": ("model_stock", 3, "filter_wise: true"),
+    "arcee_fusion": ("arcee_fusion", 1, ""),
+    "ram": ("ram", 3, "epsilon: 0.05"),
+    "ramplus_tl": ("ramplus_tl", 3, "epsilon: 0.05, r: 0.5, alpha: 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPES))
+def test_output_does_not_depend_on_the_chunk_size(tmp_path, family, monkeypatch, case):
+    method, n, params = RECIPES[case]
+    outs = {}
+    for chunk in (7, 1 << 18):
+        monkeypatch.setattr(merger.budget, "CHUNK", chunk)
+        outs[chunk] = merged(tmp_path, recipe(tmp_path, method, n, params), f"c{chunk}")
+    for name in outs[7]:
+        assert torch.equal(outs[7][name], outs[1 << 18][name]), name
+
+
+@pytest.mark.parametrize("case", sorted(RECIPES))
+def test_the_whole_tensor_call_equals_the_chunked_merge(tmp_path, family, case):
+    """fn on whole shaped tensors with no state (what the GPU path calls) computes its own state: the same
+    bytes as the CPU's prepare and chunks."""
+    method, n, params = RECIPES[case]
+    base, fts = family
+    got = merged(tmp_path, recipe(tmp_path, method, n, params))
+    m = get_method(method)
+    values = dict(kv.split(": ") for kv in params.split(", ")) if params else {}
+    p = m.params.model_validate(values)
+    for name, b in base.items():
+        whole = m.fn([ft[name] for ft in fts[:n]], b, [m.model_params()] * n, p)
+        assert whole.shape == b.shape and torch.equal(whole, got[name]), name
+
+
+@pytest.mark.parametrize(
+    ("method", "n", "params", "line", "message"),
+    [
+        ("model_stock", 1, "", None, "parameters: model_stock compares the task vectors of two or more models, not 1: "
+         "give at least two models besides the base model"),
+        ("arcee_fusion", 2, "", None, "parameters: arcee_fusion fuses one model into the base model, not 2: give one "
+         "model besides the base"),
+        ("ram", 2, "epsilon: -1", 5, "parameters.epsilon: Input should be greater than or equal to 0, got -1"),
+        ("ramplus_tl", 2, "alpha: -0.5", 5, "parameters.alpha: Input should be greater than or equal to 0, got -0.5"),
+        ("model_stock", 2, "filter_wize: true", 5, "parameters.filter_wize: unknown key (did you mean 'filter_wise'?)"),
+    ],
+)  # fmt: skip
+def test_bad_parameters_are_refused_at_their_line(tmp_path, family, method, n, params, line, message):
+    (tmp_path / "r.yaml").write_text(recipe(tmp_path, method, n, params))
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2
+    where = f"{tmp_path / 'r.yaml'}" + (f":{line}" if line else "")  # a model count: no line of its own
+    assert result.stderr == f"error: {where}: {message}\n"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", sorted(RECIPES))
+def test_cuda_equals_cpu_bytes(tmp_path, family, case):
+    method, n, params = RECIPES[case]
+    (tmp_path / "r.yaml").write_text(recipe(tmp_path, method, n, params))
+    for device in ("cpu", "cuda"):
+        result = CliRunner().invoke(
+            cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / device), "-q", "--device", device]
+        )
+        assert result.exit_code == 0, result.output
+    for f in sorted((tmp_path / "cpu").glob("*.safetensors")):
+        assert (tmp_path / "cuda" / f.name).read_bytes() == f.read_bytes(), f.name
