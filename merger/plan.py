@@ -269,13 +269,16 @@ class Plan:
             engine = len(stored) * csize + max(cast, default=0)
             buffers = len(stored) + 1
         result = 2 * DTYPES[t.dtype][1]
-        phases = [(engine + footprint.bytes_per_entry(models, csize) + result, 0)]
+        gathered = 0 if whole else footprint.held_whole * csize * t.numel  # whole matrices, whatever the piece
+        phases = [(engine + footprint.bytes_per_entry(models, csize) + result, gathered)]
         if method.prepare is not None:
             vectors = models * csize if whole else 0  # fn makes them whole; in pieces they are the loaded inputs
             # beside the previous tensor's result, still on its way back
             held = engine + vectors + DTYPES[t.dtype][1]
-            phases.append((held + footprint.prepare_bytes_per_entry(csize), footprint.fixed_per_model * models))
-            phases.append((held, footprint.settle_per_model * models))  # between passes over the chunks
+            phases.append(
+                (held + footprint.prepare_bytes_per_entry(csize), footprint.fixed_per_model * models + gathered)
+            )
+            phases.append((held, footprint.settle_per_model * models + gathered))  # between passes over the chunks
         return phases, buffers + footprint.buffers(models) + 2
 
     def merges_whole(self, t: OutTensor, gpu: int, pinned: int) -> bool:

@@ -617,3 +617,19 @@ def test_pinned_memory_refused_is_one_line_with_what_to_change(tmp_path, cuda_on
         "of memory); use fewer --workers, set MERGER_PINNED_MEMORY lower (e.g. 2GB: larger tensors then go "
         "through the GPU in pieces), or merge with --device cpu\n"
     )
+
+
+def test_methods_that_gather_whole_matrices_count_them_in_pieces_too(models):
+    """iso_c's SVD holds whole float64 matrices however small the GPU pieces: in pieces the estimate keeps
+    them (GpuFootprint.held_whole), where a method that works piece by piece needs less than whole."""
+    fts = ", ".join(f"{{model: {models / f'ft{i}'}}}" for i in range(2))
+    spec = parse_recipe(f"merge_method: iso_c\nbase_model: {models / 'base'}\nmodels: [{fts}]\n")
+    plan = build_plan(spec, device="cpu")
+    plan.device = "cuda"
+    t = next(t for t in plan.tensors if t.name == "w")
+    words = plan.spec.method.gpu.held_whole
+    assert words >= 10  # the summed task vectors, their SVD and the result, in float64
+    assert plan.gpu_bytes(t, piece=1 << 16) >= words * 4 * t.numel
+    ties = plan_for(models, "ties", 2)
+    w = next(t for t in ties.tensors if t.name == "w")
+    assert ties.gpu_bytes(w, piece=1 << 14) < ties.gpu_bytes(w) / 2  # a piece of an eighth of w

@@ -154,6 +154,9 @@ class GpuFootprint:
     prepare_masks: int = 0
     fixed_per_model: int = 0
     settle_per_model: int = 0
+    # words of the compute dtype per entry of the WHOLE tensor that prepare and fn hold however small the
+    # pieces (methods that gather whole matrices: the SVDs of tsv, iso_c): in pieces, a fixed cost
+    held_whole: int = 0
 
     def bytes_per_entry(self, models: int, itemsize: int) -> int:
         """fn's bytes per entry of the tensor."""

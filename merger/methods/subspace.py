@@ -277,8 +277,9 @@ def _footprint(matrices: int) -> GpuFootprint:
     holds half as many words as this says): what tests/test_subspace.py counts, and two more for what
     torch.linalg.svd holds inside (its copy of the input, cuSOLVER's workspace), which no count on the CPU
     sees. The task vectors are gathered one at a time, so nothing grows with the number of models.
-    prepare, in pieces, holds as much: whole matrices, beside pieces of the inputs."""
-    return GpuFootprint(words=2 * (matrices + 2), prepare_words=2 * (matrices + 2))
+    prepare, in pieces, holds as much: whole matrices (held_whole), beside pieces of the inputs."""
+    words = 2 * (matrices + 2)
+    return GpuFootprint(words=words, prepare_words=words, held_whole=words)
 
 
 TSV = Method(
