@@ -246,3 +246,27 @@ def test_cuda_equals_cpu_bytes(tmp_path, family, case):
         assert result.exit_code == 0, result.output
     for f in sorted((tmp_path / "cpu").glob("*.safetensors")):
         assert (tmp_path / "cuda" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_model_stock_accepts_and_ignores_weights_as_mergekit_does(tmp_path):
+    """mergekit 0.1.5 writes the same bytes for a Model Stock config with and without per-model weights."""
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(4, 6, generator=g)}
+    for name in ("base", "a", "b"):
+        write_checkpoint(
+            tmp_path / name,
+            {"w": base["w"] + (0 if name == "base" else 0.1) * torch.randn(4, 6, generator=g)},
+            n_shards=1,
+        )
+    outs = []
+    for weights in ("", "{weight: 0.3}", "{weight: 2.0}"):
+        params = f", parameters: {weights}" if weights else ""
+        (tmp_path / "r.yaml").write_text(
+            f"merge_method: model_stock\nbase_model: {tmp_path}/base\n"
+            f"models: [{{model: {tmp_path}/a{params}}}, {{model: {tmp_path}/b}}]\n"
+        )
+        out = tmp_path / f"out{len(outs)}"
+        result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        outs.append(load_output(out)["w"])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

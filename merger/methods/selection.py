@@ -33,6 +33,12 @@ class ModelStockParams(Params):
     )
 
 
+class ModelStockModelParams(Params):
+    # Configs published for Model Stock often weight their models; mergekit 0.1.5 ignores the key (its
+    # output is the same bytes with and without), so they run here unchanged and mean the same.
+    weight: float = Field(1.0, description="accepted for mergekit configs; no effect: the angle sets the ratio")
+
+
 class RamParams(Params):
     epsilon: float = Field(1e-5, ge=0, description="a task vector entry counts as changed where |x - base| > epsilon")
 
@@ -445,7 +451,7 @@ METHODS: tuple[Method, ...] = (
     Method(
         name="model_stock",
         fn=model_stock,
-        model_params=NoParams,
+        model_params=ModelStockModelParams,
         params=ModelStockParams,
         needs_base=True,
         summary="t * mean(x_i) + (1 - t) * base, t = N cos / (1 + (N - 1) cos) from the mean cosine between "
