@@ -1,7 +1,575 @@
-"""The task-vector family that drops entries: DARE, Breadcrumbs, DELLA, SCE and TIES' global trim, as parameterisations of one routine."""
+"""The task-vector family that drops entries: DARE, Breadcrumbs, DELLA and SCE, as parameterisations of one
+routine (drop entries of each task vector, optionally elect a sign per entry as TIES does, combine).
+
+What needs a whole tensor (Breadcrumbs' and SCE's magnitude thresholds, DELLA's ranks within rows, the L1
+rescale) is found by `prepare` in passes over flat chunks; `merge` is then elementwise given that state and
+the chunk's offset. Random drops come from merger.methods.draws, a function of (seed, model, flat index),
+and whole-tensor sums are exact (_ExactSums), so the bytes written do not depend on chunks or device."""
 
 from __future__ import annotations
 
-from merger.methods.base import Method
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Literal
 
-METHODS: tuple[Method, ...] = ()
+from pydantic import Field
+
+from merger.errors import NaNTaskVector
+from merger.methods import draws
+from merger.methods.base import GpuFootprint, InputChunks, Method, Params, TensorContext, normalizable
+from merger.methods.task_vectors import (
+    DISCARD,
+    TaskArithmeticParams,
+    TaskModelParams,
+    TiesParams,
+    _scale,
+    kth_largest,
+)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+Drop = Literal["random", "outliers", "magprune", "variance"]
+RESCALE_EPS = 1e-7  # mergekit leaves a task vector unscaled when its L1 norm, before or after the drop, is below this
+SCE_EPS = 1e-6  # and SCE's weights uniform when their sum is below this
+
+
+# --- parameters (mergekit's names and defaults) ---
+
+
+class DareModelParams(TaskModelParams):
+    density: float = Field(1.0, ge=0, le=1, description="fraction of entries kept (DARE: each with this probability)")
+
+
+class BreadcrumbsModelParams(DareModelParams):
+    gamma: float = Field(0.01, ge=0, le=1, description="fraction of largest-magnitude entries dropped first")
+
+
+class DellaModelParams(DareModelParams):
+    epsilon: float = Field(
+        0.15, ge=0, lt=0.5, description="keep probabilities run from density - epsilon (smallest) to + epsilon"
+    )
+
+
+class SparseLinearParams(TaskArithmeticParams):
+    rescale: bool = Field(True, description="scale the kept entries so each task vector keeps its L1 norm")
+    int8_mask: bool = Field(False, description="accepted for mergekit configs; no effect in merger")
+
+
+class SparseTiesParams(TiesParams):
+    normalize: bool = Field(False, description="weighted mean over agreeing entries, else their sum")
+    rescale: bool = Field(True, description="scale the kept entries so each task vector keeps its L1 norm")
+
+
+class BreadcrumbsParams(SparseLinearParams):
+    rescale: bool = Field(False, description="scale the kept entries so each task vector keeps its L1 norm")
+
+
+class BreadcrumbsTiesParams(SparseTiesParams):
+    rescale: bool = Field(False, description="scale the kept entries so each task vector keeps its L1 norm")
+
+
+class DellaParams(SparseTiesParams):
+    normalize: bool = Field(True, description="weighted mean over agreeing entries, else their sum")
+
+
+class SceModelParams(Params):
+    """SCE weighs its models by their task vectors' mean squares: nothing per model."""
+
+
+class SceParams(Params):
+    select_topk: float = Field(
+        1.0, ge=0, le=1, description="fraction of entries kept: those whose task vectors vary most across models"
+    )
+    int8_mask: bool = Field(False, description="accepted for mergekit configs; no effect in merger")
+
+
+def share(n: int, fraction: float) -> int:
+    """floor(fraction * n) on the decimal the user wrote, as task_vectors.keep_count, but possibly 0."""
+    return math.floor(Fraction(repr(fraction)) * n)
+
+
+# --- whole-tensor statistics ---
+
+
+class _ExactSums:
+    """Exact sums of several vectors of non-negative floats, given chunk by chunk in any order: each value
+    is an integer mantissa times a power of two, so int64 histograms of mantissas by exponent add without
+    rounding, on the chunks' device, and Python's integers total them at the end. The result is the exact
+    sum rounded once: the same whatever the chunks, their order or the device (a float sum is not)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.hist: Tensor | None = None
+
+    def add(self, i: int, values: Tensor) -> None:
+        import torch
+
+        flat = values.reshape(-1)
+        if self.hist is None:
+            self.wide = values.dtype == torch.float64
+            # float32: fractions and counts by exponent (256); float64: the fraction's high 26 bits, its low
+            # 26 bits, and counts, by exponent (2048). A count stands for the implicit leading bit.
+            shape = (self.n, 3, 2048) if self.wide else (self.n, 2, 256)
+            self.hist = torch.zeros(shape, dtype=torch.int64, device=values.device)
+            self.one = torch.ones(1, dtype=torch.int64, device=values.device)
+        h = self.hist[i]
+        if self.wide:
+            bits = flat.view(torch.int64)
+            exp = bits >> 52
+            frac = bits & ((1 << 52) - 1)
+            h[0].index_add_(0, exp, frac >> 26)
+            h[1].index_add_(0, exp, frac.bitwise_and_((1 << 26) - 1))
+        else:
+            bits = flat.view(torch.int32)
+            exp = bits >> 23
+            h[0].index_add_(0, exp, (bits & ((1 << 23) - 1)).to(torch.int64))
+        h[-1].index_add_(0, exp, self.one.expand(flat.numel()))
+
+    def results(self) -> list[float]:
+        if self.hist is None:
+            return [0.0] * self.n
+        hist = self.hist.cpu().tolist()  # the one synchronisation
+        out = []
+        for h in hist:
+            if self.wide:  # value = (2**52 [if exp > 0] + fraction) * 2 ** (max(exp, 1) - 1075)
+                fracs = [(hi << 26) + lo for hi, lo in zip(h[0], h[1])]
+                lead, top, unit = 52, 2047, 1074
+            else:  # value = (2**23 [if exp > 0] + fraction) * 2 ** (max(exp, 1) - 150)
+                fracs, lead, top, unit = h[0], 23, 255, 149
+            counts = h[-1]
+            if counts[top]:  # inf or NaN
+                out.append(math.inf)
+                continue
+            total = fracs[0] + sum(
+                (f + (c << lead)) << (e - 1) for e, (f, c) in enumerate(zip(fracs, counts)) if e and c
+            )
+            out.append(total / (1 << unit))  # int / int: correctly rounded, however large
+        return out
+
+
+# A set of the k largest entries of a vector (task_vectors.kth_largest): those above the threshold and the
+# ones equal to it whose flat index is below the cutoff; or every entry (True), or none (False).
+Top = tuple[float, int] | bool
+
+
+def _in_top(mag: Tensor, top: Top, offset: int) -> Tensor | bool:
+    if isinstance(top, bool):
+        return top
+    threshold, cutoff = top
+    keep = mag > threshold
+    if cutoff > offset:
+        tied = mag == threshold
+        if cutoff < offset + mag.numel():
+            tied[cutoff - offset :] = False
+        keep |= tied
+    return keep
+
+
+def _tops(chunks: Callable[[], Iterable[Sequence[Tensor]]], ks: Sequence[int], numel: int) -> list[Top]:
+    """The set of each vector's ks[i] largest entries (ties: the lowest flat indices first)."""
+    tops: list[Top] = [k > 0 for k in ks]
+    ranked = [i for i, k in enumerate(ks) if 0 < k < numel]
+    if ranked:
+        found = kth_largest(lambda: ([c[i] for i in ranked] for c in chunks()), [ks[i] for i in ranked])
+        for i, (threshold, _, cutoff) in zip(ranked, found):
+            tops[i] = (threshold, cutoff)
+    return tops
+
+
+@dataclass(frozen=True)
+class SparseState:
+    """What `prepare` found for one tensor; `merge` reads it for any chunk."""
+
+    kept: list[bool | None]  # per model: all kept (density 1), none (density 0), or by entry (None)
+    tops: list[tuple[Top, Top]]  # Breadcrumbs, per model: (the largest, dropped; those and the kept ones)
+    masks: list[Tensor | None]  # DELLA, per model: its kept entries, flat
+    variance: Top  # SCE: the entries kept, by the variance of the task vectors across models
+    scales: list[float]  # per model: what its kept entries are multiplied by (weight, L1 rescale)
+    weights: list[float]  # per model: its share of the divisor of normalize
+    after: list[float] | None = None  # SCE, per model: its weight, applied after the election (on plain task vectors)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one member of the family drops entries, and whether it elects signs."""
+
+    drop: Drop
+    elect: bool
+
+
+def _variance(deltas: Sequence[Tensor]) -> Tensor:
+    """Each entry's population variance across models, in one fixed order of operations (torch.var's
+    depends on the device and layout; prepare and merge must agree bit for bit)."""
+    n = len(deltas)
+    mean = deltas[0].clone()
+    for d in deltas[1:]:
+        mean.add_(d)
+    mean.div_(n)
+    var = (deltas[0] - mean).square_()
+    for d in deltas[1:]:
+        var.add_((d - mean).square_())
+    return var.div_(n)
+
+
+def _keep(family: Family, state: SparseState, models, i: int, delta: Tensor, offset: int, seed: int):
+    """Which entries of model i's task vector chunk (at flat `offset`) survive: a bool tensor, or True."""
+    if state.kept[i] is not None:
+        return state.kept[i]
+    if family.drop == "random":
+        return draws.uniform(seed, i, offset, delta.numel(), delta.device) < models[i].density
+    if family.drop == "magprune":
+        return state.masks[i][offset : offset + delta.numel()]
+    mag = delta.abs()
+    below, upto = state.tops[i]
+    keep = _in_top(mag, upto, offset)
+    above = _in_top(mag, below, offset)
+    if keep is False or above is True:
+        return False
+    if above is False:
+        return keep
+    return above.logical_not_() if keep is True else above.logical_not_().logical_and_(keep)
+
+
+def _apply(d: Tensor, keep) -> Tensor:
+    """d with the entries not kept zeroed, in place (masked_fill, not d * keep: a dropped inf would be NaN)."""
+    if keep is False:
+        return d.zero_()
+    return d if keep is True else d.masked_fill_(keep.logical_not(), 0)
+
+
+def _magprune_masks(task_vectors, numel, models, shape, seed) -> list[Tensor | None]:
+    """DELLA's kept entries per model: keep probability density - epsilon + 2 epsilon * rank / (L - 1), rank
+    0..L-1 by magnitude within its fiber of L entries (mergekit ranks along dim 1: a 2-D tensor's rows, a
+    1-D tensor whole; ties by flat index), one model at a time."""
+    import torch
+
+    a, length, r = (1, numel, 1) if len(shape) <= 1 else (shape[0], shape[1], math.prod(shape[2:]))
+    masks: list[Tensor | None] = [None] * len(models)
+    for i, m in enumerate(models):
+        if m.density >= 1:
+            continue
+        if m.density <= 0:
+            continue  # none kept (SparseState.kept)
+        mags = None
+        offset = 0
+        for chunk in task_vectors():  # this model's magnitudes, whole: its rows may span chunks
+            d = chunk[i]
+            if mags is None:
+                mags = torch.empty(numel, dtype=d.dtype, device=d.device)
+            torch.abs(d, out=mags[offset : offset + d.numel()])
+            offset += d.numel()
+        mask = masks[i] = torch.empty(numel, dtype=torch.bool, device=mags.device)
+        fibers = mags.view(a, length, r)
+        rows = max(1, DELLA_BLOCK // (length * r))
+        positions = torch.arange(length, device=mags.device, dtype=torch.float64).view(1, length, 1)
+        spread = positions.div_(length - 1) if length > 1 else positions.fill_(0.5)  # one entry: density
+        spread.mul_(2 * m.epsilon).add_(m.density - m.epsilon)  # the keep probability of each rank
+        for s in range(0, a, rows):
+            block = fibers[s : s + rows]
+            order = block.argsort(dim=1, stable=True)  # ascending: the largest gets the highest probability
+            probs = torch.empty(block.shape, dtype=torch.float64, device=mags.device)
+            probs.scatter_(1, order, spread.expand(block.shape))
+            start = s * length * r
+            u = draws.uniform(seed, i, start, block.numel(), mags.device).view(block.shape)
+            mask[start : start + block.numel()] = (u < probs).reshape(-1)
+        del mags
+    return masks
+
+
+DELLA_BLOCK = 1 << 14  # entries ranked at once: their argsort's temporaries, not the tensor's, bound the memory
+
+
+def prepare(
+    task_vectors: Callable[[], Iterable[list[Tensor]]],
+    numel: int,
+    models: Sequence[Params],
+    params: Params,
+    *,
+    context: TensorContext | None = None,
+    inputs: InputChunks | None = None,
+    family: Family,
+) -> SparseState:
+    """The whole-tensor part of a family member: which entries each model keeps, then the scale of each."""
+    import torch
+
+    seed = context.seed if context is not None else 0
+    shape = context.shape if context is not None and context.shape else (numel,)
+    n = len(models)
+    kept = [True if family.drop == "variance" or m.density >= 1 else False if m.density <= 0 else None for m in models]
+    tops: list[tuple[Top, Top]] = [(False, True)] * n
+    masks: list[Tensor | None] = [None] * n
+    variance: Top = True
+    if family.drop == "outliers":
+        ks = []
+        for m in models:  # mergekit: drop the n_top largest, then the smallest down to `density`
+            if m.density >= 1 or m.density <= 0:  # decided by `kept`
+                ks += [0, numel]
+                continue
+            target = share(numel, m.density)
+            below = max(0, numel - target - share(numel, m.gamma))  # the smallest, dropped
+            ks += [numel - below - target, numel - below]
+
+        def magnitudes() -> Iterator[list[Tensor]]:
+            for chunk in task_vectors():
+                mags = [d.abs_() for d in chunk]
+                yield [mags[j // 2] for j in range(2 * n)]
+
+        try:
+            found = _tops(magnitudes, ks, numel)
+        except NaNTaskVector as e:
+            raise NaNTaskVector(e.model // 2, e.count) from None
+        tops = [(found[2 * i], found[2 * i + 1]) for i in range(n)]
+    elif family.drop == "magprune":
+        masks = _magprune_masks(task_vectors, numel, models, shape, seed)
+    elif family.drop == "variance" and params.select_topk < 1:
+        nonzero = None
+        for chunk in task_vectors():
+            c = torch.count_nonzero(_variance(chunk))
+            nonzero = c if nonzero is None else nonzero + c
+        k = share(int(nonzero), params.select_topk) if nonzero is not None else 0
+        variance = _tops(lambda: ([_variance(c)] for c in task_vectors()), [k], numel)[0]
+    state = SparseState(kept, tops, masks, variance, [getattr(m, "weight", 1.0) for m in models], [])
+
+    if family.drop == "variance":  # SCE: each model's weight is its share of the kept task vectors' mean squares
+        sums = _ExactSums(n)
+        offset = 0
+        for chunk in task_vectors():
+            keep = _in_top(_variance(chunk), variance, offset)
+            for i, d in enumerate(chunk):
+                kept = _apply(d, keep)
+                sums.add(i, kept.double().square_() if kept.dtype == torch.float32 else kept.square_())
+            offset += chunk[0].numel()
+        means = [s / numel for s in sums.results()] if numel else [0.0] * n
+        total = sum(means)
+        weights = [1 / n] * n if abs(total) < SCE_EPS else [s / total for s in means]
+        return SparseState(kept, tops, masks, variance, [1.0] * n, weights, weights)
+
+    scales = [m.weight for m in models]
+    rescaled = [i for i in range(n) if params.rescale and kept[i] is None]
+    if rescaled:  # mergekit's rescale: each task vector's L1 norm as before the drop
+        sums = _ExactSums(2 * n)
+        offset = 0
+        for chunk in task_vectors():
+            for i in rescaled:
+                mag = chunk[i].abs_()
+                sums.add(2 * i, mag)
+                keep = _keep(family, state, models, i, mag, offset, seed)
+                sums.add(2 * i + 1, _apply(mag, keep))
+            offset += chunk[0].numel()
+        totals = sums.results()
+        for i in rescaled:
+            before, after = totals[2 * i], totals[2 * i + 1]
+            if before >= RESCALE_EPS and after >= RESCALE_EPS:
+                scales[i] *= before / after
+    return SparseState(kept, tops, masks, variance, scales, [abs(m.weight) for m in models])
+
+
+def merge(
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    models: Sequence[Params],
+    params: Params,
+    state: SparseState | None = None,
+    offset: int = 0,
+    *,
+    context: TensorContext | None = None,
+    family: Family,
+) -> Tensor:
+    """A family member on whole tensors, or (given `state` from prepare) on the chunk of the flattened
+    tensors at flat index `offset`: drop, scale, then sum (or elect signs and sum those that agree)."""
+    import torch
+
+    shape = base.shape
+    base = base.reshape(-1)
+    if state is None:  # whole tensors: the statistics come from them in one chunk
+        state = prepare(
+            lambda: [[x.reshape(-1) - base for x in tensors]],
+            base.numel(),
+            models,
+            params,
+            context=context if context is not None and context.shape else _shaped(context, shape),
+            family=family,
+        )
+    seed = context.seed if context is not None else 0
+    deltas = [x.reshape(-1) - base for x in tensors]  # (numel,) per model
+    shared = _in_top(_variance(deltas), state.variance, offset) if family.drop == "variance" else True
+    for i, d in enumerate(deltas):
+        keep = shared if family.drop == "variance" else _keep(family, state, models, i, d, offset, seed)
+        _apply(d, keep).mul_(state.scales[i])
+
+    lam = getattr(params, "lambda_", 1.0)
+    if not family.elect:  # a sum; mul and add, never add(alpha=): one rounding per step on every device
+        merged = deltas[0]
+        for d in deltas[1:]:
+            merged.add_(d)
+        return merged.mul_(_scale(models, params)).add_(base).reshape(shape)
+    if getattr(params, "consensus_method", "sum") == "sum":
+        elected = deltas[0].clone()
+        for d in deltas[1:]:
+            elected.add_(d)
+        elected.sign_()
+    else:  # a NaN entry abstains
+        elected = deltas[0].sign().nan_to_num_(0)
+        for d in deltas[1:]:
+            elected.add_(d.sign().nan_to_num_(0))
+        elected.sign_()
+    # An entry whose votes cancel exactly elects sign 0 (sgn(0) = 0 in the TIES paper): nothing agrees with it.
+    merged = torch.zeros_like(base)
+    normalize = getattr(params, "normalize", True)
+    divisor = torch.zeros_like(base) if normalize else None
+    for i, (d, w) in enumerate(zip(deltas, state.weights)):
+        agree = (d * elected).gt_(0).bool()
+        if divisor is not None:
+            divisor.add_(agree.to(divisor.dtype).mul_(w))
+        d.masked_fill_(~agree, 0)
+        merged.add_(d if state.after is None else d.mul_(state.after[i]))
+    if divisor is not None:
+        merged.div_(divisor.clamp_(min=torch.finfo(divisor.dtype).tiny))
+    return merged.mul_(lam).add_(base).reshape(shape)
+
+
+def _shaped(context: TensorContext | None, shape) -> TensorContext:
+    """context with the shape of the whole tensors fn was given (DELLA ranks within rows)."""
+    import dataclasses
+
+    return dataclasses.replace(context or TensorContext(""), shape=tuple(shape))
+
+
+def della_check(models: Sequence[DellaModelParams], params: Params) -> str | None:
+    """mergekit's rule: with 0 < density < 1, the keep probabilities density -/+ epsilon lie in (0, 1)."""
+    for i, m in enumerate(models):
+        if 0 < m.density < 1 and not (m.density - m.epsilon > 0 and m.density + m.epsilon < 1):
+            return (
+                f"models[{i}]: density {m.density} and epsilon {m.epsilon} put a keep probability outside (0, 1); "
+                "choose epsilon below both density and 1 - density"
+            )
+    return normalizable(models, params)
+
+
+def _method(name: str, family: Family, model_params, params, summary: str, paper: str, gpu: GpuFootprint, check=None):
+    return Method(
+        name=name,
+        fn=functools.partial(merge, family=family),
+        model_params=model_params,
+        params=params,
+        needs_base=True,
+        summary=summary,
+        paper=paper,
+        check=check,
+        prepare=functools.partial(prepare, family=family),
+        cpu_ns=30.0 if family.drop in ("random", "magprune") else 6.0,
+        gpu=gpu,
+    )
+
+
+DARE = "Yu et al. 2024, Language Models are Super Mario (DARE), arXiv:2311.03099"
+BREADCRUMBS = "Davari & Belilovsky 2024, Model Breadcrumbs, arXiv:2312.06795"
+DELLA = "Deep et al. 2024, DELLA-Merging, arXiv:2406.11617"
+SCE = "Wan et al. 2024, FuseChat (SCE), arXiv:2408.07990"
+_SUMS = 2 * 256 * 8 + 512  # an _ExactSums histogram of float32 values (float64's: 3 * 2048 * 8)
+_RADIX = 8 * ((1 << 16) + DISCARD) + 512  # kth_largest's histogram per vector (task_vectors.TIES)
+# fn: the sum, the elected signs, the divisor and a vote (linear: the sum); the task vectors; the masks.
+# The draws: an int64 counter and its shifted copy, then the float64 uniforms (two words each, one at a time
+# beside the task vectors, whose buffers they outlast).
+_DRAWS = GpuFootprint(words=4, per_model=1, masks=2, prepare_words=2, prepare_masks=1, fixed_per_model=2 * _SUMS)
+_OUTLIERS = GpuFootprint(
+    words=5,
+    per_model=1,
+    masks=3,
+    prepare_words=3,
+    prepare_masks=2,
+    fixed_per_model=2 * _RADIX + 2 * _SUMS,
+    settle_per_model=2 * 3 * _RADIX,
+)
+# DELLA keeps each model's mask (a byte an entry, counted as a word) from prepare to fn; prepare holds one
+# model's magnitudes and up to four masks in its two words, and ranks DELLA_BLOCK entries at a time.
+_MAGPRUNE = GpuFootprint(
+    words=3, per_model=2, masks=1, prepare_words=2, prepare_masks=1, fixed_per_model=40 * DELLA_BLOCK + 2 * _SUMS
+)
+_VARIANCE = GpuFootprint(
+    words=7,
+    per_model=1,
+    masks=3,
+    prepare_words=5,
+    prepare_masks=1,
+    fixed_per_model=_RADIX + _SUMS,
+    settle_per_model=3 * _RADIX,
+)
+
+_RANDOM, _RANDOM_TIES = Family("random", False), Family("random", True)
+METHODS: tuple[Method, ...] = (
+    _method(
+        "dare_linear",
+        _RANDOM,
+        DareModelParams,
+        SparseLinearParams,
+        "Drop each task-vector entry with probability 1 - density, rescale the rest to the task vector's L1 norm, "
+        "then task arithmetic.",
+        DARE,
+        _DRAWS,
+        normalizable,
+    ),
+    _method(
+        "dare_ties",
+        _RANDOM_TIES,
+        DareModelParams,
+        SparseTiesParams,
+        "DARE's random drop and rescale, then TIES' sign election: base + lambda * the agreeing entries' sum.",
+        DARE,
+        _DRAWS,
+    ),
+    _method(
+        "breadcrumbs",
+        Family("outliers", False),
+        BreadcrumbsModelParams,
+        BreadcrumbsParams,
+        "Drop each task vector's largest gamma and smallest entries, keeping a density fraction, then task arithmetic.",
+        BREADCRUMBS,
+        _OUTLIERS,
+        normalizable,
+    ),
+    _method(
+        "breadcrumbs_ties",
+        Family("outliers", True),
+        BreadcrumbsModelParams,
+        BreadcrumbsTiesParams,
+        "Breadcrumbs' drop of the largest and smallest entries, then TIES' sign election.",
+        BREADCRUMBS,
+        _OUTLIERS,
+    ),
+    _method(
+        "della",
+        Family("magprune", True),
+        DellaModelParams,
+        DellaParams,
+        "Drop entries at random, larger magnitudes (ranked in their row) kept more often, rescale, then TIES' "
+        "sign election and mean.",
+        DELLA,
+        _MAGPRUNE,
+        della_check,
+    ),
+    _method(
+        "della_linear",
+        Family("magprune", False),
+        DellaModelParams,
+        SparseLinearParams,
+        "DELLA's magnitude-ranked random drop and rescale, then task arithmetic.",
+        DELLA,
+        _MAGPRUNE,
+        della_check,
+    ),
+    _method(
+        "sce",
+        Family("variance", True),
+        SceModelParams,
+        SceParams,
+        "Keep the select_topk entries that vary most across models, elect signs, and average the agreeing "
+        "entries weighted by each task vector's mean square.",
+        SCE,
+        _VARIANCE,
+    ),
+)

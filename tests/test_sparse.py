@@ -1,0 +1,384 @@
+"""The sparse task-vector methods (DARE, Breadcrumbs, DELLA, SCE) through the CLI, against float64 oracles
+written here from the papers and mergekit 0.1.5's behaviour (benchmarks/mergekit_sparse.py runs mergekit
+itself). The sampling methods' keep-masks are the one thing taken from merger: its draws (the randomness,
+not the method); their distribution is tested on its own."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import load_output, write_checkpoint
+
+import merger.budget
+from merger.cli import cli
+from merger.methods import draws, tensor_seed
+
+SHAPES = {"w": (6, 10), "v": (37,), "m": (4, 3, 5)}
+WEIGHTS = (0.6, -0.3, 0.4)
+
+
+@pytest.fixture
+def family(tmp_path):
+    """A base and three fine-tunes, float32, two shards each."""
+    g = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    models = {"base": base}
+    write_checkpoint(tmp_path / "base", base)
+    for i in (1, 2, 3):
+        models[f"ft{i}"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        write_checkpoint(tmp_path / f"ft{i}", models[f"ft{i}"], n_shards=2)
+    return models
+
+
+def recipe(tmp_path, method: str, per_model: list[str], params: str = "", extra: str = "", weights=WEIGHTS) -> Path:
+    lines = [f"merge_method: {method}", f"base_model: {tmp_path / 'base'}", "compute_dtype: float64", extra, "models:"]
+    for i, p in enumerate(per_model):
+        items = ([f"weight: {weights[i]}"] if weights else []) + ([p] if p else [])
+        lines += [f"  - model: {tmp_path / f'ft{i + 1}'}", f"    parameters: {{{', '.join(items)}}}"]
+    if params:
+        lines.append(f"parameters: {{{params}}}")
+    path = tmp_path / "r.yaml"
+    path.write_text("\n".join(x for x in lines if x) + "\n")
+    return path
+
+
+def apply(tmp_path, path: Path, *args: str, out: str = "out") -> dict[str, torch.Tensor]:
+    result = CliRunner().invoke(cli, ["apply", str(path), "-o", str(tmp_path / out), "-q", "--force", *args])
+    assert result.exit_code == 0, result.output
+    return load_output(tmp_path / out)
+
+
+def deltas(family, name: str, n: int) -> list[np.ndarray]:
+    base = family["base"][name].double().numpy().reshape(-1)
+    return [family[f"ft{i + 1}"][name].double().numpy().reshape(-1) - base for i in range(n)]
+
+
+def combine(ds, base, weights, *, elect: bool, normalize: bool, lam: float = 1.0) -> np.ndarray:
+    """The float64 oracle of the combination: task arithmetic, or TIES' election (sign of the weighted
+    sum; 0 when it cancels) and the sum, or the |w|-weighted mean, of the agreeing entries."""
+    scaled = [w * d for w, d in zip(weights, ds)]
+    if not elect:
+        total = sum(scaled)
+        return base + lam * (total / sum(weights) if normalize else total)
+    sign = np.sign(sum(scaled))
+    agree = [(np.sign(s) == sign) & (sign != 0) for s in scaled]
+    total = sum(np.where(a, s, 0) for a, s in zip(agree, scaled))
+    if normalize:
+        total = total / np.maximum(sum(np.where(a, abs(w), 0) for a, w in zip(agree, weights)), 1e-300)
+    return base + lam * total
+
+
+def l1_rescaled(d: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """mergekit's rescale: the kept entries scaled to the task vector's L1 norm (unless either is < 1e-7)."""
+    kept = np.where(keep, d, 0)
+    before, after = np.abs(d).sum(), np.abs(kept).sum()
+    return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
+
+
+# --- Breadcrumbs (deterministic) ---
+
+
+def breadcrumbs_mask(d: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """The paper's mask, as mergekit sizes it: drop the gamma largest magnitudes and the smallest, keeping
+    floor(density * n) (fewer large ones dropped when both would not fit); ties, lowest index first."""
+    n = d.size
+    if density >= 1:
+        return np.ones(n, bool)
+    target, n_top = math.floor(round(density * n, 9)), math.floor(round(gamma * n, 9))
+    n_bot = max(0, n - target - n_top)
+    order = sorted(range(n), key=lambda j: (-abs(d[j]), j))  # largest first
+    keep = np.zeros(n, bool)
+    keep[order[n - n_bot - target : n - n_bot]] = True
+    return keep
+
+
+CRUMBS = [
+    ["density: 0.5, gamma: 0.1", "density: 0.3, gamma: 0.2", "density: 0.8, gamma: 0.05"],
+    ["density: 0.7, gamma: 0.5"] * 3,  # gamma + density > 1: fewer of the largest dropped
+    ["density: 1.0, gamma: 0.3"] * 3,  # density 1: nothing dropped, gamma aside
+    ["density: 0.0, gamma: 0.1"] * 3,  # nothing kept: the base
+    ["density: 0.4, gamma: 0.2"],  # one model
+]
+
+
+@pytest.mark.parametrize("per_model", CRUMBS, ids=["mixed", "cover", "density1", "density0", "one"])
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("params", ["", "normalize: true, rescale: true, lambda: 1.5"])
+def test_breadcrumbs_equals_its_oracle(tmp_path, family, method, per_model, params):
+    got = apply(tmp_path, recipe(tmp_path, method, per_model, params))
+    n = len(per_model)
+    specs = [dict(kv.split(": ") for kv in p.split(", ")) for p in per_model]
+    for name in SHAPES:
+        base = family["base"][name].double().numpy().reshape(-1)
+        ds = []
+        for d, spec in zip(deltas(family, name, n), specs):
+            keep = breadcrumbs_mask(d, float(spec["density"]), float(spec["gamma"]))
+            ds.append(
+                l1_rescaled(d, keep) if "rescale" in params and float(spec["density"]) < 1 else np.where(keep, d, 0)
+            )
+        want = combine(
+            ds,
+            base,
+            WEIGHTS[:n],
+            elect=method.endswith("ties"),
+            normalize="normalize" in params,
+            lam=1.5 if "lambda" in params else 1.0,
+        )
+        torch.testing.assert_close(got[name].reshape(-1).double(), torch.from_numpy(want), rtol=1e-6, atol=1e-6)
+
+
+# --- SCE (deterministic) ---
+
+
+def sce_oracle(ds: list[np.ndarray], base: np.ndarray, topk: float) -> np.ndarray:
+    """FuseChat's SCE as mergekit runs it: keep the floor(topk * nonzero) entries of largest variance across
+    models (population variance), elect signs on the plain task vectors (sum), weigh each model by its
+    kept task vector's mean square (uniform if they sum below 1e-6) and average the agreeing entries."""
+    tv = np.stack(ds)
+    if topk < 1:
+        var = tv.var(axis=0)
+        k = math.floor(round(topk * np.count_nonzero(var), 9))
+        keep = np.zeros(var.size, bool)
+        keep[sorted(range(var.size), key=lambda j: (-var[j], j))[:k]] = True
+        tv = tv * keep
+    means = (tv**2).mean(axis=1)
+    w = np.full(len(ds), 1 / len(ds)) if means.sum() < 1e-6 else means / means.sum()
+    sign = np.sign(tv.sum(axis=0))
+    agree = (np.sign(tv) == sign) & (sign != 0)
+    ew = w[:, None] * agree
+    return base + (tv * ew).sum(axis=0) / np.maximum(ew.sum(axis=0), 1e-300)
+
+
+@pytest.mark.parametrize("topk,n", [(0.5, 3), (1.0, 3), (0.3, 2), (0.5, 1), (1.0, 1)])
+def test_sce_equals_its_oracle(tmp_path, family, topk, n):
+    got = apply(tmp_path, recipe(tmp_path, "sce", [""] * n, f"select_topk: {topk}", weights=()))
+    for name in SHAPES:
+        base = family["base"][name].double().numpy().reshape(-1)
+        want = sce_oracle(deltas(family, name, n), base, topk)
+        torch.testing.assert_close(got[name].reshape(-1).double(), torch.from_numpy(want), rtol=1e-6, atol=1e-6)
+    if n == 1:  # one model: no variance, so nothing kept below select_topk 1; the model itself at 1
+        want = family["base" if topk < 1 else "ft1"]
+        for name in SHAPES:
+            torch.testing.assert_close(got[name], want[name])
+
+
+# --- DARE and DELLA (sampling): the oracle given the same keep-masks ---
+
+
+def dare_keep(name: str, seed: int, i: int, n: int, density: float) -> np.ndarray:
+    if density >= 1:
+        return np.ones(n, bool)
+    return (draws.uniform(tensor_seed(seed, name), i, 0, n) < density).numpy()
+
+
+def della_keep(name: str, seed: int, i: int, d: np.ndarray, shape, density: float, eps: float) -> np.ndarray:
+    """DELLA's MagPrune: keep probability density - eps + 2 eps * rank / (L - 1), rank by magnitude within
+    each fiber along dim 1 (a 1-D tensor: one fiber), ties by index."""
+    if density >= 1:
+        return np.ones(d.size, bool)
+    a, length, r = (1, d.size, 1) if len(shape) == 1 else (shape[0], shape[1], math.prod(shape[2:]))
+    mags = np.abs(d).reshape(a, length, r)
+    ranks = np.argsort(np.argsort(mags, axis=1, kind="stable"), axis=1, kind="stable")
+    probs = (density - eps) + ranks / (length - 1) * 2 * eps
+    u = draws.uniform(tensor_seed(seed, name), i, 0, d.size).numpy().reshape(a, length, r)
+    return (u < probs).reshape(-1)
+
+
+SAMPLED = {
+    "dare_linear": (["density: 0.3", "density: 0.6", "density: 1.0"], ""),
+    "dare_ties": (["density: 0.3", "density: 0.6", "density: 0.5"], "normalize: true"),
+    "della": (["density: 0.4, epsilon: 0.1", "density: 0.5, epsilon: 0.3", "density: 0.7, epsilon: 0.05"], ""),
+    "della_linear": (["density: 0.4, epsilon: 0.1", "density: 0.5, epsilon: 0.3"], "rescale: false, lambda: 0.5"),
+}
+DEFAULTS = {  # mergekit's: (elect, normalize, rescale)
+    "dare_linear": (False, False, True),
+    "dare_ties": (True, False, True),
+    "della": (True, True, True),
+    "della_linear": (False, False, True),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SAMPLED))
+def test_sampling_methods_equal_their_oracle_given_the_keep_masks(tmp_path, family, method):
+    per_model, params = SAMPLED[method]
+    got = apply(tmp_path, recipe(tmp_path, method, per_model, params, "random_seed: 5"))
+    elect, normalize, rescale = DEFAULTS[method]
+    normalize = "normalize: true" in params or normalize
+    rescale = rescale and "rescale: false" not in params
+    specs = [dict(kv.split(": ") for kv in p.split(", ")) for p in per_model]
+    for name, shape in SHAPES.items():
+        base = family["base"][name].double().numpy().reshape(-1)
+        ds = []
+        for i, (d, spec) in enumerate(zip(deltas(family, name, len(specs)), specs)):
+            density = float(spec["density"])
+            if method.startswith("dare"):
+                keep = dare_keep(name, 5, i, d.size, density)
+            else:
+                keep = della_keep(name, 5, i, d, shape, density, float(spec["epsilon"]))
+            ds.append(l1_rescaled(d, keep) if rescale and density < 1 else np.where(keep, d, 0))
+        lam = 0.5 if "lambda" in params else 1.0
+        want = combine(ds, base, WEIGHTS[: len(specs)], elect=elect, normalize=normalize, lam=lam)
+        torch.testing.assert_close(got[name].reshape(-1).double(), torch.from_numpy(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def wide(tmp_path):
+    """A base and two fine-tunes of one 200 x 500 tensor: enough entries for statistics."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(200, 500, generator=g)
+    models = {"base": base}
+    write_checkpoint(tmp_path / "base", {"w": base})
+    for i in (1, 2):
+        models[f"ft{i}"] = base + 0.1 * torch.randn(base.shape, generator=g)
+        write_checkpoint(tmp_path / f"ft{i}", {"w": models[f"ft{i}"]})
+    return models
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_kept_fraction_rescale_and_expected_value(tmp_path, wide, method):
+    """One model: about `density` of the entries kept, each scaled by the same factor (the task vector's L1
+    norm over the kept entries'), and the mean of the merged task vector that of task arithmetic."""
+    spec = "density: 0.3" + (", epsilon: 0.2" if method == "della_linear" else "")
+    got = apply(tmp_path, recipe(tmp_path, method, [spec], weights=(1.0,)))["w"].double()
+    d = (wide["ft1"] - wide["base"]).double()
+    kept = (got - wide["base"].double()) != 0
+    n = d.numel()
+    assert abs(kept.double().mean().item() - 0.3) < 5 * math.sqrt(0.3 * 0.7 / n)
+    factor = d.abs().sum() / d[kept].abs().sum()
+    torch.testing.assert_close(got[kept] - wide["base"].double()[kept], d[kept] * factor, rtol=1e-5, atol=1e-6)
+    if method == "della_linear":  # larger magnitudes kept more often: 0.1 + 0.4 rank / (L - 1) on average
+        ranks = d.abs().argsort(dim=1).argsort(dim=1).double() / 499
+        low, high = kept[ranks < 0.5].double().mean().item(), kept[ranks >= 0.5].double().mean().item()
+        assert abs(low - 0.2) < 0.01 and abs(high - 0.4) < 0.01
+
+
+def test_dare_linear_expected_value_is_task_arithmetics(tmp_path, wide):
+    """Each entry's expected value is task arithmetic's (the drop keeps density of it, the rescale restores
+    about 1 / density): over 100K entries the mean difference is within a few standard errors of 0."""
+    spec = ["density: 0.3", "density: 0.6"]
+    dare = apply(tmp_path, recipe(tmp_path, "dare_linear", spec, weights=(0.7, 0.5)))["w"].double()
+    ta = recipe(tmp_path, "task_arithmetic", ["", ""], weights=(0.7, 0.5))
+    diff = dare - apply(tmp_path, ta, out="ta")["w"].double()
+    assert diff.abs().max() > 0.01  # entries differ ...
+    assert abs(diff.mean().item()) < 4 * diff.std().item() / math.sqrt(diff.numel())  # ... not on average
+
+
+def test_dare_ties_expected_magnitude_is_ties_without_a_trim(tmp_path, wide):
+    """DARE's rescaled drop keeps the expected task vector: over many entries, the mean of dare_ties with
+    density 0.5 is close to that of ties with density 1 (the same election on the full vectors)."""
+    dare = apply(tmp_path, recipe(tmp_path, "dare_ties", ["density: 0.5"] * 2, weights=(1.0, 1.0)))["w"]
+    ties = apply(tmp_path, recipe(tmp_path, "ties", [""] * 2, "normalize: false", weights=(1.0, 1.0)), out="t")["w"]
+    base = wide["base"].double()
+    a, b = (dare.double() - base), (ties.double() - base)
+    assert abs(a.abs().mean().item() / b.abs().mean().item() - 1) < 0.2
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_all_dropped_is_the_base(tmp_path, family, method):
+    got = apply(tmp_path, recipe(tmp_path, method, ["density: 0.0"] * 3))
+    for name in SHAPES:
+        assert torch.equal(got[name], family["base"][name])
+
+
+# --- byte identity ---
+
+ALL = {
+    "dare_linear": (["density: 0.3"] * 3, ""),
+    "dare_ties": (["density: 0.4"] * 3, ""),
+    "breadcrumbs": (["density: 0.5, gamma: 0.1"] * 3, "rescale: true"),
+    "breadcrumbs_ties": (["density: 0.5, gamma: 0.1"] * 3, ""),
+    "della": (["density: 0.4, epsilon: 0.2"] * 3, ""),
+    "della_linear": (["density: 0.4, epsilon: 0.2"] * 3, ""),
+    "sce": ([""] * 3, "select_topk: 0.4"),
+}
+
+
+def bytes_of(tmp_path, method: str, out: str, *args: str, compute: str = "float32", seed: int = 1) -> dict:
+    per_model, params = ALL[method]
+    weights = () if method == "sce" else WEIGHTS
+    path = recipe(tmp_path, method, per_model, params, f"random_seed: {seed}", weights=weights)
+    path.write_text(path.read_text().replace("compute_dtype: float64", f"compute_dtype: {compute}"))
+    return {k: v.numpy().tobytes() for k, v in apply(tmp_path, path, *args, out=out).items()}
+
+
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_outputs_are_the_same_bytes_whatever_the_chunks(tmp_path, family, method, monkeypatch):
+    for compute in ("float64", "float32"):  # float32 last: `first` is compared with other seeds below
+        first = bytes_of(tmp_path, method, "a", compute=compute)
+        assert bytes_of(tmp_path, method, "b", compute=compute) == first
+        monkeypatch.setattr(merger.budget, "CHUNK", 7)
+        assert bytes_of(tmp_path, method, "c", compute=compute) == first
+        monkeypatch.setattr(merger.budget, "CHUNK", 23)
+        assert bytes_of(tmp_path, method, "d", compute=compute) == first
+        monkeypatch.undo()
+    if method.startswith(("dare", "della")):
+        other = bytes_of(tmp_path, method, "e", seed=2)
+        assert all(other[k] != first[k] for k in first)
+        assert bytes_of(tmp_path, method, "f", "--random-seed", "2") == other
+
+
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_whole_tensors_give_the_engines_bytes(tmp_path, family, method):
+    """fn called on whole tensors without a state (as the GPU path calls it) computes its own and gives what
+    the chunked engine wrote."""
+    from merger.methods import TensorContext, get_method
+
+    m = get_method(method)
+    per_model, params = ALL[method]
+    path = recipe(tmp_path, method, per_model, params, "random_seed: 1", weights=() if method == "sce" else WEIGHTS)
+    path.write_text(path.read_text().replace("compute_dtype: float64", "compute_dtype: float32"))
+    got = apply(tmp_path, path)
+    mps = []
+    for i, p in enumerate(per_model):
+        kv = dict(x.split(": ") for x in p.split(", ")) if p else {}
+        mps.append(m.model_params(**({"weight": WEIGHTS[i]} if method != "sce" else {}), **kv))
+    ps = m.params(**(dict(x.split(": ") for x in params.split(", ")) if params else {}))
+    for name, shape in SHAPES.items():
+        xs = [family[f"ft{i + 1}"][name] for i in range(len(per_model))]
+        context = TensorContext(name, seed=tensor_seed(1, name), shape=shape)
+        out = m.fn(xs, family["base"][name], mps, ps, context=context)
+        assert out.shape == shape and torch.equal(out, got[name]), name
+
+
+# --- bad parameters ---
+
+
+@pytest.mark.parametrize(
+    "method,per_model,params,message",
+    [
+        ("della", ["density: 0.2, epsilon: 0.3"], "", "{r}: parameters: models[0]: density 0.2 and epsilon 0.3 put a "
+         "keep probability outside (0, 1); choose epsilon below both density and 1 - density"),
+        ("dare_ties", ["density: 1.5"], "", "{r}:6: models[0].parameters.density: Input should be less than or "
+         "equal to 1, got 1.5"),
+        ("breadcrumbs", ["gamma: -0.1"], "", "{r}:6: models[0].parameters.gamma: Input should be greater than or "
+         "equal to 0, got -0.1"),
+        ("sce", [""], "select_topk: 2", "{r}:7: parameters.select_topk: Input should be less than or equal to 1, got 2"),
+        ("dare_linear", ["density: 0.5"], "normalize: true, lambda: 2", None),
+    ],
+)  # fmt: skip
+def test_bad_parameters_are_refused_by_plan_at_their_line(tmp_path, family, method, per_model, params, message):
+    weights = () if method == "sce" else (1.0,)
+    path = recipe(tmp_path, method, per_model, params, weights=weights)
+    result = CliRunner().invoke(cli, ["plan", str(path)])
+    if message is None:
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {message.format(r=path)}\n"
+
+
+# --- CUDA ---
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_cuda_output_is_the_cpus_bytes(tmp_path, family, method):
+    for compute in ("float32", "float64"):
+        cpu = bytes_of(tmp_path, method, "cpu", "--device", "cpu", compute=compute)
+        assert bytes_of(tmp_path, method, "cuda", "--device", "cuda", compute=compute) == cpu, compute
