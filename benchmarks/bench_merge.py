@@ -206,7 +206,7 @@ RECIPES: dict[str, tuple[str, str, str]] = {
     "breadcrumbs_ties": ("tasks", "weight: 0.5, density: 0.9, gamma: 0.01", ""),
     "della": ("tasks", "weight: 0.5, density: 0.5, epsilon: 0.1", "lambda: 1.0"),
     "della_linear": ("tasks", "weight: 0.5, density: 0.5, epsilon: 0.1", "lambda: 1.0"),
-    "sce": ("tasks", "weight: 0.5", "select_topk: 0.5"),
+    "sce": ("tasks", "", "select_topk: 0.5"),
     "model_stock": ("tasks", "", ""),
     "arcee_fusion": ("pair", "", ""),
     "ram": ("tasks", "", ""),

@@ -39,14 +39,17 @@ def test_unknown_method(workdir):
     err = run_bad(GOOD.replace("merge_method: ties", "merge_method: tie"))
     assert err == (
         "error: recipe.yaml:1: merge_method: unknown merge method 'tie' (did you mean 'ties'?); "
-        "available: greedy_soup, linear, passthrough, task_arithmetic, ties\n"
+        "available: arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, "
+        "greedy_soup, iso_c, iso_cts, karcher, linear, model_stock, multislerp, nearswap, nuslerp, passthrough, ram, "
+        "ramplus_tl, sce, slerp, task_arithmetic, ties, tsv\n"
     )
 
 
 def test_parameter_of_another_method(workdir):
     err = run_bad(GOOD.replace("merge_method: ties", "merge_method: linear"))
     assert err == (
-        "error: recipe.yaml:7: models[0].parameters.density: unknown key ('density' belongs to ties); "
+        "error: recipe.yaml:7: models[0].parameters.density: unknown key ('density' belongs to breadcrumbs, "
+        "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, ties); "
         "linear takes weight, normalize\n"
     )
 
