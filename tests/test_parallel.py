@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +237,37 @@ def test_a_rank_ends_when_its_launcher_dies(tmp_path):
     while alive(rank) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(rank), "a rank outlived its launcher"
+
+
+def test_every_method_travels_to_workers_by_its_registered_name():
+    """A plan goes to --workers pickled; methods whose functions are closures or lambdas (slerp's, tsv's)
+    could not go as they are: each travels as its name and is the registry's own object there."""
+    import pickle
+
+    from merger.methods import all_methods
+
+    for name, method in all_methods().items():
+        assert pickle.loads(pickle.dumps(method)) is method, name
+
+
+@pytest.mark.parametrize("method", ["slerp", "dare_ties", "iso_c"])  # a lambda, a seeded draw, a closure
+def test_workers_merge_every_kind_of_method_byte_identically(tmp_path, method):
+    root = six_shard_ties(tmp_path).parent
+    models = {"slerp": "[{model: ft1}]", "dare_ties": "[{model: ft1, parameters: {density: 0.5}}, {model: ft2}]"}
+    recipe = tmp_path / f"{method}.yaml"
+    recipe.write_text(
+        f"merge_method: {method}\nbase_model: base\nmodels: {models.get(method, '[{model: ft1}, {model: ft2}]')}\n"
+        "random_seed: 7\noutput: {shard_size: 20KB}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    outs = []
+    for workers in ("1", "3"):
+        out = tmp_path / f"w{workers}" / "out"  # one name: the model card holds it
+        done = subprocess.run(
+            [sys.executable, "-m", "merger", "apply", str(recipe), "-o", str(out), "-q", "--workers", workers],
+            capture_output=True, text=True, cwd=root, env=env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        outs.append(_files(out))
+    assert len([f for f in outs[0] if f.endswith(".safetensors")]) > 3
+    assert outs[0] == outs[1]

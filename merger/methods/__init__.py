@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from merger.methods import greedy, interpolation, linear, passthrough, selection, sparse, subspace, task_vectors
+from merger.methods import base, greedy, interpolation, linear, passthrough, selection, sparse, subspace, task_vectors
 from merger.methods.base import Fused, GpuFootprint, MergeFn, Method, Params, Prepare, TensorContext, tensor_seed
 
 __all__ = [
@@ -57,3 +57,6 @@ def all_methods() -> dict[str, Method]:
 
 def get_method(name: str) -> Method | None:
     return all_methods().get(name)
+
+
+base.lookup = get_method  # how a Method pickled into a --workers process is found there

@@ -203,6 +203,22 @@ class Method:
     def reads_base(self) -> bool:
         return self.needs_base or self.takes_base
 
+    def __reduce__(self):
+        # --workers processes get the plan pickled: a method travels as its registered name (its functions
+        # may be closures or lambdas, which do not pickle), and the worker takes the registry's
+        return _registered, (self.name,)
+
+
+# Set by merger.methods (the registry) when it loads: how a pickled method is found again by name.
+lookup: Callable[[str], Method | None] = lambda name: None  # noqa: E731
+
+
+def _registered(name: str) -> Method:
+    method = lookup(name)
+    if method is None:
+        raise LookupError(f"merge method '{name}' is not registered in this process")
+    return method
+
 
 def normalizable(models: Sequence[BaseModel], params: BaseModel) -> str | None:
     """The check of methods that divide by the sum of the weights when `normalize` is set."""
