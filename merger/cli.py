@@ -318,6 +318,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "device": p.device,
         "device_reason": p.device_reason,
         "compute_dtype": p.compute_dtype,
+        "random_seed": p.spec.seed,
         "output": str(resolved) if resolved else None,
         "output_exists": resolved is not None and os.path.lexists(resolved),
         "tensors": len(p.tensors),
@@ -355,6 +356,8 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     for ref, commit in info["commits"].items():
         click.echo(f"  hub:          {ref} at commit {commit}")
     click.echo(f"  device:       {p.device} (compute {info['compute_dtype']}; {p.device_reason})")
+    if p.spec.seed:
+        click.echo(f"  random seed:  {p.spec.seed} (each tensor's draws follow from it)")
     click.echo(f"  tensors:      {len(p.tensors)} ({info['tensors_merged']} merged, {info['tensors_copied']} copied)")
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     if p.model_wide:  # TIES' global trim: the radix select's passes over the whole model come first

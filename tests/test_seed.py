@@ -89,3 +89,11 @@ def test_a_seed_out_of_range_is_refused_at_its_line(workdir):
     result = apply("r.yaml", "-o", "out", "--random-seed", "x", code=2)
     assert "'x' is not a valid integer" in result.stderr
     assert not (workdir / "out").exists()
+
+
+def test_plan_shows_the_seed(workdir):
+    (workdir / "r.yaml").write_text("merge_method: seed_probe\nmodels: [{model: a}]\nrandom_seed: 11\n")
+    shown = CliRunner().invoke(cli, ["plan", "r.yaml"])
+    assert shown.exit_code == 0 and "random seed:  11 (each tensor's draws follow from it)" in shown.output
+    as_json = CliRunner().invoke(cli, ["plan", "r.yaml", "--json", "--random-seed", "4"])
+    assert json.loads(as_json.stdout)["random_seed"] == 4
