@@ -270,3 +270,131 @@ def test_model_stock_accepts_and_ignores_weights_as_mergekit_does(tmp_path):
         assert result.exit_code == 0, result.output
         outs.append(load_output(out)["w"])
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+# --- the fused CPU kernels (selection_kernels) against the torch path -----------------------------------------
+
+FUSED_CASES = {  # case: (method, models, parameters)
+    "model_stock": ("model_stock", 3, {}),
+    "model_stock_2": ("model_stock", 2, {}),
+    "model_stock_rows": ("model_stock", 3, {"filter_wise": True}),
+    "model_stock_rows_4": ("model_stock", 4, {"filter_wise": True}),
+    "ram": ("ram", 3, {"epsilon": 0.004}),
+    "ram_1": ("ram", 1, {"epsilon": 0.004}),
+    "ramplus_tl": ("ramplus_tl", 3, {"epsilon": 0.004, "r": 0.5, "alpha": 1.0}),
+    "ramplus_tl_2": ("ramplus_tl", 2, {"epsilon": 0.003, "r": 1.0, "alpha": 0.05}),
+    "ramplus_tl_eps0": ("ramplus_tl", 3, {"epsilon": 0.0, "r": 0.1, "alpha": 0.2}),
+}
+
+
+def _as_array(t: torch.Tensor) -> np.ndarray:
+    """The numpy view the kernels read (as sources.MappedReader makes them)."""
+    return (
+        t.numpy()
+        if t.dtype == torch.float32
+        else t.view(torch.int16).numpy().view({torch.bfloat16: np.int16, torch.float16: np.uint16}[t.dtype])
+    )
+
+
+def _runner(size: int):
+    def run(fn, n, part=None):
+        part = part or size
+        return [fn(s, min(s + part, n)) for s in range(0, n, part)]
+
+    return run
+
+
+def _family(shape, dtype, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    xs = [(base.float() + 0.01 * (i + 1) * torch.randn(shape, generator=g)).to(dtype) for i in range(n)]
+    if n > 1 and base.numel():  # some entries changed by one model only, some by none
+        xs[1].reshape(-1)[::3] = base.reshape(-1)[::3]
+        xs[0].reshape(-1)[::5] = base.reshape(-1)[::5]
+    return base, xs
+
+
+def _torch_path(m, xs, base, params, context, chunk):
+    """What the engine's eager CPU path computes: prepare over flat chunks in float32, then fn chunk by chunk."""
+    from merger.methods.base import TensorContext
+
+    flat = [x.float().reshape(-1) for x in xs]
+    b = base.float().reshape(-1)
+    n = b.numel()
+    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    models = [m.model_params()] * len(xs)
+    state = None
+    if m.prepare is not None:
+        state = m.prepare(
+            lambda: [[x[s:e] - b[s:e] for x in flat] for s, e in bounds],
+            n,
+            models,
+            params,
+            context=context,
+            inputs=lambda: [([x[s:e].clone() for x in flat], b[s:e].clone()) for s, e in bounds],
+        )
+    out = torch.empty(n, dtype=base.dtype)
+    ctx = TensorContext(context.name, shape=())  # fn sees flat chunks
+    for s, e in bounds:
+        if state is None:
+            out[s:e] = m.fn([x[s:e] for x in flat], b[s:e], models, params, context=ctx).to(base.dtype)
+        else:
+            out[s:e] = m.fn([x[s:e] for x in flat], b[s:e], models, params, state, s, context=ctx).to(base.dtype)
+    return out
+
+
+def _fused_path(m, xs, base, params, context, chunk, piece):
+    out = torch.empty(base.numel(), dtype=base.dtype)
+    arrays = [_as_array(x.reshape(-1)) for x in xs]
+    merge_range = m.fused(
+        arrays, _as_array(base.reshape(-1)), [m.model_params()] * len(xs), params, _runner(chunk), context=context
+    )
+    view = _as_array(out)
+    for s in range(0, view.size, piece):
+        merge_range(s, min(s + piece, view.size), view[s : s + piece])
+    return out
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    bits = torch.int32 if a.dtype == torch.float32 else torch.int16
+    return a.dtype == b.dtype and torch.equal(a.view(bits), b.view(bits))
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (1001,), (33, 31), (3, 5, 67), (40, 1100), (0,)])
+def test_fused_is_byte_identical_to_the_torch_path(case, dtype, shape):
+    from merger.methods.base import TensorContext
+
+    method, n, values = FUSED_CASES[case]
+    m = get_method(method)
+    params = m.params.model_validate(values)
+    base, xs = _family(shape, dtype, n, seed=len(case) + len(shape))
+    context = TensorContext("t", shape=shape)
+    want = _torch_path(m, xs, base, params, context, chunk=1 << 18)
+    for chunk, piece in ((1 << 18, 1 << 18), (7, 5), (1000, 333)):
+        got = _fused_path(m, xs, base, params, context, chunk, piece)
+        assert _same_bytes(got, want), (chunk, piece, (got.float() - want.float()).abs().max())
+    assert _same_bytes(_torch_path(m, xs, base, params, context, chunk=7), want)  # chunking the torch path
+
+
+@pytest.mark.parametrize("case", sorted(RECIPES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_cli_merges_the_same_bytes_with_and_without_the_fused_kernels(tmp_path, family, monkeypatch, case, dtype):
+    """The engine through each method's fused kernel (stored bfloat16 or float32, float32 compute) and through
+    torch: the same output bytes, in small chunks too."""
+    import merger.stream
+
+    method, n, params = RECIPES[case]
+    text = recipe(tmp_path, method, n, params).replace("dtype: float32\n", f"dtype: {dtype}\n")
+    used = []
+    real = merger.stream.Merger._fusable
+    monkeypatch.setattr(merger.stream.Merger, "_fusable", lambda self, t: used.append(real(self, t)) or used[-1])
+    fast = merged(tmp_path, text, "fused")
+    assert any(used) == (get_method(method).fused is not None)
+    monkeypatch.setattr(merger.budget, "CHUNK", 7)
+    small = merged(tmp_path, text, "small")
+    monkeypatch.setattr(merger.stream, "_kernels", lambda: None)
+    slow = merged(tmp_path, text, "eager")
+    for name in slow:
+        assert _same_bytes(fast[name], slow[name]) and _same_bytes(small[name], slow[name]), name
