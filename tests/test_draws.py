@@ -71,3 +71,22 @@ def test_cuda_draws_equal_cpu_draws():
     for dtype in (torch.float64, torch.float32):
         cpu = draws.uniform(99, 2, 10**9, 1_000_003, dtype=dtype)
         assert torch.equal(draws.uniform(99, 2, 10**9, 1_000_003, "cuda", dtype).cpu(), cpu)
+
+
+def test_the_fused_kernels_draws_are_the_tensor_versions():
+    """sparse_kernels' splitmix64 (uint64 in numba) gives draws.bits' values, and DARE's integer keep
+    threshold the float64 uniform's comparison with the density."""
+    import numpy as np
+
+    from merger.methods import sparse_kernels
+    from merger.methods.sparse import _draw_threshold
+
+    for seed, stream, start in [(0, 0, 0), (2**63 - 1, 7, 10**12), (12345, 2, 2**40 - 3)]:
+        key = draws.stream_key(seed, stream)
+        got = [int(sparse_kernels._mix(np.uint64((key + (start + j + 1) * draws.GAMMA) % 2**64))) for j in range(50)]
+        assert got == [b % 2**64 for b in draws.bits(seed, stream, start, 50).tolist()]
+    z = [b % 2**64 for b in draws.bits(5, 1, 0, 100_000).tolist()]
+    u = draws.uniform(5, 1, 0, 100_000)
+    for density in (0.3, 0.5, 1e-9, 1 - 2**-53, 0.7000000000000001):
+        keep = [v < _draw_threshold(density) for v in z]
+        assert keep == (u < density).tolist()

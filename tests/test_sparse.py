@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import load_output, write_checkpoint
 
 import merger.budget
+import merger.stream
 from merger.cli import cli
 from merger.methods import draws, tensor_seed
 
@@ -382,3 +383,134 @@ def test_cuda_output_is_the_cpus_bytes(tmp_path, family, method):
     for compute in ("float32", "float64"):
         cpu = bytes_of(tmp_path, method, "cpu", "--device", "cpu", compute=compute)
         assert bytes_of(tmp_path, method, "cuda", "--device", "cuda", compute=compute) == cpu, compute
+
+
+# --- the fused CPU path (merger.methods.sparse_kernels): the torch path's bytes ---
+
+FUSED_CASES = {  # per-model parameters (with WEIGHTS' weights, but SCE), method-wide parameters
+    "dare_linear": ([{"density": 0.3}, {"density": 0.0}, {"density": 1.0}], {"normalize": True}),
+    "dare_ties": ([{"density": 0.3}, {"density": 0.6}, {"density": 0.5}], {"consensus_method": "count"}),
+    "breadcrumbs": (
+        [{"density": 0.5, "gamma": 0.1}, {"density": 0.7, "gamma": 0.5}, {"density": 1.0, "gamma": 0.3}],
+        {"rescale": True},
+    ),
+    "breadcrumbs_ties": ([{"density": 0.9, "gamma": 0.01}] * 3, {"normalize": True, "lambda": 1.5}),
+    "della": ([{"density": 0.4, "epsilon": 0.1}, {"density": 0.5, "epsilon": 0.3}, {"density": 1.0}], {}),
+    "della_linear": ([{"density": 0.4, "epsilon": 0.2}] * 2, {"rescale": False, "lambda": 0.5}),
+    "sce": ([{}] * 3, {"select_topk": 0.4}),
+}
+
+
+def fused_and_torch(method, shape, dtype, seed, per_model=None, params=None, scale=0.01):
+    """The method through its fused kernels (in ranges of 4099 on two threads, written in pieces) and through
+    its torch path on whole float32 tensors, both stored as `dtype`."""
+    from test_kernels import as_array, in_pieces, runner
+
+    from merger.methods import TensorContext, get_method
+
+    m = get_method(method)
+    default_models, default_params = FUSED_CASES[method]
+    per_model = default_models if per_model is None else per_model
+    weights = [{} if method == "sce" else {"weight": w} for w in WEIGHTS]
+    models = [m.model_params(**w, **p) for w, p in zip(weights, per_model)]
+    ps = m.params(**(default_params if params is None else params))
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(dtype)
+    xs = [(base.float() + scale * torch.randn(n, generator=g)).to(dtype) for _ in models]
+    context = TensorContext("t", seed=tensor_seed(seed, "t"), shape=shape)
+    want = m.fn([x.float().reshape(shape) for x in xs], base.float().reshape(shape), models, ps, context=context)
+    out = torch.empty(n, dtype=dtype)
+    merge_range = m.fused([as_array(x) for x in xs], as_array(base), models, ps, runner(4099, 2), context=context)
+    in_pieces(merge_range, as_array(out), 5003)
+    return out, want.reshape(-1).to(dtype)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.view(torch.uint8).numpy().tobytes() == b.view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("method", sorted(FUSED_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1,), (37,), (61, 53), (3, 37, 5), (70_001,)])
+def test_fused_path_writes_the_torch_paths_bytes(method, dtype, shape):
+    for seed in (1, 2):
+        got, want = fused_and_torch(method, shape, dtype, seed)
+        assert same_bytes(got, want), (seed, int((got != want).sum()))
+
+
+@pytest.mark.parametrize(
+    "method,per_model,params",
+    [
+        ("dare_ties", [{"density": 0.0}] * 3, {}),  # nothing kept: the base
+        ("dare_linear", [{"density": 0.5}], {"rescale": False}),  # one model
+        ("breadcrumbs_ties", [{"density": 0.5, "gamma": 0.5}] * 3, {"consensus_method": "count"}),  # none dropped
+        ("della", [{"density": 0.5, "epsilon": 0.4}] * 3, {"normalize": False, "rescale": False}),
+        ("sce", [{}] * 2, {"select_topk": 1.0}),
+        ("sce", [{}], {"select_topk": 0.5}),  # one model: no variance, nothing kept
+    ],
+)
+def test_fused_path_options(method, per_model, params):
+    got, want = fused_and_torch(method, (40, 301), torch.bfloat16, 3, per_model, params)
+    assert same_bytes(got, want)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "breadcrumbs", "della", "sce"])
+def test_fused_path_on_wide_exponents_ties_and_infinities(method):
+    """Task vectors whose magnitudes span many binades (the exact sums' slow path), coarse values (ties at
+    every threshold, DELLA's equal ranks) and an infinity (the sums are inf): the torch path's bytes still."""
+    got, want = fused_and_torch(method, (64, 257), torch.float32, 4, scale=1e-12)
+    assert same_bytes(got, want)
+    from test_kernels import as_array, in_pieces, runner
+
+    from merger.methods import TensorContext, get_method
+
+    m = get_method(method)
+    models = [
+        m.model_params(**({} if method == "sce" else {"weight": w}), **p)
+        for w, p in zip(WEIGHTS, FUSED_CASES[method][0])
+    ]
+    ps = m.params(**FUSED_CASES[method][1])
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(64 * 257, generator=g) * 4).round()
+    spread = torch.float_power(10.0, torch.randint(-30, 5, (64 * 257,), generator=g)).float()
+    xs = [base + (torch.randn(base.shape, generator=g) * 2).round() * (spread if i == 0 else 1) for i in range(3)]
+    if method == "dare_linear":
+        xs[1][77] = float("inf")
+    context = TensorContext("t", seed=99, shape=(64, 257))
+    want = m.fn([x.reshape(64, 257) for x in xs], base.reshape(64, 257), models, ps, context=context).reshape(-1)
+    out = torch.empty(base.numel())
+    in_pieces(
+        m.fused([as_array(x) for x in xs], as_array(base), models, ps, runner(1000, 2), context=context), as_array(out)
+    )
+    assert same_bytes(out, want)
+
+
+@pytest.mark.parametrize("method", sorted(ALL))
+def test_engine_takes_the_fused_path_and_writes_the_torch_paths_bytes(tmp_path, family, method, monkeypatch):
+    """Through the CLI on bfloat16 checkpoints, small chunks: the fused kernels and the torch path write the
+    same bytes."""
+    for name in ("base", "ft1", "ft2", "ft3"):
+        write_checkpoint(tmp_path / f"{name}16", {k: v.bfloat16() for k, v in family[name].items()}, n_shards=2)
+    per_model, params = ALL[method]
+    weights = () if method == "sce" else WEIGHTS
+    path = recipe(tmp_path, method, per_model, params, "random_seed: 7", weights=weights)
+    text = path.read_text().replace("compute_dtype: float64\n", "")
+    for name in ("base", "ft1", "ft2", "ft3"):
+        text = text.replace(str(tmp_path / name) + "\n", str(tmp_path / f"{name}16") + "\n")
+        text = text.replace(str(tmp_path / name) + "}", str(tmp_path / f"{name}16") + "}")
+    path.write_text(text)
+    from merger.methods import sparse_kernels
+
+    calls = []
+    real = sparse_kernels._merge
+    monkeypatch.setattr(merger.budget, "CHUNK", 23)
+    monkeypatch.setattr(sparse_kernels, "_merge", lambda *a: calls.append(1) or real(*a))
+    fast = apply(tmp_path, path, out="fused")
+    assert calls  # every tensor through the kernels
+    monkeypatch.setattr(merger.stream.Merger, "_fusable", lambda self, t: False)
+    calls.clear()
+    slow = apply(tmp_path, path, out="torch")
+    assert not calls
+    for name in SHAPES:
+        assert same_bytes(fast[name], slow[name]), name

@@ -1,0 +1,447 @@
+"""Fused CPU kernels (numba) for the sparse task-vector methods (merger.methods.sparse): DARE, Breadcrumbs,
+DELLA and SCE on the stored bytes, bit-identical to sparse.py's torch path.
+
+The torch path's pieces, reproduced exactly: the counter-based draws (draws.py's splitmix64, on unsigned
+64-bit integers here), Breadcrumbs' and SCE's thresholds (merger.kernels.top_k_abs_deltas, the tie rule of
+task_vectors.kth_largest), DELLA's ranks within fibers (a stable radix sort of the magnitudes' bits, NaN
+last as torch sorts it), the exact whole-tensor sums (an integer mantissa per entry, added without rounding:
+a block of entries whose exponents lie close together is added as one fixed-point integer, any other entry
+on its own; the exact total is rounded once in Python, as _ExactSums rounds it), and the per-entry float32
+arithmetic in the torch path's order (no fast-math, no FMA contraction; stores round as torch's casts do)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numba import njit
+
+from merger.kernels import BLOCK, U, _bits_of_f32, kernel, load, store
+
+GAMMA = U(0x9E3779B97F4A7C15)  # draws.GAMMA
+MIX1 = U(0xBF58476D1CE4E5B9)  # draws.MIX
+MIX2 = U(0x94D049BB133111EB)
+U32 = np.uint32
+ABS = U32(0x7FFFFFFF)
+QNAN = U32(0x7FC00000)  # every NaN magnitude, for sorting: torch ranks NaN above everything, ties by index
+LOW62 = U((1 << 62) - 1)
+INF_BIN = 560  # exact sums: a count of inf and NaN entries (the sum is then inf, as _ExactSums says)
+BINS = 564  # bins[p] holds a 124-bit integer in two limbs (value * 2 ** p): p < 255 for |d|, < 534 for d * d
+ABS_UNIT, SQUARE_UNIT = 149, 298  # the sums' unit: 2 ** -149 for float32 magnitudes, its square for squares
+
+# drop modes (sparse.Family.drop) and per-model kinds (SparseState.kept)
+RANDOM, OUTLIERS, MAGPRUNE, VARIANCE = 0, 1, 2, 3
+ALL, NONE, BY_ENTRY = 0, 1, 2
+# a Top (sparse.Top) as flag, threshold, cutoff: False, True, or (threshold, cutoff)
+NO, YES, RANKED = 0, 1, 2
+
+
+@njit(inline="always")
+def _mix(z):  # pragma: no cover - compiled
+    """splitmix64's output function (draws.MIX), wrapping on uint64."""
+    z = (z ^ (z >> U(30))) * MIX1
+    z = (z ^ (z >> U(27))) * MIX2
+    return z ^ (z >> U(31))
+
+
+@njit(inline="always")
+def _in_top(a, g, flag, t, cut):  # pragma: no cover - compiled
+    """sparse._in_top for one magnitude a at flat index g."""
+    if flag == YES:
+        return True
+    if flag == NO:
+        return False
+    return (a > t) | ((a == t) & (g < cut))
+
+
+@njit(inline="always")
+def _add(bins, p, t):  # pragma: no cover - compiled
+    """bins[p] += t (t < 2 ** 63), the low limb kept below 2 ** 62."""
+    lo = bins[p, 0] + t
+    bins[p, 1] += lo >> U(62)
+    bins[p, 0] = lo & LOW62
+
+
+@njit
+def _abs_sum(mb, kp, start, m, masked, bins):  # pragma: no cover - compiled
+    """Add the float32 magnitudes whose bits are mb[start:start + m] (where kp is set, if masked) to bins
+    exactly: value = mantissa * 2 ** (max(e, 1) - 150), e the biased exponent."""
+    hi = U32(0)
+    lo = U32(0xFFFFFFFF)
+    for i in range(start, start + m):
+        v = mb[i] & (U32(0) - U32(kp[i])) if masked else mb[i]
+        hi = max(hi, v)
+        lo = min(lo, v | (U32(0) - U32(v == 0)))
+    if hi == 0:
+        return
+    if hi >= U32(0x7F800000):
+        bins[INF_BIN, 0] += U(1)
+        return
+    emin = max(lo >> U32(23), U32(1))
+    if max(hi >> U32(23), U32(1)) - emin <= 31:  # one fixed-point integer: 2 ** 24 * 2 ** 31 * BLOCK < 2 ** 63
+        t = U(0)
+        for i in range(start, start + m):
+            v = mb[i] & (U32(0) - U32(kp[i])) if masked else mb[i]
+            e = v >> U32(23)
+            mant = (v & U32(0x7FFFFF)) | (U32(0x800000) if e else U32(0))
+            t += U(mant) << U(max(e, emin) - emin)
+        _add(bins, U(emin - 1), t)
+        return
+    for i in range(start, start + m):
+        v = mb[i] & (U32(0) - U32(kp[i])) if masked else mb[i]
+        e = v >> U32(23)
+        mant = (v & U32(0x7FFFFF)) | (U32(0x800000) if e else U32(0))
+        _add(bins, U(max(e, U32(1)) - 1), U(mant))
+
+
+@njit
+def _square_sum(mb, kp, m, bins):  # pragma: no cover - compiled
+    """Add the squares of the float32 values whose magnitudes' bits are mb[:m], where kp is set, to bins
+    exactly: mantissa ** 2 * 2 ** (2 * (max(e, 1) - 1) - 298), the square split in two 24-bit halves."""
+    hi = U32(0)
+    lo = U32(0xFFFFFFFF)
+    for i in range(m):
+        v = mb[i] & (U32(0) - U32(kp[i]))
+        hi = max(hi, v)
+        lo = min(lo, v | (U32(0) - U32(v == 0)))
+    if hi == 0:
+        return
+    if hi >= U32(0x7F800000):
+        bins[INF_BIN, 0] += U(1)
+        return
+    emin = max(lo >> U32(23), U32(1))
+    fits = max(hi >> U32(23), U32(1)) - emin <= 15  # 2 ** 24 * 4 ** 15 * BLOCK < 2 ** 63
+    t_lo = U(0)
+    t_hi = U(0)
+    for i in range(m):
+        v = mb[i] & (U32(0) - U32(kp[i]))
+        e = v >> U32(23)
+        mant = U((v & U32(0x7FFFFF)) | (U32(0x800000) if e else U32(0)))
+        sq = mant * mant
+        if fits:
+            shift = U(2 * (max(e, emin) - emin))
+            t_lo += (sq & U(0xFFFFFF)) << shift
+            t_hi += (sq >> U(24)) << shift
+        elif v:
+            p = U(2 * (max(e, U32(1)) - 1))
+            _add(bins, p, sq & U(0xFFFFFF))
+            _add(bins, p + U(24), sq >> U(24))
+    if fits:
+        _add(bins, U(2 * (emin - 1)), t_lo)
+        _add(bins, U(2 * (emin - 1) + 24), t_hi)
+
+
+def exact_totals(parts: Sequence[np.ndarray], unit: int) -> list[float]:
+    """The sums the bins of every part hold (parts: arrays (..., BINS, 2)), each rounded once to a float as
+    _ExactSums rounds it: inf where an entry was inf or NaN."""
+    first = parts[0]
+    lead = first.shape[:-2]
+    out = []
+    for idx in np.ndindex(*lead):
+        total = 0
+        inf = False
+        for part in parts:
+            bins = part[idx]
+            inf = inf or bool(bins[INF_BIN, 0])
+            for p in np.flatnonzero(bins[:INF_BIN].any(axis=1)):
+                total += ((int(bins[p, 1]) << 62) + int(bins[p, 0])) << int(p)
+        out.append(float("inf") if inf else total / (1 << unit))
+    return out
+
+
+@njit(inline="always")
+def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, masks, j, kp):  # pragma: no cover - compiled
+    """Model j's keep flags (sparse._keep) for the block of m entries at st (flat index g0) into kp."""
+    if drop == RANDOM:
+        z0 = key + U(g0 + 1) * GAMMA
+        for i in range(m):
+            kp[i] = _mix(z0 + U(i) * GAMMA) < thr
+    elif drop == OUTLIERS:
+        for i in range(m):
+            a = abs(load(x, U(st + i)) - bf[i])
+            g = g0 + i
+            upto = _in_top(a, g, tf[j, 1], tt[j, 1], tc[j, 1])  # the largest `upto`, less the largest `below`
+            kp[i] = upto & (_in_top(a, g, tf[j, 0], tt[j, 0], tc[j, 0]) ^ True)
+    else:  # MAGPRUNE
+        mj = masks[j]
+        for i in range(m):
+            kp[i] = mj[U(g0 + i)]
+
+
+@kernel
+def _scan(xs, b, drop, todo, keys, thr, tf, tt, tc, masks, offset, bins):  # pragma: no cover - compiled
+    """The rescale's sums (sparse._rescale) for the models in todo: per model, bins[j, 0] the magnitudes,
+    bins[j, 1] the kept ones, over a flat chunk starting at `offset`."""
+    n = b.size
+    bf = np.empty(BLOCK, np.float32)
+    mb = np.empty(BLOCK, np.uint32)
+    kp = np.empty(BLOCK, np.uint8)
+    for st in range(0, n, BLOCK):
+        m = min(BLOCK, n - st)
+        for i in range(m):
+            bf[i] = load(b, U(st + i))
+        for j in range(len(xs)):
+            if not todo[j]:
+                continue
+            x = xs[j]
+            for i in range(m):
+                mb[i] = _bits_of_f32(load(x, U(st + i)) - bf[i]) & ABS
+            _keep_block(drop, x, bf, st, m, offset + st, keys[j], thr[j], tf, tt, tc, masks, j, kp)
+            _abs_sum(mb, kp, 0, m, False, bins[j, 0])
+            _abs_sum(mb, kp, 0, m, True, bins[j, 1])
+
+
+@njit(inline="always")
+def _variance(d, nm, i):  # pragma: no cover - compiled
+    """sparse._variance of entry i of the task vectors d (nm, BLOCK), in its order of operations."""
+    fn = np.float32(nm)
+    mean = d[0, i]
+    for j in range(1, nm):
+        mean += d[j, i]
+    mean /= fn
+    var = (d[0, i] - mean) * (d[0, i] - mean)
+    for j in range(1, nm):
+        var += (d[j, i] - mean) * (d[j, i] - mean)
+    return var / fn
+
+
+@kernel
+def _variances(xs, b, out):  # pragma: no cover - compiled
+    """SCE: each entry's variance across the task vectors into out; returns how many are not 0."""
+    n = b.size
+    nm = len(xs)
+    d = np.empty((nm, BLOCK), np.float32)
+    nonzero = 0
+    for st in range(0, n, BLOCK):
+        m = min(BLOCK, n - st)
+        for j in range(nm):
+            x = xs[j]
+            dj = d[j]
+            for i in range(m):
+                dj[i] = load(x, U(st + i)) - load(b, U(st + i))
+        for i in range(m):
+            v = _variance(d, nm, i)
+            out[st + i] = v
+            nonzero += v != 0
+    return nonzero
+
+
+@kernel
+def _square_sums(xs, b, vf, vt, vc, offset, bins):  # pragma: no cover - compiled
+    """SCE's weights' sums: per model, the squares of its task vector where the variance is kept."""
+    n = b.size
+    nm = len(xs)
+    d = np.empty((nm, BLOCK), np.float32)
+    mb = np.empty(BLOCK, np.uint32)
+    kp = np.empty(BLOCK, np.uint8)
+    for st in range(0, n, BLOCK):
+        m = min(BLOCK, n - st)
+        for j in range(nm):
+            x = xs[j]
+            dj = d[j]
+            for i in range(m):
+                dj[i] = load(x, U(st + i)) - load(b, U(st + i))
+        for i in range(m):
+            kp[i] = _in_top(_variance(d, nm, i), offset + st + i, vf, vt, vc)
+        for j in range(nm):
+            dj = d[j]
+            for i in range(m):
+                mb[i] = _bits_of_f32(dj[i]) & ABS
+            _square_sum(mb, kp, m, bins[j])
+
+
+@njit
+def _radix_order(kb, ki, tb, ti, cnt, length):  # pragma: no cover - compiled
+    """Sort (kb, ki)[:length] by kb, stably (ki starts as 0, 1, ...): four passes of 8 bits from the low
+    end, a pass skipped where every key shares its digit. Returns the arrays holding the result."""
+    for shift in range(0, 32, 8):
+        for c in range(257):
+            cnt[c] = 0
+        for p in range(length):
+            cnt[((kb[p] >> U32(shift)) & U32(255)) + 1] += 1
+        if cnt[((kb[0] >> U32(shift)) & U32(255)) + 1] == length:
+            continue
+        for c in range(1, 257):
+            cnt[c] += cnt[c - 1]
+        for p in range(length):
+            digit = (kb[p] >> U32(shift)) & U32(255)
+            q = cnt[digit]
+            cnt[digit] = q + 1
+            tb[q] = kb[p]
+            ti[q] = ki[p]
+        kb, tb = tb, kb
+        ki, ti = ti, ki
+    return kb, ki
+
+
+@kernel
+def _magprune(xs, b, a0, a1, length, r, todo, keys, spreads, masks, bins):  # pragma: no cover - compiled
+    """DELLA's kept entries (sparse._magprune_masks) of fibers a0..a1 (of r fibers each, `length` entries
+    r apart) for the models in todo, into masks, and the rescale's sums into bins (as _scan's)."""
+    kb = np.empty(length, np.uint32)
+    ki = np.empty(length, np.uint32)
+    tb = np.empty(length, np.uint32)
+    ti = np.empty(length, np.uint32)
+    mb = np.empty(length, np.uint32)
+    kp = np.empty(length, np.uint8)
+    u = np.empty(length, np.float64)
+    cnt = np.empty(257, np.int64)
+    unit = 2.0**-53
+    for a in range(a0, a1):
+        for ri in range(r):
+            start = a * length * r + ri
+            for j in range(len(xs)):
+                if not todo[j]:
+                    continue
+                x = xs[j]
+                for p in range(length):
+                    g = U(start + p * r)
+                    v = _bits_of_f32(load(x, g) - load(b, g)) & ABS
+                    mb[p] = v
+                    kb[p] = QNAN if v > U32(0x7F800000) else v
+                    ki[p] = p
+                sk, si = _radix_order(kb, ki, tb, ti, cnt, length)
+                z0 = keys[j] + U(start + 1) * GAMMA
+                step = U(r) * GAMMA
+                for p in range(length):
+                    u[p] = np.float64(_mix(z0 + U(p) * step) >> U(11)) * unit
+                sj = spreads[j]
+                for q in range(length):
+                    p = si[q]
+                    kp[p] = u[p] < sj[q]
+                mj = masks[j]
+                for p in range(length):
+                    mj[U(start + p * r)] = kp[p]
+                for c in range(0, length, BLOCK):
+                    m = min(BLOCK, length - c)
+                    _abs_sum(mb, kp, c, m, False, bins[j, 0])
+                    _abs_sum(mb, kp, c, m, True, bins[j, 1])
+
+
+@njit(inline="always")
+def _drop_block(xs, bf, st, m, g0, drop, kinds, scales, keys, thr, tf, tt, tc, masks, vf, vt, vc, d, kp, shared):
+    """Each model's kept, scaled task vector (sparse.merge's first loop) of the block of m entries at st (flat
+    index g0) into d (nm, BLOCK): (d if kept else 0) * scale."""  # pragma: no cover - compiled
+    zero = np.float32(0)
+    nm = len(xs)
+    if drop == VARIANCE:
+        for j in range(nm):
+            x = xs[j]
+            dj = d[j]
+            for i in range(m):
+                dj[i] = load(x, U(st + i)) - bf[i]
+        for i in range(m):
+            shared[i] = _in_top(_variance(d, nm, i), g0 + i, vf, vt, vc)
+    for j in range(nm):
+        x = xs[j]
+        dj = d[j]
+        sj = scales[j]
+        if drop == VARIANCE:
+            for i in range(m):
+                dj[i] = (dj[i] if shared[i] else zero) * sj
+        elif kinds[j] == BY_ENTRY:
+            _keep_block(drop, x, bf, st, m, g0, keys[j], thr[j], tf, tt, tc, masks, j, kp)
+            for i in range(m):
+                v = load(x, U(st + i)) - bf[i]
+                dj[i] = (v if kp[i] else zero) * sj
+        elif kinds[j] == ALL:
+            for i in range(m):
+                dj[i] = (load(x, U(st + i)) - bf[i]) * sj
+        else:
+            for i in range(m):
+                dj[i] = zero * sj
+
+
+@njit(inline="always")
+def _elect_block(d, m, by_count, weights, after, s, num, den):  # pragma: no cover - compiled
+    """TIES' election on the block's task vectors d: s the elected signs, num the agreeing entries' sum (each
+    times after[j]), den the agreeing models' weights' sum; in sparse.merge's order."""
+    zero = np.float32(0)
+    one = np.float32(1)
+    for i in range(m):
+        v = d[0, i]
+        s[i] = ((one if v > zero else zero) - (one if v < zero else zero)) if by_count else v
+        num[i] = zero
+        den[i] = zero
+    for j in range(1, d.shape[0]):
+        dj = d[j]
+        if by_count:
+            for i in range(m):
+                s[i] += (one if dj[i] > zero else zero) - (one if dj[i] < zero else zero)
+        else:
+            for i in range(m):
+                s[i] += dj[i]
+    for i in range(m):  # the elected sign: +1, -1, or 0 where the votes cancel or are NaN
+        s[i] = (one if s[i] > zero else zero) - (one if s[i] < zero else zero)
+    for j in range(d.shape[0]):
+        wj = weights[j]
+        aj = after[j]
+        dj = d[j]
+        for i in range(m):
+            v = dj[i]
+            agree = v * s[i] > zero
+            den[i] += wj if agree else zero
+            num[i] += (v if agree else zero) * aj
+
+
+@kernel
+def _merge(
+    xs,
+    b,
+    out,
+    drop,
+    kinds,
+    scales,
+    keys,
+    thr,
+    tf,
+    tt,
+    tc,
+    masks,
+    vf,
+    vt,
+    vc,
+    elect,
+    by_count,
+    normalize,
+    weights,
+    after,
+    lam,
+    offset,
+):  # pragma: no cover - compiled
+    """sparse.merge on a flat chunk starting at flat index `offset`: drop (as _keep_block, or the variance's
+    shared keep), scale, then sum, or elect signs and sum (or average) the agreeing entries; in the torch
+    path's float32 operations and order."""
+    n = b.size
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    bf = np.empty(BLOCK, np.float32)
+    s = np.empty(BLOCK, np.float32)
+    num = np.empty(BLOCK, np.float32)
+    den = np.empty(BLOCK, np.float32)
+    kp = np.empty(BLOCK, np.uint8)
+    shared = np.empty(BLOCK, np.uint8)
+    d = np.empty((len(xs), BLOCK), np.float32)
+    for st in range(0, n, BLOCK):
+        m = min(BLOCK, n - st)
+        for i in range(m):
+            bf[i] = load(b, U(st + i))
+        _drop_block(
+            xs, bf, st, m, offset + st, drop, kinds, scales, keys, thr, tf, tt, tc, masks, vf, vt, vc, d, kp, shared
+        )
+        if not elect:  # merged = d_0 + d_1 + ...; * lam; + base
+            for i in range(m):
+                s[i] = d[0, i]
+            for j in range(1, len(xs)):
+                dj = d[j]
+                for i in range(m):
+                    s[i] += dj[i]
+            for i in range(m):
+                store(out, U(st + i), s[i] * lam + bf[i])
+            continue
+        _elect_block(d, m, by_count, weights, after, s, num, den)
+        if normalize:  # den is 0 only where nothing agrees and num is 0: 0 / tiny is 0
+            for i in range(m):
+                store(out, U(st + i), num[i] / max(den[i], tiny) * lam + bf[i])
+        else:
+            for i in range(m):
+                store(out, U(st + i), num[i] * lam + bf[i])
