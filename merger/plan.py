@@ -269,7 +269,10 @@ class Plan:
             engine = len(stored) * csize + max(cast, default=0)
             buffers = len(stored) + 1
         result = 2 * DTYPES[t.dtype][1]
-        gathered = 0 if whole else footprint.held_whole * csize * t.numel  # whole matrices, whatever the piece
+        # whole matrices or masks, whatever the piece
+        gathered = (
+            0 if whole else (footprint.held_whole * csize + footprint.held_whole_masks_per_model * models) * t.numel
+        )
         phases = [(engine + footprint.bytes_per_entry(models, csize) + result, gathered)]
         if method.prepare is not None:
             vectors = models * csize if whole else 0  # fn makes them whole; in pieces they are the loaded inputs

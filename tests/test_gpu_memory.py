@@ -633,3 +633,20 @@ def test_methods_that_gather_whole_matrices_count_them_in_pieces_too(models):
     ties = plan_for(models, "ties", 2)
     w = next(t for t in ties.tensors if t.name == "w")
     assert ties.gpu_bytes(w, piece=1 << 14) < ties.gpu_bytes(w) / 2  # a piece of an eighth of w
+
+
+def test_della_counts_its_whole_tensor_keep_masks_in_pieces(models):
+    """DELLA's prepare leaves fn one keep mask a model for the whole tensor (a byte an entry), however
+    small the pieces: the pieces' estimate holds them (GpuFootprint.held_whole_masks_per_model)."""
+    fts = ", ".join(f"{{model: {models / f'ft{i}'}, parameters: {{density: 0.5}}}}" for i in range(3))
+    plan = build_plan(
+        parse_recipe(f"merge_method: della\nbase_model: {models / 'base'}\nmodels: [{fts}]\n"), device="cpu"
+    )
+    plan.device = "cuda"
+    t = next(t for t in plan.tensors if t.name == "w")
+    method = plan.spec.method
+    assert method.gpu.held_whole_masks_per_model == 1
+    pieces = plan.gpu_bytes(t, piece=1 << 14)
+    forgetful = dataclasses.replace(method, gpu=dataclasses.replace(method.gpu, held_whole_masks_per_model=0))
+    plan.spec = dataclasses.replace(plan.spec, method=forgetful)
+    assert pieces - plan.gpu_bytes(t, piece=1 << 14) == 3 * t.numel  # three models' masks of the whole tensor

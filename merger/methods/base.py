@@ -157,6 +157,7 @@ class GpuFootprint:
     # words of the compute dtype per entry of the WHOLE tensor that prepare and fn hold however small the
     # pieces (methods that gather whole matrices: the SVDs of tsv, iso_c): in pieces, a fixed cost
     held_whole: int = 0
+    held_whole_masks_per_model: int = 0  # bytes per entry of the whole tensor per model, so held (DELLA's keep masks)
 
     def bytes_per_entry(self, models: int, itemsize: int) -> int:
         """fn's bytes per entry of the tensor."""

@@ -762,8 +762,9 @@ _OUTLIERS = GpuFootprint(
 # DELLA keeps each model's mask (a byte an entry, counted as a word) from prepare to fn; prepare holds one
 # model's magnitudes and up to four masks in its two words, and ranks DELLA_BLOCK entries at a time.
 _MAGPRUNE = GpuFootprint(
-    words=3, per_model=2, masks=1, prepare_words=2, prepare_masks=1, fixed_per_model=40 * DELLA_BLOCK + 2 * _SUMS
-)
+    words=3, per_model=2, masks=1, prepare_words=2, prepare_masks=1, fixed_per_model=40 * DELLA_BLOCK + 2 * _SUMS,
+    held_whole_masks_per_model=1,  # the keep masks prepare leaves for fn: the whole tensor's, however small the pieces
+)  # fmt: skip
 _VARIANCE = GpuFootprint(
     words=7,
     per_model=1,
