@@ -492,3 +492,128 @@ def test_gpu_estimate_bounds_what_each_method_holds(tmp_path, method, monkeypatc
     piece = 50_000  # two pieces and one of 31072 entries
     w = tensors["w"]
     assert_bounds(plan.gpu_bytes(w, piece), held_in_pieces(plan, w, piece, monkeypatch), "w in pieces")
+
+
+# ---- the fused CPU kernels (merger.methods.interpolation_kernels) against the torch path ----------------
+
+
+@pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def stored(request, tmp_path):
+    """A base and three fine-tunes stored in bf16 or float32, of odd sizes (more entries than a block of
+    the kernels, a tail in every one), with slerp's edge cases: 'zero', colinear 'twice', antiparallel
+    'flip', equal 'same'."""
+    dtype = request.param
+    g = torch.Generator().manual_seed(9)
+    shapes = {"w": (129, 67), "v": (301,), "c": (5, 9, 11), "row": (1, 45)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    base |= {"zero": torch.zeros(4, 3), "twice": torch.randn(4, 3, generator=g), "flip": torch.randn(5, generator=g)}
+    base["same"] = torch.randn(3, 3, generator=g)
+    paths = {"base": write_checkpoint(tmp_path / "base", {k: v.to(dtype) for k, v in base.items()})}
+    for i in (1, 2, 3):
+        ft = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        ft["twice"], ft["flip"], ft["same"] = (1 + i) * base["twice"], -i * base["flip"], base["same"].clone()
+        paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", {k: v.to(dtype) for k, v in ft.items()})
+    return paths, dtype
+
+
+@pytest.mark.parametrize("method", sorted(recipes({k: "" for k in ("base", "ft1", "ft2", "ft3")})))
+def test_fused_kernels_write_the_torch_paths_bytes(tmp_path, stored, monkeypatch, method):
+    """Every method and recipe variant through the fused kernels (the CPU engine's default) and through
+    torch (as without numba), in small chunks and shares of the passes: the same bytes, in the stored dtype."""
+    from merger.methods import interpolation_kernels
+
+    paths, dtype = stored
+    out_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    recipe = recipes(paths)[method] + f"dtype: {out_dtype}\n"
+    monkeypatch.setattr(merger.budget, "CHUNK", 100)
+    monkeypatch.setattr(interpolation_kernels, "PART", 64)  # the Gram pass's shares: many, summed
+    used = []
+    for name in ("sphere_fused", "nearswap_range"):
+        real = getattr(interpolation_kernels, name)
+        monkeypatch.setattr(interpolation_kernels, name, lambda *a, _real=real, **k: used.append(1) or _real(*a, **k))
+    outs = {}
+    for path in ("fused", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(merger.stream, "_kernels", lambda: None)
+        (tmp_path / "r.yaml").write_text(recipe)
+        result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / path), "-q"])
+        assert result.exit_code == 0, result.output
+        outs[path] = load_output(tmp_path / path)
+    assert len(used) == len(outs["fused"])  # every tensor through the kernels in the first run, none in the second
+    for name, want in outs["torch"].items():
+        got = outs["fused"][name]
+        assert got.dtype == dtype and torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)), name
+
+
+VIEWS = {torch.bfloat16: "int16", torch.float16: "uint16"}  # the numpy views the kernels read
+
+
+def _fused_and_torch(method, xs, base, models, params, shape, run) -> tuple[torch.Tensor, torch.Tensor]:
+    """method's fused merge_range (in pieces of 1000) and its torch fn on whole tensors (the GPU's
+    path), in the stored dtype."""
+    from merger.methods.base import TensorContext
+
+    def view(t):
+        t = t.reshape(-1)
+        return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(VIEWS[t.dtype])
+
+    context = TensorContext("t", shape=shape)
+    dtype = xs[0].dtype
+    got = torch.empty(math.prod(shape), dtype=dtype)
+    merge_range = method.fused(
+        [view(x) for x in xs], None if base is None else view(base), models, params, run, context=context
+    )
+    out = view(got)
+    for s in range(0, out.size, 1000):
+        merge_range(s, min(s + 1000, out.size), out[s : s + 1000])
+    want = method.fn([x.float() for x in xs], None if base is None else base.float(), models, params, context=context)
+    return got, want.reshape(-1).to(dtype)
+
+
+def _cases():
+    from merger.methods import interpolation as ip
+
+    w = [ip.WeightParams(weight=0.3), ip.WeightParams(weight=0.6), ip.WeightParams(weight=0.2)]
+    none = [ip.NoModelParams()] * 3
+    return [
+        ("slerp", 1, True, none[:1], ip.SlerpParams(t=0.4)),
+        ("nuslerp", 2, True, w[:2], ip.NuslerpParams()),
+        ("nuslerp", 2, False, w[:2], ip.NuslerpParams(nuslerp_flatten=False)),
+        ("nuslerp", 2, True, w[:2], ip.NuslerpParams(nuslerp_flatten=False, nuslerp_row_wise=True)),
+        ("multislerp", 3, True, w, ip.MultislerpParams()),
+        ("multislerp", 3, False, w, ip.MultislerpParams(normalize_weights=False)),
+        ("multislerp", 1, True, w[:1], ip.MultislerpParams()),
+        ("karcher", 3, False, none, ip.KarcherParams()),
+        ("karcher", 2, True, none[:2], ip.KarcherParams(max_iter=3)),
+        ("karcher", 1, False, none[:1], ip.KarcherParams()),
+        ("nearswap", 1, True, none[:1], ip.NearswapParams(t=0.5)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("special", ["", "nan", "inf", "tiny"])
+def test_fused_kernels_give_fn_bytes_on_whole_tensors(dtype, special):
+    """The fused merge_range against fn on whole tensors (the GPU's path), for every method and variant,
+    float16 too, with NaN, inf or tiny entries (near the smallest normal float32, far below the peaks)."""
+    from test_kernels import runner
+
+    from merger.methods import interpolation as ip
+
+    methods = {m.name: m for m in ip.METHODS}
+    g = torch.Generator().manual_seed(4)
+    shape = (23, 61)
+    base = torch.randn(shape, generator=g)
+    xs = [base + 0.2 * torch.randn(shape, generator=g) for _ in range(3)]
+    if special:
+        value = {"nan": math.nan, "inf": math.inf, "tiny": 1e-38}[special]
+        xs[0].view(-1)[[5, 700]] = value
+        xs[1].view(-1)[3] = -value
+    base, xs = base.to(dtype), [x.to(dtype) for x in xs]
+    for name, n, with_base, models, params in _cases():
+        got, want = _fused_and_torch(
+            methods[name], xs[:n], base if with_base else None, models, params, shape, runner(333, 2)
+        )
+        bits = torch.int16 if dtype != torch.float32 else torch.int32
+        nan = want.isnan()  # torch's casts write NaN's bits one way or another (the engine makes them canonical)
+        assert torch.equal(got.isnan(), nan), (name, params)
+        assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), (name, params)
