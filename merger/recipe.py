@@ -391,7 +391,7 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
     if not problems:
         problems += _listed_beyond_range(recipe, source)
     if not problems and method.check is not None:
-        for models, loc in [(ingredients, ("parameters",))] if slices is None else _slice_checks(slices, method):
+        for models, loc in [(ingredients, ("models",))] if slices is None else _slice_checks(slices, method):
             msg = method.check([g.params for g in models], params)
             if msg:
                 problems.append(f"{source.where(*loc)}: {msg}")

@@ -101,7 +101,7 @@ def test_only_the_base_model(workdir):
 def test_weights_summing_to_zero_with_normalize(workdir):
     err = run_bad("merge_method: linear\nmodels:\n  - model: ft1\n  - model: ft2\n    parameters: {weight: -1}\n")
     assert err == (
-        "error: recipe.yaml: parameters: the weights sum to 0, so they cannot be normalised; "
+        "error: recipe.yaml:2: models: the weights sum to 0, so they cannot be normalised; "
         "set normalize: false or change a weight\n"
     )
 

@@ -418,7 +418,7 @@ def test_cuda_gives_the_cpus_bytes(tmp_path, big, method):
         ),
         (
             "merge_method: slerp\nbase_model: base\nmodels: [{model: ft1}, {model: ft2}]\n",
-            "recipe.yaml: parameters: slerp interpolates two models, the base_model and one other; this recipe "
+            "recipe.yaml:3: models: slerp interpolates two models, the base_model and one other; this recipe "
             "gives 2 besides the base",
         ),
         (
@@ -427,7 +427,7 @@ def test_cuda_gives_the_cpus_bytes(tmp_path, big, method):
         ),
         (
             "merge_method: nuslerp\nmodels: [{model: ft1}, {model: ft2}, {model: base}]\n",
-            "recipe.yaml: parameters: nuslerp interpolates exactly two models (besides any base_model); this "
+            "recipe.yaml:2: models: nuslerp interpolates exactly two models (besides any base_model); this "
             "recipe gives 3",
         ),
         (
@@ -437,7 +437,7 @@ def test_cuda_gives_the_cpus_bytes(tmp_path, big, method):
         (
             "merge_method: multislerp\nmodels:\n  - {model: ft1, parameters: {weight: 1}}\n"
             "  - {model: ft2, parameters: {weight: -1}}\n",
-            "recipe.yaml: parameters: the weights sum to 0, so they cannot be normalised; set normalize_weights: "
+            "recipe.yaml:2: models: the weights sum to 0, so they cannot be normalised; set normalize_weights: "
             "false or change a weight",
         ),
         (

@@ -216,9 +216,9 @@ def test_the_whole_tensor_call_equals_the_chunked_merge(tmp_path, family, case):
 @pytest.mark.parametrize(
     ("method", "n", "params", "line", "message"),
     [
-        ("model_stock", 1, "", None, "parameters: model_stock compares the task vectors of two or more models, not 1: "
+        ("model_stock", 1, "", 4, "models: model_stock compares the task vectors of two or more models, not 1: "
          "give at least two models besides the base model"),
-        ("arcee_fusion", 2, "", None, "parameters: arcee_fusion fuses one model into the base model, not 2: give one "
+        ("arcee_fusion", 2, "", 4, "models: arcee_fusion fuses one model into the base model, not 2: give one "
          "model besides the base"),
         ("ram", 2, "epsilon: -1", 5, "parameters.epsilon: Input should be greater than or equal to 0, got -1"),
         ("ramplus_tl", 2, "alpha: -0.5", 5, "parameters.alpha: Input should be greater than or equal to 0, got -0.5"),
@@ -229,7 +229,7 @@ def test_bad_parameters_are_refused_at_their_line(tmp_path, family, method, n, p
     (tmp_path / "r.yaml").write_text(recipe(tmp_path, method, n, params))
     result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2
-    where = f"{tmp_path / 'r.yaml'}" + (f":{line}" if line else "")  # a model count: no line of its own
+    where = f"{tmp_path / 'r.yaml'}" + (f":{line}" if line else "")
     assert result.stderr == f"error: {where}: {message}\n"
 
 
