@@ -101,7 +101,7 @@ def test_push_dry_run_contacts_nothing(workdir, api):
     out = run("push", "out", "me/merged", "--dry-run").stdout.splitlines()
     assert (
         out[0]
-        == "would upload 5 files (2.34 KB) to me/merged (the default branch) with message 'Upload merged model (merger 0.1.0)':"
+        == "would upload 5 files (2.36 KB) to me/merged (the default branch) with message 'Upload merged model (merger 0.1.0)':"
     )
     assert [line.split()[0] for line in out[1:]] == sorted(os.listdir("out"))
     assert api.calls == []

@@ -100,7 +100,7 @@ def test_a_method_is_told_each_tensors_name_layer_and_seed_and_sees_its_inputs_a
             assert name not in prepared  # copied, never merged
             continue
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-        assert prepared[name][1] == TensorContext(name, layer, tensor_seed(0, name))
+        assert prepared[name][1] == TensorContext(name, layer, tensor_seed(0, name), tuple(t1[name].shape))
         (chunk,) = prepared[name][2]  # one chunk: the tensors as stored, in ingredient order, then the base
         assert [torch.equal(c, x[name].double().reshape(-1)) for c, x in zip(chunk, (t1, t2, b))] == [True] * 3
         assert torch.equal(out, (t1[name].double() + t2[name].double()).float())
