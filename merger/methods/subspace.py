@@ -282,6 +282,12 @@ def _footprint(matrices: int) -> GpuFootprint:
     return GpuFootprint(words=words, prepare_words=words, held_whole=words)
 
 
+# _CPU_NS: ns per entry and model on one core, measured at bench_merge's small shape (matrices 512 wide,
+# two fine-tunes): an SVD is compute, not I/O. Its cost per entry grows with a matrix's smaller side, so a
+# 7B model costs several times more per entry than this says; either way device: auto picks the GPU
+# wherever there is one.
+
+
 TSV = Method(
     name="tsv",
     fn=_tsv_fn,
@@ -294,6 +300,7 @@ TSV = Method(
     prepare=_tsv_prepare,
     # a task vector and its SVD, the kept triplets (2 matrices at most), the whitening's SVDs, the result
     gpu=_footprint(6),
+    cpu_ns=1300.0,  # _CPU_NS
 )
 
 ISO_C = Method(
@@ -308,6 +315,7 @@ ISO_C = Method(
     "Subspaces, arXiv:2502.04959",
     prepare=_iso_c_prepare,
     gpu=_footprint(3),  # the summed task vectors, their SVD, the result
+    cpu_ns=470.0,  # _CPU_NS
 )
 
 ISO_CTS = Method(
@@ -323,6 +331,7 @@ ISO_CTS = Method(
     prepare=_iso_cts_prepare,
     # the common subspace kept beside a task vector, its projection and SVD, the kept triplets, the result
     gpu=_footprint(8),
+    cpu_ns=1900.0,  # _CPU_NS
 )
 
 METHODS: tuple[Method, ...] = (TSV, ISO_C, ISO_CTS)
