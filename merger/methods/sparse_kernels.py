@@ -62,16 +62,37 @@ def _add(bins, p, t):  # pragma: no cover - compiled
     bins[p, 0] = lo & LOW62
 
 
+@njit(inline="always")
+def _picked(mb, kp, i, masked):  # pragma: no cover - compiled
+    """The magnitude bits mb[i], or 0 where kp[i] is not set (if masked)."""
+    return mb[i] & (U32(0) - U32(kp[i])) if masked else mb[i]
+
+
+@njit(inline="always")
+def _extent(mb, kp, start, m, masked):  # pragma: no cover - compiled
+    """(largest, smallest non-zero) of the picked magnitude bits in [start, start + m): they order as the
+    magnitudes do; smallest is 0xFFFFFFFF where all are 0."""
+    hi = U32(0)
+    lo = U32(0xFFFFFFFF)
+    for i in range(start, start + m):
+        v = _picked(mb, kp, i, masked)
+        hi = max(hi, v)
+        lo = min(lo, v | (U32(0) - U32(v == 0)))
+    return hi, lo
+
+
+@njit(inline="always")
+def _mantissa(v):  # pragma: no cover - compiled
+    """(biased exponent, 24-bit mantissa with its implicit bit) of float32 bits v."""
+    e = v >> U32(23)
+    return e, (v & U32(0x7FFFFF)) | (U32(0x800000) if e else U32(0))
+
+
 @njit
 def _abs_sum(mb, kp, start, m, masked, bins):  # pragma: no cover - compiled
     """Add the float32 magnitudes whose bits are mb[start:start + m] (where kp is set, if masked) to bins
     exactly: value = mantissa * 2 ** (max(e, 1) - 150), e the biased exponent."""
-    hi = U32(0)
-    lo = U32(0xFFFFFFFF)
-    for i in range(start, start + m):
-        v = mb[i] & (U32(0) - U32(kp[i])) if masked else mb[i]
-        hi = max(hi, v)
-        lo = min(lo, v | (U32(0) - U32(v == 0)))
+    hi, lo = _extent(mb, kp, start, m, masked)
     if hi == 0:
         return
     if hi >= U32(0x7F800000):
@@ -81,16 +102,12 @@ def _abs_sum(mb, kp, start, m, masked, bins):  # pragma: no cover - compiled
     if max(hi >> U32(23), U32(1)) - emin <= 31:  # one fixed-point integer: 2 ** 24 * 2 ** 31 * BLOCK < 2 ** 63
         t = U(0)
         for i in range(start, start + m):
-            v = mb[i] & (U32(0) - U32(kp[i])) if masked else mb[i]
-            e = v >> U32(23)
-            mant = (v & U32(0x7FFFFF)) | (U32(0x800000) if e else U32(0))
+            e, mant = _mantissa(_picked(mb, kp, i, masked))
             t += U(mant) << U(max(e, emin) - emin)
         _add(bins, U(emin - 1), t)
         return
     for i in range(start, start + m):
-        v = mb[i] & (U32(0) - U32(kp[i])) if masked else mb[i]
-        e = v >> U32(23)
-        mant = (v & U32(0x7FFFFF)) | (U32(0x800000) if e else U32(0))
+        e, mant = _mantissa(_picked(mb, kp, i, masked))
         _add(bins, U(max(e, U32(1)) - 1), U(mant))
 
 
@@ -98,12 +115,7 @@ def _abs_sum(mb, kp, start, m, masked, bins):  # pragma: no cover - compiled
 def _square_sum(mb, kp, m, bins):  # pragma: no cover - compiled
     """Add the squares of the float32 values whose magnitudes' bits are mb[:m], where kp is set, to bins
     exactly: mantissa ** 2 * 2 ** (2 * (max(e, 1) - 1) - 298), the square split in two 24-bit halves."""
-    hi = U32(0)
-    lo = U32(0xFFFFFFFF)
-    for i in range(m):
-        v = mb[i] & (U32(0) - U32(kp[i]))
-        hi = max(hi, v)
-        lo = min(lo, v | (U32(0) - U32(v == 0)))
+    hi, lo = _extent(mb, kp, 0, m, True)
     if hi == 0:
         return
     if hi >= U32(0x7F800000):
@@ -114,9 +126,9 @@ def _square_sum(mb, kp, m, bins):  # pragma: no cover - compiled
     t_lo = U(0)
     t_hi = U(0)
     for i in range(m):
-        v = mb[i] & (U32(0) - U32(kp[i]))
-        e = v >> U32(23)
-        mant = U((v & U32(0x7FFFFF)) | (U32(0x800000) if e else U32(0)))
+        v = _picked(mb, kp, i, True)
+        e, mant32 = _mantissa(v)
+        mant = U(mant32)
         sq = mant * mant
         if fits:
             shift = U(2 * (max(e, emin) - emin))
