@@ -514,3 +514,71 @@ def test_engine_takes_the_fused_path_and_writes_the_torch_paths_bytes(tmp_path, 
     assert not calls
     for name in SHAPES:
         assert same_bytes(fast[name], slow[name]), name
+
+
+def sorted_keep(keys: np.ndarray, u: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """The oracle of DELLA's keep rule: entry p, of rank r by (magnitude, index), is kept where u[p] < spread[r]."""
+    order = np.lexsort((np.arange(keys.size), keys))
+    rank = np.empty(keys.size, np.int64)
+    rank[order] = np.arange(keys.size)
+    return u < spread[rank]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bf16",
+        "bf16 with zeros and ties",
+        "odd ones tied",
+        "odd ones alone in buckets",
+        "many odd ones",
+        "odd ones in bucket 0",
+        "float32",
+        "wide",
+        "short",
+    ],
+)
+def test_della_ranks_from_counts_are_the_sorts(case):
+    """sparse_kernels._keep_by_counts (bf16 task vectors: ranks from bucket counts) keeps what ranking by a
+    sort keeps, and declines (False) the fibers it cannot rank: too many odd magnitudes, too wide a range."""
+    from merger.methods import sparse_kernels as sk
+
+    rng = np.random.default_rng(len(case))
+    length = 17 if case == "short" else 4096
+    base = torch.from_numpy(rng.standard_normal(length).astype(np.float32)).bfloat16().float()
+    scale = 0.1 if case == "many odd ones" else 0.01  # task vectors that cross binades: odd magnitudes
+    x = (base + scale * torch.from_numpy(rng.standard_normal(length).astype(np.float32))).bfloat16().float()
+    mags = (x - base).abs()
+    if case == "bf16 with zeros and ties":
+        mags[::3] = 0
+        mags[1::7] = mags[1]
+    if case == "odd ones tied":  # magnitudes with low bits set, several equal, in the buckets of plain ones
+        mags[5:60:4] = torch.tensor(np.float32(mags[5]) * np.float32(1 + 2**-20))
+        mags[6:60:8] = torch.tensor(np.float32(mags[6]) * np.float32(1 + 2**-22))
+    if case == "odd ones alone in buckets":
+        mags[:40] = torch.from_numpy(rng.uniform(10, 11, 40).astype(np.float32))
+    if case == "odd ones in bucket 0":  # subnormal magnitudes, some odd, beside zeros
+        mags[:30] = torch.from_numpy(rng.integers(1, 1 << 16, 30).astype(np.int32)).view(torch.float32)
+        mags[30:40] = 0
+        mags[40:50] = mags[0]
+    if case == "float32":
+        mags = torch.from_numpy(np.abs(rng.standard_normal(length)).astype(np.float32))
+    if case == "wide":
+        mags[0] = 1e-30
+        mags[1] = 1e30
+    keys = mags.numpy().view(np.uint32).copy()
+    u = rng.random(length)
+    spread = np.arange(length) / (length - 1) * 0.4 + 0.3
+    kp = np.empty(length, np.uint8)
+    count, odd = np.zeros(sk.HEADS, np.int64), np.zeros(sk.HEADS, np.int64)
+    args = (keys, u, spread, length, count, odd, np.empty(sk.HEADS, np.int64), np.empty(length, np.int64), kp)
+    settled = sk._keep_by_counts(*args, np.empty(length, np.int64), np.empty(length, np.int64))
+    assert settled == (case not in ("float32", "wide"))
+    assert not count.any() and not odd.any()  # ready for the next fiber
+    if settled:
+        assert np.array_equal(kp.astype(bool), sorted_keep(keys, u, spread))
+    odd = ((keys & 0xFFFF) != 0).sum()
+    if case.startswith("odd"):
+        assert odd >= 14 if case == "odd ones tied" else odd >= 29
+    if case == "many odd ones":
+        assert odd > length // 20

@@ -579,7 +579,8 @@ _DROPS = {"random": 0, "outliers": 1, "magprune": 2, "variance": 3}  # sparse_ke
 class _KernelState:
     """What the kernels read of SparseState, as arrays: the drop, each model's kind (all, none, by entry),
     its draws' stream key and keep threshold (DARE), Breadcrumbs' tops (flag, threshold, cutoff per model
-    and end), DELLA's masks (models, numel) and SCE's variance top (flag, threshold, cutoff)."""
+    and end), DELLA's masks (models, bytes: the keep flags as bits; DARE's draws too, once drawn) and SCE's
+    variance top (flag, threshold, cutoff)."""
 
     drop: int
     kinds: object
@@ -633,17 +634,23 @@ def _fused_rescale_sums(xs, base, rescaled: list[int], k: _KernelState, run) -> 
         return [0.0] * (2 * n)
     todo = np.zeros(n, np.bool_)
     todo[rescaled] = True
+    # DARE's draws cost more than the bits that keep them: drawn once here, read back by the merge
+    keeps = np.empty((n, (base.size + 7) // 8), np.uint8) if k.drop == sk.RANDOM else np.zeros((1, 1), np.uint8)
 
-    def part(s: int, e: int):
+    def part(first: int, end: int):  # bytes of flags: 8 entries each
+        s, e = 8 * first, min(8 * end, base.size)
         bins = np.zeros((n, 2, sk.BINS, 2), np.uint64)
-        sk._scan(tuple(x[s:e] for x in xs), base[s:e], k.drop, todo, k.keys, k.thr, *k.tops, k.masks, s, bins)
+        sk._scan(tuple(x[s:e] for x in xs), base[s:e], k.drop, todo, k.keys, k.thr, *k.tops, k.masks, s, bins, keeps)
         return bins
 
-    return sk.exact_totals(run(part, base.size), sk.ABS_UNIT)
+    totals = sk.exact_totals(run(part, (base.size + 7) // 8), sk.ABS_UNIT)
+    if k.drop == sk.RANDOM:  # every model drawn by entry is rescaled (rescale is method-wide): all in the bits
+        k.drop, k.masks = sk.MAGPRUNE, keeps
+    return totals
 
 
 def _fused_magprune(xs, base, models, shape, k: _KernelState, run):
-    """DELLA's masks (models, numel) and the rescale's sums, fibers of the tensor side by side on the threads."""
+    """DELLA's masks (models, bytes: bits) and the rescale's sums, fibers of the tensor side by side on the threads."""
     import numpy as np
 
     from merger.methods import sparse_kernels as sk
@@ -651,7 +658,7 @@ def _fused_magprune(xs, base, models, shape, k: _KernelState, run):
     numel, n = base.size, len(xs)
     a, length, r = (1, numel, 1) if len(shape) <= 1 else (shape[0], shape[1], math.prod(shape[2:]))
     todo = k.kinds == sk.BY_ENTRY
-    masks = np.empty((n, numel), np.uint8) if todo.any() else np.zeros((1, 1), np.uint8)
+    masks = np.zeros((n, (numel + 7) // 8), np.uint8) if todo.any() else np.zeros((1, 1), np.uint8)  # bits
     if not todo.any() or not numel:
         return masks, [0.0] * (2 * n)
     spreads = np.zeros((n, length))
@@ -666,7 +673,8 @@ def _fused_magprune(xs, base, models, shape, k: _KernelState, run):
         sk._magprune(xs, base, s, e, length, r, todo, k.keys, spreads, masks, bins)
         return bins
 
-    totals = sk.exact_totals(run(part, a, max(1, (1 << 20) // (length * r))), sk.ABS_UNIT)
+    rows = -(-max(1, (1 << 20) // (length * r)) // 8) * 8  # 8 fibers' worth: the ranges' bits in bytes of their own
+    totals = sk.exact_totals(run(part, a, rows), sk.ABS_UNIT)
     return masks, totals
 
 

@@ -112,6 +112,28 @@ def _abs_sum(mb, kp, start, m, masked, bins):  # pragma: no cover - compiled
 
 
 @njit
+def _abs_sums(mb, kp, start, m, every, kept):  # pragma: no cover - compiled
+    """_abs_sum of all of mb[start:start + m] into `every` and of the kept ones into `kept`, in one pass
+    where their exponents lie close together (the sums are exact: how a sum is split into bins does not
+    change it)."""
+    hi, lo = _extent(mb, kp, start, m, False)
+    emin = max(lo >> U32(23), U32(1))
+    if hi == 0 or hi >= U32(0x7F800000) or max(hi >> U32(23), U32(1)) - emin > 31:
+        _abs_sum(mb, kp, start, m, False, every)
+        _abs_sum(mb, kp, start, m, True, kept)
+        return
+    t = U(0)
+    tk = U(0)
+    for i in range(start, start + m):
+        e, mant = _mantissa(mb[i])
+        v = U(mant) << U(max(e, emin) - emin)
+        t += v
+        tk += v & (U(0) - U(kp[i]))
+    _add(every, U(emin - 1), t)
+    _add(kept, U(emin - 1), tk)
+
+
+@njit
 def _square_sum(mb, kp, m, bins):  # pragma: no cover - compiled
     """Add the squares of the float32 values whose magnitudes' bits are mb[:m], where kp is set, to bins
     exactly: mantissa ** 2 * 2 ** (2 * (max(e, 1) - 1) - 298), the square split in two 24-bit halves."""
@@ -162,6 +184,35 @@ def exact_totals(parts: Sequence[np.ndarray], unit: int) -> list[float]:
 
 
 @njit(inline="always")
+def _pack(kp, m, bits, first):  # pragma: no cover - compiled
+    """The flags kp[:m] as bits into bits[first:], whole bytes (the last one's high bits 0)."""
+    whole = m >> 3
+    for c in range(whole):
+        e = 8 * c
+        bits[first + c] = (
+            kp[e]
+            | (kp[e + 1] << np.uint8(1))
+            | (kp[e + 2] << np.uint8(2))
+            | (kp[e + 3] << np.uint8(3))
+            | (kp[e + 4] << np.uint8(4))
+            | (kp[e + 5] << np.uint8(5))
+            | (kp[e + 6] << np.uint8(6))
+            | (kp[e + 7] << np.uint8(7))
+        )
+    if m & 7:
+        byte = np.uint8(0)
+        for t in range(m & 7):
+            byte |= kp[8 * whole + t] << np.uint8(t)
+        bits[first + whole] = byte
+
+
+@njit(inline="always")
+def _bit(bits, g):  # pragma: no cover - compiled
+    """Flag g of a bit array (bit g % 8 of byte g // 8)."""
+    return (bits[U(g) >> U(3)] >> np.uint8(U(g) & U(7))) & np.uint8(1)
+
+
+@njit(inline="always")
 def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, masks, j, kp):  # pragma: no cover - compiled
     """Model j's keep flags (sparse._keep) for the block of m entries at st (flat index g0) into kp."""
     if drop == RANDOM:
@@ -174,16 +225,17 @@ def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, masks, j, kp):  # 
             g = g0 + i
             upto = _in_top(a, g, tf[j, 1], tt[j, 1], tc[j, 1])  # the largest `upto`, less the largest `below`
             kp[i] = upto & (_in_top(a, g, tf[j, 0], tt[j, 0], tc[j, 0]) ^ True)
-    else:  # MAGPRUNE
+    else:  # MAGPRUNE (and DARE's draws, kept by _scan): the flags as bits
         mj = masks[j]
         for i in range(m):
-            kp[i] = mj[U(g0 + i)]
+            kp[i] = _bit(mj, g0 + i)
 
 
 @kernel
-def _scan(xs, b, drop, todo, keys, thr, tf, tt, tc, masks, offset, bins):  # pragma: no cover - compiled
+def _scan(xs, b, drop, todo, keys, thr, tf, tt, tc, masks, offset, bins, keeps):  # pragma: no cover - compiled
     """The rescale's sums (sparse._rescale) for the models in todo: per model, bins[j, 0] the magnitudes,
-    bins[j, 1] the kept ones, over a flat chunk starting at `offset`."""
+    bins[j, 1] the kept ones, over a flat chunk starting at `offset` (a multiple of 8); and DARE's keep flags
+    into keeps (models, bytes) as bits (flat index g: bit g % 8 of byte g // 8)."""
     n = b.size
     bf = np.empty(BLOCK, np.float32)
     mb = np.empty(BLOCK, np.uint32)
@@ -199,8 +251,9 @@ def _scan(xs, b, drop, todo, keys, thr, tf, tt, tc, masks, offset, bins):  # pra
             for i in range(m):
                 mb[i] = _bits_of_f32(load(x, U(st + i)) - bf[i]) & ABS
             _keep_block(drop, x, bf, st, m, offset + st, keys[j], thr[j], tf, tt, tc, masks, j, kp)
-            _abs_sum(mb, kp, 0, m, False, bins[j, 0])
-            _abs_sum(mb, kp, 0, m, True, bins[j, 1])
+            _abs_sums(mb, kp, 0, m, bins[j, 0], bins[j, 1])
+            if drop == RANDOM:  # DARE's draws, kept for the merge: whole bytes (offset + st is a multiple of 8)
+                _pack(kp, m, keeps[j], (offset + st) >> 3)
 
 
 @njit(inline="always")
@@ -286,10 +339,87 @@ def _radix_order(kb, ki, tb, ti, cnt, length):  # pragma: no cover - compiled
     return kb, ki
 
 
+HEADS = 1 << 15  # magnitudes by their top 16 bits (sign clear): buckets that order as the magnitudes do
+
+
+@njit
+def _keep_by_counts(kb, u, sj, length, count, odd, start, occ, kp, odds, grouped):  # pragma: no cover - compiled
+    """DELLA's keep flags (u < sj[rank]) into kp from counts, without sorting the fiber, where most of its
+    magnitudes have low 16 bits 0 (bf16 task vectors'). Such a magnitude is the least of its bucket (its
+    top 16 bits), so its rank is the bucket's start plus the equal ones before it (ties go by index, as in
+    the sort); the odd ones (low bits set) rank after those, by their order among their bucket's odd ones
+    (grouped by bucket in `grouped`, in index order; a bucket holds few). Returns False, with kp unfinished,
+    where over half are odd (float32 task vectors) or the buckets span too wide a range to total; count and
+    odd (HEADS each) are zero again on return."""
+    below = U32(0xFFFFFFFF)
+    hi = U32(0)
+    n_odd = U32(0)
+    for p in range(length):  # all in uint32: it vectorizes
+        k = kb[p]
+        head = k >> U32(16)
+        below = min(below, head - U32(1))  # bucket 0 (zeros, subnormals) wraps to the top: totalled apart
+        hi = max(hi, head)
+        n_odd += U32((k & U32(0xFFFF)) != U32(0))
+    lo = np.int64(below) + 1
+    if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
+        return False
+    n_odd = 0
+    for p in range(length):
+        k = kb[p]
+        head = k >> U32(16)
+        if k & U32(0xFFFF):  # odd: few, so a branch that rarely goes this way
+            odd[head] += 1
+            odds[n_odd] = p
+            n_odd += 1
+            occ[p] = 0  # ranked below
+        else:
+            c = count[head]
+            occ[p] = c
+            count[head] = c + 1
+    total = count[0] + odd[0]
+    start[0] = 0
+    placed = odd[0]
+    odd[0] = 0  # from here on, where the bucket's odd ones start in `grouped`
+    for head in range(lo, np.int64(hi) + 1):
+        start[head] = total
+        c = odd[head]
+        total += count[head] + c
+        odd[head] = placed
+        placed += c
+    for p in range(length):
+        kp[p] = u[p] < sj[start[kb[p] >> U32(16)] + occ[p]]
+    for o in range(n_odd):  # grouped by bucket, each group in index order
+        head = kb[odds[o]] >> U32(16)
+        grouped[odd[head]] = odds[o]
+        odd[head] += 1
+    g0 = 0
+    while g0 < n_odd:
+        head = kb[grouped[g0]] >> U32(16)
+        g1 = g0 + 1
+        while g1 < n_odd and kb[grouped[g1]] >> U32(16) == head:
+            g1 += 1
+        for i in range(g0, g1):
+            p = grouped[i]
+            k = kb[p]
+            rank = start[head] + count[head]
+            for other in range(g0, g1):
+                ko = kb[grouped[other]]
+                rank += (ko < k) | ((ko == k) & (other < i))
+            kp[p] = u[p] < sj[rank]
+        g0 = g1
+    count[0] = 0
+    odd[0] = 0
+    for head in range(lo, np.int64(hi) + 1):
+        count[head] = 0
+        odd[head] = 0
+    return True
+
+
 @kernel
 def _magprune(xs, b, a0, a1, length, r, todo, keys, spreads, masks, bins):  # pragma: no cover - compiled
     """DELLA's kept entries (sparse._magprune_masks) of fibers a0..a1 (of r fibers each, `length` entries
-    r apart) for the models in todo, into masks, and the rescale's sums into bins (as _scan's)."""
+    r apart) for the models in todo, as bits into masks (zeroed; flat index g: bit g % 8 of byte g // 8;
+    a0 * length * r a multiple of 8), and the rescale's sums into bins (as _scan's)."""
     kb = np.empty(length, np.uint32)
     ki = np.empty(length, np.uint32)
     tb = np.empty(length, np.uint32)
@@ -298,6 +428,13 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, spreads, masks, bins):  # pr
     kp = np.empty(length, np.uint8)
     u = np.empty(length, np.float64)
     cnt = np.empty(257, np.int64)
+    count = np.zeros(HEADS, np.int64)
+    odd = np.zeros(HEADS, np.int64)
+    starts = np.empty(HEADS, np.int64)
+    occ = np.empty(length, np.int64)
+    odds = np.empty(length, np.int64)
+    grouped = np.empty(length, np.int64)
+    counting = np.ones(len(xs), np.bool_)
     unit = 2.0**-53
     for a in range(a0, a1):
         for ri in range(r):
@@ -311,23 +448,28 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, spreads, masks, bins):  # pr
                     v = _bits_of_f32(load(x, g) - load(b, g)) & ABS
                     mb[p] = v
                     kb[p] = QNAN if v > U32(0x7F800000) else v
-                    ki[p] = p
-                sk, si = _radix_order(kb, ki, tb, ti, cnt, length)
                 z0 = keys[j] + U(start + 1) * GAMMA
                 step = U(r) * GAMMA
                 for p in range(length):
-                    u[p] = np.float64(_mix(z0 + U(p) * step) >> U(11)) * unit
+                    u[p] = np.float64(np.int64(_mix(z0 + U(p) * step) >> U(11))) * unit  # < 2**53: exact
                 sj = spreads[j]
-                for q in range(length):
-                    p = si[q]
-                    kp[p] = u[p] < sj[q]
+                if not (counting[j] and _keep_by_counts(kb, u, sj, length, count, odd, starts, occ, kp, odds, grouped)):
+                    counting[j] = False  # the model's fibers need sorts: sort the rest of this range's at once
+                    for p in range(length):
+                        ki[p] = p
+                    sk, si = _radix_order(kb, ki, tb, ti, cnt, length)
+                    for q in range(length):
+                        p = si[q]
+                        kp[p] = u[p] < sj[q]
                 mj = masks[j]
-                for p in range(length):
-                    mj[U(start + p * r)] = kp[p]
+                if r == 1 and start % 8 == 0:
+                    _pack(kp, length, mj, start >> 3)
+                else:
+                    for p in range(length):
+                        g = U(start + p * r)
+                        mj[g >> U(3)] |= np.uint8(kp[p]) << np.uint8(g & U(7))
                 for c in range(0, length, BLOCK):
-                    m = min(BLOCK, length - c)
-                    _abs_sum(mb, kp, c, m, False, bins[j, 0])
-                    _abs_sum(mb, kp, c, m, True, bins[j, 1])
+                    _abs_sums(mb, kp, c, min(BLOCK, length - c), bins[j, 0], bins[j, 1])
 
 
 @njit(inline="always")
