@@ -275,6 +275,7 @@ def test_model_stock_accepts_and_ignores_weights_as_mergekit_does(tmp_path):
 # --- the fused CPU kernels (selection_kernels) against the torch path -----------------------------------------
 
 FUSED_CASES = {  # case: (method, models, parameters)
+    "arcee_fusion": ("arcee_fusion", 1, {}),
     "model_stock": ("model_stock", 3, {}),
     "model_stock_2": ("model_stock", 2, {}),
     "model_stock_rows": ("model_stock", 3, {"filter_wise": True}),
@@ -398,3 +399,99 @@ def test_the_cli_merges_the_same_bytes_with_and_without_the_fused_kernels(tmp_pa
     slow = merged(tmp_path, text, "eager")
     for name in slow:
         assert _same_bytes(fast[name], slow[name]) and _same_bytes(small[name], slow[name]), name
+
+
+def _fusion_inputs(shape, dtype, seed):
+    """A base and a fine-tune on a coarse grid (ties among the importances, at every quartile), whose first
+    rows are special: the fine-tune equal to the base (KL 0), both constant (uniform softmaxes), the fine-tune
+    constant over a varying base."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 4).round() / 4
+    x = base + (torch.randn(shape, generator=g) * 2).round() / 8
+    rows, xr = base.reshape(-1, shape[-1]), x.reshape(-1, shape[-1])
+    if rows.shape[0] >= 3:
+        xr[0] = rows[0]
+        rows[1], xr[1] = 0.5, -1.25
+        xr[2] = 3.0
+    return base.to(dtype), [x.to(dtype)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 300), (7, 1), (1, 2000), (64, 7), (3, 4), (2, 2, 129)])
+@pytest.mark.parametrize("split", ["default", "a row a part, exps computed twice"])
+def test_fused_arcee_fusion_on_ties_and_special_rows(monkeypatch, dtype, shape, split):
+    """The fused path's bytes are the torch path's where importances tie, rows are constant or unchanged,
+    the torch path's chunks cut rows, and the kernel's parts hold one row each or keep no exps."""
+    from merger.methods import selection_kernels
+    from merger.methods.base import TensorContext
+
+    if split != "default":
+        monkeypatch.setattr(selection_kernels, "ROWS_PART", 1)
+        monkeypatch.setattr(selection_kernels, "SCRATCH", 100)
+    m = get_method("arcee_fusion")
+    base, xs = _fusion_inputs(shape, dtype, seed=len(shape))
+    context = TensorContext("t", shape=shape)
+    want = _torch_path(m, xs, base, m.params(), context, chunk=7)
+    for chunk, piece in ((1 << 18, 1 << 18), (3, 11)):
+        assert _same_bytes(_fused_path(m, xs, base, m.params(), context, chunk, piece), want), (chunk, piece)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_arcee_fusion_of_an_unchanged_tensor_is_the_base(dtype):
+    """No task vector: every importance 0, the threshold 0, every entry kept: x - base + base, the base."""
+    from merger.methods.base import TensorContext
+
+    m = get_method("arcee_fusion")
+    base = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)).to(dtype)
+    base[0, :3] = -0.0  # 0 + -0.0 is 0.0: the merge writes the torch path's zeros
+    context = TensorContext("t", shape=(6, 50))
+    want = _torch_path(m, [base.clone()], base, m.params(), context, chunk=1 << 18)
+    got = _fused_path(m, [base.clone()], base, m.params(), context, 1 << 18, 1 << 18)
+    assert _same_bytes(got, want) and torch.equal(got.float(), base.reshape(-1).float())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_fused_arcee_fusion_refuses_what_the_torch_path_refuses(bad):
+    """A row holding NaN or +inf has no softmax: both paths raise NaNTaskVector with the same count."""
+    from merger.errors import NaNTaskVector
+    from merger.methods.base import TensorContext
+
+    m = get_method("arcee_fusion")
+    base, xs = _fusion_inputs((4, 30), torch.float32, seed=3)
+    xs[0][3, 5] = bad
+    context = TensorContext("t", shape=(4, 30))
+    counts = []
+    for path in (
+        lambda: _torch_path(m, xs, base, m.params(), context, chunk=7),
+        lambda: _fused_path(m, xs, base, m.params(), context, 1 << 18, 1 << 18),
+    ):
+        with pytest.raises(NaNTaskVector) as e:
+            path()
+        counts.append((e.value.model, e.value.count))
+    assert counts[0] == counts[1] and counts[0][0] == 0
+
+
+def test_fused_arcee_fusion_of_minus_infinity():
+    """-inf in a row with a finite maximum: its exp is 0, its importance inf; the torch path's bytes."""
+    from merger.methods.base import TensorContext
+
+    m = get_method("arcee_fusion")
+    base, xs = _fusion_inputs((4, 30), torch.float32, seed=3)
+    xs[0][3, 5] = -float("inf")
+    context = TensorContext("t", shape=(4, 30))
+    want = _torch_path(m, xs, base, m.params(), context, chunk=7)
+    assert _same_bytes(_fused_path(m, xs, base, m.params(), context, 1 << 18, 1 << 18), want)
+    assert want[3 * 30 + 5] == -float("inf")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(33, 31), (1001,), (40, 1100)])
+def test_arcee_fusion_on_cuda_gives_the_cpu_bytes(shape):
+    """The torch path on a GPU (whole tensors, as the engine's GPU path calls it) and on the CPU: the same
+    bytes (exp and log from merger.methods.elementary, sums in integers)."""
+    m = get_method("arcee_fusion")
+    base, xs = _family(shape, torch.float32, 1, seed=4)
+    want = m.fn(xs, base, [m.model_params()], m.params())
+    got = m.fn([xs[0].cuda()], base.cuda(), [m.model_params()], m.params()).cpu()
+    assert _same_bytes(got, want)

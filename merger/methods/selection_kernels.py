@@ -5,7 +5,7 @@ same float32 operations in the same order as the torch path in selection.py (no 
 the output is the same bytes. Whole-tensor statistics are the torch path's too: Model Stock's and Arcee
 Fusion's sums as the same two int64 limbs per float64 term (integer sums: any order gives the same), RAM+'s
 counts in integers; what follows from the sums is computed by the same numpy code in both paths
-(selection.stock_ratio, selection.fusion_kl).
+(selection.stock_ratio). Arcee Fusion's exp and log are merger.methods.elementary's, operation for operation.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
 from merger.kernels import BLOCK, Runner, U, _bits_of_f32, kernel, load, store
+from merger.methods import elementary as el
 
 _MAGIC = 6755399441055744.0  # 1.5 * 2**52: h + _MAGIC holds an integer h, |h| <= 2**51, in its low bits
 _TWO52 = 4503599627370496.0  # 2**52: f + _TWO52 rounds f in [0, 2**51] to an integer, ties to even
@@ -30,6 +31,14 @@ def _bits_of_f64(typingctx, f):
         return builder.bitcast(args[0], ir.IntType(64))
 
     return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _f64_from_bits(typingctx, u):
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
 
 
 # --- Model Stock ---------------------------------------------------------------------------------------------
@@ -177,6 +186,179 @@ def stock_merge(
 
     def part(s: int, e: int) -> None:
         _stock_merge(tuple(x[s:e] for x in xs), base[s:e], out[s:e], t, cols, start + s, inv)
+
+    run(part, out.size)
+
+
+# --- Arcee Fusion --------------------------------------------------------------------------------------------
+
+ROWS_PART = 1 << 16  # entries per part of the row pass (whole rows, at least one): a few hundred microseconds each
+SCRATCH = 1 << 15  # a row's exps are kept for its divergence up to this many entries (two float64 arrays,
+# 512 KiB); a longer row computes them again
+
+
+@intrinsic
+def _div(typingctx, a, b):  # a / b in float64 without Python's check for 0 (a branch: the loop would not vectorize)
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(args[0], args[1])
+
+    return types.float64(types.float64, types.float64), codegen
+
+
+@njit(inline="always")
+def _int_of(h):  # an integer-valued float64, |h| <= 2**51, as int64 (vectorizes, where a conversion does not)
+    return _bits_of_f64(h + _MAGIC) - _bits_of_f64(_MAGIC)
+
+
+@njit(inline="always")
+def _pow2(k):  # 2.0 ** k for an integer-valued float64 k in [-1022, 1023], from the bits: elementary._pow2
+    return _f64_from_bits((_int_of(k) + 1023) << 52)
+
+
+@njit(inline="always")
+def _exp(v):  # elementary.exp_, operation for operation
+    if v < el.EXP_FLOOR:  # not for NaN, as torch's clamp
+        v = el.EXP_FLOOR
+    k = np.floor(v * el.INV_LN2 + 0.5)
+    hi = v - k * el.LN2_HI
+    lo = k * el.LN2_LO
+    r = hi - lo
+    t = r * r
+    c = r - t * (el.P1 + t * (el.P2 + t * (el.P3 + t * (el.P4 + t * el.P5))))
+    y = 1.0 - ((lo - _div(r * c, 2.0 - c)) - hi)
+    half = np.floor(k * 0.5)
+    return y * _pow2(half) * _pow2(k - half)
+
+
+@njit(inline="always")
+def _log(x):  # elementary.log_, operation for operation (x positive and normal)
+    bits = _bits_of_f64(x)
+    e = bits >> 52
+    m = _f64_from_bits((bits & el.MANTISSA) | el.ONE_BITS)
+    if m > el.SQRT2:
+        m = m * 0.5
+        e += 1
+    dk = _f64_from_bits(_bits_of_f64(_MAGIC) + (e - 1023)) - _MAGIC
+    f = m - 1.0
+    hfsq = 0.5 * f * f
+    s = _div(f, f + 2.0)
+    z = s * s
+    w = z * z
+    t2 = z * (el.LG1 + w * (el.LG3 + w * (el.LG5 + w * el.LG7)))
+    t1 = w * (el.LG2 + w * (el.LG4 + w * el.LG6))
+    return s * (hfsq + (t2 + t1)) + dk * el.LN2_LO - hfsq + f + dk * el.LN2_HI
+
+
+@njit(inline="always")
+def _row_exps(x, b, start, m, px, pb, ex, eb, at):  # pragma: no cover - compiled
+    """ex[at + i] = exp(x[start + i] - px), eb likewise, i < m: the float64 exps of selection's `exps`."""
+    for i in range(m):
+        ex[at + i] = _exp(np.float64(load(x, U(start + i))) - px)
+        eb[at + i] = _exp(np.float64(load(b, U(start + i))) - pb)
+
+
+@kernel
+def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp):  # pragma: no cover - compiled
+    """Over whole rows of `cols` entries: each row's KL divergence as selection.arcee_fusion_prepare computes
+    it (maxima; exps and their limb sums; p, q, p * log(p / q) * 2**-bound and theirs; all in float64), then
+    imp = |x - b| * kl in float32. Rows of up to `scratch` entries keep their exps for the divergence; longer
+    ones compute them again. Returns how many importances are NaN."""
+    n = b.size
+    shrink = 2.0**-bound
+    grow = 2.0**bound
+    limb = 2.0**bits
+    unit = 2.0**-bits
+    fast = limb <= 2.0**FAST_BITS
+    keep = cols <= scratch
+    ex = np.empty(cols if keep else BLOCK, np.float64)
+    eb = np.empty_like(ex)
+    terms = np.empty(BLOCK, np.float64)
+    ones = np.ones(BLOCK, np.float64)  # _limb_sums of a * 1 * scale: the limbs of a * scale, exactly
+    nans = 0
+    for o in range(0, n, cols):
+        mx = np.float32(-np.inf)
+        mb = np.float32(-np.inf)
+        bad = 0
+        for i in range(cols):
+            u = load(x, U(o + i))
+            v = load(b, U(o + i))
+            mx = u if u > mx else mx
+            mb = v if v > mb else mb
+            bad |= (u != u) | (v != v)
+        if bad or not (np.isfinite(mx) and np.isfinite(mb)):  # as torch.amax: NaN where the row holds one
+            kl = np.float32(np.nan)
+        else:
+            px = np.float64(mx)
+            pb = np.float64(mb)
+            hx = lx = hb = lb = np.int64(0)
+            for st in range(0, cols, BLOCK):
+                m = min(BLOCK, cols - st)
+                at = st if keep else 0
+                _row_exps(x, b, o + st, m, px, pb, ex, eb, at)
+                h, low = _limb_sums(ex[at:], ones, m, limb, fast)
+                hx += h
+                lx += low
+                h, low = _limb_sums(eb[at:], ones, m, limb, fast)
+                hb += h
+                lb += low
+            zx = (np.float64(hx) + np.float64(lx) * unit) * unit
+            zb = (np.float64(hb) + np.float64(lb) * unit) * unit
+            hd = ld = np.int64(0)
+            for st in range(0, cols, BLOCK):
+                m = min(BLOCK, cols - st)
+                at = st if keep else 0
+                if not keep:
+                    _row_exps(x, b, o + st, m, px, pb, ex, eb, at)
+                for i in range(m):
+                    p = _div(ex[at + i], zx) + eps
+                    q = _div(eb[at + i], zb) + eps
+                    terms[i] = p * _log(_div(p, q)) * shrink
+                h, low = _limb_sums(terms, ones, m, limb, fast)
+                hd += h
+                ld += low
+            d = (np.float64(hd) + np.float64(ld) * unit) * unit * grow
+            kl = np.float32(0.0 if d < 0 else abs(d))
+        for i in range(cols):
+            w = abs(load(x, U(o + i)) - load(b, U(o + i))) * kl
+            imp[o + i] = w
+            nans += w != w
+    return nans
+
+
+@kernel
+def _fusion_merge(x, b, imp, out, threshold):  # pragma: no cover - compiled
+    """selection.arcee_fusion: (x - b where imp >= threshold, else 0) + b."""
+    zero = np.float32(0)
+    for i in range(b.size):
+        bi = load(b, U(i))
+        d = load(x, U(i)) - bi
+        kept = d if imp[i] >= threshold else zero  # not inside store's arguments: numba's inlining drops the store
+        store(out, U(i), kept + bi)
+
+
+def fusion_importance(
+    x: np.ndarray, base: np.ndarray, cols: int, bits: int, eps: float, bound: int, run: Runner
+) -> tuple[np.ndarray, int]:
+    """Arcee Fusion's importances (float32, as x) over whole tensors of rows of `cols` entries, and how many
+    are NaN; each part of the work holds whole rows, so that a row's sums are one part's."""
+    n = base.size
+    assert n % cols == 0, (n, cols)
+    imp = np.empty(n, np.float32)
+
+    def part(s: int, e: int) -> int:
+        a, z = s * cols, e * cols
+        return _fusion_rows(x[a:z], base[a:z], cols, bits, eps, bound, SCRATCH, imp[a:z])
+
+    return imp, int(sum(run(part, n // cols, max(1, ROWS_PART // cols))))
+
+
+def fusion_merge(
+    x: np.ndarray, base: np.ndarray, imp: np.ndarray, out: np.ndarray, threshold: np.float32, run: Runner
+) -> None:
+    """Arcee Fusion into `out` (x, base, imp from out's first entry on, as many as out has)."""
+
+    def part(s: int, e: int) -> None:
+        _fusion_merge(x[s:e], base[s:e], imp[s:e], out[s:e], threshold)
 
     run(part, out.size)
 
