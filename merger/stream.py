@@ -312,8 +312,9 @@ class Merger:
         except NaNTaskVector as e:
             model = t.sources[e.model].model
             raise MergeError(
-                f"tensor '{t.name}': {e.count} entries of the task vector of '{model.ref}' are NaN (NaN in that "
-                "model or in the base); TIES cannot rank NaN magnitudes. Is one of those checkpoints diverged?"
+                f"tensor '{t.name}': {e.count} entries of the task vector of '{model.ref}' are NaN (a NaN or an "
+                f"infinity in that model or in the base); {self.plan.spec.method.name} cannot rank NaN magnitudes. "
+                "Is one of those checkpoints diverged?"
             ) from None
 
     def merge_into(self, t: OutTensor, out: np.ndarray) -> None:

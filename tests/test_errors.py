@@ -262,7 +262,7 @@ def test_nan_weights_under_ties_name_the_tensor_and_model(workdir, compute):
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml"])
     assert result.exit_code == 2, result.output
     assert result.stderr == (
-        "error: tensor 'a.weight': 1 entries of the task vector of 'ft2' are NaN (NaN in that model or in the "
-        "base); TIES cannot rank NaN magnitudes. Is one of those checkpoints diverged?\n"
+        "error: tensor 'a.weight': 1 entries of the task vector of 'ft2' are NaN (a NaN or an infinity in that "
+        "model or in the base); ties cannot rank NaN magnitudes. Is one of those checkpoints diverged?\n"
     )
     assert not Path("out").exists() and not [p for p in os.listdir(".") if "merger-tmp" in p]
