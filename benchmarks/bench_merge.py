@@ -190,7 +190,7 @@ def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[dict[st
 
 # Each method's benchmark recipe, with mergekit's parameter names: (which models it reads: "all" every model
 # as an ingredient, "tasks" the base and the fine-tunes as task vectors, "pair" the base and the first
-# fine-tune; per-model parameters; method-wide parameters).
+# fine-tune, "one" the first fine-tune alone; per-model parameters; method-wide parameters).
 RECIPES: dict[str, tuple[str, str, str]] = {
     "linear": ("all", "weight: 1.0", ""),
     "task_arithmetic": ("tasks", "weight: 0.5", "lambda: 1.0"),
@@ -211,6 +211,7 @@ RECIPES: dict[str, tuple[str, str, str]] = {
     "arcee_fusion": ("pair", "", ""),
     "ram": ("tasks", "", ""),
     "ramplus_tl": ("tasks", "", ""),
+    "passthrough": ("one", "", ""),
     "tsv": ("tasks", "", ""),
     "iso_c": ("tasks", "", ""),
     "iso_cts": ("tasks", "", ""),
@@ -222,17 +223,18 @@ def recipe(method: str, dirs: list[Path], out: Path) -> str:
     """method's benchmark recipe over dirs (the base first), bfloat16 out."""
     reads, per_model, wide = RECIPES[method]
     base, fts = dirs[0], dirs[1:]
-    listed = {"all": dirs, "tasks": fts, "pair": fts[:1]}[reads]
+    listed = {"all": dirs, "tasks": fts, "pair": fts[:1], "one": fts[:1]}[reads]
     params = f"\n    parameters: {{{per_model}}}" if per_model else ""
     models = "\n".join(f"  - model: {d}{params}" for d in listed)
-    text = f"merge_method: {method}\n" + (f"base_model: {base}\n" if reads != "all" else "")
+    text = f"merge_method: {method}\n" + (f"base_model: {base}\n" if reads in ("tasks", "pair") else "")
     text += f"models:\n{models}\n" + (f"parameters: {{{wide}}}\n" if wide else "")
     return text + "dtype: bfloat16\n"
 
 
 def read_by(method: str, dirs: list[Path]) -> list[Path]:
     """The models method's recipe reads (the I/O limit reads those)."""
-    return dirs[:2] if RECIPES[method][0] == "pair" else dirs
+    reads = RECIPES[method][0]
+    return dirs[:2] if reads == "pair" else dirs[1:2] if reads == "one" else dirs
 
 
 # Runs a command and appends "wall_seconds peak_rss_kib exit_code" to stderr. Commands start through it
