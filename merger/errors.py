@@ -44,10 +44,11 @@ class NaNTaskVector(ValueError):
     """A model's task vector holds NaN entries, which a ranking by magnitude (the TIES trim) cannot
     order. Raised by the methods with the model's index; the engine names the tensor and model."""
 
-    def __init__(self, model: int, count: int):
+    def __init__(self, model: int, count: int, why: str = ""):
         super().__init__(f"model {model}: {count} NaN entries in its task vector")
         self.model = model
         self.count = count
+        self.why = why  # what the entries are, where not plain NaN (the engine's message says it)
 
 
 class EvaluationError(MergerError):

@@ -311,9 +311,12 @@ class Merger:
             yield
         except NaNTaskVector as e:
             model = t.sources[e.model].model
+            why = e.why or (
+                "are NaN (a NaN or an infinity in that model or in the base); "
+                f"{self.plan.spec.method.name} cannot rank NaN magnitudes"
+            )
             raise MergeError(
-                f"tensor '{t.name}': {e.count} entries of the task vector of '{model.ref}' are NaN (a NaN or an "
-                f"infinity in that model or in the base); {self.plan.spec.method.name} cannot rank NaN magnitudes. "
+                f"tensor '{t.name}': {e.count} entries of the task vector of '{model.ref}' {why}. "
                 "Is one of those checkpoints diverged?"
             ) from None
 

@@ -467,8 +467,8 @@ def test_fused_arcee_fusion_refuses_what_the_torch_path_refuses(bad):
     ):
         with pytest.raises(NaNTaskVector) as e:
             path()
-        counts.append((e.value.model, e.value.count))
-    assert counts[0] == counts[1] and counts[0][0] == 0
+        counts.append((e.value.model, e.value.count, e.value.why))
+    assert counts[0] == counts[1] and counts[0][:2] == (0, 30) and "no softmax" in counts[0][2]
 
 
 def test_fused_arcee_fusion_of_minus_infinity():

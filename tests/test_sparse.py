@@ -533,6 +533,9 @@ def sorted_keep(keys: np.ndarray, u: np.ndarray, spread: np.ndarray) -> np.ndarr
         "odd ones alone in buckets",
         "many odd ones",
         "odd ones in bucket 0",
+        "only bucket 0",
+        "zeros",
+        "many odd ones in a bucket",
         "float32",
         "wide",
         "short",
@@ -561,6 +564,13 @@ def test_della_ranks_from_counts_are_the_sorts(case):
         mags[:30] = torch.from_numpy(rng.integers(1, 1 << 16, 30).astype(np.int32)).view(torch.float32)
         mags[30:40] = 0
         mags[40:50] = mags[0]
+    if case == "only bucket 0":  # zeros and a few subnormals (odd): no other bucket at all
+        mags = torch.zeros(length)
+        mags[7:47] = torch.from_numpy(rng.integers(1, 1 << 16, 40).astype(np.int32)).view(torch.float32)
+    if case == "zeros":
+        mags = torch.zeros(length)
+    if case == "many odd ones in a bucket":  # more than GROUP odd ones share a bucket: declined (a sort's work)
+        mags[:200] = torch.from_numpy(rng.uniform(10, 10.01, 200).astype(np.float32))
     if case == "float32":
         mags = torch.from_numpy(np.abs(rng.standard_normal(length)).astype(np.float32))
     if case == "wide":
@@ -573,7 +583,7 @@ def test_della_ranks_from_counts_are_the_sorts(case):
     count, odd = np.zeros(sk.HEADS, np.int64), np.zeros(sk.HEADS, np.int64)
     args = (keys, u, spread, length, count, odd, np.empty(sk.HEADS, np.int64), np.empty(length, np.int64), kp)
     settled = sk._keep_by_counts(*args, np.empty(length, np.int64), np.empty(length, np.int64))
-    assert settled == (case not in ("float32", "wide"))
+    assert settled == (case not in ("float32", "wide", "many odd ones in a bucket"))
     assert not count.any() and not odd.any()  # ready for the next fiber
     if settled:
         assert np.array_equal(kp.astype(bool), sorted_keep(keys, u, spread))

@@ -293,6 +293,7 @@ def at_least_two(models: Sequence[BaseModel], params: BaseModel) -> str | None:
 # --- Arcee Fusion ------------------------------------------------------------------------------------------
 
 _KL_EPS = 1e-8  # added to both softmaxes, as mergekit
+_NO_SOFTMAX = "lie in rows holding a NaN or +inf (in that model or in the base), which have no softmax to compare"
 _KL_BOUND = 5  # |p * log(p / q)| <= (1 + eps) * log((1 + eps) / eps) < 19 < 2**5
 
 
@@ -371,7 +372,10 @@ def arcee_fusion_prepare(
             imp = _importance(x, b, kl, offset, cols)
             yield [imp, imp, imp]
 
-    (q1, _, _), (median, _, _), (q3, _, _) = kth_largest(importances, ranks)
+    try:
+        (q1, _, _), (median, _, _), (q3, _, _) = kth_largest(importances, ranks)
+    except NaNTaskVector as e:
+        raise NaNTaskVector(0, e.count, _NO_SOFTMAX) from None
     q1_, median_, q3_ = (torch.tensor(v, dtype=dtype) for v in (q1, median, q3))
     return FusionState(kl, cols, (median_ + 1.5 * (q3_ - q1_)).item())  # in the compute dtype, as mergekit
 
@@ -420,7 +424,7 @@ def arcee_fusion_fused(
     cols = _cols(context, numel, row_wise=True)
     imp, nans = sk.fusion_importance(tensors[0], base, cols, _bits(cols), _KL_EPS, _KL_BOUND, run)
     if nans:
-        raise NaNTaskVector(0, nans)
+        raise NaNTaskVector(0, nans, _NO_SOFTMAX)
     ranks = _quartile_ranks(numel)
     found = top_k_abs_deltas([imp] * 3, np.zeros(numel, np.float32), ranks, run)
     # a rank that covers every entry (tensors of four or fewer) finds no threshold there: the least importance

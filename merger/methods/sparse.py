@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from merger import budget
 from merger.errors import NaNTaskVector
 from merger.methods import draws
 from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, normalizable
@@ -643,7 +644,8 @@ def _fused_rescale_sums(xs, base, rescaled: list[int], k: _KernelState, run) -> 
         sk._scan(tuple(x[s:e] for x in xs), base[s:e], k.drop, todo, k.keys, k.thr, *k.tops, k.masks, s, bins, keeps)
         return bins
 
-    totals = sk.exact_totals(run(part, (base.size + 7) // 8), sk.ABS_UNIT)
+    # ranges of the engine's chunk size, counted in bytes of flags
+    totals = sk.exact_totals(run(part, (base.size + 7) // 8, max(1, budget.CHUNK // 8)), sk.ABS_UNIT)
     if k.drop == sk.RANDOM:  # every model drawn by entry is rescaled (rescale is method-wide): all in the bits
         k.drop, k.masks = sk.MAGPRUNE, keeps
     return totals

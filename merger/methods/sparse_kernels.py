@@ -340,6 +340,7 @@ def _radix_order(kb, ki, tb, ti, cnt, length):  # pragma: no cover - compiled
 
 
 HEADS = 1 << 15  # magnitudes by their top 16 bits (sign clear): buckets that order as the magnitudes do
+GROUP = 64  # at most this many odd magnitudes in one bucket are ranked by comparing them pairwise
 
 
 @njit
@@ -349,18 +350,18 @@ def _keep_by_counts(kb, u, sj, length, count, odd, start, occ, kp, odds, grouped
     top 16 bits), so its rank is the bucket's start plus the equal ones before it (ties go by index, as in
     the sort); the odd ones (low bits set) rank after those, by their order among their bucket's odd ones
     (grouped by bucket in `grouped`, in index order; a bucket holds few). Returns False, with kp unfinished,
-    where over half are odd (float32 task vectors) or the buckets span too wide a range to total; count and
-    odd (HEADS each) are zero again on return."""
+    where over half are odd (float32 task vectors), a bucket holds over GROUP odd ones or the buckets span
+    too wide a range to total; count and odd (HEADS each) are zero again on return."""
     below = U32(0xFFFFFFFF)
     hi = U32(0)
     n_odd = U32(0)
-    for p in range(length):  # all in uint32: it vectorizes
+    for p in range(length):
         k = kb[p]
-        head = k >> U32(16)
-        below = min(below, head - U32(1))  # bucket 0 (zeros, subnormals) wraps to the top: totalled apart
+        head = U32(k >> U32(16))
+        below = min(below, U32(head - U32(1)))  # bucket 0 (zeros, subnormals) wraps to the top: totalled apart
         hi = max(hi, head)
         n_odd += U32((k & U32(0xFFFF)) != U32(0))
-    lo = np.int64(below) + 1
+    lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
         return False
     n_odd = 0
@@ -376,6 +377,12 @@ def _keep_by_counts(kb, u, sj, length, count, odd, start, occ, kp, odds, grouped
             c = count[head]
             occ[p] = c
             count[head] = c + 1
+    most = odd[0]
+    for head in range(lo, np.int64(hi) + 1):
+        most = max(most, odd[head])
+    if most > GROUP:  # the odd ones' ranking is quadratic in a bucket's: sort instead
+        _clear(count, odd, lo, hi)
+        return False
     total = count[0] + odd[0]
     start[0] = 0
     placed = odd[0]
@@ -407,12 +414,18 @@ def _keep_by_counts(kb, u, sj, length, count, odd, start, occ, kp, odds, grouped
                 rank += (ko < k) | ((ko == k) & (other < i))
             kp[p] = u[p] < sj[rank]
         g0 = g1
+    _clear(count, odd, lo, hi)
+    return True
+
+
+@njit(inline="always")
+def _clear(count, odd, lo, hi):  # pragma: no cover - compiled
+    """Zero the buckets _keep_by_counts used: 0 and lo..hi."""
     count[0] = 0
     odd[0] = 0
     for head in range(lo, np.int64(hi) + 1):
         count[head] = 0
         odd[head] = 0
-    return True
 
 
 @kernel
