@@ -367,6 +367,19 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     return above, got
 
 
+@njit(inline="always")
+def store_elected(out, st, m, num, den, bf, lam, normalize):  # pragma: no cover - compiled
+    """out[st:st + m] = the agreeing entries' mean (num / den) or sum (num), times lam, plus the base bf: the
+    last step of TIES' election, in its float32 order."""
+    if normalize:  # den is 0 only where nothing agrees and num is 0: 0 / tiny is 0
+        tiny = np.float32(np.finfo(np.float32).tiny)
+        for i in range(m):
+            store(out, U(st + i), num[i] / max(den[i], tiny) * lam + bf[i])
+    else:
+        for i in range(m):
+            store(out, U(st + i), num[i] * lam + bf[i])
+
+
 @kernel
 def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  # pragma: no cover - compiled
     """TIES on a flat chunk starting at flat index `offset`. Model j keeps |d_j| > gt[j] at flat
@@ -377,7 +390,6 @@ def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  
     nm = len(xs)
     zero = np.float32(0)
     one = np.float32(1)
-    tiny = np.float32(np.finfo(np.float32).tiny)
     bf = np.empty(BLOCK, np.float32)
     s = np.empty(BLOCK, np.float32)
     num = np.empty(BLOCK, np.float32)
@@ -424,12 +436,7 @@ def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  
                 agree = v * s[i] > zero  # exact: s[i] is a sign
                 num[i] += v if agree else zero
                 den[i] += awj if agree else zero
-        if normalize:  # den is 0 only where nothing agrees and num is 0: 0 / tiny is 0
-            for i in range(m):
-                store(out, U(st + i), num[i] / max(den[i], tiny) * lam + bf[i])
-        else:
-            for i in range(m):
-                store(out, U(st + i), num[i] * lam + bf[i])
+        store_elected(out, st, m, num, den, bf, lam, normalize)
 
 
 @kernel

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from merger.kernels import BLOCK, U, _bits_of_f32, kernel, load, store
+from merger.kernels import BLOCK, U, _bits_of_f32, kernel, load, store, store_elected
 
 GAMMA = U(0x9E3779B97F4A7C15)  # draws.GAMMA
 MIX1 = U(0xBF58476D1CE4E5B9)  # draws.MIX
@@ -270,6 +270,16 @@ def _variance(d, nm, i):  # pragma: no cover - compiled
     return var / fn
 
 
+@njit(inline="always")
+def _task_block(xs, b, st, m, d):  # pragma: no cover - compiled
+    """d[j, :m] = x_j - base over the block of m entries at st, for every model j."""
+    for j in range(len(xs)):
+        x = xs[j]
+        dj = d[j]
+        for i in range(m):
+            dj[i] = load(x, U(st + i)) - load(b, U(st + i))
+
+
 @kernel
 def _variances(xs, b, out):  # pragma: no cover - compiled
     """SCE: each entry's variance across the task vectors into out; returns how many are not 0."""
@@ -279,11 +289,7 @@ def _variances(xs, b, out):  # pragma: no cover - compiled
     nonzero = 0
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
-        for j in range(nm):
-            x = xs[j]
-            dj = d[j]
-            for i in range(m):
-                dj[i] = load(x, U(st + i)) - load(b, U(st + i))
+        _task_block(xs, b, st, m, d)
         for i in range(m):
             v = _variance(d, nm, i)
             out[st + i] = v
@@ -301,11 +307,7 @@ def _square_sums(xs, b, vf, vt, vc, offset, bins):  # pragma: no cover - compile
     kp = np.empty(BLOCK, np.uint8)
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
-        for j in range(nm):
-            x = xs[j]
-            dj = d[j]
-            for i in range(m):
-                dj[i] = load(x, U(st + i)) - load(b, U(st + i))
+        _task_block(xs, b, st, m, d)
         for i in range(m):
             kp[i] = _in_top(_variance(d, nm, i), offset + st + i, vf, vt, vc)
         for j in range(nm):
@@ -580,7 +582,6 @@ def _merge(
     shared keep), scale, then sum, or elect signs and sum (or average) the agreeing entries; in the torch
     path's float32 operations and order."""
     n = b.size
-    tiny = np.float32(np.finfo(np.float32).tiny)
     bf = np.empty(BLOCK, np.float32)
     s = np.empty(BLOCK, np.float32)
     num = np.empty(BLOCK, np.float32)
@@ -606,9 +607,4 @@ def _merge(
                 store(out, U(st + i), s[i] * lam + bf[i])
             continue
         _elect_block(d, m, by_count, weights, after, s, num, den)
-        if normalize:  # den is 0 only where nothing agrees and num is 0: 0 / tiny is 0
-            for i in range(m):
-                store(out, U(st + i), num[i] / max(den[i], tiny) * lam + bf[i])
-        else:
-            for i in range(m):
-                store(out, U(st + i), num[i] * lam + bf[i])
+        store_elected(out, st, m, num, den, bf, lam, normalize)
