@@ -13,11 +13,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import load_output, write_checkpoint
+from numba import njit
 
 import merger.budget
 import merger.stream
 from merger.cli import cli
-from merger.methods import draws, tensor_seed
+from merger.methods import draws, sparse_kernels, tensor_seed
 
 SHAPES = {"w": (6, 10), "v": (37,), "m": (4, 3, 5)}
 WEIGHTS = (0.6, -0.3, 0.4)
@@ -516,12 +517,32 @@ def test_engine_takes_the_fused_path_and_writes_the_torch_paths_bytes(tmp_path, 
         assert same_bytes(fast[name], slow[name]), name
 
 
+def splitmix64_top53(z0: int, step: int, n: int) -> np.ndarray:
+    """The top 53 bits of splitmix64's output (Steele, Lea and Flood 2014) at states z0 + p * step, p < n."""
+    mask = (1 << 64) - 1
+    out = []
+    for p in range(n):
+        z = (z0 + p * step) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append((z ^ (z >> 31)) >> 11)
+    return np.array(out, np.float64)
+
+
 def sorted_keep(keys: np.ndarray, u: np.ndarray, spread: np.ndarray) -> np.ndarray:
     """The oracle of DELLA's keep rule: entry p, of rank r by (magnitude, index), is kept where u[p] < spread[r]."""
     order = np.lexsort((np.arange(keys.size), keys))
     rank = np.empty(keys.size, np.int64)
     rank[order] = np.arange(keys.size)
     return u < spread[rank]
+
+
+@njit
+def keys_then_counts(mags, length, scratch, kp, z0, step, thresholds):  # pragma: no cover - compiled
+    """sparse_kernels' count-based ranking of one fiber of magnitudes (a task vector mags - 0)."""
+    kb = np.empty(length, np.uint32)
+    fiber = sparse_kernels._fiber_keys(mags, np.zeros_like(mags), 0, 1, length, np.empty_like(kb), kb)
+    return sparse_kernels._keep_by_counts(kb, z0, step, thresholds, length, *fiber, scratch, kp)
 
 
 @pytest.mark.parametrize(
@@ -577,14 +598,17 @@ def test_della_ranks_from_counts_are_the_sorts(case):
         mags[0] = 1e-30
         mags[1] = 1e30
     keys = mags.numpy().view(np.uint32).copy()
-    u = rng.random(length)
+    z0, step = 0x1234_5678_9ABC_DEF0 + len(case), 0x9E37_79B9_7F4A_7C15
+    u = splitmix64_top53(z0, step, length) / 2.0**53
     spread = np.arange(length) / (length - 1) * 0.4 + 0.3
+    spread[:3] = (-0.5, 0.0, 1e-17)  # thresholds that round: none kept, none, and draws of 0 only
+    spread[-2:] = (1.0, 1.5)
+    thresholds = np.ceil(np.clip(spread, 0, 1) * 2.0**53).astype(np.uint64)
     kp = np.empty(length, np.uint8)
-    count, odd = np.zeros(sk.HEADS, np.int64), np.zeros(sk.HEADS, np.int64)
-    args = (keys, u, spread, length, count, odd, np.empty(sk.HEADS, np.int64), np.empty(length, np.int64), kp)
-    settled = sk._keep_by_counts(*args, np.empty(length, np.int64), np.empty(length, np.int64))
+    scratch = sk.keep_scratch(length)
+    settled = keys_then_counts(mags.numpy(), length, scratch, kp, np.uint64(z0), np.uint64(step), thresholds)
     assert settled == (case not in ("float32", "wide", "many odd ones in a bucket"))
-    assert not count.any() and not odd.any()  # ready for the next fiber
+    assert not scratch[0].any() and not scratch[2].any()  # ready for the next fiber
     if settled:
         assert np.array_equal(kp.astype(bool), sorted_keep(keys, u, spread))
     odd = ((keys & 0xFFFF) != 0).sum()

@@ -663,16 +663,18 @@ def _fused_magprune(xs, base, models, shape, k: _KernelState, run):
     masks = np.zeros((n, (numel + 7) // 8), np.uint8) if todo.any() else np.zeros((1, 1), np.uint8)  # bits
     if not todo.any() or not numel:
         return masks, [0.0] * (2 * n)
-    spreads = np.zeros((n, length))
+    thresholds = np.zeros((n, length), np.uint64)
     positions = np.arange(length, dtype=np.float64)
     for i, m in enumerate(models):
         if todo[i]:  # as _magprune_masks: density - epsilon + 2 epsilon * rank / (L - 1), in its order
             spread = positions / (length - 1) if length > 1 else np.full(1, 0.5)
-            spreads[i] = spread * (2 * m.epsilon) + (m.density - m.epsilon)
+            probs = spread * (2 * m.epsilon) + (m.density - m.epsilon)
+            # a draw u = top53 / 2**53 < prob exactly where top53 < ceil(prob * 2**53) (an integer, prob in [0, 1])
+            thresholds[i] = np.ceil(np.clip(probs, 0.0, 1.0) * 2.0**53)
 
     def part(s: int, e: int):
         bins = np.zeros((n, 2, sk.BINS, 2), np.uint64)
-        sk._magprune(xs, base, s, e, length, r, todo, k.keys, spreads, masks, bins)
+        sk._magprune(xs, base, s, e, length, r, todo, k.keys, thresholds, masks, bins)
         return bins
 
     rows = -(-max(1, (1 << 20) // (length * r)) // 8) * 8  # 8 fibers' worth: the ranges' bits in bytes of their own

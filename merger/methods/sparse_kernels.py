@@ -34,6 +34,8 @@ RANDOM, OUTLIERS, MAGPRUNE, VARIANCE = 0, 1, 2, 3
 ALL, NONE, BY_ENTRY = 0, 1, 2
 # a Top (sparse.Top) as flag, threshold, cutoff: False, True, or (threshold, cutoff)
 NO, YES, RANKED = 0, 1, 2
+# byte -> its 8 bits as 8 bytes of 0 or 1 (bit t in byte t, little-endian), one uint64
+UNPACK = np.array([sum(((c >> t) & 1) << (8 * t) for t in range(8)) for c in range(256)], np.uint64)
 
 
 @njit(inline="always")
@@ -227,7 +229,11 @@ def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, masks, j, kp):  # 
             kp[i] = upto & (_in_top(a, g, tf[j, 0], tt[j, 0], tc[j, 0]) ^ True)
     else:  # MAGPRUNE (and DARE's draws, kept by _scan): the flags as bits
         mj = masks[j]
-        for i in range(m):
+        whole = m & ~7 if g0 % 8 == 0 else 0
+        flags = kp[:whole].view(np.uint64)
+        for c in range(whole >> 3):  # a byte of bits to 8 flags at once
+            flags[c] = UNPACK[mj[(g0 >> 3) + c]]
+        for i in range(whole, m):
             kp[i] = _bit(mj, g0 + i)
 
 
@@ -343,139 +349,200 @@ def _radix_order(kb, ki, tb, ti, cnt, length):  # pragma: no cover - compiled
 
 HEADS = 1 << 15  # magnitudes by their top 16 bits (sign clear): buckets that order as the magnitudes do
 GROUP = 64  # at most this many odd magnitudes in one bucket are ranked by comparing them pairwise
+ODD = np.int64(1) << np.int64(32)  # a bucket's count: odd magnitudes above, plain ones below
+LOW32 = ODD - np.int64(1)
 
 
-@njit
-def _keep_by_counts(kb, u, sj, length, count, odd, start, occ, kp, odds, grouped):  # pragma: no cover - compiled
-    """DELLA's keep flags (u < sj[rank]) into kp from counts, without sorting the fiber, where most of its
-    magnitudes have low 16 bits 0 (bf16 task vectors'). Such a magnitude is the least of its bucket (its
-    top 16 bits), so its rank is the bucket's start plus the equal ones before it (ties go by index, as in
-    the sort); the odd ones (low bits set) rank after those, by their order among their bucket's odd ones
-    (grouped by bucket in `grouped`, in index order; a bucket holds few). Returns False, with kp unfinished,
-    where over half are odd (float32 task vectors), a bucket holds over GROUP odd ones or the buckets span
-    too wide a range to total; count and odd (HEADS each) are zero again on return."""
+@njit(inline="always")
+def _fiber_keys(x, b, start, r, length, mb, kb):  # pragma: no cover - compiled
+    """A fiber's magnitude bits into mb and its sort keys (NaN as QNAN) into kb. Returns the range of the
+    keys' buckets: (the least nonzero bucket - 1, wrapping to 0xFFFFFFFF where all are 0; the greatest),
+    and how many keys are odd (low 16 bits set)."""
     below = U32(0xFFFFFFFF)
     hi = U32(0)
     n_odd = U32(0)
     for p in range(length):
-        k = kb[p]
-        head = U32(k >> U32(16))
+        g = U(start + p * r)
+        v = _bits_of_f32(load(x, g) - load(b, g)) & ABS
+        mb[U(p)] = v
+        k = QNAN if v > U32(0x7F800000) else v
+        kb[U(p)] = k
+        head = k >> U32(16)
         below = min(below, U32(head - U32(1)))  # bucket 0 (zeros, subnormals) wraps to the top: totalled apart
         hi = max(hi, head)
         n_odd += U32((k & U32(0xFFFF)) != U32(0))
+    return below, hi, n_odd
+
+
+@njit
+def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  # pragma: no cover - compiled
+    """DELLA's keep flags into kp without sorting the fiber, where most of its magnitudes have low 16 bits 0
+    (bf16 task vectors'): draw p (_mix(z0 + p * step), top 53 bits) is kept where below tj[its rank]. Such a
+    magnitude is the least of its bucket (its top 16 bits), so its rank is the bucket's start plus the equal
+    ones before it (ties go by index, as in the sort); the odd ones (low bits set) rank after those, by their
+    order among their bucket's odd ones. below, hi, n_odd: _fiber_keys'. Returns False, with kp unfinished,
+    where over half are odd (float32 task vectors), a bucket holds over GROUP odd ones or the buckets span
+    too wide a range to total. scratch: _keep_scratch's; its counts are zero again on return."""
+    cs, odds, oc, heads, grouped, drawn = scratch
     lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
         return False
     n_odd = 0
-    for p in range(length):
-        k = kb[p]
-        head = k >> U32(16)
-        if k & U32(0xFFFF):  # odd: few, so a branch that rarely goes this way
-            odd[head] += 1
-            odds[n_odd] = p
-            n_odd += 1
-            occ[p] = 0  # ranked below
-        else:
-            c = count[head]
-            occ[p] = c
-            count[head] = c + 1
-    most = odd[0]
+    for p in range(length):  # per bucket: plain ones below, odd ones above
+        k = kb[U(p)]
+        odd = (k & U32(0xFFFF)) != U32(0)
+        cs[k >> U32(16)] += ODD if odd else np.int64(1)
+        odds[U(n_odd)] = p
+        n_odd += odd
+    nh = _odd_groups(kb, odds, n_odd, oc, heads, grouped)
+    if nh >= 0:
+        c = cs[0]  # bucket 0, then lo..hi: where each starts
+        cs[0] = 0
+        total = (c & LOW32) + (c >> np.int64(32))
+        for head in range(lo, np.int64(hi) + 1):
+            c = cs[U(head)]
+            cs[U(head)] = total
+            total += (c & LOW32) + (c >> np.int64(32))
+        for p in range(length):
+            drawn[U(p)] = _mix(z0 + U(p) * step) >> U(11)
+        for p in range(length):  # the next plain one's rank: after the bucket's, where its odd ones start
+            k = kb[U(p)]
+            h = k >> U32(16)
+            rank = cs[h]
+            cs[h] = rank + ((k & U32(0xFFFF)) == U32(0))
+            kp[U(p)] = drawn[U(p)] < tj[U(rank)]  # an odd one's rank is in range too: its flag is set again below
+        _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped)
+    cs[0] = 0
     for head in range(lo, np.int64(hi) + 1):
-        most = max(most, odd[head])
+        cs[head] = 0
+    return nh >= 0
+
+
+@njit
+def _odd_groups(kb, odds, n_odd, oc, heads, grouped):  # pragma: no cover - compiled
+    """The odd keys' indices odds[:n_odd] grouped by bucket into grouped, each group in index order; their
+    buckets into heads[:nh], and oc[head] the end of its group. Returns nh, or -1 (oc zero again) where a
+    bucket holds over GROUP odd keys."""
+    nh = 0
+    for o in range(n_odd):
+        h = kb[odds[o]] >> U32(16)
+        c = oc[h]
+        if c == 0:
+            heads[nh] = h
+            nh += 1
+        oc[h] = c + 1
+    at = 0
+    most = 0
+    for i in range(nh):
+        c = oc[heads[i]]
+        most = max(most, c)
+        oc[heads[i]] = at
+        at += c
     if most > GROUP:  # the odd ones' ranking is quadratic in a bucket's: sort instead
-        _clear(count, odd, lo, hi)
-        return False
-    total = count[0] + odd[0]
-    start[0] = 0
-    placed = odd[0]
-    odd[0] = 0  # from here on, where the bucket's odd ones start in `grouped`
-    for head in range(lo, np.int64(hi) + 1):
-        start[head] = total
-        c = odd[head]
-        total += count[head] + c
-        odd[head] = placed
-        placed += c
-    for p in range(length):
-        kp[p] = u[p] < sj[start[kb[p] >> U32(16)] + occ[p]]
-    for o in range(n_odd):  # grouped by bucket, each group in index order
-        head = kb[odds[o]] >> U32(16)
-        grouped[odd[head]] = odds[o]
-        odd[head] += 1
+        for i in range(nh):
+            oc[heads[i]] = 0
+        return -1
+    for o in range(n_odd):
+        p = odds[o]
+        h = kb[p] >> U32(16)
+        q = oc[h]
+        grouped[q] = p
+        oc[h] = q + 1
+    return nh
+
+
+@njit
+def _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped):  # pragma: no cover - compiled
+    """The odd keys' flags (_odd_groups' groups; oc zero again after): rank = where their bucket's odd ones
+    start (cs) + their order among them, by key, then by index."""
     g0 = 0
-    while g0 < n_odd:
-        head = kb[grouped[g0]] >> U32(16)
-        g1 = g0 + 1
-        while g1 < n_odd and kb[grouped[g1]] >> U32(16) == head:
-            g1 += 1
-        for i in range(g0, g1):
-            p = grouped[i]
+    for i in range(nh):
+        h = heads[i]
+        g1 = oc[h]
+        oc[h] = 0
+        first = cs[h]
+        for a in range(g0, g1):
+            p = grouped[a]
             k = kb[p]
-            rank = start[head] + count[head]
-            for other in range(g0, g1):
-                ko = kb[grouped[other]]
-                rank += (ko < k) | ((ko == k) & (other < i))
-            kp[p] = u[p] < sj[rank]
+            rank = first
+            for o in range(g0, g1):
+                ko = kb[grouped[o]]
+                rank += (ko < k) | ((ko == k) & (o < a))
+            kp[p] = drawn[p] < tj[rank]
         g0 = g1
-    _clear(count, odd, lo, hi)
-    return True
+
+
+@njit
+def keep_scratch(length):  # pragma: no cover - compiled
+    """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices, odd groups (zeroed),
+    their buckets and members, draws."""
+    counts = np.zeros(HEADS, np.int64)
+    groups = np.zeros(HEADS, np.int64)
+    return (
+        counts,
+        np.empty(length, np.int64),
+        groups,
+        np.empty(length, np.int64),
+        np.empty(length, np.int64),
+        np.empty(length, np.uint64),
+    )
 
 
 @njit(inline="always")
-def _clear(count, odd, lo, hi):  # pragma: no cover - compiled
-    """Zero the buckets _keep_by_counts used: 0 and lo..hi."""
-    count[0] = 0
-    odd[0] = 0
-    for head in range(lo, np.int64(hi) + 1):
-        count[head] = 0
-        odd[head] = 0
+def _fiber_sums(mb, kp, length, below, hi, every, kept):  # pragma: no cover - compiled
+    """_abs_sums of a fiber's magnitudes (and kept ones): one fixed-point integer per block at the fiber's
+    least exponent where all its exponents lie within 31 of it (below, hi: _fiber_keys' bucket range; the
+    sums are exact, however they are split into bins)."""
+    emin = max(U32(below + U32(1)) >> U32(7), U32(1))  # below + 1 wraps to 0 where all are in bucket 0
+    if hi >= U32(0x7F80) or (hi >> U32(7)) > emin + U32(31):  # inf or NaN; or too wide
+        for c in range(0, length, BLOCK):
+            _abs_sums(mb, kp, c, min(BLOCK, length - c), every, kept)
+        return
+    for c in range(0, length, BLOCK):
+        t = U(0)
+        tk = U(0)
+        for i in range(c, min(c + BLOCK, length)):
+            e, mant = _mantissa(mb[U(i)])
+            v = U(mant) << U(max(e, emin) - emin)
+            t += v
+            tk += v & (U(0) - U(kp[U(i)]))
+        _add(every, U(emin - 1), t)
+        _add(kept, U(emin - 1), tk)
 
 
 @kernel
-def _magprune(xs, b, a0, a1, length, r, todo, keys, spreads, masks, bins):  # pragma: no cover - compiled
+def _magprune(xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins):  # pragma: no cover - compiled
     """DELLA's kept entries (sparse._magprune_masks) of fibers a0..a1 (of r fibers each, `length` entries
     r apart) for the models in todo, as bits into masks (zeroed; flat index g: bit g % 8 of byte g // 8;
-    a0 * length * r a multiple of 8), and the rescale's sums into bins (as _scan's)."""
+    a0 * length * r a multiple of 8), and the rescale's sums into bins (as _scan's). Entry p of a fiber is
+    kept where its draw's top 53 bits are below thresholds[j, its rank] (rank 0 the least magnitude)."""
     kb = np.empty(length, np.uint32)
     ki = np.empty(length, np.uint32)
     tb = np.empty(length, np.uint32)
     ti = np.empty(length, np.uint32)
     mb = np.empty(length, np.uint32)
     kp = np.empty(length, np.uint8)
-    u = np.empty(length, np.float64)
     cnt = np.empty(257, np.int64)
-    count = np.zeros(HEADS, np.int64)
-    odd = np.zeros(HEADS, np.int64)
-    starts = np.empty(HEADS, np.int64)
-    occ = np.empty(length, np.int64)
-    odds = np.empty(length, np.int64)
-    grouped = np.empty(length, np.int64)
+    scratch = keep_scratch(length)
     counting = np.ones(len(xs), np.bool_)
-    unit = 2.0**-53
     for a in range(a0, a1):
         for ri in range(r):
             start = a * length * r + ri
             for j in range(len(xs)):
                 if not todo[j]:
                     continue
-                x = xs[j]
-                for p in range(length):
-                    g = U(start + p * r)
-                    v = _bits_of_f32(load(x, g) - load(b, g)) & ABS
-                    mb[p] = v
-                    kb[p] = QNAN if v > U32(0x7F800000) else v
+                below, hi, n_odd = _fiber_keys(xs[j], b, start, r, length, mb, kb)
                 z0 = keys[j] + U(start + 1) * GAMMA
                 step = U(r) * GAMMA
-                for p in range(length):
-                    u[p] = np.float64(np.int64(_mix(z0 + U(p) * step) >> U(11))) * unit  # < 2**53: exact
-                sj = spreads[j]
-                if not (counting[j] and _keep_by_counts(kb, u, sj, length, count, odd, starts, occ, kp, odds, grouped)):
+                tj = thresholds[j]
+                if not (counting[j] and _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp)):
                     counting[j] = False  # the model's fibers need sorts: sort the rest of this range's at once
                     for p in range(length):
                         ki[p] = p
                     sk, si = _radix_order(kb, ki, tb, ti, cnt, length)
                     for q in range(length):
                         p = si[q]
-                        kp[p] = u[p] < sj[q]
+                        kp[p] = (_mix(z0 + U(p) * step) >> U(11)) < tj[q]
                 mj = masks[j]
                 if r == 1 and start % 8 == 0:
                     _pack(kp, length, mj, start >> 3)
@@ -483,8 +550,7 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, spreads, masks, bins):  # pr
                     for p in range(length):
                         g = U(start + p * r)
                         mj[g >> U(3)] |= np.uint8(kp[p]) << np.uint8(g & U(7))
-                for c in range(0, length, BLOCK):
-                    _abs_sums(mb, kp, c, min(BLOCK, length - c), bins[j, 0], bins[j, 1])
+                _fiber_sums(mb, kp, length, below, hi, bins[j, 0], bins[j, 1])
 
 
 @njit(inline="always")
@@ -511,11 +577,11 @@ def _drop_block(xs, bf, st, m, g0, drop, kinds, scales, keys, thr, tf, tt, tc, m
         elif kinds[j] == BY_ENTRY:
             _keep_block(drop, x, bf, st, m, g0, keys[j], thr[j], tf, tt, tc, masks, j, kp)
             for i in range(m):
-                v = load(x, U(st + i)) - bf[i]
-                dj[i] = (v if kp[i] else zero) * sj
+                v = load(x, U(st + i)) - bf[U(i)]
+                dj[U(i)] = (v if kp[U(i)] else zero) * sj
         elif kinds[j] == ALL:
             for i in range(m):
-                dj[i] = (load(x, U(st + i)) - bf[i]) * sj
+                dj[U(i)] = (load(x, U(st + i)) - bf[U(i)]) * sj
         else:
             for i in range(m):
                 dj[i] = zero * sj
@@ -528,29 +594,28 @@ def _elect_block(d, m, by_count, weights, after, s, num, den):  # pragma: no cov
     zero = np.float32(0)
     one = np.float32(1)
     for i in range(m):
-        v = d[0, i]
-        s[i] = ((one if v > zero else zero) - (one if v < zero else zero)) if by_count else v
-        num[i] = zero
-        den[i] = zero
-    for j in range(1, d.shape[0]):
-        dj = d[j]
+        s[U(i)] = zero
+        num[U(i)] = zero
+        den[U(i)] = zero
+    for j in range(d.shape[0]):
         if by_count:
             for i in range(m):
-                s[i] += (one if dj[i] > zero else zero) - (one if dj[i] < zero else zero)
+                v = d[j, U(i)]
+                s[U(i)] += (one if v > zero else zero) - (one if v < zero else zero)
         else:
             for i in range(m):
-                s[i] += dj[i]
+                s[U(i)] += d[j, U(i)]
     for i in range(m):  # the elected sign: +1, -1, or 0 where the votes cancel or are NaN
-        s[i] = (one if s[i] > zero else zero) - (one if s[i] < zero else zero)
+        v = s[U(i)]
+        s[U(i)] = (one if v > zero else zero) - (one if v < zero else zero)
     for j in range(d.shape[0]):
         wj = weights[j]
         aj = after[j]
-        dj = d[j]
         for i in range(m):
-            v = dj[i]
-            agree = v * s[i] > zero
-            den[i] += wj if agree else zero
-            num[i] += (v if agree else zero) * aj
+            v = d[j, U(i)]
+            agree = v * s[U(i)] > zero
+            den[U(i)] += wj if agree else zero
+            num[U(i)] += (v if agree else zero) * aj
 
 
 @kernel
