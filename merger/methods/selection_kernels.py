@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from merger.kernels import BLOCK, Runner, U, _bits_of_f32, kernel, load, store
+from merger.kernels import BLOCK, Runner, U, _bits_of_f32, _f32_from_bits, kernel, load, store
 from merger.methods import elementary as el
 
 _MAGIC = 6755399441055744.0  # 1.5 * 2**52: h + _MAGIC holds an integer h, |h| <= 2**51, in its low bits
@@ -74,7 +74,7 @@ def _limb_sums(a, c, m, scale, fast):  # pragma: no cover - compiled
         mb = _bits_of_f64(_MAGIC)
         tb = _bits_of_f64(_TWO52)
         for i in range(m):
-            v = a[i] * c[i] * scale
+            v = a[U(i)] * c[U(i)] * scale
             h = np.floor(v)
             hs += _bits_of_f64(h + _MAGIC) - mb
             ls += _bits_of_f64((v - h) * scale + _TWO52) - tb
@@ -233,7 +233,7 @@ def _exp(v):  # elementary.exp_, operation for operation
 @njit(inline="always")
 def _log(x):  # elementary.log_, operation for operation (x positive and normal)
     bits = _bits_of_f64(x)
-    e = bits >> 52
+    e = np.int64(U(bits) >> U(52))  # x > 0: a logical shift, which AVX2 has for 64-bit lanes (not an arithmetic one)
     m = _f64_from_bits((bits & el.MANTISSA) | el.ONE_BITS)
     if m > el.SQRT2:
         m = m * 0.5
@@ -250,11 +250,84 @@ def _log(x):  # elementary.log_, operation for operation (x positive and normal)
 
 
 @njit(inline="always")
-def _row_exps(x, b, start, m, px, pb, ex, eb, at):  # pragma: no cover - compiled
-    """ex[at + i] = exp(x[start + i] - px), eb likewise, i < m: the float64 exps of selection's `exps`."""
+def _key(u):  # float32 bits as an int32 that orders like the value (NaN aside); its own inverse
+    s = np.int32(u)
+    return s ^ ((s >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+
+@njit(inline="always")
+def _row_peaks(x, b, o, cols):  # pragma: no cover - compiled
+    """The maxima of x and b over the row at o (float32), and whether either holds a NaN: on integer keys,
+    which vectorize where a float max does not (-0.0 and 0.0 may come out either way, as from torch.amax:
+    exp(v - peak) is the same for both)."""
+    kx = kb = np.int32(-0x80000000)
+    bad = np.uint32(0)
+    inf = np.uint32(0x7F800000)  # above it (sign clear): NaN
+    for i in range(cols):
+        u = _bits_of_f32(load(x, U(o + i)))
+        v = _bits_of_f32(load(b, U(o + i)))
+        kx = max(kx, _key(u))
+        kb = max(kb, _key(v))
+        bad |= np.uint32((u & np.uint32(0x7FFFFFFF)) > inf) | np.uint32((v & np.uint32(0x7FFFFFFF)) > inf)
+    return _f32_from_bits(np.uint32(_key(kx))), _f32_from_bits(np.uint32(_key(kb))), bad != 0
+
+
+@njit(inline="always")
+def _exps(v, start, m, peak, out, at):  # pragma: no cover - compiled
+    """out[at + i] = exp(v[start + i] - peak), i < m: the float64 exps of selection's `exps` (one input per
+    loop: two in one spill registers)."""
     for i in range(m):
-        ex[at + i] = _exp(np.float64(load(x, U(start + i))) - px)
-        eb[at + i] = _exp(np.float64(load(b, U(start + i))) - pb)
+        out[U(at + i)] = _exp(np.float64(load(v, U(start + i))) - peak)
+
+
+@njit(inline="always")
+def _normaliser(v, start, cols, peak, e, keep, ones, limb, fast):  # pragma: no cover - compiled
+    """The limb sums of exp(v - peak) over the row at `start` (selection's _ExactRowSums); e keeps the row's
+    exps (keep) or is scratch of BLOCK."""
+    hi = lo = np.int64(0)
+    for st in range(0, cols, BLOCK):
+        m = min(BLOCK, cols - st)
+        at = st if keep else 0
+        _exps(v, start + st, m, peak, e, at)
+        h, low = _limb_sums(e[at:], ones, m, limb, fast)  # a * 1 * scale: the limbs of a * scale, exactly
+        hi += h
+        lo += low
+    return hi, lo
+
+
+@njit(inline="always")
+def _terms(ex, eb, at, m, zx, zb, eps, shrink, terms):  # pragma: no cover - compiled
+    """terms[i] = p * log(p / q) * shrink, p = ex / zx + eps and q = eb / zb + eps at at + i, i < m."""
+    for i in range(m):
+        p = _div(ex[U(at + i)], zx) + eps
+        q = _div(eb[U(at + i)], zb) + eps
+        terms[U(i)] = p * _log(_div(p, q)) * shrink
+
+
+@njit(inline="always")
+def _row_divergence(x, b, o, cols, px, pb, ex, eb, keep, bits, eps, bound):  # pragma: no cover - compiled
+    """KL(softmax(x row) || softmax(b row)) of the row at o in float64, as selection.arcee_fusion_prepare."""
+    limb = 2.0**bits
+    unit = 2.0**-bits
+    fast = limb <= 2.0**FAST_BITS
+    ones = np.ones(BLOCK, np.float64)
+    terms = np.empty(BLOCK, np.float64)
+    h, low = _normaliser(x, o, cols, px, ex, keep, ones, limb, fast)
+    zx = (np.float64(h) + np.float64(low) * unit) * unit
+    h, low = _normaliser(b, o, cols, pb, eb, keep, ones, limb, fast)
+    zb = (np.float64(h) + np.float64(low) * unit) * unit
+    hd = ld = np.int64(0)
+    for st in range(0, cols, BLOCK):
+        m = min(BLOCK, cols - st)
+        at = st if keep else 0
+        if not keep:
+            _exps(x, o + st, m, px, ex, at)
+            _exps(b, o + st, m, pb, eb, at)
+        _terms(ex, eb, at, m, zx, zb, eps, 2.0**-bound, terms)
+        h, low = _limb_sums(terms, ones, m, limb, fast)
+        hd += h
+        ld += low
+    return (np.float64(hd) + np.float64(ld) * unit) * unit * 2.0**bound
 
 
 @kernel
@@ -263,64 +336,20 @@ def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp):  # pragma: no cove
     it (maxima; exps and their limb sums; p, q, p * log(p / q) * 2**-bound and theirs; all in float64), then
     imp = |x - b| * kl in float32. Rows of up to `scratch` entries keep their exps for the divergence; longer
     ones compute them again. Returns how many importances are NaN."""
-    n = b.size
-    shrink = 2.0**-bound
-    grow = 2.0**bound
-    limb = 2.0**bits
-    unit = 2.0**-bits
-    fast = limb <= 2.0**FAST_BITS
     keep = cols <= scratch
     ex = np.empty(cols if keep else BLOCK, np.float64)
     eb = np.empty_like(ex)
-    terms = np.empty(BLOCK, np.float64)
-    ones = np.ones(BLOCK, np.float64)  # _limb_sums of a * 1 * scale: the limbs of a * scale, exactly
     nans = 0
-    for o in range(0, n, cols):
-        mx = np.float32(-np.inf)
-        mb = np.float32(-np.inf)
-        bad = 0
-        for i in range(cols):
-            u = load(x, U(o + i))
-            v = load(b, U(o + i))
-            mx = u if u > mx else mx
-            mb = v if v > mb else mb
-            bad |= (u != u) | (v != v)
+    for o in range(0, b.size, cols):
+        mx, mb, bad = _row_peaks(x, b, o, cols)
         if bad or not (np.isfinite(mx) and np.isfinite(mb)):  # as torch.amax: NaN where the row holds one
             kl = np.float32(np.nan)
         else:
-            px = np.float64(mx)
-            pb = np.float64(mb)
-            hx = lx = hb = lb = np.int64(0)
-            for st in range(0, cols, BLOCK):
-                m = min(BLOCK, cols - st)
-                at = st if keep else 0
-                _row_exps(x, b, o + st, m, px, pb, ex, eb, at)
-                h, low = _limb_sums(ex[at:], ones, m, limb, fast)
-                hx += h
-                lx += low
-                h, low = _limb_sums(eb[at:], ones, m, limb, fast)
-                hb += h
-                lb += low
-            zx = (np.float64(hx) + np.float64(lx) * unit) * unit
-            zb = (np.float64(hb) + np.float64(lb) * unit) * unit
-            hd = ld = np.int64(0)
-            for st in range(0, cols, BLOCK):
-                m = min(BLOCK, cols - st)
-                at = st if keep else 0
-                if not keep:
-                    _row_exps(x, b, o + st, m, px, pb, ex, eb, at)
-                for i in range(m):
-                    p = _div(ex[at + i], zx) + eps
-                    q = _div(eb[at + i], zb) + eps
-                    terms[i] = p * _log(_div(p, q)) * shrink
-                h, low = _limb_sums(terms, ones, m, limb, fast)
-                hd += h
-                ld += low
-            d = (np.float64(hd) + np.float64(ld) * unit) * unit * grow
+            d = _row_divergence(x, b, o, cols, np.float64(mx), np.float64(mb), ex, eb, keep, bits, eps, bound)
             kl = np.float32(0.0 if d < 0 else abs(d))
         for i in range(cols):
             w = abs(load(x, U(o + i)) - load(b, U(o + i))) * kl
-            imp[o + i] = w
+            imp[U(o + i)] = w
             nans += w != w
     return nans
 
