@@ -12,7 +12,7 @@ import torch
 from numba import njit
 
 from merger.methods import selection_kernels as sk
-from merger.methods.elementary import exp_, log_
+from merger.methods.elementary import TABLE_BOUND, exp_, exp_diff, log_
 
 
 @njit
@@ -75,6 +75,27 @@ def test_log_is_within_one_ulp_of_math_log():
     want = np.array([math.log(a) for a in x])
     assert ulps(got, want).max() <= 1
     assert (got[x == 1] == 0).all()
+
+
+def test_exp_diff_is_within_three_ulp_of_math_exp():
+    """exp(v - peak) for float32 v and peak: from the bfloat16 table (bf16 values within TABLE_BOUND, peaks
+    too) within 3 ulp, and from exp_ (1 ulp) everywhere else: float32 values, beyond the bound, -inf."""
+    rng = np.random.default_rng(2)
+    n = 50_000
+    bf16 = torch.from_numpy(rng.uniform(-TABLE_BOUND, TABLE_BOUND, (2, n)).astype(np.float32)).bfloat16().float()
+    wide = torch.from_numpy(rng.uniform(-3 * TABLE_BOUND, 3 * TABLE_BOUND, (2, n)).astype(np.float32))
+    edges = torch.tensor(
+        [[TABLE_BOUND, -TABLE_BOUND, 0.0, -0.0, -math.inf, 1.0], [TABLE_BOUND] * 3 + [-TABLE_BOUND] * 3]
+    )
+    v, peak = torch.cat([bf16, wide, wide.bfloat16().float(), edges], dim=1)
+    peak = torch.maximum(peak, v)  # a row's maximum is at least its entries
+    got = exp_diff(v, peak).numpy()
+    want = np.array([math.exp(a - p) for a, p in zip(v.double().tolist(), peak.double().tolist(), strict=True)])
+    assert ulps(got, want).max() <= 3
+    bits = v.view(torch.int32)
+    direct = ((bits & 0xFFFF) != 0) | (v.abs() > TABLE_BOUND) | (peak.abs() > TABLE_BOUND)
+    assert ulps(got[direct.numpy()], want[direct.numpy()]).max() <= 1 and 0 < direct.sum() < v.numel()
+    assert exp_diff(v[:1], peak[:1]).dtype == torch.float64
 
 
 def test_nan_stays_nan_in_exp():

@@ -471,6 +471,29 @@ def test_fused_arcee_fusion_refuses_what_the_torch_path_refuses(bad):
     assert counts[0] == counts[1] and counts[0][:2] == (0, 30) and "no softmax" in counts[0][2]
 
 
+@pytest.mark.parametrize("row", ["beyond the table", "float32 values", "a peak beyond it", "at the bound"])
+def test_fused_arcee_fusion_where_exps_leave_the_table(row):
+    """Rows whose exps come from exp_ rather than the bfloat16 table, wholly or entry by entry: the torch
+    path's bytes."""
+    from merger.methods.base import TensorContext
+
+    m = get_method("arcee_fusion")
+    base, xs = _fusion_inputs((4, 30), torch.float32, seed=5)
+    x = xs[0]
+    if row == "beyond the table":
+        x[1, ::3] = 100.0
+    if row == "float32 values":
+        x[2, ::4] += 1e-3
+    if row == "a peak beyond it":
+        base[3, 7] = 70.0
+    if row == "at the bound":
+        x[0, :5] = 64.0
+        base[0, 5:9] = -64.0
+    context = TensorContext("t", shape=(4, 30))
+    want = _torch_path(m, xs, base, m.params(), context, chunk=7)
+    assert _same_bytes(_fused_path(m, xs, base, m.params(), context, 1 << 18, 1 << 18), want)
+
+
 def test_fused_arcee_fusion_of_minus_infinity():
     """-inf in a row with a finite maximum: its exp is 0, its importance inf; the torch path's bytes."""
     from merger.methods.base import TensorContext

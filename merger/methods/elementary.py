@@ -11,6 +11,7 @@ operations in the same order, so that Arcee Fusion's fused kernel and its torch 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ SQRT2 = 1.4142135623730951  # mantissas above it are halved: f in (-0.293, 0.415
 EXP_FLOOR = -746.0  # exp(-746) < 2**-1075, which rounds to 0: lower arguments are clamped to it
 MANTISSA = (1 << 52) - 1  # a float64's fraction bits
 ONE_BITS = 1023 << 52  # the bits of 1.0
+# exp(v - peak) as TABLE[v] * exp(-peak) where v is a bfloat16 value (a float32 with low 16 bits 0) and
+# |v|, |peak| <= TABLE_BOUND: v - peak >= -2 TABLE_BOUND, so the product is a normal number, within 2.5 ulp
+TABLE_BOUND = 64.0
 
 
 def _pow2(k: Tensor) -> Tensor:
@@ -97,3 +101,31 @@ def log_(x: Tensor) -> Tensor:
     del t1
     r.add_(dk * LN2_LO).sub_(hfsq).add_(f).add_(dk.mul_(LN2_HI))  # ... + dk lo - hfsq + f + dk hi
     return x.copy_(r)
+
+
+@functools.cache
+def exp_table() -> Tensor:
+    """exp_(v) for every bfloat16 value v with |v| <= TABLE_BOUND, indexed by its 16 bits (0 elsewhere), on
+    the CPU: the table of exp_diff_ and of selection_kernels' row exps."""
+    import torch
+
+    v = (torch.arange(1 << 16, dtype=torch.int32) << 16).view(torch.float32).double()
+    inside = v.abs() <= TABLE_BOUND  # NaN is not
+    return exp_(v.masked_fill_(inside.logical_not(), 0.0)).masked_fill_(inside.logical_not_(), 0.0)
+
+
+def exp_diff(v: Tensor, peak: Tensor) -> Tensor:
+    """exp(v - peak) in float64 for float32 v and peak (broadcasting to v): exp_table()[v] * exp_(-peak)
+    where v is a bfloat16 value and |v| and |peak| are at most TABLE_BOUND, else exp_(v - peak); the same
+    bits as selection_kernels' row exps."""
+    import torch
+
+    direct = exp_(v.double().sub_(peak))
+    if v.dtype != torch.float32:
+        return direct
+    bits = v.view(torch.int32)
+    table = exp_table().to(v.device)
+    scaled = table[(bits >> 16).bitwise_and_(0xFFFF).long()].mul_(exp_(peak.double().neg_()))
+    low = bits.bitwise_and(0xFFFF)
+    inside = (low == 0).logical_and_(v.abs() <= TABLE_BOUND).logical_and_(peak.abs() <= TABLE_BOUND)
+    return torch.where(inside, scaled, direct)

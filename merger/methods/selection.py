@@ -323,7 +323,7 @@ def arcee_fusion_prepare(
     selection) and the threshold median + 1.5 * (q3 - q1)."""
     import torch
 
-    from merger.methods.elementary import exp_, log_
+    from merger.methods.elementary import exp_diff, log_
     from merger.methods.task_vectors import kth_largest
 
     assert inputs is not None
@@ -348,7 +348,7 @@ def arcee_fusion_prepare(
     dtype, device = peaks.dtype, peaks.device
 
     def exps(offset: int, v: Tensor, i: int) -> Tensor:  # exp(v - max of its row): in [0, 1]
-        return exp_(v.double().sub_(_per_entry(peaks[i], offset, v.numel(), cols)))
+        return exp_diff(v, _per_entry(peaks[i], offset, v.numel(), cols))
 
     normalisers = _ExactRowSums(2, rows, cols, device)
     for offset, x, b in chunks():

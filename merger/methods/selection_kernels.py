@@ -20,6 +20,7 @@ from numba.extending import intrinsic
 from merger.kernels import BLOCK, Runner, U, _bits_of_f32, _f32_from_bits, kernel, load, store
 from merger.methods import elementary as el
 
+_BOUND_BITS = np.uint32(np.float32(el.TABLE_BOUND).view(np.uint32))  # |v| <= TABLE_BOUND: its bits <= these
 _MAGIC = 6755399441055744.0  # 1.5 * 2**52: h + _MAGIC holds an integer h, |h| <= 2**51, in its low bits
 _TWO52 = 4503599627370496.0  # 2**52: f + _TWO52 rounds f in [0, 2**51] to an integer, ties to even
 FAST_BITS = 51  # limbs of at most this many bits take the bit tricks above (rows of 1024 entries or more)
@@ -257,38 +258,57 @@ def _key(u):  # float32 bits as an int32 that orders like the value (NaN aside);
 
 @njit(inline="always")
 def _row_peaks(x, b, o, cols):  # pragma: no cover - compiled
-    """The maxima of x and b over the row at o (float32), and whether either holds a NaN: on integer keys,
+    """The maxima of x and b over the row at o (float32), whether either holds a NaN, and whether each row's
+    entries are all bfloat16 values within el.TABLE_BOUND (their exps from the table): on integer keys,
     which vectorize where a float max does not (-0.0 and 0.0 may come out either way, as from torch.amax:
     exp(v - peak) is the same for both)."""
     kx = kb = np.int32(-0x80000000)
     bad = np.uint32(0)
     inf = np.uint32(0x7F800000)  # above it (sign clear): NaN
+    ax = ab = lx = lb = np.uint32(0)
     for i in range(cols):
         u = _bits_of_f32(load(x, U(o + i)))
         v = _bits_of_f32(load(b, U(o + i)))
         kx = max(kx, _key(u))
         kb = max(kb, _key(v))
-        bad |= np.uint32((u & np.uint32(0x7FFFFFFF)) > inf) | np.uint32((v & np.uint32(0x7FFFFFFF)) > inf)
-    return _f32_from_bits(np.uint32(_key(kx))), _f32_from_bits(np.uint32(_key(kb))), bad != 0
+        ax = max(ax, u & np.uint32(0x7FFFFFFF))
+        ab = max(ab, v & np.uint32(0x7FFFFFFF))
+        lx |= u & np.uint32(0xFFFF)
+        lb |= v & np.uint32(0xFFFF)
+    bad = (ax > inf) | (ab > inf)
+    tabled = (lx == 0) & (ax <= _BOUND_BITS), (lb == 0) & (ab <= _BOUND_BITS)
+    return _f32_from_bits(np.uint32(_key(kx))), _f32_from_bits(np.uint32(_key(kb))), bad, tabled
 
 
 @njit(inline="always")
-def _exps(v, start, m, peak, out, at):  # pragma: no cover - compiled
-    """out[at + i] = exp(v[start + i] - peak), i < m: the float64 exps of selection's `exps` (one input per
-    loop: two in one spill registers)."""
+def _exps(v, start, m, peak, out, at, table, tabled):  # pragma: no cover - compiled
+    """out[at + i] = exp(v[start + i] - peak), i < m: elementary.exp_diff's float64 exps (one input per loop:
+    two in one spill registers). tabled: every entry is a bfloat16 value within el.TABLE_BOUND (so is the
+    peak, their maximum): table[v] * exp(-peak) for all, without a branch per entry."""
+    scale = _exp(-peak)
+    if tabled:
+        for i in range(m):
+            out[U(at + i)] = table[_bits_of_f32(load(v, U(start + i))) >> np.uint32(16)] * scale
+        return
+    inside = abs(peak) <= el.TABLE_BOUND
     for i in range(m):
-        out[U(at + i)] = _exp(np.float64(load(v, U(start + i))) - peak)
+        f = load(v, U(start + i))
+        u = _bits_of_f32(f)
+        if inside and (u & np.uint32(0xFFFF)) == 0 and (u & np.uint32(0x7FFFFFFF)) <= _BOUND_BITS:
+            out[U(at + i)] = table[u >> np.uint32(16)] * scale
+        else:
+            out[U(at + i)] = _exp(np.float64(f) - peak)
 
 
 @njit(inline="always")
-def _normaliser(v, start, cols, peak, e, keep, ones, limb, fast):  # pragma: no cover - compiled
+def _normaliser(v, start, cols, peak, e, keep, ones, limb, fast, table, tabled):  # pragma: no cover - compiled
     """The limb sums of exp(v - peak) over the row at `start` (selection's _ExactRowSums); e keeps the row's
     exps (keep) or is scratch of BLOCK."""
     hi = lo = np.int64(0)
     for st in range(0, cols, BLOCK):
         m = min(BLOCK, cols - st)
         at = st if keep else 0
-        _exps(v, start + st, m, peak, e, at)
+        _exps(v, start + st, m, peak, e, at, table, tabled)
         h, low = _limb_sums(e[at:], ones, m, limb, fast)  # a * 1 * scale: the limbs of a * scale, exactly
         hi += h
         lo += low
@@ -305,24 +325,25 @@ def _terms(ex, eb, at, m, zx, zb, eps, shrink, terms):  # pragma: no cover - com
 
 
 @njit(inline="always")
-def _row_divergence(x, b, o, cols, px, pb, ex, eb, keep, bits, eps, bound):  # pragma: no cover - compiled
-    """KL(softmax(x row) || softmax(b row)) of the row at o in float64, as selection.arcee_fusion_prepare."""
+def _row_divergence(x, b, o, cols, px, pb, ex, eb, keep, bits, eps, bound, table, tabled):  # pragma: no cover
+    """KL(softmax(x row) || softmax(b row)) of the row at o in float64, as selection.arcee_fusion_prepare
+    (table, tabled: _exps', for x and b)."""
     limb = 2.0**bits
     unit = 2.0**-bits
     fast = limb <= 2.0**FAST_BITS
     ones = np.ones(BLOCK, np.float64)
     terms = np.empty(BLOCK, np.float64)
-    h, low = _normaliser(x, o, cols, px, ex, keep, ones, limb, fast)
+    h, low = _normaliser(x, o, cols, px, ex, keep, ones, limb, fast, table, tabled[0])
     zx = (np.float64(h) + np.float64(low) * unit) * unit
-    h, low = _normaliser(b, o, cols, pb, eb, keep, ones, limb, fast)
+    h, low = _normaliser(b, o, cols, pb, eb, keep, ones, limb, fast, table, tabled[1])
     zb = (np.float64(h) + np.float64(low) * unit) * unit
     hd = ld = np.int64(0)
     for st in range(0, cols, BLOCK):
         m = min(BLOCK, cols - st)
         at = st if keep else 0
         if not keep:
-            _exps(x, o + st, m, px, ex, at)
-            _exps(b, o + st, m, pb, eb, at)
+            _exps(x, o + st, m, px, ex, at, table, tabled[0])
+            _exps(b, o + st, m, pb, eb, at, table, tabled[1])
         _terms(ex, eb, at, m, zx, zb, eps, 2.0**-bound, terms)
         h, low = _limb_sums(terms, ones, m, limb, fast)
         hd += h
@@ -331,7 +352,7 @@ def _row_divergence(x, b, o, cols, px, pb, ex, eb, keep, bits, eps, bound):  # p
 
 
 @kernel
-def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp):  # pragma: no cover - compiled
+def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp, table):  # pragma: no cover - compiled
     """Over whole rows of `cols` entries: each row's KL divergence as selection.arcee_fusion_prepare computes
     it (maxima; exps and their limb sums; p, q, p * log(p / q) * 2**-bound and theirs; all in float64), then
     imp = |x - b| * kl in float32. Rows of up to `scratch` entries keep their exps for the divergence; longer
@@ -341,11 +362,12 @@ def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp):  # pragma: no cove
     eb = np.empty_like(ex)
     nans = 0
     for o in range(0, b.size, cols):
-        mx, mb, bad = _row_peaks(x, b, o, cols)
+        mx, mb, bad, tabled = _row_peaks(x, b, o, cols)
         if bad or not (np.isfinite(mx) and np.isfinite(mb)):  # as torch.amax: NaN where the row holds one
             kl = np.float32(np.nan)
         else:
-            d = _row_divergence(x, b, o, cols, np.float64(mx), np.float64(mb), ex, eb, keep, bits, eps, bound)
+            px, pb = np.float64(mx), np.float64(mb)
+            d = _row_divergence(x, b, o, cols, px, pb, ex, eb, keep, bits, eps, bound, table, tabled)
             kl = np.float32(0.0 if d < 0 else abs(d))
         for i in range(cols):
             w = abs(load(x, U(o + i)) - load(b, U(o + i))) * kl
@@ -373,10 +395,11 @@ def fusion_importance(
     n = base.size
     assert n % cols == 0, (n, cols)
     imp = np.empty(n, np.float32)
+    table = el.exp_table().numpy()
 
     def part(s: int, e: int) -> int:
         a, z = s * cols, e * cols
-        return _fusion_rows(x[a:z], base[a:z], cols, bits, eps, bound, SCRATCH, imp[a:z])
+        return _fusion_rows(x[a:z], base[a:z], cols, bits, eps, bound, SCRATCH, imp[a:z], table)
 
     return imp, int(sum(run(part, n // cols, max(1, ROWS_PART // cols))))
 
