@@ -12,7 +12,7 @@ import torch
 from numba import njit
 
 from merger.methods import selection_kernels as sk
-from merger.methods.elementary import TABLE_BOUND, exp_, exp_diff, log_
+from merger.methods.elementary import TABLE_BOUND, exp_, exp_diff, exp_table, log_
 
 
 @njit
@@ -96,6 +96,14 @@ def test_exp_diff_is_within_three_ulp_of_math_exp():
     direct = ((bits & 0xFFFF) != 0) | (v.abs() > TABLE_BOUND) | (peak.abs() > TABLE_BOUND)
     assert ulps(got[direct.numpy()], want[direct.numpy()]).max() <= 1 and 0 < direct.sum() < v.numel()
     assert exp_diff(v[:1], peak[:1]).dtype == torch.float64
+
+
+def test_the_kernels_exp_table_is_elementarys():
+    """The fused path's table (numba, without torch) has the torch path's bits, for every bfloat16 value."""
+    want = exp_table().numpy()
+    assert np.array_equal(sk.exp_table().view(np.int64), want.view(np.int64))
+    values = (np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)).view(np.float32)
+    assert np.array_equal(want > 0, np.abs(values) <= TABLE_BOUND)  # 0 outside the bound (and for NaN)
 
 
 def test_nan_stays_nan_in_exp():

@@ -106,7 +106,7 @@ def log_(x: Tensor) -> Tensor:
 @functools.cache
 def exp_table() -> Tensor:
     """exp_(v) for every bfloat16 value v with |v| <= TABLE_BOUND, indexed by its 16 bits (0 elsewhere), on
-    the CPU: the table of exp_diff_ and of selection_kernels' row exps."""
+    the CPU: exp_diff's table (selection_kernels.exp_table has the same bits, for the fused path)."""
     import torch
 
     v = (torch.arange(1 << 16, dtype=torch.int32) << 16).view(torch.float32).double()

@@ -10,6 +10,7 @@ counts in integers; what follows from the sums is computed by the same numpy cod
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -387,6 +388,23 @@ def _fusion_merge(x, b, imp, out, threshold):  # pragma: no cover - compiled
         store(out, U(i), kept + bi)
 
 
+@kernel
+def _exp_table(bound):  # pragma: no cover - compiled
+    """elementary.exp_table's values, from the twin _exp (without torch)."""
+    out = np.zeros(1 << 16, np.float64)
+    for h in range(1 << 16):
+        v = np.float64(_f32_from_bits(np.uint32(h) << np.uint32(16)))
+        if abs(v) <= bound:  # not NaN
+            out[h] = _exp(v)
+    return out
+
+
+@functools.cache
+def exp_table() -> np.ndarray:
+    """elementary.exp_table() as an array, the same bits, computed here so that the fused path needs no torch."""
+    return _exp_table(el.TABLE_BOUND)
+
+
 def fusion_importance(
     x: np.ndarray, base: np.ndarray, cols: int, bits: int, eps: float, bound: int, run: Runner
 ) -> tuple[np.ndarray, int]:
@@ -395,7 +413,7 @@ def fusion_importance(
     n = base.size
     assert n % cols == 0, (n, cols)
     imp = np.empty(n, np.float32)
-    table = el.exp_table().numpy()
+    table = exp_table()
 
     def part(s: int, e: int) -> int:
         a, z = s * cols, e * cols
