@@ -114,6 +114,12 @@ def exp_table() -> Tensor:
     return exp_(v.masked_fill_(inside.logical_not(), 0.0)).masked_fill_(inside.logical_not_(), 0.0)
 
 
+@functools.cache
+def _table_on(device: str) -> Tensor:
+    """exp_table() on a device, copied there once (a copy per chunk would wait for the host each time)."""
+    return exp_table().to(device)
+
+
 def exp_diff(v: Tensor, peak: Tensor) -> Tensor:
     """exp(v - peak) in float64 for float32 v and peak (broadcasting to v): exp_table()[v] * exp_(-peak)
     where v is a bfloat16 value and |v| and |peak| are at most TABLE_BOUND, else exp_(v - peak); the same
@@ -124,7 +130,7 @@ def exp_diff(v: Tensor, peak: Tensor) -> Tensor:
     if v.dtype != torch.float32:
         return direct
     bits = v.view(torch.int32)
-    table = exp_table().to(v.device)
+    table = _table_on(str(v.device))
     scaled = table[(bits >> 16).bitwise_and_(0xFFFF).long()].mul_(exp_(peak.double().neg_()))
     low = bits.bitwise_and(0xFFFF)
     inside = (low == 0).logical_and_(v.abs() <= TABLE_BOUND).logical_and_(peak.abs() <= TABLE_BOUND)
