@@ -124,13 +124,20 @@ def _abs_sums(mb, kp, start, m, every, kept):  # pragma: no cover - compiled
         _abs_sum(mb, kp, start, m, False, every)
         _abs_sum(mb, kp, start, m, True, kept)
         return
+    _fixed_sums(mb, kp, start, m, emin, every, kept)
+
+
+@njit(inline="always")
+def _fixed_sums(mb, kp, start, m, emin, every, kept):  # pragma: no cover - compiled
+    """Add the magnitudes mb[start:start + m] (all, and the kept ones) to bins as one fixed-point integer each
+    at exponent emin, at most 31 below every exponent there (2 ** 24 * 2 ** 31 * BLOCK < 2 ** 63)."""
     t = U(0)
     tk = U(0)
     for i in range(start, start + m):
-        e, mant = _mantissa(mb[i])
+        e, mant = _mantissa(mb[U(i)])
         v = U(mant) << U(max(e, emin) - emin)
         t += v
-        tk += v & (U(0) - U(kp[i]))
+        tk += v & (U(0) - U(kp[U(i)]))
     _add(every, U(emin - 1), t)
     _add(kept, U(emin - 1), tk)
 
@@ -382,7 +389,7 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
     ones before it (ties go by index, as in the sort); the odd ones (low bits set) rank after those, by their
     order among their bucket's odd ones. below, hi, n_odd: _fiber_keys'. Returns False, with kp unfinished,
     where over half are odd (float32 task vectors), a bucket holds over GROUP odd ones or the buckets span
-    too wide a range to total. scratch: _keep_scratch's; its counts are zero again on return."""
+    too wide a range to total. scratch: keep_scratch's; its counts are zero again on return."""
     cs, odds, oc, heads, grouped, drawn = scratch
     lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
@@ -499,15 +506,7 @@ def _fiber_sums(mb, kp, length, below, hi, every, kept):  # pragma: no cover - c
             _abs_sums(mb, kp, c, min(BLOCK, length - c), every, kept)
         return
     for c in range(0, length, BLOCK):
-        t = U(0)
-        tk = U(0)
-        for i in range(c, min(c + BLOCK, length)):
-            e, mant = _mantissa(mb[U(i)])
-            v = U(mant) << U(max(e, emin) - emin)
-            t += v
-            tk += v & (U(0) - U(kp[U(i)]))
-        _add(every, U(emin - 1), t)
-        _add(kept, U(emin - 1), tk)
+        _fixed_sums(mb, kp, c, min(BLOCK, length - c), emin, every, kept)
 
 
 @kernel
