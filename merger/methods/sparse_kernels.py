@@ -228,12 +228,13 @@ def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, masks, j, kp):  # 
         z0 = key + U(g0 + 1) * GAMMA
         for i in range(m):
             kp[i] = _mix(z0 + U(i) * GAMMA) < thr
-    elif drop == OUTLIERS:
+    elif drop == OUTLIERS:  # the largest `upto`, less the largest `below`
+        uf, ut, uc = tf[j, 1], tt[j, 1], tc[j, 1]  # read once: inside the loop they would be reloaded per entry
+        lf, lt, lc = tf[j, 0], tt[j, 0], tc[j, 0]
         for i in range(m):
-            a = abs(load(x, U(st + i)) - bf[i])
+            a = abs(load(x, U(st + i)) - bf[U(i)])
             g = g0 + i
-            upto = _in_top(a, g, tf[j, 1], tt[j, 1], tc[j, 1])  # the largest `upto`, less the largest `below`
-            kp[i] = upto & (_in_top(a, g, tf[j, 0], tt[j, 0], tc[j, 0]) ^ True)
+            kp[U(i)] = _in_top(a, g, uf, ut, uc) & (_in_top(a, g, lf, lt, lc) ^ True)
     else:  # MAGPRUNE (and DARE's draws, kept by _scan): the flags as bits
         mj = masks[j]
         whole = m & ~7 if g0 % 8 == 0 else 0
@@ -390,18 +391,21 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
     order among their bucket's odd ones. below, hi, n_odd: _fiber_keys'. Returns False, with kp unfinished,
     where over half are odd (float32 task vectors), a bucket holds over GROUP odd ones or the buckets span
     too wide a range to total. scratch: keep_scratch's; its counts are zero again on return."""
-    cs, odds, oc, heads, grouped, drawn = scratch
+    cs, odds, oc, heads, grouped, drawn, ties, plain = scratch
     lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
         return False
     n_odd = 0
-    for p in range(length):  # per bucket: plain ones below, odd ones above
+    for p in range(length):  # per bucket: plain ones below, odd ones above; each one's plain ones before it
         k = kb[U(p)]
         odd = (k & U32(0xFFFF)) != U32(0)
-        cs[k >> U32(16)] += ODD if odd else np.int64(1)
+        h = k >> U32(16)
+        c = cs[h]
+        cs[h] = c + (ODD if odd else np.int64(1))
+        ties[U(p)] = U32(c & LOW32)
         odds[U(n_odd)] = p
         n_odd += odd
-    nh = _odd_groups(kb, odds, n_odd, oc, heads, grouped)
+    nh = _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain)
     if nh >= 0:
         c = cs[0]  # bucket 0, then lo..hi: where each starts
         cs[0] = 0
@@ -412,13 +416,10 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
             total += (c & LOW32) + (c >> np.int64(32))
         for p in range(length):
             drawn[U(p)] = _mix(z0 + U(p) * step) >> U(11)
-        for p in range(length):  # the next plain one's rank: after the bucket's, where its odd ones start
-            k = kb[U(p)]
-            h = k >> U32(16)
-            rank = cs[h]
-            cs[h] = rank + ((k & U32(0xFFFF)) == U32(0))
+        for p in range(length):  # a plain one's rank: its bucket's start and the plain ones before it
+            rank = cs[kb[U(p)] >> U32(16)] + ties[U(p)]
             kp[U(p)] = drawn[U(p)] < tj[U(rank)]  # an odd one's rank is in range too: its flag is set again below
-        _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped)
+        _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped, plain)
     cs[0] = 0
     for head in range(lo, np.int64(hi) + 1):
         cs[head] = 0
@@ -426,10 +427,10 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
 
 
 @njit
-def _odd_groups(kb, odds, n_odd, oc, heads, grouped):  # pragma: no cover - compiled
+def _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain):  # pragma: no cover - compiled
     """The odd keys' indices odds[:n_odd] grouped by bucket into grouped, each group in index order; their
-    buckets into heads[:nh], and oc[head] the end of its group. Returns nh, or -1 (oc zero again) where a
-    bucket holds over GROUP odd keys."""
+    buckets into heads[:nh], oc[head] the end of its group, and plain[:nh] the plain ones in each (from cs'
+    packed counts). Returns nh, or -1 (oc zero again) where a bucket holds over GROUP odd keys."""
     nh = 0
     for o in range(n_odd):
         h = kb[odds[o]] >> U32(16)
@@ -445,6 +446,7 @@ def _odd_groups(kb, odds, n_odd, oc, heads, grouped):  # pragma: no cover - comp
         most = max(most, c)
         oc[heads[i]] = at
         at += c
+        plain[i] = cs[heads[i]] & LOW32
     if most > GROUP:  # the odd ones' ranking is quadratic in a bucket's: sort instead
         for i in range(nh):
             oc[heads[i]] = 0
@@ -459,15 +461,15 @@ def _odd_groups(kb, odds, n_odd, oc, heads, grouped):  # pragma: no cover - comp
 
 
 @njit
-def _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped):  # pragma: no cover - compiled
+def _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped, plain):  # pragma: no cover - compiled
     """The odd keys' flags (_odd_groups' groups; oc zero again after): rank = where their bucket's odd ones
-    start (cs) + their order among them, by key, then by index."""
+    start (its start in cs, after its plain ones) + their order among them, by key, then by index."""
     g0 = 0
     for i in range(nh):
         h = heads[i]
         g1 = oc[h]
         oc[h] = 0
-        first = cs[h]
+        first = cs[h] + plain[i]
         for a in range(g0, g1):
             p = grouped[a]
             k = kb[p]
@@ -482,7 +484,7 @@ def _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped):  # pragma: no cov
 @njit
 def keep_scratch(length):  # pragma: no cover - compiled
     """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices, odd groups (zeroed),
-    their buckets and members, draws."""
+    their buckets and members, draws, each one's plain ones before it in its bucket, the odd buckets' plain counts."""
     counts = np.zeros(HEADS, np.int64)
     groups = np.zeros(HEADS, np.int64)
     return (
@@ -492,6 +494,8 @@ def keep_scratch(length):  # pragma: no cover - compiled
         np.empty(length, np.int64),
         np.empty(length, np.int64),
         np.empty(length, np.uint64),
+        np.empty(length, np.uint32),
+        np.empty(length, np.int64),
     )
 
 
