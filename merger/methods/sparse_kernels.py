@@ -391,7 +391,7 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
     order among their bucket's odd ones. below, hi, n_odd: _fiber_keys'. Returns False, with kp unfinished,
     where over half are odd (float32 task vectors), a bucket holds over GROUP odd ones or the buckets span
     too wide a range to total. scratch: keep_scratch's; its counts are zero again on return."""
-    cs, odds, oc, heads, grouped, drawn, ties, plain = scratch
+    cs, odds, oc, heads, grouped, drawn, ties, plain, starts = scratch
     lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
         return False
@@ -406,24 +406,26 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
         odds[U(n_odd)] = p
         n_odd += odd
     nh = _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain)
-    if nh >= 0:
-        c = cs[0]  # bucket 0, then lo..hi: where each starts
-        cs[0] = 0
-        total = (c & LOW32) + (c >> np.int64(32))
-        for head in range(lo, np.int64(hi) + 1):
-            c = cs[U(head)]
-            cs[U(head)] = total
-            total += (c & LOW32) + (c >> np.int64(32))
-        for p in range(length):
-            drawn[U(p)] = _mix(z0 + U(p) * step) >> U(11)
-        for p in range(length):  # a plain one's rank: its bucket's start and the plain ones before it
-            rank = cs[kb[U(p)] >> U32(16)] + ties[U(p)]
-            kp[U(p)] = drawn[U(p)] < tj[U(rank)]  # an odd one's rank is in range too: its flag is set again below
-        _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped, plain)
+    c = cs[0]  # bucket 0, then lo..hi: where each starts (the counts zeroed for the next fiber)
     cs[0] = 0
+    if nh < 0:
+        for head in range(lo, np.int64(hi) + 1):
+            cs[head] = 0
+        return False
+    starts[0] = 0
+    total = (c & LOW32) + (c >> np.int64(32))
     for head in range(lo, np.int64(hi) + 1):
-        cs[head] = 0
-    return nh >= 0
+        c = cs[U(head)]
+        cs[U(head)] = 0
+        starts[U(head)] = total
+        total += (c & LOW32) + (c >> np.int64(32))
+    for p in range(length):
+        drawn[U(p)] = _mix(z0 + U(p) * step) >> U(11)
+    for p in range(length):  # a plain one's rank: its bucket's start and the plain ones before it
+        rank = starts[kb[U(p)] >> U32(16)] + ties[U(p)]
+        kp[U(p)] = drawn[U(p)] < tj[U(rank)]  # an odd one's rank is in range too: its flag is set again below
+    _odd_ranks(kb, drawn, tj, starts, kp, nh, oc, heads, grouped, plain)
+    return True
 
 
 @njit
@@ -461,15 +463,15 @@ def _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain):  # pragma: no c
 
 
 @njit
-def _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped, plain):  # pragma: no cover - compiled
+def _odd_ranks(kb, drawn, tj, starts, kp, nh, oc, heads, grouped, plain):  # pragma: no cover - compiled
     """The odd keys' flags (_odd_groups' groups; oc zero again after): rank = where their bucket's odd ones
-    start (its start in cs, after its plain ones) + their order among them, by key, then by index."""
+    start (its start, after its plain ones) + their order among them, by key, then by index."""
     g0 = 0
     for i in range(nh):
         h = heads[i]
         g1 = oc[h]
         oc[h] = 0
-        first = cs[h] + plain[i]
+        first = starts[h] + plain[i]
         for a in range(g0, g1):
             p = grouped[a]
             k = kb[p]
@@ -484,7 +486,7 @@ def _odd_ranks(kb, drawn, tj, cs, kp, nh, oc, heads, grouped, plain):  # pragma:
 @njit
 def keep_scratch(length):  # pragma: no cover - compiled
     """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices, odd groups (zeroed),
-    their buckets and members, draws, each one's plain ones before it in its bucket, the odd buckets' plain counts."""
+    their buckets and members, draws, each one's plain ones before it in its bucket, the odd buckets' plain counts, the buckets' starts."""
     counts = np.zeros(HEADS, np.int64)
     groups = np.zeros(HEADS, np.int64)
     return (
@@ -496,6 +498,7 @@ def keep_scratch(length):  # pragma: no cover - compiled
         np.empty(length, np.uint64),
         np.empty(length, np.uint32),
         np.empty(length, np.int64),
+        np.empty(HEADS, np.int64),
     )
 
 
