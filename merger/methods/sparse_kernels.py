@@ -390,7 +390,7 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
     ones before it (ties go by index, as in the sort); the odd ones (low bits set) rank after those, by their
     order among their bucket's odd ones. below, hi, n_odd: _fiber_keys'. Returns False, with kp unfinished,
     where over half are odd (float32 task vectors), a bucket holds over GROUP odd ones or the buckets span
-    too wide a range to total. scratch: keep_scratch's; its counts are zero again on return."""
+    too wide a range to total. scratch: keep_scratch's; its counts (and odd groups) are zero again on return."""
     cs, odds, oc, heads, grouped, drawn, ties, plain, starts = scratch
     lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
@@ -431,8 +431,9 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
 @njit
 def _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain):  # pragma: no cover - compiled
     """The odd keys' indices odds[:n_odd] grouped by bucket into grouped, each group in index order; their
-    buckets into heads[:nh], oc[head] the end of its group, and plain[:nh] the plain ones in each (from cs'
-    packed counts). Returns nh, or -1 (oc zero again) where a bucket holds over GROUP odd keys."""
+    buckets into heads[:nh], oc[head] the end of its group, and plain[i] the plain ones in bucket heads[i]
+    (from cs' packed counts, before the prefix). Returns nh, or -1 (oc zero again) where a bucket holds over
+    GROUP odd keys."""
     nh = 0
     for o in range(n_odd):
         h = kb[odds[o]] >> U32(16)
@@ -465,7 +466,7 @@ def _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain):  # pragma: no c
 @njit
 def _odd_ranks(kb, drawn, tj, starts, kp, nh, oc, heads, grouped, plain):  # pragma: no cover - compiled
     """The odd keys' flags (_odd_groups' groups; oc zero again after): rank = where their bucket's odd ones
-    start (its start, after its plain ones) + their order among them, by key, then by index."""
+    start (starts[h] + plain[i]: after the bucket's plain ones) + their order among them, by key, then by index."""
     g0 = 0
     for i in range(nh):
         h = heads[i]
@@ -486,7 +487,8 @@ def _odd_ranks(kb, drawn, tj, starts, kp, nh, oc, heads, grouped, plain):  # pra
 @njit
 def keep_scratch(length):  # pragma: no cover - compiled
     """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices, odd groups (zeroed),
-    their buckets and members, draws, each one's plain ones before it in its bucket, the odd buckets' plain counts, the buckets' starts."""
+    their buckets and members, draws, each entry's plain ones before it in its bucket, the odd buckets' plain
+    counts (per group, as heads), the buckets' starts."""
     counts = np.zeros(HEADS, np.int64)
     groups = np.zeros(HEADS, np.int64)
     return (
