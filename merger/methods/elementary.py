@@ -110,8 +110,8 @@ def exp_table() -> Tensor:
     import torch
 
     v = (torch.arange(1 << 16, dtype=torch.int32) << 16).view(torch.float32).double()
-    inside = v.abs() <= TABLE_BOUND  # NaN is not
-    return exp_(v.masked_fill_(inside.logical_not(), 0.0)).masked_fill_(inside.logical_not_(), 0.0)
+    outside = (v.abs() <= TABLE_BOUND).logical_not_()  # NaN too
+    return exp_(v.masked_fill_(outside, 0.0)).masked_fill_(outside, 0.0)
 
 
 @functools.cache

@@ -259,12 +259,11 @@ def _key(u):  # float32 bits as an int32 that orders like the value (NaN aside);
 
 @njit(inline="always")
 def _row_peaks(x, b, o, cols):  # pragma: no cover - compiled
-    """The maxima of x and b over the row at o (float32), whether either holds a NaN, and whether each row's
+    """The maxima of x and b over the row at o (float32), whether either holds a NaN, and whether each one's
     entries are all bfloat16 values within el.TABLE_BOUND (their exps from the table): on integer keys,
     which vectorize where a float max does not (-0.0 and 0.0 may come out either way, as from torch.amax:
     exp(v - peak) is the same for both)."""
     kx = kb = np.int32(-0x80000000)
-    bad = np.uint32(0)
     inf = np.uint32(0x7F800000)  # above it (sign clear): NaN
     ax = ab = lx = lb = np.uint32(0)
     for i in range(cols):
