@@ -5,7 +5,7 @@ CPU byte for byte at a 3B shape, then the benchmark on both devices. Stops at th
     python benchmarks/gpu_check.py --steps compare --shape tiny --devices cpu,cpu   # a self-test on a CPU
 
 Steps (--steps picks some, in this order):
-  tests      pytest -q -rs -m cuda tests: tests/test_gpu.py and any other test marked `cuda`.
+  tests      pytest -q -rs -m cuda on the test modules that hold a test marked `cuda` (test_gpu.py and others).
   sanitizer  a small TIES merge on --devices' first device under torch's CUDA stream sanitizer
              (TORCH_CUDA_SANITIZER=1) with MERGER_INLINE_STAGING=1, once as planned and once with every
              tensor merged in pieces; fails if the sanitizer reports a data race. CSAN watches only the
@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -256,8 +257,17 @@ def environment(report: Report, args: argparse.Namespace, cuda: bool) -> None:
         raise StepFailed("could not import torch (see above)")
 
 
+def cuda_test_files(tests: Path = ROOT / "tests") -> list[str]:
+    """The test modules that hold a test marked `cuda`: pytest then imports those alone (the others' imports
+    and fixtures cost device time and may need packages a bare GPU machine lacks)."""
+    return sorted(str(f) for f in tests.glob("test_*.py") if re.search(r"\bpytest\.mark\.cuda\b", f.read_text()))
+
+
 def run_tests(report: Report, args: argparse.Namespace) -> None:
-    rc, _ = report.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests"])
+    files = cuda_test_files()
+    if not files:
+        raise StepFailed("no test marked cuda under tests/")
+    rc, _ = report.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "cuda", *files])
     if rc:
         raise StepFailed(f"the CUDA tests failed (pytest exit code {rc})")
 

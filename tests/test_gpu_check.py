@@ -131,3 +131,18 @@ def test_without_cuda_the_check_stops_at_once(tmp_path):
     report = (tmp_path / "r.txt").read_text()
     assert "gpu check FAILED at environment: torch sees no CUDA device" in report
     assert "step 1" not in report and not (tmp_path / "3b").exists()
+
+
+def test_the_tests_step_runs_exactly_the_modules_pytest_finds_cuda_tests_in():
+    """The step hands pytest the modules its scan picks: those must be every module holding a test that
+    `pytest -m cuda` collects, and no other (a module missed here would never run on the GPU)."""
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    modules = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
+    assert "tests/test_gpu.py" in modules and "tests/test_sparse.py" in modules
+    assert [str(Path(f).relative_to(ROOT)) for f in gpu_check.cuda_test_files()] == sorted(modules)
