@@ -89,7 +89,7 @@ def apply(
         "device": plan.device,
         "tensors": len(plan.tensors),
         "shards": len(plan.shards),
-        "processes": group.world if group else workers,
+        "processes": group.world if group else min(workers, max(1, len(plan.shards) - resumed)),  # none idle
         "bytes_read": bytes_read,
         "bytes_written": plan.bytes_written,
         "seconds": round(time.perf_counter() - start, 3),

@@ -161,6 +161,13 @@ _locked_opt = click.option(
 _offline_opt = click.option(
     "--offline", is_flag=True, help="Use the Hugging Face cache alone, never the network (also: HF_HUB_OFFLINE=1)."
 )
+_workers_opt = click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes writing output shards in parallel (CPU: about one per core).",
+)
 
 
 @cli.command()
@@ -180,13 +187,7 @@ _offline_opt = click.option(
 @click.option("--force", is_flag=True, help="Replace the output if it is an earlier merger output (or empty).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (implies --quiet).")
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Processes writing output shards in parallel (CPU: about one per core).",
-)
+@_workers_opt
 @_domain_errors
 def apply(
     recipe, output, device, shard_size, locked, offline, seed, low_disk, no_push, force, quiet, as_json, workers
@@ -276,11 +277,13 @@ def _apply(
 @_locked_opt
 @_offline_opt
 @_seed_opt
+@_workers_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_domain_errors
-def plan(recipe, output, device, shard_size, locked, offline, seed, as_json) -> None:
+def plan(recipe, output, device, shard_size, locked, offline, seed, workers, as_json) -> None:
     """Validate RECIPE and show what `apply` would do, reading only the safetensors headers
-    (for Hub models, remotely: nothing is downloaded but each model's index)."""
+    (for Hub models, remotely: nothing is downloaded but each model's index). With --workers, the
+    memory estimates are those of each of the processes `apply --workers` would start."""
     from merger.lock import listed
     from merger.staging import check_path, inspect
 
@@ -292,11 +295,33 @@ def plan(recipe, output, device, shard_size, locked, offline, seed, as_json) -> 
     if resolved is not None:
         check_path(resolved, p)
     partial = inspect(p, resolved) if resolved else None
-    info = _plan_info(p, recipe or locked, resolved, partial)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-    else:
-        _show_plan(p, info, resolved, partial)
+    processes = max(1, min(workers, len(p.shards)))  # as apply starts them: none without a shard
+    with _budgets_shared(processes):
+        info = _plan_info(p, recipe or locked, resolved, partial)
+        info["processes"] = processes
+        info["peak_memory_estimate_all_processes"] = processes * info["peak_memory_estimate"]
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+        else:
+            _show_plan(p, info, resolved, partial)
+
+
+@contextlib.contextmanager
+def _budgets_shared(processes: int) -> Iterator[None]:
+    """The GPU and pinned budgets as each of `processes` --workers processes sees them (merger.parallel
+    sets the same variable in each), for the plan's estimates; this process's environment as it was after."""
+    from merger import budget
+
+    before = os.environ.get(budget.WORKERS_ENV)
+    if processes > 1:
+        os.environ[budget.WORKERS_ENV] = str(processes)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(budget.WORKERS_ENV, None)
+        else:
+            os.environ[budget.WORKERS_ENV] = before
 
 
 def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
@@ -371,7 +396,10 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
         )
     if info["gpu_tensors_in_pieces"]:
         gpu += f"; {len(info['gpu_tensors_in_pieces'])} tensor(s) too large to merge whole go through the GPU in pieces"
-    click.echo(f"  peak memory:  ~{_size(info['peak_memory_estimate'])} beyond the process itself (estimate){gpu}")
+    each = "the process itself"
+    if info["processes"] > 1:
+        each = f"each of {info['processes']} processes (--workers), ~{_size(info['peak_memory_estimate_all_processes'])} in all"
+    click.echo(f"  peak memory:  ~{_size(info['peak_memory_estimate'])} beyond {each} (estimate){gpu}")
     if disk["download_bytes"]:
         click.echo(
             f"  disk:         {_size(disk['peak_bytes'])} ({_size(disk['download_bytes'])} downloaded, then the output); "

@@ -9,6 +9,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import os
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
@@ -572,6 +573,46 @@ def test_plan_shows_the_gpu_and_pinned_estimates(tmp_path, cuda_on_cpu, monkeypa
     ) in text
     result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--device", "cpu", "--json"])
     assert json.loads(result.stdout)["peak_pinned_memory_estimate"] == 0
+
+
+def test_plan_with_workers_shows_what_each_process_would_hold(tmp_path, cuda_on_cpu, monkeypatch, no_sharing):
+    """`merger plan --workers K`: the estimates of each of the processes `apply --workers K` starts (one per
+    shard at most), whose budgets are shares (budget.local_processes; pinned memory here, just enough for
+    one process to stage every tensor whole, so that a half share sends some through the GPU in pieces),
+    and their sum."""
+    from merger.cli import _size
+
+    monkeypatch.setattr(merger.plan, "cuda_available", lambda: True)
+    root = write_models(tmp_path, 2, SHAPES, torch.bfloat16)
+    whole = plan_for(root, "ties", 2).peak_pinned_memory  # every tensor staged whole
+    monkeypatch.setattr(merger.budget, "pinned_budget", lambda: whole // merger.budget.local_processes())
+    (tmp_path / "r.yaml").write_text(recipe_text(root, "ties", 2))
+    args = ["plan", str(tmp_path / "r.yaml"), "--device", "cuda", "--shard-size", "20KB"]
+
+    def planned(*more):
+        result = CliRunner().invoke(cli, [*args, *more])
+        assert result.exit_code == 0, result.output
+        assert os.environ[WORKERS_ENV] == ""  # set for its estimates alone
+        return result.stdout
+
+    alone = json.loads(planned("--json"))
+    shards = len(alone["shards"])
+    assert alone["processes"] == 1 and shards >= 3
+    assert alone["peak_memory_estimate_all_processes"] == alone["peak_memory_estimate"]
+    shared = json.loads(planned("--json", "--workers", "2"))
+    monkeypatch.setenv(WORKERS_ENV, "2")  # a plan as each of two processes makes it
+    each = plan_for(root, "ties", 2)
+    pieced, pinned, peak = each.gpu_pieced, each.peak_pinned_memory, each.peak_memory
+    monkeypatch.setenv(WORKERS_ENV, "")
+    assert shared["processes"] == 2
+    assert shared["gpu_tensors_in_pieces"] == pieced != alone["gpu_tensors_in_pieces"] == []
+    assert shared["peak_pinned_memory_estimate"] == pinned
+    assert shared["peak_memory_estimate"] == peak != alone["peak_memory_estimate"]
+    assert shared["peak_memory_estimate_all_processes"] == 2 * peak
+    many = json.loads(planned("--json", "--workers", str(10**20)))  # never more processes than shards
+    assert many["processes"] == shards
+    text = planned("--workers", "2")
+    assert f"  peak memory:  ~{_size(peak)} beyond each of 2 processes (--workers), ~{_size(2 * peak)} in all" in text
 
 
 def apply_on_cuda(tmp_path: Path, monkeypatch):

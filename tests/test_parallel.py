@@ -74,6 +74,10 @@ def test_workers_output_is_byte_identical(tmp_path):
     a, b = _files(tmp_path / "one" / "out"), _files(tmp_path / "two" / "out")
     assert len([f for f in a if f.endswith(".safetensors")]) > 3
     assert a == b
+    many = _merger("apply", str(recipe), "-o", str(tmp_path / "many" / "out"), "--workers", str(10**20), "--json")
+    assert many.returncode == 0, many.stderr  # one process per shard, however many are asked for
+    assert json.loads(many.stdout)["processes"] == len([f for f in a if f.endswith(".safetensors")])
+    assert _files(tmp_path / "many" / "out") == a
 
 
 def _free_port() -> int:
