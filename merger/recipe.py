@@ -23,14 +23,17 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, ValidationError
 
 from merger import settings
 from merger.errors import RecipeError
 from merger.files import JSON_DEPTH, read_user_file
 from merger.methods import Method, Params, all_methods, get_method, greedy
 
-DTypeName = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"]
+DTypeName = Annotated[
+    Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"],
+    BeforeValidator(lambda v: v.removeprefix("torch.") if isinstance(v, str) else v),  # mergekit: torch.bfloat16 too
+]
 DTYPE_CODE = {
     "float32": "F32", "fp32": "F32",
     "float16": "F16", "fp16": "F16",
@@ -57,22 +60,25 @@ def _no_nul(value: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_no_nul)]  # a path or model reference: the OS takes no NUL in one
+# A `parameters:` mapping; left empty (`parameters:` alone, YAML's null) it is none, as in mergekit
+Parameters = Annotated[dict[str, Any], BeforeValidator(lambda v: {} if v is None else v)]
 
 
 class ModelEntry(Strict):
     model: Name = Field(min_length=1, description="a local model directory, or a Hub id: org/name[@revision]")
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class SliceSource(Strict):
     model: Name = Field(min_length=1, description="a local model directory, or a Hub id: org/name[@revision]")
     layer_range: tuple[int, int] = Field(description="the model's layers [start, end) that this slice takes")
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class SliceEntry(Strict):
     sources: list[SliceSource] = Field(min_length=1)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    base_model: Name | None = Field(None, min_length=1, description="this slice's base (default: the recipe's)")
+    parameters: Parameters = Field(default_factory=dict)
 
 
 class OutputSettings(Strict):
@@ -141,7 +147,7 @@ class Recipe(Strict):
     models: list[ModelEntry] | None = Field(None, min_length=1)
     slices: list[SliceEntry] | None = Field(None, min_length=1)  # the output's layers, slice after slice
     base_model: Name | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
     dtype: DTypeName | None = None  # output dtype when out_dtype is not given
     out_dtype: DTypeName | None = None
     compute_dtype: Literal["float32", "float64"] = "float32"
@@ -372,8 +378,7 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
             "vector, which slices spread over several slices; use models: (or trim_scope: tensor)"
         )
     base = recipe.base_model
-    if method.needs_base and base is None:
-        problems.append(f"{source.where('base_model')}: {method.name} needs a base_model")
+    problems += _missing_base(recipe, method, source)
     slices = None
     if recipe.models is not None and recipe.slices is not None:
         problems.append(f"{source.where('slices')}: a recipe lists models: or slices:, not both")
@@ -381,7 +386,7 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
         problems.append(f"{source.where('models')}: required key is missing")
     if recipe.slices is not None:
         slices = _slices(recipe, method, source, problems)
-        ingredients = _slice_models(slices, method, defaults)
+        ingredients = _slice_models(slices, method, defaults, base)
     else:
         ingredients = _ingredients(recipe, method, defaults, source, problems)
         if not problems and not ingredients:
@@ -452,13 +457,22 @@ def _ingredients(
     return ingredients
 
 
+def _missing_base(recipe: Recipe, method: Method, source: RecipeSource) -> list[str]:
+    """A method that needs a base without one: none in the recipe, and (slices) none of a slice's own."""
+    bare = [("slices", i) for i, e in enumerate(recipe.slices or []) if not e.base_model]
+    if not method.needs_base or recipe.base_model is not None or (recipe.slices is not None and not bare):
+        return []
+    where, own = (bare[0], " (the recipe's, or the slice's own)") if bare else (("base_model",), "")
+    return [f"{source.where(*where)}: {method.name} needs a base_model{own}"]
+
+
 def _slices(recipe: Recipe, method: Method, source: RecipeSource, problems: list[str]) -> list[Slice]:
     """The slices of a recipe, each source's layer range and parameters checked (the layers each model
     has are checked by the plan, which reads the headers)."""
-    base = recipe.base_model if method.reads_base else None
     out = []
     for i, entry in enumerate(recipe.slices or []):
         loc = ("slices", i)
+        base = (entry.base_model or recipe.base_model) if method.reads_base else None  # mergekit: the slice's first
         own, wide = _split(entry.parameters, method, (*loc, "parameters"), source, problems, whole=True)
         _validate_params(method.params, wide, (*loc, "parameters"), source, problems)
         _validate_params(method.model_params, own, (*loc, "parameters"), source, problems)
@@ -498,9 +512,11 @@ def _slice_input(src: SliceSource, loc: tuple, method: Method, source: RecipeSou
     return SliceInput(src.model, start, end, own, loc)
 
 
-def _slice_models(slices: list[Slice], method: Method, defaults: dict[str, Any]) -> list[Ingredient]:
-    """The distinct models merged by slices, in order, with the top-level parameters' scalar values."""
+def _slice_models(slices: list[Slice], method: Method, defaults: dict[str, Any], base: str | None) -> list[Ingredient]:
+    """The distinct models merged by slices, in order, with the top-level parameters' scalar values; then
+    the bases slices have of their own (read, hashed and locked as the merged ones are)."""
     refs = dict.fromkeys(e.ref for s in slices for e in s.inputs)
+    refs |= dict.fromkeys(s.base.ref for s in slices if s.base and not (base and _same_ref(s.base.ref, base)))
     return [Ingredient(ref, _scalar(method.model_params, defaults), -1) for ref in refs]
 
 

@@ -248,8 +248,10 @@ def test_cuda_equals_cpu_bytes(tmp_path, family, case):
         assert (tmp_path / "cuda" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def test_model_stock_accepts_and_ignores_weights_as_mergekit_does(tmp_path):
-    """mergekit 0.1.5 writes the same bytes for a Model Stock config with and without per-model weights."""
+@pytest.mark.parametrize("method", ["model_stock", "sce", "karcher"])
+def test_methods_that_mergekit_runs_unweighted_accept_and_ignore_weights(tmp_path, method):
+    """mergekit 0.1.5 writes the same bytes for a Model Stock, SCE or Karcher config with and without
+    per-model weights (model_stock and sce take none; karcher weighs its models equally): so does merger."""
     g = torch.Generator().manual_seed(5)
     base = {"w": torch.randn(4, 6, generator=g)}
     for name in ("base", "a", "b"):
@@ -262,7 +264,7 @@ def test_model_stock_accepts_and_ignores_weights_as_mergekit_does(tmp_path):
     for weights in ("", "{weight: 0.3}", "{weight: 2.0}"):
         params = f", parameters: {weights}" if weights else ""
         (tmp_path / "r.yaml").write_text(
-            f"merge_method: model_stock\nbase_model: {tmp_path}/base\n"
+            f"merge_method: {method}\nbase_model: {tmp_path}/base\n"
             f"models: [{{model: {tmp_path}/a{params}}}, {{model: {tmp_path}/b}}]\n"
         )
         out = tmp_path / f"out{len(outs)}"

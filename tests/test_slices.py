@@ -88,6 +88,48 @@ def test_a_passthrough_of_one_models_full_range_is_that_model_byte_for_byte(tmp_
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
 
 
+def test_empty_parameters_and_torch_dtype_names_are_read_as_mergekit_reads_them(tmp_path):
+    """`parameters:` left empty (YAML null) at any level is no parameters, and `torch.float16` is float16,
+    as mergekit 0.1.5 reads them: the same bytes as the config written out in full."""
+    tiny_llama(tmp_path / "a", 0)
+    tiny_llama(tmp_path / "b", 1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    full = f"""merge_method: linear
+slices:
+  - sources:
+      - {{model: {a}, layer_range: [0, 4], parameters: {{}}}}
+      - {{model: {b}, layer_range: [0, 4], parameters: {{}}}}
+    parameters: {{}}
+parameters: {{}}
+dtype: float16
+"""
+    bare = f"""merge_method: linear
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 4]
+        parameters:
+      - model: {b}
+        layer_range: [0, 4]
+        parameters:
+    parameters:
+parameters:
+dtype: torch.float16
+"""
+    models = (
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n  - model: {b}\nout_dtype: torch.float16\n"
+    )
+    outs = []
+    for name, text in (("full", full), ("bare", bare), ("models", models)):
+        (tmp_path / name).mkdir()
+        outs.append(apply(tmp_path / name, text))
+    shards = sorted(f.name for f in outs[0].glob("*.safetensors"))
+    assert load_output(outs[0])["lm_head.weight"].dtype == torch.float16
+    for out in outs[1:]:
+        assert sorted(f.name for f in out.glob("*.safetensors")) == shards
+        assert all((out / f).read_bytes() == (outs[0] / f).read_bytes() for f in shards)
+
+
 def test_slices_merge_their_sources_layer_by_layer_with_per_source_parameters(tmp_path):
     """Linear over two models whose layers are offset by one, each slice with its own weights; the
     tensors outside the layers from the first (embeddings) and last (norm, head) slice, with theirs."""
@@ -203,6 +245,42 @@ slices:
         want = base[f"layers.{b}.w"].double() + 0.5 * (ft[f"layers.{f}.w"].double() - base[f"layers.{b}.w"].double())
         torch.testing.assert_close(got[f"layers.{k}.w"], want.float())
     assert set(got) == {"layers.0.w", "layers.1.w", "embed.weight"}
+
+
+def test_a_slice_with_a_base_model_of_its_own_takes_task_vectors_from_it(tmp_path):
+    """mergekit's per-slice `base_model`: that slice's task vectors are against it (it must be among the
+    slice's sources, as the recipe's base must); the other slices keep the recipe's."""
+    g = torch.Generator().manual_seed(4)
+    a = {f"layers.{i}.w": torch.randn(3, 3, generator=g) for i in range(3)} | {"embed.weight": torch.randn(3, 3)}
+    b = {k: v + torch.randn(3, 3, generator=g) for k, v in a.items()}
+    ft = {k: v + torch.randn(3, 3, generator=g) for k, v in a.items()}
+    for name, tensors in (("a", a), ("b", b), ("ft", ft)):
+        write_checkpoint(tmp_path / name, tensors)
+    recipe = f"""
+merge_method: task_arithmetic
+base_model: {tmp_path / "a"}
+slices:
+  - sources:
+      - {{model: {tmp_path / "a"}, layer_range: [0, 1]}}
+      - {{model: {tmp_path / "ft"}, layer_range: [0, 1], parameters: {{weight: 0.5}}}}
+  - sources:
+      - {{model: {tmp_path / "b"}, layer_range: [1, 3]}}
+      - {{model: {tmp_path / "ft"}, layer_range: [1, 3], parameters: {{weight: 0.5}}}}
+    base_model: {tmp_path / "b"}
+"""
+    got = load_file(next(apply(tmp_path, recipe).glob("*.safetensors")))
+    for k, base in ((0, a), (1, b), (2, b)):
+        w = f"layers.{k}.w"
+        want = base[w].double() + 0.5 * (ft[w].double() - base[w].double())
+        torch.testing.assert_close(got[w], want.float())
+    (tmp_path / "r.yaml").write_text(recipe.replace(f"base_model: {tmp_path / 'a'}\n", ""))
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2
+    assert "r.yaml:4: slices[0]: task_arithmetic needs a base_model (the recipe's, or the slice's own)" in result.output
+    (tmp_path / "r.yaml").write_text(recipe.replace(f"base_model: {tmp_path / 'b'}", f"base_model: {tmp_path / 'a'}"))
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2, result.output
+    assert f"slices[1].sources: task_arithmetic needs the base model '{tmp_path / 'a'}' among" in result.output
 
 
 def test_plan_shows_each_output_layers_inputs_and_parameters(toys):

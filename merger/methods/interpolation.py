@@ -44,6 +44,12 @@ class MultislerpParams(Params):
     eps: float = Field(1e-8, gt=0, description="added to norms before dividing by them")
 
 
+class KarcherModelParams(Params):
+    # Configs written for Karcher often weight their models; mergekit 0.1.5's karcher takes equal weights
+    # whatever they say (the key has no effect there), so they run here unchanged and mean the same.
+    weight: float = Field(1.0, description="accepted for mergekit configs; no effect: the mean weighs models equally")
+
+
 class KarcherParams(Params):
     max_iter: int = Field(10, ge=0, description="most iterations of the Karcher mean's fixed point")
     tol: float = Field(1e-5, ge=0, description="stop when the tangent step is shorter; norms below it are ignored")
@@ -526,7 +532,7 @@ METHODS: tuple[Method, ...] = (
     Method(
         name="karcher",
         fn=KARCHER.fn,
-        model_params=NoModelParams,
+        model_params=KarcherModelParams,
         params=KarcherParams,
         needs_base=False,
         takes_base=True,  # mergekit averages a named base_model with the models

@@ -79,7 +79,11 @@ class DellaParams(SparseTiesParams):
 
 
 class SceModelParams(Params):
-    """SCE weighs its models by their task vectors' mean squares: nothing per model."""
+    """SCE weighs its models by their task vectors' mean squares. Configs published for SCE often weight
+    their models too; mergekit 0.1.5's sce takes no weight (the key has no effect there), so they run here
+    unchanged and mean the same."""
+
+    weight: float = Field(1.0, description="accepted for mergekit configs; no effect: the mean squares set the weights")
 
 
 class SceParams(Params):
