@@ -295,7 +295,8 @@ def plan(recipe, output, device, shard_size, locked, offline, seed, workers, as_
     if resolved is not None:
         check_path(resolved, p)
     partial = inspect(p, resolved) if resolved else None
-    processes = max(1, min(workers, len(p.shards)))  # as apply starts them: none without a shard
+    left = len(p.shards) - (len(partial.done) if partial is not None and partial.state == "resumable" else 0)
+    processes = max(1, min(workers, left))  # as apply starts them: one per shard left to write at most
     with _budgets_shared(processes):
         info = _plan_info(p, recipe or locked, resolved, partial)
         info["processes"] = processes
@@ -338,7 +339,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "recipe": name,
         "method": p.spec.method.name,
         "base_model": p.spec.base,
-        "models": [g.ref for g in p.spec.ingredients],
+        "models": [g.ref for g in p.spec.ingredients if g.merged],
         "commits": {m.ref: m.remote.commit for m in [p.base, *p.inputs, p.tokenizer_from] if m and m.remote},
         "device": p.device,
         "device_reason": p.device_reason,

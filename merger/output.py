@@ -12,6 +12,7 @@ import yaml
 from merger import __version__
 from merger.errors import ModelError
 from merger.lock import LockedInput, write_lock
+from merger.methods.base import in_effect
 from merger.plan import Plan
 from merger.recipe import check_yaml
 from merger.sources import (
@@ -129,9 +130,11 @@ def write_card(plan: Plan, directory: Path, title: str, extra: str | None = None
         lines += [f"Base model: `{spec.base}`{_at_commit(plan.base)}", ""]
     lines += ["Models merged:", ""]
     for g, m in zip(spec.ingredients, plan.inputs):
-        shown = "" if spec.layered else ", ".join(f"{k} {v}" for k, v in g.params.model_dump(by_alias=True).items())
+        if not g.merged:
+            continue
+        shown = "" if spec.layered else ", ".join(f"{k} {v}" for k, v in in_effect(g.params).items())
         lines.append(f"- `{g.ref}`{_at_commit(m)}" + (f" ({shown})" if shown else ""))
-    method_params = ", ".join(f"{k}: {v}" for k, v in spec.params.model_dump(by_alias=True).items())
+    method_params = ", ".join(f"{k}: {v}" for k, v in in_effect(spec.params).items())
     if spec.layered:  # slices, gradients or filters: no one value per model
         lines += ["", "Layers and parameters per tensor: see the recipe below (`merger plan` shows each layer's)."]
     elif method_params:

@@ -30,10 +30,17 @@ from merger.errors import RecipeError
 from merger.files import JSON_DEPTH, read_user_file
 from merger.methods import Method, Params, all_methods, get_method, greedy
 
-DTypeName = Annotated[
-    Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"],
-    BeforeValidator(lambda v: v.removeprefix("torch.") if isinstance(v, str) else v),  # mergekit: torch.bfloat16 too
-]
+_DTYPES = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"]
+
+
+def _torch_dtype_name(value: object) -> object:
+    """mergekit reads `torch.bfloat16` as `bfloat16`; a name it does not know is reported as written."""
+    if isinstance(value, str) and value.removeprefix("torch.") in typing.get_args(_DTYPES):
+        return value.removeprefix("torch.")
+    return value
+
+
+DTypeName = Annotated[_DTYPES, BeforeValidator(_torch_dtype_name)]
 DTYPE_CODE = {
     "float32": "F32", "fp32": "F32",
     "float16": "F16", "fp16": "F16",
@@ -79,6 +86,9 @@ class SliceEntry(Strict):
     sources: list[SliceSource] = Field(min_length=1)
     base_model: Name | None = Field(None, min_length=1, description="this slice's base (default: the recipe's)")
     parameters: Parameters = Field(default_factory=dict)
+    residual_weight: float | None = Field(
+        None, description="accepted for mergekit configs; mergekit 0.1.5 reads it nowhere"
+    )
 
 
 class OutputSettings(Strict):
@@ -187,6 +197,7 @@ class Ingredient:
     params: Params
     index: int  # position in recipe.models, for error locations (-1: a model of slices)
     settings: dict[str, Any] = field(default_factory=dict)  # its own parameters as written
+    merged: bool = True  # False: a slice's own base_model, read only as that slice's base
 
 
 @dataclass(frozen=True)
@@ -515,9 +526,13 @@ def _slice_input(src: SliceSource, loc: tuple, method: Method, source: RecipeSou
 def _slice_models(slices: list[Slice], method: Method, defaults: dict[str, Any], base: str | None) -> list[Ingredient]:
     """The distinct models merged by slices, in order, with the top-level parameters' scalar values; then
     the bases slices have of their own (read, hashed and locked as the merged ones are)."""
-    refs = dict.fromkeys(e.ref for s in slices for e in s.inputs)
-    refs |= dict.fromkeys(s.base.ref for s in slices if s.base and not (base and _same_ref(s.base.ref, base)))
-    return [Ingredient(ref, _scalar(method.model_params, defaults), -1) for ref in refs]
+    params = _scalar(method.model_params, defaults)
+    merged = [Ingredient(ref, params, -1) for ref in dict.fromkeys(e.ref for s in slices for e in s.inputs)]
+    bases: list[Ingredient] = []
+    for ref in (s.base.ref for s in slices if s.base):
+        if not any(_same_ref(ref, other) for other in [*([base] if base else []), *(g.ref for g in merged + bases)]):
+            bases.append(Ingredient(ref, params, -1, merged=False))
+    return merged + bases
 
 
 def _scalar(model: type[Params], values: dict[str, Any]) -> Params:

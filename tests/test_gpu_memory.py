@@ -611,6 +611,10 @@ def test_plan_with_workers_shows_what_each_process_would_hold(tmp_path, cuda_on_
     assert shared["peak_memory_estimate_all_processes"] == 2 * peak
     many = json.loads(planned("--json", "--workers", str(10**20)))  # never more processes than shards
     assert many["processes"] == shards
+    monkeypatch.delenv(WORKERS_ENV)
+    assert CliRunner().invoke(cli, [*args, "--workers", "2"]).exit_code == 0
+    assert WORKERS_ENV not in os.environ  # unset before, unset after
+    monkeypatch.setenv(WORKERS_ENV, "")
     text = planned("--workers", "2")
     assert f"  peak memory:  ~{_size(peak)} beyond each of 2 processes (--workers), ~{_size(2 * peak)} in all" in text
 

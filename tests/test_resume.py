@@ -108,6 +108,8 @@ def test_a_stopped_merge_resumes_where_it_stopped(family, tmp_path, signal_name,
     plan = merger("plan", str(recipe), "-o", str(out), "--json")
     resume = json.loads(plan.stdout)["resume"]
     assert resume["state"] == "resumable" and resume["shards_done"] == len(kept) and resume["bytes_done"] > 0
+    shared = json.loads(merger("plan", str(recipe), "-o", str(out), "--json", "--workers", "4").stdout)
+    assert shared["processes"] == max(1, min(4, SHARDS - len(kept)))  # as apply --workers 4 would start
     text = merger("plan", str(recipe), "-o", str(out)).stdout
     assert f"resume:       an interrupted merge left {len(kept)} of {SHARDS} shards" in text
 

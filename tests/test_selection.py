@@ -250,8 +250,10 @@ def test_cuda_equals_cpu_bytes(tmp_path, family, case):
 
 @pytest.mark.parametrize("method", ["model_stock", "sce", "karcher"])
 def test_methods_that_mergekit_runs_unweighted_accept_and_ignore_weights(tmp_path, method):
-    """mergekit 0.1.5 writes the same bytes for a Model Stock, SCE or Karcher config with and without
-    per-model weights (model_stock and sce take none; karcher weighs its models equally): so does merger."""
+    """A per-model weight in a Model Stock, SCE or Karcher config changes nothing in mergekit 0.1.5 (its
+    resolve_parameters reads only the parameters a method declares: model_stock and sce declare no weight,
+    and karcher weighs its models equally), so merger takes it and writes the same bytes with or without
+    it; the model card does not list it as used."""
     g = torch.Generator().manual_seed(5)
     base = {"w": torch.randn(4, 6, generator=g)}
     for name in ("base", "a", "b"):
@@ -271,6 +273,7 @@ def test_methods_that_mergekit_runs_unweighted_accept_and_ignore_weights(tmp_pat
         result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(out), "-q"])
         assert result.exit_code == 0, result.output
         outs.append(load_output(out)["w"])
+        assert "weight" not in (out / "README.md").read_text().split("## Recipe")[0]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 

@@ -89,8 +89,9 @@ def test_a_passthrough_of_one_models_full_range_is_that_model_byte_for_byte(tmp_
 
 
 def test_empty_parameters_and_torch_dtype_names_are_read_as_mergekit_reads_them(tmp_path):
-    """`parameters:` left empty (YAML null) at any level is no parameters, and `torch.float16` is float16,
-    as mergekit 0.1.5 reads them: the same bytes as the config written out in full."""
+    """`parameters:` left empty (YAML null) at any level is no parameters, `torch.float16` is float16, and
+    a slice's `residual_weight` is taken and changes nothing, as mergekit 0.1.5 reads them: the same bytes
+    as the config written out in full."""
     tiny_llama(tmp_path / "a", 0)
     tiny_llama(tmp_path / "b", 1)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -100,7 +101,7 @@ slices:
       - {{model: {a}, layer_range: [0, 4], parameters: {{}}}}
       - {{model: {b}, layer_range: [0, 4], parameters: {{}}}}
     parameters: {{}}
-parameters: {{}}
+parameters: {{weight: 0.5}}
 dtype: float16
 """
     bare = f"""merge_method: linear
@@ -113,11 +114,14 @@ slices:
         layer_range: [0, 4]
         parameters:
     parameters:
+    residual_weight: 0.3
 parameters:
+  weight: 0.5
 dtype: torch.float16
 """
     models = (
-        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n  - model: {b}\nout_dtype: torch.float16\n"
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n  - model: {b}\n"
+        "parameters: {weight: 0.5}\nout_dtype: torch.float16\n"
     )
     outs = []
     for name, text in (("full", full), ("bare", bare), ("models", models)):
@@ -268,7 +272,14 @@ slices:
       - {{model: {tmp_path / "ft"}, layer_range: [1, 3], parameters: {{weight: 0.5}}}}
     base_model: {tmp_path / "b"}
 """
-    got = load_file(next(apply(tmp_path, recipe).glob("*.safetensors")))
+    out = apply(tmp_path, recipe)
+    got = load_file(next(out.glob("*.safetensors")))
+    merged = (out / "README.md").read_text().split("Models merged:")[1].split("##")[0]
+    assert f"`{tmp_path / 'ft'}`" in merged and f"`{tmp_path / 'b'}`" not in merged  # b is a base, not merged
+    shown = json.loads(CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--json"]).stdout)
+    assert shown["models"] == [str(tmp_path / "ft")]
+    lock = json.loads((out / "merger.lock.json").read_text())
+    assert str(tmp_path / "b") in [ref for i in lock["inputs"] for ref in i["refs"]]  # read, so locked
     for k, base in ((0, a), (1, b), (2, b)):
         w = f"layers.{k}.w"
         want = base[w].double() + 0.5 * (ft[w].double() - base[w].double())

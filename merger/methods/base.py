@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # torch is imported where a method runs, not where the registry loads
     import numpy as np
@@ -18,6 +18,27 @@ class Params(BaseModel):
     """Base of every parameter model: unknown keys and non-finite numbers are errors."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True)
+
+
+NO_EFFECT = "no_effect"  # a field's json_schema_extra key: kept for mergekit configs, changes nothing
+
+
+def kept_for_mergekit(default: Any, why: str) -> Any:
+    """A parameter that mergekit configs give and that changes nothing here (nor in mergekit 0.1.5, for
+    the methods that accept it): taken, listed by `merger methods`, left out of what the output's card
+    says the merge used (in_effect)."""
+    return Field(
+        default, description=f"accepted for mergekit configs; no effect{why}", json_schema_extra={NO_EFFECT: True}
+    )
+
+
+def in_effect(params: Params) -> dict[str, Any]:
+    """params as written out (by alias), less what changes nothing (kept_for_mergekit)."""
+    values = params.model_dump(by_alias=True)
+    for name, f in type(params).model_fields.items():
+        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(NO_EFFECT):
+            values.pop(f.alias or name)
+    return values
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from merger.errors import MergeError
-from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext
+from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, kept_for_mergekit
 from merger.methods.fixed_point import LIMBS, from_limbs
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class MultislerpParams(Params):
 class KarcherModelParams(Params):
     # Configs written for Karcher often weight their models; mergekit 0.1.5's karcher takes equal weights
     # whatever they say (the key has no effect there), so they run here unchanged and mean the same.
-    weight: float = Field(1.0, description="accepted for mergekit configs; no effect: the mean weighs models equally")
+    weight: float = kept_for_mergekit(1.0, ": the mean weighs models equally")
 
 
 class KarcherParams(Params):

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from merger.errors import NaNTaskVector
-from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext
+from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, kept_for_mergekit
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -38,7 +38,7 @@ class ModelStockParams(Params):
 class ModelStockModelParams(Params):
     # Configs published for Model Stock often weight their models; mergekit 0.1.5 ignores the key (its
     # output is the same bytes with and without), so they run here unchanged and mean the same.
-    weight: float = Field(1.0, description="accepted for mergekit configs; no effect: the angle sets the ratio")
+    weight: float = kept_for_mergekit(1.0, ": the angle sets the ratio")
 
 
 class RamParams(Params):

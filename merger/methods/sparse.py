@@ -21,7 +21,16 @@ from pydantic import Field
 from merger import budget
 from merger.errors import NaNTaskVector
 from merger.methods import draws
-from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, normalizable
+from merger.methods.base import (
+    GpuFootprint,
+    InputChunks,
+    MergeRange,
+    Method,
+    Params,
+    TensorContext,
+    kept_for_mergekit,
+    normalizable,
+)
 from merger.methods.task_vectors import (
     DISCARD,
     TaskArithmeticParams,
@@ -58,7 +67,7 @@ class DellaModelParams(DareModelParams):
 
 class SparseLinearParams(TaskArithmeticParams):
     rescale: bool = Field(True, description="scale the kept entries so each task vector keeps its L1 norm")
-    int8_mask: bool = Field(False, description="accepted for mergekit configs; no effect in merger")
+    int8_mask: bool = kept_for_mergekit(False, " in merger")
 
 
 class SparseTiesParams(TiesParams):
@@ -83,14 +92,14 @@ class SceModelParams(Params):
     their models too; mergekit 0.1.5's sce takes no weight (the key has no effect there), so they run here
     unchanged and mean the same."""
 
-    weight: float = Field(1.0, description="accepted for mergekit configs; no effect: the mean squares set the weights")
+    weight: float = kept_for_mergekit(1.0, ": the mean squares set the weights")
 
 
 class SceParams(Params):
     select_topk: float = Field(
         1.0, ge=0, le=1, description="fraction of entries kept: those whose task vectors vary most across models"
     )
-    int8_mask: bool = Field(False, description="accepted for mergekit configs; no effect in merger")
+    int8_mask: bool = kept_for_mergekit(False, " in merger")
 
 
 def share(n: int, fraction: float) -> int:

@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from merger.errors import NaNTaskVector
-from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, normalizable
+from merger.methods.base import (
+    GpuFootprint,
+    InputChunks,
+    MergeRange,
+    Method,
+    Params,
+    TensorContext,
+    kept_for_mergekit,
+    normalizable,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -35,7 +44,7 @@ class TiesParams(TaskArithmeticParams):
     consensus_method: Literal["sum", "count"] = Field(
         "sum", description="elect each entry's sign by the weighted sum, or by a majority count"
     )
-    int8_mask: bool = Field(False, description="accepted for mergekit configs; no effect in merger")
+    int8_mask: bool = kept_for_mergekit(False, " in merger")
 
 
 class TiesTrimParams(TiesParams):
