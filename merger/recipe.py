@@ -29,6 +29,7 @@ from merger import settings
 from merger.errors import RecipeError
 from merger.files import JSON_DEPTH, read_user_file
 from merger.methods import Method, Params, all_methods, get_method, greedy
+from merger.methods.base import effective_keys
 
 _DTYPES = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"]
 
@@ -725,7 +726,9 @@ def _not_a_parameter(key: str, method: Method) -> str:
     hint = _suggest(key, known)
     if hint:
         return f"unknown key{hint}"
-    others = {m.name for m in all_methods().values() if key in _keys(m.model_params) + _keys(m.params)}
+    others = {
+        m.name for m in all_methods().values() if key in effective_keys(m.model_params) + effective_keys(m.params)
+    }
     belongs = f" ('{key}' belongs to {', '.join(sorted(others))})" if others else ""
     takes = f"takes {', '.join(known)}" if known else "takes no parameters"
     return f"unknown key{belongs}; {method.name} {takes}"

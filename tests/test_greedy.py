@@ -454,8 +454,7 @@ def test_evaluation_belongs_to_greedy_soup(toys):
     weighted = recipe(COMMAND, extra="parameters:\n  weight: 2\n")
     assert run_bad(weighted) == (
         "error: recipe.yaml:14: parameters.weight: unknown key ('weight' belongs to breadcrumbs, breadcrumbs_ties, "
-        "dare_linear, dare_ties, della, della_linear, linear, model_stock, multislerp, nuslerp, task_arithmetic, "
-        "ties); "
+        "dare_linear, dare_ties, della, della_linear, linear, multislerp, nuslerp, task_arithmetic, ties); "
         "greedy_soup takes no parameters\n"
     )
 

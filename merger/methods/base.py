@@ -32,13 +32,20 @@ def kept_for_mergekit(default: Any, why: str) -> Any:
     )
 
 
+def effective_keys(model: type[Params]) -> list[str]:
+    """The keys (aliases) of a parameter model that change a merge: kept_for_mergekit's left out."""
+    extra = {name: f.json_schema_extra for name, f in model.model_fields.items()}
+    return [
+        f.alias or name
+        for name, f in model.model_fields.items()
+        if not (isinstance(extra[name], dict) and extra[name].get(NO_EFFECT))
+    ]
+
+
 def in_effect(params: Params) -> dict[str, Any]:
     """params as written out (by alias), less what changes nothing (kept_for_mergekit)."""
-    values = params.model_dump(by_alias=True)
-    for name, f in type(params).model_fields.items():
-        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(NO_EFFECT):
-            values.pop(f.alias or name)
-    return values
+    keys = set(effective_keys(type(params)))
+    return {k: v for k, v in params.model_dump(by_alias=True).items() if k in keys}
 
 
 @dataclass(frozen=True)
