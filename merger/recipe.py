@@ -259,7 +259,8 @@ class MergeSpec:
             return refs + [(g.ref, ("models", g.index, "model")) for g in self.ingredients]
         for s in self.slices:
             refs += [(e.ref, (*e.loc, "model")) for e in (*s.inputs, *([s.base] if s.base else []))]
-        return refs
+        own = [(e.base_model, ("slices", i, "base_model")) for i, e in enumerate(self.recipe.slices or [])]
+        return refs + [(ref, loc) for ref, loc in own if ref]  # opened even where the method reads no base
 
 
 YAML_NODES = 100_000  # nodes a YAML document may hold once its aliases are expanded (a recipe has ~100)

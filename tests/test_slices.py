@@ -292,6 +292,12 @@ slices:
     result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2, result.output
     assert f"slices[1].sources: task_arithmetic needs the base model '{tmp_path / 'a'}' among" in result.output
+    ignored = recipe.replace("task_arithmetic", "linear").replace(
+        f"base_model: {tmp_path / 'b'}", "base_model: nowhere"
+    )
+    (tmp_path / "r.yaml").write_text(ignored)  # linear reads no base (as in mergekit), yet a missing one is named
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2 and "r.yaml:11: slices[1].base_model: " in result.output, result.output
 
 
 def test_plan_shows_each_output_layers_inputs_and_parameters(toys):
