@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from merger import parallel, system
+from merger import budget, parallel, system
 from merger.errors import Interrupted, MergeError, MergerError, OutputError, RecipeError, describe
 from merger.fetch import JustInTime, fetch_inputs
 from merger.lock import Lock, LockedInput, inputs_of, listed
@@ -89,7 +89,7 @@ def apply(
         "device": plan.device,
         "tensors": len(plan.tensors),
         "shards": len(plan.shards),
-        "processes": group.world if group else min(workers, max(1, len(plan.shards) - resumed)),  # none idle
+        "processes": group.world if group else budget.worker_processes(workers, len(plan.shards) - resumed),
         "bytes_read": bytes_read,
         "bytes_written": plan.bytes_written,
         "seconds": round(time.perf_counter() - start, 3),

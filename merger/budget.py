@@ -4,8 +4,10 @@ each tensor needs: Plan.gpu_bytes and the rest) and the engine (merger.stream) b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
@@ -70,6 +72,28 @@ def local_processes() -> int:
         if raw.isdigit() and int(raw) > 0:
             return int(raw)
     return 1
+
+
+def worker_processes(workers: int, shards: int) -> int:
+    """The processes `--workers` starts for `shards` shards to write: one per shard at most, and one
+    (this process) when there is none."""
+    return max(1, min(workers, shards))
+
+
+@contextlib.contextmanager
+def shared_by(processes: int) -> Iterator[None]:
+    """The budgets as each of `processes` --workers processes sees them (merger.parallel sets the same
+    variable in each for its lifetime): for estimates made in this process; its environment as it was after."""
+    before = os.environ.get(WORKERS_ENV)
+    if processes > 1:
+        os.environ[WORKERS_ENV] = str(processes)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(WORKERS_ENV, None)
+        else:
+            os.environ[WORKERS_ENV] = before
 
 
 def gpu_sharers(gpus: int) -> int:

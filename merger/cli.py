@@ -284,6 +284,7 @@ def plan(recipe, output, device, shard_size, locked, offline, seed, workers, as_
     """Validate RECIPE and show what `apply` would do, reading only the safetensors headers
     (for Hub models, remotely: nothing is downloaded but each model's index). With --workers, the
     memory estimates are those of each of the processes `apply --workers` would start."""
+    from merger import budget
     from merger.lock import listed
     from merger.staging import check_path, inspect
 
@@ -296,8 +297,8 @@ def plan(recipe, output, device, shard_size, locked, offline, seed, workers, as_
         check_path(resolved, p)
     partial = inspect(p, resolved) if resolved else None
     left = len(p.shards) - (len(partial.done) if partial is not None and partial.state == "resumable" else 0)
-    processes = max(1, min(workers, left))  # as apply starts them: one per shard left to write at most
-    with _budgets_shared(processes):
+    processes = budget.worker_processes(workers, left)
+    with budget.shared_by(processes):
         info = _plan_info(p, recipe or locked, resolved, partial)
         info["processes"] = processes
         info["peak_memory_estimate_all_processes"] = processes * info["peak_memory_estimate"]
@@ -305,24 +306,6 @@ def plan(recipe, output, device, shard_size, locked, offline, seed, workers, as_
             click.echo(json.dumps(info, indent=2))
         else:
             _show_plan(p, info, resolved, partial)
-
-
-@contextlib.contextmanager
-def _budgets_shared(processes: int) -> Iterator[None]:
-    """The GPU and pinned budgets as each of `processes` --workers processes sees them (merger.parallel
-    sets the same variable in each), for the plan's estimates; this process's environment as it was after."""
-    from merger import budget
-
-    before = os.environ.get(budget.WORKERS_ENV)
-    if processes > 1:
-        os.environ[budget.WORKERS_ENV] = str(processes)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(budget.WORKERS_ENV, None)
-        else:
-            os.environ[budget.WORKERS_ENV] = before
 
 
 def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:

@@ -84,7 +84,7 @@ def write_with_workers(
     worker's peak resident memory, the largest peak GPU memory). A process that dies (killed, out of
     memory) fails the merge at once; a failure, or an interrupt, ends every other process."""
     mine = [plan.shards[i] for i in shards]
-    parts = [[shards[i] for i in p] for p in assign(mine, min(workers, len(mine))) if p]  # no idle process
+    parts = [[shards[i] for i in p] for p in assign(mine, budget.worker_processes(workers, len(mine))) if p]
     ctx = multiprocessing.get_context("spawn")  # fork would copy our threads (and torch's CUDA state)
     threads = max(1, system.default_threads() // max(1, len(parts)))  # the cores, shared among the processes
     procs, results = {}, []

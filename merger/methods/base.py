@@ -34,11 +34,11 @@ def kept_for_mergekit(default: Any, why: str) -> Any:
 
 def effective_keys(model: type[Params]) -> list[str]:
     """The keys (aliases) of a parameter model that change a merge: kept_for_mergekit's left out."""
-    extra = {name: f.json_schema_extra for name, f in model.model_fields.items()}
+    fields = model.model_fields.items()
     return [
         f.alias or name
-        for name, f in model.model_fields.items()
-        if not (isinstance(extra[name], dict) and extra[name].get(NO_EFFECT))
+        for name, f in fields
+        if not (isinstance(f.json_schema_extra, dict) and NO_EFFECT in f.json_schema_extra)
     ]
 
 
