@@ -271,6 +271,11 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")))
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if installed")
     ap.add_argument("--mergekit-bin", help="the mergekit-yaml to run (default: the one on PATH)")
+    ap.add_argument(
+        "--rehash",
+        action="store_true",
+        help="also time `merger apply --rehash` (every input read again for the lock's hashes) beside each merger run",
+    )
     args = ap.parse_args()
     devices = args.devices.split(",") if args.devices else [args.device]
     if any(d not in ("cpu", "cuda") for d in devices):
@@ -299,8 +304,9 @@ def main() -> None:
                        "--device", device]  # fmt: skip
                 if args.workers > 1:
                     cmd += ["--workers", str(args.workers)]
-                cmds[device] = cmd
+                cmds[device] = {"merger": cmd} | ({"merger --rehash": [*cmd, "--rehash"]} if args.rehash else {})
                 run_process(cmd)  # warm-up, not timed: compiles the kernels once, as a machine's first merge does
+                # (and hashes the inputs, which later runs find remembered unless --rehash)
                 shutil.rmtree(out, ignore_errors=True)
             # linear reads every model; task vector methods read the base and the fine-tunes; pairs two
             reads, writes = io_limit(read_by(method, dirs), in_bytes, scratch)
@@ -317,11 +323,12 @@ def main() -> None:
             )
             for _rep in range(args.repeat):
                 for device in devices:  # alternating: each device's runs see the same conditions
-                    wall, rss, stdout = run_process(cmds[device])
-                    summary = json.loads(stdout)
-                    rows.append(("merger", method, device, wall, summary["seconds"],
-                                 max(rss, summary["peak_rss_bytes"]), summary.get("peak_gpu_bytes")))  # fmt: skip
-                    shutil.rmtree(out, ignore_errors=True)
+                    for tool, cmd in cmds[device].items():
+                        wall, rss, stdout = run_process(cmd)
+                        summary = json.loads(stdout)
+                        rows.append((tool, method, device, wall, summary["seconds"],
+                                     max(rss, summary["peak_rss_bytes"]), summary.get("peak_gpu_bytes")))  # fmt: skip
+                        shutil.rmtree(out, ignore_errors=True)
                     if mergekit and method not in MERGEKIT_LACKS:
                         mk = [mergekit, str(cfg), str(out), "--copy-tokenizer", "--lazy-unpickle"]
                         if device == "cuda":
@@ -329,19 +336,20 @@ def main() -> None:
                         wall, rss, _ = run_process(mk)
                         rows.append(("mergekit", method, device, wall, wall, rss, None))
                         shutil.rmtree(out, ignore_errors=True)
-        print(f"\n{'tool':9} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'x dur':>6} {'vs mk':>6} "
+        print(f"\n{'tool':15} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'x dur':>6} {'vs mk':>6} "
               f"{'peak RSS':>9} {'peak GPU':>9} device")  # fmt: skip
         for tool, method, device, wall, inner, rss, gpu in rows:
             best_mk = min((r[3] for r in rows if r[0] == "mergekit" and r[1:3] == (method, device)), default=None)
-            vs = f"{best_mk / wall:5.1f}x" if best_mk and tool == "merger" else "     -"
+            vs = f"{best_mk / wall:5.1f}x" if best_mk and tool != "mergekit" else "     -"
             gbps = len(read_by(method, dirs)) * in_bytes / inner / 1e9
             gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
-            print(f"{tool:9} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} "
+            print(f"{tool:15} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} "
                   f"{inner / durable[method]:6.2f} {vs:>6} "
                   f"{rss / 1e9:7.2f}GB {gpu_s} {device}")  # fmt: skip
         print(
             "\nwall s: the whole process (Python start-up and imports included); merge s: merger's own timer "
-            "(read, merge, write, hash the inputs for the lock, flush to disk, rename). x I/O: merge s / (read + "
+            "(read, merge, write, hash the inputs for the lock (unless remembered from the warm-up run: --rehash "
+            "reads them again), flush to disk, rename). x I/O: merge s / (read + "
             "write) limit; x dur: merge s / (read + write flushed to disk) limit, as merger's output is. "
             "GB/s: input bytes / merge s; vs mk: against mergekit's best wall on the same device."
         )

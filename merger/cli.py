@@ -185,12 +185,17 @@ _workers_opt = click.option(
 )
 @click.option("--no-push", is_flag=True, help="Do not publish, even if the recipe has a hub: section.")
 @click.option("--force", is_flag=True, help="Replace the output if it is an earlier merger output (or empty).")
+@click.option(
+    "--rehash",
+    is_flag=True,
+    help="Read every input to hash it for the lock, even files an earlier run hashed and that are unchanged since.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (implies --quiet).")
 @_workers_opt
 @_domain_errors
 def apply(
-    recipe, output, device, shard_size, locked, offline, seed, low_disk, no_push, force, quiet, as_json, workers
+    recipe, output, device, shard_size, locked, offline, seed, low_disk, no_push, force, rehash, quiet, as_json, workers
 ) -> None:
     """Validate RECIPE, then merge its models into a sharded safetensors model.
 
@@ -203,8 +208,14 @@ def apply(
 
     greedy_soup first searches: it scores every model and candidate soup with the recipe's evaluator
     (progress on stderr), then writes the chosen soup and prints the search as a table.
+
+    The lock records every input's sha256. A file an earlier run hashed is not read again for it while
+    its size, times and inode are unchanged (the hashes are kept in merger's cache); --rehash reads
+    every file again.
     """
-    with _signals_interrupt():
+    from merger import hashes
+
+    with _signals_interrupt(), hashes.afresh() if rehash else contextlib.nullcontext():
         _apply(
             recipe, output, device, shard_size, locked, offline, seed, low_disk, no_push, force, quiet, as_json, workers
         )

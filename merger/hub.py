@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from merger import __version__
+from merger import __version__, hashes
 from merger.errors import ModelError
 from merger.files import Folder
 from merger.sources import (
@@ -69,11 +69,12 @@ class Remote:
 
     def verify(self, name: str, stop: threading.Event | None = None) -> dict[str, str | int]:
         """Check that the fetched copy of `name` is the file the Hub lists (by its LFS sha256, or git blob
-        id), reading it now; returns how the lock records it."""
+        id); returns how the lock records it. Its sha256 is read from the file unless an earlier run
+        hashed it as it is now (merger.hashes)."""
         listed = self.files[name].record()
         folder = self.folder
         if "sha256" in listed:
-            digest, st = folder.hash(name, stop)
+            digest, st = hashes.hashed(folder, name, stop)
             now = {"sha256": digest, "size": st.st_size}
         else:
             data = folder.read_bytes(name)

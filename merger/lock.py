@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from merger import __version__, system
+from merger import __version__, hashes, system
 from merger.errors import MergerError, ModelError
 from merger.files import SUPPORT_LIMIT, parse_json, read_user_file
 from merger.hub import short_hash
@@ -81,9 +81,10 @@ def inputs_of(
     stop: threading.Event | None = None,
     priority: system.Background | None = None,
 ) -> list[LockedInput]:
-    """The lock's record of what the merge reads, every file hashed now (never a cached answer): local
-    files by sha256; Hub files fetched into the cache by the hash the Hub lists for them (LFS sha256, or
-    git blob id), after checking that the bytes there have that hash. Hub weights not fetched yet
+    """The lock's record of what the merge reads: local files by sha256; Hub files fetched into the
+    cache by the hash the Hub lists for them (LFS sha256, or git blob id), after checking that the bytes
+    there have that hash. A file is read to hash it unless an earlier run hashed it as it is now
+    (merger.hashes). Hub weights not fetched yet
     (--low-disk) are checked as they arrive (fetch.JustInTime). Files are hashed `threads` at a time
     (default: one per core); beside a merge, at the `priority` it sets (system.Background). `stop`, once
     set, ends the hashing at the next block."""
@@ -136,12 +137,12 @@ def listed(plan: Plan, local: bool = False) -> list[LockedInput]:
 def record(
     model: LocalModel, name: str, hub_weights: bool = True, stop: threading.Event | None = None
 ) -> dict[str, str | int]:
-    """How the lock records one file of a model, its bytes hashed now. A Hub file fetched into the cache
+    """How the lock records one file of a model, its bytes hashed (merger.hashes). A Hub file fetched into the cache
     is checked against the hash the Hub lists (remote.verify); with `hub_weights` False its weights are
     not (--low-disk: fetch.JustInTime checks each as it arrives)."""
     remote = model.remote
     if remote is None:
-        digest, st = model.folder.hash(name, stop)
+        digest, st = hashes.hashed(model.folder, name, stop)
         seen = model.stamps.get(model.path / name)  # a weight file: the one the merge maps
         if seen is not None and seen[:4] != stamp(st)[:4]:
             raise ModelError(f"'{model.ref}': {name} changed after merger read its header; run the command again")

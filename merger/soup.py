@@ -8,7 +8,6 @@ the evaluator's settings, so a rerun evaluates nothing twice.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from merger import hashes
 from merger.apply import apply
 from merger.errors import MergerError, ModelError
 from merger.evaluate import Candidate, Evaluator, make_evaluator
@@ -27,7 +27,7 @@ from merger.files import cache_dir, parse_json, write_json
 from merger.lock import Lock, inputs_of
 from merger.plan import Plan, build_plan
 from merger.recipe import DTYPE_CODE
-from merger.sources import TOKENIZER_FILES, LocalModel, stamp
+from merger.sources import TOKENIZER_FILES, LocalModel
 from merger.staging import check_destination, remove_leftovers
 
 
@@ -73,9 +73,8 @@ def default_cache_path() -> Path:
 
 
 class ScoreCache:
-    """Scores by key, in one JSON file (None: memory only). Weight files' hashes are remembered in
-    merger's cache too (sha256.json), by each file's stamp: a cache key may take a remembered hash,
-    since nothing is verified by it (the lock hashes every file afresh)."""
+    """Scores by key, in one JSON file (None: memory only), keyed by the weights' hashes (remembered
+    between runs by merger.hashes)."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -93,7 +92,7 @@ class ScoreCache:
 
     def model_hash(self, model: LocalModel) -> str:
         """The content of a model's safetensors files (names and bytes)."""
-        lines = [f"{f.name} {remembered_sha256(model, f)}\n" for f in sorted(model.files)]
+        lines = [f"{f.name} {hashes.hashed(model.folder, model.name_of(f))[0]}\n" for f in sorted(model.files)]
         return hashlib.sha256("".join(lines).encode()).hexdigest()
 
     def get(self, key: str) -> float | None:
@@ -112,32 +111,6 @@ class ScoreCache:
             self.scores = self._read() | self.scores
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.path, {"version": 1, "scores": self.scores})
-
-
-_hashes: dict[str, str] | None = None
-
-
-def remembered_sha256(model: LocalModel, file: Path) -> str:
-    """The sha256 of one of a model's weight files, remembered in merger's cache by the file's stamp
-    (path, size, times, inode: rewriting a file changes its ctime even where size and mtime are put
-    back), so an unchanged model is read for hashing once. For cache keys only, never for a lock."""
-    global _hashes
-    name = model.name_of(file)
-    st = model.folder.stat(name)
-    key = f"{model.folder.locate(name)}|{'|'.join(map(str, stamp(st)))}"
-    store = cache_dir() / "sha256.json"
-    if _hashes is None:
-        try:
-            loaded = parse_json(store.read_bytes(), str(store))
-            _hashes = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ModelError):
-            _hashes = {}
-    if key not in _hashes:
-        _hashes[key] = model.folder.sha256(name)
-        with contextlib.suppress(OSError):  # a read-only home only costs the next run a re-hash
-            store.parent.mkdir(parents=True, exist_ok=True)
-            write_json(store, _hashes, indent=None)
-    return _hashes[key]
 
 
 def subset_plan(plan: Plan, subset: tuple[int, ...]) -> Plan:

@@ -3,6 +3,7 @@ and failures that stop with one clear message and leave nothing behind."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from conftest import load_output, write_checkpoint
 
+from merger import hashes
 from merger.cli import cli
 from merger.evaluate import parse_score
 from merger.soup import search
@@ -279,14 +281,17 @@ def test_low_disk_is_refused_with_the_reason(toys):
     )
 
 
-def test_cache_file_and_no_cache(toys):
+def test_cache_file_and_no_cache(toys, monkeypatch):
+    monkeypatch.setattr(hashes, "SETTLED", 0.0)
     first = apply(recipe(COMMAND + "  cache: scores.json\n"), "-q")
     assert first.exit_code == 0, first.output
     data = json.loads(Path("scores.json").read_text())
     assert len(data["scores"]) == 7
-    # every weight shard hashed once into merger's hash cache, by its stamp (for cache keys, never the lock)
-    hashed = json.loads((Path(os.environ["MERGER_CACHE_DIR"]) / "sha256.json").read_text())
-    assert sum("/ft" in k and k.split("|")[0].endswith(".safetensors") for k in hashed) >= 4 * 2
+    # every file hashed once into merger's hash cache, by its stamp: the weights for the scores' keys and
+    # for the lock, the other files for the lock
+    remembered = {e.read_text().strip() for e in (Path(os.environ["MERGER_CACHE_DIR"]) / "sha256").iterdir()}
+    weights = {hashlib.sha256(f.read_bytes()).hexdigest() for f in Path().glob("ft*/*.safetensors")}
+    assert len(weights) == 4 * 2 and weights <= remembered
     assert apply(recipe(COMMAND + "  cache: false\n"), "-q", "--force").exit_code == 0
     assert len(calls()) == 14  # nothing reused, and still no score computed twice within the run
 

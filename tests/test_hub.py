@@ -425,3 +425,32 @@ def test_low_disk_keeps_a_shard_that_an_overlapping_slice_reads_again(tmp_path, 
     out = load_output(tmp_path / "b" / "out")
     assert torch.equal(out["layers.2.w"], out["layers.1.w"]) and "layers.3.w" not in out
     assert cached_weights(hf_home) == []  # every shard fetched was dropped after its last read
+
+
+def test_a_cached_blob_is_hashed_once_and_again_once_it_changes(tmp_path, hub, models, hf_home, monkeypatch):
+    """The Hub's files are checked against the sha256 it lists once (merger.hashes remembers it); a blob
+    changed in the cache after that is read again and refused."""
+    from merger import hashes
+    from merger.files import Folder
+
+    monkeypatch.setattr(hashes, "SETTLED", 0.0)
+    reads: list[str] = []
+    real = Folder.hash
+    monkeypatch.setattr(Folder, "hash", lambda self, name, stop=None: reads.append(name) or real(self, name, stop))
+    _, commits = models
+    apply(tmp_path, recipe(hub_refs(commits)), tmp_path / "out")
+    assert len(reads) == len(cached_weights(hf_home)) > 5
+    reads.clear()
+    apply(tmp_path, recipe(hub_refs(commits)), tmp_path / "out", "--force")
+    assert reads == []
+    blob = max(cached_weights(hf_home), key=lambda p: p.stat().st_size)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    before = tree(tmp_path / "out")
+    result = apply(tmp_path, recipe(hub_refs(commits)), tmp_path / "out", "--force", code=2)
+    assert len(reads) == 1 and tree(tmp_path / "out") == before
+    assert result.stderr.startswith("error: 'org/")
+    assert "is not the file the Hub lists at " in result.stderr
+    assert f"(sha256 {hashlib.sha256(bytes(data)).hexdigest()[:12]}, " in result.stderr
+    assert f"expected sha256 {blob.name[:12]}, " in result.stderr
