@@ -173,6 +173,8 @@ class Job:
         if hashing is not None:
             self.background.now_wanted()  # the merge is done and waits for it: full priority
         inputs: list[LockedInput] | None = hashing.result() if hashing else None
+        for model in self.plan.models:
+            model.check_unchanged()
         again = partial.check_inputs(inputs) if inputs is not None else []
         read = 0
         if again:

@@ -3,18 +3,23 @@ unchanged inputs does not read them all once more to hash them: 2 GB per TinyLla
 70B one, read beside the merge that reads them too.
 
 A remembered hash is keyed by the file's real path and its stamp (size, modification and change
-times, inode, device). Writing a file changes its change time, which no user call can set back, so a
-file rewritten with its size and modification time put back is hashed again. A file changed within
-SETTLED seconds before it was hashed is not remembered: a timestamp's grain (a few milliseconds, whole
-seconds on some file systems) could hide a write right after the hash. The hashes live in merger's
-private cache (`sha256/`, one small file per file hashed); where that cannot be had (another user's
-or a world-writable directory), nothing is remembered. `merger apply --rehash` hashes every input
+times, inode, device). On the file systems where the kernel keeps the change time (KEEPS_CTIME:
+ext4, xfs, btrfs, zfs, f2fs, tmpfs, overlayfs, NFS), writing a file changes it and no user call can
+set it back, so a file rewritten with its size and modification time put back is hashed again.
+Elsewhere (a squashfs image, a FUSE mount, FAT: the change time is whatever the file's author or the
+driver says) and off Linux, nothing is remembered. A file changed within SETTLED seconds before it
+was hashed is not remembered either: a timestamp's grain could hide a write right after the hash.
+
+The hashes live in merger's private cache (`sha256/`, one small file per file hashed), read and
+written through one descriptor of that directory, checked to be this user's and writable by nobody
+else; where it cannot be had, nothing is remembered. `merger apply --rehash` hashes every input
 afresh (`afresh()`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import re
@@ -23,10 +28,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from merger.files import Folder, private_cache, write_atomic
+from merger import system
+from merger.files import Folder, private_cache
 from merger.sources import stamp
 
 SETTLED = 2.0  # seconds since a file's last change before its hash is remembered
+KEEPS_CTIME = {  # statfs f_type of the file systems whose change times the kernel keeps
+    0xEF53: "ext2/3/4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0x2FC12FC1: "zfs",
+    0xF2F52010: "f2fs",
+    0x01021994: "tmpfs",
+    0x794C7630: "overlayfs",
+    0x6969: "nfs",
+}
 _DIGEST = re.compile(rb"[0-9a-f]{64}\n")
 _afresh = threading.Event()  # set: hash every file now, remember nothing old (--rehash)
 
@@ -44,26 +60,88 @@ def afresh() -> Iterator[None]:
 def hashed(folder: Folder, name: str, stop: threading.Event | None = None) -> tuple[str, os.stat_result]:
     """`folder.hash(name)`: the sha256 of the file's bytes and its status; without reading the file
     where an earlier run hashed it as it is now."""
+    real = folder.locate(name)
     st = folder.stat(name)
-    entry = _entry(folder.locate(name), st) if st is not None else None
-    if entry is not None and not _afresh.is_set():
-        with contextlib.suppress(OSError):
-            data = entry.read_bytes()
-            if _DIGEST.fullmatch(data):
-                return data[:64].decode(), st
+    if st is None or not _keeps_ctime(real):
+        return folder.hash(name, stop)
+    with _store() as store:
+        if store is not None and not _afresh.is_set() and (digest := _read(store, _key(real, st))):
+            return digest, st
     started = time.time_ns()
     digest, st = folder.hash(name, stop)
-    entry = _entry(folder.locate(name), st)
-    if entry is not None and max(st.st_mtime_ns, st.st_ctime_ns) <= started - SETTLED * 1e9:
-        with contextlib.suppress(OSError):  # a full disk or a read-only home only costs a later run a hash
-            write_atomic(entry, f"{digest}\n".encode())
+    if max(st.st_mtime_ns, st.st_ctime_ns) <= started - SETTLED * 1e9:
+        with _store() as store:
+            if store is not None:
+                _write(store, _key(real, st), digest)
     return digest, st
 
 
-def _entry(real: Path, st: os.stat_result) -> Path | None:
-    """Where the hash of the file at `real` with status `st` is remembered (None: nowhere)."""
-    store = private_cache("sha256")
-    if store is None:
+def _key(real: Path, st: os.stat_result) -> str:
+    """The entry's name: a hash of the file's real path and stamp."""
+    return hashlib.sha256("\0".join([str(real), *map(str, stamp(st))]).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _store() -> Iterator[int | None]:
+    """A descriptor of the private `sha256/` directory, checked through that descriptor (so a link
+    swapped in after the check leads nowhere), or None."""
+    path = private_cache("sha256")
+    fd = None
+    with contextlib.suppress(OSError):
+        if path is not None:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                os.close(fd)
+                fd = None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _read(store: int, key: str) -> str | None:
+    try:
+        fd = os.open(key, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store)
+    except OSError:
         return None
-    key = "\0".join([str(real), *map(str, stamp(st))])
-    return store / hashlib.sha256(key.encode()).hexdigest()
+    try:
+        data = os.read(fd, 66)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data[:64].decode() if _DIGEST.fullmatch(data) else None
+
+
+def _write(store: int, key: str, digest: str) -> None:
+    """Written to a temporary name and renamed (relative to the directory's descriptor, which
+    files.write_atomic does not take): a reader sees a whole entry or none. A full disk or a
+    read-only home only costs a later run a hash."""
+    tmp = f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=store)
+        try:
+            os.write(fd, f"{digest}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, key, src_dir_fd=store, dst_dir_fd=store)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=store)
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]  # f_type leads struct statfs on Linux
+
+
+def _keeps_ctime(real: Path) -> bool:
+    """Whether the file system holding `real` is one whose change times the kernel keeps."""
+    libc = system.libc()
+    if libc is None:
+        return False
+    buf = _StatFs()
+    if libc.statfs(os.fsencode(real), ctypes.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) in KEEPS_CTIME

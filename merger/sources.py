@@ -165,6 +165,23 @@ class LocalModel:
             raise ModelError(f"'{self.ref}': {name} changed after merger read its header; run the command again")
         return f
 
+    def check_unchanged(self) -> None:
+        """Refused if a weight file changed, or was replaced, since its header was read: once the merge
+        has read them, this is what makes the lock's hashes (remembered ones, or ones read while the
+        merge ran) those of the bytes merged. A file removed since is no change to what the merge read
+        (--low-disk drops Hub shards after their last read)."""
+        for file, seen in self.stamps.items():
+            try:
+                now = stamp(os.stat(file))
+            except FileNotFoundError:
+                continue
+            except OSError:
+                now = None
+            if now is None or now[:4] != seen[:4]:
+                raise ModelError(
+                    f"'{self.ref}': {self.name_of(file)} changed while merger merged it; run the command again"
+                )
+
 
 def read_config(model: LocalModel) -> dict | None:
     """The model's config.json as a dict (None if it has none, or a Hub model's is not fetched yet)."""

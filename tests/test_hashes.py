@@ -124,8 +124,9 @@ def test_entries_that_are_not_a_hash_are_ignored(workdir, reads, monkeypatch):
     assert _locked_hashes() == _true_hashes()
 
 
-def test_a_file_changed_just_before_it_was_hashed_is_not_remembered(workdir, reads):
-    # the files were written moments ago: a write in the same timestamp grain could follow unseen
+def test_a_file_changed_just_before_it_was_hashed_is_not_remembered(workdir, reads, monkeypatch):
+    # a write in the same timestamp grain as the hash could follow it unseen
+    monkeypatch.setattr(hashes, "SETTLED", 3600.0)  # every file here changed less than an hour ago
     Path("recipe.yaml").write_text(GOOD)
     _apply()
     assert not _store().exists() or not list(_store().iterdir())
@@ -134,16 +135,73 @@ def test_a_file_changed_just_before_it_was_hashed_is_not_remembered(workdir, rea
     assert sorted(reads) == _files()
 
 
-def test_a_cache_others_may_write_is_neither_read_nor_written(workdir, reads, monkeypatch, tmp_path):
+def test_nothing_is_remembered_where_the_kernel_does_not_keep_change_times(workdir, reads, monkeypatch):
     monkeypatch.setattr(hashes, "SETTLED", 0.0)
-    shared = tmp_path / "shared-cache"
-    (shared / "sha256").mkdir(parents=True)
-    shared.chmod(0o777)
-    monkeypatch.setenv("MERGER_CACHE_DIR", str(shared))
+    monkeypatch.setattr(hashes, "KEEPS_CTIME", {})  # as on squashfs, a FUSE mount or FAT
     Path("recipe.yaml").write_text(GOOD)
     _apply()
-    assert list((shared / "sha256").iterdir()) == []
+    _apply()
+    assert sorted(reads) == sorted(_files() * 2)
+    assert not _store().exists() or not list(_store().iterdir())
+    assert _locked_hashes() == _true_hashes()
+
+
+def test_a_cache_others_may_write_is_neither_read_nor_written(workdir, reads, monkeypatch, tmp_path):
+    monkeypatch.setattr(hashes, "SETTLED", 0.0)
+    Path("recipe.yaml").write_text(GOOD)
+    _apply()  # the private cache's entries, under the names a shared cache would use
+    entries = [e.name for e in _store().iterdir()]
+    shared = tmp_path / "shared-cache"
+    (shared / "sha256").mkdir(parents=True)
+    for name in entries:  # planted by someone else: each names the wrong hash
+        (shared / "sha256" / name).write_text("0" * 64 + "\n")
+    for d in (shared, shared / "sha256"):
+        d.chmod(0o777)
+    monkeypatch.setenv("MERGER_CACHE_DIR", str(shared))
     reads.clear()
     _apply()
     assert sorted(reads) == _files()
     assert _locked_hashes() == _true_hashes()
+    assert {e.read_text() for e in (shared / "sha256").iterdir()} == {"0" * 64 + "\n"}  # nothing written
+
+
+def test_the_cache_directory_is_used_only_through_a_checked_descriptor(workdir, reads, monkeypatch, tmp_path):
+    """A link that passes the check and is then swapped for another user's directory leads nowhere:
+    merger opens the directory once, refuses a link, and checks what it opened."""
+    monkeypatch.setattr(hashes, "SETTLED", 0.0)
+    Path("recipe.yaml").write_text(GOOD)
+    _apply()
+    real = _store()
+    elsewhere = tmp_path / "elsewhere"
+    real.rename(elsewhere)
+    real.symlink_to(elsewhere)  # private, but a link: not followed
+    reads.clear()
+    _apply()
+    assert sorted(reads) == _files() and _locked_hashes() == _true_hashes()
+
+
+def test_an_input_rewritten_while_it_is_merged_is_refused(workdir, monkeypatch):
+    """Its remembered hash (or one read early in the merge) would not be of the bytes merged."""
+    import merger.apply
+
+    monkeypatch.setattr(hashes, "SETTLED", 0.0)
+    Path("recipe.yaml").write_text(GOOD)
+    _apply()
+    real = merger.apply.write_shards
+
+    def then_rewrite(*args, **kwargs):
+        read = real(*args, **kwargs)
+        shard = Path("ft2/model.safetensors")
+        data = shard.read_bytes()
+        shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        return read
+
+    monkeypatch.setattr(merger.apply, "write_shards", then_rewrite)
+    # --locked: every input is hashed (here: found remembered) before the merge starts
+    result = CliRunner().invoke(cli, ["apply", "--locked", "out/merger.lock.json", "-o", "again", "-q"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        "error: 'ft2': model.safetensors changed while merger merged it; run the command again; 1 of 1 shards are "
+        "done and kept in "
+    )
+    assert not Path("again").exists()
