@@ -10,10 +10,10 @@ Elsewhere (a squashfs image, a FUSE mount, FAT: the change time is whatever the 
 driver says) and off Linux, nothing is remembered. A file changed within SETTLED seconds before it
 was hashed is not remembered either: a timestamp's grain could hide a write right after the hash.
 
-The hashes live in merger's private cache (`sha256/`, one small file per file hashed), read and
-written through one descriptor of that directory, checked to be this user's and writable by nobody
-else; where it cannot be had, nothing is remembered. `merger apply --rehash` hashes every input
-afresh (`afresh()`).
+The hashes live in merger's private cache (`sha256/`, one small file per file hashed, the LIMIT used
+last), read and written through one descriptor of that directory, checked to be this user's and
+writable by nobody else; where it cannot be had, nothing is remembered. `merger apply --rehash`
+hashes every input afresh (`afresh()`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from merger.files import Folder, private_cache
 from merger.sources import stamp
 
 SETTLED = 2.0  # seconds since a file's last change before its hash is remembered
+LIMIT = 16384  # entries kept (a few MB); past it, the least recently used are removed
 KEEPS_CTIME = {  # statfs f_type of the file systems whose change times the kernel keeps
     0xEF53: "ext2/3/4",
     0x58465342: "xfs",
@@ -112,7 +113,11 @@ def _read(store: int, key: str) -> str | None:
         return None
     finally:
         os.close(fd)
-    return data[:64].decode() if _DIGEST.fullmatch(data) else None
+    if not _DIGEST.fullmatch(data):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(key, dir_fd=store)  # used now: the last to be removed
+    return data[:64].decode()
 
 
 def _write(store: int, key: str, digest: str) -> None:
@@ -130,6 +135,21 @@ def _write(store: int, key: str, digest: str) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=store)
+    _prune(store)
+
+
+def _prune(store: int) -> None:
+    """Past LIMIT entries, the least recently used eighth of them is removed (with any temporary one a
+    killed process left)."""
+    with contextlib.suppress(OSError):
+        with os.scandir(store) as it:
+            entries = list(it)
+        if len(entries) <= LIMIT:
+            return
+        used = sorted(entries, key=lambda e: e.stat(follow_symlinks=False).st_mtime_ns)
+        for e in used[: len(entries) - LIMIT + LIMIT // 8]:
+            with contextlib.suppress(OSError):
+                os.unlink(e.name, dir_fd=store)
 
 
 class _StatFs(ctypes.Structure):

@@ -529,7 +529,10 @@ def _slice_models(slices: list[Slice], method: Method, defaults: dict[str, Any],
     """The distinct models merged by slices, in order, with the top-level parameters' scalar values; then
     the bases slices have of their own (read, hashed and locked as the merged ones are)."""
     params = _scalar(method.model_params, defaults)
-    merged = [Ingredient(ref, params, -1) for ref in dict.fromkeys(e.ref for s in slices for e in s.inputs)]
+    merged: list[Ingredient] = []
+    for ref in (e.ref for s in slices for e in s.inputs):  # one model however it is spelled (`m`, `./m`)
+        if not any(_same_ref(ref, g.ref) for g in merged):
+            merged.append(Ingredient(ref, params, -1))
     bases: list[Ingredient] = []
     for ref in (s.base.ref for s in slices if s.base):
         if not any(_same_ref(ref, other) for other in [*([base] if base else []), *(g.ref for g in merged + bases)]):

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
-from conftest import GOOD
+from conftest import GOOD, write_checkpoint
 
 from merger import hashes
 from merger.cli import cli
@@ -205,3 +206,23 @@ def test_an_input_rewritten_while_it_is_merged_is_refused(workdir, monkeypatch):
         "done and kept in "
     )
     assert not Path("again").exists()
+
+
+def test_past_the_limit_the_least_recently_used_entries_go(workdir, monkeypatch):
+    monkeypatch.setattr(hashes, "SETTLED", 0.0)
+    monkeypatch.setattr(hashes, "LIMIT", 8)
+    entry = {}
+    for i in range(9):
+        write_checkpoint(Path(f"m{i}"), {"w": torch.full((4, 4), float(i))}, n_shards=1)
+    for i in range(8):
+        before = set(_store().iterdir()) if _store().exists() else set()
+        hashes.hashed(Folder.of(Path(f"m{i}"), f"m{i}"), "model.safetensors")
+        (entry[i],) = set(_store().iterdir()) - before
+        os.utime(entry[i], (time.time() - 1000 + i,) * 2)  # m0's used longest ago, m7's last
+    digest, _ = hashes.hashed(Folder.of(Path("m0"), "m0"), "model.safetensors")  # found, and used now
+    assert digest == hashlib.sha256(Path("m0/model.safetensors").read_bytes()).hexdigest()
+    hashes.hashed(Folder.of(Path("m8"), "m8"), "model.safetensors")  # the ninth: past the limit
+    left = set(_store().iterdir())
+    assert len(left) == 7  # the least recently used eighth of the limit, and one more, removed
+    assert entry[1] not in left and entry[2] not in left
+    assert {entry[i] for i in (0, 3, 4, 5, 6, 7)} <= left

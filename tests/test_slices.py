@@ -330,6 +330,31 @@ def test_plan_shows_each_output_layers_inputs_and_parameters(toys):
     }
 
 
+def test_a_model_named_two_ways_counts_once(toys):
+    from pathlib import Path
+
+    Path("r.yaml").write_text(
+        "merge_method: linear\nslices:\n"
+        "  - sources: [{model: four, layer_range: [0, 2]}, {model: two, layer_range: [0, 2]}]\n"
+        "  - sources: [{model: ./four, layer_range: [2, 4]}, {model: two/, layer_range: [0, 2]}]\n"
+    )
+    text = CliRunner().invoke(cli, ["plan", "r.yaml"]).output
+    assert text.splitlines()[0] == "r.yaml: linear of 2 model(s)"
+    assert json.loads(CliRunner().invoke(cli, ["plan", "r.yaml", "--json"]).stdout)["models"] == ["four", "two"]
+
+
+def test_the_plan_says_what_a_base_is_for(workdir):
+    from pathlib import Path
+
+    models = "models: [{model: ft1, parameters: {weight: 1}}, {model: ft2, parameters: {weight: 1}}]\n"
+    for method, header in (
+        ("linear", "linear of 2 model(s); config, tokenizer and tensor names from base 'base' (not merged)"),
+        ("task_arithmetic", "task_arithmetic of 2 model(s) onto base 'base'"),
+    ):
+        Path("r.yaml").write_text(f"merge_method: {method}\nbase_model: base\n" + models)
+        assert CliRunner().invoke(cli, ["plan", "r.yaml"]).output.splitlines()[0] == f"r.yaml: {header}"
+
+
 @pytest.mark.parametrize("pieces", [False, True])
 def test_one_model_twice_in_a_slice_on_the_fake_gpus_streams_is_the_cpus_bytes(tmp_path, monkeypatch, pieces):
     """A slice that averages each layer of a model with its next one reads two tensors of one model for
