@@ -20,7 +20,7 @@ from pathlib import Path
 from merger import budget, parallel, system
 from merger.errors import Interrupted, MergeError, MergerError, OutputError, RecipeError, describe
 from merger.fetch import JustInTime, fetch_inputs
-from merger.lock import Lock, LockedInput, inputs_of, listed
+from merger.lock import Lock, LockedInput, checked_inputs, inputs_of, listed
 from merger.output import write_metadata
 from merger.plan import Plan
 from merger.sources import Confined, FileSource
@@ -69,8 +69,7 @@ def apply(
     if lock is not None:  # every input matches the lock before anything is written
         lock.verify(listed(provenance or plan), lock_name)  # Hub inputs, before anything is downloaded
         fetch_inputs(plan, weights=not low_disk)
-        verified = inputs_of(provenance or plan, hub_weights=not low_disk)
-        lock.verify(verified, lock_name)
+        verified = checked_inputs(lock, provenance or plan, lock_name, hub_weights=not low_disk)
     if plan.device == "cuda":
         import torch
 

@@ -51,11 +51,18 @@ _afresh = threading.Event()  # set: hash every file now, remember nothing old (-
 @contextlib.contextmanager
 def afresh() -> Iterator[None]:
     """Within it, every hash is read from the file (and remembered for later runs)."""
+    was = _afresh.is_set()
     _afresh.set()
     try:
         yield
     finally:
-        _afresh.clear()
+        if not was:
+            _afresh.clear()
+
+
+def remembering() -> bool:
+    """Whether hashes found remembered are taken (outside afresh())."""
+    return not _afresh.is_set()
 
 
 def hashed(folder: Folder, name: str, stop: threading.Event | None = None) -> tuple[str, os.stat_result]:

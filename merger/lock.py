@@ -120,6 +120,22 @@ def inputs_of(
     return out
 
 
+def checked_inputs(lock: Lock, plan: Plan, name: str, hub_weights: bool = True) -> list[LockedInput]:
+    """The inputs as hashed now (inputs_of), checked against `lock` (named `name`). Where a file differs
+    from the lock by a remembered hash, every file is read again before the difference counts: a wrong
+    entry in merger's cache never refuses a rerun."""
+    inputs = inputs_of(plan, hub_weights=hub_weights)
+    try:
+        lock.verify(inputs, name)
+    except ModelError:
+        if not hashes.remembering():
+            raise
+        with hashes.afresh():
+            inputs = inputs_of(plan, hub_weights=hub_weights)
+        lock.verify(inputs, name)
+    return inputs
+
+
 def listed(plan: Plan, local: bool = False) -> list[LockedInput]:
     """The Hub inputs as the Hub lists them (commit, files and their hashes), nothing read: what a lock
     can be checked against before anything is downloaded. With `local`, the local inputs too, by their

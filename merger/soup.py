@@ -24,7 +24,7 @@ from merger.errors import MergerError, ModelError
 from merger.evaluate import Candidate, Evaluator, make_evaluator
 from merger.fetch import fetch_inputs
 from merger.files import cache_dir, parse_json, write_json
-from merger.lock import Lock, inputs_of
+from merger.lock import Lock, checked_inputs
 from merger.plan import Plan, build_plan
 from merger.recipe import DTYPE_CODE
 from merger.sources import TOKENIZER_FILES, LocalModel
@@ -144,7 +144,7 @@ def greedy_soup(
     check_destination(dest, plan, force)
     remove_leftovers(dest)  # candidates of a killed search
     if lock is not None:
-        lock.verify(inputs_of(plan), lock_name)
+        checked_inputs(lock, plan, lock_name)
     fetch_inputs(plan, weights=True)  # Hub inputs: every candidate reads them
     refs = [g.ref for g in spec.ingredients]
     cache = ScoreCache(None if ev.cache is False else default_cache_path() if ev.cache is True else Path(ev.cache))

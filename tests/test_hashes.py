@@ -113,6 +113,22 @@ def test_rehash_reads_every_file_and_corrects_what_the_cache_holds(workdir, read
     assert reads == [] and _locked_hashes() == _true_hashes()
 
 
+def test_a_locked_rerun_is_not_refused_for_a_wrong_remembered_hash(workdir, reads, monkeypatch):
+    monkeypatch.setattr(hashes, "SETTLED", 0.0)
+    Path("recipe.yaml").write_text(GOOD)
+    _apply()
+    for entry in _store().iterdir():
+        entry.write_text("f" * 64 + "\n")
+    reads.clear()
+    result = CliRunner().invoke(cli, ["apply", "--locked", "out/merger.lock.json", "-o", "again", "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(reads) == _files()  # the remembered hashes differed from the lock: every file read again
+    again = json.loads(Path("again/merger.lock.json").read_text())
+    assert again["inputs"] == json.loads(Path("out/merger.lock.json").read_text())["inputs"]
+    assert _locked_hashes() == _true_hashes()
+    assert {e.read_text() for e in _store().iterdir()} == {f"{h}\n" for h in _true_hashes().values()}
+
+
 def test_entries_that_are_not_a_hash_are_ignored(workdir, reads, monkeypatch):
     monkeypatch.setattr(hashes, "SETTLED", 0.0)
     Path("recipe.yaml").write_text(GOOD)
