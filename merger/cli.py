@@ -319,16 +319,27 @@ def plan(recipe, output, device, shard_size, locked, offline, seed, workers, as_
             _show_plan(p, info, resolved, partial)
 
 
+def _hash_line(info: dict) -> str:
+    """What the lock's hashing will read, for `merger plan`."""
+    n, known = info["hash_files"], info["hashes_remembered"]
+    if not n:
+        return f"nothing to hash: every input file's hash ({known}) is remembered from an earlier run"
+    more = f"; {known} more remembered from an earlier run" if known else ""
+    return f"hashes {_size(info['hash_bytes'])} of the inputs ({n} file(s){more})"
+
+
 def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
     """What `merger plan --json` prints."""
     from merger.assemble import tensor_record
     from merger.fetch import disk_needs
+    from merger.lock import to_hash
 
     todo = None
     if partial is not None and partial.state == "resumable":
         todo = [i for i, s in enumerate(p.shards) if s.filename not in partial.done]
     n_merged = sum(t.merged for t in p.tensors)
     hub, ev = p.spec.recipe.hub, p.spec.recipe.evaluation
+    hash_bytes, hash_files, remembered = to_hash(p)
     info = {
         "recipe": name,
         "method": p.spec.method.name,
@@ -346,6 +357,9 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "tensors_copied": len(p.tensors) - n_merged,
         "bytes_read": p.bytes_read,
         "bytes_written": p.bytes_written,
+        "hash_bytes": hash_bytes,  # read again for the lock's hashes (merger.hashes)
+        "hash_files": hash_files,
+        "hashes_remembered": remembered,
         "peak_memory_estimate": p.peak_memory,
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
         "peak_pinned_memory_estimate": p.peak_pinned_memory,
@@ -385,6 +399,7 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     if p.model_wide:  # TIES' global trim: the radix select's passes over the whole model come first
         click.echo(f"                and before merging, {p.spec.method.name} reads the models through a few times")
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
+    click.echo(f"  lock:         {_hash_line(info)}")
     gpu = ""
     if p.device == "cuda":
         gpu = (

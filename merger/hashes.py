@@ -68,13 +68,12 @@ def remembering() -> bool:
 def hashed(folder: Folder, name: str, stop: threading.Event | None = None) -> tuple[str, os.stat_result]:
     """`folder.hash(name)`: the sha256 of the file's bytes and its status; without reading the file
     where an earlier run hashed it as it is now."""
+    found = _found(folder, name)
+    if found is not None:
+        return found
     real = folder.locate(name)
-    st = folder.stat(name)
-    if st is None or not _keeps_ctime(real):
+    if not _keeps_ctime(real):
         return folder.hash(name, stop)
-    with _store() as store:
-        if store is not None and not _afresh.is_set() and (digest := _read(store, _key(real, st))):
-            return digest, st
     started = time.time_ns()
     digest, st = folder.hash(name, stop)
     if max(st.st_mtime_ns, st.st_ctime_ns) <= started - SETTLED * 1e9:
@@ -82,6 +81,22 @@ def hashed(folder: Folder, name: str, stop: threading.Event | None = None) -> tu
             if store is not None:
                 _write(store, _key(real, st), digest)
     return digest, st
+
+
+def remembered(folder: Folder, name: str) -> bool:
+    """Whether hashed() would take the file's hash from the cache, without reading the file."""
+    return _found(folder, name) is not None
+
+
+def _found(folder: Folder, name: str) -> tuple[str, os.stat_result] | None:
+    """The remembered hash of the file as it is now, and its status (None: not remembered, or not here)."""
+    real = folder.locate(name)
+    st = folder.stat(name)
+    if st is None or _afresh.is_set() or not _keeps_ctime(real):
+        return None
+    with _store() as store:
+        digest = _read(store, _key(real, st)) if store is not None else None
+    return (digest, st) if digest else None
 
 
 def _key(real: Path, st: os.stat_result) -> str:

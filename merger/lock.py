@@ -136,6 +136,22 @@ def checked_inputs(lock: Lock, plan: Plan, name: str, hub_weights: bool = True) 
     return inputs
 
 
+def to_hash(plan: Plan) -> tuple[int, int, int]:
+    """What a merge of `plan` reads to hash for its lock: (bytes, files), and how many files' hashes are
+    remembered from an earlier run (merger.hashes). A Hub file not fetched yet is hashed when it is."""
+    nbytes = files = known = 0
+    for model, names in plan.files_used():
+        folder = model.remote.folder if model.remote else model.folder
+        for name in names:
+            if hashes.remembered(folder, name):
+                known += 1
+                continue
+            st = folder.stat(name)
+            nbytes += st.st_size if st is not None else model.remote.files[name].size if model.remote else 0
+            files += 1
+    return nbytes, files, known
+
+
 def listed(plan: Plan, local: bool = False) -> list[LockedInput]:
     """The Hub inputs as the Hub lists them (commit, files and their hashes), nothing read: what a lock
     can be checked against before anything is downloaded. With `local`, the local inputs too, by their

@@ -78,6 +78,37 @@ def test_a_rerun_reads_no_unchanged_file_to_hash_it_and_locks_the_same_hashes(wo
     assert reads == []
 
 
+def test_plan_says_what_the_lock_will_read_to_hash(workdir, monkeypatch):
+    def lock_line() -> str:
+        result = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
+        assert result.exit_code == 0, result.output
+        return next(line for line in result.output.splitlines() if line.startswith("  lock:"))
+
+    def plan_json() -> dict:
+        return json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).stdout)
+
+    monkeypatch.setattr(hashes, "SETTLED", 0.0)
+    Path("recipe.yaml").write_text(GOOD)
+    _apply()
+    files = _files()
+    sizes = {name: Path(name).stat().st_size for name in files}
+    info = plan_json()
+    assert (info["hash_bytes"], info["hash_files"], info["hashes_remembered"]) == (0, 0, len(files))
+    assert (
+        lock_line()
+        == f"  lock:         nothing to hash: every input file's hash ({len(files)}) is remembered from an earlier run"
+    )
+    time.sleep(0.05)
+    Path("ft2/model.safetensors").touch()  # a new ctime: its hash is read again
+    info = plan_json()
+    assert (info["hash_bytes"], info["hash_files"]) == (sizes["ft2/model.safetensors"], 1)
+    assert info["hashes_remembered"] == len(files) - 1
+    assert lock_line().endswith(f" of the inputs (1 file(s); {len(files) - 1} more remembered from an earlier run)")
+    with hashes.afresh():
+        info = plan_json()
+    assert (info["hash_bytes"], info["hash_files"], info["hashes_remembered"]) == (sum(sizes.values()), len(files), 0)
+
+
 def test_a_file_rewritten_with_its_size_and_mtime_put_back_is_hashed_again(workdir, reads, monkeypatch):
     monkeypatch.setattr(hashes, "SETTLED", 0.0)
     Path("recipe.yaml").write_text(GOOD)
