@@ -385,8 +385,10 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
 def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     """`merger plan` for a person."""
     ev, hub, disk = p.spec.recipe.evaluation, p.spec.recipe.hub, info["disk"]
-    base = f" onto base '{p.spec.base}'" if p.spec.base and p.spec.method.reads_base else ""
-    if p.spec.base and not p.spec.method.reads_base:  # mergekit's meaning: the output's layout, not merged
+    base = ""
+    if p.spec.base and p.spec.method.reads_base:
+        base = f" onto base '{p.spec.base}'"
+    elif p.spec.base:  # a method that reads none: the base is the output's layout (mergekit's meaning)
         base = f"; config, tokenizer and tensor names from base '{p.spec.base}' (not merged)"
     click.echo(f"{info['recipe']}: {info['method']} of {len(info['models'])} model(s){base}")
     for ref, commit in info["commits"].items():

@@ -71,12 +71,10 @@ def hashed(folder: Folder, name: str, stop: threading.Event | None = None) -> tu
     found = _found(folder, name)
     if found is not None:
         return found
-    real = folder.locate(name)
-    if not _keeps_ctime(real):
-        return folder.hash(name, stop)
     started = time.time_ns()
     digest, st = folder.hash(name, stop)
-    if max(st.st_mtime_ns, st.st_ctime_ns) <= started - SETTLED * 1e9:
+    real = folder.locate(name)
+    if max(st.st_mtime_ns, st.st_ctime_ns) <= started - SETTLED * 1e9 and _keeps_ctime(real):
         with _store() as store:
             if store is not None:
                 _write(store, _key(real, st), digest)

@@ -17,7 +17,7 @@ from merger.errors import MergerError, ModelError
 from merger.files import SUPPORT_LIMIT, parse_json, read_user_file
 from merger.hub import short_hash
 from merger.plan import Plan
-from merger.sources import LocalModel, stamp
+from merger.sources import LocalModel, same_file, stamp
 
 LOCK_NAME = "merger.lock.json"
 
@@ -141,12 +141,11 @@ def to_hash(plan: Plan) -> tuple[int, int, int]:
     remembered from an earlier run (merger.hashes). A Hub file not fetched yet is hashed when it is."""
     nbytes = files = known = 0
     for model, names in plan.files_used():
-        folder = model.remote.folder if model.remote else model.folder
         for name in names:
-            if hashes.remembered(folder, name):
+            if hashes.remembered(model.folder, name):
                 known += 1
                 continue
-            st = folder.stat(name)
+            st = model.folder.stat(name)
             nbytes += st.st_size if st is not None else model.remote.files[name].size if model.remote else 0
             files += 1
     return nbytes, files, known
@@ -176,7 +175,7 @@ def record(
     if remote is None:
         digest, st = hashes.hashed(model.folder, name, stop)
         seen = model.stamps.get(model.path / name)  # a weight file: the one the merge maps
-        if seen is not None and seen[:4] != stamp(st)[:4]:
+        if seen is not None and not same_file(seen, stamp(st)):
             raise ModelError(f"'{model.ref}': {name} changed after merger read its header; run the command again")
         return {"sha256": digest, "size": st.st_size}
     weight = any(model.name_of(f) == name for f in model.files)

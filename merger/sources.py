@@ -124,6 +124,12 @@ def stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
+def same_file(seen: tuple, now: tuple) -> bool:
+    """Whether two stamps are of one file, unchanged (the device left out: its number may differ
+    between boots, as in the stamps a resumable output keeps)."""
+    return seen[:4] == now[:4]
+
+
 @dataclass
 class LocalModel:
     """A model directory with safetensors weights, described by its headers.
@@ -160,7 +166,7 @@ class LocalModel:
         now = stamp(os.fstat(f.fileno()))
         seen = self.stamps.get(file)
         listed = self.remote.files[name].size if self.remote and name in self.remote.files else None
-        if (seen is not None and seen[:4] != now[:4]) or (seen is None and listed not in (None, now[0])):
+        if (seen is not None and not same_file(seen, now)) or (seen is None and listed not in (None, now[0])):
             f.close()
             raise ModelError(f"'{self.ref}': {name} changed after merger read its header; run the command again")
         return f
@@ -177,7 +183,7 @@ class LocalModel:
                 continue
             except OSError:
                 now = None
-            if now is None or now[:4] != seen[:4]:
+            if now is None or not same_file(seen, now):
                 raise ModelError(
                     f"'{self.ref}': {self.name_of(file)} changed while merger merged it; run the command again"
                 )
