@@ -387,25 +387,24 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
     """DELLA's keep flags into kp without sorting the fiber, where most of its magnitudes have low 16 bits 0
     (bf16 task vectors'): draw p (_mix(z0 + p * step), top 53 bits) is kept where below tj[its rank]. Such a
     magnitude is the least of its bucket (its top 16 bits), so its rank is the bucket's start plus the equal
-    ones before it (ties go by index, as in the sort); the odd ones (low bits set) rank after those, by their
-    order among their bucket's odd ones. below, hi, n_odd: _fiber_keys'. Returns False, with kp unfinished,
-    where over half are odd (float32 task vectors), a bucket holds over GROUP odd ones or the buckets span
-    too wide a range to total. scratch: keep_scratch's; its counts (and odd groups) are zero again on return."""
-    cs, odds, oc, heads, grouped, drawn, ties, plain, starts = scratch
+    ones before it (ties go by index, as in the sort): a counting sort's placement, in index order. The odd
+    ones (low bits set) rank after those, by their order among their bucket's odd ones. below, hi, n_odd:
+    _fiber_keys'. Returns False, with kp unfinished, where over half are odd (float32 task vectors), a bucket
+    holds over GROUP odd ones or the buckets span too wide a range to total. scratch: keep_scratch's; its
+    counts (and odd groups) are zero again on return."""
+    cs, odds, oc, heads, grouped, starts = scratch
     lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
         return False
     n_odd = 0
-    for p in range(length):  # per bucket: plain ones below, odd ones above; each one's plain ones before it
+    for p in range(length):  # per bucket: plain ones below, odd ones above
         k = kb[U(p)]
         odd = (k & U32(0xFFFF)) != U32(0)
         h = k >> U32(16)
-        c = cs[h]
-        cs[h] = c + (ODD if odd else np.int64(1))
-        ties[U(p)] = U32(c & LOW32)
+        cs[h] += ODD if odd else np.int64(1)
         odds[U(n_odd)] = p
         n_odd += odd
-    nh = _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain)
+    nh = _odd_groups(kb, odds, n_odd, oc, heads, grouped)
     c = cs[0]  # bucket 0, then lo..hi: where each starts (the counts zeroed for the next fiber)
     cs[0] = 0
     if nh < 0:
@@ -419,21 +418,21 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
         cs[U(head)] = 0
         starts[U(head)] = total
         total += (c & LOW32) + (c >> np.int64(32))
-    for p in range(length):
-        drawn[U(p)] = _mix(z0 + U(p) * step) >> U(11)
-    for p in range(length):  # a plain one's rank: its bucket's start and the plain ones before it
-        rank = starts[kb[U(p)] >> U32(16)] + ties[U(p)]
-        kp[U(p)] = drawn[U(p)] < tj[U(rank)]  # an odd one's rank is in range too: its flag is set again below
-    _odd_ranks(kb, drawn, tj, starts, kp, nh, oc, heads, grouped, plain)
+    for p in range(length):  # a plain one's rank: the next in its bucket; an odd one's flag is set again below
+        k = kb[U(p)]
+        h = k >> U32(16)
+        rank = starts[h]
+        starts[h] = rank + np.int64((k & U32(0xFFFF)) == U32(0))
+        kp[U(p)] = (_mix(z0 + U(p) * step) >> U(11)) < tj[U(rank)]
+    _odd_ranks(kb, z0, step, tj, starts, kp, nh, oc, heads, grouped)  # starts: now where the odd ones start
     return True
 
 
 @njit
-def _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain):  # pragma: no cover - compiled
+def _odd_groups(kb, odds, n_odd, oc, heads, grouped):  # pragma: no cover - compiled
     """The odd keys' indices odds[:n_odd] grouped by bucket into grouped, each group in index order; their
-    buckets into heads[:nh], oc[head] the end of its group, and plain[i] the plain ones in bucket heads[i]
-    (from cs' packed counts, before the prefix). Returns nh, or -1 (oc zero again) where a bucket holds over
-    GROUP odd keys."""
+    buckets into heads[:nh] and oc[head] the end of its group. Returns nh, or -1 (oc zero again) where a
+    bucket holds over GROUP odd keys."""
     nh = 0
     for o in range(n_odd):
         h = kb[odds[o]] >> U32(16)
@@ -449,7 +448,6 @@ def _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain):  # pragma: no c
         most = max(most, c)
         oc[heads[i]] = at
         at += c
-        plain[i] = cs[heads[i]] & LOW32
     if most > GROUP:  # the odd ones' ranking is quadratic in a bucket's: sort instead
         for i in range(nh):
             oc[heads[i]] = 0
@@ -464,15 +462,15 @@ def _odd_groups(kb, odds, n_odd, oc, heads, grouped, cs, plain):  # pragma: no c
 
 
 @njit
-def _odd_ranks(kb, drawn, tj, starts, kp, nh, oc, heads, grouped, plain):  # pragma: no cover - compiled
+def _odd_ranks(kb, z0, step, tj, starts, kp, nh, oc, heads, grouped):  # pragma: no cover - compiled
     """The odd keys' flags (_odd_groups' groups; oc zero again after): rank = where their bucket's odd ones
-    start (starts[h] + plain[i]: after the bucket's plain ones) + their order among them, by key, then by index."""
+    start (starts[h], after the bucket's plain ones) + their order among them, by key, then by index."""
     g0 = 0
     for i in range(nh):
         h = heads[i]
         g1 = oc[h]
         oc[h] = 0
-        first = starts[h] + plain[i]
+        first = starts[h]
         for a in range(g0, g1):
             p = grouped[a]
             k = kb[p]
@@ -480,15 +478,14 @@ def _odd_ranks(kb, drawn, tj, starts, kp, nh, oc, heads, grouped, plain):  # pra
             for o in range(g0, g1):
                 ko = kb[grouped[o]]
                 rank += (ko < k) | ((ko == k) & (o < a))
-            kp[p] = drawn[p] < tj[rank]
+            kp[p] = (_mix(z0 + U(p) * step) >> U(11)) < tj[rank]
         g0 = g1
 
 
 @njit
 def keep_scratch(length):  # pragma: no cover - compiled
     """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices, odd groups (zeroed),
-    their buckets and members, draws, each entry's plain ones before it in its bucket, the odd buckets' plain
-    counts (per group, as heads), the buckets' starts."""
+    their buckets and members, the buckets' starts."""
     counts = np.zeros(HEADS, np.int64)
     groups = np.zeros(HEADS, np.int64)
     return (
@@ -496,9 +493,6 @@ def keep_scratch(length):  # pragma: no cover - compiled
         np.empty(length, np.int64),
         groups,
         np.empty(length, np.int64),
-        np.empty(length, np.int64),
-        np.empty(length, np.uint64),
-        np.empty(length, np.uint32),
         np.empty(length, np.int64),
         np.empty(HEADS, np.int64),
     )
