@@ -325,7 +325,8 @@ def _hash_line(info: dict) -> str:
     if not n:
         return f"nothing to hash: every input file's hash ({known}) is remembered from an earlier run"
     more = f"; {known} more remembered from an earlier run" if known else ""
-    return f"hashes {_size(info['hash_bytes'])} of the inputs ({n} file(s){more})"
+    why = "".join(f"; not remembered for the next run: {reason}" for reason in info["hashes_not_remembered_because"])
+    return f"hashes {_size(info['hash_bytes'])} of the inputs ({n} file(s){more}){why}"
 
 
 def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
@@ -339,7 +340,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         todo = [i for i, s in enumerate(p.shards) if s.filename not in partial.done]
     n_merged = sum(t.merged for t in p.tensors)
     hub, ev = p.spec.recipe.hub, p.spec.recipe.evaluation
-    hash_bytes, hash_files, remembered = to_hash(p)
+    hash_bytes, hash_files, remembered, forgotten = to_hash(p)
     info = {
         "recipe": name,
         "method": p.spec.method.name,
@@ -360,6 +361,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "hash_bytes": hash_bytes,  # read again for the lock's hashes (merger.hashes)
         "hash_files": hash_files,
         "hashes_remembered": remembered,
+        "hashes_not_remembered_because": forgotten,  # why the hashes read now will be read again next run
         "peak_memory_estimate": p.peak_memory,
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
         "peak_pinned_memory_estimate": p.peak_pinned_memory,

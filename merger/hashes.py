@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from merger import system
-from merger.files import Folder, private_cache
+from merger.files import Folder, cache_dir, private_cache
 from merger.sources import stamp
 
 SETTLED = 2.0  # seconds since a file's last change before its hash is remembered
@@ -84,6 +84,18 @@ def hashed(folder: Folder, name: str, stop: threading.Event | None = None) -> tu
 def remembered(folder: Folder, name: str) -> bool:
     """Whether hashed() would take the file's hash from the cache, without reading the file."""
     return _found(folder, name) is not None
+
+
+def forgotten(folder: Folder, name: str) -> str | None:
+    """Why this file's hash, once read, would not be remembered for later runs (None: it would be, as
+    far as can be told before hashing: a file changed within SETTLED seconds is not remembered either)."""
+    real = folder.locate(name)
+    if folder.stat(name) is not None and not _keeps_ctime(real):
+        return f"{real.parent} is on a file system whose change times merger cannot rely on"
+    with _store() as store:
+        if store is None:
+            return f"{cache_dir() / 'sha256'} cannot be used: it and its folder must be this user's, writable by nobody else"
+    return None
 
 
 def _found(folder: Folder, name: str) -> tuple[str, os.stat_result] | None:

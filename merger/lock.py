@@ -136,10 +136,12 @@ def checked_inputs(lock: Lock, plan: Plan, name: str, hub_weights: bool = True) 
     return inputs
 
 
-def to_hash(plan: Plan) -> tuple[int, int, int]:
-    """What a merge of `plan` reads to hash for its lock: (bytes, files), and how many files' hashes are
-    remembered from an earlier run (merger.hashes). A Hub file not fetched yet is hashed when it is."""
+def to_hash(plan: Plan) -> tuple[int, int, int, list[str]]:
+    """What a merge of `plan` reads to hash for its lock: (bytes, files), how many files' hashes are
+    remembered from an earlier run (merger.hashes), and why those read now would not be remembered for
+    the next one (each reason once). A Hub file not fetched yet is hashed when it is."""
     nbytes = files = known = 0
+    why: list[str] = []
     for model, names in plan.files_used():
         for name in names:
             if hashes.remembered(model.folder, name):
@@ -148,7 +150,10 @@ def to_hash(plan: Plan) -> tuple[int, int, int]:
             st = model.folder.stat(name)
             nbytes += st.st_size if st is not None else model.remote.files[name].size if model.remote else 0
             files += 1
-    return nbytes, files, known
+            reason = hashes.forgotten(model.folder, name)
+            if reason is not None and reason not in why:
+                why.append(reason)
+    return nbytes, files, known, why
 
 
 def listed(plan: Plan, local: bool = False) -> list[LockedInput]:

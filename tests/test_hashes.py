@@ -107,6 +107,38 @@ def test_plan_says_what_the_lock_will_read_to_hash(workdir, monkeypatch):
     with hashes.afresh():
         info = plan_json()
     assert (info["hash_bytes"], info["hash_files"], info["hashes_remembered"]) == (sum(sizes.values()), len(files), 0)
+    assert info["hashes_not_remembered_because"] == []
+
+
+def test_plan_says_why_the_hashes_it_reads_will_not_be_remembered(workdir, monkeypatch, tmp_path):
+    """A user whose every run hashes all the inputs again learns why from `merger plan`."""
+
+    def plan() -> tuple[str, list[str]]:
+        result = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
+        assert result.exit_code == 0, result.output
+        line = next(line for line in result.output.splitlines() if line.startswith("  lock:"))
+        info = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).stdout)
+        assert info["hash_files"] > 5 and info["hashes_remembered"] == 0  # the weights, configs and tokenizers
+        assert line.startswith("  lock:         hashes ")
+        after = line.split(" of the inputs ", 1)[1].removeprefix(f"({info['hash_files']} file(s))")
+        return after, info["hashes_not_remembered_because"]
+
+    Path("recipe.yaml").write_text(GOOD)
+    shared = tmp_path / "shared-cache"
+    (shared / "sha256").mkdir(parents=True)
+    (shared / "sha256").chmod(0o777)
+    monkeypatch.setenv("MERGER_CACHE_DIR", str(shared))
+    why = f"{shared / 'sha256'} cannot be used: it and its folder must be this user's, writable by nobody else"
+    line, reasons = plan()
+    assert reasons == [why]
+    assert line == f"; not remembered for the next run: {why}"
+
+    monkeypatch.setattr(hashes, "KEEPS_CTIME", {})  # as on squashfs, a FUSE mount or FAT
+    monkeypatch.setenv("MERGER_CACHE_DIR", str(tmp_path / "private"))
+    line, reasons = plan()
+    folders = [Path(m).resolve() for m in ("base", "ft1", "ft2")]
+    assert sorted(reasons) == [f"{f} is on a file system whose change times merger cannot rely on" for f in folders]
+    assert line == "".join(f"; not remembered for the next run: {r}" for r in reasons)
 
 
 def test_a_file_rewritten_with_its_size_and_mtime_put_back_is_hashed_again(workdir, reads, monkeypatch):
