@@ -25,6 +25,50 @@ RECIPES = {
 }
 
 
+def _template(yaml: str) -> str:
+    """A recipe written with BASE, FT1 and FT2 for the models, as a RECIPES template."""
+    escaped = yaml.replace("{", "{{").replace("}", "}}")
+    return escaped.replace("BASE", "{base}").replace("FT1", "{ft1}").replace("FT2", "{ft2}")
+
+
+def _tasks(first: str, second: str, wide: str = "") -> str:
+    """The base and two fine-tunes, with these per-model parameters (and these for the method)."""
+    models = f"models: [{{model: FT1, parameters: {{{first}}}}}, {{model: FT2, parameters: {{{second}}}}}]\n"
+    return _template("base_model: BASE\n" + models + (f"parameters: {{{wide}}}\n" if wide else ""))
+
+
+def _both(wide: str) -> str:
+    """The base and two fine-tunes, with these parameters for the method."""
+    return _template(
+        "base_model: BASE\nmodels: [{model: FT1}, {model: FT2}]\n" + (f"parameters: {{{wide}}}\n" if wide else "")
+    )
+
+
+_OTHERS = {  # every other method (greedy soup needs an evaluator), for the same checks
+    "slerp": _template("base_model: BASE\nmodels: [{model: FT1}]\nparameters: {t: 0.3}\n"),
+    "nearswap": _template("base_model: BASE\nmodels: [{model: FT1}]\nparameters: {t: 0.1}\n"),
+    "arcee_fusion": _template("base_model: BASE\nmodels: [{model: FT1}]\n"),
+    "passthrough": _template("models: [{model: FT1, parameters: {scale: 0.5}}]\n"),
+    "karcher": _template("models: [{model: FT1}, {model: FT2}]\n"),
+    "nuslerp": _tasks("weight: 0.7", "weight: 0.4"),
+    "multislerp": _tasks("weight: 0.7", "weight: 0.4"),
+    "dare_linear": _tasks("weight: 0.7, density: 0.4", "weight: 0.5, density: 0.7"),
+    "dare_ties": _tasks("weight: 0.7, density: 0.4", "weight: 0.5, density: 0.7"),
+    "breadcrumbs": _tasks("weight: 0.7, density: 0.8, gamma: 0.05", "weight: 0.5, density: 0.6, gamma: 0.1"),
+    "breadcrumbs_ties": _tasks("weight: 0.7, density: 0.8, gamma: 0.05", "weight: 0.5, density: 0.6"),
+    "della": _tasks("weight: 0.7, density: 0.4, epsilon: 0.1", "weight: 0.5, density: 0.7, epsilon: 0.2"),
+    "della_linear": _tasks("weight: 0.7, density: 0.4, epsilon: 0.1", "weight: 0.5, density: 0.6"),
+    "sce": _tasks("weight: 1.0", "weight: 1.0", "select_topk: 0.5"),
+    "model_stock": _tasks("weight: 1.0", "weight: 1.0"),
+    "ram": _both(""),
+    "ramplus_tl": _both("r: 0.5, alpha: 0.3"),
+    "tsv": _both("alpha: 0.8"),
+    "iso_c": _both("alpha: 1.2"),
+    "iso_cts": _both("alpha: 1.1, common_space_fraction: 0.5"),
+}
+RECIPES |= {method: f"merge_method: {method}\n" + text for method, text in _OTHERS.items()}
+
+
 def write_checkpoint(
     directory: Path,
     tensors: dict[str, torch.Tensor],

@@ -410,7 +410,7 @@ class FakeCuda:
         if name in READS_BACK:
             with self.lock:
                 _join(self.host_clock(), stream.clock)
-            return ret.clone() if name == "cpu" else ret
+            return _plain(ret).clone() if name == "cpu" else ret  # a host tensor, untracked
         with self.lock:
             stamp = stream.tick()
         for target in self._targets(name, args, kwargs):
