@@ -10,8 +10,10 @@ Steps (--steps picks some, in this order):
              (TORCH_CUDA_SANITIZER=1) with MERGER_INLINE_STAGING=1, once as planned and once with every
              tensor merged in pieces; fails if the sanitizer reports a data race. CSAN watches only the
              thread that enabled it, hence staging inline rather than on the stager thread.
-  compare    a bf16 TIES merge of --shape (bench_merge.py's synthetic checkpoints) on each of --devices,
-             the outputs compared byte for byte, every file, shard and tensor (NaN payloads included).
+  compare    a bf16 merge of --shape (bench_merge.py's synthetic checkpoints and recipes) on each of --devices
+             for each of --compare-methods (TIES and the two that draw, by default: their draws must not
+             depend on the device), the outputs compared byte for byte, every file, shard and tensor (NaN
+             payloads included).
   bench      bench_merge.py at --shape, alternating --devices within each repeat.
 
 Everything printed also goes to --report (default gpu-report.txt): send that file back.
@@ -335,9 +337,15 @@ def run_sanitizer(report: Report, args: argparse.Namespace) -> None:
 
 def run_compare(report: Report, args: argparse.Namespace) -> None:
     dirs = generate(report, args.dir, args.shape)
+    for method in args.compare_methods:
+        compare_method(report, args, dirs, method)
+
+
+def compare_method(report: Report, args: argparse.Namespace, dirs: list[Path], method: str) -> None:
+    """One bf16 merge of `method` on each of --devices, the outputs compared byte for byte."""
     scratch = fresh(args.dir / f"gpu-check-{args.shape}")
-    recipe = scratch / "ties.yaml"
-    recipe.write_text(bench_merge.recipe("ties", dirs, scratch / "out"))
+    recipe = scratch / f"{method}.yaml"
+    recipe.write_text(bench_merge.recipe(method, dirs, scratch / "out"))
     shard_size = str(max(1, model_bytes(args.shape) // 3))  # a few shards, whatever the shape
     outs = []
     for i, device in enumerate(args.devices):
@@ -346,23 +354,23 @@ def run_compare(report: Report, args: argparse.Namespace) -> None:
         rc, _ = report.run([sys.executable, "-m", "merger.cli", "apply", str(recipe), "-o", str(out), "--device",
                             device, "--shard-size", shard_size, "--force", "-q"])  # fmt: skip
         if rc:
-            raise StepFailed(f"the {args.shape} TIES merge on {device} failed (exit code {rc}; see above)")
-        report.line(f"merged on {device} in {time.perf_counter() - t:.1f} s (wall, start-up included)")
+            raise StepFailed(f"the {args.shape} {method} merge on {device} failed (exit code {rc}; see above)")
+        report.line(f"{method}: merged on {device} in {time.perf_counter() - t:.1f} s (wall, start-up included)")
         outs.append(out)
     diffs = compare_outputs(*outs)
     if diffs:
         tensors = [d for d in diffs if d.tensor is not None]
-        report.line(f"\nthe outputs differ: {len(diffs)} difference(s), {len(tensors)} of them in tensors")
+        report.line(f"\nthe {method} outputs differ: {len(diffs)} difference(s), {len(tensors)} of them in tensors")
         for d in diffs[:20]:
             report.line("  " + d.describe())
         if len(diffs) > 20:
             report.line(f"  ... and {len(diffs) - 20} more")
         report.line(f"(the outputs are kept in {scratch})")
         raise StepFailed(
-            f"the {args.shape} TIES merges on {' and '.join(args.devices)} differ; first: {diffs[0].describe()}"
+            f"the {args.shape} {method} merges on {' and '.join(args.devices)} differ; first: {diffs[0].describe()}"
         )
     n_files = len([p for p in outs[0].rglob("*") if p.is_file()])
-    report.line(f"the outputs on {' and '.join(args.devices)} are identical, byte for byte ({n_files} files)")
+    report.line(f"{method}: the outputs on {' and '.join(args.devices)} are identical, byte for byte ({n_files} files)")
     shutil.rmtree(scratch)
 
 
@@ -398,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default=",".join(STEPS), help=f"some of {','.join(STEPS)} (default: all)")
     ap.add_argument("--devices", default="cuda,cpu", help="the two devices compared and benchmarked (default cuda,cpu)")
     ap.add_argument("--shape", default="3b", choices=sorted(bench_merge.SHAPES), help="compare and bench (default 3b)")
+    ap.add_argument("--compare-methods", default="ties,dare_ties,della",
+                    help="the methods the compare step merges on both devices (default ties,dare_ties,della)")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=2, help="benchmark runs per device and method (default 2)")
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")),
                     help="checkpoints and scratch outputs (default $MERGER_BENCH_DIR or /tmp/merger-bench)")  # fmt: skip
@@ -405,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     steps = args.steps.split(",")
     args.devices = args.devices.split(",")
+    args.compare_methods = args.compare_methods.split(",")
+    if unknown := [m for m in args.compare_methods if m not in bench_merge.RECIPES]:
+        ap.error(f"--compare-methods: unknown {unknown}; choose from {','.join(bench_merge.RECIPES)}")
     if unknown := [s for s in steps if s not in STEPS]:
         ap.error(f"--steps: unknown {unknown}; choose from {','.join(STEPS)}")
     if len(args.devices) != 2 or any(d not in ("cpu", "cuda") for d in args.devices):
