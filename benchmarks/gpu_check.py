@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", default="cuda,cpu", help="the two devices compared and benchmarked (default cuda,cpu)")
     ap.add_argument("--shape", default="3b", choices=sorted(bench_merge.SHAPES), help="compare and bench (default 3b)")
     ap.add_argument("--compare-methods", default="ties,dare_ties,della",
-                    help="the methods the compare step merges on both devices (default ties,dare_ties,della)")  # fmt: skip
+                    help="the methods the compare step merges on both devices (default ties,dare_ties,della); not "
+                         "tsv, iso_c or iso_cts, whose SVDs agree across devices to rounding, not bit for bit")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=2, help="benchmark runs per device and method (default 2)")
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")),
                     help="checkpoints and scratch outputs (default $MERGER_BENCH_DIR or /tmp/merger-bench)")  # fmt: skip

@@ -308,18 +308,38 @@ def cache_dir() -> Path:
 
 def private_cache(name: str) -> Path | None:
     """cache_dir() / name, created for this user alone (mode 0700), or None if it cannot be had, or if
-    it or the cache directory belongs to someone else or others may write to it."""
+    it or the cache directory belongs to someone else or others may write to it (unusable_cache says which)."""
+    return None if unusable_cache(name) else cache_dir() / name
+
+
+def unusable_cache(name: str) -> str | None:
+    """Why cache_dir() / name cannot be merger's private cache directory (created here, mode 0700, if
+    missing), or None if it can."""
     path = cache_dir() / name
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.mkdir(mode=0o700, exist_ok=True)
-        for p in (path, path.parent):
-            st = os.stat(p)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
-                return None
-    except OSError:
-        return None
-    return path
+    except OSError as e:
+        return f"{path} cannot be created ({e.strerror})"
+    for p in (path, path.parent):
+        try:
+            problem = not_private(p, os.stat(p))
+        except OSError as e:
+            problem = f"{p} cannot be read ({e.strerror})"
+        if problem:
+            return problem
+    return None
+
+
+def not_private(path: Path, st: os.stat_result) -> str | None:
+    """Why the directory at `path`, whose status is `st`, is not this user's alone (None if it is)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to another user"
+    if st.st_mode & 0o022:
+        return f"{path} may be written by other users"
+    return None
 
 
 def fsync_dir(path: Path) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from merger import system
-from merger.files import Folder, cache_dir, private_cache
+from merger.files import Folder, cache_dir, not_private, unusable_cache
 from merger.sources import stamp
 
 SETTLED = 2.0  # seconds since a file's last change before its hash is remembered
@@ -88,14 +88,19 @@ def remembered(folder: Folder, name: str) -> bool:
 
 def forgotten(folder: Folder, name: str) -> str | None:
     """Why this file's hash, once read, would not be remembered for later runs (None: it would be, as
-    far as can be told before hashing: a file changed within SETTLED seconds is not remembered either)."""
+    far as can be told before hashing: a file changed within SETTLED seconds is not remembered either).
+    A file not here yet (a Hub file to download) is judged by the nearest folder above it that is."""
     real = folder.locate(name)
-    if folder.stat(name) is not None and not _keeps_ctime(real):
-        return f"{real.parent} is on a file system whose change times merger cannot rely on"
-    with _store() as store:
-        if store is None:
-            return f"{cache_dir() / 'sha256'} cannot be used: it and its folder must be this user's, writable by nobody else"
-    return None
+    there = next(p for p in (real, *real.parents) if p.exists())
+    if system.libc() is None:
+        return "hashes are remembered on Linux alone"
+    if not _keeps_ctime(there):
+        mount = next(p for p in (there, *there.parents) if p.is_mount() or p == p.parent)
+        return f"the inputs under {mount} are on a file system whose change times merger cannot rely on"
+    fd, problem = _open_store()
+    if fd is not None:
+        os.close(fd)
+    return problem and f"merger's hash cache cannot be used: {problem}"
 
 
 def _found(folder: Folder, name: str) -> tuple[str, os.stat_result] | None:
@@ -118,20 +123,32 @@ def _key(real: Path, st: os.stat_result) -> str:
 def _store() -> Iterator[int | None]:
     """A descriptor of the private `sha256/` directory, checked through that descriptor (so a link
     swapped in after the check leads nowhere), or None."""
-    path = private_cache("sha256")
-    fd = None
-    with contextlib.suppress(OSError):
-        if path is not None:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            st = os.fstat(fd)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                os.close(fd)
-                fd = None
+    fd, _ = _open_store()
     try:
         yield fd
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _open_store() -> tuple[int | None, str | None]:
+    """_store's descriptor, or None and why the directory cannot be used."""
+    problem = unusable_cache("sha256")
+    if problem:
+        return None, problem
+    path = cache_dir() / "sha256"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        return None, f"{path} is a link" if path.is_symlink() else f"{path} cannot be opened ({e.strerror})"
+    try:
+        problem = not_private(path, os.fstat(fd))
+    except OSError as e:
+        problem = f"{path} cannot be read ({e.strerror})"
+    if problem:
+        os.close(fd)
+        return None, problem
+    return fd, None
 
 
 def _read(store: int, key: str) -> str | None:

@@ -110,35 +110,61 @@ def test_plan_says_what_the_lock_will_read_to_hash(workdir, monkeypatch):
     assert info["hashes_not_remembered_because"] == []
 
 
-def test_plan_says_why_the_hashes_it_reads_will_not_be_remembered(workdir, monkeypatch, tmp_path):
-    """A user whose every run hashes all the inputs again learns why from `merger plan`."""
+def _planned_hashing() -> tuple[str, dict]:
+    """`merger plan`'s lock line after its figures, and its JSON."""
+    result = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("  lock:"))
+    info = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).stdout)
+    if not info["hash_files"]:
+        return "", info
+    known = f"; {info['hashes_remembered']} more remembered from an earlier run" if info["hashes_remembered"] else ""
+    return line.split(" of the inputs ", 1)[1].removeprefix(f"({info['hash_files']} file(s){known})"), info
 
-    def plan() -> tuple[str, list[str]]:
-        result = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
-        assert result.exit_code == 0, result.output
-        line = next(line for line in result.output.splitlines() if line.startswith("  lock:"))
-        info = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).stdout)
-        assert info["hash_files"] > 5 and info["hashes_remembered"] == 0  # the weights, configs and tokenizers
-        assert line.startswith("  lock:         hashes ")
-        after = line.split(" of the inputs ", 1)[1].removeprefix(f"({info['hash_files']} file(s))")
-        return after, info["hashes_not_remembered_because"]
 
+def _mount_of(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+@pytest.mark.parametrize("case", ["others may write", "a link", "cannot be created", "change times", "usable"])
+def test_plan_says_why_the_hashes_it_reads_will_not_be_remembered(workdir, monkeypatch, tmp_path, case):
+    """A user whose every run hashes all the inputs again learns why from `merger plan`, and it is so:
+    after a merge, the plan finds nothing remembered."""
+    monkeypatch.setattr(hashes, "SETTLED", 0.0)
     Path("recipe.yaml").write_text(GOOD)
-    shared = tmp_path / "shared-cache"
-    (shared / "sha256").mkdir(parents=True)
-    (shared / "sha256").chmod(0o777)
-    monkeypatch.setenv("MERGER_CACHE_DIR", str(shared))
-    why = f"{shared / 'sha256'} cannot be used: it and its folder must be this user's, writable by nobody else"
-    line, reasons = plan()
-    assert reasons == [why]
-    assert line == f"; not remembered for the next run: {why}"
-
-    monkeypatch.setattr(hashes, "KEEPS_CTIME", {})  # as on squashfs, a FUSE mount or FAT
-    monkeypatch.setenv("MERGER_CACHE_DIR", str(tmp_path / "private"))
-    line, reasons = plan()
-    folders = [Path(m).resolve() for m in ("base", "ft1", "ft2")]
-    assert sorted(reasons) == [f"{f} is on a file system whose change times merger cannot rely on" for f in folders]
-    assert line == "".join(f"; not remembered for the next run: {r}" for r in reasons)
+    cache = tmp_path / "cache"
+    store = cache / "sha256"
+    if case == "others may write":
+        store.mkdir(parents=True)
+        store.chmod(0o777)
+        why = f"merger's hash cache cannot be used: {store} may be written by other users"
+    if case == "a link":  # to a private directory: still not used
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        cache.mkdir(mode=0o700)
+        store.symlink_to(tmp_path / "elsewhere")
+        why = f"merger's hash cache cannot be used: {store} is a link"
+    if case == "cannot be created":
+        (tmp_path / "file").write_text("")
+        cache = tmp_path / "file" / "cache"
+        why = f"merger's hash cache cannot be used: {cache / 'sha256'} cannot be created (Not a directory)"
+    if case == "change times":
+        monkeypatch.setattr(hashes, "KEEPS_CTIME", {})  # as on squashfs, a FUSE mount or FAT
+        why = f"the inputs under {_mount_of(Path('.'))} are on a file system whose change times merger cannot rely on"
+    monkeypatch.setenv("MERGER_CACHE_DIR", str(cache))
+    after, info = _planned_hashing()
+    reasons = [] if case == "usable" else [why]
+    assert info["hashes_not_remembered_because"] == reasons and info["hashes_remembered"] == 0
+    assert after == "".join(f"; not remembered for the next run: {r}" for r in reasons)
+    _apply()
+    after, info = _planned_hashing()
+    if case == "usable":
+        assert info["hash_files"] == 0 and info["hashes_remembered"] > 5  # the weights, configs, tokenizers
+    else:
+        assert info["hashes_remembered"] == 0 and info["hash_files"] > 5
+        assert after == f"; not remembered for the next run: {why}"
 
 
 def test_a_file_rewritten_with_its_size_and_mtime_put_back_is_hashed_again(workdir, reads, monkeypatch):

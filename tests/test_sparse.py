@@ -545,28 +545,26 @@ def keys_then_counts(mags, length, scratch, kp, z0, step, thresholds):  # pragma
     return sparse_kernels._keep_by_counts(kb, z0, step, thresholds, length, *fiber, scratch, kp)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "bf16",
-        "bf16 with zeros and ties",
-        "odd ones tied",
-        "odd ones alone in buckets",
-        "many odd ones",
-        "odd ones in bucket 0",
-        "only bucket 0",
-        "zeros",
-        "many odd ones in a bucket",
-        "float32",
-        "wide",
-        "short",
-    ],
-)
-def test_della_ranks_from_counts_are_the_sorts(case):
-    """sparse_kernels._keep_by_counts (bf16 task vectors: ranks from bucket counts) keeps what ranking by a
-    sort keeps, and declines (False) the fibers it cannot rank: too many odd magnitudes, too wide a range."""
-    from merger.methods import sparse_kernels as sk
+DELLA_FIBERS = [
+    "bf16",
+    "bf16 with zeros and ties",
+    "odd ones tied",
+    "odd ones alone in buckets",
+    "many odd ones",
+    "odd ones in bucket 0",
+    "only bucket 0",
+    "zeros",
+    "many odd ones in a bucket",
+    "float32",
+    "wide",
+    "short",
+    "nan and inf",
+]
+DECLINED = ("float32", "wide", "many odd ones in a bucket")  # fibers the counts cannot rank: sorted instead
 
+
+def della_fiber(case: str) -> torch.Tensor:
+    """One fiber of task-vector magnitudes of the named kind (DELLA_FIBERS)."""
     rng = np.random.default_rng(len(case))
     length = 17 if case == "short" else 4096
     base = torch.from_numpy(rng.standard_normal(length).astype(np.float32)).bfloat16().float()
@@ -594,9 +592,20 @@ def test_della_ranks_from_counts_are_the_sorts(case):
         mags[:200] = torch.from_numpy(rng.uniform(10, 10.01, 200).astype(np.float32))
     if case == "float32":
         mags = torch.from_numpy(np.abs(rng.standard_normal(length)).astype(np.float32))
+    if case == "nan and inf":  # near the top of the range, so that the buckets up to NaN's are few
+        mags = (mags * 1e36).bfloat16().float()
+        mags[3::50] = float("inf")
+        mags[7::90] = float("nan")
     if case == "wide":
         mags[0] = 1e-30
         mags[1] = 1e30
+    return mags
+
+
+def assert_counted_like_sorted(case: str, mags: torch.Tensor, scratch) -> None:
+    """_keep_by_counts on the fiber keeps what ranking by a sort keeps, or declines it (DECLINED), and
+    leaves scratch ready for the next fiber."""
+    length = mags.numel()
     keys = mags.numpy().view(np.uint32).copy()
     z0, step = 0x1234_5678_9ABC_DEF0 + len(case), 0x9E37_79B9_7F4A_7C15
     u = splitmix64_top53(z0, step, length) / 2.0**53
@@ -605,9 +614,8 @@ def test_della_ranks_from_counts_are_the_sorts(case):
     spread[-2:] = (1.0, 1.5)
     thresholds = np.ceil(np.clip(spread, 0, 1) * 2.0**53).astype(np.uint64)
     kp = np.empty(length, np.uint8)
-    scratch = sk.keep_scratch(length)
     settled = keys_then_counts(mags.numpy(), length, scratch, kp, np.uint64(z0), np.uint64(step), thresholds)
-    assert settled == (case not in ("float32", "wide", "many odd ones in a bucket"))
+    assert settled == (case not in DECLINED)
     assert not scratch[0].any() and not scratch[2].any()  # ready for the next fiber
     if settled:
         assert np.array_equal(kp.astype(bool), sorted_keep(keys, u, spread))
@@ -616,3 +624,18 @@ def test_della_ranks_from_counts_are_the_sorts(case):
         assert odd >= 14 if case == "odd ones tied" else odd >= 29
     if case == "many odd ones":
         assert odd > length // 20
+
+
+@pytest.mark.parametrize("case", DELLA_FIBERS)
+def test_della_ranks_from_counts_are_the_sorts(case):
+    """sparse_kernels._keep_by_counts (bf16 task vectors: ranks from bucket counts) keeps what ranking by a
+    sort keeps, and declines (False) the fibers it cannot rank: too many odd magnitudes, too wide a range."""
+    mags = della_fiber(case)
+    assert_counted_like_sorted(case, mags, sparse_kernels.keep_scratch(mags.numel()))
+
+
+def test_della_counts_reuse_their_scratch_from_fiber_to_fiber():
+    """One scratch for every kind of fiber in turn, declined ones among them, as _magprune reuses it."""
+    scratch = sparse_kernels.keep_scratch(4096)
+    for case in DELLA_FIBERS + DELLA_FIBERS[::-1]:
+        assert_counted_like_sorted(case, della_fiber(case), scratch)

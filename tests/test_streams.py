@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 import merger.budget
 import merger.plan
 import merger.stream
+from merger.methods import all_methods
 from merger.plan import build_plan
 from merger.recipe import parse_recipe
 from merger.stream import CudaStages, Merger, merge_tensors, write_shards
 
 SEEDS = (0, 1, 2)
-# (fake's seed, method): the first three methods under every seed, each other one under a seed of its own
+# (fake's seed, method): the first three methods under every seed, each other one under one of them
 METHOD_SEEDS = [
     (seed, m)
     for m in sorted(RECIPES)
@@ -87,6 +88,12 @@ def assert_merge_tensors_equal_written(plan, directory) -> None:
     assert in_memory.keys() == files.keys()
     for name, tensor in in_memory.items():
         assert torch.equal(tensor, files[name]), name
+
+
+def test_every_method_has_a_recipe_for_the_gpu_tests():
+    """conftest.RECIPES, which these tests and tests/test_gpu.py run, covers every method but greedy soup
+    (it needs an evaluator; its soups are merged by the methods here)."""
+    assert set(all_methods()) - set(RECIPES) == {"greedy_soup"}
 
 
 @pytest.mark.parametrize(("fake", "method"), METHOD_SEEDS, indirect=["fake"])

@@ -418,7 +418,9 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
         cs[U(head)] = 0
         starts[U(head)] = total
         total += (c & LOW32) + (c >> np.int64(32))
-    for p in range(length):  # a plain one's rank: the next in its bucket; an odd one's flag is set again below
+    # A plain one's rank: the next place in its bucket. An odd one's flag is set again below; the place it
+    # looks up meanwhile is its bucket's next plain one's, or the first odd one's: in range either way.
+    for p in range(length):
         k = kb[U(p)]
         h = k >> U32(16)
         rank = starts[h]
