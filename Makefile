@@ -30,7 +30,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# On a machine with an NVIDIA GPU (set up with a CUDA build of torch: make setup TORCH=torch), ~15 min:
+# On a machine with an NVIDIA GPU (set up with a CUDA build of torch: make setup TORCH=torch), ~20 min (estimated):
 # the CUDA tests, torch's CUDA sanitizer on a small merge, a 3B-shape TIES merge on cuda and on cpu
 # compared byte for byte, then the 3B benchmark alternating cuda and cpu. Stops at the first failure
 # (at once without CUDA); everything goes to gpu-report.txt too. See benchmarks/gpu_check.py --help.

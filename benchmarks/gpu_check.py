@@ -1,7 +1,7 @@
 """The one command to run on a lent GPU machine (`make gpu`): CUDA tests, torch's CUDA sanitizer, CUDA against
 CPU byte for byte at a 3B shape, then the benchmark on both devices. Stops at the first step that fails.
 
-    python benchmarks/gpu_check.py                         # what `make gpu` runs; ~15 min on one H100 machine
+    python benchmarks/gpu_check.py                         # what `make gpu` runs; ~20 min on one H100 machine (estimated)
     python benchmarks/gpu_check.py --steps compare --shape tiny --devices cpu,cpu   # a self-test on a CPU
 
 Steps (--steps picks some, in this order):
