@@ -90,10 +90,10 @@ def forgotten(folder: Folder, name: str) -> str | None:
     """Why this file's hash, once read, would not be remembered for later runs (None: it would be, as
     far as can be told before hashing: a file changed within SETTLED seconds is not remembered either).
     A file not here yet (a Hub file to download) is judged by the nearest folder above it that is."""
-    real = folder.locate(name)
-    there = next(p for p in (real, *real.parents) if p.exists())
     if system.libc() is None:
         return "hashes are remembered on Linux alone"
+    real = folder.locate(name)
+    there = next(p for p in (real, *real.parents) if p.exists())
     if not _keeps_ctime(there):
         mount = next(p for p in (there, *there.parents) if p.is_mount() or p == p.parent)
         return f"the inputs under {mount} are on a file system whose change times merger cannot rely on"

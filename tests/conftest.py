@@ -31,40 +31,37 @@ def _template(yaml: str) -> str:
     return escaped.replace("BASE", "{base}").replace("FT1", "{ft1}").replace("FT2", "{ft2}")
 
 
-def _tasks(first: str, second: str, wide: str = "") -> str:
-    """The base and two fine-tunes, with these per-model parameters (and these for the method)."""
-    models = f"models: [{{model: FT1, parameters: {{{first}}}}}, {{model: FT2, parameters: {{{second}}}}}]\n"
-    return _template("base_model: BASE\n" + models + (f"parameters: {{{wide}}}\n" if wide else ""))
-
-
-def _both(wide: str) -> str:
-    """The base and two fine-tunes, with these parameters for the method."""
-    return _template(
-        "base_model: BASE\nmodels: [{model: FT1}, {model: FT2}]\n" + (f"parameters: {{{wide}}}\n" if wide else "")
+def _recipe(*per_model: str, wide: str = "", base: bool = True) -> str:
+    """The base (unless not `base`) and FT1, FT2... with these parameters each ("": none), and `wide`
+    for the method."""
+    models = ", ".join(
+        f"{{model: FT{i + 1}" + (f", parameters: {{{p}}}" if p else "") + "}" for i, p in enumerate(per_model)
     )
+    text = ("base_model: BASE\n" if base else "") + f"models: [{models}]\n"
+    return _template(text + (f"parameters: {{{wide}}}\n" if wide else ""))
 
 
 _OTHERS = {  # every other method (greedy soup needs an evaluator), for the same checks
-    "slerp": _template("base_model: BASE\nmodels: [{model: FT1}]\nparameters: {t: 0.3}\n"),
-    "nearswap": _template("base_model: BASE\nmodels: [{model: FT1}]\nparameters: {t: 0.1}\n"),
-    "arcee_fusion": _template("base_model: BASE\nmodels: [{model: FT1}]\n"),
-    "passthrough": _template("models: [{model: FT1, parameters: {scale: 0.5}}]\n"),
-    "karcher": _template("models: [{model: FT1}, {model: FT2}]\n"),
-    "nuslerp": _tasks("weight: 0.7", "weight: 0.4"),
-    "multislerp": _tasks("weight: 0.7", "weight: 0.4"),
-    "dare_linear": _tasks("weight: 0.7, density: 0.4", "weight: 0.5, density: 0.7"),
-    "dare_ties": _tasks("weight: 0.7, density: 0.4", "weight: 0.5, density: 0.7"),
-    "breadcrumbs": _tasks("weight: 0.7, density: 0.8, gamma: 0.05", "weight: 0.5, density: 0.6, gamma: 0.1"),
-    "breadcrumbs_ties": _tasks("weight: 0.7, density: 0.8, gamma: 0.05", "weight: 0.5, density: 0.6"),
-    "della": _tasks("weight: 0.7, density: 0.4, epsilon: 0.1", "weight: 0.5, density: 0.7, epsilon: 0.2"),
-    "della_linear": _tasks("weight: 0.7, density: 0.4, epsilon: 0.1", "weight: 0.5, density: 0.6"),
-    "sce": _both("select_topk: 0.5"),
-    "model_stock": _both(""),
-    "ram": _both("epsilon: 0.05"),  # some entries changed in one model alone: rho below alpha too
-    "ramplus_tl": _both("epsilon: 0.05, r: 0.5, alpha: 0.3"),
-    "tsv": _both("alpha: 0.8"),
-    "iso_c": _both("alpha: 1.2"),
-    "iso_cts": _both("alpha: 1.1, common_space_fraction: 0.5"),
+    "slerp": _recipe("", wide="t: 0.3"),
+    "nearswap": _recipe("", wide="t: 0.1"),
+    "arcee_fusion": _recipe(""),
+    "passthrough": _recipe("scale: 0.5", base=False),
+    "karcher": _recipe("", "", base=False),
+    "nuslerp": _recipe("weight: 0.7", "weight: 0.4"),
+    "multislerp": _recipe("weight: 0.7", "weight: 0.4"),
+    "dare_linear": _recipe("weight: 0.7, density: 0.4", "weight: 0.5, density: 0.7"),
+    "dare_ties": _recipe("weight: 0.7, density: 0.4", "weight: 0.5, density: 0.7"),
+    "breadcrumbs": _recipe("weight: 0.7, density: 0.8, gamma: 0.05", "weight: 0.5, density: 0.6, gamma: 0.1"),
+    "breadcrumbs_ties": _recipe("weight: 0.7, density: 0.8, gamma: 0.05", "weight: 0.5, density: 0.6"),
+    "della": _recipe("weight: 0.7, density: 0.4, epsilon: 0.1", "weight: 0.5, density: 0.7, epsilon: 0.2"),
+    "della_linear": _recipe("weight: 0.7, density: 0.4, epsilon: 0.1", "weight: 0.5, density: 0.6"),
+    "sce": _recipe("", "", wide="select_topk: 0.5"),
+    "model_stock": _recipe("", ""),
+    "ram": _recipe("", "", wide="epsilon: 0.05"),  # some entries changed in one model alone: rho below alpha too
+    "ramplus_tl": _recipe("", "", wide="epsilon: 0.05, r: 0.5, alpha: 0.3"),
+    "tsv": _recipe("", "", wide="alpha: 0.8"),
+    "iso_c": _recipe("", "", wide="alpha: 1.2"),
+    "iso_cts": _recipe("", "", wide="alpha: 1.1, common_space_fraction: 0.5"),
 }
 RECIPES |= {method: f"merge_method: {method}\n" + text for method, text in _OTHERS.items()}
 

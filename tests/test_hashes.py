@@ -78,44 +78,44 @@ def test_a_rerun_reads_no_unchanged_file_to_hash_it_and_locks_the_same_hashes(wo
     assert reads == []
 
 
+def _lock_line() -> str:
+    """`merger plan`'s lock line."""
+    result = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
+    assert result.exit_code == 0, result.output
+    return next(line for line in result.output.splitlines() if line.startswith("  lock:"))
+
+
+def _plan_json() -> dict:
+    return json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).stdout)
+
+
 def test_plan_says_what_the_lock_will_read_to_hash(workdir, monkeypatch):
-    def lock_line() -> str:
-        result = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
-        assert result.exit_code == 0, result.output
-        return next(line for line in result.output.splitlines() if line.startswith("  lock:"))
-
-    def plan_json() -> dict:
-        return json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).stdout)
-
     monkeypatch.setattr(hashes, "SETTLED", 0.0)
     Path("recipe.yaml").write_text(GOOD)
     _apply()
     files = _files()
     sizes = {name: Path(name).stat().st_size for name in files}
-    info = plan_json()
+    info = _plan_json()
     assert (info["hash_bytes"], info["hash_files"], info["hashes_remembered"]) == (0, 0, len(files))
     assert (
-        lock_line()
+        _lock_line()
         == f"  lock:         nothing to hash: every input file's hash ({len(files)}) is remembered from an earlier run"
     )
     time.sleep(0.05)
     Path("ft2/model.safetensors").touch()  # a new ctime: its hash is read again
-    info = plan_json()
+    info = _plan_json()
     assert (info["hash_bytes"], info["hash_files"]) == (sizes["ft2/model.safetensors"], 1)
     assert info["hashes_remembered"] == len(files) - 1
-    assert lock_line().endswith(f" of the inputs (1 file(s); {len(files) - 1} more remembered from an earlier run)")
+    assert _lock_line().endswith(f" of the inputs (1 file(s); {len(files) - 1} more remembered from an earlier run)")
     with hashes.afresh():
-        info = plan_json()
+        info = _plan_json()
     assert (info["hash_bytes"], info["hash_files"], info["hashes_remembered"]) == (sum(sizes.values()), len(files), 0)
     assert info["hashes_not_remembered_because"] == []
 
 
 def _planned_hashing() -> tuple[str, dict]:
     """`merger plan`'s lock line after its figures, and its JSON."""
-    result = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
-    assert result.exit_code == 0, result.output
-    line = next(line for line in result.output.splitlines() if line.startswith("  lock:"))
-    info = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).stdout)
+    line, info = _lock_line(), _plan_json()
     if not info["hash_files"]:
         return "", info
     known = f"; {info['hashes_remembered']} more remembered from an earlier run" if info["hashes_remembered"] else ""
