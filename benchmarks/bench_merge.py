@@ -259,12 +259,20 @@ def run_process(cmd: list[str]) -> tuple[float, int, str]:
     return float(fields[0]), int(fields[1]) * 1024, proc.stdout
 
 
-def print_best(rows: list[tuple], limits: dict[str, float], durable: dict[str, float]) -> None:
-    """Each method's fastest runs, per tool and device: what the code can do, with the runs' noise left out."""
-    best: dict[tuple[str, str, str], tuple[float, float, int]] = {}  # (tool, method, device): walls, merge s, runs
+Best = dict[tuple[str, str, str], tuple[float, float, int]]  # (tool, method, device): wall s, merge s, runs
+
+
+def fastest(rows: list[tuple]) -> Best:
+    """Each tool's fastest wall and merge s per method and device, and how many runs they are the best of."""
+    best: Best = {}
     for tool, method, device, wall, inner, *_ in rows:
         w, i, n = best.get((tool, method, device), (wall, inner, 0))
         best[tool, method, device] = (min(w, wall), min(i, inner), n + 1)
+    return best
+
+
+def print_best(best: Best, limits: dict[str, float], durable: dict[str, float]) -> None:
+    """Each method's fastest runs, per tool and device: what the code can do, with the runs' noise left out."""
     print(f"\nbest of each: {'method':16} {'merge s':>8} {'runs':>4} {'x I/O':>6} {'x dur':>6} {'x TIES':>6} "
           f"{'wall s':>7} {'mk wall':>8} {'vs mk':>6} device")  # fmt: skip
     for (tool, method, device), (wall, inner, runs) in best.items():
@@ -357,15 +365,16 @@ def main() -> None:
                         shutil.rmtree(out, ignore_errors=True)
         print(f"\n{'tool':15} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'x dur':>6} {'vs mk':>6} "
               f"{'peak RSS':>9} {'peak GPU':>9} device")  # fmt: skip
+        best = fastest(rows)
         for tool, method, device, wall, inner, rss, gpu in rows:
-            best_mk = min((r[3] for r in rows if r[0] == "mergekit" and r[1:3] == (method, device)), default=None)
-            vs = f"{best_mk / wall:5.1f}x" if best_mk and tool != "mergekit" else "     -"
+            mk = best.get(("mergekit", method, device))
+            vs = f"{mk[0] / wall:5.1f}x" if mk and tool != "mergekit" else "     -"
             gbps = len(read_by(method, dirs)) * in_bytes / inner / 1e9
             gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
             print(f"{tool:15} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} "
                   f"{inner / durable[method]:6.2f} {vs:>6} "
                   f"{rss / 1e9:7.2f}GB {gpu_s} {device}")  # fmt: skip
-        print_best(rows, limits, durable)
+        print_best(best, limits, durable)
         print(
             "\nwall s: the whole process (Python start-up and imports included); merge s: merger's own timer "
             "(read, merge, write, hash the inputs for the lock (unless remembered from the warm-up run: --rehash "

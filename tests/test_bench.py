@@ -24,7 +24,7 @@ def test_benchmark_generates_checkpoints_and_prints_its_table(tmp_path):
     assert [r[:2] for r in rows] == [["merger", "ties"]]
     assert float(rows[0][3]) > 0  # merge seconds
     lines = done.stdout.splitlines()
-    best = lines[lines.index(next(x for x in lines if x.startswith("best of each:"))) + 1].split()
+    best = lines[next(i for i, x in enumerate(lines) if x.startswith("best of each:")) + 1].split()
     assert best[:3] == ["ties", rows[0][3], "1"]  # its one run's merge s
     assert best[5] == "1.00"  # x TIES
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]  # the scratch run directory is gone

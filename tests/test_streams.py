@@ -26,8 +26,8 @@ SEEDS = (0, 1, 2)
 # (fake's seed, method): the first three methods under every seed, each other one under one of them
 METHOD_SEEDS = [
     (seed, m)
-    for m in sorted(RECIPES)
-    for seed in (SEEDS if m in ("linear", "task_arithmetic", "ties") else [sorted(RECIPES).index(m) % 3])
+    for i, m in enumerate(sorted(RECIPES))
+    for seed in (SEEDS if m in ("linear", "task_arithmetic", "ties") else [SEEDS[i % len(SEEDS)]])
 ]
 PIECE = 200  # entries per GPU piece when a test merges in pieces: t0 (960 entries) in 5
 
