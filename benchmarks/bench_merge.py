@@ -128,11 +128,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds to read every input file once, two ways: `read(2)` into a 1 MiB buffer, and mapping each
     file and loading every 64-byte line of it (how merger reads); and to write out_bytes: plain
-    `write(2)` of a 1 MiB block, and through merger's ShardWriter handing written pages back to the
-    kernel as it goes (stream.drop_behind), each without and with fdatasync. The faster read and the
+    `write(2)` of a 1 MiB block, and through merger's ShardWriter writing past the page cache as it does
+    with stream.drop_behind (O_DIRECT where the file system allows), each without and with fdatasync. The faster read and the
     faster write make the limit."""
     from merger.plan import OutTensor
-    from merger.stream import ShardWriter
+    from merger.stream import ShardWriter, direct_stage
 
     buf = bytearray(1 << 20)  # cache-resident, as dd's blocks: the copy out of the page cache is all it costs
     mv = memoryview(buf)
@@ -164,6 +164,7 @@ def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[dict[st
     target = scratch / "io-limit.bin"
     whole = OutTensor("bytes", (out_bytes,), "U8", True, out_bytes)
     block = np.frombuffer(buf, np.uint8)
+    stage = memoryview(direct_stage())  # as stream._Writer's
     writes = {}
     for how in ("plain", "writer", "plain+sync", "writer+sync"):
         t = time.perf_counter()
@@ -175,7 +176,7 @@ def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[dict[st
                 if how.endswith("sync"):
                     os.fdatasync(fh.fileno())
         else:
-            w = ShardWriter(target, [whole], drop_behind=True)
+            w = ShardWriter(target, [whole], drop_behind=True, stage=stage)
             for s in range(0, out_bytes, len(buf)):
                 w.write(whole, block[: min(len(buf), out_bytes - s)])
             w.close()

@@ -21,6 +21,7 @@ import functools
 import gc
 import importlib
 import itertools
+import mmap
 import os
 import sys
 import threading
@@ -28,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from merger import budget, system
 from merger.assemble import Key
 from merger.errors import MergeError, NaNTaskVector, OutOfMemory
-from merger.files import fsync_file, start_writeback
+from merger.files import DirectFile, fsync_file, start_writeback
 from merger.methods.base import MergeRange
 from merger.plan import FLAGS, OUTPUT, OutTensor, Plan, Shard, shard_header
 from merger.sources import DTYPES, Confined, FileSource, MappedReader, to_torch
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     import torch
 
 WRITEBACK = 64 << 20  # bytes of output between two page-cache hand-backs (ShardWriter._hand_back)
+DIRECT_STAGE = 8 << 20  # bytes of a direct write (files.DirectFile)
 
 
 def drop_behind(output_bytes: int) -> bool:
@@ -59,28 +61,46 @@ def drop_behind(output_bytes: int) -> bool:
     return available is not None and output_bytes > available // 2
 
 
+def direct_stage() -> mmap.mmap:
+    """A staging buffer for files.DirectFile: page-aligned, private to this process."""
+    return mmap.mmap(-1, DIRECT_STAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 class ShardWriter:
     """Writes one safetensors file tensor by tensor: the header comes from the plan up front, then
     each tensor's bytes are streamed in plan order, so no whole-shard byte string is ever built.
 
-    With `drop_behind`, written bytes leave the page cache as they reach the disk: every WRITEBACK
-    bytes the writer starts writeback of the newest window and drops the window before it, if clean
-    by then. The kernel reuses those pages for the next windows, so the output occupies a few
-    windows of page cache instead of its whole size and does not evict other files' cache. On a VM
-    whose freed memory goes back to the host (free page reporting, as the development machine),
-    filling reused pages is also 2-3x faster than fresh ones (README, Performance). Pages still
-    dirty are left alone, so a slow disk never blocks the writer here.
+    With `drop_behind`, the output does not stay in the page cache. Given a staging buffer (`stage`),
+    it is written past the cache (files.DirectFile, O_DIRECT): the CPU only copies it into the buffer,
+    and each 8 MiB write waits for the disk while the merge goes on into the free slots. Where the file
+    system refuses O_DIRECT, or without a buffer, written bytes leave the page cache as they reach the
+    disk: every WRITEBACK bytes the writer starts writeback of the newest window and drops the window
+    before it, if clean by then. The kernel reuses those pages for the next windows, so the output
+    occupies a few windows of page cache instead of its whole size and does not evict other files'
+    cache. Pages still dirty are left alone, so a slow disk never blocks that writer.
 
     With `durable`, writeback of each window starts as it fills (merger.files.start_writeback), so that
     little is left to wait for when the shard is made durable (fsync, by write_shards' syncer thread)."""
 
-    def __init__(self, path: Path, tensors: Iterable[OutTensor], drop_behind: bool = False, durable: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        tensors: Iterable[OutTensor],
+        drop_behind: bool = False,
+        durable: bool = False,
+        stage: memoryview | None = None,
+    ):
         self.path = path
+        direct = DirectFile.open(path, stage) if drop_behind and stage is not None else None
+        self._f: BinaryIO | DirectFile = direct or open(path, "wb")
         self._drop_behind = drop_behind and hasattr(os, "posix_fadvise")
         self._durable = durable
         self._todo = list(tensors)
-        self._f = open(path, "wb")
-        self._f.write(shard_header(self._todo))
+        try:
+            self._f.write(shard_header(self._todo))
+        except BaseException:
+            self.abort()
+            raise
         self._next = 0  # the tensor being written
         self._done = 0  # its bytes written so far
         self._advised = self._dropped = 0  # file offsets: writeback started below, cache dropped below
@@ -95,7 +115,9 @@ class ShardWriter:
             raise RuntimeError(f"tensor '{t.name}': got {data.dtype} {list(data.shape)}, planned {t.dtype}")
         if data.nbytes:
             self._f.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
-            if self._drop_behind:
+            if isinstance(self._f, DirectFile) and self._f.direct:
+                pass  # nothing of it in the page cache
+            elif self._drop_behind:
                 self._hand_back()
             elif self._durable:
                 self._write_back()
@@ -127,11 +149,15 @@ class ShardWriter:
 
     def close(self) -> None:
         if self._next != len(self._todo):
+            self.abort()
             raise RuntimeError(f"shard {self.path.name}: {len(self._todo) - self._next} tensors never written")
         self._f.close()
 
     def abort(self) -> None:
-        self._f.close()
+        if isinstance(self._f, DirectFile):
+            self._f.abort()  # not close(): that writes the last block
+        else:
+            self._f.close()
 
 
 @contextlib.contextmanager
@@ -916,6 +942,8 @@ class _Writer:
         self.durable = durable
         self.synced: list[Future] = []  # durable: each finished shard's fsync, then `finished`
         self.drop = drop_behind(plan.bytes_written)  # the whole output: other ranks write the rest
+        # the direct writes' staging buffer, page-aligned (an anonymous mapping), shared by the shards in turn
+        self.stage = memoryview(direct_stage()) if self.drop else None
         self.buffers = Buffers()  # output buffers, by slot
         self.pending: list[Future | None] = [None] * plan.write_depth
         self.slots = itertools.cycle(range(len(self.pending)))
@@ -960,7 +988,7 @@ class _Writer:
         if w is None:
             path = self.directory / shard.filename
             w = self.writers[shard.filename] = ShardWriter(
-                path, shard.tensors, drop_behind=self.drop, durable=self.durable
+                path, shard.tensors, drop_behind=self.drop, durable=self.durable, stage=self.stage
             )
         w.write(t, data)
         if last:

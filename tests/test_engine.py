@@ -401,12 +401,173 @@ def test_writer_hands_written_windows_back_to_the_page_cache(tmp_path, monkeypat
     assert all(torch.equal(out[k], v) for k, v in tensors.items())
 
 
-def test_output_drops_behind_only_when_it_cannot_stay_cached(tmp_path, monkeypatch, family):
-    """The writers hand pages back when the output is over half the available memory (or when
-    MERGER_DROP_BEHIND=1 says so); a smaller output stays in the page cache for the evaluation or
-    load that follows."""
-    import os
+def _planned_floats(seed: int, sizes) -> tuple[dict[str, torch.Tensor], list]:
+    from merger.plan import OutTensor
 
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
+    return tensors, [OutTensor(k, tuple(v.shape), "F32", True, v.numel() * 4) for k, v in tensors.items()]
+
+
+def _write_in_pieces(w, tensors, planned, piece: int = 300) -> None:
+    for t in planned:
+        data = tensors[t.name].numpy()
+        for s in range(0, max(len(data), 1), piece):  # in pieces, as the engine writes (an empty one once)
+            w.write(t, data[s : s + piece])
+
+
+def _stage(blocks: int = 2) -> memoryview:
+    import mmap
+
+    from merger.files import ALIGN
+
+    return memoryview(mmap.mmap(-1, blocks * ALIGN))
+
+
+@pytest.fixture
+def direct_dir(tmp_path):
+    """tmp_path, where its file system takes O_DIRECT (the direct writer's tests need it)."""
+    from merger.files import DirectFile
+
+    f = DirectFile.open(tmp_path / "probe", _stage(1))
+    if f is None:
+        pytest.skip(f"{tmp_path} refuses O_DIRECT")
+    f.abort()
+    (tmp_path / "probe").unlink()
+    return tmp_path
+
+
+@pytest.mark.parametrize("sizes", [(700, 1, 2500, 333, 4000), (2022,), (0, 5)])
+def test_direct_writer_writes_the_buffered_writers_bytes_past_the_page_cache(direct_dir, monkeypatch, sizes):
+    """With drop_behind and a staging buffer the shard is opened with O_DIRECT and written in whole
+    ALIGN blocks from the buffer at their own offsets (the last one padded, then cut to size): the same
+    bytes as the buffered writer's, whether the size is a multiple of the block (2022 floats and a
+    104-byte header: two blocks) or not, and no page-cache hand-backs."""
+    from merger.files import ALIGN
+    from merger.stream import ShardWriter
+
+    opened, writes = [], []
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def spy_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        opened.append((str(path), flags, fd))
+        return fd
+
+    def spy_pwrite(fd, data, offset):
+        writes.append((fd, len(data), offset))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "pwrite", spy_pwrite)
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: pytest.fail("a direct write needs no hand-back"))
+    tensors, planned = _planned_floats(4, sizes)
+    w = ShardWriter(direct_dir / "direct.safetensors", planned, drop_behind=True, stage=_stage())
+    _write_in_pieces(w, tensors, planned)
+    w.close()
+    monkeypatch.undo()
+    ((_, flags, fd),) = [o for o in opened if o[0].endswith("direct.safetensors")]
+    assert flags & os.O_DIRECT
+    blocks = [(n, at) for f, n, at in writes if f == fd]
+    assert blocks and all(n % ALIGN == 0 for n, _ in blocks) and all(n == 2 * ALIGN for n, _ in blocks[:-1])
+    assert [at for _, at in blocks] == [i * 2 * ALIGN for i in range(len(blocks))]
+    direct = (direct_dir / "direct.safetensors").read_bytes()
+    assert (len(direct) % ALIGN == 0) == (sizes == (2022,))
+    b = ShardWriter(direct_dir / "buffered.safetensors", planned)
+    _write_in_pieces(b, tensors, planned, piece=1000)
+    b.close()
+    assert direct == (direct_dir / "buffered.safetensors").read_bytes()
+    out = load_file(direct_dir / "direct.safetensors")
+    assert all(torch.equal(out[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("refused", ["open", "first write", "last block"])
+def test_direct_writer_falls_back_to_the_page_cache_where_o_direct_is_refused(direct_dir, monkeypatch, refused):
+    """A file system that refuses O_DIRECT at open (tmpfs before Linux 6.6) gets the buffered writer
+    with its hand-backs; one that refuses a direct write (stricter alignment), the first or only the
+    padded last block, gets that write again without O_DIRECT and the rest through the page cache,
+    handed back as it goes. The bytes are the same either way."""
+    import errno
+    import fcntl
+
+    from merger.stream import ShardWriter
+
+    real_open, real_pwrite = os.open, os.pwrite
+    tensors, planned = _planned_floats(5, (3000, 17, 2100))  # 20,580 bytes: two whole stages and a tail
+    expected = direct_dir / "expected.safetensors"
+    b = ShardWriter(expected, planned)
+    _write_in_pieces(b, tensors, planned)
+    b.close()
+
+    def refuse_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    tried = []
+
+    def refuse_pwrite(fd, data, offset):
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        tried.append(direct)
+        if direct and (refused == "first write" or len(tried) == 3):  # the third: close()'s padded block
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    advised = []
+    monkeypatch.setattr(
+        os, "open" if refused == "open" else "pwrite", refuse_open if refused == "open" else refuse_pwrite
+    )
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: advised.append(a))
+    monkeypatch.setattr(merger.stream, "WRITEBACK", 1000)
+    w = ShardWriter(direct_dir / "out.safetensors", planned, drop_behind=True, stage=_stage())
+    _write_in_pieces(w, tensors, planned)
+    w.close()
+    monkeypatch.undo()
+    assert (direct_dir / "out.safetensors").read_bytes() == expected.read_bytes()
+    if refused == "first write":
+        assert tried[:2] == [True, False] and not any(tried[2:]) and advised
+    elif refused == "last block":
+        assert tried == [True, True, True, False]
+    else:
+        assert advised  # dropped behind as before
+
+
+def test_direct_writer_finishes_short_writes_and_reports_a_full_disk(direct_dir, monkeypatch):
+    """A direct write that stores part of a block is continued from where it stopped; one that stores
+    nothing is a full disk, an OSError (ENOSPC) and not a loop, after which the file is closed. abort()
+    leaves the last block unwritten."""
+    import errno
+
+    from merger.files import ALIGN, DirectFile
+
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: real_pwrite(fd, data[: min(len(data), ALIGN)], at))
+    f = DirectFile.open(direct_dir / "short.bin", _stage(4))
+    payload = bytes(range(256)) * 100  # 25,600 bytes: six whole blocks and a part
+    f.write(payload)
+    f.close()
+    assert (direct_dir / "short.bin").read_bytes() == payload
+
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: 0)
+    f = DirectFile.open(direct_dir / "full.bin", _stage(1))
+    with pytest.raises(OSError) as err:
+        f.write(payload)
+    assert err.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        f.close()  # closed by the failure: no write reaches the file after it
+    monkeypatch.undo()
+
+    f = DirectFile.open(direct_dir / "aborted.bin", _stage(1))
+    f.write(payload[: ALIGN + 10])
+    f.abort()
+    assert (direct_dir / "aborted.bin").read_bytes() == payload[:ALIGN]
+
+
+def test_output_drops_behind_only_when_it_cannot_stay_cached(tmp_path, monkeypatch, family):
+    """The writers keep the output out of the page cache (O_DIRECT, files.DirectFile) when it is over
+    half the available memory (or when MERGER_DROP_BEHIND=1 says so); a smaller output stays in the page
+    cache for the evaluation or load that follows. The bytes are the same."""
+    import merger.files
     import merger.system
 
     monkeypatch.setattr(merger.system, "mem_available", lambda: 1000)
@@ -417,9 +578,9 @@ def test_output_drops_behind_only_when_it_cannot_stay_cached(tmp_path, monkeypat
     monkeypatch.setenv("MERGER_DROP_BEHIND", "1")
     assert merger.stream.drop_behind(1)
 
-    calls = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a))
-    monkeypatch.setattr(merger.stream, "WRITEBACK", 256)  # the output is about 1.2 kB
+    direct = []
+    real = merger.files.DirectFile.open.__func__
+    monkeypatch.setattr(merger.files.DirectFile, "open", classmethod(lambda cls, *a: _kept(direct, real(cls, *a))))
     paths, _ = family
     (tmp_path / "r.yaml").write_text(
         f"merge_method: linear\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
@@ -428,10 +589,16 @@ def test_output_drops_behind_only_when_it_cannot_stay_cached(tmp_path, monkeypat
         monkeypatch.setenv("MERGER_DROP_BEHIND", flag)
         result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / out), "-q"])
         assert result.exit_code == 0, result.output
-        assert bool(calls) == (flag == "1")
-        calls.clear()
+        shards = list((tmp_path / out).glob("*.safetensors"))
+        assert len(direct) == (len(shards) if flag == "1" else 0) and all(d is not None for d in direct)
+        direct.clear()
     for f in (tmp_path / "cached").glob("*.safetensors"):
         assert (tmp_path / "dropped" / f.name).read_bytes() == f.read_bytes()
+
+
+def _kept(found: list, value):
+    found.append(value)
+    return value
 
 
 @pytest.fixture

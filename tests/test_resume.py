@@ -124,6 +124,9 @@ def test_a_stopped_merge_resumes_where_it_stopped(family, tmp_path, signal_name,
     [
         ("merger.stream:ShardWriter.write", 2),  # in the middle of the first shard: nothing finished yet
         ("merger.stream:ShardWriter.write", 9),  # in the middle of a later shard
+        # past the page cache (MERGER_DROP_BEHIND=1): these shards are a block each, written as they close
+        ("merger.files:DirectFile._flush", 3),  # a later shard's block
+        ("merger.files:os.ftruncate", 2),  # a later shard written, padded, not yet cut to its size
         ("merger.output:write_card", 1),  # every shard done, metadata half written
         ("merger.staging:_rename_new", 1),  # everything written and flushed, not yet in place
     ],
@@ -132,6 +135,7 @@ def test_killed_anywhere_the_same_command_finishes(family, tmp_path, where, at):
     _, recipe, whole = family
     out = tmp_path / "out"
     env = hooked(tmp_path, KILL_IN) | {"KILL_IN": where, "KILL_AT": str(at)}
+    env["MERGER_DROP_BEHIND"] = "1" if where.startswith("merger.files") else "0"
     assert merger("apply", str(recipe), "-o", str(out), "-q", env=env).returncode == -9
     assert not out.exists()
     kept = kept_shards(tmp_path / ".out.merger-partial")
