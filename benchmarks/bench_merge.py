@@ -129,8 +129,8 @@ def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[dict[st
     """Seconds to read every input file once, two ways: `read(2)` into a 1 MiB buffer, and mapping each
     file and loading every 64-byte line of it (how merger reads); and to write out_bytes: plain
     `write(2)` of a 1 MiB block, and through merger's ShardWriter writing past the page cache as it does
-    with stream.drop_behind (O_DIRECT where the file system allows), each without and with fdatasync. The faster read and the
-    faster write make the limit."""
+    with stream.drop_behind (O_DIRECT where the file system allows), each without and with fdatasync.
+    The faster read and the faster write make the limit."""
     from merger.plan import OutTensor
     from merger.stream import ShardWriter, direct_stage
 
@@ -164,7 +164,7 @@ def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[dict[st
     target = scratch / "io-limit.bin"
     whole = OutTensor("bytes", (out_bytes,), "U8", True, out_bytes)
     block = np.frombuffer(buf, np.uint8)
-    stage = memoryview(direct_stage())  # as stream._Writer's
+    stage = direct_stage()  # as stream._Writer's
     writes = {}
     for how in ("plain", "writer", "plain+sync", "writer+sync"):
         t = time.perf_counter()

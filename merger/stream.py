@@ -61,9 +61,10 @@ def drop_behind(output_bytes: int) -> bool:
     return available is not None and output_bytes > available // 2
 
 
-def direct_stage() -> mmap.mmap:
-    """A staging buffer for files.DirectFile: page-aligned, private to this process."""
-    return mmap.mmap(-1, DIRECT_STAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+def direct_stage(nbytes: int = DIRECT_STAGE) -> memoryview:
+    """A staging buffer for files.DirectFile (nbytes: a multiple of files.ALIGN): page-aligned, private
+    to this process."""
+    return memoryview(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
 class ShardWriter:
@@ -942,8 +943,7 @@ class _Writer:
         self.durable = durable
         self.synced: list[Future] = []  # durable: each finished shard's fsync, then `finished`
         self.drop = drop_behind(plan.bytes_written)  # the whole output: other ranks write the rest
-        # the direct writes' staging buffer, page-aligned (an anonymous mapping), shared by the shards in turn
-        self.stage = memoryview(direct_stage()) if self.drop else None
+        self.stage = direct_stage() if self.drop else None  # the shards' direct writes, one shard after another
         self.buffers = Buffers()  # output buffers, by slot
         self.pending: list[Future | None] = [None] * plan.write_depth
         self.slots = itertools.cycle(range(len(self.pending)))

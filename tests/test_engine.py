@@ -358,49 +358,6 @@ def test_writer_header_is_valid_safetensors(tmp_path):
             assert torch.equal(f.get_tensor(k), v)
 
 
-def test_writer_hands_written_windows_back_to_the_page_cache(tmp_path, monkeypatch):
-    """Every WRITEBACK bytes the writer starts writeback of the new window (fadvise DONTNEED) and
-    drops the window before it: the started ranges tile the file from 0, each dropped range was
-    started a whole window earlier, and the bytes written are unchanged."""
-    import os
-
-    from merger.plan import OutTensor
-    from merger.stream import ShardWriter
-
-    calls = []
-    real = os.posix_fadvise
-
-    def spy(fd, offset, length, advice):
-        assert advice == os.POSIX_FADV_DONTNEED and length > 0
-        calls.append((offset, offset + length))
-        real(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", spy)
-    monkeypatch.setattr(merger.stream, "WRITEBACK", 1000)
-    g = torch.Generator().manual_seed(3)
-    tensors = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate((700, 1, 2500, 333, 4000))}
-    planned = [OutTensor(k, tuple(v.shape), "F32", True, v.numel() * 4) for k, v in tensors.items()]
-    w = ShardWriter(tmp_path / "x.safetensors", planned, drop_behind=True)
-    for t in planned:
-        data = tensors[t.name].numpy()
-        for s in range(0, len(data), 300):  # in pieces, as the engine writes
-            w.write(t, data[s : s + 300])
-    w.close()
-    started, dropped = [], []
-    for c in calls:  # each hand-back starts the newest window, then may drop older ones
-        if started and c[1] <= started[-1][1]:
-            assert c[1] == started[-1][0]  # a drop ends where the window started just before it begins:
-            dropped.append(c)  # what it drops was started at an earlier hand-back, a window of writing ago
-        else:
-            started.append(c)
-    assert [a for a, _ in started] == [0] + [b for _, b in started[:-1]]  # contiguous from 0
-    assert all(b - a >= 1000 for a, b in started)
-    assert [a for a, _ in dropped] == [0] + [b for _, b in dropped[:-1]]
-    assert len(dropped) >= 3
-    out = load_file(tmp_path / "x.safetensors")
-    assert all(torch.equal(out[k], v) for k, v in tensors.items())
-
-
 def _planned_floats(seed: int, sizes) -> tuple[dict[str, torch.Tensor], list]:
     from merger.plan import OutTensor
 
@@ -417,11 +374,44 @@ def _write_in_pieces(w, tensors, planned, piece: int = 300) -> None:
 
 
 def _stage(blocks: int = 2) -> memoryview:
-    import mmap
-
     from merger.files import ALIGN
 
-    return memoryview(mmap.mmap(-1, blocks * ALIGN))
+    return merger.stream.direct_stage(blocks * ALIGN)
+
+
+def test_writer_hands_written_windows_back_to_the_page_cache(tmp_path, monkeypatch):
+    """Every WRITEBACK bytes the writer starts writeback of the new window (fadvise DONTNEED) and
+    drops the window before it: the started ranges tile the file from 0, each dropped range was
+    started a whole window earlier, and the bytes written are unchanged."""
+    from merger.stream import ShardWriter
+
+    calls = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_DONTNEED and length > 0
+        calls.append((offset, offset + length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    monkeypatch.setattr(merger.stream, "WRITEBACK", 1000)
+    tensors, planned = _planned_floats(3, (700, 1, 2500, 333, 4000))
+    w = ShardWriter(tmp_path / "x.safetensors", planned, drop_behind=True)
+    _write_in_pieces(w, tensors, planned)
+    w.close()
+    started, dropped = [], []
+    for c in calls:  # each hand-back starts the newest window, then may drop older ones
+        if started and c[1] <= started[-1][1]:
+            assert c[1] == started[-1][0]  # a drop ends where the window started just before it begins:
+            dropped.append(c)  # what it drops was started at an earlier hand-back, a window of writing ago
+        else:
+            started.append(c)
+    assert [a for a, _ in started] == [0] + [b for _, b in started[:-1]]  # contiguous from 0
+    assert all(b - a >= 1000 for a, b in started)
+    assert [a for a, _ in dropped] == [0] + [b for _, b in dropped[:-1]]
+    assert len(dropped) >= 3
+    out = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(out[k], v) for k, v in tensors.items())
 
 
 @pytest.fixture
