@@ -447,6 +447,10 @@ def test_fused_path_writes_the_torch_paths_bytes(method, dtype, shape):
         ("dare_linear", [{"density": 0.5}], {"rescale": False}),  # one model
         ("breadcrumbs_ties", [{"density": 0.5, "gamma": 0.5}] * 3, {"consensus_method": "count"}),  # none dropped
         ("della", [{"density": 0.5, "epsilon": 0.4}] * 3, {"normalize": False, "rescale": False}),
+        # every entry kept, none, and by entry side by side in one merge kernel (bits, and drawn in the merge)
+        ("dare_ties", [{"density": 1.0}, {"density": 0.0}, {"density": 0.5}], {}),
+        ("dare_linear", [{"density": 0.0}, {"density": 0.4}, {"density": 1.0}], {"rescale": False}),
+        ("della_linear", [{"density": 1.0, "epsilon": 0.0}, {"density": 0.5, "epsilon": 0.2}], {}),
         ("sce", [{}] * 2, {"select_topk": 1.0}),
         ("sce", [{}], {"select_topk": 0.5}),  # one model: no variance, nothing kept
     ],
@@ -504,9 +508,10 @@ def test_engine_takes_the_fused_path_and_writes_the_torch_paths_bytes(tmp_path, 
     from merger.methods import sparse_kernels
 
     calls = []
-    real = sparse_kernels._merge
+    real = sparse_kernels.MERGES
     monkeypatch.setattr(merger.budget, "CHUNK", 23)
-    monkeypatch.setattr(sparse_kernels, "_merge", lambda *a: calls.append(1) or real(*a))
+    counted = tuple(lambda *a, f=f: calls.append(1) or f(*a) for f in real)
+    monkeypatch.setattr(sparse_kernels, "MERGES", counted)
     fast = apply(tmp_path, path, out="fused")
     assert calls  # every tensor through the kernels
     monkeypatch.setattr(merger.stream.Merger, "_fusable", lambda self, t: False)

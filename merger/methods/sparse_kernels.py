@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from merger.kernels import BLOCK, U, _bits_of_f32, kernel, load, store, store_elected
+from merger.kernels import BLOCK, U, _bits_of_f32, _f32_from_bits, kernel, load, store, store_elected
 
 GAMMA = U(0x9E3779B97F4A7C15)  # draws.GAMMA
 MIX1 = U(0xBF58476D1CE4E5B9)  # draws.MIX
@@ -245,29 +245,34 @@ def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, masks, j, kp):  # 
             kp[i] = _bit(mj, g0 + i)
 
 
-@kernel
-def _scan(xs, b, drop, todo, keys, thr, tf, tt, tc, masks, offset, bins, keeps):  # pragma: no cover - compiled
-    """The rescale's sums (sparse._rescale) for the models in todo: per model, bins[j, 0] the magnitudes,
-    bins[j, 1] the kept ones, over a flat chunk starting at `offset` (a multiple of 8); and DARE's keep flags
-    into keeps (models, bytes) as bits (flat index g: bit g % 8 of byte g // 8)."""
-    n = b.size
-    bf = np.empty(BLOCK, np.float32)
-    mb = np.empty(BLOCK, np.uint32)
-    kp = np.empty(BLOCK, np.uint8)
-    for st in range(0, n, BLOCK):
-        m = min(BLOCK, n - st)
-        for i in range(m):
-            bf[i] = load(b, U(st + i))
-        for j in range(len(xs)):
-            if not todo[j]:
-                continue
-            x = xs[j]
+def _scan_of(drop: int):
+    """The rescale's sums kernel of one drop mode, `drop` a constant (as _merge_of, and for the same reason)."""
+
+    @kernel
+    def scan(xs, b, todo, keys, thr, tf, tt, tc, masks, offset, bins, keeps):  # pragma: no cover - compiled
+        """The rescale's sums (sparse._rescale) for the models in todo: per model, bins[j, 0] the magnitudes,
+        bins[j, 1] the kept ones, over a flat chunk starting at `offset` (a multiple of 8); and DARE's keep
+        flags into keeps (models, bytes) as bits (flat index g: bit g % 8 of byte g // 8)."""
+        n = b.size
+        bf = np.empty(BLOCK, np.float32)
+        mb = np.empty(BLOCK, np.uint32)
+        kp = np.empty(BLOCK, np.uint8)
+        for st in range(0, n, BLOCK):
+            m = min(BLOCK, n - st)
             for i in range(m):
-                mb[i] = _bits_of_f32(load(x, U(st + i)) - bf[i]) & ABS
-            _keep_block(drop, x, bf, st, m, offset + st, keys[j], thr[j], tf, tt, tc, masks, j, kp)
-            _abs_sums(mb, kp, 0, m, bins[j, 0], bins[j, 1])
-            if drop == RANDOM:  # DARE's draws, kept for the merge: whole bytes (offset + st is a multiple of 8)
-                _pack(kp, m, keeps[j], (offset + st) >> 3)
+                bf[i] = load(b, U(st + i))
+            for j in range(len(xs)):
+                if not todo[j]:
+                    continue
+                x = xs[j]
+                for i in range(m):
+                    mb[i] = _bits_of_f32(load(x, U(st + i)) - bf[i]) & ABS
+                _keep_block(drop, x, bf, st, m, offset + st, keys[j], thr[j], tf, tt, tc, masks, j, kp)
+                _abs_sums(mb, kp, 0, m, bins[j, 0], bins[j, 1])
+                if drop == RANDOM:  # DARE's draws, kept for the merge: whole bytes (offset + st a multiple of 8)
+                    _pack(kp, m, keeps[j], (offset + st) >> 3)
+
+    return scan
 
 
 @njit(inline="always")
@@ -578,6 +583,8 @@ def _drop_block(xs, bf, st, m, g0, drop, kinds, scales, keys, thr, tf, tt, tc, m
         if drop == VARIANCE:
             for i in range(m):
                 dj[i] = (dj[i] if shared[i] else zero) * sj
+        elif drop == MAGPRUNE:
+            _masked_block(x, bf, st, m, g0, kinds[j], masks[j], sj, dj)
         elif kinds[j] == BY_ENTRY:
             _keep_block(drop, x, bf, st, m, g0, keys[j], thr[j], tf, tt, tc, masks, j, kp)
             for i in range(m):
@@ -589,6 +596,31 @@ def _drop_block(xs, bf, st, m, g0, drop, kinds, scales, keys, thr, tf, tt, tc, m
         else:
             for i in range(m):
                 dj[i] = zero * sj
+
+
+@njit(inline="always")
+def _masked_block(x, bf, st, m, g0, kind, mj, sj, dj):  # pragma: no cover - compiled
+    """One model's (d if kept else 0) * scale of the block, kept by its bits mj (BY_ENTRY), or by every entry
+    (ALL) or none (NONE): 32 entries to a word of bits, each kept entry's float bits and-ed with all ones and
+    a dropped one's with 0 (+0.0, whatever d, as the select gives), in loops that vectorise."""
+    fill = U32(0xFFFFFFFF) if kind == ALL else U32(0)
+    whole = m & ~31 if g0 % 32 == 0 else 0
+    for c in range(whole >> 5):
+        w = _word(mj, (g0 >> 3) + 4 * c) if kind == BY_ENTRY else fill
+        for t in range(32):
+            i = 32 * c + t
+            keep = U32(0) - ((w >> U32(t)) & U32(1))
+            dj[U(i)] = _f32_from_bits(_bits_of_f32(load(x, U(st + i)) - bf[U(i)]) & keep) * sj
+    for i in range(whole, m):  # a block's tail, or a block not on a word of bits
+        kept = _bit(mj, g0 + i) if kind == BY_ENTRY else kind == ALL
+        v = load(x, U(st + i)) - bf[U(i)]
+        dj[U(i)] = (v if kept else np.float32(0)) * sj
+
+
+@njit(inline="always")
+def _word(bits, q):  # pragma: no cover - compiled
+    """Bytes q..q + 3 of a bit array as one little-endian word: flags 8q .. 8q + 31."""
+    return U32(bits[q]) | (U32(bits[q + 1]) << U32(8)) | (U32(bits[q + 2]) << U32(16)) | (U32(bits[q + 3]) << U32(24))
 
 
 @njit(inline="always")
@@ -622,58 +654,68 @@ def _elect_block(d, m, by_count, weights, after, s, num, den):  # pragma: no cov
             num[U(i)] += (v if agree else zero) * aj
 
 
-@kernel
-def _merge(
-    xs,
-    b,
-    out,
-    drop,
-    kinds,
-    scales,
-    keys,
-    thr,
-    tf,
-    tt,
-    tc,
-    masks,
-    vf,
-    vt,
-    vc,
-    elect,
-    by_count,
-    normalize,
-    weights,
-    after,
-    lam,
-    offset,
-):  # pragma: no cover - compiled
-    """sparse.merge on a flat chunk starting at flat index `offset`: drop (as _keep_block, or the variance's
-    shared keep), scale, then sum, or elect signs and sum (or average) the agreeing entries; in the torch
-    path's float32 operations and order."""
-    n = b.size
-    bf = np.empty(BLOCK, np.float32)
-    s = np.empty(BLOCK, np.float32)
-    num = np.empty(BLOCK, np.float32)
-    den = np.empty(BLOCK, np.float32)
-    kp = np.empty(BLOCK, np.uint8)
-    shared = np.empty(BLOCK, np.uint8)
-    d = np.empty((len(xs), BLOCK), np.float32)
-    for st in range(0, n, BLOCK):
-        m = min(BLOCK, n - st)
-        for i in range(m):
-            bf[i] = load(b, U(st + i))
-        _drop_block(
-            xs, bf, st, m, offset + st, drop, kinds, scales, keys, thr, tf, tt, tc, masks, vf, vt, vc, d, kp, shared
-        )
-        if not elect:  # merged = d_0 + d_1 + ...; * lam; + base
+def _merge_of(drop: int):
+    """The merge kernel of one drop mode (sparse.merge on a flat chunk starting at flat index `offset`), with
+    `drop` a constant, so that only its branch is compiled: with every mode's branches in one kernel, LLVM
+    vectorised none of its loops, and DELLA's and Breadcrumbs' merges took 2-3x as long."""
+
+    @kernel
+    def merge(
+        xs,
+        b,
+        out,
+        kinds,
+        scales,
+        keys,
+        thr,
+        tf,
+        tt,
+        tc,
+        masks,
+        vf,
+        vt,
+        vc,
+        elect,
+        by_count,
+        normalize,
+        weights,
+        after,
+        lam,
+        offset,
+    ):  # pragma: no cover - compiled
+        """Drop (as _keep_block, or the variance's shared keep), scale, then sum, or elect signs and sum (or
+        average) the agreeing entries; in the torch path's float32 operations and order."""
+        n = b.size
+        bf = np.empty(BLOCK, np.float32)
+        s = np.empty(BLOCK, np.float32)
+        num = np.empty(BLOCK, np.float32)
+        den = np.empty(BLOCK, np.float32)
+        kp = np.empty(BLOCK, np.uint8)
+        shared = np.empty(BLOCK, np.uint8)
+        d = np.empty((len(xs), BLOCK), np.float32)
+        for st in range(0, n, BLOCK):
+            m = min(BLOCK, n - st)
             for i in range(m):
-                s[i] = d[0, i]
-            for j in range(1, len(xs)):
-                dj = d[j]
+                bf[i] = load(b, U(st + i))
+            _drop_block(
+                xs, bf, st, m, offset + st, drop, kinds, scales, keys, thr, tf, tt, tc, masks, vf, vt, vc, d, kp, shared
+            )
+            if not elect:  # merged = d_0 + d_1 + ...; * lam; + base
                 for i in range(m):
-                    s[i] += dj[i]
-            for i in range(m):
-                store(out, U(st + i), s[i] * lam + bf[i])
-            continue
-        _elect_block(d, m, by_count, weights, after, s, num, den)
-        store_elected(out, st, m, num, den, bf, lam, normalize)
+                    s[i] = d[0, i]
+                for j in range(1, len(xs)):
+                    dj = d[j]
+                    for i in range(m):
+                        s[i] += dj[i]
+                for i in range(m):
+                    store(out, U(st + i), s[i] * lam + bf[i])
+                continue
+            _elect_block(d, m, by_count, weights, after, s, num, den)
+            store_elected(out, st, m, num, den, bf, lam, normalize)
+
+    return merge
+
+
+# by drop mode: each compiled on first use
+SCANS = tuple(_scan_of(drop) for drop in (RANDOM, OUTLIERS, MAGPRUNE, VARIANCE))
+MERGES = tuple(_merge_of(drop) for drop in (RANDOM, OUTLIERS, MAGPRUNE, VARIANCE))
