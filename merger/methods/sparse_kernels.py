@@ -423,6 +423,9 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
         cs[U(head)] = 0
         starts[U(head)] = total
         total += (c & LOW32) + (c >> np.int64(32))
+    draws = odds  # free once the odd ones are grouped: the draws, in a loop of their own that vectorises
+    for p in range(length):
+        draws[U(p)] = np.int64(_mix(z0 + U(p) * step) >> U(11))
     # A plain one's rank: the next place in its bucket. An odd one's flag is set again below; the place it
     # looks up meanwhile is its bucket's next plain one's, or the first odd one's: in range either way.
     for p in range(length):
@@ -430,8 +433,8 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
         h = k >> U32(16)
         rank = starts[h]
         starts[h] = rank + np.int64((k & U32(0xFFFF)) == U32(0))
-        kp[U(p)] = (_mix(z0 + U(p) * step) >> U(11)) < tj[U(rank)]
-    _odd_ranks(kb, z0, step, tj, starts, kp, nh, oc, heads, grouped)  # starts: now where the odd ones start
+        kp[U(p)] = U(draws[U(p)]) < tj[U(rank)]
+    _odd_ranks(kb, draws, tj, starts, kp, nh, oc, heads, grouped)  # starts: now where the odd ones start
     return True
 
 
@@ -469,9 +472,10 @@ def _odd_groups(kb, odds, n_odd, oc, heads, grouped):  # pragma: no cover - comp
 
 
 @njit
-def _odd_ranks(kb, z0, step, tj, starts, kp, nh, oc, heads, grouped):  # pragma: no cover - compiled
-    """The odd keys' flags (_odd_groups' groups; oc zero again after): rank = where their bucket's odd ones
-    start (starts[h], after the bucket's plain ones) + their order among them, by key, then by index."""
+def _odd_ranks(kb, draws, tj, starts, kp, nh, oc, heads, grouped):  # pragma: no cover - compiled
+    """The odd keys' flags (_odd_groups' groups; oc zero again after; draws[p]: entry p's draw, top 53 bits):
+    rank = where their bucket's odd ones start (starts[h], after the bucket's plain ones) + their order among
+    them, by key, then by index."""
     g0 = 0
     for i in range(nh):
         h = heads[i]
@@ -485,14 +489,14 @@ def _odd_ranks(kb, z0, step, tj, starts, kp, nh, oc, heads, grouped):  # pragma:
             for o in range(g0, g1):
                 ko = kb[grouped[o]]
                 rank += (ko < k) | ((ko == k) & (o < a))
-            kp[p] = (_mix(z0 + U(p) * step) >> U(11)) < tj[rank]
+            kp[p] = U(draws[p]) < tj[rank]
         g0 = g1
 
 
 @njit
 def keep_scratch(length):  # pragma: no cover - compiled
-    """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices, odd groups (zeroed),
-    their buckets and members, the buckets' starts."""
+    """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices (then the draws),
+    odd groups (zeroed), their buckets and members, the buckets' starts."""
     counts = np.zeros(HEADS, np.int64)
     groups = np.zeros(HEADS, np.int64)
     return (
