@@ -522,6 +522,45 @@ def test_engine_takes_the_fused_path_and_writes_the_torch_paths_bytes(tmp_path, 
         assert same_bytes(fast[name], slow[name]), name
 
 
+# Each drop mode's kernels (sparse_kernels.MERGES and SCANS) are closures of one function: numba caches
+# them one index entry per closure value. This script merges with each mode in a fresh process and prints,
+# per kernel, its cache hits and misses (a miss is a compilation).
+CACHED_KERNELS = """
+import json, numpy as np
+from merger.methods import TensorContext, get_method, sparse_kernels as sk
+rng = np.random.default_rng(0)
+base = rng.standard_normal(4099).astype(np.float32)
+xs = [base + np.float32(0.01) * rng.standard_normal(4099).astype(np.float32) for _ in range(2)]
+run = lambda fn, n, size=None: [fn(s, min(s + (size or 1024), n)) for s in range(0, n, size or 1024)]
+cases = [("dare_ties", {"density": 0.5}, {}), ("dare_linear", {"density": 0.5}, {"rescale": False}),
+         ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}, {}), ("della", {"density": 0.5, "epsilon": 0.1}, {}),
+         ("sce", {}, {"select_topk": 0.5})]
+for name, per_model, params in cases:
+    m = get_method(name)
+    merge = m.fused(xs, base, [m.model_params(**per_model) for _ in xs], m.params(**params), run,
+                    context=TensorContext("t", seed=1, shape=(4099,)))
+    merge(0, 4099, np.empty(4099, np.float32))
+print(json.dumps([[sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())] for f in sk.MERGES + sk.SCANS]))
+"""
+
+
+def test_each_drop_modes_kernels_come_from_the_cache_in_a_new_process():
+    """A second process compiles none of the per-mode kernels (each mode's merge, DARE's scan): it loads them
+    from the cache the first process filled (a closure numba could not cache would compile on every run)."""
+    import json
+    import subprocess
+    import sys
+
+    def counts() -> list[list[int]]:
+        done = subprocess.run([sys.executable, "-c", CACHED_KERNELS], capture_output=True, text=True, check=True)
+        return json.loads(done.stdout)
+
+    counts()
+    second = counts()
+    assert second[:4] == [[1, 0]] * 4  # every mode's merge: loaded once, compiled never
+    assert second[4:] == [[1, 0], [0, 0], [0, 0], [0, 0]]  # DARE's scan; the other modes' go unused
+
+
 def splitmix64_top53(z0: int, step: int, n: int) -> np.ndarray:
     """The top 53 bits of splitmix64's output (Steele, Lea and Flood 2014) at states z0 + p * step, p < n."""
     mask = (1 << 64) - 1
