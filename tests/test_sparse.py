@@ -402,9 +402,9 @@ FUSED_CASES = {  # per-model parameters (with WEIGHTS' weights, but SCE), method
 }
 
 
-def fused_and_torch(method, shape, dtype, seed, per_model=None, params=None, scale=0.01):
-    """The method through its fused kernels (in ranges of 4099 on two threads, written in pieces) and through
-    its torch path on whole float32 tensors, both stored as `dtype`."""
+def fused_and_torch(method, shape, dtype, seed, per_model=None, params=None, scale=0.01, ranges=4099, piece=5003):
+    """The method through its fused kernels (in ranges of `ranges` on two threads, written in pieces of `piece`)
+    and through its torch path on whole float32 tensors, both stored as `dtype`."""
     from test_kernels import as_array, in_pieces, runner
 
     from merger.methods import TensorContext, get_method
@@ -422,8 +422,8 @@ def fused_and_torch(method, shape, dtype, seed, per_model=None, params=None, sca
     context = TensorContext("t", seed=tensor_seed(seed, "t"), shape=shape)
     want = m.fn([x.float().reshape(shape) for x in xs], base.float().reshape(shape), models, ps, context=context)
     out = torch.empty(n, dtype=dtype)
-    merge_range = m.fused([as_array(x) for x in xs], as_array(base), models, ps, runner(4099, 2), context=context)
-    in_pieces(merge_range, as_array(out), 5003)
+    merge_range = m.fused([as_array(x) for x in xs], as_array(base), models, ps, runner(ranges, 2), context=context)
+    in_pieces(merge_range, as_array(out), piece)
     return out, want.reshape(-1).to(dtype)
 
 
@@ -451,12 +451,22 @@ def test_fused_path_writes_the_torch_paths_bytes(method, dtype, shape):
         ("dare_ties", [{"density": 1.0}, {"density": 0.0}, {"density": 0.5}], {}),
         ("dare_linear", [{"density": 0.0}, {"density": 0.4}, {"density": 1.0}], {"rescale": False}),
         ("della_linear", [{"density": 1.0, "epsilon": 0.0}, {"density": 0.5, "epsilon": 0.2}], {}),
+        ("della", [{"density": 1.0, "epsilon": 0.0}, {"density": 0.0, "epsilon": 0.0}], {}),  # no mask at all
         ("sce", [{}] * 2, {"select_topk": 1.0}),
         ("sce", [{}], {"select_topk": 0.5}),  # one model: no variance, nothing kept
     ],
 )
 def test_fused_path_options(method, per_model, params):
     got, want = fused_and_torch(method, (40, 301), torch.bfloat16, 3, per_model, params)
+    assert same_bytes(got, want)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della", "breadcrumbs_ties", "sce"])
+@pytest.mark.parametrize("ranges,piece", [(96, 448), (104, 1000), (33, 5003)])
+def test_fused_path_on_ranges_off_the_kernels_blocks(method, ranges, piece):
+    """Ranges that start on multiples of 32 but not of the kernels' blocks of 256, of 8 but not 32, or
+    anywhere: kept bits are read a word, a byte or a flag at a time, and the bytes stay the torch path's."""
+    got, want = fused_and_torch(method, (61, 53), torch.bfloat16, 5, ranges=ranges, piece=piece)
     assert same_bytes(got, want)
 
 
@@ -522,9 +532,9 @@ def test_engine_takes_the_fused_path_and_writes_the_torch_paths_bytes(tmp_path, 
         assert same_bytes(fast[name], slow[name]), name
 
 
-# Each drop mode's kernels (sparse_kernels.MERGES and SCANS) are closures of one function: numba caches
-# them one index entry per closure value. This script merges with each mode in a fresh process and prints,
-# per kernel, its cache hits and misses (a miss is a compilation).
+# Each drop mode's kernels (sparse_kernels.MERGES and SCANS) are closures of one function, each cached under
+# a name of its own. This script merges with each mode in a fresh process and prints, per kernel, its cache
+# hits and misses (a miss is a compilation).
 CACHED_KERNELS = """
 import json, numpy as np
 from merger.methods import TensorContext, get_method, sparse_kernels as sk
@@ -533,20 +543,23 @@ base = rng.standard_normal(4099).astype(np.float32)
 xs = [base + np.float32(0.01) * rng.standard_normal(4099).astype(np.float32) for _ in range(2)]
 run = lambda fn, n, size=None: [fn(s, min(s + (size or 1024), n)) for s in range(0, n, size or 1024)]
 cases = [("dare_ties", {"density": 0.5}, {}), ("dare_linear", {"density": 0.5}, {"rescale": False}),
-         ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}, {}), ("della", {"density": 0.5, "epsilon": 0.1}, {}),
+         ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}, {"rescale": True}),
+         ("della", {"density": 0.5, "epsilon": 0.1}, {}),
          ("sce", {}, {"select_topk": 0.5})]
 for name, per_model, params in cases:
     m = get_method(name)
     merge = m.fused(xs, base, [m.model_params(**per_model) for _ in xs], m.params(**params), run,
                     context=TensorContext("t", seed=1, shape=(4099,)))
     merge(0, 4099, np.empty(4099, np.float32))
-print(json.dumps([[sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())] for f in sk.MERGES + sk.SCANS]))
+kernels = [*sk.MERGES, *sk.SCANS.values()]
+print(json.dumps([[sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())] for f in kernels]))
 """
 
 
 def test_each_drop_modes_kernels_come_from_the_cache_in_a_new_process():
-    """A second process compiles none of the per-mode kernels (each mode's merge, DARE's scan): it loads them
-    from the cache the first process filled (a closure numba could not cache would compile on every run)."""
+    """A second process compiles none of the per-mode kernels (each mode's merge, DARE's and Breadcrumbs'
+    scans): it loads them from the cache the first process filled (a closure numba could not cache would
+    compile on every run)."""
     import json
     import subprocess
     import sys
@@ -557,8 +570,7 @@ def test_each_drop_modes_kernels_come_from_the_cache_in_a_new_process():
 
     counts()
     second = counts()
-    assert second[:4] == [[1, 0]] * 4  # every mode's merge: loaded once, compiled never
-    assert second[4:] == [[1, 0], [0, 0], [0, 0], [0, 0]]  # DARE's scan; the other modes' go unused
+    assert second == [[1, 0]] * 6  # every mode's merge and both scans: loaded once, compiled never
 
 
 def splitmix64_top53(z0: int, step: int, n: int) -> np.ndarray:

@@ -34,8 +34,6 @@ RANDOM, OUTLIERS, MAGPRUNE, VARIANCE = 0, 1, 2, 3
 ALL, NONE, BY_ENTRY = 0, 1, 2
 # a Top (sparse.Top) as flag, threshold, cutoff: False, True, or (threshold, cutoff)
 NO, YES, RANKED = 0, 1, 2
-# byte -> its 8 bits as 8 bytes of 0 or 1 (bit t in byte t, little-endian), one uint64
-UNPACK = np.array([sum(((c >> t) & 1) << (8 * t) for t in range(8)) for c in range(256)], np.uint64)
 
 
 @njit(inline="always")
@@ -223,32 +221,25 @@ def _bit(bits, g):  # pragma: no cover - compiled
 
 @njit(inline="always")
 def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, masks, j, kp):  # pragma: no cover - compiled
-    """Model j's keep flags (sparse._keep) for the block of m entries at st (flat index g0) into kp."""
+    """Model j's keep flags (sparse._keep) for the block of m entries at st (flat index g0) into kp: DARE's
+    draws (RANDOM) or Breadcrumbs' band (OUTLIERS); DELLA's masks and DARE's kept draws are read as bits
+    by _masked_block."""
     if drop == RANDOM:
         z0 = key + U(g0 + 1) * GAMMA
         for i in range(m):
             kp[i] = _mix(z0 + U(i) * GAMMA) < thr
-    elif drop == OUTLIERS:  # the largest `upto`, less the largest `below`
+    else:  # OUTLIERS: the largest `upto`, less the largest `below`
         uf, ut, uc = tf[j, 1], tt[j, 1], tc[j, 1]  # read once: inside the loop they would be reloaded per entry
         lf, lt, lc = tf[j, 0], tt[j, 0], tc[j, 0]
         for i in range(m):
             a = abs(load(x, U(st + i)) - bf[U(i)])
             g = g0 + i
             kp[U(i)] = _in_top(a, g, uf, ut, uc) & (_in_top(a, g, lf, lt, lc) ^ True)
-    else:  # MAGPRUNE (and DARE's draws, kept by _scan): the flags as bits
-        mj = masks[j]
-        whole = m & ~7 if g0 % 8 == 0 else 0
-        flags = kp[:whole].view(np.uint64)
-        for c in range(whole >> 3):  # a byte of bits to 8 flags at once
-            flags[c] = UNPACK[mj[(g0 >> 3) + c]]
-        for i in range(whole, m):
-            kp[i] = _bit(mj, g0 + i)
 
 
 def _scan_of(drop: int):
-    """The rescale's sums kernel of one drop mode, `drop` a constant (as _merge_of, and for the same reason)."""
+    """The rescale's sums kernel of one drop mode (RANDOM or OUTLIERS), `drop` a constant, as _merge_of."""
 
-    @kernel
     def scan(xs, b, todo, keys, thr, tf, tt, tc, masks, offset, bins, keeps):  # pragma: no cover - compiled
         """The rescale's sums (sparse._rescale) for the models in todo: per model, bins[j, 0] the magnitudes,
         bins[j, 1] the kept ones, over a flat chunk starting at `offset` (a multiple of 8); and DARE's keep
@@ -272,7 +263,7 @@ def _scan_of(drop: int):
                 if drop == RANDOM:  # DARE's draws, kept for the merge: whole bytes (offset + st a multiple of 8)
                     _pack(kp, m, keeps[j], (offset + st) >> 3)
 
-    return scan
+    return _of_mode(scan, drop)
 
 
 @njit(inline="always")
@@ -527,7 +518,7 @@ def _fiber_sums(mb, kp, length, below, hi, every, kept):  # pragma: no cover - c
 def _magprune(xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins):  # pragma: no cover - compiled
     """DELLA's kept entries (sparse._magprune_masks) of fibers a0..a1 (of r fibers each, `length` entries
     r apart) for the models in todo, as bits into masks (zeroed; flat index g: bit g % 8 of byte g // 8;
-    a0 * length * r a multiple of 8), and the rescale's sums into bins (as _scan's). Entry p of a fiber is
+    a0 * length * r a multiple of 8), and the rescale's sums into bins (as SCANS'). Entry p of a fiber is
     kept where its draw's top 53 bits are below thresholds[j, its rank] (rank 0 the least magnitude)."""
     kb = np.empty(length, np.uint32)
     ki = np.empty(length, np.uint32)
@@ -588,7 +579,7 @@ def _drop_block(xs, bf, st, m, g0, drop, kinds, scales, keys, thr, tf, tt, tc, m
             for i in range(m):
                 dj[i] = (dj[i] if shared[i] else zero) * sj
         elif drop == MAGPRUNE:
-            _masked_block(x, bf, st, m, g0, kinds[j], masks[j], sj, dj)
+            _masked_block(x, bf, st, m, g0, kinds[j], masks[j if kinds[j] == BY_ENTRY else 0], sj, dj)
         elif kinds[j] == BY_ENTRY:
             _keep_block(drop, x, bf, st, m, g0, keys[j], thr[j], tf, tt, tc, masks, j, kp)
             for i in range(m):
@@ -608,14 +599,14 @@ def _masked_block(x, bf, st, m, g0, kind, mj, sj, dj):  # pragma: no cover - com
     (ALL) or none (NONE): 32 entries to a word of bits, each kept entry's float bits and-ed with all ones and
     a dropped one's with 0 (+0.0, whatever d, as the select gives), in loops that vectorise."""
     fill = U32(0xFFFFFFFF) if kind == ALL else U32(0)
-    whole = m & ~31 if g0 % 32 == 0 else 0
+    whole = m & ~31 if g0 % 8 == 0 else 0  # words from whole bytes
     for c in range(whole >> 5):
         w = _word(mj, (g0 >> 3) + 4 * c) if kind == BY_ENTRY else fill
         for t in range(32):
             i = 32 * c + t
             keep = U32(0) - ((w >> U32(t)) & U32(1))
             dj[U(i)] = _f32_from_bits(_bits_of_f32(load(x, U(st + i)) - bf[U(i)]) & keep) * sj
-    for i in range(whole, m):  # a block's tail, or a block not on a word of bits
+    for i in range(whole, m):  # a block's tail, or a block not on a byte of bits
         kept = _bit(mj, g0 + i) if kind == BY_ENTRY else kind == ALL
         v = load(x, U(st + i)) - bf[U(i)]
         dj[U(i)] = (v if kept else np.float32(0)) * sj
@@ -661,9 +652,8 @@ def _elect_block(d, m, by_count, weights, after, s, num, den):  # pragma: no cov
 def _merge_of(drop: int):
     """The merge kernel of one drop mode (sparse.merge on a flat chunk starting at flat index `offset`), with
     `drop` a constant, so that only its branch is compiled: with every mode's branches in one kernel, LLVM
-    vectorised none of its loops, and DELLA's and Breadcrumbs' merges took 2-3x as long."""
+    vectorised none of the per-entry loops (the README's performance section has the figures)."""
 
-    @kernel
     def merge(
         xs,
         b,
@@ -687,8 +677,9 @@ def _merge_of(drop: int):
         lam,
         offset,
     ):  # pragma: no cover - compiled
-        """Drop (as _keep_block, or the variance's shared keep), scale, then sum, or elect signs and sum (or
-        average) the agreeing entries; in the torch path's float32 operations and order."""
+        """Drop (_masked_block's bits, _keep_block's draws or band, or the variance's shared keep), scale, then
+        sum, or elect signs and sum (or average) the agreeing entries; in the torch path's float32 operations
+        and order."""
         n = b.size
         bf = np.empty(BLOCK, np.float32)
         s = np.empty(BLOCK, np.float32)
@@ -717,9 +708,18 @@ def _merge_of(drop: int):
             _elect_block(d, m, by_count, weights, after, s, num, den)
             store_elected(out, st, m, num, den, bf, lam, normalize)
 
-    return merge
+    return _of_mode(merge, drop)
 
 
-# by drop mode: each compiled on first use
-SCANS = tuple(_scan_of(drop) for drop in (RANDOM, OUTLIERS, MAGPRUNE, VARIANCE))
+def _of_mode(fn, drop: int):
+    """fn as a kernel of its own name in numba's cache (`merge_2`, say): closures of one function would share
+    one index file, told apart by their closure's hash alone, and two processes filling it at once could
+    leave one mode's key pointing at another mode's code, of the same signature."""
+    fn.__qualname__ = f"{fn.__qualname__}_{drop}"
+    return kernel(fn)
+
+
+# by drop mode, each compiled on first use: the rescale's sums (DARE's draws, Breadcrumbs' band; DELLA's
+# masks come from _magprune, SCE keeps by variance) and the merges
+SCANS = {drop: _scan_of(drop) for drop in (RANDOM, OUTLIERS)}
 MERGES = tuple(_merge_of(drop) for drop in (RANDOM, OUTLIERS, MAGPRUNE, VARIANCE))
