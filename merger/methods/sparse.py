@@ -653,7 +653,7 @@ def _fused_rescale_sums(xs, base, rescaled: list[int], k: _KernelState, run) -> 
     def part(first: int, end: int):  # bytes of flags: 8 entries each
         s, e = 8 * first, min(8 * end, base.size)
         bins = np.zeros((n, 2, sk.BINS, 2), np.uint64)
-        sk.SCANS[k.drop](tuple(x[s:e] for x in xs), base[s:e], todo, k.keys, k.thr, *k.tops, k.masks, s, bins, keeps)
+        sk.SCANS[k.drop](tuple(x[s:e] for x in xs), base[s:e], todo, k.keys, k.thr, *k.tops, s, bins, keeps)
         return bins
 
     # ranges of the engine's chunk size, counted in bytes of flags

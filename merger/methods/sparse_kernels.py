@@ -220,7 +220,7 @@ def _bit(bits, g):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, masks, j, kp):  # pragma: no cover - compiled
+def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, j, kp):  # pragma: no cover - compiled
     """Model j's keep flags (sparse._keep) for the block of m entries at st (flat index g0) into kp: DARE's
     draws (RANDOM) or Breadcrumbs' band (OUTLIERS); DELLA's masks and DARE's kept draws are read as bits
     by _masked_block."""
@@ -240,7 +240,7 @@ def _keep_block(drop, x, bf, st, m, g0, key, thr, tf, tt, tc, masks, j, kp):  # 
 def _scan_of(drop: int):
     """The rescale's sums kernel of one drop mode (RANDOM or OUTLIERS), `drop` a constant, as _merge_of."""
 
-    def scan(xs, b, todo, keys, thr, tf, tt, tc, masks, offset, bins, keeps):  # pragma: no cover - compiled
+    def scan(xs, b, todo, keys, thr, tf, tt, tc, offset, bins, keeps):  # pragma: no cover - compiled
         """The rescale's sums (sparse._rescale) for the models in todo: per model, bins[j, 0] the magnitudes,
         bins[j, 1] the kept ones, over a flat chunk starting at `offset` (a multiple of 8); and DARE's keep
         flags into keeps (models, bytes) as bits (flat index g: bit g % 8 of byte g // 8)."""
@@ -258,7 +258,7 @@ def _scan_of(drop: int):
                 x = xs[j]
                 for i in range(m):
                     mb[i] = _bits_of_f32(load(x, U(st + i)) - bf[i]) & ABS
-                _keep_block(drop, x, bf, st, m, offset + st, keys[j], thr[j], tf, tt, tc, masks, j, kp)
+                _keep_block(drop, x, bf, st, m, offset + st, keys[j], thr[j], tf, tt, tc, j, kp)
                 _abs_sums(mb, kp, 0, m, bins[j, 0], bins[j, 1])
                 if drop == RANDOM:  # DARE's draws, kept for the merge: whole bytes (offset + st a multiple of 8)
                     _pack(kp, m, keeps[j], (offset + st) >> 3)
@@ -581,7 +581,7 @@ def _drop_block(xs, bf, st, m, g0, drop, kinds, scales, keys, thr, tf, tt, tc, m
         elif drop == MAGPRUNE:
             _masked_block(x, bf, st, m, g0, kinds[j], masks[j if kinds[j] == BY_ENTRY else 0], sj, dj)
         elif kinds[j] == BY_ENTRY:
-            _keep_block(drop, x, bf, st, m, g0, keys[j], thr[j], tf, tt, tc, masks, j, kp)
+            _keep_block(drop, x, bf, st, m, g0, keys[j], thr[j], tf, tt, tc, j, kp)
             for i in range(m):
                 v = load(x, U(st + i)) - bf[U(i)]
                 dj[U(i)] = (v if kp[U(i)] else zero) * sj
