@@ -593,6 +593,18 @@ def sorted_keep(keys: np.ndarray, u: np.ndarray, spread: np.ndarray) -> np.ndarr
     return u < spread[rank]
 
 
+def left_open(keys: np.ndarray, top53: np.ndarray, thresholds: np.ndarray) -> int:
+    """How many odd magnitudes (low 16 bits set) have a draw that their bucket's rank range does not decide:
+    at or above the threshold of the bucket's first odd rank, below that of its last."""
+    heads, odd = keys >> 16, (keys & 0xFFFF) != 0
+    opened = 0
+    for p in np.flatnonzero(odd):
+        first = (heads < heads[p]).sum() + ((heads == heads[p]) & ~odd).sum()
+        last = first + ((heads == heads[p]) & odd).sum() - 1
+        opened += int(thresholds[first] <= top53[p] < thresholds[last])
+    return opened
+
+
 @njit
 def keys_then_counts(mags, length, scratch, kp, z0, step, thresholds):  # pragma: no cover - compiled
     """sparse_kernels' count-based ranking of one fiber of magnitudes (a task vector mags - 0)."""
@@ -611,12 +623,13 @@ DELLA_FIBERS = [
     "only bucket 0",
     "zeros",
     "many odd ones in a bucket",
+    "odd ones left open",
     "float32",
     "wide",
     "short",
     "nan and inf",
 ]
-DECLINED = ("float32", "wide", "many odd ones in a bucket")  # fibers the counts cannot rank: sorted instead
+DECLINED = ("float32", "wide", "odd ones left open")  # fibers the counts cannot rank: sorted instead
 
 
 def della_fiber(case: str) -> torch.Tensor:
@@ -641,11 +654,14 @@ def della_fiber(case: str) -> torch.Tensor:
         mags[40:50] = mags[0]
     if case == "only bucket 0":  # zeros and a few subnormals (odd): no other bucket at all
         mags = torch.zeros(length)
-        mags[7:47] = torch.from_numpy(rng.integers(1, 1 << 16, 40).astype(np.int32)).view(torch.float32)
+        mags[7:13] = torch.from_numpy(rng.integers(1, 1 << 16, 6).astype(np.int32)).view(torch.float32)
     if case == "zeros":
         mags = torch.zeros(length)
-    if case == "many odd ones in a bucket":  # more than GROUP odd ones share a bucket: declined (a sort's work)
-        mags[:200] = torch.from_numpy(rng.uniform(10, 10.01, 200).astype(np.float32))
+    if case == "many odd ones in a bucket":  # their bucket spans a few ranks' thresholds: some ranked by scans
+        mags[:200] = torch.from_numpy(rng.uniform(0.00599, 0.00601, 200).astype(np.float32))  # mid-ranks
+        mags[200:210] = mags[0]  # equal ones among them: ties by index
+    if case == "odd ones left open":  # one bucket's odd ones span ranks whose thresholds differ: over OPEN scans
+        mags[:1500] = torch.from_numpy(rng.uniform(0.00599, 0.00601, 1500).astype(np.float32))
     if case == "float32":
         mags = torch.from_numpy(np.abs(rng.standard_normal(length)).astype(np.float32))
     if case == "nan and inf":  # near the top of the range, so that the buckets up to NaN's are few
@@ -672,9 +688,16 @@ def assert_counted_like_sorted(case: str, mags: torch.Tensor, scratch) -> None:
     kp = np.empty(length, np.uint8)
     settled = keys_then_counts(mags.numpy(), length, scratch, kp, np.uint64(z0), np.uint64(step), thresholds)
     assert settled == (case not in DECLINED)
-    assert not scratch[0].any() and not scratch[2].any()  # ready for the next fiber
+    assert not scratch[0].any()  # ready for the next fiber
     if settled:
         assert np.array_equal(kp.astype(bool), sorted_keep(keys, u, spread))
+    if case in (
+        "many odd ones in a bucket",
+        "odd ones left open",
+    ):  # the scans ran: some (or too many) odd ones' ranks left open
+        top53 = splitmix64_top53(z0, step, length)
+        opened = left_open(keys, top53, thresholds)
+        assert 0 < opened <= sparse_kernels.OPEN if settled else opened > sparse_kernels.OPEN
     odd = ((keys & 0xFFFF) != 0).sum()
     if case.startswith("odd"):
         assert odd >= 14 if case == "odd ones tied" else odd >= 29

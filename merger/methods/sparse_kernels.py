@@ -352,7 +352,7 @@ def _radix_order(kb, ki, tb, ti, cnt, length):  # pragma: no cover - compiled
 
 
 HEADS = 1 << 15  # magnitudes by their top 16 bits (sign clear): buckets that order as the magnitudes do
-GROUP = 64  # at most this many odd magnitudes in one bucket are ranked by comparing them pairwise
+OPEN = 8  # at most this many odd magnitudes of a fiber whose rank their bucket leaves open: each ranked by a scan
 ODD = np.int64(1) << np.int64(32)  # a bucket's count: odd magnitudes above, plain ones below
 LOW32 = ODD - np.int64(1)
 
@@ -384,11 +384,10 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
     (bf16 task vectors'): draw p (_mix(z0 + p * step), top 53 bits) is kept where below tj[its rank]. Such a
     magnitude is the least of its bucket (its top 16 bits), so its rank is the bucket's start plus the equal
     ones before it (ties go by index, as in the sort): a counting sort's placement, in index order. The odd
-    ones (low bits set) rank after those, by their order among their bucket's odd ones. below, hi, n_odd:
-    _fiber_keys'. Returns False, with kp unfinished, where over half are odd (float32 task vectors), a bucket
-    holds over GROUP odd ones or the buckets span too wide a range to total. scratch: keep_scratch's; its
-    counts (and odd groups) are zero again on return."""
-    cs, odds, oc, heads, grouped, starts = scratch
+    ones (low bits set) rank after those: _odd_keeps. below, hi, n_odd: _fiber_keys'. Returns False, with
+    kp unfinished, where over half are odd (float32 task vectors), the buckets span too wide a range to
+    total or _odd_keeps declines. scratch: keep_scratch's; its counts are zero again on return."""
+    cs, odds, draws, starts = scratch
     lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
         return False
@@ -400,23 +399,15 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
         cs[h] += ODD if odd else np.int64(1)
         odds[U(n_odd)] = p
         n_odd += odd
-    nh = _odd_groups(kb, odds, n_odd, oc, heads, grouped)
-    c = cs[0]  # bucket 0, then lo..hi: where each starts (the counts zeroed for the next fiber)
-    cs[0] = 0
-    if nh < 0:
-        for head in range(lo, np.int64(hi) + 1):
-            cs[head] = 0
-        return False
+    c = cs[0]  # bucket 0, then lo..hi: where each starts
     starts[0] = 0
     total = (c & LOW32) + (c >> np.int64(32))
     for head in range(lo, np.int64(hi) + 1):
         c = cs[U(head)]
-        cs[U(head)] = 0
         starts[U(head)] = total
         total += (c & LOW32) + (c >> np.int64(32))
-    draws = odds  # free once the odd ones are grouped: the draws, in a loop of their own that vectorises
-    for p in range(length):
-        draws[U(p)] = np.int64(_mix(z0 + U(p) * step) >> U(11))
+    for p in range(length):  # the draws, in a loop of their own that vectorises
+        draws[U(p)] = _mix(z0 + U(p) * step) >> U(11)
     # A plain one's rank: the next place in its bucket. An odd one's flag is set again below; the place it
     # looks up meanwhile is its bucket's next plain one's, or the first odd one's: in range either way.
     for p in range(length):
@@ -424,80 +415,56 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
         h = k >> U32(16)
         rank = starts[h]
         starts[h] = rank + np.int64((k & U32(0xFFFF)) == U32(0))
-        kp[U(p)] = U(draws[U(p)]) < tj[U(rank)]
-    _odd_ranks(kb, draws, tj, starts, kp, nh, oc, heads, grouped)  # starts: now where the odd ones start
+        kp[U(p)] = draws[U(p)] < tj[U(rank)]
+    settled = _odd_keeps(kb, draws, tj, cs, starts, odds, n_odd, length, kp)  # starts: now where odd ones start
+    cs[0] = 0
+    for head in range(lo, np.int64(hi) + 1):
+        cs[U(head)] = 0
+    return settled
+
+
+@njit(inline="always")
+def _odd_keeps(kb, draws, tj, cs, starts, odds, n_odd, length, kp):  # pragma: no cover - compiled
+    """The odd keys' flags (odds[:n_odd]: their indices; draws[p]: entry p's draw, top 53 bits). Bucket h's
+    odd ones hold the ranks starts[h] .. starts[h] + their count (cs[h] >> 32) - 1, in some order; tj does not
+    fall with rank, so a draw below tj[the first] is kept and one at or above tj[the last] is dropped, whatever
+    the order. The rest (few: the thresholds rise by 2 epsilon / (L - 1) a rank) are ranked by a scan of the
+    fiber each. Returns False where over OPEN are left so."""
+    n_open = 0
+    for o in range(n_odd):
+        p = odds[U(o)]
+        h = kb[U(p)] >> U32(16)
+        first = starts[h]
+        d = draws[U(p)]
+        keep = d < tj[U(first)]
+        kp[U(p)] = keep
+        odds[U(n_open)] = p  # overwrites only entries already read
+        n_open += (not keep) & (d < tj[U(first + (cs[h] >> np.int64(32)) - 1)])
+    if n_open > OPEN:
+        return False
+    for o in range(n_open):
+        p = odds[U(o)]
+        kp[U(p)] = draws[U(p)] < tj[U(_rank(kb, p, length))]
     return True
 
 
-@njit
-def _odd_groups(kb, odds, n_odd, oc, heads, grouped):  # pragma: no cover - compiled
-    """The odd keys' indices odds[:n_odd] grouped by bucket into grouped, each group in index order; their
-    buckets into heads[:nh] and oc[head] the end of its group. Returns nh, or -1 (oc zero again) where a
-    bucket holds over GROUP odd keys."""
-    nh = 0
-    for o in range(n_odd):
-        h = kb[odds[o]] >> U32(16)
-        c = oc[h]
-        if c == 0:
-            heads[nh] = h
-            nh += 1
-        oc[h] = c + 1
-    at = 0
-    most = 0
-    for i in range(nh):
-        c = oc[heads[i]]
-        most = max(most, c)
-        oc[heads[i]] = at
-        at += c
-    if most > GROUP:  # the odd ones' ranking is quadratic in a bucket's: sort instead
-        for i in range(nh):
-            oc[heads[i]] = 0
-        return -1
-    for o in range(n_odd):
-        p = odds[o]
-        h = kb[p] >> U32(16)
-        q = oc[h]
-        grouped[q] = p
-        oc[h] = q + 1
-    return nh
-
-
-@njit
-def _odd_ranks(kb, draws, tj, starts, kp, nh, oc, heads, grouped):  # pragma: no cover - compiled
-    """The odd keys' flags (_odd_groups' groups; oc zero again after; draws[p]: entry p's draw, top 53 bits):
-    rank = where their bucket's odd ones start (starts[h], after the bucket's plain ones) + their order among
-    them, by key, then by index."""
-    g0 = 0
-    for i in range(nh):
-        h = heads[i]
-        g1 = oc[h]
-        oc[h] = 0
-        first = starts[h]
-        for a in range(g0, g1):
-            p = grouped[a]
-            k = kb[p]
-            rank = first
-            for o in range(g0, g1):
-                ko = kb[grouped[o]]
-                rank += (ko < k) | ((ko == k) & (o < a))
-            kp[p] = U(draws[p]) < tj[rank]
-        g0 = g1
+@njit(inline="always")
+def _rank(kb, p, length):  # pragma: no cover - compiled
+    """Entry p's place in the stable sort of kb[:length]: the keys below its own, and its equals before it."""
+    k = kb[U(p)]
+    rank = np.int64(0)
+    for o in range(length):
+        rank += kb[U(o)] < k
+    for o in range(p):
+        rank += kb[U(o)] == k
+    return rank
 
 
 @njit
 def keep_scratch(length):  # pragma: no cover - compiled
-    """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices (then the draws),
-    odd groups (zeroed), their buckets and members, the buckets' starts."""
-    counts = np.zeros(HEADS, np.int64)
-    groups = np.zeros(HEADS, np.int64)
-    return (
-        counts,
-        np.empty(length, np.int64),
-        groups,
-        np.empty(length, np.int64),
-        np.empty(length, np.int64),
-        np.empty(HEADS, np.int64),
-    )
+    """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices, draws, the
+    buckets' starts."""
+    return np.zeros(HEADS, np.int64), np.empty(length, np.int64), np.empty(length, np.uint64), np.empty(HEADS, np.int64)
 
 
 @njit(inline="always")
