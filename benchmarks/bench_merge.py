@@ -12,9 +12,11 @@ Checkpoints (a base and N fine-tunes, bf16, sharded, with a real Llama config) a
 into --dir and reused. Each method first gets one untimed merger run (numba compiles its kernels on
 a machine's first merge and caches them; this also warms the page cache), then the I/O limit is
 measured on those files: read every input once (page cache warm, as the merges see it; the faster of
-read(2) and a mapping) plus write one output of the merged size (the faster of two writers). merger
-and mergekit are then run alternately, each as its own process; peak RSS is the process's high-water
-mark. The table lists every run, then the best of each tool's runs per method.
+read(2) and a mapping) plus write one output of the merged size (the faster of two writers). Then come
+--repeat rounds, each running every method once in turn (merger, then mergekit on the same recipe), each
+as its own process; peak RSS is the process's high-water mark. The table lists every run, then the best
+of each tool's runs per method, then (with ties among the methods) each method's merge s over TIES' in
+the same round: this VM's speed drifts over minutes, so runs seconds apart compare best.
 """
 
 from __future__ import annotations
@@ -287,6 +289,26 @@ def print_best(best: Best, limits: dict[str, float], durable: dict[str, float]) 
               f"{x_ties} {wall:7.2f} {mk_s} {device}")  # fmt: skip
 
 
+def paired_ratios(rows: list[tuple]) -> dict[tuple[str, str], list[float]]:
+    """Each merger method's merge s over TIES' in the same round, per (method, device): runs minutes apart
+    see the VM in different states, adjacent ones nearly the same."""
+    ties = {(r[2], r[7]): r[4] for r in rows if r[0] == "merger" and r[1] == "ties"}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for tool, method, device, _wall, inner, _rss, _gpu, rnd in rows:
+        if tool == "merger" and (device, rnd) in ties:
+            ratios.setdefault((method, device), []).append(inner / ties[device, rnd])
+    return ratios
+
+
+def print_paired(ratios: dict[tuple[str, str], list[float]]) -> None:
+    if not any(method != "ties" for method, _ in ratios):
+        return
+    print("\npaired with TIES (merge s over TIES' in the same round): median, then each round's")
+    for (method, device), rs in ratios.items():
+        if method != "ties":
+            print(f"{'':13} {method:16} {float(np.median(rs)):6.2f}   {' '.join(f'{r:.2f}' for r in rs)}  {device}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
@@ -294,7 +316,7 @@ def main() -> None:
     ap.add_argument("--methods", default="linear,task_arithmetic,ties")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--devices", help="devices to alternate within each repeat, e.g. cuda,cpu (instead of --device)")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="rounds: each runs every method once, in order")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")))
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if installed")
@@ -319,74 +341,96 @@ def main() -> None:
             f"{os.cpu_count()} cores, device {','.join(devices)}",
             flush=True,
         )
+        methods = args.methods.split(",")
+        setups = {method: setup(method, dirs, in_bytes, scratch, devices, args) for method in methods}
         rows = []
-        limits = {}
-        durable = {}  # read + a write that is on disk when it ends, as merger's output is
-        for method in args.methods.split(","):
-            cfg = scratch / f"{method}.yaml"
-            cfg.write_text(recipe(method, dirs, scratch / "out"))
-            out = scratch / "out"
-            cmds = {}
-            for device in devices:
-                cmd = [sys.executable, "-m", "merger.cli", "apply", str(cfg), "-o", str(out), "--force", "--json",
-                       "--device", device]  # fmt: skip
-                if args.workers > 1:
-                    cmd += ["--workers", str(args.workers)]
-                cmds[device] = {"merger": cmd} | ({"merger --rehash": [*cmd, "--rehash"]} if args.rehash else {})
-                run_process(cmd)  # warm-up, not timed: compiles the kernels once, as a machine's first merge does
-                # (and hashes the inputs, which later runs find remembered unless --rehash)
-                shutil.rmtree(out, ignore_errors=True)
-            # linear reads every model; task vector methods read the base and the fine-tunes; pairs two
-            reads, writes = io_limit(read_by(method, dirs), in_bytes, scratch)
-            read_s = min(reads.values())
-            write_s = min(writes["plain"], writes["writer"])
-            limits[method] = read_s + write_s
-            durable[method] = read_s + min(writes["plain+sync"], writes["writer+sync"])
-            print(
-                f"{method}: I/O limit read all inputs {read_s:.2f} s (read(2) {reads['read']:.2f} s, mapped "
-                f"{reads['mmap']:.2f} s) + write one output {write_s:.2f} s (write(2) {writes['plain']:.2f} s, "
-                f"merger's writer {writes['writer']:.2f} s; with fdatasync {writes['plain+sync']:.2f} / "
-                f"{writes['writer+sync']:.2f} s)",
-                flush=True,
-            )
-            for _rep in range(args.repeat):
-                for device in devices:  # alternating: each device's runs see the same conditions
-                    for tool, cmd in cmds[device].items():
-                        wall, rss, stdout = run_process(cmd)
-                        summary = json.loads(stdout)
-                        rows.append((tool, method, device, wall, summary["seconds"],
-                                     max(rss, summary["peak_rss_bytes"]), summary.get("peak_gpu_bytes")))  # fmt: skip
-                        shutil.rmtree(out, ignore_errors=True)
-                    if mergekit and method not in MERGEKIT_LACKS:
-                        mk = [mergekit, str(cfg), str(out), "--copy-tokenizer", "--lazy-unpickle"]
-                        if device == "cuda":
-                            mk.append("--cuda")
-                        wall, rss, _ = run_process(mk)
-                        rows.append(("mergekit", method, device, wall, wall, rss, None))
-                        shutil.rmtree(out, ignore_errors=True)
-        print(f"\n{'tool':15} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'x dur':>6} {'vs mk':>6} "
-              f"{'peak RSS':>9} {'peak GPU':>9} device")  # fmt: skip
-        best = fastest(rows)
-        for tool, method, device, wall, inner, rss, gpu in rows:
-            mk = best.get(("mergekit", method, device))
-            vs = f"{mk[0] / wall:5.1f}x" if mk and tool != "mergekit" else "     -"
-            gbps = len(read_by(method, dirs)) * in_bytes / inner / 1e9
-            gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
-            print(f"{tool:15} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} "
-                  f"{inner / durable[method]:6.2f} {vs:>6} "
-                  f"{rss / 1e9:7.2f}GB {gpu_s} {device}")  # fmt: skip
-        print_best(best, limits, durable)
-        print(
-            "\nwall s: the whole process (Python start-up and imports included); merge s: merger's own timer "
-            "(read, merge, write, hash the inputs for the lock (unless remembered from the warm-up run: --rehash "
-            "reads them again), flush to disk, rename). x I/O: merge s / (read + "
-            "write) limit; x dur: merge s / (read + write flushed to disk) limit, as merger's output is. "
-            "GB/s: input bytes / merge s; vs mk: against mergekit's best wall on the same device. "
-            "best: the fastest of each tool's runs (this VM's runs swing with the state of its memory, "
-            "not with the code), x TIES: against TIES' best merge s, vs mk: merger's best wall against mergekit's."
-        )
+        for rnd in range(args.repeat):  # every method once a round: a method's runs spread over the whole run
+            for method in methods:
+                rows += timed_runs(method, setups[method][0], devices, mergekit, scratch, rnd)
+        report(rows, dirs, in_bytes, {m: s[1] for m, s in setups.items()}, {m: s[2] for m, s in setups.items()})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def setup(method: str, dirs: list[Path], in_bytes: int, scratch: Path, devices: list[str], args) -> tuple:
+    """The method's recipe and commands (per device: tool -> command), after one untimed merger run each
+    (numba compiles its kernels on a machine's first merge, and the inputs' hashes are remembered, as in
+    any rerun unless --rehash), and its I/O limits: (commands, read + write, read + durable write)."""
+    cfg = scratch / f"{method}.yaml"
+    out = scratch / "out"
+    cfg.write_text(recipe(method, dirs, out))
+    cmds = {}
+    for device in devices:
+        cmd = [sys.executable, "-m", "merger.cli", "apply", str(cfg), "-o", str(out), "--force", "--json",
+               "--device", device]  # fmt: skip
+        if args.workers > 1:
+            cmd += ["--workers", str(args.workers)]
+        cmds[device] = {"merger": cmd} | ({"merger --rehash": [*cmd, "--rehash"]} if args.rehash else {})
+        run_process(cmd)  # warm-up, not timed
+        shutil.rmtree(out, ignore_errors=True)
+    # linear reads every model; task vector methods read the base and the fine-tunes; pairs two
+    reads, writes = io_limit(read_by(method, dirs), in_bytes, scratch)
+    read_s = min(reads.values())
+    write_s = min(writes["plain"], writes["writer"])
+    print(
+        f"{method}: I/O limit read all inputs {read_s:.2f} s (read(2) {reads['read']:.2f} s, mapped "
+        f"{reads['mmap']:.2f} s) + write one output {write_s:.2f} s (write(2) {writes['plain']:.2f} s, "
+        f"merger's writer {writes['writer']:.2f} s; with fdatasync {writes['plain+sync']:.2f} / "
+        f"{writes['writer+sync']:.2f} s)",
+        flush=True,
+    )
+    return cmds, read_s + write_s, read_s + min(writes["plain+sync"], writes["writer+sync"])
+
+
+def timed_runs(method: str, cmds: dict, devices: list[str], mergekit: str | None, scratch: Path, rnd: int) -> list:
+    """One round's runs of a method: each device's merger commands, then mergekit on that device
+    (alternating: each sees the same conditions). Rows: tool, method, device, wall s, merge s, peak RSS,
+    peak GPU bytes, round."""
+    out = scratch / "out"
+    rows = []
+    for device in devices:
+        for tool, cmd in cmds[device].items():
+            wall, rss, stdout = run_process(cmd)
+            summary = json.loads(stdout)
+            rows.append((tool, method, device, wall, summary["seconds"],
+                         max(rss, summary["peak_rss_bytes"]), summary.get("peak_gpu_bytes"), rnd))  # fmt: skip
+            shutil.rmtree(out, ignore_errors=True)
+        if mergekit and method not in MERGEKIT_LACKS:
+            mk = [mergekit, str(scratch / f"{method}.yaml"), str(out), "--copy-tokenizer", "--lazy-unpickle"]
+            if device == "cuda":
+                mk.append("--cuda")
+            wall, rss, _ = run_process(mk)
+            rows.append(("mergekit", method, device, wall, wall, rss, None, rnd))
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def report(rows: list, dirs: list[Path], in_bytes: int, limits: dict[str, float], durable: dict[str, float]) -> None:
+    """Every run, then the best of each, then the ratios to TIES paired by round."""
+    print(f"\n{'tool':15} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'x dur':>6} {'vs mk':>6} "
+          f"{'peak RSS':>9} {'peak GPU':>9} device")  # fmt: skip
+    best = fastest(rows)
+    for tool, method, device, wall, inner, rss, gpu, _rnd in rows:
+        mk = best.get(("mergekit", method, device))
+        vs = f"{mk[0] / wall:5.1f}x" if mk and tool != "mergekit" else "     -"
+        gbps = len(read_by(method, dirs)) * in_bytes / inner / 1e9
+        gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
+        print(f"{tool:15} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} "
+              f"{inner / durable[method]:6.2f} {vs:>6} "
+              f"{rss / 1e9:7.2f}GB {gpu_s} {device}")  # fmt: skip
+    print_best(best, limits, durable)
+    print_paired(paired_ratios(rows))
+    print(
+        "\nwall s: the whole process (Python start-up and imports included); merge s: merger's own timer "
+        "(read, merge, write, hash the inputs for the lock (unless remembered from the warm-up run: --rehash "
+        "reads them again), flush to disk, rename). x I/O: merge s / (read + "
+        "write) limit; x dur: merge s / (read + write flushed to disk) limit, as merger's output is. "
+        "GB/s: input bytes / merge s; vs mk: against mergekit's best wall on the same device. "
+        "best: the fastest of each tool's runs (this VM's runs swing with the state of its memory, "
+        "not with the code), x TIES: against TIES' best merge s, vs mk: merger's best wall against mergekit's. "
+        "paired: the rounds run every method in turn, so a method's ratio to TIES in one round compares runs "
+        "seconds apart."
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -55,3 +56,38 @@ def test_peak_rss_is_the_commands_own_not_the_benchmarks():
     wall, rss, out = run_process([sys.executable, "-c", "print('ran')"])
     assert out == "ran\n" and wall > 0
     assert rss < 200 << 20, rss  # a bare Python, not this test process
+
+
+def test_rounds_run_every_method_in_turn_and_pair_each_with_ties(tmp_path):
+    """--repeat 2 runs ties, linear, ties, linear: each linear run's ratio to the TIES run of its own round."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_merge.py", "--shape", "tiny", "--repeat", "2", "--no-mergekit",
+         "--methods", "ties,linear", "--dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("merger ")]
+    assert [r[1] for r in rows] == ["ties", "linear", "ties", "linear"]
+    merge_s = [float(r[3]) for r in rows]
+    lines = done.stdout.splitlines()
+    paired = lines[next(i for i, x in enumerate(lines) if x.startswith("paired with TIES")) + 1].split()
+    assert paired[0] == "linear"
+    expected = [merge_s[1] / merge_s[0], merge_s[3] / merge_s[2]]  # from the printed times, rounded to 0.01 s
+    assert [float(x) for x in paired[2:4]] == pytest.approx(expected, rel=0.1, abs=0.01)
+
+
+def test_paired_ratios_match_runs_by_round_and_device():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_merge import paired_ratios
+    finally:
+        sys.path.pop(0)
+    rows = [  # tool, method, device, wall, merge s, rss, gpu, round
+        ("merger", "ties", "cpu", 0, 2.0, 0, None, 0),
+        ("merger", "della", "cpu", 0, 3.0, 0, None, 0),
+        ("mergekit", "della", "cpu", 0, 30.0, 0, None, 0),
+        ("merger", "ties", "cpu", 0, 4.0, 0, None, 1),
+        ("merger", "della", "cpu", 0, 5.0, 0, None, 1),
+        ("merger", "della", "cuda", 0, 1.0, 0, None, 1),  # no TIES run on cuda: not paired
+    ]
+    assert paired_ratios(rows) == {("ties", "cpu"): [1.0, 1.0], ("della", "cpu"): [1.5, 1.25]}
