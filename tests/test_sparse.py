@@ -718,3 +718,32 @@ def test_della_counts_reuse_their_scratch_from_fiber_to_fiber():
     scratch = sparse_kernels.keep_scratch(4096)
     for case in DELLA_FIBERS + DELLA_FIBERS[::-1]:
         assert_counted_like_sorted(case, della_fiber(case), scratch)
+
+
+def test_exact_totals_add_every_parts_bins_with_their_carries():
+    """sparse_kernels.exact_totals: each lead index's sum over parts and bins of (hi * 2**62 + lo) * 2**p,
+    over 2**unit, rounded once (Python integers as the oracle); low limbs near 2**62 carry; inf where any
+    part counts an inf or NaN."""
+    rng = np.random.default_rng(7)
+    bins, inf_bin = sparse_kernels.BINS, sparse_kernels.INF_BIN
+    parts = []
+    for _ in range(40):
+        part = np.zeros((2, 2, bins, 2), np.uint64)
+        cells = rng.choice([0, 7, 50, 300, inf_bin - 1], (2, 2, 3))  # few bins: each gets many near-full limbs
+        for idx in np.ndindex(2, 2):
+            for p in cells[idx]:
+                part[idx][p, 0] = (1 << 62) - 1 - int(rng.integers(0, 1000))  # near the limb's top: carries
+                part[idx][p, 1] = int(rng.integers(0, 1 << 20))
+        parts.append(part)
+    parts[17][1, 0, inf_bin, 0] = 1  # one inf among [1, 0]'s entries
+    got = sparse_kernels.exact_totals(parts, sparse_kernels.ABS_UNIT)
+    expected = []
+    for idx in np.ndindex(2, 2):
+        if any(part[idx][inf_bin, 0] for part in parts):
+            expected.append(float("inf"))
+            continue
+        total = sum(
+            ((int(part[idx][p, 1]) << 62) + int(part[idx][p, 0])) << p for part in parts for p in range(inf_bin)
+        )
+        expected.append(total / (1 << sparse_kernels.ABS_UNIT))
+    assert got == expected and got[2] == float("inf")

@@ -11,6 +11,7 @@ arithmetic in the torch path's order (no fast-math, no FMA contraction; stores r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -175,19 +176,29 @@ def _square_sum(mb, kp, m, bins):  # pragma: no cover - compiled
 def exact_totals(parts: Sequence[np.ndarray], unit: int) -> list[float]:
     """The sums the bins of every part hold (parts: arrays (..., BINS, 2)), each rounded once to a float as
     _ExactSums rounds it: inf where an entry was inf or NaN."""
-    first = parts[0]
-    lead = first.shape[:-2]
+    lead = parts[0].shape[:-2]
+    folded = np.zeros((math.prod(lead), BINS, 2), np.uint64)
+    _fold(np.stack(parts).reshape(len(parts), *folded.shape), folded)  # the parts' sums in one, in numba
     out = []
-    for idx in np.ndindex(*lead):
+    for bins in folded:
+        if bins[INF_BIN, 0]:
+            out.append(float("inf"))
+            continue
         total = 0
-        inf = False
-        for part in parts:
-            bins = part[idx]
-            inf = inf or bool(bins[INF_BIN, 0])
-            for p in np.flatnonzero(bins[:INF_BIN].any(axis=1)):
-                total += ((int(bins[p, 1]) << 62) + int(bins[p, 0])) << int(p)
-        out.append(float("inf") if inf else total / (1 << unit))
+        for p in np.flatnonzero(bins[:INF_BIN].any(axis=1)):
+            total += ((int(bins[p, 1]) << 62) + int(bins[p, 0])) << int(p)
+        out.append(total / (1 << unit))
     return out
+
+
+@kernel
+def _fold(parts, out):  # pragma: no cover - compiled
+    """out[l] += parts[q, l] for every part q: bins of two limbs (_add's), the low one kept below 2 ** 62."""
+    for q in range(parts.shape[0]):
+        for lead in range(out.shape[0]):
+            for p in range(BINS):
+                _add(out[lead], p, parts[q, lead, p, 0])
+                out[lead, p, 1] += parts[q, lead, p, 1]
 
 
 @njit(inline="always")
