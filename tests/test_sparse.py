@@ -713,6 +713,46 @@ def test_della_ranks_from_counts_are_the_sorts(case):
     assert_counted_like_sorted(case, mags, sparse_kernels.keep_scratch(mags.numel()))
 
 
+def test_rank_is_the_place_in_a_stable_sort():
+    """sparse_kernels._rank: entry p's place when the keys are sorted ascending, ties by index."""
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 12, 300).astype(np.uint32) * np.uint32(0x10001)  # many equal keys
+    order = np.lexsort((np.arange(keys.size), keys))
+    ranks = np.empty(keys.size, np.int64)
+    ranks[order] = np.arange(keys.size)
+    assert [sparse_kernels._rank(keys, p, keys.size) for p in range(keys.size)] == ranks.tolist()
+
+
+@pytest.mark.parametrize("n_open", [sparse_kernels.OPEN, sparse_kernels.OPEN + 1])
+def test_della_counts_rank_up_to_open_odd_ones_by_scans(n_open):
+    """A bucket of n_open odd magnitudes (two pairs of them equal) whose thresholds run from 0 to 1 over
+    its ranks: every one is left open by the bucket's range. Up to OPEN are ranked by scans, ties by index,
+    as the sort ranks them; one more and the fiber is declined."""
+    length = 64
+    mags = np.resize(np.repeat(np.float32([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]), 8), length)  # plain ones
+    odd = np.float32(3.0) * (1 + np.arange(1, n_open + 1, dtype=np.float32) * np.float32(2**-20))
+    odd[[1, 4]] = odd[0]
+    odd[6] = odd[5]
+    mags[[3, 9, 17, 20, 33, 40, 47, 50, 61][:n_open]] = odd[::-1]  # scattered, equal ones out of index order
+    keys = mags.view(np.uint32)
+    order = np.lexsort((np.arange(length), keys))
+    ranks = np.empty(length, np.int64)
+    ranks[order] = np.arange(length)
+    first = int(ranks[(keys & 0xFFFF) != 0].min())  # the bucket's first rank: its odd ones are the only ones
+    spread = np.clip((np.arange(length) - first) / (n_open - 1), 0, 1)  # 0 below the bucket, 1 above
+    thresholds = np.ceil(spread * 2.0**53).astype(np.uint64)
+    z0, step = 0x0F1E_2D3C_4B5A_6978, 0x9E37_79B9_7F4A_7C15
+    u = splitmix64_top53(z0, step, length) / 2.0**53
+    kp = np.empty(length, np.uint8)
+    scratch = sparse_kernels.keep_scratch(length)
+    settled = keys_then_counts(mags, length, scratch, kp, np.uint64(z0), np.uint64(step), thresholds)
+    assert settled == (n_open <= sparse_kernels.OPEN)
+    assert not scratch[0].any()
+    assert left_open(keys, splitmix64_top53(z0, step, length), thresholds) == n_open
+    if settled:
+        assert np.array_equal(kp.astype(bool), sorted_keep(keys, u, spread))
+
+
 def test_della_counts_reuse_their_scratch_from_fiber_to_fiber():
     """One scratch for every kind of fiber in turn, declined ones among them, as _magprune reuses it."""
     scratch = sparse_kernels.keep_scratch(4096)

@@ -693,8 +693,8 @@ def _fused_magprune(xs, base, models, shape, k: _KernelState, run):
         sk._magprune(xs, base, s, e, length, r, todo, k.keys, thresholds, masks, bins)
         return bins
 
-    # Parts of PRUNE_PART entries, two at least (k_proj's 256 rows were one part: one thread idle), of a
-    # multiple of 8 fibers (the ranges' bits in bytes of their own).
+    # Parts of PRUNE_PART entries, two at least where there are 16 fibers or more (k_proj's 256 rows were one
+    # part: one thread idle), of a multiple of 8 fibers (the ranges' bits in bytes of their own).
     rows = -(-min(-(-a // 2), max(1, PRUNE_PART // (length * r))) // 8) * 8
     totals = sk.exact_totals(run(part, a, rows), sk.ABS_UNIT)
     return masks, totals
