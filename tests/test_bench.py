@@ -15,17 +15,22 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_benchmark_generates_checkpoints_and_prints_its_table(tmp_path):
+def bench(tmp_path: Path, *args: str) -> str:
+    """bench_merge.py's output with `args`, merger alone, its checkpoints in tmp_path."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/bench_merge.py", "--shape", "small", "--repeat", "1", "--no-mergekit",
-         "--methods", "ties", "--dir", str(tmp_path)],
+        [sys.executable, "benchmarks/bench_merge.py", "--no-mergekit", "--dir", str(tmp_path), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("merger ")]
+    return done.stdout
+
+
+def test_benchmark_generates_checkpoints_and_prints_its_table(tmp_path):
+    stdout = bench(tmp_path, "--shape", "small", "--repeat", "1", "--methods", "ties")
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("merger ")]
     assert [r[:2] for r in rows] == [["merger", "ties"]]
     assert float(rows[0][3]) > 0  # merge seconds
-    lines = done.stdout.splitlines()
+    lines = stdout.splitlines()
     best = lines[next(i for i, x in enumerate(lines) if x.startswith("best of each:")) + 1].split()
     assert best[:3] == ["ties", rows[0][3], "1"]  # its one run's merge s
     assert best[5] == "1.00"  # x TIES
@@ -61,15 +66,10 @@ def test_peak_rss_is_the_commands_own_not_the_benchmarks():
 
 def test_rounds_run_every_method_in_turn_and_pair_each_with_ties(tmp_path):
     """--repeat 2 runs ties, linear, ties, linear: each linear run's ratio to the TIES run of its own round."""
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_merge.py", "--shape", "tiny", "--repeat", "2", "--no-mergekit",
-         "--methods", "ties,linear", "--dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("merger ")]
+    stdout = bench(tmp_path, "--shape", "tiny", "--repeat", "2", "--methods", "ties,linear")
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("merger ")]
     assert [r[1] for r in rows] == ["ties", "linear", "ties", "linear"]
-    lines = done.stdout.splitlines()
+    lines = stdout.splitlines()
     paired = lines[next(i for i, x in enumerate(lines) if x.startswith("paired with TIES")) + 1].split()
     assert paired[0] == "linear" and paired[4] == "cpu"  # median, then the two rounds' ratios (the arithmetic:
     assert float(paired[1]) == pytest.approx(np.median([float(x) for x in paired[2:4]]), abs=0.006)  # below)
