@@ -748,9 +748,10 @@ def della_check(models: Sequence[DellaModelParams], params: Params) -> str | Non
     return normalizable(models, params)
 
 
-# Through the fused kernels, 3 bf16 task vectors of 2048 x 5632, one thread, against ties' 3.0 measured beside
-# them (ties 8.2, dare 5.2/4.8, breadcrumbs 9.3/10.6, della 26.8/23.9, sce 4.3 ns on a loaded 2-core EPYC).
-_CPU_NS = {"random": 2.0, "outliers": 4.0, "magprune": 10.0, "variance": 2.0}
+# Through the fused kernels (prepare and merge), two bf16 task vectors of 5632 x 2048 (bench_merge's TinyLlama
+# up_proj), one thread, scaled so that ties (0.89-0.91 ns per entry and model beside them) is its 3.0: dare_ties
+# 3.55-3.98, breadcrumbs_ties 4.35-4.68, della 7.9-8.8, sce 3.0-3.2 (three runs, 2026-11-27).
+_CPU_NS = {"random": 3.8, "outliers": 4.5, "magprune": 8.3, "variance": 3.1}
 
 
 def _method(name: str, family: Family, model_params, params, summary: str, paper: str, gpu: GpuFootprint, check=None):
