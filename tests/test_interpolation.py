@@ -278,6 +278,98 @@ def test_multislerp_of_two_antipodal_task_vectors_is_linear(tmp_path):
     close(got["w"], multislerp_ref([1, 1], [base["w"] + d, base["w"] - d], base["w"]), "w")
 
 
+# ---- the Gram sums' scales, guessed from a tensor's first entries ---------------------------------------
+
+
+def _guessed(sample, found):
+    """fixed_point.gram_by_guess with its passes faked (gram_at's G: how many Gram passes so far): the result,
+    and the passes asked for."""
+    import numpy as np
+
+    from merger.methods.fixed_point import gram_by_guess
+
+    calls = []
+
+    def gram_at(exps):
+        calls.append(("gram", list(exps)))
+        return np.full((1, len(exps), len(exps)), float(sum(c[0] == "gram" for c in calls))), found
+
+    def peaks():
+        calls.append(("peaks",))
+        return found
+
+    return gram_by_guess(sample, gram_at, peaks, 1), calls
+
+
+def test_the_scales_are_guessed_from_the_sample_and_checked():
+    """The rule, from fixed_point's docstring: HEADROOM (2) binades above each sample peak's exponent (0.75 <
+    2**0, 3 < 2**2) where the whole tensor's peaks stay below them; else the peaks' own exponents, found by
+    the first Gram pass; a sample of zeros guesses nothing (the peaks' pass, then one Gram pass); NaN anywhere
+    gives a NaN matrix."""
+    G, calls = _guessed([0.75, 3.0], [3.99, 15.9])
+    assert calls == [("gram", [2, 4])] and G[0, 0, 0] == 1
+    G, calls = _guessed([0.75, 3.0], [4.0, 2.0])  # 4 = 2**2: not below the guess
+    assert calls == [("gram", [2, 4]), ("gram", [3, 2])] and G[0, 0, 0] == 2
+    G, calls = _guessed([0.0, 3.0], [0.5, 3.0])
+    assert calls == [("peaks",), ("gram", [0, 2])] and G[0, 0, 0] == 1
+    G, calls = _guessed([0.0, 0.0], [0.0, 0.0])  # zero vectors: any scale sums zeros
+    assert calls == [("peaks",), ("gram", [0, 0])]
+    for sample, found, asked in [
+        ([math.nan, 1.0], [math.nan, 1.0], []),
+        ([1.0, math.inf], [1.0, math.inf], []),
+        ([1.0, 1.0], [1.0, math.nan], [("gram", [3, 3])]),
+        ([0.0, 1.0], [math.inf, 1.0], [("peaks",)]),
+    ]:
+        G, calls = _guessed(sample, found)
+        assert calls == asked and G.shape == (1, 2, 2) and all(map(math.isnan, G.flat)), (sample, found)
+
+
+@pytest.mark.parametrize("path", ["fused", "torch"])
+@pytest.mark.parametrize("method", ["slerp", "nuslerp"])
+def test_scales_guessed_wrong_or_from_zeros_still_give_the_oracles_result(tmp_path, monkeypatch, method, path):
+    """With a sample of 10 entries, in chunks of 7: 'late' has entries 100x and 300x theirs after them (the
+    guess fails and the Gram pass is made again, at the peaks' scales), 'lead' only zeros in them (the
+    peaks' pass comes first) and 'edge' its peaks at the sample's last entry (in the second chunk: one Gram
+    pass); each against the oracle, with the passes counted, through the fused kernels and through torch."""
+    from merger.methods import fixed_point, interpolation, interpolation_kernels
+
+    monkeypatch.setattr(fixed_point, "SAMPLE", 10)
+    monkeypatch.setattr(merger.budget, "CHUNK", 7)
+    counted = []
+    if path == "fused":
+        passes = {"gram": (interpolation_kernels, "gram_sums"), "peaks": (interpolation_kernels, "peaks")}
+    else:
+        monkeypatch.setattr(merger.stream, "_kernels", lambda: None)
+        passes = {"gram": (interpolation, "gram"), "peaks": (interpolation.Sphere, "_peaks")}
+    for name, (owner, attr) in passes.items():
+        real = getattr(owner, attr)
+        monkeypatch.setattr(owner, attr, lambda *a, _r=real, _n=name: counted.append(_n) or _r(*a))
+    g = torch.Generator().manual_seed(11)
+    base = {k: torch.randn(8, 9, generator=g) for k in ("late", "lead")}
+    base["edge"] = 0.1 * torch.randn(8, 9, generator=g)
+    base["late"][-1, -1] = 100.0
+    base["lead"].view(-1)[:12] = 0
+    base["edge"].view(-1)[9] = 5.0  # the sample's last entry, in the second chunk: the guess holds
+    models = {"base": base}
+    for i in (1, 2):
+        ft = {k: v + 0.7 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        ft["late"][-1, -2] = -300.0 * i
+        ft["lead"].view(-1)[:12] = 0
+        ft["edge"].view(-1)[9] = 5.0 + 3 * i
+        models[f"ft{i}"] = ft
+    paths = {k: write_checkpoint(tmp_path / k, v) for k, v in models.items()}
+    recipe = recipes({**paths, "ft3": paths["ft2"]})[method]
+    got = merged(tmp_path, recipe)
+    ft1, ft2 = models["ft1"], models["ft2"]
+    for name in base:
+        if method == "slerp":  # recipes' slerp: t 0.4 from the base to ft1
+            want = slerp_ref(0.4, base[name], ft1[name])
+        else:  # weights 0.3 and 0.6, over the base
+            want = nuslerp_ref([0.3, 0.6], ft1[name], ft2[name], base[name])
+        close(got[name], want, name)
+    assert sorted(counted) == ["gram"] * 4 + ["peaks"]  # late: two Gram passes; lead and edge: one each
+
+
 @pytest.mark.parametrize(("n", "params"), [(3, ""), (2, "{max_iter: 0}"), (3, "{max_iter: 50, tol: 1e-9}"), (1, "")])
 def test_karcher_is_the_mean_direction_on_the_sphere(tmp_path, fam, n, params):
     paths, models = fam
@@ -497,21 +589,29 @@ def test_gpu_estimate_bounds_what_each_method_holds(tmp_path, method, monkeypatc
 # ---- the fused CPU kernels (merger.methods.interpolation_kernels) against the torch path ----------------
 
 
+SAMPLE = 150  # fixed_point.SAMPLE in the tests of the two paths: more than a chunk (100), less than most tensors
+LEAD = 200  # leading zeros of 'lead': its sample is all zeros
+
+
 @pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 def stored(request, tmp_path):
     """A base and three fine-tunes stored in bf16 or float32, of odd sizes (more entries than a block of
     the kernels, a tail in every one), with slerp's edge cases: 'zero', colinear 'twice', antiparallel
-    'flip', equal 'same'."""
+    'flip', equal 'same'; and for the scales guessed from the first SAMPLE entries, 'late' (an entry far
+    above them: the guess fails) and 'lead' (zeros there: nothing to guess from)."""
     dtype = request.param
     g = torch.Generator().manual_seed(9)
-    shapes = {"w": (129, 67), "v": (301,), "c": (5, 9, 11), "row": (1, 45)}
+    shapes = {"w": (129, 67), "v": (301,), "c": (5, 9, 11), "row": (1, 45), "late": (20, 30), "lead": (20, 30)}
     base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     base |= {"zero": torch.zeros(4, 3), "twice": torch.randn(4, 3, generator=g), "flip": torch.randn(5, generator=g)}
     base["same"] = torch.randn(3, 3, generator=g)
+    base["lead"].view(-1)[:LEAD] = 0
     paths = {"base": write_checkpoint(tmp_path / "base", {k: v.to(dtype) for k, v in base.items()})}
     for i in (1, 2, 3):
         ft = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
         ft["twice"], ft["flip"], ft["same"] = (1 + i) * base["twice"], -i * base["flip"], base["same"].clone()
+        ft["late"].view(-1)[-3] = 40.0 * i  # far above the first SAMPLE entries, in the task vectors too
+        ft["lead"].view(-1)[:LEAD] = 0
         paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", {k: v.to(dtype) for k, v in ft.items()})
     return paths, dtype
 
@@ -520,13 +620,14 @@ def stored(request, tmp_path):
 def test_fused_kernels_write_the_torch_paths_bytes(tmp_path, stored, monkeypatch, method):
     """Every method and recipe variant through the fused kernels (the CPU engine's default) and through
     torch (as without numba), in small chunks and shares of the passes: the same bytes, in the stored dtype."""
-    from merger.methods import interpolation_kernels
+    from merger.methods import fixed_point, interpolation_kernels
 
     paths, dtype = stored
     out_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
     recipe = recipes(paths)[method] + f"dtype: {out_dtype}\n"
     monkeypatch.setattr(merger.budget, "CHUNK", 100)
     monkeypatch.setattr(interpolation_kernels, "PART", 64)  # the Gram pass's shares: many, summed
+    monkeypatch.setattr(fixed_point, "SAMPLE", SAMPLE)
     used = []
     for name in ("sphere_fused", "nearswap_range"):
         real = getattr(interpolation_kernels, name)

@@ -7,15 +7,26 @@ and the device. They are summed in fixed point instead: each product (exact in f
 inputs) is scaled by a power of two to below 1 in magnitude and cut into LIMBS integer digits of
 `bits` bits; a float64 sum of integers stays exact while every partial sum is below 2**53, which
 `bits` guarantees for any order. The sums are then the same on any chunking and device.
+
+Each vector's scale 2**-e must bound its entries (|v| < 2**e). Rather than a pass over the whole tensor
+for its largest magnitude, e is guessed from the tensor's first SAMPLE entries and checked by the Gram
+pass, which finds each vector's largest magnitude as it goes; only a wrong guess costs a second pass
+(gram_by_guess). The rule depends on the entries alone, so the sums stay the same on any chunking and
+device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 LIMBS = 3  # 3 * bits >= 63 for the largest tensors (2**31 entries): a relative error below 2**-32
+SAMPLE = 1 << 16  # the first entries of a tensor, whose largest magnitudes guess its vectors' scales
+HEADROOM = 2  # a guess lies this many binades above its sample's peak: it bounds every entry unless one is 4x
+# the sample's largest (then the pass is made again at the true peaks), at a cost of 2 * HEADROOM bits of the
+# LIMBS * bits below each product's bound (63 at least)
 
 
 def from_limbs(sums: np.ndarray, exps: Sequence[int], bits: int, k: int) -> np.ndarray:
@@ -30,3 +41,39 @@ def from_limbs(sums: np.ndarray, exps: Sequence[int], bits: int, k: int) -> np.n
             value = value * 2.0**bits + sums[limb, p]
         out[:, i, j] = out[:, j, i] = np.ldexp(value, exps[i] + exps[j] - LIMBS * bits)
     return out
+
+
+def exponent(peak: float) -> int:
+    """The e with |v| < 2**e for a vector whose largest magnitude is `peak` (finite, 0 or more)."""
+    return math.frexp(peak)[1]
+
+
+def gram_by_guess(
+    sample: Sequence[float],
+    gram_at: Callable[[list[int]], tuple[np.ndarray, list[float]]],
+    peaks: Callable[[], list[float]],
+    count: int,
+) -> np.ndarray:
+    """The Gram matrix (count, k, k), NaN where any entry is.
+
+    sample: each vector's largest magnitude over the tensor's first SAMPLE entries; gram_at(exps): the
+    Gram matrix at scales 2**-exps and each vector's largest magnitude over the whole tensor (a pass);
+    peaks(): those largest magnitudes alone (a pass). The scales: HEADROOM binades above the sample's
+    peaks where those bound every entry; else (or where a vector's sample is all zeros, which guesses
+    nothing) the whole tensor's peaks' exponents."""
+    k = len(sample)
+    nan = np.full((count, k, k), np.nan)
+    if not all(math.isfinite(p) for p in sample):
+        return nan
+    if all(p > 0 for p in sample):
+        guess = [exponent(p) + HEADROOM for p in sample]
+        G, found = gram_at(guess)
+        if not all(math.isfinite(p) for p in found):
+            return nan
+        if all(exponent(p) <= e for p, e in zip(found, guess)):
+            return G
+    else:
+        found = peaks()
+        if not all(math.isfinite(p) for p in found):
+            return nan
+    return gram_at([exponent(p) for p in found])[0]

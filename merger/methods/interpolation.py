@@ -11,8 +11,9 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from merger.errors import MergeError
+from merger.methods import fixed_point
 from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, kept_for_mergekit
-from merger.methods.fixed_point import LIMBS, from_limbs
+from merger.methods.fixed_point import LIMBS, from_limbs, gram_by_guess
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -95,22 +96,24 @@ def peak(v: Tensor) -> Tensor:
     return torch.maximum(lo.neg(), hi)
 
 
-def gram(chunks: Callable[[], Iterable[list[Tensor]]], peaks: list[float], segments: Segments, device) -> np.ndarray:
+def gram(
+    chunks: Callable[[], Iterable[list[Tensor]]], exps: Sequence[int], segments: Segments, device
+) -> tuple[np.ndarray, list[float]]:
     """The Gram matrix of each segment of k vectors given as consecutive flat chunks (each item of
-    chunks() holds every vector's next chunk), whose largest magnitudes are `peaks`: (count, k, k)
-    float64, the same whatever the chunks and device. One pass; one sync, at the end."""
+    chunks() holds every vector's next chunk), at scales 2**-exps: (count, k, k) float64, the same whatever
+    the chunks and device where every |v| < 2**e; and each vector's largest magnitude (NaN if it holds
+    any), which tells whether that held (fixed_point.gram_by_guess). One pass; one sync, at the end."""
     import torch
 
-    k = len(peaks)
-    if not all(math.isfinite(p) for p in peaks):
-        return np.full((segments.count, k, k), np.nan)
-    exps = [math.frexp(p)[1] for p in peaks]  # |v| / 2**e < 1
+    k = len(exps)
     bits = 52 - (segments.length - 1).bit_length()  # length * 2**bits <= 2**52: every partial sum exact
     pairs = [(i, j) for i in range(k) for j in range(i, k)]
     acc = torch.zeros((LIMBS, len(pairs), segments.count), dtype=torch.float64, device=device)
+    tops = [torch.zeros((), dtype=torch.float64, device=device)] * k
     offset = 0
     for vs in chunks():
         n = vs[0].numel()
+        tops = [torch.maximum(t, peak(v)) for t, v in zip(tops, vs)]  # NaN stays
         ids = segments.ids(offset, n, device) if segments.count > 1 else None
         for p, (i, j) in enumerate(pairs):
             q = vs[i].reshape(-1).to(torch.float64, copy=True).mul_(vs[j].reshape(-1))  # exact for float32 inputs
@@ -126,7 +129,8 @@ def gram(chunks: Callable[[], Iterable[list[Tensor]]], peaks: list[float], segme
             del q
         offset += n
         del vs, ids  # before the next chunk is loaded
-    return from_limbs(acc.cpu().numpy(), exps, bits, k)
+    found = torch.stack(tops).cpu().tolist()  # the one sync
+    return from_limbs(acc.cpu().numpy(), exps, bits, k), found
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,34 +216,63 @@ class Sphere:
         context: TensorContext | None = None,
         inputs: InputChunks | None = None,
     ) -> Combination:
-        import torch
-
         shape = context.shape if context is not None and context.shape else (numel,)
         segments = self.segments(shape, params)
         if numel == 0:
             return Combination((), segments, identity=True)
-        # pass 1, over the inputs: whether there is a base, and each vector's largest magnitude
-        peaks, over_base, like = None, False, None
-        for xs, b in _without_lingering(inputs()):
-            over_base, like = self.vectors == "task" and b is not None, xs[0]
-            if self.vectors == "pair" or (self.vectors == "all" and b is not None):
-                found = [peak(b), *(peak(x) for x in xs)]
-            else:
-                found = [peak(x - b) if over_base else peak(x) for x in xs]  # one task vector at a time
-            peaks = found if peaks is None else [torch.maximum(p, f) for p, f in zip(peaks, found)]  # NaN stays
-            del xs, b
-        peaks = torch.stack(peaks).double().cpu().tolist()  # one sync
-        like = torch.empty(0, dtype=like.dtype, device=like.device)  # not the chunk itself
+        sample, over_base, like = self._sample(inputs)
         if over_base:
             chunks = lambda: _without_lingering(task_vectors())  # noqa: E731
         elif self.vectors in ("pair", "all"):
             chunks = lambda: _vectors_of(inputs, with_base=True)  # noqa: E731
         else:
             chunks = lambda: _vectors_of(inputs, with_base=False)  # noqa: E731
-        coefs = self.coefficients(gram(chunks, peaks, segments, like.device), models, params, context)
+        G = gram_by_guess(
+            sample,
+            lambda exps: gram(chunks, exps, segments, like.device),
+            lambda: self._peaks(inputs, over_base),
+            segments.count,
+        )
+        coefs = self.coefficients(G, models, params, context)
         if coefs is None:
             return Combination((), segments, identity=True)
         return combination(coefs, segments, over_base, like)
+
+    def _found(self, xs: list[Tensor], b: Tensor | None, over_base: bool) -> list[Tensor]:
+        """Each vector's largest magnitude in one chunk of the inputs (0-d tensors, NaN if it holds any)."""
+        if self.vectors == "pair" or (self.vectors == "all" and b is not None):
+            return [peak(b), *(peak(x) for x in xs)]
+        return [peak(x - b) if over_base else peak(x) for x in xs]  # one task vector at a time
+
+    def _sample(self, inputs: InputChunks) -> tuple[list[float], bool, Tensor]:
+        """Each vector's largest magnitude over the tensor's first SAMPLE entries; whether the vectors are
+        task vectors (there is a base); an empty tensor like the chunks."""
+        import torch
+
+        peaks, need = None, fixed_point.SAMPLE
+        for xs, b in _without_lingering(inputs()):
+            over_base, like = self.vectors == "task" and b is not None, xs[0]
+            m = min(need, like.numel())
+            head = [x.reshape(-1)[:m] for x in xs]
+            found = self._found(head, None if b is None else b.reshape(-1)[:m], over_base)
+            peaks = found if peaks is None else [torch.maximum(p, f) for p, f in zip(peaks, found)]  # NaN stays
+            need -= m
+            del xs, b, head
+            if need == 0:
+                break
+        like = torch.empty(0, dtype=like.dtype, device=like.device)  # not the chunk itself
+        return torch.stack(peaks).double().cpu().tolist(), over_base, like  # one sync
+
+    def _peaks(self, inputs: InputChunks, over_base: bool) -> list[float]:
+        """Each vector's largest magnitude over the whole tensor (NaN if it holds any): a pass."""
+        import torch
+
+        peaks = None
+        for xs, b in _without_lingering(inputs()):
+            found = self._found(xs, b, over_base)
+            peaks = found if peaks is None else [torch.maximum(p, f) for p, f in zip(peaks, found)]
+            del xs, b
+        return torch.stack(peaks).double().cpu().tolist()  # one sync
 
     def fused(
         self,

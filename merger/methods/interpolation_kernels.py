@@ -3,8 +3,9 @@
 The same bytes as the torch path (Sphere.prepare and Sphere.fn, nearswap): the Gram matrix's dot
 products are summed in the same fixed-point digits (exact, so the order does not matter), the
 coefficients come from the same float64 functions, and each entry is combined with the same float32
-operations in the same order (no FMA, no fast-math: see merger.kernels). Three passes over a tensor:
-each vector's largest magnitude, the Gram matrix's digit sums, the combination.
+operations in the same order (no FMA, no fast-math: see merger.kernels). Two passes over a tensor:
+the Gram matrix's digit sums (at scales guessed from the tensor's first entries, and each vector's largest
+magnitude, which checks them: fixed_point.gram_by_guess), then the combination.
 
 The vectors come from the inputs in one of three ways (`mode`): PLAIN, the models' tensors; BASE_FIRST,
 the base and then the models' (slerp, karcher with a base); TASK, each model's minus the base, the base
@@ -20,13 +21,14 @@ from typing import Any
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from merger.kernels import BLOCK, U, _bits_of_f32, kernel, load, store
+from merger.methods import fixed_point
 from merger.methods.base import MergeRange, TensorContext
-from merger.methods.fixed_point import LIMBS, from_limbs
+from merger.methods.fixed_point import LIMBS, from_limbs, gram_by_guess
 
 PLAIN, BASE_FIRST, TASK = 0, 1, 2
 GRAM_BLOCK = 1024  # entries per inner loop of the Gram pass (its float32 vectors stay in L1)
@@ -54,27 +56,38 @@ def _vectors(xs, b, mode, st, m, vs):  # pragma: no cover - compiled
                 row[i] = load(x, U(st + i))
 
 
+@njit(inline="always")
+def _track(vs, m, top):  # pragma: no cover - compiled
+    """top[j, i] = the largest bit pattern of |vs[j, i]| so far, i < m: a float32's magnitude orders like its
+    bits, and NaN's lie above inf's. Kept per lane (the loop vectorizer leaves a running maximum alone)."""
+    for j in range(vs.shape[0]):
+        row = vs[j]
+        t = top[j]
+        for i in range(m):
+            v = _bits_of_f32(row[i]) & ABS
+            t[i] = v if v > t[i] else t[i]
+
+
+@njit(inline="always")
+def _tops(top):  # pragma: no cover - compiled
+    """Each vector's largest bit pattern over its lanes."""
+    out = np.zeros(top.shape[0], np.uint32)
+    for j in range(top.shape[0]):
+        for i in range(top.shape[1]):
+            out[j] = max(out[j], top[j, i])
+    return out
+
+
 @kernel
 def _peak_bits(xs, b, mode, k, start, stop):  # pragma: no cover - compiled
-    """Per vector, the largest bit pattern of |v| over entries [start, stop): a float32's magnitude
-    orders like its bits, and NaN's lie above inf's. Kept per lane (the loop vectorizer leaves a
-    running maximum alone)."""
+    """Per vector, the largest bit pattern of |v| over entries [start, stop)."""
     top = np.zeros((k, BLOCK), np.uint32)
     vs = np.empty((k, BLOCK), np.float32)
     for st in range(start, stop, BLOCK):
         m = min(BLOCK, stop - st)
         _vectors(xs, b, mode, st, m, vs)
-        for j in range(k):
-            row = vs[j]
-            t = top[j]
-            for i in range(m):
-                v = _bits_of_f32(row[i]) & ABS
-                t[i] = v if v > t[i] else t[i]
-    out = np.zeros(k, np.uint32)
-    for j in range(k):
-        for i in range(BLOCK):
-            out[j] = max(out[j], top[j, i])
-    return out
+        _track(vs, m, top)
+    return _tops(top)
 
 
 @kernel
@@ -179,8 +192,10 @@ def _digits(w, w_hi, pi, pj, two, m, lanes, at):  # pragma: no cover - compiled
 def _gram_rows(xs, b, mode, scale, pi, pj, two, length, start, stop, acc):  # pragma: no cover - compiled
     """Add the digit sums of the segments of `length` consecutive entries over [start, stop) to
     acc[limb, pair, segment] (segment 0 alone where acc has one column: a share of the whole tensor);
-    scale[p]: pair p's power of two."""
-    vs = np.empty((len(xs) + (mode == BASE_FIRST), GRAM_BLOCK), np.float32)
+    scale[p]: pair p's power of two. Returns each vector's largest bit pattern of |v| there (_peak_bits)."""
+    k = len(xs) + (mode == BASE_FIRST)
+    vs = np.empty((k, GRAM_BLOCK), np.float32)
+    top = np.zeros((k, GRAM_BLOCK), np.uint32)
     st = start
     while st < stop:
         end = min(stop, (st // length + 1) * length)  # the end of this segment's entries here
@@ -188,27 +203,32 @@ def _gram_rows(xs, b, mode, scale, pi, pj, two, length, start, stop, acc):  # pr
         for s in range(st, end, GRAM_BLOCK):
             m = min(GRAM_BLOCK, end - s)
             _vectors(xs, b, mode, s, m, vs)
+            _track(vs, m, top)
             for p in range(pi.size):
                 d0, d1, d2 = _pair_sums(vs[pi[p]], vs[pj[p]], m, scale[p], two)
                 acc[0, p, seg] += d0
                 acc[1, p, seg] += d1
                 acc[2, p, seg] += d2
         st = end
+    return _tops(top)
 
 
 @kernel
 def _gram_columns(xs, b, mode, scale, scale_hi, pi, pj, two, count, c0, c1, acc):  # pragma: no cover
     """Add the digit sums of the strided vectors (entry i in vector i % count) c0 <= c < c1 to
-    acc[limb, pair, c]."""
+    acc[limb, pair, c]. Returns each vector's largest bit pattern of |v| there (_peak_bits)."""
     k = scale.size
     vs = np.empty((k, BLOCK), np.float32)
     w = np.empty((k, BLOCK), np.float64)
     w_hi = np.empty((k, BLOCK), np.float64)
+    top = np.zeros((k, BLOCK), np.uint32)
     for r in range(xs[0].size // count):
         for c in range(c0, c1, BLOCK):
             m = min(BLOCK, c1 - c)
             _scaled(xs, b, mode, r * count + c, m, vs, scale, scale_hi, w, w_hi)
+            _track(vs, m, top)
             _digits(w, w_hi, pi, pj, two, m, acc, c)
+    return _tops(top)
 
 
 @kernel
@@ -305,16 +325,32 @@ def mode_of(vectors: str, with_base: bool) -> int:
     return TASK if vectors == "task" else BASE_FIRST
 
 
+def _magnitudes(tops) -> list[float]:
+    """Bit patterns of magnitudes (k,) as floats, NaN's as NaN."""
+    return [math.nan if t > 0x7F800000 else float(np.uint32(t).view(np.float32)) for t in tops]
+
+
+def _largest(tops: list, k: int) -> list[float]:
+    """The parts' largest bit patterns (each (k,)) as each vector's largest magnitude."""
+    return _magnitudes(np.max(np.stack(tops), axis=0) if tops else np.zeros(k, np.uint32))
+
+
 def peaks(xs: tuple, b: np.ndarray, mode: int, k: int, run) -> list[float]:
     """Each vector's largest magnitude over the whole tensor (NaN where it holds any)."""
     n = xs[0].size
-    tops = run(lambda s, e: _peak_bits(xs, b, mode, k, s, e), n, max(PART, -(-n // 16)))
-    top = np.max(np.stack(tops), axis=0) if tops else np.zeros(k, np.uint32)
-    return [math.nan if t > 0x7F800000 else float(np.uint32(t).view(np.float32)) for t in top]
+    return _largest(run(lambda s, e: _peak_bits(xs, b, mode, k, s, e), n, max(PART, -(-n // 16))), k)
 
 
-def gram_sums(xs: tuple, b: np.ndarray, mode: int, exps: Sequence[int], bits: int, segments, run) -> np.ndarray:
-    """The Gram matrix's digit sums (LIMBS, pairs, count), as interpolation.gram sums them."""
+def sample_peaks(xs: tuple, b: np.ndarray, mode: int, k: int) -> list[float]:
+    """Each vector's largest magnitude over the tensor's first fixed_point.SAMPLE entries."""
+    return _magnitudes(_peak_bits(xs, b, mode, k, 0, min(xs[0].size, fixed_point.SAMPLE)))
+
+
+def gram_sums(
+    xs: tuple, b: np.ndarray, mode: int, exps: Sequence[int], bits: int, segments, run
+) -> tuple[np.ndarray, list[float]]:
+    """The Gram matrix's digit sums (LIMBS, pairs, count), as interpolation.gram sums them, and each
+    vector's largest magnitude (NaN where it holds any)."""
     k = len(exps)
     pairs = [(i, j) for i in range(k) for j in range(i, k)]
     pi = np.array([i for i, _ in pairs], np.int64)
@@ -326,21 +362,22 @@ def gram_sums(xs: tuple, b: np.ndarray, mode: int, exps: Sequence[int], bits: in
         scale = np.array([2.0**-e for e in exps])
         scale_hi = np.array([2.0 ** (bits - e) for e in exps])
         args = (xs, b, mode, scale, scale_hi, pi, pj, two, count)
-        run(lambda s, e: _gram_columns(*args, s, e, acc), count, max(BLOCK, -(-count // 16)))
-        return acc
+        tops = run(lambda s, e: _gram_columns(*args, s, e, acc), count, max(BLOCK, -(-count // 16)))
+        return acc, _largest(tops, k)
     args = (xs, b, mode, np.array([2.0 ** (bits - exps[i] - exps[j]) for i, j in pairs]), pi, pj, two, length)
     if count > 1:  # threads take whole rows, each adding to its own
-        run(lambda s, e: _gram_rows(*args, s * length, e * length, acc), count, max(1, PART // length))
-    else:  # threads take shares of the one vector, summed after
-        for part in run(lambda s, e: _gram_part(args, s, e, len(pairs)), n, max(PART, -(-n // 16))):
-            acc += part  # exact: integers below 2**52
-    return acc
+        tops = run(lambda s, e: _gram_rows(*args, s * length, e * length, acc), count, max(1, PART // length))
+        return acc, _largest(tops, k)
+    # threads take shares of the one vector, summed after
+    parts = run(lambda s, e: _gram_part(args, s, e, len(pairs)), n, max(PART, -(-n // 16)))
+    for part, _ in parts:
+        acc += part  # exact: integers below 2**52
+    return acc, _largest([top for _, top in parts], k)
 
 
-def _gram_part(args: tuple, start: int, stop: int, pairs: int) -> np.ndarray:
+def _gram_part(args: tuple, start: int, stop: int, pairs: int) -> tuple[np.ndarray, np.ndarray]:
     acc = np.zeros((3, pairs, 1))
-    _gram_rows(*args, start, stop, acc)
-    return acc
+    return acc, _gram_rows(*args, start, stop, acc)
 
 
 def combine_range(xs: tuple, b: np.ndarray, mode: int, coefs: np.ndarray, segments, run) -> MergeRange:
@@ -383,13 +420,14 @@ def sphere_fused(sphere, tensors, base, models: Sequence[Any], params: Any, run,
     if numel == 0:
         return copy_range(xs[0], run)
     k = len(xs) + (mode == BASE_FIRST)
-    found = peaks(xs, b, mode, k, run)
-    if not all(math.isfinite(p) for p in found):
-        G = np.full((segments.count, k, k), np.nan)
-    else:
-        exps = [math.frexp(p)[1] for p in found]
-        bits = 52 - (segments.length - 1).bit_length()
-        G = from_limbs(gram_sums(xs, b, mode, exps, bits, segments, run), exps, bits, k)
+    bits = 52 - (segments.length - 1).bit_length()
+
+    def gram_at(exps: list[int]) -> tuple[np.ndarray, list[float]]:
+        sums, found = gram_sums(xs, b, mode, exps, bits, segments, run)
+        return from_limbs(sums, exps, bits, k), found
+
+    sample = sample_peaks(xs, b, mode, k)
+    G = gram_by_guess(sample, gram_at, lambda: peaks(xs, b, mode, k, run), segments.count)
     coefs = sphere.coefficients(G, models, params, context)
     if coefs is None:
         return copy_range(xs[0], run)
