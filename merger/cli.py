@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import os
 import signal
@@ -562,7 +563,12 @@ def _describe_params(model) -> list[dict]:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    finally:
+        # Python's last collection at exit walks every object numba, numpy and torch made, to free what
+        # the process is about to give back anyway: 0.15-0.19 s of each run (measured), 0.02 s frozen.
+        gc.freeze()
 
 
 if __name__ == "__main__":
