@@ -787,3 +787,34 @@ def test_exact_totals_add_every_parts_bins_with_their_carries():
         )
         expected.append(total / (1 << sparse_kernels.ABS_UNIT))
     assert got == expected and got[2] == float("inf")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_extent_is_the_largest_and_least_nonzero_magnitude(masked):
+    """sparse_kernels._extent on ranges at every offset: the largest bits and the least non-zero ones (0xFFFFFFFF
+    where all are zero), of the kept magnitudes where masked; bits at a binade's end and the largest finite."""
+    rng = np.random.default_rng(8)
+    mb = (rng.standard_normal(700).astype(np.float32) * 1e-3).view(np.uint32) & np.uint32(0x7FFFFFFF)
+    mb[rng.random(700) < 0.3] = 0
+    mb[[50, 51, 52]] = [0x3C7FFFFF, 0x3C800000, 0x7F7FFFFF]  # a binade's last and the next's first; the largest
+    mb[600:] = 0  # ranges of zeros alone
+    kp = (rng.random(700) < 0.5).astype(np.uint8)
+    for start, m in [(0, 256), (3, 256), (45, 10), (51, 1), (100, 37), (599, 5), (600, 100), (0, 700), (7, 0)]:
+        picked = mb[start : start + m] * (kp[start : start + m] if masked else 1)
+        nonzero = picked[picked != 0]
+        want = (int(picked.max(initial=0)), int(nonzero.min()) if nonzero.size else 0xFFFFFFFF)
+        assert tuple(map(int, sparse_kernels._extent(mb, kp, start, m, masked))) == want, (start, m)
+
+
+@pytest.mark.parametrize("m", [0, 7, 8, 63, 64, 65, 200, 256])
+@pytest.mark.parametrize("first", [0, 3])
+def test_pack_writes_flag_g_at_bit_g_mod_8_of_byte_g_div_8(m, first):
+    """sparse_kernels._pack (64 flags to a vector compare, then bytes, then the last part-byte) against
+    numpy's packbits in little bit order, around bytes it must leave alone."""
+    rng = np.random.default_rng(m)
+    kp = (rng.random(256) < 0.5).astype(np.uint8)
+    bits = np.full(first + 40, 0xA5, np.uint8)
+    sparse_kernels._pack(kp, m, bits, first)
+    want = np.full(first + 40, 0xA5, np.uint8)
+    want[first : first + (m + 7) // 8] = np.packbits(kp[:m], bitorder="little")
+    assert bits.tolist() == want.tolist()

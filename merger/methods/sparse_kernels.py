@@ -15,7 +15,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from merger.kernels import BLOCK, U, _bits_of_f32, _f32_from_bits, kernel, load, store, store_elected
 
@@ -72,14 +74,17 @@ def _picked(mb, kp, i, masked):  # pragma: no cover - compiled
 @njit(inline="always")
 def _extent(mb, kp, start, m, masked):  # pragma: no cover - compiled
     """(largest, smallest non-zero) of the picked magnitude bits in [start, start + m): they order as the
-    magnitudes do; smallest is 0xFFFFFFFF where all are 0."""
+    magnitudes do; smallest is 0xFFFFFFFF where all are 0. The least v - 1 (0 wraps to the top, above any
+    magnitude's bits) and unsigned indices: the loop vectorizes (with a select per entry and signed indices
+    it did not: _abs_sums took 0.60 ns an entry, now 0.26)."""
     hi = U32(0)
     lo = U32(0xFFFFFFFF)
-    for i in range(start, start + m):
-        v = _picked(mb, kp, i, masked)
+    for i in range(m):
+        v = _picked(mb, kp, U(start + i), masked)
         hi = max(hi, v)
-        lo = min(lo, v | (U32(0) - U32(v == 0)))
-    return hi, lo
+        lo = min(lo, U32(v - U32(1)))  # numba widens uint32 arithmetic to 64 bits: wrapped back here
+    lo = U32(lo + U32(1))  # 0 where every v is 0
+    return hi, lo if lo else U32(0xFFFFFFFF)
 
 
 @njit(inline="always")
@@ -201,11 +206,34 @@ def _fold(parts, out):  # pragma: no cover - compiled
                 out[lead, p, 1] += parts[q, lead, p, 1]
 
 
+@intrinsic
+def _pack64(typingctx, kp, i, bits, q):
+    """bits[q:q + 8] = the flags kp[i:i + 64] (each 0 or 1) as 64 bits, flag i + t at bit t % 8 of byte q + t // 8:
+    one vector compare whose 64 results, as an integer, are those bytes in little-endian order (on AVX-512
+    one vptestmb; the loop below needs some 24 instructions a byte)."""
+
+    def codegen(context, builder, sig, args):
+        flags = ir.VectorType(ir.IntType(8), 64)
+        src = context.make_array(sig.args[0])(context, builder, args[0]).data
+        dst = context.make_array(sig.args[2])(context, builder, args[2]).data
+        v = builder.load(builder.bitcast(builder.gep(src, [args[1]]), flags.as_pointer()), align=1)
+        word = builder.bitcast(builder.icmp_unsigned("!=", v, ir.Constant(flags, None)), ir.IntType(64))
+        builder.store(word, builder.bitcast(builder.gep(dst, [args[3]]), ir.IntType(64).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    if kp != types.Array(types.uint8, 1, "C") or bits != types.Array(types.uint8, 1, "C"):
+        return None
+    return types.void(kp, types.intp, bits, types.intp), codegen
+
+
 @njit(inline="always")
 def _pack(kp, m, bits, first):  # pragma: no cover - compiled
     """The flags kp[:m] as bits into bits[first:], whole bytes (the last one's high bits 0)."""
     whole = m >> 3
-    for c in range(whole):
+    done = whole - whole % 8
+    for c in range(0, done, 8):
+        _pack64(kp, 8 * c, bits, first + c)
+    for c in range(done, whole):
         e = 8 * c
         bits[first + c] = (
             kp[e]
