@@ -324,6 +324,38 @@ def test_the_scales_are_guessed_from_the_sample_and_checked():
         assert calls == asked and G.shape == (1, 2, 2) and all(map(math.isnan, G.flat)), (sample, found)
 
 
+@pytest.mark.parametrize("mode", ["plain", "base_first", "task"])
+@pytest.mark.parametrize(
+    "segments", [(1, 600, False), (20, 30, False), (30, 20, True)], ids=["whole", "rows", "columns"]
+)
+def test_the_gram_pass_finds_each_vectors_largest_magnitude(monkeypatch, mode, segments):
+    """What checks the guessed scales: each vector's largest magnitude as the Gram pass finds it, through the
+    kernels (the whole tensor in shares, rows, strided columns; PART small, so many shares) and through
+    torch's gram (in chunks of 7), against numpy's, the largest entries placed late and in different rows."""
+    import numpy as np
+    from test_kernels import runner
+
+    from merger.methods import interpolation
+    from merger.methods import interpolation_kernels as ik
+
+    g = np.random.default_rng(6)
+    b, x0, x1 = (g.standard_normal(600).astype(np.float32) for _ in range(3))
+    b[599], x0[590], x1[571] = 20.0, 50.0, -70.0
+    kind = {"plain": ik.PLAIN, "base_first": ik.BASE_FIRST, "task": ik.TASK}[mode]
+    vectors = {"plain": [x0, x1], "base_first": [b, x0, x1], "task": [x0 - b, x1 - b]}[mode]
+    want = [float(np.abs(v).max()) for v in vectors]
+    exps = [math.frexp(p)[1] for p in want]
+    seg = interpolation.Segments(*segments)
+    bits = 52 - (seg.length - 1).bit_length()
+    monkeypatch.setattr(ik, "PART", 64)
+    _, found = ik.gram_sums((x0, x1), b, kind, exps, bits, seg, runner(100, 2))
+    assert found == want
+    tv = [torch.from_numpy(v) for v in vectors]
+    chunks = lambda: ([v[s : s + 7] for v in tv] for s in range(0, 600, 7))  # noqa: E731
+    _, found = interpolation.gram(chunks, exps, seg, "cpu")
+    assert found == want
+
+
 @pytest.mark.parametrize("path", ["fused", "torch"])
 @pytest.mark.parametrize("method", ["slerp", "nuslerp"])
 def test_scales_guessed_wrong_or_from_zeros_still_give_the_oracles_result(tmp_path, monkeypatch, method, path):
@@ -441,23 +473,38 @@ def recipes(paths) -> dict[str, str]:
 
 @pytest.fixture
 def big(tmp_path):
-    """Tensors of a few thousand entries, so that a chunk of 7 cuts rows many times over."""
+    """Tensors of a few thousand entries, so that a chunk of 7 cuts rows many times over; 'late' ends in
+    entries far above a first SAMPLE (100) entries' (in its task vectors too): a guess of its scales fails."""
     g = torch.Generator().manual_seed(5)
     base = {
         "w": torch.randn(64, 48, generator=g),
         "v": torch.randn(301, generator=g),
         "c": torch.randn(5, 9, 11, generator=g),
+        "late": torch.randn(30, 40, generator=g),
     }
+    base["late"][-1, -1] = 30.0
     paths = {"base": write_checkpoint(tmp_path / "base", base)}
     for i in (1, 2, 3):
         ft = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        ft["late"][-1, -1] = 30.0 + 50 * i
         paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", ft)
     return paths
 
 
+@pytest.fixture(params=[None, 100], ids=["sample-default", "sample-100"])
+def sample(request, monkeypatch):
+    """fixed_point.SAMPLE as it is (larger than every test tensor: the guess always holds) or 100 (guesses
+    made across chunks, some failing)."""
+    from merger.methods import fixed_point
+
+    if request.param is not None:
+        monkeypatch.setattr(fixed_point, "SAMPLE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("compute", ["float32", "float64"])
 @pytest.mark.parametrize("method", sorted(recipes({k: "" for k in ("base", "ft1", "ft2", "ft3")})))
-def test_the_same_bytes_whatever_the_chunk_size(tmp_path, big, monkeypatch, method, compute):
+def test_the_same_bytes_whatever_the_chunk_size(tmp_path, big, monkeypatch, method, compute, sample):
     recipe = recipes(big)[method] + f"compute_dtype: {compute}\n"
     outs = []
     for chunk in (7, 1 << 18):
@@ -693,9 +740,11 @@ def _cases():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("special", ["", "nan", "inf", "tiny"])
-def test_fused_kernels_give_fn_bytes_on_whole_tensors(dtype, special):
+def test_fused_kernels_give_fn_bytes_on_whole_tensors(dtype, special, sample):
     """The fused merge_range against fn on whole tensors (the GPU's path), for every method and variant,
-    float16 too, with NaN, inf or tiny entries (near the smallest normal float32, far below the peaks)."""
+    float16 too, with NaN, inf or tiny entries (near the smallest normal float32, far below the peaks): in
+    the first model at entries 700 and 1000 (beyond a sample of 100: found by the Gram pass), in the
+    second at entry 3."""
     from test_kernels import runner
 
     from merger.methods import interpolation as ip
@@ -707,7 +756,7 @@ def test_fused_kernels_give_fn_bytes_on_whole_tensors(dtype, special):
     xs = [base + 0.2 * torch.randn(shape, generator=g) for _ in range(3)]
     if special:
         value = {"nan": math.nan, "inf": math.inf, "tiny": 1e-38}[special]
-        xs[0].view(-1)[[5, 700]] = value
+        xs[0].view(-1)[[700, 1000]] = value  # beyond a sample of 100
         xs[1].view(-1)[3] = -value
     base, xs = base.to(dtype), [x.to(dtype) for x in xs]
     for name, n, with_base, models, params in _cases():

@@ -24,9 +24,9 @@ import numpy as np
 
 LIMBS = 3  # 3 * bits >= 63 for the largest tensors (2**31 entries): a relative error below 2**-32
 SAMPLE = 1 << 16  # the first entries of a tensor, whose largest magnitudes guess its vectors' scales
-HEADROOM = 2  # a guess lies this many binades above its sample's peak: it bounds every entry unless one is 4x
-# the sample's largest (then the pass is made again at the true peaks), at a cost of 2 * HEADROOM bits of the
-# LIMBS * bits below each product's bound (63 at least)
+HEADROOM = 2  # a guess lies this many binades above its sample's peak p: it bounds every entry unless one
+# reaches 2**(exponent(p) + 2), 4 to 8 times p (then the pass is made again at the true peaks), at a cost of
+# 2 * HEADROOM bits of the LIMBS * bits below each product's bound (63 at least)
 
 
 def from_limbs(sums: np.ndarray, exps: Sequence[int], bits: int, k: int) -> np.ndarray:

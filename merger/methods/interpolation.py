@@ -113,7 +113,7 @@ def gram(
     offset = 0
     for vs in chunks():
         n = vs[0].numel()
-        tops = [torch.maximum(t, peak(v)) for t, v in zip(tops, vs)]  # NaN stays
+        tops = _larger(tops, [peak(v) for v in vs])
         ids = segments.ids(offset, n, device) if segments.count > 1 else None
         for p, (i, j) in enumerate(pairs):
             q = vs[i].reshape(-1).to(torch.float64, copy=True).mul_(vs[j].reshape(-1))  # exact for float32 inputs
@@ -129,8 +129,22 @@ def gram(
             del q
         offset += n
         del vs, ids  # before the next chunk is loaded
-    found = torch.stack(tops).cpu().tolist()  # the one sync
-    return from_limbs(acc.cpu().numpy(), exps, bits, k), found
+    both = torch.cat([acc.reshape(-1), torch.stack(tops).double()]).cpu().numpy()  # the one sync
+    return from_limbs(both[:-k].reshape(acc.shape), exps, bits, k), both[-k:].tolist()
+
+
+def _larger(peaks: list[Tensor] | None, found: list[Tensor]) -> list[Tensor]:
+    """Each vector's running largest magnitude (0-d tensors), NaN kept: torch.maximum propagates it."""
+    import torch
+
+    return found if peaks is None else [torch.maximum(p, f) for p, f in zip(peaks, found)]
+
+
+def _floats(peaks: list[Tensor]) -> list[float]:
+    """0-d tensors as float64 floats, in one sync."""
+    import torch
+
+    return torch.stack(peaks).double().cpu().tolist()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,7 +260,9 @@ class Sphere:
 
     def _sample(self, inputs: InputChunks) -> tuple[list[float], bool, Tensor]:
         """Each vector's largest magnitude over the tensor's first SAMPLE entries; whether the vectors are
-        task vectors (there is a base); an empty tensor like the chunks."""
+        task vectors (there is a base); an empty tensor like the chunks. (On CUDA a tensor too large to
+        stage whole comes in pieces: its first piece is uploaded for this, as the whole tensor was for
+        the peaks' pass this replaces.)"""
         import torch
 
         peaks, need = None, fixed_point.SAMPLE
@@ -254,25 +270,21 @@ class Sphere:
             over_base, like = self.vectors == "task" and b is not None, xs[0]
             m = min(need, like.numel())
             head = [x.reshape(-1)[:m] for x in xs]
-            found = self._found(head, None if b is None else b.reshape(-1)[:m], over_base)
-            peaks = found if peaks is None else [torch.maximum(p, f) for p, f in zip(peaks, found)]  # NaN stays
+            peaks = _larger(peaks, self._found(head, None if b is None else b.reshape(-1)[:m], over_base))
             need -= m
             del xs, b, head
             if need == 0:
                 break
         like = torch.empty(0, dtype=like.dtype, device=like.device)  # not the chunk itself
-        return torch.stack(peaks).double().cpu().tolist(), over_base, like  # one sync
+        return _floats(peaks), over_base, like
 
     def _peaks(self, inputs: InputChunks, over_base: bool) -> list[float]:
         """Each vector's largest magnitude over the whole tensor (NaN if it holds any): a pass."""
-        import torch
-
         peaks = None
         for xs, b in _without_lingering(inputs()):
-            found = self._found(xs, b, over_base)
-            peaks = found if peaks is None else [torch.maximum(p, f) for p, f in zip(peaks, found)]
+            peaks = _larger(peaks, self._found(xs, b, over_base))
             del xs, b
-        return torch.stack(peaks).double().cpu().tolist()  # one sync
+        return _floats(peaks)
 
     def fused(
         self,
@@ -504,10 +516,12 @@ NUSLERP = Sphere("task", nuslerp_coefficients, nuslerp_segments)
 MULTISLERP = Sphere("task", multislerp_coefficients)
 KARCHER = Sphere("all", karcher_coefficients)
 
-# cpu_ns: the fused kernels' three passes (peaks, the Gram matrix's digits at about 0.5 ns a pair of vectors
-# per entry, the combination), one thread on a 11.5M-entry bf16 tensor, scaled as linear's 0.5 was (linear
-# measured 0.22 ns per entry and model in the same run; slerp 2.55, nuslerp 1.53, multislerp 1.56 with two
-# models, karcher 1.60 with three, nearswap 0.58), the writer's copy (about 0.85 ns an entry) added.
+# cpu_ns: the fused kernels' passes (the Gram matrix's digits at about 0.5 ns a pair of vectors per entry, the
+# combination; a third for the peaks until dc0032e), one thread on a 11.5M-entry bf16 tensor, scaled as
+# linear's 0.5 was (linear measured 0.22 ns per entry and model in the same run; slerp 2.55, nuslerp 1.53,
+# multislerp 1.56 with two models, karcher 1.60 with three, nearswap 0.58), the writer's copy (about 0.85 ns
+# an entry) added; then times the one-thread ratio of the two passes to the three (slerp 0.98, nuslerp and
+# multislerp 0.87, karcher 0.92: prepare and merge of an up_proj, 2026-11-27).
 # fn: the result and one term; prepare: a product and its digit (float64) beside the vectors. nuslerp by
 # rows also holds the entries' vector ids (int64), in fn a gathered coefficient, and in prepare the sums
 # per vector (LIMBS * 3 pairs * 8 bytes each: at most a word an entry for vectors of 18 entries or more).
@@ -527,7 +541,7 @@ METHODS: tuple[Method, ...] = (
         check=_two("slerp"),
         prepare=SLERP.prepare,
         fused=SLERP.fused,
-        cpu_ns=3.5,
+        cpu_ns=3.4,
         gpu=FLAT,
     ),
     Method(
@@ -543,7 +557,7 @@ METHODS: tuple[Method, ...] = (
         check=_nuslerp_check,
         prepare=NUSLERP.prepare,
         fused=NUSLERP.fused,
-        cpu_ns=2.0,
+        cpu_ns=1.75,
         gpu=ROWS,
     ),
     Method(
@@ -559,7 +573,7 @@ METHODS: tuple[Method, ...] = (
         check=_multislerp_check,
         prepare=MULTISLERP.prepare,
         fused=MULTISLERP.fused,
-        cpu_ns=2.0,
+        cpu_ns=1.75,
         gpu=FLAT,
     ),
     Method(
@@ -574,7 +588,7 @@ METHODS: tuple[Method, ...] = (
         paper="Karcher 1977, Riemannian center of mass and mollifier smoothing, Comm. Pure Appl. Math.",
         prepare=KARCHER.prepare,
         fused=KARCHER.fused,
-        cpu_ns=2.0,
+        cpu_ns=1.85,
         gpu=FLAT,
     ),
     Method(
