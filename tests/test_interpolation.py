@@ -302,14 +302,17 @@ def _guessed(sample, found):
 
 
 def test_the_scales_are_guessed_from_the_sample_and_checked():
-    """The rule, from fixed_point's docstring: HEADROOM (2) binades above each sample peak's exponent (0.75 <
+    """The rule, from fixed_point's docstring: HEADROOM (4) binades above each sample peak's exponent (0.75 <
     2**0, 3 < 2**2) where the whole tensor's peaks stay below them; else the peaks' own exponents, found by
     the first Gram pass; a sample of zeros guesses nothing (the peaks' pass, then one Gram pass); NaN anywhere
     gives a NaN matrix."""
-    G, calls = _guessed([0.75, 3.0], [3.99, 15.9])
-    assert calls == [("gram", [2, 4])] and G[0, 0, 0] == 1
-    G, calls = _guessed([0.75, 3.0], [4.0, 2.0])  # 4 = 2**2: not below the guess
-    assert calls == [("gram", [2, 4]), ("gram", [3, 2])] and G[0, 0, 0] == 2
+    from merger.methods.fixed_point import HEADROOM
+
+    assert HEADROOM == 4
+    G, calls = _guessed([0.75, 3.0], [15.99, 63.9])
+    assert calls == [("gram", [4, 6])] and G[0, 0, 0] == 1
+    G, calls = _guessed([0.75, 3.0], [16.0, 2.0])  # 16 = 2**4: not below the guess
+    assert calls == [("gram", [4, 6]), ("gram", [5, 2])] and G[0, 0, 0] == 2
     G, calls = _guessed([0.0, 3.0], [0.5, 3.0])
     assert calls == [("peaks",), ("gram", [0, 2])] and G[0, 0, 0] == 1
     G, calls = _guessed([0.0, 0.0], [0.0, 0.0])  # zero vectors: any scale sums zeros
@@ -317,7 +320,7 @@ def test_the_scales_are_guessed_from_the_sample_and_checked():
     for sample, found, asked in [
         ([math.nan, 1.0], [math.nan, 1.0], []),
         ([1.0, math.inf], [1.0, math.inf], []),
-        ([1.0, 1.0], [1.0, math.nan], [("gram", [3, 3])]),
+        ([1.0, 1.0], [1.0, math.nan], [("gram", [5, 5])]),
         ([0.0, 1.0], [math.inf, 1.0], [("peaks",)]),
     ]:
         G, calls = _guessed(sample, found)
@@ -381,13 +384,13 @@ def test_scales_guessed_wrong_or_from_zeros_still_give_the_oracles_result(tmp_pa
     base["edge"] = 0.1 * torch.randn(8, 9, generator=g)
     base["late"][-1, -1] = 100.0
     base["lead"].view(-1)[:12] = 0
-    base["edge"].view(-1)[9] = 5.0  # the sample's last entry, in the second chunk: the guess holds
+    base["edge"].view(-1)[9] = 10.0  # the sample's last entry, in the second chunk: the guess holds
     models = {"base": base}
     for i in (1, 2):
         ft = {k: v + 0.7 * torch.randn(v.shape, generator=g) for k, v in base.items()}
         ft["late"][-1, -2] = -300.0 * i
         ft["lead"].view(-1)[:12] = 0
-        ft["edge"].view(-1)[9] = 5.0 + 3 * i
+        ft["edge"].view(-1)[9] = 10.0 + 3 * i
         models[f"ft{i}"] = ft
     paths = {k: write_checkpoint(tmp_path / k, v) for k, v in models.items()}
     recipe = recipes({**paths, "ft3": paths["ft2"]})[method]
@@ -482,11 +485,11 @@ def big(tmp_path):
         "c": torch.randn(5, 9, 11, generator=g),
         "late": torch.randn(30, 40, generator=g),
     }
-    base["late"][-1, -1] = 30.0
+    base["late"][-1, -1] = 300.0
     paths = {"base": write_checkpoint(tmp_path / "base", base)}
     for i in (1, 2, 3):
         ft = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-        ft["late"][-1, -1] = 30.0 + 50 * i
+        ft["late"][-1, -1] = 300.0 + 50 * i
         paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", ft)
     return paths
 
@@ -657,7 +660,7 @@ def stored(request, tmp_path):
     for i in (1, 2, 3):
         ft = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
         ft["twice"], ft["flip"], ft["same"] = (1 + i) * base["twice"], -i * base["flip"], base["same"].clone()
-        ft["late"].view(-1)[-3] = 40.0 * i  # far above the first SAMPLE entries, in the task vectors too
+        ft["late"].view(-1)[-3] = 100.0 * i  # far above the first SAMPLE entries, in the task vectors too
         ft["lead"].view(-1)[:LEAD] = 0
         paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", {k: v.to(dtype) for k, v in ft.items()})
     return paths, dtype
