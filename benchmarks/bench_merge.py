@@ -32,6 +32,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -346,16 +347,27 @@ def main() -> None:
         rows = []
         for rnd in range(args.repeat):  # every method once a round: a method's runs spread over the whole run
             for method in methods:
-                rows += timed_runs(method, setups[method][0], devices, mergekit, scratch, rnd)
-        report(rows, dirs, in_bytes, {m: s[1] for m, s in setups.items()}, {m: s[2] for m, s in setups.items()})
+                rows += timed_runs(method, setups[method], devices, mergekit, rnd)
+        limits = {m: s.limit for m, s in setups.items()}
+        report(rows, dirs, in_bytes, limits, {m: s.durable for m, s in setups.items()})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def setup(method: str, dirs: list[Path], in_bytes: int, scratch: Path, devices: list[str], args) -> tuple:
-    """The method's recipe and commands (per device: tool -> command), after one untimed merger run each
-    (numba compiles its kernels on a machine's first merge, and the inputs' hashes are remembered, as in
-    any rerun unless --rehash), and its I/O limits: (commands, read + write, read + durable write)."""
+class Setup(NamedTuple):
+    """A method's commands (per device: tool -> command), its recipe and output paths, and its I/O limits."""
+
+    cmds: dict[str, dict[str, list[str]]]
+    cfg: Path
+    out: Path
+    limit: float  # read + write
+    durable: float  # read + a write flushed to disk
+
+
+def setup(method: str, dirs: list[Path], in_bytes: int, scratch: Path, devices: list[str], args) -> Setup:
+    """The method's recipe and commands, after one untimed merger run each (numba compiles its kernels on a
+    machine's first merge, and the inputs' hashes are remembered, as in any rerun unless --rehash), and its
+    I/O limits."""
     cfg = scratch / f"{method}.yaml"
     out = scratch / "out"
     cfg.write_text(recipe(method, dirs, out))
@@ -379,24 +391,24 @@ def setup(method: str, dirs: list[Path], in_bytes: int, scratch: Path, devices: 
         f"{writes['writer+sync']:.2f} s)",
         flush=True,
     )
-    return cmds, read_s + write_s, read_s + min(writes["plain+sync"], writes["writer+sync"])
+    return Setup(cmds, cfg, out, read_s + write_s, read_s + min(writes["plain+sync"], writes["writer+sync"]))
 
 
-def timed_runs(method: str, cmds: dict, devices: list[str], mergekit: str | None, scratch: Path, rnd: int) -> list:
+def timed_runs(method: str, run: Setup, devices: list[str], mergekit: str | None, rnd: int) -> list:
     """One round's runs of a method: each device's merger commands, then mergekit on that device
     (alternating: each sees the same conditions). Rows: tool, method, device, wall s, merge s, peak RSS,
     peak GPU bytes, round."""
-    out = scratch / "out"
+    out = run.out
     rows = []
     for device in devices:
-        for tool, cmd in cmds[device].items():
+        for tool, cmd in run.cmds[device].items():
             wall, rss, stdout = run_process(cmd)
             summary = json.loads(stdout)
             rows.append((tool, method, device, wall, summary["seconds"],
                          max(rss, summary["peak_rss_bytes"]), summary.get("peak_gpu_bytes"), rnd))  # fmt: skip
             shutil.rmtree(out, ignore_errors=True)
         if mergekit and method not in MERGEKIT_LACKS:
-            mk = [mergekit, str(scratch / f"{method}.yaml"), str(out), "--copy-tokenizer", "--lazy-unpickle"]
+            mk = [mergekit, str(run.cfg), str(out), "--copy-tokenizer", "--lazy-unpickle"]
             if device == "cuda":
                 mk.append("--cuda")
             wall, rss, _ = run_process(mk)

@@ -33,6 +33,12 @@ HEADROOM = 4  # a guess lies this many binades above its sample's peak p: it bou
 # 2**24 entries), from 2**-47 (2**-68) at the peaks' own scales.
 
 
+def digit_bits(length: int) -> int:
+    """Bits per digit for vectors of `length` entries: length * 2**bits <= 2**52, so every partial sum of
+    digits stays exact in float64."""
+    return 52 - (length - 1).bit_length()
+
+
 def from_limbs(sums: np.ndarray, exps: Sequence[int], bits: int, k: int) -> np.ndarray:
     """The Gram matrix (count, k, k) from its digit sums (LIMBS, pairs, count), exact integers (the
     pairs (i, j), i <= j, in order), for vectors scaled by 2**-exps."""

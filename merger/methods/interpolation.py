@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from merger.errors import MergeError
 from merger.methods import fixed_point
 from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, kept_for_mergekit
-from merger.methods.fixed_point import LIMBS, from_limbs, gram_by_guess
+from merger.methods.fixed_point import LIMBS, digit_bits, from_limbs, gram_by_guess
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -106,7 +106,7 @@ def gram(
     import torch
 
     k = len(exps)
-    bits = 52 - (segments.length - 1).bit_length()  # length * 2**bits <= 2**52: every partial sum exact
+    bits = digit_bits(segments.length)
     pairs = [(i, j) for i in range(k) for j in range(i, k)]
     acc = torch.zeros((LIMBS, len(pairs), segments.count), dtype=torch.float64, device=device)
     tops = [torch.zeros((), dtype=torch.float64, device=device)] * k

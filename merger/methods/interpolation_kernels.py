@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 from merger.kernels import BLOCK, U, _bits_of_f32, kernel, load, store
 from merger.methods import fixed_point
 from merger.methods.base import MergeRange, TensorContext
-from merger.methods.fixed_point import LIMBS, from_limbs, gram_by_guess
+from merger.methods.fixed_point import LIMBS, digit_bits, from_limbs, gram_by_guess
 
 PLAIN, BASE_FIRST, TASK = 0, 1, 2
 GRAM_BLOCK = 1024  # entries per inner loop of the Gram pass (its float32 vectors stay in L1)
@@ -420,7 +420,7 @@ def sphere_fused(sphere, tensors, base, models: Sequence[Any], params: Any, run,
     if numel == 0:
         return copy_range(xs[0], run)
     k = len(xs) + (mode == BASE_FIRST)
-    bits = 52 - (segments.length - 1).bit_length()
+    bits = digit_bits(segments.length)
 
     def gram_at(exps: list[int]) -> tuple[np.ndarray, list[float]]:
         sums, found = gram_sums(xs, b, mode, exps, bits, segments, run)
