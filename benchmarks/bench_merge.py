@@ -10,20 +10,19 @@ torch==2.13.0 mergekit`) and pass `--mergekit-bin /tmp/mk/bin/mergekit-yaml`, or
 
 Checkpoints (a base and N fine-tunes, bf16, sharded, with a real Llama config) are generated once
 into --dir and reused. Each method first gets one untimed merger run (numba compiles its kernels on
-a machine's first merge and caches them; this also warms the page cache), then the I/O limit is
-measured on those files: read every input once (page cache warm, as the merges see it; the faster of
-read(2) and a mapping) plus write one output of the merged size (the faster of two writers). Then come
---repeat rounds, each running every method once in turn (merger, then mergekit on the same recipe), each
-as its own process; peak RSS is the process's high-water mark. The table lists every run, then the best
-of each tool's runs per method, then (with ties among the methods) each method's merge s over TIES' in
-the same round: this VM's speed drifts over minutes, so runs seconds apart compare best.
+a machine's first merge and caches them; this also warms the page cache). Then come --repeat rounds,
+each running every method once in turn: the I/O limit (io_stream.py: the method's inputs read and one
+output of the merged size written and flushed, streamed as a merge streams them, computing nothing), then
+merger, then mergekit on the same recipe, each as its own process; peak RSS is the process's high-water
+mark. The table lists every run, then the best of each tool's runs per method, then each merger run's
+merge s over the I/O limit's and (with ties among the methods) over TIES', each of the same round: this
+VM's speed drifts over minutes, so runs seconds apart compare best.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import shutil
 import subprocess
@@ -128,70 +127,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def io_limit(inputs: list[Path], out_bytes: int, scratch: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """Seconds to read every input file once, two ways: `read(2)` into a 1 MiB buffer, and mapping each
-    file and loading every 64-byte line of it (how merger reads); and to write out_bytes: plain
-    `write(2)` of a 1 MiB block, and through merger's ShardWriter writing past the page cache as it does
-    with stream.drop_behind (O_DIRECT where the file system allows), each without and with fdatasync.
-    The faster read and the faster write make the limit."""
-    from merger.plan import OutTensor
-    from merger.stream import ShardWriter, direct_stage
-
-    buf = bytearray(1 << 20)  # cache-resident, as dd's blocks: the copy out of the page cache is all it costs
-    mv = memoryview(buf)
-    files = [f for d in inputs for f in sorted(d.glob("*.safetensors"))]
-
-    def read_syscall(f: Path) -> None:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(mv):
-                pass
-
-    def read_mapped(f: Path) -> None:
-        with open(f, "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        words = np.frombuffer(mm, np.uint64, count=mm.size() // 8)
-        for s in range(0, words.size, 1 << 20):
-            words[s : s + (1 << 20) : 8].max()  # one load per 64-byte line: every line comes from memory
-        del words
-        mm.madvise(mmap.MADV_DONTNEED)  # unmapped as merger's reader does when a tensor is done
-        mm.close()
-
-    for f in files:  # warm the page cache, as the merges will find it
-        read_syscall(f)
-    reads = {}
-    for how, read in (("read", read_syscall), ("mmap", read_mapped)):
-        t = time.perf_counter()
-        for f in files:
-            read(f)
-        reads[how] = time.perf_counter() - t
-    target = scratch / "io-limit.bin"
-    whole = OutTensor("bytes", (out_bytes,), "U8", True, out_bytes)
-    block = np.frombuffer(buf, np.uint8)
-    stage = direct_stage()  # as stream._Writer's
-    writes = {}
-    for how in ("plain", "writer", "plain+sync", "writer+sync"):
-        t = time.perf_counter()
-        if how.startswith("plain"):
-            with open(target, "wb", buffering=0) as fh:
-                left = out_bytes
-                while left > 0:
-                    left -= fh.write(mv[: min(left, len(buf))])
-                if how.endswith("sync"):
-                    os.fdatasync(fh.fileno())
-        else:
-            w = ShardWriter(target, [whole], drop_behind=True, stage=stage)
-            for s in range(0, out_bytes, len(buf)):
-                w.write(whole, block[: min(len(buf), out_bytes - s)])
-            w.close()
-            if how.endswith("sync"):
-                fd = os.open(target, os.O_RDONLY)
-                os.fdatasync(fd)  # any descriptor of the file will do
-                os.close(fd)
-        writes[how] = time.perf_counter() - t
-        target.unlink()
-    return reads, writes
-
-
 # Each method's benchmark recipe, with mergekit's parameter names: (which models it reads: "all" every model
 # as an ingredient, "tasks" the base and the fine-tunes as task vectors, "pair" the base and the first
 # fine-tune, "one" the first fine-tune alone; per-model parameters; method-wide parameters).
@@ -253,8 +188,10 @@ sys.stderr.write(f"\\n{time.perf_counter() - t} {usage.ru_maxrss} {os.waitstatus
 """
 
 
-def run_process(cmd: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS (bytes, from wait4) and stdout of a child process."""
+def run_process(cmd: list[str], settle: float = 0.0) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes, from wait4) and stdout of a child process, started `settle` seconds
+    from now (see --settle)."""
+    time.sleep(settle)
     proc = subprocess.run([sys.executable, "-c", _TIMER, *cmd], capture_output=True, text=True)
     err, _, last = proc.stderr.rstrip("\n").rpartition("\n")
     fields = last.split()
@@ -275,8 +212,12 @@ def fastest(rows: list[tuple]) -> Best:
     return best
 
 
-def print_best(best: Best, limits: dict[str, float], durable: dict[str, float]) -> None:
-    """Each method's fastest runs, per tool and device: what the code can do, with the runs' noise left out."""
+Paired = dict[tuple[str, str], list[float]]  # (method, device): a ratio per round
+
+
+def print_best(best: Best, io: Paired, durable: Paired) -> None:
+    """Each method's fastest runs, per tool and device: what the code can do, with the runs' noise left out;
+    x I/O and x dur: the medians of its ratios to the limits of the same round."""
     print(f"\nbest of each: {'method':16} {'merge s':>8} {'runs':>4} {'x I/O':>6} {'x dur':>6} {'x TIES':>6} "
           f"{'wall s':>7} {'mk wall':>8} {'vs mk':>6} device")  # fmt: skip
     for (tool, method, device), (wall, inner, runs) in best.items():
@@ -286,28 +227,33 @@ def print_best(best: Best, limits: dict[str, float], durable: dict[str, float]) 
         mk = best.get(("mergekit", method, device))
         x_ties = f"{inner / ties[1]:6.2f}" if ties else "     -"
         mk_s = f"{mk[0]:8.2f} {mk[0] / wall:5.1f}x" if mk else "       -      -"
-        print(f"{'':13} {method:16} {inner:8.2f} {runs:4} {inner / limits[method]:6.2f} {inner / durable[method]:6.2f} "
+        x_io, x_dur = (float(np.median(p[method, device])) for p in (io, durable))
+        print(f"{'':13} {method:16} {inner:8.2f} {runs:4} {x_io:6.2f} {x_dur:6.2f} "
               f"{x_ties} {wall:7.2f} {mk_s} {device}")  # fmt: skip
 
 
-def paired_ratios(rows: list[tuple]) -> dict[tuple[str, str], list[float]]:
-    """Each merger method's merge s over TIES' in the same round, per (method, device): runs minutes apart
-    see the VM in different states, adjacent ones nearly the same."""
-    ties = {(r[2], r[7]): r[4] for r in rows if r[0] == "merger" and r[1] == "ties"}
-    ratios: dict[tuple[str, str], list[float]] = {}
-    for tool, method, device, _wall, inner, _rss, _gpu, rnd in rows:
-        if tool == "merger" and (device, rnd) in ties:
-            ratios.setdefault((method, device), []).append(inner / ties[device, rnd])
+IO, DURABLE = "I/O limit", "+ flushed"  # the limit's rows: read + write, and read + write + fdatasync
+
+
+def paired_ratios(rows: list[tuple], reference: str) -> Paired:
+    """Each merger run's merge s over that of the run it pairs with in the same round, per (method, device):
+    reference "ties", merger's TIES run on the same device; IO or DURABLE, the method's I/O limit. Runs
+    minutes apart see the VM in different states, adjacent ones nearly the same."""
+    inner = {(r[0], r[1], r[2], r[7]): r[4] for r in rows}
+    ratios: Paired = {}
+    for tool, method, device, _wall, merge_s, _rss, _gpu, rnd in rows:
+        key = ("merger", "ties", device, rnd) if reference == "ties" else (reference, method, "-", rnd)
+        if tool == "merger" and key in inner:
+            ratios.setdefault((method, device), []).append(merge_s / inner[key])
     return ratios
 
 
-def print_paired(ratios: dict[tuple[str, str], list[float]]) -> None:
-    if not any(method != "ties" for method, _ in ratios):
-        return
-    print("\npaired with TIES (merge s over TIES' in the same round): median, then each round's")
-    for (method, device), rs in ratios.items():
-        if method != "ties":
-            print(f"{'':13} {method:16} {float(np.median(rs)):6.2f}   {' '.join(f'{r:.2f}' for r in rs)}  {device}")
+def print_paired(ratios: Paired, what: str) -> None:
+    shown = {key: rs for key, rs in ratios.items() if key[0] != "ties" or what != "TIES"}
+    if shown:
+        print(f"\npaired with {what} (merge s over its in the same round): median, then each round's")
+    for (method, device), rs in shown.items():
+        print(f"{'':13} {method:16} {float(np.median(rs)):6.2f}   {' '.join(f'{r:.2f}' for r in rs)}  {device}")
 
 
 def main() -> None:
@@ -319,6 +265,15 @@ def main() -> None:
     ap.add_argument("--devices", help="devices to alternate within each repeat, e.g. cuda,cpu (instead of --device)")
     ap.add_argument("--repeat", type=int, default=2, help="rounds: each runs every method once, in order")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds to wait before each timed run (default 3): the memory the previous run's deleted output "
+        "freed is then handed back to the host where the VM reports free pages (Linux's free page reporting, "
+        "2 s after a free), so each run writes into page cache as a merge into a new directory does, not into "
+        "memory freed a moment ago (~5x faster to write on such a VM)",
+    )
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")))
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if installed")
     ap.add_argument("--mergekit-bin", help="the mergekit-yaml to run (default: the one on PATH)")
@@ -347,27 +302,24 @@ def main() -> None:
         rows = []
         for rnd in range(args.repeat):  # every method once a round: a method's runs spread over the whole run
             for method in methods:
-                rows += timed_runs(method, setups[method], devices, mergekit, rnd)
-        limits = {m: s.limit for m, s in setups.items()}
-        report(rows, dirs, in_bytes, limits, {m: s.durable for m, s in setups.items()})
+                rows += timed_runs(method, setups[method], devices, mergekit, rnd, args.settle)
+        report(rows, dirs, in_bytes)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 class Setup(NamedTuple):
-    """A method's commands (per device: tool -> command), its recipe and output paths, and its I/O limits."""
+    """A method's commands (per device: tool -> command), its recipe and output paths, and its I/O limit's."""
 
     cmds: dict[str, dict[str, list[str]]]
     cfg: Path
     out: Path
-    limit: float  # read + write
-    durable: float  # read + a write flushed to disk
+    limit: list[str]  # io_stream.py's command: the method's inputs, one output
 
 
 def setup(method: str, dirs: list[Path], in_bytes: int, scratch: Path, devices: list[str], args) -> Setup:
     """The method's recipe and commands, after one untimed merger run each (numba compiles its kernels on a
-    machine's first merge, and the inputs' hashes are remembered, as in any rerun unless --rehash), and its
-    I/O limits."""
+    machine's first merge, and the inputs' hashes are remembered, as in any rerun unless --rehash)."""
     cfg = scratch / f"{method}.yaml"
     out = scratch / "out"
     cfg.write_text(recipe(method, dirs, out))
@@ -381,28 +333,26 @@ def setup(method: str, dirs: list[Path], in_bytes: int, scratch: Path, devices: 
         run_process(cmd)  # warm-up, not timed
         shutil.rmtree(out, ignore_errors=True)
     # linear reads every model; task vector methods read the base and the fine-tunes; pairs two
-    reads, writes = io_limit(read_by(method, dirs), in_bytes, scratch)
-    read_s = min(reads.values())
-    write_s = min(writes["plain"], writes["writer"])
-    print(
-        f"{method}: I/O limit read all inputs {read_s:.2f} s (read(2) {reads['read']:.2f} s, mapped "
-        f"{reads['mmap']:.2f} s) + write one output {write_s:.2f} s (write(2) {writes['plain']:.2f} s, "
-        f"merger's writer {writes['writer']:.2f} s; with fdatasync {writes['plain+sync']:.2f} / "
-        f"{writes['writer+sync']:.2f} s)",
-        flush=True,
-    )
-    return Setup(cmds, cfg, out, read_s + write_s, read_s + min(writes["plain+sync"], writes["writer+sync"]))
+    limit = [sys.executable, str(Path(__file__).with_name("io_stream.py")), str(scratch / "io-limit.bin")]
+    return Setup(cmds, cfg, out, limit + [str(d) for d in read_by(method, dirs)])
 
 
-def timed_runs(method: str, run: Setup, devices: list[str], mergekit: str | None, rnd: int) -> list:
-    """One round's runs of a method: each device's merger commands, then mergekit on that device
-    (alternating: each sees the same conditions). Rows: tool, method, device, wall s, merge s, peak RSS,
-    peak GPU bytes, round."""
+def timed_runs(method: str, run: Setup, devices: list[str], mergekit: str | None, rnd: int, settle: float) -> list:
+    """One round's runs of a method: its I/O limit, then each device's merger commands, then mergekit on that
+    device (alternating: each sees the same conditions). Rows: tool, method, device, wall s, merge s (for the
+    limit: read + write, and with the flush), peak RSS, peak GPU bytes, round."""
     out = run.out
-    rows = []
+    wall, rss, stdout = run_process(run.limit, settle)
+    Path(run.limit[2]).unlink()
+    spent = json.loads(stdout)
+    io = spent["read"] + spent["write"]
+    rows = [
+        (IO, method, "-", wall, io, rss, None, rnd),
+        (DURABLE, method, "-", wall, io + spent["sync"], rss, None, rnd),
+    ]
     for device in devices:
         for tool, cmd in run.cmds[device].items():
-            wall, rss, stdout = run_process(cmd)
+            wall, rss, stdout = run_process(cmd, settle)
             summary = json.loads(stdout)
             rows.append((tool, method, device, wall, summary["seconds"],
                          max(rss, summary["peak_rss_bytes"]), summary.get("peak_gpu_bytes"), rnd))  # fmt: skip
@@ -411,32 +361,37 @@ def timed_runs(method: str, run: Setup, devices: list[str], mergekit: str | None
             mk = [mergekit, str(run.cfg), str(out), "--copy-tokenizer", "--lazy-unpickle"]
             if device == "cuda":
                 mk.append("--cuda")
-            wall, rss, _ = run_process(mk)
+            wall, rss, _ = run_process(mk, settle)
             rows.append(("mergekit", method, device, wall, wall, rss, None, rnd))
             shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
-def report(rows: list, dirs: list[Path], in_bytes: int, limits: dict[str, float], durable: dict[str, float]) -> None:
-    """Every run, then the best of each, then the ratios to TIES paired by round."""
+def report(rows: list, dirs: list[Path], in_bytes: int) -> None:
+    """Every run, then the best of each, then the ratios to the I/O limit and to TIES paired by round."""
     print(f"\n{'tool':15} {'method':16} {'wall s':>7} {'merge s':>8} {'GB/s':>6} {'x I/O':>6} {'x dur':>6} {'vs mk':>6} "
           f"{'peak RSS':>9} {'peak GPU':>9} device")  # fmt: skip
     best = fastest(rows)
-    for tool, method, device, wall, inner, rss, gpu, _rnd in rows:
+    limits = {(r[0], r[1], r[7]): r[4] for r in rows if r[0] in (IO, DURABLE)}
+    for tool, method, device, wall, inner, rss, gpu, rnd in rows:
         mk = best.get(("mergekit", method, device))
         vs = f"{mk[0] / wall:5.1f}x" if mk and tool != "mergekit" else "     -"
         gbps = len(read_by(method, dirs)) * in_bytes / inner / 1e9
         gpu_s = f"{gpu / 1e9:7.2f}GB" if gpu else "        -"
-        print(f"{tool:15} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[method]:6.2f} "
-              f"{inner / durable[method]:6.2f} {vs:>6} "
+        print(f"{tool:15} {method:16} {wall:7.2f} {inner:8.2f} {gbps:6.2f} {inner / limits[IO, method, rnd]:6.2f} "
+              f"{inner / limits[DURABLE, method, rnd]:6.2f} {vs:>6} "
               f"{rss / 1e9:7.2f}GB {gpu_s} {device}")  # fmt: skip
-    print_best(best, limits, durable)
-    print_paired(paired_ratios(rows))
+    io, durable = paired_ratios(rows, IO), paired_ratios(rows, DURABLE)
+    print_best(best, io, durable)
+    print_paired(io, "the I/O limit")
+    print_paired(durable, "the flushed I/O limit")
+    print_paired(paired_ratios(rows, "ties"), "TIES")
     print(
         "\nwall s: the whole process (Python start-up and imports included); merge s: merger's own timer "
         "(read, merge, write, hash the inputs for the lock (unless remembered from the warm-up run: --rehash "
-        "reads them again), flush to disk, rename). x I/O: merge s / (read + "
-        "write) limit; x dur: merge s / (read + write flushed to disk) limit, as merger's output is. "
+        "reads them again), flush to disk, rename); for the I/O limit, read + write, and (+ flushed) with the "
+        "fdatasync. x I/O: merge s / the round's (read + write) limit; x dur: merge s / the round's limit "
+        "flushed to disk, as merger's output is (best of each: the medians of those). "
         "GB/s: input bytes / merge s; vs mk: against mergekit's best wall on the same device. "
         "best: the fastest of each tool's runs (this VM's runs swing with the state of its memory, "
         "not with the code), x TIES: against TIES' best merge s, vs mk: merger's best wall against mergekit's. "

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def bench(tmp_path: Path, *args: str) -> str:
     """bench_merge.py's output with `args`, merger alone, its checkpoints in tmp_path."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/bench_merge.py", "--no-mergekit", "--dir", str(tmp_path), *args],
+        [sys.executable, "benchmarks/bench_merge.py", "--no-mergekit", "--settle", "0", "--dir", str(tmp_path), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -30,6 +30,13 @@ def test_benchmark_generates_checkpoints_and_prints_its_table(tmp_path):
     rows = [line.split() for line in stdout.splitlines() if line.startswith("merger ")]
     assert [r[:2] for r in rows] == [["merger", "ties"]]
     assert float(rows[0][3]) > 0  # merge seconds
+    limit = next(line.split() for line in stdout.splitlines() if line.startswith("I/O limit "))
+    flushed = next(line.split() for line in stdout.splitlines() if line.startswith("+ flushed "))
+    assert limit[2] == flushed[2] == "ties" and float(flushed[4]) >= float(limit[4]) > 0  # read + write (+ sync)
+    merge_s, io_s = float(rows[0][3]), float(limit[4])  # x I/O: against the limit of its round (printed
+    assert (
+        merge_s / (io_s + 0.005) - 0.005 <= float(rows[0][5]) <= merge_s / max(io_s - 0.005, 1e-9) + 0.005
+    )  # rounded)
     lines = stdout.splitlines()
     best = lines[next(i for i, x in enumerate(lines) if x.startswith("best of each:")) + 1].split()
     assert best[:3] == ["ties", rows[0][3], "1"]  # its one run's merge s
@@ -73,20 +80,31 @@ def test_rounds_run_every_method_in_turn_and_pair_each_with_ties(tmp_path):
     paired = lines[next(i for i, x in enumerate(lines) if x.startswith("paired with TIES")) + 1].split()
     assert paired[0] == "linear" and paired[4] == "cpu"  # median, then the two rounds' ratios (the arithmetic:
     assert float(paired[1]) == pytest.approx(np.median([float(x) for x in paired[2:4]]), abs=0.006)  # below)
+    limits = [line.split() for line in lines if line.startswith("I/O limit ")]
+    assert [r[2] for r in limits] == ["ties", "linear", "ties", "linear"]  # each merger run's own, just before it
 
 
 def test_paired_ratios_match_runs_by_round_and_device():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from bench_merge import paired_ratios
+        from bench_merge import IO, paired_ratios
     finally:
         sys.path.pop(0)
     rows = [  # tool, method, device, wall, merge s, rss, gpu, round
+        (IO, "ties", "-", 0, 1.0, 0, None, 0),
         ("merger", "ties", "cpu", 0, 2.0, 0, None, 0),
+        (IO, "della", "-", 0, 1.5, 0, None, 0),
         ("merger", "della", "cpu", 0, 3.0, 0, None, 0),
         ("mergekit", "della", "cpu", 0, 30.0, 0, None, 0),
+        (IO, "ties", "-", 0, 2.0, 0, None, 1),
         ("merger", "ties", "cpu", 0, 4.0, 0, None, 1),
+        (IO, "della", "-", 0, 4.0, 0, None, 1),
         ("merger", "della", "cpu", 0, 5.0, 0, None, 1),
-        ("merger", "della", "cuda", 0, 1.0, 0, None, 1),  # no TIES run on cuda: not paired
+        ("merger", "della", "cuda", 0, 1.0, 0, None, 1),  # no TIES run on cuda: not paired with it
     ]
-    assert paired_ratios(rows) == {("ties", "cpu"): [1.0, 1.0], ("della", "cpu"): [1.5, 1.25]}
+    assert paired_ratios(rows, "ties") == {("ties", "cpu"): [1.0, 1.0], ("della", "cpu"): [1.5, 1.25]}
+    assert paired_ratios(rows, IO) == {  # each run over its method's limit in its round, whatever the device
+        ("ties", "cpu"): [2.0, 2.0],
+        ("della", "cpu"): [2.0, 1.25],
+        ("della", "cuda"): [0.25],
+    }
