@@ -3,14 +3,19 @@ dtype, tie pattern and chunking, and an exact threshold whatever the sample says
 
 from __future__ import annotations
 
+import ast
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import load_output, write_checkpoint
+from numba import njit
 
+import merger
 import merger.stream
 from merger import kernels
 from merger.cli import cli
@@ -345,3 +350,85 @@ def test_nan_in_a_task_vector_is_refused_by_both_paths_and_inf_is_ranked(n):
     with pytest.raises(NaNTaskVector) as got:
         fused(xs, base, models, TiesParams(), runner(1 << 14, 2))
     assert (got.value.model, got.value.count) == (0, 1)
+
+
+@njit
+def _borrowed_sum(xs, out):  # pragma: no cover - compiled
+    xs, out = kernels.borrow((xs, out))
+    for j in range(len(xs)):
+        x = xs[j]  # a view that holds no reference
+        for i in range(x.size):
+            out[i] += x[i]
+
+
+def test_borrowed_arguments_read_and_write_the_callers_arrays_and_keep_their_references():
+    xs, out = (np.arange(10.0), np.ones(10)), np.zeros(10)
+    counts = [sys.getrefcount(a) for a in (*xs, out)]
+    for _ in range(100):
+        _borrowed_sum(xs, out)
+    np.testing.assert_array_equal(out, 100 * (np.arange(10.0) + 1))
+    assert [sys.getrefcount(a) for a in (*xs, out)] == counts  # no reference taken, none dropped
+
+
+def _scratch_counter(kept: bool):
+    @njit
+    def counts_of(n):  # pragma: no cover - compiled
+        """Counts into a borrowed view of its own array while allocating arrays of the same size, which
+        would take that array's memory once it was freed."""
+        own = np.zeros(64, np.int64)
+        counts = kernels.borrow(own)
+        for i in range(n):
+            junk = np.full(64, 7, np.int64)
+            counts[i % 64] += junk[0] - 6
+        total = counts.sum()
+        if kept:  # a constant: compiled without the branch
+            kernels.keep_alive(own)
+        return total
+
+    return counts_of
+
+
+def test_keep_holds_a_kernels_own_array_for_its_borrowed_view():
+    assert _scratch_counter(True)(1000) == 1000
+    # Without keep_alive(), numba frees the array after its last use (the borrow): the loop's allocations reuse its
+    # memory and the counts come out wrong. This pins why every kernel that borrows its own arrays keeps them.
+    assert _scratch_counter(False)(1000) != 1000
+
+
+KERNEL_MODULES = [
+    "kernels.py",
+    "methods/interpolation_kernels.py",
+    "methods/selection_kernels.py",
+    "methods/sparse_kernels.py",
+]
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_every_kernel_keeps_the_arrays_it_borrows_past_their_last_use(module):
+    """A kernel's own array `x_own` lent as `x_own, x = lend(...)` must be named in one keep_alive() after every loop,
+    and `x` not used after it (numba may free `x_own` right after its keep_alive)."""
+    tree = ast.parse((Path(merger.__file__).parent / module).read_text())
+    checked = 0
+    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+        owned = {
+            n.id
+            for st in fn.body
+            if isinstance(st, ast.Assign)
+            for n in ast.walk(st.targets[0])
+            if isinstance(n, ast.Name)
+        }
+        owned = {name for name in owned if name.endswith("_own")}
+        if not owned:
+            continue
+        keeps = [
+            i for i, st in enumerate(fn.body) if isinstance(st, ast.Expr) and ast.unparse(st).startswith("keep_alive(")
+        ]
+        assert len(keeps) == 1, f"{fn.name}: {len(keeps)} keep_alive() calls at its top level"
+        kept = {n.id for n in ast.walk(fn.body[keeps[0]]) if isinstance(n, ast.Name)} - {"keep_alive"}
+        assert kept == owned, f"{fn.name}: keeps {sorted(kept)}, owns {sorted(owned)}"
+        after = fn.body[keeps[0] + 1 :]
+        used = {n.id for st in after for n in ast.walk(st) if isinstance(n, ast.Name)}
+        assert not used & {name[: -len("_own")] for name in owned}, f"{fn.name} uses a borrowed view after keep_alive()"
+        assert not any(isinstance(n, (ast.For, ast.While)) for st in after for n in ast.walk(st)), fn.name
+        checked += 1
+    assert checked  # each module's hot kernels borrow their scratch arrays

@@ -25,7 +25,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from merger.kernels import BLOCK, U, _bits_of_f32, kernel, load, store
+from merger.kernels import BLOCK, U, _bits_of_f32, borrow, keep_alive, kernel, lend, load, store
 from merger.methods import fixed_point
 from merger.methods.base import MergeRange, TensorContext
 from merger.methods.fixed_point import LIMBS, digit_bits, from_limbs, gram_by_guess
@@ -40,6 +40,7 @@ ABS = np.uint32(0x7FFFFFFF)
 @kernel
 def _vectors(xs, b, mode, st, m, vs):  # pragma: no cover - compiled
     """vs[j, :m] = vector j's entries [st, st + m) in float32 (as the torch path's chunks hold them)."""
+    xs, b, mode, st, m, vs = borrow((xs, b, mode, st, m, vs))
     first = 0
     if mode == BASE_FIRST:
         for i in range(m):
@@ -81,19 +82,22 @@ def _tops(top):  # pragma: no cover - compiled
 @kernel
 def _peak_bits(xs, b, mode, k, start, stop):  # pragma: no cover - compiled
     """Per vector, the largest bit pattern of |v| over entries [start, stop)."""
-    top = np.zeros((k, BLOCK), np.uint32)
-    vs = np.empty((k, BLOCK), np.float32)
+    xs, b, mode, k, start, stop = borrow((xs, b, mode, k, start, stop))
+    top_own, top = lend(np.zeros((k, BLOCK), np.uint32))
+    vs_own, vs = lend(np.empty((k, BLOCK), np.float32))
     for st in range(start, stop, BLOCK):
         m = min(BLOCK, stop - st)
         _vectors(xs, b, mode, st, m, vs)
         _track(vs, m, top)
-    return _tops(top)
+    keep_alive((top_own, vs_own))
+    return _tops(top_own)
 
 
 @kernel
 def _scaled(xs, b, mode, st, m, vs, scale, scale_hi, w, w_hi):  # pragma: no cover - compiled
     """The vectors' entries [st, st + m) in float64 times scale[j] (into w) and scale_hi[j] (w_hi):
     powers of two, so exact."""
+    xs, b, mode, st, m, vs, scale, scale_hi, w, w_hi = borrow((xs, b, mode, st, m, vs, scale, scale_hi, w, w_hi))
     _vectors(xs, b, mode, st, m, vs)
     for j in range(vs.shape[0]):
         s = scale[j]
@@ -171,6 +175,7 @@ def _digits(w, w_hi, pi, pj, two, m, lanes, at):  # pragma: no cover - compiled
     """For each pair p and entry i < m: q = w_hi[pi[p], i] * w[pj[p], i] (exact, |q| < 2**bits) cut
     into three digits of `bits` bits, truncated as interpolation.gram cuts them; each added to
     lanes[limb, p, at + i]. Every partial sum stays an exact integer."""
+    w, w_hi, pi, pj, two, m, lanes, at = borrow((w, w_hi, pi, pj, two, m, lanes, at))
     for p in range(pi.size):
         a = w_hi[pi[p]]
         c = w[pj[p]]
@@ -193,9 +198,12 @@ def _gram_rows(xs, b, mode, scale, pi, pj, two, length, start, stop, acc):  # pr
     """Add the digit sums of the segments of `length` consecutive entries over [start, stop) to
     acc[limb, pair, segment] (segment 0 alone where acc has one column: a share of the whole tensor);
     scale[p]: pair p's power of two. Returns each vector's largest bit pattern of |v| there (_peak_bits)."""
+    xs, b, mode, scale, pi, pj, two, length, start, stop, acc = borrow(
+        (xs, b, mode, scale, pi, pj, two, length, start, stop, acc)
+    )
     k = len(xs) + (mode == BASE_FIRST)
-    vs = np.empty((k, GRAM_BLOCK), np.float32)
-    top = np.zeros((k, GRAM_BLOCK), np.uint32)
+    vs_own, vs = lend(np.empty((k, GRAM_BLOCK), np.float32))
+    top_own, top = lend(np.zeros((k, GRAM_BLOCK), np.uint32))
     st = start
     while st < stop:
         end = min(stop, (st // length + 1) * length)  # the end of this segment's entries here
@@ -210,30 +218,36 @@ def _gram_rows(xs, b, mode, scale, pi, pj, two, length, start, stop, acc):  # pr
                 acc[1, p, seg] += d1
                 acc[2, p, seg] += d2
         st = end
-    return _tops(top)
+    keep_alive((vs_own, top_own))
+    return _tops(top_own)
 
 
 @kernel
 def _gram_columns(xs, b, mode, scale, scale_hi, pi, pj, two, count, c0, c1, acc):  # pragma: no cover
     """Add the digit sums of the strided vectors (entry i in vector i % count) c0 <= c < c1 to
     acc[limb, pair, c]. Returns each vector's largest bit pattern of |v| there (_peak_bits)."""
+    xs, b, mode, scale, scale_hi, pi, pj, two, count, c0, c1, acc = borrow(
+        (xs, b, mode, scale, scale_hi, pi, pj, two, count, c0, c1, acc)
+    )
     k = scale.size
-    vs = np.empty((k, BLOCK), np.float32)
-    w = np.empty((k, BLOCK), np.float64)
-    w_hi = np.empty((k, BLOCK), np.float64)
-    top = np.zeros((k, BLOCK), np.uint32)
+    vs_own, vs = lend(np.empty((k, BLOCK), np.float32))
+    w_own, w = lend(np.empty((k, BLOCK), np.float64))
+    w_hi_own, w_hi = lend(np.empty((k, BLOCK), np.float64))
+    top_own, top = lend(np.zeros((k, BLOCK), np.uint32))
     for r in range(xs[0].size // count):
         for c in range(c0, c1, BLOCK):
             m = min(BLOCK, c1 - c)
             _scaled(xs, b, mode, r * count + c, m, vs, scale, scale_hi, w, w_hi)
             _track(vs, m, top)
             _digits(w, w_hi, pi, pj, two, m, acc, c)
-    return _tops(top)
+    keep_alive((vs_own, w_own, w_hi_own, top_own))
+    return _tops(top_own)
 
 
 @kernel
 def _coefficients(coefs, length, strided, st, m, cs):  # pragma: no cover - compiled
     """cs[j, i] = vector j's coefficient at flat entry st + i: its segment's row of coefs (count, k)."""
+    coefs, length, strided, st, m, cs = borrow((coefs, length, strided, st, m, cs))
     count = coefs.shape[0]
     seg = st % count if strided else st // length
     pos = 0 if strided else st % length
@@ -253,11 +267,12 @@ def _coefficients(coefs, length, strided, st, m, cs):  # pragma: no cover - comp
 def _combine(xs, b, mode, coefs, length, strided, start, out):  # pragma: no cover - compiled
     """out[i] = sum_j c_j * v_j at flat entry start + i, the terms added in order (then the base, in
     TASK mode), in float32, as interpolation.combine adds them."""
+    xs, b, mode, coefs, length, strided, start, out = borrow((xs, b, mode, coefs, length, strided, start, out))
     n = out.size
     k = coefs.shape[1]
-    vs = np.empty((k, BLOCK), np.float32)
-    cs = np.empty((k, BLOCK), np.float32)
-    acc = np.empty(BLOCK, np.float32)
+    vs_own, vs = lend(np.empty((k, BLOCK), np.float32))
+    cs_own, cs = lend(np.empty((k, BLOCK), np.float32))
+    acc_own, acc = lend(np.empty(BLOCK, np.float32))
     whole = coefs.shape[0] == 1
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
@@ -287,11 +302,19 @@ def _combine(xs, b, mode, coefs, length, strided, start, out):  # pragma: no cov
                 acc[i] += load(b, U(start + st + i))
         for i in range(m):
             store(out, U(st + i), acc[i])
+    keep_alive(
+        (
+            vs_own,
+            cs_own,
+            acc_own,
+        )
+    )
 
 
 @kernel
 def _copy(x, start, out):  # pragma: no cover - compiled
     """out = x's entries from `start`, as float32 would hold them, in out's dtype."""
+    x, start, out = borrow((x, start, out))
     for i in range(out.size):
         store(out, U(i), load(x, U(start + i)))
 
@@ -300,6 +323,7 @@ def _copy(x, start, out):  # pragma: no cover - compiled
 def _nearswap(x, b, t, start, out):  # pragma: no cover - compiled
     """interpolation.nearswap's float32 operations: w = clamp(t * (1 / max(|b - x|, 1e-6)), 0, 1),
     x * w + (1 - w) * b; NaN propagates through the clamps as torch's does."""
+    x, b, t, start, out = borrow((x, b, t, start, out))
     lo = np.float32(1e-6)
     zero = np.float32(0)
     one = np.float32(1)

@@ -18,7 +18,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from merger.kernels import BLOCK, Runner, U, _bits_of_f32, _f32_from_bits, kernel, load, store
+from merger.kernels import BLOCK, Runner, U, _bits_of_f32, _f32_from_bits, borrow, keep_alive, kernel, lend, load, store
 from merger.methods import elementary as el
 
 _BOUND_BITS = np.uint32(np.float32(el.TABLE_BOUND).view(np.uint32))  # |v| <= TABLE_BOUND: its bits <= these
@@ -50,9 +50,10 @@ def _f64_from_bits(typingctx, u):
 def _abs_peaks(xs, b):  # pragma: no cover - compiled
     """Per model, the bits of max |x_j - b| in float32 (as unsigned: they order like the magnitudes, and a
     NaN above every number, as torch's amax propagates it)."""
+    xs, b = borrow((xs, b))
     n = b.size
     peaks = np.zeros(len(xs), np.uint32)
-    bf = np.empty(BLOCK, np.float32)
+    bf_own, bf = lend(np.empty(BLOCK, np.float32))
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
         for i in range(m):
@@ -63,6 +64,7 @@ def _abs_peaks(xs, b):  # pragma: no cover - compiled
             for i in range(m):
                 top = max(top, _bits_of_f32(load(x, U(st + i)) - bf[i]) & np.uint32(0x7FFFFFFF))
             peaks[j] = top
+    keep_alive((bf_own,))
     return peaks
 
 
@@ -93,11 +95,12 @@ def _limb_sums(a, c, m, scale, fast):  # pragma: no cover - compiled
 def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo):  # pragma: no cover - compiled
     """Model Stock's exact dot products of every pair (i <= j) of scaled task vectors over a flat range
     starting at `offset`: hi[p, r], lo[p, r] += the limb sums of row offset // cols + r."""
+    xs, b, scale, limb, cols, offset, hi, lo = borrow((xs, b, scale, limb, cols, offset, hi, lo))
     n = b.size
     nm = len(xs)
     fast = limb <= 2.0**FAST_BITS
-    sd = np.empty((nm, BLOCK), np.float64)
-    bf = np.empty(BLOCK, np.float32)
+    sd_own, sd = lend(np.empty((nm, BLOCK), np.float64))
+    bf_own, bf = lend(np.empty(BLOCK, np.float32))
     row0 = offset // cols
     pos = 0
     while pos < n:
@@ -121,14 +124,21 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo):  # pragma: no cover -
                     lo[p, r] += low
                     p += 1
         pos = end
+    keep_alive(
+        (
+            sd_own,
+            bf_own,
+        )
+    )
 
 
 @kernel
 def _stock_merge(xs, b, out, t, cols, offset, inv):  # pragma: no cover - compiled
     """(x_0 + ... + x_{n-1}) * inv * t + b * (1 - t), t of each entry's row: selection.model_stock."""
+    xs, b, out, t, cols, offset, inv = borrow((xs, b, out, t, cols, offset, inv))
     n = b.size
     one = np.float32(1)
-    mean = np.empty(BLOCK, np.float32)
+    mean_own, mean = lend(np.empty(BLOCK, np.float32))
     pos = 0
     while pos < n:
         row = (offset + pos) // cols
@@ -147,6 +157,7 @@ def _stock_merge(xs, b, out, t, cols, offset, inv):  # pragma: no cover - compil
             for i in range(m):
                 store(out, U(st + i), mean[i] * inv * tr + load(b, U(st + i)) * rest)
         pos = end
+    keep_alive((mean_own,))
 
 
 def abs_peaks(xs: Sequence[np.ndarray], base: np.ndarray, run: Runner) -> np.ndarray:
@@ -357,9 +368,10 @@ def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp, table):  # pragma: 
     it (maxima; exps and their limb sums; p, q, p * log(p / q) * 2**-bound and theirs; all in float64), then
     imp = |x - b| * kl in float32. Rows of up to `scratch` entries keep their exps for the divergence; longer
     ones compute them again. Returns how many importances are NaN."""
+    x, b, cols, bits, eps, bound, scratch, imp, table = borrow((x, b, cols, bits, eps, bound, scratch, imp, table))
     keep = cols <= scratch
-    ex = np.empty(cols if keep else BLOCK, np.float64)
-    eb = np.empty_like(ex)
+    ex_own, ex = lend(np.empty(cols if keep else BLOCK, np.float64))
+    eb_own, eb = lend(np.empty_like(ex))
     nans = 0
     for o in range(0, b.size, cols):
         mx, mb, bad, tabled = _row_peaks(x, b, o, cols)
@@ -373,12 +385,19 @@ def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp, table):  # pragma: 
             w = abs(load(x, U(o + i)) - load(b, U(o + i))) * kl
             imp[U(o + i)] = w
             nans += w != w
+    keep_alive(
+        (
+            ex_own,
+            eb_own,
+        )
+    )
     return nans
 
 
 @kernel
 def _fusion_merge(x, b, imp, out, threshold):  # pragma: no cover - compiled
     """selection.arcee_fusion: (x - b where imp >= threshold, else 0) + b."""
+    x, b, imp, out, threshold = borrow((x, b, imp, out, threshold))
     zero = np.float32(0)
     for i in range(b.size):
         bi = load(b, U(i))
@@ -438,12 +457,13 @@ def fusion_merge(
 @kernel
 def _ram_counts(xs, b, eps):  # pragma: no cover - compiled
     """Per model, its changed entries (|x_j - b| > eps) that another model changes too, and that it alone does."""
+    xs, b, eps = borrow((xs, b, eps))
     n = b.size
     nm = len(xs)
     shared = np.zeros(nm, np.int64)
     unique = np.zeros(nm, np.int64)
-    bf = np.empty(BLOCK, np.float32)
-    count = np.empty(BLOCK, np.int32)
+    bf_own, bf = lend(np.empty(BLOCK, np.float32))
+    count_own, count = lend(np.empty(BLOCK, np.int32))
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
         for i in range(m):
@@ -463,6 +483,12 @@ def _ram_counts(xs, b, eps):  # pragma: no cover - compiled
                 u += ci & np.int32(count[i] == 1)
             shared[j] += c - u
             unique[j] += u
+    keep_alive(
+        (
+            bf_own,
+            count_own,
+        )
+    )
     return shared, unique
 
 
@@ -470,14 +496,15 @@ def _ram_counts(xs, b, eps):  # pragma: no cover - compiled
 def _ram_merge(xs, b, out, eps, gains):  # pragma: no cover - compiled
     """selection._ram: base + per entry the one changing model's change (times gains[j], RAM+; gains empty:
     RAM), or the changes of several divided by their count."""
+    xs, b, out, eps, gains = borrow((xs, b, out, eps, gains))
     n = b.size
     nm = len(xs)
     zero = np.float32(0)
     one = np.float32(1)
     scaled = gains.size > 0
-    bf = np.empty(BLOCK, np.float32)
-    count = np.empty(BLOCK, np.float32)
-    acc = np.empty(BLOCK, np.float32)
+    bf_own, bf = lend(np.empty(BLOCK, np.float32))
+    count_own, count = lend(np.empty(BLOCK, np.float32))
+    acc_own, acc = lend(np.empty(BLOCK, np.float32))
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
         for i in range(m):
@@ -499,6 +526,13 @@ def _ram_merge(xs, b, out, eps, gains):  # pragma: no cover - compiled
                 acc[i] += term
         for i in range(m):
             store(out, U(st + i), acc[i] + bf[i])
+    keep_alive(
+        (
+            bf_own,
+            count_own,
+            acc_own,
+        )
+    )
 
 
 def ram_counts(xs: Sequence[np.ndarray], base: np.ndarray, epsilon: float, run: Runner) -> tuple[np.ndarray, ...]:

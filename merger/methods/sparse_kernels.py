@@ -19,7 +19,19 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from merger.kernels import BLOCK, U, _bits_of_f32, _f32_from_bits, kernel, load, store, store_elected
+from merger.kernels import (
+    BLOCK,
+    U,
+    _bits_of_f32,
+    _f32_from_bits,
+    borrow,
+    keep_alive,
+    kernel,
+    lend,
+    load,
+    store,
+    store_elected,
+)
 
 GAMMA = U(0x9E3779B97F4A7C15)  # draws.GAMMA
 MIX1 = U(0xBF58476D1CE4E5B9)  # draws.MIX
@@ -199,6 +211,7 @@ def exact_totals(parts: Sequence[np.ndarray], unit: int) -> list[float]:
 @kernel
 def _fold(parts, out):  # pragma: no cover - compiled
     """out[l] += parts[q, l] for every part q: bins of two limbs (_add's), the low one kept below 2 ** 62."""
+    parts, out = borrow((parts, out))
     for q in range(parts.shape[0]):
         for lead in range(out.shape[0]):
             for p in range(BINS):
@@ -283,10 +296,11 @@ def _scan_of(drop: int):
         """The rescale's sums (sparse._rescale) for the models in todo: per model, bins[j, 0] the magnitudes,
         bins[j, 1] the kept ones, over a flat chunk starting at `offset` (a multiple of 8); and DARE's keep
         flags into keeps (models, bytes) as bits (flat index g: bit g % 8 of byte g // 8)."""
+        xs, b, todo, keys, thr, tf, tt, tc, bins, keeps = borrow((xs, b, todo, keys, thr, tf, tt, tc, bins, keeps))
         n = b.size
-        bf = np.empty(BLOCK, np.float32)
-        mb = np.empty(BLOCK, np.uint32)
-        kp = np.empty(BLOCK, np.uint8)
+        bf_own, bf = lend(np.empty(BLOCK, np.float32))
+        mb_own, mb = lend(np.empty(BLOCK, np.uint32))
+        kp_own, kp = lend(np.empty(BLOCK, np.uint8))
         for st in range(0, n, BLOCK):
             m = min(BLOCK, n - st)
             for i in range(m):
@@ -301,6 +315,13 @@ def _scan_of(drop: int):
                 _abs_sums(mb, kp, 0, m, bins[j, 0], bins[j, 1])
                 if drop == RANDOM:  # DARE's draws, kept for the merge: whole bytes (offset + st a multiple of 8)
                     _pack(kp, m, keeps[j], (offset + st) >> 3)
+        keep_alive(
+            (
+                bf_own,
+                mb_own,
+                kp_own,
+            )
+        )
 
     return _of_mode(scan, drop)
 
@@ -332,9 +353,10 @@ def _task_block(xs, b, st, m, d):  # pragma: no cover - compiled
 @kernel
 def _variances(xs, b, out):  # pragma: no cover - compiled
     """SCE: each entry's variance across the task vectors into out; returns how many are not 0."""
+    xs, b, out = borrow((xs, b, out))
     n = b.size
     nm = len(xs)
-    d = np.empty((nm, BLOCK), np.float32)
+    d_own, d = lend(np.empty((nm, BLOCK), np.float32))
     nonzero = 0
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
@@ -343,17 +365,19 @@ def _variances(xs, b, out):  # pragma: no cover - compiled
             v = _variance(d, nm, i)
             out[U(st + i)] = v  # unsigned: with a signed index this loop did not vectorize (0.75 ns an entry, now 0.19)
             nonzero += v != 0
+    keep_alive((d_own,))
     return nonzero
 
 
 @kernel
 def _square_sums(xs, b, vf, vt, vc, offset, bins):  # pragma: no cover - compiled
     """SCE's weights' sums: per model, the squares of its task vector where the variance is kept."""
+    xs, b, vf, vt, vc, offset, bins = borrow((xs, b, vf, vt, vc, offset, bins))
     n = b.size
     nm = len(xs)
-    d = np.empty((nm, BLOCK), np.float32)
-    mb = np.empty(BLOCK, np.uint32)
-    kp = np.empty(BLOCK, np.uint8)
+    d_own, d = lend(np.empty((nm, BLOCK), np.float32))
+    mb_own, mb = lend(np.empty(BLOCK, np.uint32))
+    kp_own, kp = lend(np.empty(BLOCK, np.uint8))
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
         _task_block(xs, b, st, m, d)
@@ -364,6 +388,13 @@ def _square_sums(xs, b, vf, vt, vc, offset, bins):  # pragma: no cover - compile
             for i in range(m):
                 mb[i] = _bits_of_f32(dj[i]) & ABS
             _square_sum(mb, kp, m, bins[j])
+    keep_alive(
+        (
+            d_own,
+            mb_own,
+            kp_own,
+        )
+    )
 
 
 @njit
@@ -526,13 +557,16 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins):  #
     r apart) for the models in todo, as bits into masks (zeroed; flat index g: bit g % 8 of byte g // 8;
     a0 * length * r a multiple of 8), and the rescale's sums into bins (as SCANS'). Entry p of a fiber is
     kept where its draw's top 53 bits are below thresholds[j, its rank] (rank 0 the least magnitude)."""
-    kb = np.empty(length, np.uint32)
-    ki = np.empty(length, np.uint32)
-    tb = np.empty(length, np.uint32)
-    ti = np.empty(length, np.uint32)
-    mb = np.empty(length, np.uint32)
-    kp = np.empty(length, np.uint8)
-    cnt = np.empty(257, np.int64)
+    xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins = borrow(
+        (xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins)
+    )
+    kb_own, kb = lend(np.empty(length, np.uint32))
+    ki_own, ki = lend(np.empty(length, np.uint32))
+    tb_own, tb = lend(np.empty(length, np.uint32))
+    ti_own, ti = lend(np.empty(length, np.uint32))
+    mb_own, mb = lend(np.empty(length, np.uint32))
+    kp_own, kp = lend(np.empty(length, np.uint8))
+    cnt_own, cnt = lend(np.empty(257, np.int64))
     scratch = keep_scratch(length)
     counting = np.ones(len(xs), np.bool_)
     for a in range(a0, a1):
@@ -561,6 +595,17 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins):  #
                         g = U(start + p * r)
                         mj[g >> U(3)] |= np.uint8(kp[p]) << np.uint8(g & U(7))
                 _fiber_sums(mb, kp, length, below, hi, bins[j, 0], bins[j, 1])
+    keep_alive(
+        (
+            kb_own,
+            ki_own,
+            tb_own,
+            ti_own,
+            mb_own,
+            kp_own,
+            cnt_own,
+        )
+    )
 
 
 @njit(inline="always")
@@ -686,14 +731,16 @@ def _merge_of(drop: int):
         """Drop (_masked_block's bits, _keep_block's draws or band, or the variance's shared keep), scale, then
         sum, or elect signs and sum (or average) the agreeing entries; in the torch path's float32 operations
         and order."""
+        xs, b, out, kinds, scales, keys, thr, tf, tt, tc = borrow((xs, b, out, kinds, scales, keys, thr, tf, tt, tc))
+        masks, vf, vt, vc, weights, after = borrow((masks, vf, vt, vc, weights, after))
         n = b.size
-        bf = np.empty(BLOCK, np.float32)
-        s = np.empty(BLOCK, np.float32)
-        num = np.empty(BLOCK, np.float32)
-        den = np.empty(BLOCK, np.float32)
-        kp = np.empty(BLOCK, np.uint8)
-        shared = np.empty(BLOCK, np.uint8)
-        d = np.empty((len(xs), BLOCK), np.float32)
+        bf_own, bf = lend(np.empty(BLOCK, np.float32))
+        s_own, s = lend(np.empty(BLOCK, np.float32))
+        num_own, num = lend(np.empty(BLOCK, np.float32))
+        den_own, den = lend(np.empty(BLOCK, np.float32))
+        kp_own, kp = lend(np.empty(BLOCK, np.uint8))
+        shared_own, shared = lend(np.empty(BLOCK, np.uint8))
+        d_own, d = lend(np.empty((len(xs), BLOCK), np.float32))
         for st in range(0, n, BLOCK):
             m = min(BLOCK, n - st)
             for i in range(m):
@@ -713,6 +760,17 @@ def _merge_of(drop: int):
                 continue
             _elect_block(d, m, by_count, weights, after, s, num, den)
             store_elected(out, st, m, num, den, bf, lam, normalize)
+        keep_alive(
+            (
+                d_own,
+                bf_own,
+                s_own,
+                num_own,
+                den_own,
+                kp_own,
+                shared_own,
+            )
+        )
 
     return _of_mode(merge, drop)
 
