@@ -491,15 +491,7 @@ def _ties_merge(xs, b, out, gt, ge, cut, w, lam, normalize, by_count, offset):  
                 num[i] += v if agree else zero
                 den[i] += awj if agree else zero
         store_elected(out, st, m, num, den, bf, lam, normalize)
-    keep_alive(
-        (
-            trimmed_own,
-            bf_own,
-            s_own,
-            num_own,
-            den_own,
-        )
-    )
+    keep_alive((trimmed_own, bf_own, s_own, num_own, den_own))
 
 
 @kernel
@@ -533,12 +525,7 @@ def _weighted_sum(xs, b, out, w, scale, divisor):  # pragma: no cover - compiled
         else:
             for i in range(m):
                 store(out, U(st + i), acc[i])
-    keep_alive(
-        (
-            bf_own,
-            acc_own,
-        )
-    )
+    keep_alive((bf_own, acc_own))
 
 
 def weighted_sum(

@@ -302,13 +302,7 @@ def _combine(xs, b, mode, coefs, length, strided, start, out):  # pragma: no cov
                 acc[i] += load(b, U(start + st + i))
         for i in range(m):
             store(out, U(st + i), acc[i])
-    keep_alive(
-        (
-            vs_own,
-            cs_own,
-            acc_own,
-        )
-    )
+    keep_alive((vs_own, cs_own, acc_own))
 
 
 @kernel

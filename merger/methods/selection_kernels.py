@@ -124,12 +124,7 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo):  # pragma: no cover -
                     lo[p, r] += low
                     p += 1
         pos = end
-    keep_alive(
-        (
-            sd_own,
-            bf_own,
-        )
-    )
+    keep_alive((sd_own, bf_own))
 
 
 @kernel
@@ -385,12 +380,7 @@ def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp, table):  # pragma: 
             w = abs(load(x, U(o + i)) - load(b, U(o + i))) * kl
             imp[U(o + i)] = w
             nans += w != w
-    keep_alive(
-        (
-            ex_own,
-            eb_own,
-        )
-    )
+    keep_alive((ex_own, eb_own))
     return nans
 
 
@@ -483,12 +473,7 @@ def _ram_counts(xs, b, eps):  # pragma: no cover - compiled
                 u += ci & np.int32(count[i] == 1)
             shared[j] += c - u
             unique[j] += u
-    keep_alive(
-        (
-            bf_own,
-            count_own,
-        )
-    )
+    keep_alive((bf_own, count_own))
     return shared, unique
 
 
@@ -526,13 +511,7 @@ def _ram_merge(xs, b, out, eps, gains):  # pragma: no cover - compiled
                 acc[i] += term
         for i in range(m):
             store(out, U(st + i), acc[i] + bf[i])
-    keep_alive(
-        (
-            bf_own,
-            count_own,
-            acc_own,
-        )
-    )
+    keep_alive((bf_own, count_own, acc_own))
 
 
 def ram_counts(xs: Sequence[np.ndarray], base: np.ndarray, epsilon: float, run: Runner) -> tuple[np.ndarray, ...]:

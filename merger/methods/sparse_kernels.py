@@ -315,13 +315,7 @@ def _scan_of(drop: int):
                 _abs_sums(mb, kp, 0, m, bins[j, 0], bins[j, 1])
                 if drop == RANDOM:  # DARE's draws, kept for the merge: whole bytes (offset + st a multiple of 8)
                     _pack(kp, m, keeps[j], (offset + st) >> 3)
-        keep_alive(
-            (
-                bf_own,
-                mb_own,
-                kp_own,
-            )
-        )
+        keep_alive((bf_own, mb_own, kp_own))
 
     return _of_mode(scan, drop)
 
@@ -388,13 +382,7 @@ def _square_sums(xs, b, vf, vt, vc, offset, bins):  # pragma: no cover - compile
             for i in range(m):
                 mb[i] = _bits_of_f32(dj[i]) & ABS
             _square_sum(mb, kp, m, bins[j])
-    keep_alive(
-        (
-            d_own,
-            mb_own,
-            kp_own,
-        )
-    )
+    keep_alive((d_own, mb_own, kp_own))
 
 
 @njit
@@ -595,17 +583,7 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins):  #
                         g = U(start + p * r)
                         mj[g >> U(3)] |= np.uint8(kp[p]) << np.uint8(g & U(7))
                 _fiber_sums(mb, kp, length, below, hi, bins[j, 0], bins[j, 1])
-    keep_alive(
-        (
-            kb_own,
-            ki_own,
-            tb_own,
-            ti_own,
-            mb_own,
-            kp_own,
-            cnt_own,
-        )
-    )
+    keep_alive((kb_own, ki_own, tb_own, ti_own, mb_own, kp_own, cnt_own))
 
 
 @njit(inline="always")
@@ -760,17 +738,7 @@ def _merge_of(drop: int):
                 continue
             _elect_block(d, m, by_count, weights, after, s, num, den)
             store_elected(out, st, m, num, den, bf, lam, normalize)
-        keep_alive(
-            (
-                d_own,
-                bf_own,
-                s_own,
-                num_own,
-                den_own,
-                kp_own,
-                shared_own,
-            )
-        )
+        keep_alive((d_own, bf_own, s_own, num_own, den_own, kp_own, shared_own))
 
     return _of_mode(merge, drop)
 
