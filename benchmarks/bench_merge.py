@@ -343,7 +343,6 @@ def timed_runs(method: str, run: Setup, devices: list[str], mergekit: str | None
     limit: read + write, and with the flush), peak RSS, peak GPU bytes, round."""
     out = run.out
     wall, rss, stdout = run_process(run.limit, settle)
-    Path(run.limit[2]).unlink()
     spent = json.loads(stdout)
     io = spent["read"] + spent["write"]
     rows = [

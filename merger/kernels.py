@@ -698,7 +698,6 @@ def _select(vals: np.ndarray, idx: np.ndarray, rank: int) -> tuple[float, int, i
 def _select_kernel(vals, idx, rank):  # pragma: no cover - compiled
     """_select in one compiled call: the threshold, then one pass counting the entries above it and
     one (stopping early) finding the last tie kept; idx is ascending."""
-    vals, idx, rank = borrow((vals, idx, rank))
     threshold = _kth_largest(vals, rank)
     above = 0
     for i in range(vals.size):

@@ -40,7 +40,6 @@ ABS = np.uint32(0x7FFFFFFF)
 @kernel
 def _vectors(xs, b, mode, st, m, vs):  # pragma: no cover - compiled
     """vs[j, :m] = vector j's entries [st, st + m) in float32 (as the torch path's chunks hold them)."""
-    xs, b, mode, st, m, vs = borrow((xs, b, mode, st, m, vs))
     first = 0
     if mode == BASE_FIRST:
         for i in range(m):
@@ -97,7 +96,6 @@ def _peak_bits(xs, b, mode, k, start, stop):  # pragma: no cover - compiled
 def _scaled(xs, b, mode, st, m, vs, scale, scale_hi, w, w_hi):  # pragma: no cover - compiled
     """The vectors' entries [st, st + m) in float64 times scale[j] (into w) and scale_hi[j] (w_hi):
     powers of two, so exact."""
-    xs, b, mode, st, m, vs, scale, scale_hi, w, w_hi = borrow((xs, b, mode, st, m, vs, scale, scale_hi, w, w_hi))
     _vectors(xs, b, mode, st, m, vs)
     for j in range(vs.shape[0]):
         s = scale[j]
@@ -175,7 +173,6 @@ def _digits(w, w_hi, pi, pj, two, m, lanes, at):  # pragma: no cover - compiled
     """For each pair p and entry i < m: q = w_hi[pi[p], i] * w[pj[p], i] (exact, |q| < 2**bits) cut
     into three digits of `bits` bits, truncated as interpolation.gram cuts them; each added to
     lanes[limb, p, at + i]. Every partial sum stays an exact integer."""
-    w, w_hi, pi, pj, two, m, lanes, at = borrow((w, w_hi, pi, pj, two, m, lanes, at))
     for p in range(pi.size):
         a = w_hi[pi[p]]
         c = w[pj[p]]
@@ -247,7 +244,6 @@ def _gram_columns(xs, b, mode, scale, scale_hi, pi, pj, two, count, c0, c1, acc)
 @kernel
 def _coefficients(coefs, length, strided, st, m, cs):  # pragma: no cover - compiled
     """cs[j, i] = vector j's coefficient at flat entry st + i: its segment's row of coefs (count, k)."""
-    coefs, length, strided, st, m, cs = borrow((coefs, length, strided, st, m, cs))
     count = coefs.shape[0]
     seg = st % count if strided else st // length
     pos = 0 if strided else st % length
@@ -308,7 +304,6 @@ def _combine(xs, b, mode, coefs, length, strided, start, out):  # pragma: no cov
 @kernel
 def _copy(x, start, out):  # pragma: no cover - compiled
     """out = x's entries from `start`, as float32 would hold them, in out's dtype."""
-    x, start, out = borrow((x, start, out))
     for i in range(out.size):
         store(out, U(i), load(x, U(start + i)))
 
@@ -317,7 +312,6 @@ def _copy(x, start, out):  # pragma: no cover - compiled
 def _nearswap(x, b, t, start, out):  # pragma: no cover - compiled
     """interpolation.nearswap's float32 operations: w = clamp(t * (1 / max(|b - x|, 1e-6)), 0, 1),
     x * w + (1 - w) * b; NaN propagates through the clamps as torch's does."""
-    x, b, t, start, out = borrow((x, b, t, start, out))
     lo = np.float32(1e-6)
     zero = np.float32(0)
     one = np.float32(1)

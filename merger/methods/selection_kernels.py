@@ -387,7 +387,6 @@ def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp, table):  # pragma: 
 @kernel
 def _fusion_merge(x, b, imp, out, threshold):  # pragma: no cover - compiled
     """selection.arcee_fusion: (x - b where imp >= threshold, else 0) + b."""
-    x, b, imp, out, threshold = borrow((x, b, imp, out, threshold))
     zero = np.float32(0)
     for i in range(b.size):
         bi = load(b, U(i))
