@@ -37,7 +37,7 @@ from tqdm import tqdm
 from merger import budget, system
 from merger.assemble import Key
 from merger.errors import MergeError, NaNTaskVector, OutOfMemory
-from merger.files import DirectFile, fsync_file, start_writeback
+from merger.files import BUFFERED_CALL, DirectFile, fsync_file, start_writeback
 from merger.methods.base import MergeRange
 from merger.plan import FLAGS, OUTPUT, OutTensor, Plan, Shard, shard_header
 from merger.sources import DTYPES, Confined, FileSource, MappedReader, to_torch
@@ -78,7 +78,8 @@ class ShardWriter:
     disk: every WRITEBACK bytes the writer starts writeback of the newest window and drops the window
     before it, if clean by then. The kernel reuses those pages for the next windows, so the output
     occupies a few windows of page cache instead of its whole size and does not evict other files'
-    cache. Pages still dirty are left alone, so a slow disk never blocks that writer.
+    cache. Pages still dirty are left alone, so a slow disk never blocks that writer. Into the page cache
+    it writes at most files.BUFFERED_CALL bytes a call.
 
     With `durable`, writeback of each window starts as it fills (merger.files.start_writeback), so that
     little is left to wait for when the shard is made durable (fsync, by write_shards' syncer thread)."""
@@ -115,7 +116,10 @@ class ShardWriter:
         if data.dtype != DTYPES[t.dtype][2] or self._done + data.nbytes > t.nbytes:
             raise RuntimeError(f"tensor '{t.name}': got {data.dtype} {list(data.shape)}, planned {t.dtype}")
         if data.nbytes:
-            self._f.write(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+            raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+            step = len(raw) if isinstance(self._f, DirectFile) else BUFFERED_CALL  # DirectFile stages its own
+            for s in range(0, len(raw), step):
+                self._f.write(raw[s : s + step])
             if isinstance(self._f, DirectFile) and self._f.direct:
                 pass  # nothing of it in the page cache
             elif self._drop_behind:
