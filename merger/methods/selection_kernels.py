@@ -331,14 +331,13 @@ def _terms(ex, eb, at, m, zx, zb, eps, shrink, terms):  # pragma: no cover - com
 
 
 @njit(inline="always")
-def _row_divergence(x, b, o, cols, px, pb, ex, eb, keep, bits, eps, bound, table, tabled):  # pragma: no cover
+def _row_divergence(x, b, o, cols, px, pb, work, keep, bits, eps, bound, table, tabled):  # pragma: no cover
     """KL(softmax(x row) || softmax(b row)) of the row at o in float64, as selection.arcee_fusion_prepare
-    (table, tabled: _exps', for x and b)."""
+    (table, tabled: _exps', for x and b; work: the exps of x and of b, BLOCK ones, scratch of BLOCK)."""
+    ex, eb, ones, terms = work
     limb = 2.0**bits
     unit = 2.0**-bits
     fast = limb <= 2.0**FAST_BITS
-    ones = np.ones(BLOCK, np.float64)
-    terms = np.empty(BLOCK, np.float64)
     h, low = _normaliser(x, o, cols, px, ex, keep, ones, limb, fast, table, tabled[0])
     zx = (np.float64(h) + np.float64(low) * unit) * unit
     h, low = _normaliser(b, o, cols, pb, eb, keep, ones, limb, fast, table, tabled[1])
@@ -367,6 +366,8 @@ def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp, table):  # pragma: 
     keep = cols <= scratch
     ex_own, ex = lend(np.empty(cols if keep else BLOCK, np.float64))
     eb_own, eb = lend(np.empty_like(ex))
+    ones_own, ones = lend(np.ones(BLOCK, np.float64))
+    terms_own, terms = lend(np.empty(BLOCK, np.float64))
     nans = 0
     for o in range(0, b.size, cols):
         mx, mb, bad, tabled = _row_peaks(x, b, o, cols)
@@ -374,13 +375,13 @@ def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp, table):  # pragma: 
             kl = np.float32(np.nan)
         else:
             px, pb = np.float64(mx), np.float64(mb)
-            d = _row_divergence(x, b, o, cols, px, pb, ex, eb, keep, bits, eps, bound, table, tabled)
+            d = _row_divergence(x, b, o, cols, px, pb, (ex, eb, ones, terms), keep, bits, eps, bound, table, tabled)
             kl = np.float32(0.0 if d < 0 else abs(d))
         for i in range(cols):
             w = abs(load(x, U(o + i)) - load(b, U(o + i))) * kl
             imp[U(o + i)] = w
             nans += w != w
-    keep_alive((ex_own, eb_own))
+    keep_alive((ex_own, eb_own, ones_own, terms_own))
     return nans
 
 
