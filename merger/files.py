@@ -418,8 +418,8 @@ class DirectFile:
     buffer at a time, straight from it to the disk at the file offsets it holds; close() writes the last,
     partial block padded with zeros and truncates the file to its true size. Nothing of the file is left
     in memory, and the CPU's only work is the copy into the buffer: filling fresh page-cache pages
-    instead costs a VM that returns freed memory to its host about 1 CPU-second per GB (README,
-    Performance). A direct write returns once the disk has the data; the caller's fsync still makes
+    instead costs a VM that returns freed memory to its host 0.5-1.5 CPU-seconds per GB, by the size of
+    the write calls (BUFFERED_CALL; README, Performance). A direct write returns once the disk has the data; the caller's fsync still makes
     the file's size and the disk's own cache durable.
 
     `open` returns None where the file system refuses O_DIRECT (tmpfs before Linux 6.6, some network
