@@ -30,7 +30,7 @@ from merger.plan import OutTensor
 from merger.stream import ShardWriter, direct_stage
 
 STEP = 64 << 20  # bytes of each model read, and of output written, per step
-BLOCK = 1 << 20  # write(2) size
+BLOCK = 1 << 20  # bytes handed to ShardWriter.write at a time (it makes write(2) calls of files.BUFFERED_CALL)
 
 
 class _Model:

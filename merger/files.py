@@ -401,12 +401,12 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         )
 
 
-# The most bytes of one write(2) into the page cache. A file system with large folios (ext4 since Linux 6.16)
-# sizes a write's new page-cache folios by its length, up to 2 MiB, and a folio of 2 MiB takes a free block of
-# 2 MiB. A VM that hands free memory back to its host (free page reporting) hands back exactly such blocks, so
-# each one's first touch faults on the host: merges writing 2.2 GB took 3.0-4.4 s of system time (most of it
-# in that copy) at 8 MiB a call, 1.0-1.4 s at 512 KiB (smaller folios, from smaller free blocks, which the host
-# never took). Elsewhere the calls cost nothing measurable: 4,400 for that output.
+# The most bytes of one write(2) into the page cache. A file system with large folios (xfs; ext4 since Linux
+# 6.16) sizes a write's new page-cache folios by its length, up to 2 MiB, and a 2 MiB folio takes a free 2 MiB
+# block. A VM that hands free memory back to its host (free page reporting) hands back exactly such blocks, so
+# the copy into each one faults on the host. Written 8 MiB a call, a cached TinyLlama merge spent most of its
+# time there; 512 KiB a call took a third of that copy's time (README, Performance). Elsewhere the extra calls
+# cost nothing measurable: 4,400 for a 2.2 GB output.
 BUFFERED_CALL = 512 << 10
 
 ALIGN = 4096  # O_DIRECT's alignment of memory, file offsets and lengths: the largest logical block in use
@@ -417,10 +417,10 @@ class DirectFile:
     staging buffer (`stage`: an anonymous mapping whose size is a multiple of ALIGN) and written a whole
     buffer at a time, straight from it to the disk at the file offsets it holds; close() writes the last,
     partial block padded with zeros and truncates the file to its true size. Nothing of the file is left
-    in memory, and the CPU's only work is the copy into the buffer: filling fresh page-cache pages
-    instead costs a VM that returns freed memory to its host 0.5-1.5 CPU-seconds per GB, by the size of
-    the write calls (BUFFERED_CALL; README, Performance). A direct write returns once the disk has the data; the caller's fsync still makes
-    the file's size and the disk's own cache durable.
+    in memory, and the CPU's only work is the copy into the buffer: filling fresh page-cache pages instead
+    costs a VM that returns freed memory to its host faults on the host, the more the larger the write
+    calls (BUFFERED_CALL; README, Performance). A direct write returns once the disk has the data; the
+    caller's fsync still makes the file's size and the disk's own cache durable.
 
     `open` returns None where the file system refuses O_DIRECT (tmpfs before Linux 6.6, some network
     file systems). A write it refuses later (alignment stricter than ALIGN) is made again without
