@@ -14,9 +14,10 @@ a machine's first merge and caches them; this also warms the page cache). Then c
 each running every method once in turn: the I/O limit (io_stream.py: the method's inputs read and one
 output of the merged size written and flushed, streamed as a merge streams them, computing nothing), then
 merger, then mergekit on the same recipe, each as its own process started --settle seconds after the last
-deletion (see its help); peak RSS is the process's high-water mark. The table lists every run, then the best of each tool's runs per method, then each merger run's
-merge s over the I/O limit's and (with ties among the methods) over TIES', each of the same round: this
-VM's speed drifts over minutes, so runs seconds apart compare best.
+deletion (see its help); peak RSS is the process's high-water mark. The table lists every run, then the
+best of each tool's runs per method, then each merger run's merge s over the I/O limit's and (with ties
+among the methods) over TIES', each of the same round: this VM's speed drifts over minutes, so runs
+seconds apart compare best.
 """
 
 from __future__ import annotations

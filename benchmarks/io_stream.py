@@ -6,8 +6,8 @@ Reads the models' safetensors files side by side (the models share one layout, a
 and writes one model's worth of bytes to OUT_FILE as it goes, 64 MiB of output after each 64 MiB of every
 model: mapped, one load per 64-byte line, the pages dropped once read (as merger's reader does), and
 written from one reused 1 MiB buffer through merger's own ShardWriter (into the page cache, its writeback
-started as each window fills; past the cache where MERGER_DROP_BEHIND=1); then `fdatasync`, then deletes it. Prints
-{"read": s, "write": s, "sync": s} as JSON.
+started as each window fills; past the cache where MERGER_DROP_BEHIND=1); then `fdatasync`, then deletes
+it. Prints {"read": s, "write": s, "sync": s} as JSON.
 
 bench_merge.py runs it in each round just before each merger run, so that the limit and the merge see the
 VM in the same state: on a VM whose freed memory goes back to its host, writing into page cache costs
