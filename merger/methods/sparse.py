@@ -298,7 +298,10 @@ def _magprune_masks(task_vectors, numel, models, shape, seed) -> list[Tensor | N
     return masks
 
 
-DELLA_BLOCK = 1 << 14  # entries ranked at once: their argsort's temporaries, not the tensor's, bound the memory
+# Entries ranked at once: their argsort's temporaries (40 bytes an entry), not the tensor's, bound the memory.
+# Each block is about 37 torch ops, each a kernel launch on a GPU: at 1 << 14 entries, launches decided
+# DELLA's CUDA time (measured in the commit that set 1 << 22, whose temporaries are 170 MB).
+DELLA_BLOCK = 1 << 22
 
 
 def _kept(models: Sequence[Params], family: Family) -> list[bool | None]:
