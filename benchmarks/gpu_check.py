@@ -3,9 +3,11 @@ CPU byte for byte at a 3B shape, then the benchmark on both devices. Stops at th
 
     python benchmarks/gpu_check.py                         # what `make gpu` runs; ~20 min on one H100 machine (estimated)
     python benchmarks/gpu_check.py --steps compare --shape tiny --devices cpu,cpu   # a self-test on a CPU
+    PYTHONPATH=. python3 benchmarks/gpu_check.py   # offline, with a python3 that has CUDA torch and merger's needs
 
 Steps (--steps picks some, in this order):
-  tests      pytest -q -rs -m cuda on the test modules that hold a test marked `cuda` (test_gpu.py and others).
+  tests      pytest -q -rs -m cuda on the test modules that hold a test marked `cuda` (test_gpu.py and others),
+             in --test-workers processes where pytest-xdist is installed.
   sanitizer  a small TIES merge on --devices' first device under torch's CUDA stream sanitizer
              (TORCH_CUDA_SANITIZER=1) with MERGER_INLINE_STAGING=1, once as planned and once with every
              tensor merged in pieces; fails if the sanitizer reports a data race. CSAN watches only the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -222,7 +225,12 @@ ENVIRONMENT = r"""
 import importlib.metadata as md, os, platform, sys, torch
 print(f"python {platform.python_version()} on {platform.platform()}")
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
-print(", ".join(f"{p} {md.version(p)}" for p in ("numpy", "numba", "safetensors", "merger")))
+def version(p):
+    try:
+        return md.version(p)
+    except md.PackageNotFoundError:  # merger run from the checkout (PYTHONPATH), or a package missing
+        return "not installed"
+print(", ".join(f"{p} {version(p)}" for p in ("numpy", "numba", "safetensors", "pytest-xdist", "merger")))
 print(f"{os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)")
 env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("CUDA_", "MERGER_", "TORCH_"))]
 print("; ".join(env) or "no CUDA_*, MERGER_* or TORCH_* variables set")
@@ -269,9 +277,15 @@ def run_tests(report: Report, args: argparse.Namespace) -> None:
     files = cuda_test_files()
     if not files:
         raise StepFailed("no test marked cuda under tests/")
-    rc, _ = report.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "cuda", *files])
+    workers = ["-n", str(args.test_workers)] if args.test_workers > 1 and _has_xdist() else []
+    rc, _ = report.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "cuda", *workers, *files])
     if rc:
         raise StepFailed(f"the CUDA tests failed (pytest exit code {rc})")
+
+
+def _has_xdist() -> bool:
+    """Whether pytest-xdist is there to spread the CUDA tests over processes (they share the GPU)."""
+    return importlib.util.find_spec("xdist") is not None
 
 
 # The sanitizer's merge, run as `python -c SANITIZED MODE merger-apply-arguments...`. It notes which
@@ -409,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-methods", default="ties,dare_ties,della",
                     help="the methods the compare step merges on both devices (default ties,dare_ties,della); not "
                          "tsv, iso_c or iso_cts, whose SVDs agree across devices to rounding, not bit for bit")  # fmt: skip
+    ap.add_argument(
+        "--test-workers",
+        type=int,
+        default=4,
+        help="pytest-xdist processes for the CUDA tests, where it is installed (default 4; 1: one process)",
+    )
     ap.add_argument("--repeat", type=int, default=2, help="benchmark runs per device and method (default 2)")
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")),
                     help="checkpoints and scratch outputs (default $MERGER_BENCH_DIR or /tmp/merger-bench)")  # fmt: skip
