@@ -298,9 +298,9 @@ def _magprune_masks(task_vectors, numel, models, shape, seed) -> list[Tensor | N
     return masks
 
 
-# Entries ranked at once: their argsort's temporaries (40 bytes an entry), not the tensor's, bound the memory.
-# Each block is about 37 torch ops, each a kernel launch on a GPU: at 1 << 14 entries, launches decided
-# DELLA's CUDA time (measured in the commit that set 1 << 22, whose temporaries are 170 MB).
+# Entries ranked at once: their argsort's temporaries (40 bytes an entry, 170 MB at 1 << 22), not the tensor's,
+# bound the memory. Each block costs about 37 torch ops, each a kernel launch on a GPU, so blocks are large:
+# at 1 << 14 entries the launches set DELLA's CUDA time (tests/test_gpu_launches.py).
 DELLA_BLOCK = 1 << 22
 
 
