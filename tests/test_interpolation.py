@@ -349,14 +349,71 @@ def test_the_gram_pass_finds_each_vectors_largest_magnitude(monkeypatch, mode, s
     want = [float(np.abs(v).max()) for v in vectors]
     exps = [math.frexp(p)[1] for p in want]
     seg = interpolation.Segments(*segments)
-    bits = 52 - (seg.length - 1).bit_length()
     monkeypatch.setattr(ik, "PART", 64)
-    _, found = ik.gram_sums((x0, x1), b, kind, exps, bits, seg, runner(100, 2))
+    _, found = ik.gram_sums((x0, x1), b, kind, exps, seg, runner(100, 2))
     assert found == want
     tv = [torch.from_numpy(v) for v in vectors]
     chunks = lambda: ([v[s : s + 7] for v in tv] for s in range(0, 600, 7))  # noqa: E731
     _, found = interpolation.gram(chunks, exps, seg, "cpu")
     assert found == want
+
+
+@pytest.mark.parametrize("mode", ["plain", "base_first", "task"])
+@pytest.mark.parametrize(
+    "segments", [(1, 3000, False), (12, 250, False), (250, 12, True)], ids=["whole", "rows", "columns"]
+)
+def test_the_gram_sums_are_the_rounded_products_summed_exactly(monkeypatch, mode, segments):
+    """The rule in fixed_point's docstring, from Python's exact integers: each product of float32 entries
+    (exact in float64) times 2**(51 - e_i - e_j), rounded to the nearest integer with ties to even (Python's
+    round), summed exactly; the Gram entry is that integer, rounded once to float64, times 2**(e_i + e_j - 51).
+    Through the kernels (in shares of 64 entries, on two threads; rows; strided columns) and through torch's
+    gram (chunks of 7), both equal to it. Entries span 2**-40 to 2**2, each vector's peak just below its
+    bound 2**3, and 40 entries whose scaled products are ties (odd halves: 1.5 and 2.5 both round to 2)."""
+    import numpy as np
+    from test_kernels import runner
+
+    from merger.methods import interpolation
+    from merger.methods import interpolation_kernels as ik
+
+    g = np.random.default_rng(8)
+    n = 3000
+
+    def draw():
+        return (g.standard_normal(n) * 2.0 ** g.integers(-40, -1, n)).astype(np.float32)
+
+    b, x0, x1 = draw(), draw(), draw()
+    for v in (b, x0, x1):
+        v[n - 3 :] = 0
+    b[n - 3], x0[n - 2], x1[n - 1] = 7.9, 7.9, -7.99  # late peaks, alone in their entries
+    ties = g.choice(n - 3, 40, replace=False)
+    b[ties], x0[ties], x1[ties] = 0, 2.0**-20, g.choice([3.0, 5.0, -3.0, -5.0], 40) * 2.0**-26  # x0 * x1 * 2**45
+    kind = {"plain": ik.PLAIN, "base_first": ik.BASE_FIRST, "task": ik.TASK}[mode]
+    vectors = {"plain": [x0, x1], "base_first": [b, x0, x1], "task": [x0 - b, x1 - b]}[mode]
+    exps = [math.frexp(float(np.abs(v).max()))[1] for v in vectors]
+    assert exps == [3] * len(vectors)
+    seg = interpolation.Segments(*segments)
+    k = len(vectors)
+
+    def members(c):  # the entries of segment c
+        return range(c, n, seg.count) if seg.strided else range(c * seg.length, (c + 1) * seg.length)
+
+    want = np.empty((seg.count, k, k))
+    for c in range(seg.count):
+        for i in range(k):
+            for j in range(k):
+                total = sum(
+                    round(float(vectors[i][e]) * float(vectors[j][e]) * 2.0 ** (51 - exps[i] - exps[j]))
+                    for e in members(c)
+                )
+                want[c, i, j] = math.ldexp(float(total), exps[i] + exps[j] - 51)
+    monkeypatch.setattr(ik, "PART", 64)
+    sums, _ = ik.gram_sums((x0, x1), b, kind, exps, seg, runner(64, 2))
+    got = ik.from_sums(sums, exps, k)
+    assert np.array_equal(got, want), np.abs(got - want).max()
+    tv = [torch.from_numpy(v) for v in vectors]
+    chunks = lambda: ([v[s : s + 7] for v in tv] for s in range(0, n, 7))  # noqa: E731
+    got, _ = interpolation.gram(chunks, exps, seg, "cpu")
+    assert np.array_equal(got, want), np.abs(got - want).max()
 
 
 @pytest.mark.parametrize("path", ["fused", "torch"])

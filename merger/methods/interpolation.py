@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from merger.errors import MergeError
 from merger.methods import fixed_point
 from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, kept_for_mergekit
-from merger.methods.fixed_point import LIMBS, digit_bits, from_limbs, gram_by_guess
+from merger.methods.fixed_point import LOW, SPLIT, from_sums, gram_by_guess, pair_scale
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -106,9 +106,8 @@ def gram(
     import torch
 
     k = len(exps)
-    bits = digit_bits(segments.length)
     pairs = [(i, j) for i in range(k) for j in range(i, k)]
-    acc = torch.zeros((LIMBS, len(pairs), segments.count), dtype=torch.float64, device=device)
+    acc = torch.zeros((2, len(pairs), segments.count), dtype=torch.int64, device=device)  # high and low parts
     tops = [torch.zeros((), dtype=torch.float64, device=device)] * k
     offset = 0
     for vs in chunks():
@@ -117,20 +116,22 @@ def gram(
         ids = segments.ids(offset, n, device) if segments.count > 1 else None
         for p, (i, j) in enumerate(pairs):
             q = vs[i].reshape(-1).to(torch.float64, copy=True).mul_(vs[j].reshape(-1))  # exact for float32 inputs
-            q.mul_(2.0 ** -(exps[i] + exps[j]))  # |q| < 1; a power of two: exact
-            for limb in range(LIMBS):
-                digit = q.mul_(2.0**bits).trunc()  # (n,) integers below 2**bits in magnitude
-                q.sub_(digit)
-                if ids is None:
-                    acc[limb, p, 0] += digit.sum()
-                else:
-                    acc[limb, p].index_add_(0, ids, digit)
-                del digit
+            t = q.mul_(pair_scale(exps[i], exps[j])).round_().to(torch.int64)  # (n,) |t| <= 2**51; ties to even
             del q
+            high = t >> SPLIT
+            low = t.bitwise_and_(LOW)
+            del t
+            if ids is None:
+                acc[0, p, 0] += high.sum()
+                acc[1, p, 0] += low.sum()
+            else:
+                acc[0, p].index_add_(0, ids, high)
+                acc[1, p].index_add_(0, ids, low)
+            del high, low
         offset += n
         del vs, ids  # before the next chunk is loaded
-    both = torch.cat([acc.reshape(-1), torch.stack(tops).double()]).cpu().numpy()  # the one sync
-    return from_limbs(both[:-k].reshape(acc.shape), exps, bits, k), both[-k:].tolist()
+    both = torch.cat([acc.reshape(-1), torch.stack(tops).double().view(torch.int64)]).cpu().numpy()  # the one sync
+    return from_sums(both[:-k].reshape(acc.shape), exps, k), both[-k:].view(np.float64).tolist()
 
 
 def _larger(peaks: list[Tensor] | None, found: list[Tensor]) -> list[Tensor]:
@@ -516,15 +517,17 @@ NUSLERP = Sphere("task", nuslerp_coefficients, nuslerp_segments)
 MULTISLERP = Sphere("task", multislerp_coefficients)
 KARCHER = Sphere("all", karcher_coefficients)
 
-# cpu_ns: the fused kernels' passes (the Gram matrix's digits at about 0.5 ns a pair of vectors per entry, the
-# combination; a third for the peaks until dc0032e), one thread on a 11.5M-entry bf16 tensor, scaled as
-# linear's 0.5 was (linear measured 0.22 ns per entry and model in the same run; slerp 2.55, nuslerp 1.53,
-# multislerp 1.56 with two models, karcher 1.60 with three, nearswap 0.58), the writer's copy (about 0.85 ns
-# an entry) added; then times the one-thread ratio of the two passes to the three (slerp 0.98, nuslerp and
-# multislerp 0.87, karcher 0.92: prepare and merge of an up_proj, 2026-11-27).
-# fn: the result and one term; prepare: a product and its digit (float64) beside the vectors. nuslerp by
-# rows also holds the entries' vector ids (int64), in fn a gathered coefficient, and in prepare the sums
-# per vector (LIMBS * 3 pairs * 8 bytes each: at most a word an entry for vectors of 18 entries or more).
+# cpu_ns: the fused kernels' passes (the Gram matrix's sums, the combination), one thread on a 11.5M-entry bf16
+# tensor, scaled as linear's 0.5 was (linear measured 0.22 ns per entry and model in the same run; slerp 2.55,
+# nuslerp 1.53, multislerp 1.56 with two models, karcher 1.60 with three, nearswap 0.58), the writer's copy (about
+# 0.85 ns an entry) added; times the one-thread ratio of the two passes to the three (slerp 0.98, nuslerp and
+# multislerp 0.87, karcher 0.92: prepare and merge of an up_proj, 2026-11-27), then the kernels' part times the
+# ratio of the Gram matrix's rounded integers to its three float64 digits per product (slerp 0.55, nuslerp 0.66,
+# multislerp 0.64, karcher 0.64: prepare and merge of a 5632 x 2048 bf16 tensor on one thread, 2026-11-27).
+# fn: the result and one term; prepare: a product (float64) and its integer (int64), then the integer's two parts,
+# beside the vectors. nuslerp by rows also holds the entries' vector ids (int64), in fn a gathered coefficient,
+# and in prepare the sums per vector (2 parts * 3 pairs * 8 bytes each: at most a word an entry for vectors of 12
+# entries or more).
 FLAT = GpuFootprint(words=2, prepare_words=4)
 ROWS = GpuFootprint(words=5, prepare_words=7)
 
@@ -541,7 +544,7 @@ METHODS: tuple[Method, ...] = (
         check=_two("slerp"),
         prepare=SLERP.prepare,
         fused=SLERP.fused,
-        cpu_ns=3.4,
+        cpu_ns=2.2,
         gpu=FLAT,
     ),
     Method(
@@ -557,7 +560,7 @@ METHODS: tuple[Method, ...] = (
         check=_nuslerp_check,
         prepare=NUSLERP.prepare,
         fused=NUSLERP.fused,
-        cpu_ns=1.75,
+        cpu_ns=1.3,
         gpu=ROWS,
     ),
     Method(
@@ -573,7 +576,7 @@ METHODS: tuple[Method, ...] = (
         check=_multislerp_check,
         prepare=MULTISLERP.prepare,
         fused=MULTISLERP.fused,
-        cpu_ns=1.75,
+        cpu_ns=1.3,
         gpu=FLAT,
     ),
     Method(
@@ -588,7 +591,7 @@ METHODS: tuple[Method, ...] = (
         paper="Karcher 1977, Riemannian center of mass and mollifier smoothing, Comm. Pure Appl. Math.",
         prepare=KARCHER.prepare,
         fused=KARCHER.fused,
-        cpu_ns=1.85,
+        cpu_ns=1.4,
         gpu=FLAT,
     ),
     Method(

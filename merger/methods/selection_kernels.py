@@ -14,33 +14,30 @@ import functools
 from collections.abc import Sequence
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from merger.kernels import BLOCK, Runner, U, _bits_of_f32, _f32_from_bits, borrow, keep_alive, kernel, lend, load, store
+from merger.kernels import (
+    BLOCK,
+    Runner,
+    U,
+    _bits_of_f32,
+    _bits_of_f64,
+    _f32_from_bits,
+    _f64_from_bits,
+    borrow,
+    keep_alive,
+    kernel,
+    lend,
+    load,
+    store,
+)
 from merger.methods import elementary as el
 
 _BOUND_BITS = np.uint32(np.float32(el.TABLE_BOUND).view(np.uint32))  # |v| <= TABLE_BOUND: its bits <= these
 _MAGIC = 6755399441055744.0  # 1.5 * 2**52: h + _MAGIC holds an integer h, |h| <= 2**51, in its low bits
 _TWO52 = 4503599627370496.0  # 2**52: f + _TWO52 rounds f in [0, 2**51] to an integer, ties to even
 FAST_BITS = 51  # limbs of at most this many bits take the bit tricks above (rows of 1024 entries or more)
-
-
-@intrinsic
-def _bits_of_f64(typingctx, f):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def _f64_from_bits(typingctx, u):
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
 
 
 # --- Model Stock ---------------------------------------------------------------------------------------------
