@@ -370,7 +370,6 @@ def test_the_gram_sums_are_the_rounded_products_summed_exactly(monkeypatch, mode
     gram (chunks of 7), both equal to it. Entries span 2**-40 to 2**2, each vector's peak just below its
     bound 2**3, and 40 entries whose scaled products are ties (odd halves: 1.5 and 2.5 both round to 2)."""
     import numpy as np
-    from test_kernels import runner
 
     from merger.methods import interpolation
     from merger.methods import interpolation_kernels as ik
@@ -392,7 +391,16 @@ def test_the_gram_sums_are_the_rounded_products_summed_exactly(monkeypatch, mode
     exps = [math.frexp(float(np.abs(v).max()))[1] for v in vectors]
     assert exps == [3] * len(vectors)
     seg = interpolation.Segments(*segments)
-    k = len(vectors)
+    want = _exact_gram(vectors, exps, seg)
+    monkeypatch.setattr(ik, "PART", 64)
+    _assert_both_paths_give(want, (x0, x1), b, kind, vectors, exps, seg)
+
+
+def _exact_gram(vectors, exps, seg):
+    """fixed_point's rule in Python's integers: (count, k, k)."""
+    import numpy as np
+
+    n, k = vectors[0].size, len(vectors)
 
     def members(c):  # the entries of segment c
         return range(c, n, seg.count) if seg.strided else range(c * seg.length, (c + 1) * seg.length)
@@ -405,15 +413,53 @@ def test_the_gram_sums_are_the_rounded_products_summed_exactly(monkeypatch, mode
                     round(float(vectors[i][e]) * float(vectors[j][e]) * 2.0 ** (51 - exps[i] - exps[j]))
                     for e in members(c)
                 )
-                want[c, i, j] = math.ldexp(float(total), exps[i] + exps[j] - 51)
-    monkeypatch.setattr(ik, "PART", 64)
-    sums, _ = ik.gram_sums((x0, x1), b, kind, exps, seg, runner(64, 2))
-    got = ik.from_sums(sums, exps, k)
+                want[c, i, j] = math.ldexp(float(total), exps[i] + exps[j] - 51)  # float(): rounded once
+    return want
+
+
+def _assert_both_paths_give(want, xs, b, kind, vectors, exps, seg):
+    """The kernels' sums (on two threads) and torch's gram (in chunks of 7) both give `want`."""
+    import numpy as np
+    from test_kernels import runner
+
+    from merger.methods import interpolation
+    from merger.methods import interpolation_kernels as ik
+
+    sums, _ = ik.gram_sums(xs, b, kind, exps, seg, runner(64, 2))
+    got = ik.from_sums(sums, exps, len(vectors))
     assert np.array_equal(got, want), np.abs(got - want).max()
     tv = [torch.from_numpy(v) for v in vectors]
-    chunks = lambda: ([v[s : s + 7] for v in tv] for s in range(0, n, 7))  # noqa: E731
+    chunks = lambda: ([v[s : s + 7] for v in tv] for s in range(0, vectors[0].size, 7))  # noqa: E731
     got, _ = interpolation.gram(chunks, exps, seg, "cpu")
     assert np.array_equal(got, want), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize(
+    "segments", [(1, 4096, False), (2, 2048, False), (512, 8, True)], ids=["whole", "rows", "columns"]
+)
+def test_the_gram_sums_stay_exact_near_their_bound(monkeypatch, segments):
+    """Entries of magnitude 4 to 8 (every product within a factor 4 of its bound 2**51 once scaled), in
+    whole 1024-entry blocks (each block's sum near 2**61) and totals past 2**53 (float64's integers: the
+    high part carries), against the same exact integers, for two vectors and for three."""
+    import numpy as np
+
+    from merger.methods import interpolation
+    from merger.methods import interpolation_kernels as ik
+
+    g = np.random.default_rng(9)
+    n = 4096
+    b, x0, x1 = ((4 + 3.99 * g.random(n)) * g.choice([-1.0, 1.0], n) for _ in range(3))
+    b, x0, x1 = (v.astype(np.float32) for v in (b, x0, x1))
+    x0[: n // 2] = np.abs(x0[: n // 2])  # half the cross products of one sign: their total is large too
+    b[: n // 2], x1[: n // 2] = np.abs(b[: n // 2]), np.abs(x1[: n // 2])
+    seg = interpolation.Segments(*segments)
+    monkeypatch.setattr(ik, "PART", 1024)
+    for kind, vectors in ((ik.PLAIN, [x0, x1]), (ik.BASE_FIRST, [b, x0, x1])):
+        exps = [3] * len(vectors)
+        want = _exact_gram(vectors, exps, seg)
+        if not seg.strided:
+            assert np.abs(want).max() * 2.0**45 > 2.0**60  # the scaled totals
+        _assert_both_paths_give(want, (x0, x1), b, kind, vectors, exps, seg)
 
 
 @pytest.mark.parametrize("path", ["fused", "torch"])

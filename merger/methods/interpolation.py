@@ -116,7 +116,9 @@ def gram(
         ids = segments.ids(offset, n, device) if segments.count > 1 else None
         for p, (i, j) in enumerate(pairs):
             q = vs[i].reshape(-1).to(torch.float64, copy=True).mul_(vs[j].reshape(-1))  # exact for float32 inputs
-            t = q.mul_(pair_scale(exps[i], exps[j])).round_().to(torch.int64)  # (n,) |t| <= 2**51; ties to even
+            # (n,) |t| <= 2**51, ties to even; where a guessed scale was too small (|q| >= 2**51) the integers mean
+            # nothing and are not used: the entries' peaks show it, and gram_by_guess makes the pass again
+            t = q.mul_(pair_scale(exps[i], exps[j])).round_().to(torch.int64)
             del q
             high = t >> SPLIT
             low = t.bitwise_and_(LOW)

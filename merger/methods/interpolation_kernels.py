@@ -30,7 +30,7 @@ from merger.methods.fixed_point import LOW, SPLIT, from_sums, gram_by_guess, pai
 PLAIN, BASE_FIRST, TASK = 0, 1, 2
 GRAM_BLOCK = 1024  # entries per inner loop of the Gram pass (its float32 vectors stay in L1); at most 2**11, so
 # that a block's sum of integers below 2**51 stays below 2**62 (fixed_point)
-ROUND = 1.5 * 2.0**52  # q + ROUND rounds q (|q| < 2**51) to an integer, ties to even: the low bits of its pattern
+ROUND = 1.5 * 2.0**52  # q + ROUND rounds q (|q| < 2**51) to an integer, ties to even, in the low bits of its pattern
 ROUND_BITS = np.int64(np.float64(ROUND).view(np.int64))
 PART = 1 << 20  # the fewest entries per thread's share of the passes over the whole tensor
 ABS = np.uint32(0x7FFFFFFF)
@@ -92,14 +92,21 @@ def _peak_bits(xs, b, mode, k, start, stop):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
+def _rounded(q):  # pragma: no cover - compiled
+    """q (|q| < 2**51) rounded to an integer, ties to even, as int64: q + ROUND holds it in its low bits."""
+    return _bits_of_f64(q + ROUND) - ROUND_BITS
+
+
+@njit(inline="always")
 def _pair_sum(vi, vj, m, scale):  # pragma: no cover - compiled
     """The sum over e < m of round(float64(vi[e]) * float64(vj[e]) * scale), fixed_point's integers (exact
-    in int64: fewer than 2**11 of them, each below 2**51 in magnitude; the sum of their bit patterns over
-    q + ROUND wraps, and the m ROUND_BITS subtracted bring it back)."""
+    in int64: at most 2**11 of them, each at most 2**51 in magnitude). Each is its pattern over q + ROUND less
+    ROUND_BITS, taken per entry: numba's integer adds promise LLVM no signed overflow (nsw), so a sum of
+    the patterns themselves, past 2**63 by the second, would rest on wrapping that LLVM may assume away."""
     s = np.int64(0)
     for i in range(m):
-        s += _bits_of_f64(np.float64(vi[i]) * np.float64(vj[i]) * scale + ROUND)
-    return s - np.int64(m) * ROUND_BITS
+        s += _rounded(np.float64(vi[i]) * np.float64(vj[i]) * scale)
+    return s
 
 
 @njit(inline="always")
@@ -109,11 +116,10 @@ def _sums_of_two(va, vb, m, s0, s1, s2):  # pragma: no cover - compiled
     for i in range(m):
         a = np.float64(va[i])
         c = np.float64(vb[i])
-        t0 += _bits_of_f64(a * a * s0 + ROUND)
-        t1 += _bits_of_f64(a * c * s1 + ROUND)
-        t2 += _bits_of_f64(c * c * s2 + ROUND)
-    back = np.int64(m) * ROUND_BITS
-    return t0 - back, t1 - back, t2 - back
+        t0 += _rounded(a * a * s0)
+        t1 += _rounded(a * c * s1)
+        t2 += _rounded(c * c * s2)
+    return t0, t1, t2
 
 
 @njit(inline="always")
@@ -173,7 +179,7 @@ def _gram_columns(xs, b, mode, scale, pi, pj, count, c0, c1, acc):  # pragma: no
                 vi, vj, s = vs[pi[p]], vs[pj[p]], scale[p]
                 high, low = acc[0, p], acc[1, p]
                 for i in range(m):
-                    t = _bits_of_f64(np.float64(vi[i]) * np.float64(vj[i]) * s + ROUND) - ROUND_BITS
+                    t = _rounded(np.float64(vi[i]) * np.float64(vj[i]) * s)
                     high[U(c + i)] += t >> SPLIT
                     low[U(c + i)] += t & LOW
     keep_alive((vs_own, top_own))
