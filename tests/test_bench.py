@@ -108,3 +108,20 @@ def test_paired_ratios_match_runs_by_round_and_device():
         ("della", "cpu"): [2.0, 1.25],
         ("della", "cuda"): [0.25],
     }
+
+
+def test_one_thread_benchmark_prints_each_methods_figures():
+    """benchmarks/one_thread.py: a row per method named, prepare, merge and total in ns per entry (and per
+    entry and model), the total their sum."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/one_thread.py", "--rows", "8", "--repeat", "1", "--methods", "slerp,ties"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
+    assert sorted(rows) == ["slerp", "ties"]
+    for name, cells in rows.items():
+        prepare, merge, total = (float(cells[i]) for i in (0, 2, 4))
+        assert prepare > 0 and merge > 0 and abs(total - prepare - merge) <= 0.002, (name, cells)
+        per_model = float(cells[5].strip("()"))
+        assert per_model == pytest.approx(total / (1 if name == "slerp" else 2), abs=0.002), (name, cells)
