@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,17 +112,29 @@ def test_paired_ratios_match_runs_by_round_and_device():
 
 
 def test_one_thread_benchmark_prints_each_methods_figures():
-    """benchmarks/one_thread.py: a row per method named, prepare, merge and total in ns per entry (and per
-    entry and model), the total their sum."""
-    done = subprocess.run(
-        [sys.executable, "benchmarks/one_thread.py", "--rows", "8", "--repeat", "1", "--methods", "slerp,ties"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    """benchmarks/one_thread.py: a row per method named, prepare, merge and total in ns per entry and per
+    entry and model (one model for slerp, two for TIES, three for linear: the recipes' lists); a method
+    without fused kernels is refused with its name."""
+
+    def one_thread(methods: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "benchmarks/one_thread.py", "--rows", "8", "--repeat", "1", "--methods", methods],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    done = one_thread("slerp,ties,linear")
     assert done.returncode == 0, done.stderr
-    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
-    assert sorted(rows) == ["slerp", "ties"]
-    for name, cells in rows.items():
-        prepare, merge, total = (float(cells[i]) for i in (0, 2, 4))
-        assert prepare > 0 and merge > 0 and abs(total - prepare - merge) <= 0.002, (name, cells)
-        per_model = float(cells[5].strip("()"))
-        assert per_model == pytest.approx(total / (1 if name == "slerp" else 2), abs=0.002), (name, cells)
+    cell = r"(\d+\.\d+) \((\d+\.\d+)\)"
+    rows = {}
+    for line in done.stdout.splitlines()[2:]:
+        match = re.fullmatch(rf"(\w+)\s+{cell}\s+{cell}\s+{cell}", line)
+        assert match, line
+        rows[match[1]] = [float(v) for v in match.groups()[1:]]
+    assert list(rows) == ["slerp", "ties", "linear"]
+    for name, models in (("slerp", 1), ("ties", 2), ("linear", 3)):
+        prepare, prepare_each, merge, merge_each, total, total_each = rows[name]
+        assert merge > 0 and abs(total - prepare - merge) <= 0.002, (name, rows[name])
+        for whole, each in ((prepare, prepare_each), (merge, merge_each), (total, total_each)):
+            assert each == pytest.approx(whole / models, abs=0.002), (name, rows[name])
+    refused = one_thread("tsv")
+    assert refused.returncode == 2 and "no fused kernels for tsv" in refused.stderr
