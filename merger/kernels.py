@@ -134,6 +134,17 @@ def _f64_from_bits(typingctx, u):
     return types.float64(types.int64), codegen
 
 
+ROUND = 1.5 * 2.0**52  # q + ROUND holds q rounded to an integer (ties to even) in its low bits, for |q| <= 2**51
+ROUND_BITS = np.int64(np.float64(ROUND).view(np.int64))
+
+
+@njit(inline="always")
+def rounded(q):  # pragma: no cover - compiled
+    """q (|q| <= 2**51) rounded to the nearest integer, ties to even, as int64: the low bits of q + ROUND, in
+    operations that vectorize (a conversion to int64 does not)."""
+    return _bits_of_f64(q + ROUND) - ROUND_BITS
+
+
 @intrinsic
 def _f32_from_half(typingctx, u):
     def codegen(context, builder, sig, args):

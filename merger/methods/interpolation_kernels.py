@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from merger.kernels import BLOCK, U, _bits_of_f32, _bits_of_f64, borrow, keep_alive, kernel, lend, load, store
+from merger.kernels import BLOCK, U, _bits_of_f32, borrow, keep_alive, kernel, lend, load, rounded, store
 from merger.methods import fixed_point
 from merger.methods.base import MergeRange, TensorContext
 from merger.methods.fixed_point import LOW, SPLIT, from_sums, gram_by_guess, pair_scale
@@ -30,8 +30,6 @@ from merger.methods.fixed_point import LOW, SPLIT, from_sums, gram_by_guess, pai
 PLAIN, BASE_FIRST, TASK = 0, 1, 2
 GRAM_BLOCK = 1024  # entries per inner loop of the Gram pass (its float32 vectors stay in L1); at most 2**11, so
 # that a block's sum of integers below 2**51 stays below 2**62 (fixed_point)
-ROUND = 1.5 * 2.0**52  # q + ROUND rounds q (|q| < 2**51) to an integer, ties to even, in the low bits of its pattern
-ROUND_BITS = np.int64(np.float64(ROUND).view(np.int64))
 PART = 1 << 20  # the fewest entries per thread's share of the passes over the whole tensor
 ABS = np.uint32(0x7FFFFFFF)
 
@@ -92,20 +90,14 @@ def _peak_bits(xs, b, mode, k, start, stop):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _rounded(q):  # pragma: no cover - compiled
-    """q (|q| < 2**51) rounded to an integer, ties to even, as int64: q + ROUND holds it in its low bits."""
-    return _bits_of_f64(q + ROUND) - ROUND_BITS
-
-
-@njit(inline="always")
 def _pair_sum(vi, vj, m, scale):  # pragma: no cover - compiled
     """The sum over e < m of round(float64(vi[e]) * float64(vj[e]) * scale), fixed_point's integers (exact
-    in int64: at most 2**11 of them, each at most 2**51 in magnitude). Each is its pattern over q + ROUND less
-    ROUND_BITS, taken per entry: numba's integer adds promise LLVM no signed overflow (nsw), so a sum of
-    the patterns themselves, past 2**63 by the second, would rest on wrapping that LLVM may assume away."""
+    in int64: at most 2**11 of them, each at most 2**51 in magnitude). Each is taken as an integer per entry:
+    numba's integer adds promise LLVM no signed overflow (nsw), so a sum of the float patterns themselves
+    (merger.kernels.ROUND's), past 2**63 by the second, would rest on wrapping that LLVM may assume away."""
     s = np.int64(0)
     for i in range(m):
-        s += _rounded(np.float64(vi[i]) * np.float64(vj[i]) * scale)
+        s += rounded(np.float64(vi[i]) * np.float64(vj[i]) * scale)
     return s
 
 
@@ -116,18 +108,17 @@ def _sums_of_two(va, vb, m, s0, s1, s2):  # pragma: no cover - compiled
     for i in range(m):
         a = np.float64(va[i])
         c = np.float64(vb[i])
-        t0 += _rounded(a * a * s0)
-        t1 += _rounded(a * c * s1)
-        t2 += _rounded(c * c * s2)
+        t0 += rounded(a * a * s0)
+        t1 += rounded(a * c * s1)
+        t2 += rounded(c * c * s2)
     return t0, t1, t2
 
 
 @njit(inline="always")
-def _add_sums(acc, seg, sums):  # pragma: no cover - compiled
-    """acc[:, p, seg] += pair p's sum, as its high and low parts."""
-    for p in range(len(sums)):
-        acc[0, p, seg] += sums[p] >> SPLIT
-        acc[1, p, seg] += sums[p] & LOW
+def _add_split(acc, p, seg, t):  # pragma: no cover - compiled
+    """acc[:, p, seg] += pair p's sum t, as its high and low parts."""
+    acc[0, p, seg] += t >> SPLIT
+    acc[1, p, seg] += t & LOW
 
 
 @kernel
@@ -151,12 +142,12 @@ def _gram_rows(xs, b, mode, scale, pi, pj, length, start, stop, acc):  # pragma:
             _vectors(xs, b, mode, s, m, vs)
             _track(vs, m, top)
             if k == 2:  # pairs (0, 0), (0, 1), (1, 1): each entry loaded once (a quarter less time than three)
-                _add_sums(acc, seg, _sums_of_two(vs[0], vs[1], m, scale[0], scale[1], scale[2]))
+                sums = _sums_of_two(vs[0], vs[1], m, scale[0], scale[1], scale[2])
+                for p in range(3):
+                    _add_split(acc, p, seg, sums[p])
             else:
                 for p in range(pi.size):
-                    t = _pair_sum(vs[pi[p]], vs[pj[p]], m, scale[p])
-                    acc[0, p, seg] += t >> SPLIT
-                    acc[1, p, seg] += t & LOW
+                    _add_split(acc, p, seg, _pair_sum(vs[pi[p]], vs[pj[p]], m, scale[p]))
         st = end
     keep_alive((vs_own, top_own))
     return _tops(top_own)
@@ -179,7 +170,7 @@ def _gram_columns(xs, b, mode, scale, pi, pj, count, c0, c1, acc):  # pragma: no
                 vi, vj, s = vs[pi[p]], vs[pj[p]], scale[p]
                 high, low = acc[0, p], acc[1, p]
                 for i in range(m):
-                    t = _rounded(np.float64(vi[i]) * np.float64(vj[i]) * s)
+                    t = rounded(np.float64(vi[i]) * np.float64(vj[i]) * s)
                     high[U(c + i)] += t >> SPLIT
                     low[U(c + i)] += t & LOW
     keep_alive((vs_own, top_own))

@@ -19,6 +19,8 @@ from numba.extending import intrinsic
 
 from merger.kernels import (
     BLOCK,
+    ROUND,
+    ROUND_BITS,
     Runner,
     U,
     _bits_of_f32,
@@ -30,14 +32,13 @@ from merger.kernels import (
     kernel,
     lend,
     load,
+    rounded,
     store,
 )
 from merger.methods import elementary as el
 
 _BOUND_BITS = np.uint32(np.float32(el.TABLE_BOUND).view(np.uint32))  # |v| <= TABLE_BOUND: its bits <= these
-_MAGIC = 6755399441055744.0  # 1.5 * 2**52: h + _MAGIC holds an integer h, |h| <= 2**51, in its low bits
-_TWO52 = 4503599627370496.0  # 2**52: f + _TWO52 rounds f in [0, 2**51] to an integer, ties to even
-FAST_BITS = 51  # limbs of at most this many bits take the bit tricks above (rows of 1024 entries or more)
+FAST_BITS = 51  # limbs of at most this many bits take merger.kernels.rounded (rows of 1024 entries or more)
 
 
 # --- Model Stock ---------------------------------------------------------------------------------------------
@@ -68,17 +69,15 @@ def _abs_peaks(xs, b):  # pragma: no cover - compiled
 @kernel
 def _limb_sums(a, c, m, scale, fast):  # pragma: no cover - compiled
     """sum floor(v) and sum rint(frac(v) * scale), v = a[i] * c[i] * scale over i < m: selection._limbs' two
-    limbs summed. fast (scale <= 2**51): the conversions to int64 as bit tricks, which vectorize."""
+    limbs summed. fast (scale <= 2**51): the conversions to int64 as merger.kernels.rounded, which vectorizes."""
     hs = np.int64(0)
     ls = np.int64(0)
     if fast:
-        mb = _bits_of_f64(_MAGIC)
-        tb = _bits_of_f64(_TWO52)
         for i in range(m):
             v = a[U(i)] * c[U(i)] * scale
             h = np.floor(v)
-            hs += _bits_of_f64(h + _MAGIC) - mb
-            ls += _bits_of_f64((v - h) * scale + _TWO52) - tb
+            hs += rounded(h)
+            ls += rounded((v - h) * scale)
     else:
         for i in range(m):
             v = a[i] * c[i] * scale
@@ -211,13 +210,8 @@ def _div(typingctx, a, b):  # a / b in float64 without Python's check for 0 (a b
 
 
 @njit(inline="always")
-def _int_of(h):  # an integer-valued float64, |h| <= 2**51, as int64 (vectorizes, where a conversion does not)
-    return _bits_of_f64(h + _MAGIC) - _bits_of_f64(_MAGIC)
-
-
-@njit(inline="always")
 def _pow2(k):  # 2.0 ** k for an integer-valued float64 k in [-1022, 1023], from the bits: elementary._pow2
-    return _f64_from_bits((_int_of(k) + 1023) << 52)
+    return _f64_from_bits((rounded(k) + 1023) << 52)
 
 
 @njit(inline="always")
@@ -243,7 +237,7 @@ def _log(x):  # elementary.log_, operation for operation (x positive and normal)
     if m > el.SQRT2:
         m = m * 0.5
         e += 1
-    dk = _f64_from_bits(_bits_of_f64(_MAGIC) + (e - 1023)) - _MAGIC
+    dk = _f64_from_bits(ROUND_BITS + (e - 1023)) - ROUND
     f = m - 1.0
     hfsq = 0.5 * f * f
     s = _div(f, f + 2.0)
