@@ -391,13 +391,46 @@ def _kth_largest(vals, rank):  # pragma: no cover - compiled
         vals = members
 
 
-@kernel
-def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
-    """Per model j: how many |x_j - b| > hi[j], and the entries with lo[j] <= |x_j - b| <= hi[j], or
-    NaN, gathered in index order into vals[j], idx[j] (flat index + offset). Returns (above, gathered).
+@njit(inline="always")
+def band_block(x, st, bf, m, low, high, vj, ij, g, first):  # pragma: no cover - compiled
+    """Over the block of m entries a_i = |x[st + i] - bf[i]|: how many are > high, and those with
+    low <= a_i <= high, or NaN, appended in index order to vj, ij from g on (ij: first + i). Returns
+    (the count above, the new g).
 
     Eight entries at a time give two bit masks (>= lo, > hi); 64 entries' masks give the count above
     (a popcount) and the band entries (set bits of reach & ~above), which are few."""
+    full = m - m % 64
+    cnt = U(0)
+    for w0 in range(0, full, 64):
+        reach = U(0)
+        over = U(0)
+        for k in range(8):
+            marks = _marks8(x, U(st + w0 + 8 * k), bf, U(w0 + 8 * k), low, high)
+            reach |= (marks & U(0xFF)) << U(8 * k)
+            over |= (marks >> U(8)) << U(8 * k)
+        cnt += _popcount(over)
+        band = reach & ~over
+        while band:
+            i = w0 + np.int64(_trailing_zeros(band))
+            band &= band - U(1)
+            vj[U(g)] = abs(load(x, U(st + i)) - bf[i])
+            ij[U(g)] = first + i
+            g += 1
+    for i in range(full, m):  # the block's tail
+        v = abs(load(x, U(st + i)) - bf[i])
+        cnt += U(v > high)
+        if not ((v < low) | (v > high)):  # in the band, or NaN
+            vj[U(g)] = v
+            ij[U(g)] = first + i
+            g += 1
+    return np.int64(cnt), g
+
+
+@kernel
+def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
+    """Per model j: how many |x_j - b| > hi[j], and the entries with lo[j] <= |x_j - b| <= hi[j], or
+    NaN, gathered in index order into vals[j], idx[j] (flat index + offset): band_block over each
+    block. Returns (above, gathered)."""
     xs, b, lo, hi, vals, idx, offset = borrow((xs, b, lo, hi, vals, idx, offset))
     n = b.size
     nm = len(xs)
@@ -406,41 +439,11 @@ def _band_pass(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     bf_own, bf = lend(np.empty(BLOCK, np.float32))
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
-        full = m - m % 64
         for i in range(m):
             bf[i] = load(b, U(st + i))
         for j in range(nm):
-            x = xs[j]
-            low = lo[j]
-            high = hi[j]
-            cnt = U(0)
-            g = got[j]
-            vj = vals[j]
-            ij = idx[j]
-            for w0 in range(0, full, 64):
-                reach = U(0)
-                over = U(0)
-                for k in range(8):
-                    marks = _marks8(x, U(st + w0 + 8 * k), bf, U(w0 + 8 * k), low, high)
-                    reach |= (marks & U(0xFF)) << U(8 * k)
-                    over |= (marks >> U(8)) << U(8 * k)
-                cnt += _popcount(over)
-                band = reach & ~over
-                while band:
-                    i = w0 + np.int64(_trailing_zeros(band))
-                    band &= band - U(1)
-                    vj[U(g)] = abs(load(x, U(st + i)) - bf[i])
-                    ij[U(g)] = offset + st + i
-                    g += 1
-            for i in range(full, m):  # the last block's tail
-                v = abs(load(x, U(st + i)) - bf[i])
-                cnt += U(v > high)
-                if not ((v < low) | (v > high)):  # in the band, or NaN
-                    vj[U(g)] = v
-                    ij[U(g)] = offset + st + i
-                    g += 1
-            above[j] += np.int64(cnt)
-            got[j] = g
+            cnt, got[j] = band_block(xs[j], st, bf, m, lo[j], hi[j], vals[j], idx[j], got[j], offset + st)
+            above[j] += cnt
     keep_alive((bf_own,))
     return above, got
 
@@ -594,37 +597,56 @@ def top_k_abs_deltas(
 ) -> list[tuple[float, int, int] | None]:
     """For each model j, the ks[j]-th largest |x_j - base| over the flat tensors with the same tie
     rule as task_vectors.kth_largest: (threshold, ties kept, flat index just past the last kept tie),
-    or None where ks[j] covers every entry.
-
-    One pass over the inputs: a sample of |x_j - base| brackets each threshold in a band [lo, hi] of
-    values; the pass counts the entries above the band and gathers those in it (with their flat
-    indices), and the exact threshold is selected among the gathered ones. A band that misses (an
-    unlucky sample) is moved to the side it missed, four times wider, and the pass repeated for that
-    model; the last resort is the whole side, so the answer is always exact. A NaN entry cannot be
-    ranked: NaNTaskVector(j, count) for the first model j that needs a trim and has any."""
+    or None where ks[j] covers every entry (select_in_bands, with their sample and band passes). A NaN
+    entry cannot be ranked: NaNTaskVector(j, count) for the first model j that needs a trim and has any."""
     n = base.size
     wanted = [j for j, k in enumerate(ks) if k < n]
     result: list[tuple[float, int, int] | None] = [None] * len(ks)
     if not wanted:
         return result
     sel = tuple(xs[j] for j in wanted)
-    lo = np.zeros(len(wanted), np.float32)
-    hi = np.full(len(wanted), np.inf, np.float32)
+
+    def band_pass(todo: list[int], s: int, e: int, lo: np.ndarray, hi: np.ndarray, vals, idx):
+        return _band_pass(tuple(sel[w][s:e] for w in todo), base[s:e], lo, hi, vals, idx, s)
+
+    found = select_in_bands(n, [ks[j] for j in wanted], lambda: _sample(sel, base, run), band_pass, run, wanted)
+    for w, j in enumerate(wanted):
+        result[j] = found[w]
+    return result
+
+
+def select_in_bands(
+    n: int, ks: Sequence[int], sample: Callable[[], np.ndarray], band_pass, run: Runner, ids: Sequence[int]
+) -> list[tuple[float, int, int]]:
+    """For each k of ks (1 <= k <= n), the k-th largest of its population of n non-negative float32 values,
+    as _select gives it: (threshold, ties kept, flat index just past the last kept tie).
+
+    sample() gives each population's radix histogram over a sample (rows in the order of ks); a band
+    [lo, hi] around each threshold comes from it, and band_pass(todo, start, end, lo, hi, vals, idx)
+    counts, over the flat entries [start, end), the values of each population of todo above its band and
+    gathers those in it (and NaN ones) into vals, idx as _band_pass does; the exact threshold is selected
+    among the gathered ones. A band that misses (an unlucky sample) is moved to the side it missed, four
+    times wider, and the pass repeated for that population; the last resort is the whole side, so the
+    answer is always exact. Populations of EXACT_BELOW entries or fewer are gathered whole, unsampled. A
+    NaN value cannot be ranked: NaNTaskVector(ids[w], count) for the first population w holding any."""
+    lo = np.zeros(len(ks), np.float32)
+    hi = np.full(len(ks), np.inf, np.float32)
     hist = None
     if n > EXACT_BELOW:  # small tensors gather every entry (the band [0, inf])
-        hist = _sample(sel, base, run)
-        for w, j in enumerate(wanted):
-            lo[w], hi[w] = _band(hist[w], ks[j] / n, 1)
-    widen = [1] * len(wanted)
-    todo = list(range(len(wanted)))
+        hist = sample()
+        for w, k in enumerate(ks):
+            lo[w], hi[w] = _band(hist[w], k / n, 1)
+    widen = [1] * len(ks)
+    todo = list(range(len(ks)))
+    result: list = [None] * len(ks)
     while todo:
-        found = _gather(tuple(sel[w] for w in todo), base, lo[todo], hi[todo], run)
+        found = _gather(todo, n, band_pass, lo[todo], hi[todo], run)
         exact, retry = [], []
         for i, (above, vals, _, nans) in enumerate(found):
             w = todo[i]
             if nans:
-                raise NaNTaskVector(wanted[w], nans)
-            k = ks[wanted[w]]
+                raise NaNTaskVector(ids[w], nans)
+            k = ks[w]
             if lo[w] <= 0 and hi[w] == np.inf or above < k <= above + vals.size:
                 exact.append(i)
                 continue
@@ -636,7 +658,7 @@ def top_k_abs_deltas(
                 lo[w], hi[w] = new_lo, lo[w]
             retry.append(w)
 
-        picks = [(found[i], wanted[todo[i]]) for i in exact]
+        picks = [(found[i], todo[i]) for i in exact]
         run(functools.partial(_select_one, picks, ks, result), len(picks), 1)  # side by side on the threads
         todo = retry
     return result
@@ -648,18 +670,23 @@ def _select_one(picks: list, ks: Sequence[int], result: list, i: int, _: int) ->
 
 
 def _sample(xs: tuple[np.ndarray, ...], base: np.ndarray, run: Runner) -> np.ndarray:
-    """Per model, a radix histogram of |x_j - base| over a sample of 1/SAMPLE_EVERY of the entries (runs of
-    SAMPLE_RUN at random starts, fixed per size so that runs are reproducible)."""
-    n = base.size
+    """Per model, a radix histogram of |x_j - base| over a sample of 1/SAMPLE_EVERY of the entries (sample)."""
+    return sample(base.size, len(xs), lambda starts, hist: _sample_hist(xs, base, starts, SAMPLE_RUN, hist), run)
+
+
+def sample(n: int, rows: int, fill: Callable[[np.ndarray, np.ndarray], None], run: Runner) -> np.ndarray:
+    """rows radix histograms (rows, RADIX_BINS) of populations of n values over a sample of 1/SAMPLE_EVERY of
+    their entries: runs of SAMPLE_RUN at random starts, fixed per size so that runs are reproducible.
+    fill(starts, hist) adds the runs at `starts` (ascending) to hist; a run may reach past the part it
+    starts in, never past n."""
     rng = np.random.default_rng(n)
     starts = np.sort(rng.integers(0, n - SAMPLE_RUN, max(EXACT_BELOW, n // SAMPLE_EVERY) // SAMPLE_RUN)).astype(
         np.int64
     )
 
     def part(s: int, e: int) -> np.ndarray:
-        hist = np.zeros((len(xs), RADIX_BINS), np.int64)
-        mine = starts[np.searchsorted(starts, s) : np.searchsorted(starts, e)]
-        _sample_hist(xs, base, mine, SAMPLE_RUN, hist)  # a run may reach past e: still inside the tensor
+        hist = np.zeros((rows, RADIX_BINS), np.int64)
+        fill(starts[np.searchsorted(starts, s) : np.searchsorted(starts, e)], hist)
         return hist
 
     # up to 16 parts (the engine's most threads), of at least SAMPLE_PART entries: few histograms to add
@@ -687,22 +714,20 @@ def _band(hist: np.ndarray, p: float, widen: int) -> tuple[float, float]:
     return lo, hi
 
 
-def _gather(
-    xs: tuple[np.ndarray, ...], base: np.ndarray, lo: np.ndarray, hi: np.ndarray, run: Runner
-) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """Per model: (entries above hi, the band's values, their flat indices, NaN entries) over the
-    whole tensor."""
-    nm = len(xs)
+def _gather(todo: list[int], n: int, band_pass, lo: np.ndarray, hi: np.ndarray, run: Runner) -> list[tuple]:
+    """Per population of todo (select_in_bands' band_pass): (values above hi, the band's values, their flat
+    indices, NaN values) over all n entries."""
+    nm = len(todo)
 
     def part(s: int, e: int):
         vals = np.empty((nm, e - s), np.float32)
         idx = np.empty((nm, e - s), np.int64)
-        above, got = _band_pass(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
+        above, got = band_pass(todo, s, e, lo, hi, vals, idx)
         band = [vals[j, : got[j]].copy() for j in range(nm)]
         nans = [int(np.isnan(v).sum()) for v in band]  # the band pass gathers NaN entries with the band's
         return above, band, [idx[j, : got[j]].copy() for j in range(nm)], nans
 
-    parts = run(part, base.size)
+    parts = run(part, n)
     return [
         (
             int(sum(p[0][j] for p in parts)),

@@ -4,6 +4,8 @@ whole-tensor call the GPU path makes; bad parameters refused at their recipe lin
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -439,6 +441,36 @@ def test_fused_arcee_fusion_on_ties_and_special_rows(monkeypatch, dtype, shape, 
     want = _torch_path(m, xs, base, m.params(), context, chunk=7)
     for chunk, piece in ((1 << 18, 1 << 18), (3, 11)):
         assert _same_bytes(_fused_path(m, xs, base, m.params(), context, chunk, piece), want), (chunk, piece)
+
+
+@pytest.mark.parametrize("shape", [(300, 257), (1, 70_001)])
+@pytest.mark.parametrize("miss", [None, "above", "below"])
+def test_fused_arcee_fusion_of_a_sampled_tensor(monkeypatch, shape, miss):
+    """Past kernels.EXACT_BELOW entries the quartiles come from a sample's bands and one pass over the inputs
+    computing the importances as it goes (rows of 257 cut by blocks, chunks and pieces; one row of 70001):
+    the torch path's bytes, also where a band misses its quartile and is widened."""
+    from merger import kernels
+    from merger.methods.base import TensorContext
+
+    assert math.prod(shape) > kernels.EXACT_BELOW
+    real_band = kernels._band
+    widened = []
+
+    def unlucky(hist, p, widen):  # every first band lies wholly on one side of its quartile
+        widened.append(widen)
+        lo, hi = real_band(hist, p, widen)
+        if widen > 1 or miss is None:
+            return lo, hi
+        return (hi * 1.5, hi * 2) if miss == "above" else (lo / 3, lo / 2)
+
+    monkeypatch.setattr(kernels, "_band", unlucky)
+    m = get_method("arcee_fusion")
+    base, xs = _fusion_inputs(shape, torch.bfloat16, seed=11)
+    context = TensorContext("t", shape=shape)
+    want = _torch_path(m, xs, base, m.params(), context, chunk=1 << 18)
+    got = _fused_path(m, xs, base, m.params(), context, 1000, 777)
+    assert _same_bytes(got, want)
+    assert widened.count(1) == 3 and widened.count(4) == (0 if miss is None else 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -21,18 +21,23 @@ from merger.kernels import (
     BLOCK,
     ROUND,
     ROUND_BITS,
+    SAMPLE_RUN,
     Runner,
     U,
     _bits_of_f32,
     _bits_of_f64,
     _f32_from_bits,
     _f64_from_bits,
+    _prefetch,
+    band_block,
     borrow,
     keep_alive,
     kernel,
     lend,
     load,
     rounded,
+    sample,
+    select_in_bands,
     store,
 )
 from merger.methods import elementary as el
@@ -348,43 +353,105 @@ def _row_divergence(x, b, o, cols, px, pb, work, keep, bits, eps, bound, table, 
 
 
 @kernel
-def _fusion_rows(x, b, cols, bits, eps, bound, scratch, imp, table):  # pragma: no cover - compiled
-    """Over whole rows of `cols` entries: each row's KL divergence as selection.arcee_fusion_prepare computes
-    it (maxima; exps and their limb sums; p, q, p * log(p / q) * 2**-bound and theirs; all in float64), then
-    imp = |x - b| * kl in float32. Rows of up to `scratch` entries keep their exps for the divergence; longer
-    ones compute them again. Returns how many importances are NaN."""
-    x, b, cols, bits, eps, bound, scratch, imp, table = borrow((x, b, cols, bits, eps, bound, scratch, imp, table))
+def _fusion_rows(x, b, cols, bits, eps, bound, scratch, kl, table):  # pragma: no cover - compiled
+    """Over whole rows of `cols` entries: each row's KL divergence into kl (float32) as
+    selection.arcee_fusion_prepare computes it (maxima; exps and their limb sums; p, q, p * log(p / q) *
+    2**-bound and theirs; all in float64); NaN for a row holding a NaN or +inf, or only -inf. Rows of up to
+    `scratch` entries keep their exps for the divergence; longer ones compute them again."""
+    x, b, cols, bits, eps, bound, scratch, kl, table = borrow((x, b, cols, bits, eps, bound, scratch, kl, table))
     keep = cols <= scratch
     ex_own, ex = lend(np.empty(cols if keep else BLOCK, np.float64))
     eb_own, eb = lend(np.empty_like(ex))
     ones_own, ones = lend(np.ones(BLOCK, np.float64))
     terms_own, terms = lend(np.empty(BLOCK, np.float64))
-    nans = 0
-    for o in range(0, b.size, cols):
+    for r in range(kl.size):
+        o = r * cols
         mx, mb, bad, tabled = _row_peaks(x, b, o, cols)
         if bad or not (np.isfinite(mx) and np.isfinite(mb)):  # as torch.amax: NaN where the row holds one
-            kl = np.float32(np.nan)
-        else:
-            px, pb = np.float64(mx), np.float64(mb)
-            d = _row_divergence(x, b, o, cols, px, pb, (ex, eb, ones, terms), keep, bits, eps, bound, table, tabled)
-            kl = np.float32(0.0 if d < 0 else abs(d))
-        for i in range(cols):
-            w = abs(load(x, U(o + i)) - load(b, U(o + i))) * kl
-            imp[U(o + i)] = w
-            nans += w != w
+            kl[r] = np.float32(np.nan)
+            continue
+        px, pb = np.float64(mx), np.float64(mb)
+        d = _row_divergence(x, b, o, cols, px, pb, (ex, eb, ones, terms), keep, bits, eps, bound, table, tabled)
+        kl[r] = np.float32(0.0 if d < 0 else abs(d))
     keep_alive((ex_own, eb_own, ones_own, terms_own))
-    return nans
+
+
+@njit(inline="always")
+def _importances(x, b, kl, cols, st, e, w):  # pragma: no cover - compiled
+    """w[:m] = the importances |x - b| * kl[row] in float32 of the entries from flat index st on, up to e and
+    the end of st's row, at most BLOCK of them. Returns m."""
+    r = st // cols
+    m = min(BLOCK, e - st, (r + 1) * cols - st)
+    k = kl[U(r)]
+    for i in range(m):
+        w[U(i)] = abs(load(x, U(st + i)) - load(b, U(st + i))) * k
+    return m
 
 
 @kernel
-def _fusion_merge(x, b, imp, out, threshold):  # pragma: no cover - compiled
-    """selection.arcee_fusion: (x - b where imp >= threshold, else 0) + b."""
+def _fusion_sample(x, b, kl, cols, starts, run, hist):  # pragma: no cover - compiled
+    """hist[top 16 bits of each importance] += 1 over the runs of `run` entries at `starts` (kernels.sample's
+    fill), each run's lines prefetched eight runs ahead as kernels._sample_hist does."""
+    x, b, kl, cols, starts, run, hist = borrow((x, b, kl, cols, starts, run, hist))
+    w_own, w = lend(np.empty(BLOCK, np.float32))
+    for r in range(starts.size):
+        if r + 8 < starts.size:
+            p = starts[r + 8]
+            for q in range(0, run, 64 // b.itemsize):
+                _prefetch(b, U(p + q))
+                _prefetch(x, U(p + q))
+        st = starts[r]
+        e = st + run
+        while st < e:
+            m = _importances(x, b, kl, cols, st, e, w)
+            for i in range(m):
+                hist[U(_bits_of_f32(w[U(i)]) >> np.uint32(16))] += 1
+            st += m
+    keep_alive((w_own,))
+
+
+@kernel
+def _fusion_bands(x, b, kl, cols, s, e, lo, hi, vals, idx):  # pragma: no cover - compiled
+    """kernels.select_in_bands' band pass over the importances of the flat entries [s, e), for each quartile's
+    band j (lo[j], hi[j]): how many are above it, and those in it (or NaN) gathered into vals[j], idx[j]
+    (kernels.band_block on each block of importances). Returns (above, gathered)."""
+    x, b, kl, cols, s, e, lo, hi, vals, idx = borrow((x, b, kl, cols, s, e, lo, hi, vals, idx))
+    nb = lo.size
+    above = np.zeros(nb, np.int64)
+    got = np.zeros(nb, np.int64)
+    w_own, w = lend(np.empty(BLOCK, np.float32))
+    zeros_own, zeros = lend(np.zeros(BLOCK, np.float32))  # |w - 0| = w: importances are >= 0 (or NaN)
+    st = s
+    while st < e:
+        m = _importances(x, b, kl, cols, st, e, w)
+        for j in range(nb):
+            cnt, got[j] = band_block(w, 0, zeros, m, lo[j], hi[j], vals[j], idx[j], got[j], st)
+            above[j] += cnt
+        st += m
+    keep_alive((w_own, zeros_own))
+    return above, got
+
+
+@kernel
+def _fusion_merge(x, b, kl, cols, s, out, threshold):  # pragma: no cover - compiled
+    """selection.arcee_fusion over the flat entries from s on, as many as out has: (x - b where the importance
+    |x - b| * kl[row] >= threshold, else 0) + b."""
+    x, b, kl, cols, s, out, threshold = borrow((x, b, kl, cols, s, out, threshold))
     zero = np.float32(0)
-    for i in range(b.size):
-        bi = load(b, U(i))
-        d = load(x, U(i)) - bi
-        kept = d if imp[i] >= threshold else zero  # not inside store's arguments: numba's inlining drops the store
-        store(out, U(i), kept + bi)
+    e = s + out.size
+    st = s
+    while st < e:
+        r = st // cols
+        m = min(e - st, (r + 1) * cols - st)
+        k = kl[U(r)]
+        for i in range(m):
+            bi = load(b, U(st + i))
+            d = load(x, U(st + i)) - bi
+            kept = (
+                d if abs(d) * k >= threshold else zero
+            )  # not inside store's arguments: numba's inlining drops the store
+            store(out, U(st - s + i), kept + bi)
+        st += m
 
 
 @kernel
@@ -404,30 +471,47 @@ def exp_table() -> np.ndarray:
     return _exp_table(el.TABLE_BOUND)
 
 
-def fusion_importance(
-    x: np.ndarray, base: np.ndarray, cols: int, bits: int, eps: float, bound: int, run: Runner
-) -> tuple[np.ndarray, int]:
-    """Arcee Fusion's importances (float32, as x) over whole tensors of rows of `cols` entries, and how many
-    are NaN; each part of the work holds whole rows, so that a row's sums are one part's."""
+def fusion_divergences(x: np.ndarray, base: np.ndarray, cols: int, bits: int, eps: float, bound: int, run: Runner):
+    """Arcee Fusion's KL divergence of each row of `cols` entries (float32; NaN for a row without a softmax);
+    each part of the work holds whole rows, so that a row's sums are one part's."""
     n = base.size
     assert n % cols == 0, (n, cols)
-    imp = np.empty(n, np.float32)
+    kl = np.empty(n // cols, np.float32)
     table = exp_table()
 
-    def part(s: int, e: int) -> int:
+    def part(s: int, e: int) -> None:
         a, z = s * cols, e * cols
-        return _fusion_rows(x[a:z], base[a:z], cols, bits, eps, bound, SCRATCH, imp[a:z], table)
+        _fusion_rows(x[a:z], base[a:z], cols, bits, eps, bound, SCRATCH, kl[s:e], table)
 
-    return imp, int(sum(run(part, n // cols, max(1, ROWS_PART // cols))))
+    run(part, n // cols, max(1, ROWS_PART // cols))
+    return kl
+
+
+def fusion_quartiles(x: np.ndarray, base: np.ndarray, kl: np.ndarray, ranks: Sequence[int], run: Runner) -> list:
+    """The ranks-th largest importances |x - base| * kl[row] (kernels.select_in_bands: their thresholds, ties
+    and cutoffs), from a sample and one pass over the inputs for all ranks, no importance stored."""
+    n, cols = base.size, base.size // kl.size
+
+    def fill(starts: np.ndarray, hist: np.ndarray) -> None:
+        _fusion_sample(x, base, kl, cols, starts, SAMPLE_RUN, hist[0])
+
+    def band_pass(todo: list[int], s: int, e: int, lo: np.ndarray, hi: np.ndarray, vals, idx):
+        return _fusion_bands(x, base, kl, cols, s, e, lo, hi, vals, idx)
+
+    def sampled() -> np.ndarray:
+        return sample(n, 1, fill, run)[[0] * len(ranks)]  # one histogram for every rank
+
+    return select_in_bands(n, ranks, sampled, band_pass, run, [0] * len(ranks))
 
 
 def fusion_merge(
-    x: np.ndarray, base: np.ndarray, imp: np.ndarray, out: np.ndarray, threshold: np.float32, run: Runner
+    x: np.ndarray, base: np.ndarray, kl: np.ndarray, start: int, out: np.ndarray, threshold: np.float32, run: Runner
 ) -> None:
-    """Arcee Fusion into `out` (x, base, imp from out's first entry on, as many as out has)."""
+    """Arcee Fusion into `out`: the flat entries from `start` on, as many as out has."""
+    cols = base.size // kl.size
 
     def part(s: int, e: int) -> None:
-        _fusion_merge(x[s:e], base[s:e], imp[s:e], out[s:e], threshold)
+        _fusion_merge(x, base, kl, cols, start + s, out[s:e], threshold)
 
     run(part, out.size)
 
