@@ -447,9 +447,8 @@ def _fusion_merge(x, b, kl, cols, s, out, threshold):  # pragma: no cover - comp
         for i in range(m):
             bi = load(b, U(st + i))
             d = load(x, U(st + i)) - bi
-            kept = (
-                d if abs(d) * k >= threshold else zero
-            )  # not inside store's arguments: numba's inlining drops the store
+            # not inside store's arguments: numba's inlining drops the store
+            kept = d if abs(d) * k >= threshold else zero
             store(out, U(st - s + i), kept + bi)
         st += m
 
