@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
 
 import numba
 import numpy as np
@@ -42,9 +45,27 @@ if CACHE:  # read by numba when each kernel below is decorated: before that, wha
     numba.config.CACHE_DIR = str(_cache_dir)
 
 
+@functools.cache
+def sources_digest(root: Path = Path(__file__).parent) -> str:
+    """A digest of every Python source under `root` (merger's own, by default), names and bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 class _MendingCache(FunctionCache):
     """numba's on-disk cache of a kernel, except that files a crash or a full disk left damaged (numba
-    raises on a truncated index) are dropped and the kernel compiled again, instead of ending the merge."""
+    raises on a truncated index) are dropped and the kernel compiled again, instead of ending the merge.
+
+    numba keys a cached kernel to its own file's mtime and size alone, but a kernel inlines helpers and
+    freezes constants from other modules (sparse_kernels.py from this one): a change to kernels.py alone
+    would leave sparse_kernels' cached code as it was compiled. Here the key also holds sources_digest,
+    so that any change to merger's sources compiles the kernels again."""
+
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        self._cache_file._source_stamp = (self._cache_file._source_stamp, sources_digest())
 
     def load_overload(self, sig, target_context):
         try:
@@ -330,6 +351,25 @@ def _store(a, i, v):
 RADIX_BINS = 1 << 15  # the top 16 bits of a non-negative float32 (sign clear): the same order as the value
 
 
+@njit(inline="always")
+def radix_bin(v):  # pragma: no cover - compiled
+    """v's bin of RADIX_BINS (v a float32 >= 0, or NaN): its top 16 bits with the sign cleared, so that a NaN
+    of either sign (inf - inf gives one with the sign set) lands in the NaN bins, inside the histogram."""
+    return U((_bits_of_f32(v) >> np.uint32(16)) & np.uint32(0x7FFF))
+
+
+@njit(inline="always")
+def prefetch_run(starts, r, run, b, xs):  # pragma: no cover - compiled
+    """Ask for the cache lines of sample run r (the `run` entries at starts[r], if r is a run) of b and of each
+    array of xs: sample runs lie a page apart, too far for the hardware prefetcher."""
+    if r < starts.size:
+        p = starts[r]
+        for q in range(0, run, 64 // b.itemsize):
+            _prefetch(b, U(p + q))
+            for j in range(len(xs)):
+                _prefetch(xs[j], U(p + q))
+
+
 @kernel
 def _sample_hist(xs, b, starts, run, hist):  # pragma: no cover - compiled
     """hist[j, top 16 bits of |x_j - b|] += 1 over the runs of `run` entries at `starts`.
@@ -338,14 +378,8 @@ def _sample_hist(xs, b, starts, run, hist):  # pragma: no cover - compiled
     eight runs ahead (2.9 -> 1.8 ns per entry and model with the inputs in memory)."""
     xs, b, starts, run, hist = borrow((xs, b, starts, run, hist))
     bf_own, bf = lend(np.empty(run, np.float32))
-    line = 64 // b.itemsize
     for r in range(starts.size):
-        if r + 8 < starts.size:
-            p = starts[r + 8]
-            for q in range(0, run, line):
-                _prefetch(b, U(p + q))
-                for j in range(len(xs)):
-                    _prefetch(xs[j], U(p + q))
+        prefetch_run(starts, r + 8, run, b, xs)
         s = starts[r]
         for i in range(run):
             bf[i] = load(b, U(s + i))
@@ -354,7 +388,7 @@ def _sample_hist(xs, b, starts, run, hist):  # pragma: no cover - compiled
             h = hist[j]
             for i in range(run):
                 v = abs(load(x, U(s + i)) - bf[i])
-                h[U(_bits_of_f32(v) >> np.uint32(16))] += 1
+                h[radix_bin(v)] += 1
     keep_alive((bf_own,))
 
 
@@ -609,43 +643,56 @@ def top_k_abs_deltas(
     def band_pass(todo: list[int], s: int, e: int, lo: np.ndarray, hi: np.ndarray, vals, idx):
         return _band_pass(tuple(sel[w][s:e] for w in todo), base[s:e], lo, hi, vals, idx, s)
 
-    found = select_in_bands(n, [ks[j] for j in wanted], lambda: _sample(sel, base, run), band_pass, run, wanted)
+    try:
+        found = select_in_bands(n, [ks[j] for j in wanted], lambda: _sample(sel, base, run), band_pass, run)
+    except NaNTaskVector as e:
+        raise NaNTaskVector(wanted[e.model], e.count) from None
     for w, j in enumerate(wanted):
         result[j] = found[w]
     return result
 
 
+class BandPass(Protocol):
+    """band_pass(todo, start, end, lo, hi, vals, idx) -> (above, gathered): over the flat entries [start, end)
+    of the populations todo (indices into select_in_bands' ks), the count of each one's values above its
+    band hi[i], and its values in [lo[i], hi[i]] or NaN gathered in index order into vals[i], idx[i] (their
+    flat indices), as _band_pass does; above and gathered are arrays of len(todo)."""
+
+    def __call__(
+        self, todo: list[int], start: int, end: int, lo: np.ndarray, hi: np.ndarray, vals: np.ndarray, idx: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 def select_in_bands(
-    n: int, ks: Sequence[int], sample: Callable[[], np.ndarray], band_pass, run: Runner, ids: Sequence[int]
+    n: int, ks: Sequence[int], sampled: Callable[[], np.ndarray], band_pass: BandPass, run: Runner
 ) -> list[tuple[float, int, int]]:
     """For each k of ks (1 <= k <= n), the k-th largest of its population of n non-negative float32 values,
     as _select gives it: (threshold, ties kept, flat index just past the last kept tie).
 
-    sample() gives each population's radix histogram over a sample (rows in the order of ks); a band
-    [lo, hi] around each threshold comes from it, and band_pass(todo, start, end, lo, hi, vals, idx)
-    counts, over the flat entries [start, end), the values of each population of todo above its band and
-    gathers those in it (and NaN ones) into vals, idx as _band_pass does; the exact threshold is selected
-    among the gathered ones. A band that misses (an unlucky sample) is moved to the side it missed, four
-    times wider, and the pass repeated for that population; the last resort is the whole side, so the
-    answer is always exact. Populations of EXACT_BELOW entries or fewer are gathered whole, unsampled. A
-    NaN value cannot be ranked: NaNTaskVector(ids[w], count) for the first population w holding any."""
+    sampled() gives each population's radix histogram over a sample (rows in the order of ks:
+    sample_histograms); a band [lo, hi] around each threshold comes from it, band_pass counts the values above
+    each band and gathers those in it, and the exact threshold is selected among the gathered ones. A band
+    that misses (an unlucky sample) is moved to the side it missed, four times wider, and the pass repeated
+    for that population; the last resort is the whole side, so the answer is always exact. Populations of
+    EXACT_BELOW entries or fewer are gathered whole, unsampled. A NaN value cannot be ranked:
+    NaNTaskVector(w, count) for the first population w (an index into ks) holding any."""
     lo = np.zeros(len(ks), np.float32)
     hi = np.full(len(ks), np.inf, np.float32)
     hist = None
     if n > EXACT_BELOW:  # small tensors gather every entry (the band [0, inf])
-        hist = sample()
+        hist = sampled()
         for w, k in enumerate(ks):
             lo[w], hi[w] = _band(hist[w], k / n, 1)
     widen = [1] * len(ks)
     todo = list(range(len(ks)))
-    result: list = [None] * len(ks)
+    result: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(ks)
     while todo:
         found = _gather(todo, n, band_pass, lo[todo], hi[todo], run)
         exact, retry = [], []
         for i, (above, vals, _, nans) in enumerate(found):
             w = todo[i]
             if nans:
-                raise NaNTaskVector(ids[w], nans)
+                raise NaNTaskVector(w, nans)
             k = ks[w]
             if lo[w] <= 0 and hi[w] == np.inf or above < k <= above + vals.size:
                 exact.append(i)
@@ -670,15 +717,19 @@ def _select_one(picks: list, ks: Sequence[int], result: list, i: int, _: int) ->
 
 
 def _sample(xs: tuple[np.ndarray, ...], base: np.ndarray, run: Runner) -> np.ndarray:
-    """Per model, a radix histogram of |x_j - base| over a sample of 1/SAMPLE_EVERY of the entries (sample)."""
-    return sample(base.size, len(xs), lambda starts, hist: _sample_hist(xs, base, starts, SAMPLE_RUN, hist), run)
+    """Per model, a radix histogram of |x_j - base| over a sample of 1/SAMPLE_EVERY of the entries."""
+
+    def fill(starts: np.ndarray, hist: np.ndarray) -> None:
+        _sample_hist(xs, base, starts, SAMPLE_RUN, hist)
+
+    return sample_histograms(base.size, len(xs), fill, run)
 
 
-def sample(n: int, rows: int, fill: Callable[[np.ndarray, np.ndarray], None], run: Runner) -> np.ndarray:
-    """rows radix histograms (rows, RADIX_BINS) of populations of n values over a sample of 1/SAMPLE_EVERY of
-    their entries: runs of SAMPLE_RUN at random starts, fixed per size so that runs are reproducible.
-    fill(starts, hist) adds the runs at `starts` (ascending) to hist; a run may reach past the part it
-    starts in, never past n."""
+def sample_histograms(n: int, rows: int, fill: Callable[[np.ndarray, np.ndarray], None], run: Runner) -> np.ndarray:
+    """rows radix histograms (rows, RADIX_BINS: radix_bin's) of populations of n values over a sample of
+    1/SAMPLE_EVERY of their entries: runs of SAMPLE_RUN at random starts, fixed per size so that runs are
+    reproducible. fill(starts, hist) adds the runs at `starts` (ascending) to hist; a run may reach past the
+    part it starts in, never past n."""
     rng = np.random.default_rng(n)
     starts = np.sort(rng.integers(0, n - SAMPLE_RUN, max(EXACT_BELOW, n // SAMPLE_EVERY) // SAMPLE_RUN)).astype(
         np.int64
@@ -714,7 +765,9 @@ def _band(hist: np.ndarray, p: float, widen: int) -> tuple[float, float]:
     return lo, hi
 
 
-def _gather(todo: list[int], n: int, band_pass, lo: np.ndarray, hi: np.ndarray, run: Runner) -> list[tuple]:
+def _gather(
+    todo: list[int], n: int, band_pass: BandPass, lo: np.ndarray, hi: np.ndarray, run: Runner
+) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
     """Per population of todo (select_in_bands' band_pass): (values above hi, the band's values, their flat
     indices, NaN values) over all n entries."""
     nm = len(todo)

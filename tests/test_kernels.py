@@ -432,3 +432,18 @@ def test_every_kernel_keeps_the_arrays_it_borrows_past_their_last_use(module):
         assert not any(isinstance(n, (ast.For, ast.While)) for st in after for n in ast.walk(st)), fn.name
         checked += 1
     assert checked  # each module's hot kernels borrow their scratch arrays
+
+
+def test_cached_kernels_are_keyed_to_every_merger_source(tmp_path):
+    """numba keys a cached kernel to its own file alone, though kernels inline helpers from other modules:
+    merger's cache keys each one to a digest of all its sources too, which a change to any file moves."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = kernels.sources_digest(tmp_path)
+    kernels.sources_digest.cache_clear()
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert kernels.sources_digest(tmp_path) != first
+    kernels.sources_digest.cache_clear()
+    stamp = kernels._MendingCache(kernels.count_masked.py_func)._cache_file._source_stamp
+    assert stamp[1] == kernels.sources_digest() == kernels.sources_digest(Path(kernels.__file__).parent)

@@ -473,6 +473,40 @@ def test_fused_arcee_fusion_of_a_sampled_tensor(monkeypatch, shape, miss):
     assert widened.count(1) == 3 and widened.count(4) == (0 if miss is None else 3)
 
 
+def test_fused_arcee_fusion_counts_nan_importances_of_either_sign_in_its_histogram():
+    """An importance of inf * 0 (x -inf where the base is -1e30, the rows' softmaxes equal: KL 0) is a NaN with
+    its sign set: the sample's histogram counts it in its NaN bins, not past its end, and both paths refuse the
+    tensor with the same count."""
+    from merger import kernels
+    from merger.errors import NaNTaskVector
+    from merger.methods import selection_kernels as sk
+    from merger.methods.base import TensorContext
+
+    shape = (300, 257)
+    base, xs = _fusion_inputs(shape, torch.float32, seed=2)
+    x = base.clone()
+    x[:, 0], base[:, 0] = -float("inf"), -1e30
+    xa, ba = _as_array(x.reshape(-1)), _as_array(base.reshape(-1))
+    kl = sk.fusion_divergences(xa, ba, 257, 20, 1e-8, 5, _runner(1 << 18))
+    assert not kl.any() and torch.isinf(x[:, 0] - base[:, 0]).all()  # |x - b| * kl: inf * 0
+    hist = np.zeros((2, kernels.RADIX_BINS), np.int64)  # the row after the histogram: written past its end?
+    starts = np.arange(0, xa.size - kernels.SAMPLE_RUN, 257 * 3, dtype=np.int64)
+    sk._fusion_sample(xa, ba, kl, 257, starts, kernels.SAMPLE_RUN, hist[0])
+    assert not hist[1].any() and hist[0].sum() == starts.size * kernels.SAMPLE_RUN
+    assert hist[0, 0x7FC0] == np.count_nonzero((starts[:, None] + np.arange(kernels.SAMPLE_RUN)) % 257 == 0)
+    m = get_method("arcee_fusion")
+    context = TensorContext("t", shape=shape)
+    counts = []
+    for path in (
+        lambda: _torch_path(m, [x], base, m.params(), context, chunk=1 << 18),
+        lambda: _fused_path(m, [x], base, m.params(), context, 1 << 18, 1 << 18),
+    ):
+        with pytest.raises(NaNTaskVector) as e:
+            path()
+        counts.append((e.value.model, e.value.count))
+    assert counts == [(0, 300)] * 2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_arcee_fusion_of_an_unchanged_tensor_is_the_base(dtype):
     """No task vector: every importance 0, the threshold 0, every entry kept: x - base + base, the base."""

@@ -461,6 +461,40 @@ def test_fused_path_options(method, per_model, params):
     assert same_bytes(got, want)
 
 
+def test_sce_counts_nan_variances_of_either_sign_in_its_histogram():
+    """A task vector holding inf makes that entry's variance inf - inf: a NaN with its sign set. The sample's
+    histogram counts it in its NaN bins, not past its end, and the fused and torch paths refuse the tensor
+    alike."""
+    from test_kernels import as_array, runner
+
+    from merger import kernels
+    from merger.errors import NaNTaskVector
+    from merger.methods import TensorContext, get_method
+
+    n = 70_001
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(n, generator=g)
+    xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
+    xs[0][::1000] = float("inf")
+    arrays, b = tuple(as_array(x) for x in xs), as_array(base)
+    hist = np.zeros((2, kernels.RADIX_BINS), np.int64)  # the row after the histogram: written past its end?
+    starts = np.arange(0, n - kernels.SAMPLE_RUN, 1000, dtype=np.int64)
+    sparse_kernels._variance_sample(arrays, b, starts, kernels.SAMPLE_RUN, hist[0])
+    assert not hist[1].any() and hist[0, 0x7FC0] == starts.size
+    m = get_method("sce")
+    models, params = [m.model_params()] * 2, m.params(select_topk=0.5)
+    context = TensorContext("t", shape=(n,))
+    raised = []
+    for path in (
+        lambda: m.fn(xs, base, models, params, context=context),
+        lambda: m.fused(list(arrays), b, models, params, runner(4099, 2), context=context),
+    ):
+        with pytest.raises(NaNTaskVector) as e:
+            path()
+        raised.append((e.value.model, e.value.count))
+    assert raised[0] == raised[1] and raised[0][1] == 71
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "della", "breadcrumbs_ties", "sce"])
 @pytest.mark.parametrize("ranges,piece", [(96, 448), (104, 1000), (33, 5003)])
 def test_fused_path_on_ranges_off_the_kernels_blocks(method, ranges, piece):

@@ -425,7 +425,7 @@ def arcee_fusion_fused(
     kl = sk.fusion_divergences(x, base, cols, _bits(cols), _KL_EPS, _KL_BOUND, run)
     try:
         found = sk.fusion_quartiles(x, base, kl, _quartile_ranks(numel), run)
-    except NaNTaskVector as e:  # a row without a softmax has a NaN divergence: NaN importances
+    except NaNTaskVector as e:  # NaN importances (a row without a softmax, -inf - -inf): the torch path's error
         raise NaNTaskVector(0, e.count, _NO_SOFTMAX) from None
     q1, median, q3 = (np.float32(f[0]) for f in found)
     with np.errstate(all="ignore"):  # inf - inf: NaN, as torch
@@ -597,7 +597,7 @@ METHODS: tuple[Method, ...] = (
         check=exactly_one,
         prepare=arcee_fusion_prepare,
         fused=arcee_fusion_fused,
-        cpu_ns=4.2,  # measured 3.3 ns per entry (one_thread.py), 3.0 of them the row pass and the quartiles; + the copy
+        cpu_ns=4.2,  # one_thread.py's figure, plus the writer's copy (README, Performance)
         # fn: x - base, the importance, the KL spread over the entries; the mask. prepare: float64 p and p / q
         # (four words of float32) and log_'s six float64 temporaries (twelve); the radix select's buffers.
         gpu=GpuFootprint(

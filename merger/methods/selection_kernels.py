@@ -28,15 +28,16 @@ from merger.kernels import (
     _bits_of_f64,
     _f32_from_bits,
     _f64_from_bits,
-    _prefetch,
     band_block,
     borrow,
     keep_alive,
     kernel,
     lend,
     load,
+    prefetch_run,
+    radix_bin,
     rounded,
-    sample,
+    sample_histograms,
     select_in_bands,
     store,
 )
@@ -378,43 +379,50 @@ def _fusion_rows(x, b, cols, bits, eps, bound, scratch, kl, table):  # pragma: n
 
 @njit(inline="always")
 def _importances(x, b, kl, cols, st, e, w):  # pragma: no cover - compiled
-    """w[:m] = the importances |x - b| * kl[row] in float32 of the entries from flat index st on, up to e and
-    the end of st's row, at most BLOCK of them. Returns m."""
+    """w[:m] = the importances |x - b| * kl[row] in float32 of the m entries from flat index st on: up to e, at
+    most BLOCK, and where rows hold BLOCK entries or more, up to the end of st's row (one row's block: a loop
+    that vectorises). Returns m."""
     r = st // cols
-    m = min(BLOCK, e - st, (r + 1) * cols - st)
-    k = kl[U(r)]
-    for i in range(m):
-        w[U(i)] = abs(load(x, U(st + i)) - load(b, U(st + i))) * k
+    if cols >= BLOCK:
+        m = min(BLOCK, e - st, (r + 1) * cols - st)
+        k = kl[U(r)]
+        for i in range(m):
+            w[U(i)] = abs(load(x, U(st + i)) - load(b, U(st + i))) * k
+        return m
+    m = min(BLOCK, e - st)
+    c = st - r * cols
+    for i in range(m):  # short rows, several to a block
+        w[U(i)] = abs(load(x, U(st + i)) - load(b, U(st + i))) * kl[U(r)]
+        c += 1
+        if c == cols:
+            c = 0
+            r += 1
     return m
 
 
 @kernel
-def _fusion_sample(x, b, kl, cols, starts, run, hist):  # pragma: no cover - compiled
-    """hist[top 16 bits of each importance] += 1 over the runs of `run` entries at `starts` (kernels.sample's
-    fill), each run's lines prefetched eight runs ahead as kernels._sample_hist does."""
-    x, b, kl, cols, starts, run, hist = borrow((x, b, kl, cols, starts, run, hist))
+def _fusion_sample(x, b, kl, cols, starts, length, hist):  # pragma: no cover - compiled
+    """hist[radix_bin(importance)] += 1 over the sample runs of `length` entries at `starts`
+    (kernels.sample_histograms' fill), each run's lines prefetched eight runs ahead."""
+    x, b, kl, cols, starts, length, hist = borrow((x, b, kl, cols, starts, length, hist))
     w_own, w = lend(np.empty(BLOCK, np.float32))
     for r in range(starts.size):
-        if r + 8 < starts.size:
-            p = starts[r + 8]
-            for q in range(0, run, 64 // b.itemsize):
-                _prefetch(b, U(p + q))
-                _prefetch(x, U(p + q))
+        prefetch_run(starts, r + 8, length, b, (x,))
         st = starts[r]
-        e = st + run
+        e = st + length
         while st < e:
             m = _importances(x, b, kl, cols, st, e, w)
             for i in range(m):
-                hist[U(_bits_of_f32(w[U(i)]) >> np.uint32(16))] += 1
+                hist[radix_bin(w[U(i)])] += 1
             st += m
     keep_alive((w_own,))
 
 
 @kernel
 def _fusion_bands(x, b, kl, cols, s, e, lo, hi, vals, idx):  # pragma: no cover - compiled
-    """kernels.select_in_bands' band pass over the importances of the flat entries [s, e), for each quartile's
-    band j (lo[j], hi[j]): how many are above it, and those in it (or NaN) gathered into vals[j], idx[j]
-    (kernels.band_block on each block of importances). Returns (above, gathered)."""
+    """kernels.BandPass over the importances of the flat entries [s, e), for each quartile's band j (lo[j],
+    hi[j]): how many are above it, and those in it (or NaN) gathered into vals[j], idx[j] (kernels.band_block
+    on each block of importances). Returns (above, gathered)."""
     x, b, kl, cols, s, e, lo, hi, vals, idx = borrow((x, b, kl, cols, s, e, lo, hi, vals, idx))
     nb = lo.size
     above = np.zeros(nb, np.int64)
@@ -438,19 +446,19 @@ def _fusion_merge(x, b, kl, cols, s, out, threshold):  # pragma: no cover - comp
     |x - b| * kl[row] >= threshold, else 0) + b."""
     x, b, kl, cols, s, out, threshold = borrow((x, b, kl, cols, s, out, threshold))
     zero = np.float32(0)
+    w_own, w = lend(np.empty(BLOCK, np.float32))
     e = s + out.size
     st = s
     while st < e:
-        r = st // cols
-        m = min(e - st, (r + 1) * cols - st)
-        k = kl[U(r)]
+        m = _importances(x, b, kl, cols, st, e, w)
         for i in range(m):
             bi = load(b, U(st + i))
             d = load(x, U(st + i)) - bi
             # not inside store's arguments: numba's inlining drops the store
-            kept = d if abs(d) * k >= threshold else zero
+            kept = d if w[U(i)] >= threshold else zero
             store(out, U(st - s + i), kept + bi)
         st += m
+    keep_alive((w_own,))
 
 
 @kernel
@@ -470,7 +478,9 @@ def exp_table() -> np.ndarray:
     return _exp_table(el.TABLE_BOUND)
 
 
-def fusion_divergences(x: np.ndarray, base: np.ndarray, cols: int, bits: int, eps: float, bound: int, run: Runner):
+def fusion_divergences(
+    x: np.ndarray, base: np.ndarray, cols: int, bits: int, eps: float, bound: int, run: Runner
+) -> np.ndarray:
     """Arcee Fusion's KL divergence of each row of `cols` entries (float32; NaN for a row without a softmax);
     each part of the work holds whole rows, so that a row's sums are one part's."""
     n = base.size
@@ -486,7 +496,9 @@ def fusion_divergences(x: np.ndarray, base: np.ndarray, cols: int, bits: int, ep
     return kl
 
 
-def fusion_quartiles(x: np.ndarray, base: np.ndarray, kl: np.ndarray, ranks: Sequence[int], run: Runner) -> list:
+def fusion_quartiles(
+    x: np.ndarray, base: np.ndarray, kl: np.ndarray, ranks: Sequence[int], run: Runner
+) -> list[tuple[float, int, int]]:
     """The ranks-th largest importances |x - base| * kl[row] (kernels.select_in_bands: their thresholds, ties
     and cutoffs), from a sample and one pass over the inputs for all ranks, no importance stored."""
     n, cols = base.size, base.size // kl.size
@@ -498,15 +510,16 @@ def fusion_quartiles(x: np.ndarray, base: np.ndarray, kl: np.ndarray, ranks: Seq
         return _fusion_bands(x, base, kl, cols, s, e, lo, hi, vals, idx)
 
     def sampled() -> np.ndarray:
-        return sample(n, 1, fill, run)[[0] * len(ranks)]  # one histogram for every rank
+        return sample_histograms(n, 1, fill, run)[[0] * len(ranks)]  # one histogram for every rank
 
-    return select_in_bands(n, ranks, sampled, band_pass, run, [0] * len(ranks))
+    return select_in_bands(n, ranks, sampled, band_pass, run)
 
 
 def fusion_merge(
     x: np.ndarray, base: np.ndarray, kl: np.ndarray, start: int, out: np.ndarray, threshold: np.float32, run: Runner
 ) -> None:
     """Arcee Fusion into `out`: the flat entries from `start` on, as many as out has."""
+    assert start >= 0 and start + out.size <= base.size, (start, out.size, base.size)
     cols = base.size // kl.size
 
     def part(s: int, e: int) -> None:

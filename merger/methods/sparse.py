@@ -706,14 +706,12 @@ def _fused_magprune(xs, base, models, shape, k: _KernelState, run):
 def _fused_variance_top(xs, base, params, run) -> tuple:
     import numpy as np
 
-    from merger.kernels import top_k_abs_deltas
     from merger.methods import sparse_kernels as sk
 
     numel = base.size
-    var = np.empty(numel, np.float32)
-    nonzero = sum(run(lambda s, e: sk._variances(tuple(x[s:e] for x in xs), base[s:e], var[s:e]), numel))
+    nonzero = sum(run(lambda s, e: sk._nonzero_variances(tuple(x[s:e] for x in xs), base[s:e]), numel))
     k = share(int(nonzero), params.select_topk) if numel else 0
-    found = top_k_abs_deltas([var], np.zeros(numel, np.float32), [k], run)[0] if 0 < k < numel else None
+    found = sk.variance_top(tuple(xs), base, k, run) if 0 < k < numel else None
     flag, threshold, cutoff = _top_of(found, k, numel)
     return flag, np.float32(threshold), cutoff
 

@@ -21,14 +21,20 @@ from numba.extending import intrinsic
 
 from merger.kernels import (
     BLOCK,
+    SAMPLE_RUN,
     U,
     _bits_of_f32,
     _f32_from_bits,
+    band_block,
     borrow,
     keep_alive,
     kernel,
     lend,
     load,
+    prefetch_run,
+    radix_bin,
+    sample_histograms,
+    select_in_bands,
     store,
     store_elected,
 )
@@ -344,23 +350,83 @@ def _task_block(xs, b, st, m, d):  # pragma: no cover - compiled
             dj[i] = load(x, U(st + i)) - load(b, U(st + i))
 
 
-@kernel
-def _variances(xs, b, out):  # pragma: no cover - compiled
-    """SCE: each entry's variance across the task vectors into out; returns how many are not 0."""
-    xs, b, out = borrow((xs, b, out))
-    n = b.size
+@njit(inline="always")
+def _variance_block(xs, b, st, m, d, w):  # pragma: no cover - compiled
+    """w[:m] = each entry's variance across the task vectors over the block of m <= BLOCK entries at st (d:
+    their task vectors, (models, BLOCK) scratch)."""
     nm = len(xs)
-    d_own, d = lend(np.empty((nm, BLOCK), np.float32))
+    _task_block(xs, b, st, m, d)
+    for i in range(m):  # w's index unsigned: with a signed one this loop did not vectorize (0.75 ns an entry, now 0.19)
+        w[U(i)] = _variance(d, nm, i)
+
+
+@kernel
+def _nonzero_variances(xs, b):  # pragma: no cover - compiled
+    """SCE: how many entries' variances across the task vectors are not 0."""
+    xs, b = borrow((xs, b))
+    n = b.size
+    d_own, d = lend(np.empty((len(xs), BLOCK), np.float32))
+    w_own, w = lend(np.empty(BLOCK, np.float32))
     nonzero = 0
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
-        _task_block(xs, b, st, m, d)
+        _variance_block(xs, b, st, m, d, w)
         for i in range(m):
-            v = _variance(d, nm, i)
-            out[U(st + i)] = v  # unsigned: with a signed index this loop did not vectorize (0.75 ns an entry, now 0.19)
-            nonzero += v != 0
-    keep_alive((d_own,))
+            nonzero += w[U(i)] != 0
+    keep_alive((d_own, w_own))
     return nonzero
+
+
+@kernel
+def _variance_sample(xs, b, starts, length, hist):  # pragma: no cover - compiled
+    """hist[radix_bin(variance)] += 1 over the sample runs of `length` entries at `starts`
+    (kernels.sample_histograms' fill), each run's lines prefetched eight runs ahead."""
+    xs, b, starts, length, hist = borrow((xs, b, starts, length, hist))
+    d_own, d = lend(np.empty((len(xs), BLOCK), np.float32))
+    w_own, w = lend(np.empty(BLOCK, np.float32))
+    for r in range(starts.size):
+        prefetch_run(starts, r + 8, length, b, xs)
+        for st in range(starts[r], starts[r] + length, BLOCK):
+            m = min(BLOCK, starts[r] + length - st)
+            _variance_block(xs, b, st, m, d, w)
+            for i in range(m):
+                hist[radix_bin(w[U(i)])] += 1
+    keep_alive((d_own, w_own))
+
+
+@kernel
+def _variance_bands(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
+    """kernels.BandPass over the variances of a flat chunk starting at flat index `offset`:
+    how many are above the band (lo[0], hi[0]), and those in it (or NaN) gathered into vals[0], idx[0]
+    (kernels.band_block on each block of variances). Returns (above, gathered), arrays of one."""
+    xs, b, lo, hi, vals, idx, offset = borrow((xs, b, lo, hi, vals, idx, offset))
+    n = b.size
+    d_own, d = lend(np.empty((len(xs), BLOCK), np.float32))
+    w_own, w = lend(np.empty(BLOCK, np.float32))
+    zeros_own, zeros = lend(np.zeros(BLOCK, np.float32))  # |w - 0| = w: variances are >= 0 (or NaN)
+    above = np.zeros(1, np.int64)
+    got = np.zeros(1, np.int64)
+    for st in range(0, n, BLOCK):
+        m = min(BLOCK, n - st)
+        _variance_block(xs, b, st, m, d, w)
+        cnt, got[0] = band_block(w, 0, zeros, m, lo[0], hi[0], vals[0], idx[0], got[0], offset + st)
+        above[0] += cnt
+    keep_alive((d_own, w_own, zeros_own))
+    return above, got
+
+
+def variance_top(xs: tuple, base: np.ndarray, k: int, run) -> tuple[float, int, int]:
+    """SCE's k-th largest variance across the task vectors (kernels.select_in_bands: its threshold, ties and
+    cutoff), from a sample and one pass over the inputs, no variance stored."""
+    n = base.size
+
+    def fill(starts: np.ndarray, hist: np.ndarray) -> None:
+        _variance_sample(xs, base, starts, SAMPLE_RUN, hist[0])
+
+    def band_pass(todo: list[int], s: int, e: int, lo: np.ndarray, hi: np.ndarray, vals, idx):
+        return _variance_bands(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
+
+    return select_in_bands(n, [k], lambda: sample_histograms(n, 1, fill, run), band_pass, run)[0]
 
 
 @kernel
