@@ -2,8 +2,9 @@
 DELLA and SCE on the stored bytes, bit-identical to sparse.py's torch path.
 
 The torch path's pieces, reproduced exactly: the counter-based draws (draws.py's splitmix64, on unsigned
-64-bit integers here), Breadcrumbs' and SCE's thresholds (merger.kernels.top_k_abs_deltas, the tie rule of
-task_vectors.kth_largest), DELLA's ranks within fibers (a stable radix sort of the magnitudes' bits, NaN
+64-bit integers here), Breadcrumbs' thresholds (merger.kernels.top_k_abs_deltas) and SCE's (variance_top:
+merger.kernels.select_in_bands over variances computed as it goes), both with the tie rule of
+task_vectors.kth_largest, DELLA's ranks within fibers (a stable radix sort of the magnitudes' bits, NaN
 last as torch sorts it), the exact whole-tensor sums (an integer mantissa per entry, added without rounding:
 a block of entries whose exponents lie close together is added as one fixed-point integer, any other entry
 on its own; the exact total is rounded once in Python, as _ExactSums rounds it), and the per-entry float32
