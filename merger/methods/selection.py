@@ -169,7 +169,9 @@ def model_stock_prepare(
 ) -> StockState:
     """t per row (or per tensor) from the mean cosine between every pair of task vectors: two passes, the
     first for each task vector's largest magnitude (which scales its terms into [-1, 1] by a power of two),
-    the second for the exact dot products of every pair, each with itself included."""
+    the second for the exact dot products of every pair, each with itself included. A row where a task vector
+    is not finite (NaN or inf) has no cosine: its t is NaN, as mergekit's; such entries count for no peak
+    and as 0 in the sums, which stay exact integers."""
     import torch
 
     n = len(models)
@@ -178,7 +180,7 @@ def model_stock_prepare(
     peak = dtype = None
     for chunk in task_vectors():
         dtype = chunk[0].dtype
-        m = torch.stack([d.abs().amax() for d in chunk]) if chunk[0].numel() else None
+        m = torch.stack([d.abs().nan_to_num_(0.0, 0.0).amax() for d in chunk]) if chunk[0].numel() else None
         if m is not None:
             peak = m if peak is None else torch.maximum(peak, m)
     if peak is None:  # an empty tensor
@@ -187,8 +189,12 @@ def model_stock_prepare(
     scale = _pow2(-exponent)  # (n,)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
     sums = _ExactRowSums(len(pairs), rows, cols, peak.device)
+    bad = torch.zeros(rows, dtype=torch.int64, device=peak.device)
     offset = 0
     for chunk in task_vectors():
+        not_finite = _not_finite(chunk)
+        row, counts = _by_rows(not_finite, offset, cols, torch.sum)
+        bad[row : row + counts.numel()] += counts
         scaled = None
         for p, (i, j) in enumerate(pairs):
             if scaled is None or scaled[0] != i:
@@ -196,8 +202,21 @@ def model_stock_prepare(
             sums.add(p, scaled[1] * chunk[j].double().mul_(scale[j]), offset)  # float32 x float32: exact
         offset += chunk[0].numel()
     # The rest on the host, by the code the fused kernel's caller runs too (one synchronisation per tensor).
-    t = stock_ratio(sums.hi.cpu().numpy(), sums.lo.cpu().numpy(), sums.bits, exponent.cpu().numpy(), n)
+    hi, lo, bad = (v.cpu().numpy() for v in (sums.hi, sums.lo, bad))
+    t = stock_ratio(hi, lo, sums.bits, exponent.cpu().numpy(), n, bad)
     return StockState(torch.from_numpy(t).to(device=peak.device, dtype=dtype), cols)
+
+
+def _not_finite(chunk: list[Tensor]) -> Tensor:
+    """Where any of the chunk's task vectors is NaN or inf (int64 0 or 1), those entries set to 0 in place."""
+    import torch
+
+    found = torch.zeros(chunk[0].shape, dtype=torch.bool, device=chunk[0].device)
+    for d in chunk:
+        here = d.isfinite().logical_not_()
+        found.logical_or_(here)
+        d.masked_fill_(here, 0.0)
+    return found.long()
 
 
 def _pow2_np(exponents: np.ndarray) -> np.ndarray:
@@ -205,17 +224,18 @@ def _pow2_np(exponents: np.ndarray) -> np.ndarray:
     return ((np.clip(exponents.astype(np.int64), -1022, 1023) + 1023) << 52).view(np.float64)
 
 
-def stock_ratio(hi: np.ndarray, lo: np.ndarray, bits: int, exponent: np.ndarray, n: int) -> np.ndarray:
+def stock_ratio(hi: np.ndarray, lo: np.ndarray, bits: int, exponent: np.ndarray, n: int, bad: np.ndarray) -> np.ndarray:
     """t per row (float64) from the (pairs, rows) limb sums of the scaled dot products of every pair i <= j
     and each task vector's exponent (|d_i| < 2**e_i), in elementwise float64 operations alone: the same bits
-    in both paths."""
+    in both paths. NaN in the rows where bad (rows,) counts entries that are not finite."""
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
     unscaled = _pow2_np(exponent)
     sums = (hi.astype(np.float64) + lo.astype(np.float64) * 2.0**-bits) * 2.0**-bits
     dots = sums * np.array([unscaled[i] * unscaled[j] for i, j in pairs])[:, None]  # (pairs, rows)
-    norms = {i: np.sqrt(dots[pairs.index((i, i))]) for i in range(n)}
+    dots[:, bad > 0] = np.nan
     total = None
     with np.errstate(all="ignore"):
+        norms = {i: np.sqrt(dots[pairs.index((i, i))]) for i in range(n)}
         for p, (i, j) in enumerate(pairs):
             if i < j:  # mergekit's floor on the norms' product
                 c = np.clip(dots[p] / np.maximum(norms[i] * norms[j], 1e-6), -1.0, 1.0)
@@ -272,8 +292,8 @@ def model_stock_fused(
     rows = max(1, numel // cols)
     exponent = np.frexp(sk.abs_peaks(tensors, base, run).astype(np.float64))[1]  # |d_i| < 2**e_i
     bits = _bits(cols)
-    hi, lo = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run)
-    t = stock_ratio(hi, lo, bits, exponent, len(tensors)).astype(np.float32)
+    hi, lo, bad = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run)
+    t = stock_ratio(hi, lo, bits, exponent, len(tensors), bad).astype(np.float32)
 
     def merge_range(start: int, end: int, out: np.ndarray) -> None:
         sk.stock_merge([x[start:end] for x in tensors], base[start:end], out, t, cols, start, run)

@@ -43,6 +43,8 @@ from merger.kernels import (
 )
 from merger.methods import elementary as el
 
+ABS = np.uint32(0x7FFFFFFF)
+INF = np.uint32(0x7F800000)  # the magnitude bits of inf: those of NaN are above
 _BOUND_BITS = np.uint32(np.float32(el.TABLE_BOUND).view(np.uint32))  # |v| <= TABLE_BOUND: its bits <= these
 FAST_BITS = 51  # limbs of at most this many bits take merger.kernels.rounded (rows of 1024 entries or more)
 
@@ -52,8 +54,8 @@ FAST_BITS = 51  # limbs of at most this many bits take merger.kernels.rounded (r
 
 @kernel
 def _abs_peaks(xs, b):  # pragma: no cover - compiled
-    """Per model, the bits of max |x_j - b| in float32 (as unsigned: they order like the magnitudes, and a
-    NaN above every number, as torch's amax propagates it)."""
+    """Per model, the bits of max |x_j - b| in float32 over its finite entries (as unsigned: they order like
+    the magnitudes; 0 where none is finite)."""
     xs, b = borrow((xs, b))
     n = b.size
     peaks = np.zeros(len(xs), np.uint32)
@@ -66,7 +68,8 @@ def _abs_peaks(xs, b):  # pragma: no cover - compiled
             x = xs[j]
             top = peaks[j]
             for i in range(m):
-                top = max(top, _bits_of_f32(load(x, U(st + i)) - bf[i]) & np.uint32(0x7FFFFFFF))
+                v = _bits_of_f32(load(x, U(st + i)) - bf[i]) & ABS
+                top = max(top, v if v < INF else np.uint32(0))
             peaks[j] = top
     keep_alive((bf_own,))
     return peaks
@@ -94,15 +97,17 @@ def _limb_sums(a, c, m, scale, fast):  # pragma: no cover - compiled
 
 
 @kernel
-def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo):  # pragma: no cover - compiled
+def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad):  # pragma: no cover - compiled
     """Model Stock's exact dot products of every pair (i <= j) of scaled task vectors over a flat range
-    starting at `offset`: hi[p, r], lo[p, r] += the limb sums of row offset // cols + r."""
-    xs, b, scale, limb, cols, offset, hi, lo = borrow((xs, b, scale, limb, cols, offset, hi, lo))
+    starting at `offset`: hi[p, r], lo[p, r] += the limb sums of row offset // cols + r, a task vector's
+    entries that are not finite taken as 0 there and counted (any model's) in bad[r]."""
+    xs, b, scale, limb, cols, offset, hi, lo, bad = borrow((xs, b, scale, limb, cols, offset, hi, lo, bad))
     n = b.size
     nm = len(xs)
     fast = limb <= 2.0**FAST_BITS
     sd_own, sd = lend(np.empty((nm, BLOCK), np.float64))
     bf_own, bf = lend(np.empty(BLOCK, np.float32))
+    nf_own, nf = lend(np.empty(BLOCK, np.uint8))
     row0 = offset // cols
     pos = 0
     while pos < n:
@@ -112,12 +117,18 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo):  # pragma: no cover -
             m = min(BLOCK, end - st)
             for i in range(m):
                 bf[i] = load(b, U(st + i))
+                nf[i] = 0
             for j in range(nm):
                 x = xs[j]
                 s = scale[j]
                 dj = sd[j]
                 for i in range(m):
-                    dj[i] = np.float64(load(x, U(st + i)) - bf[i]) * s  # exact: a power of two
+                    d = load(x, U(st + i)) - bf[i]
+                    finite = (_bits_of_f32(d) & ABS) < INF
+                    nf[i] |= not finite
+                    dj[i] = np.float64(d if finite else np.float32(0)) * s  # exact: a power of two
+            for i in range(m):
+                bad[r] += nf[i]
             p = 0
             for i in range(nm):
                 for j in range(i, nm):
@@ -126,7 +137,7 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo):  # pragma: no cover -
                     lo[p, r] += low
                     p += 1
         pos = end
-    keep_alive((sd_own, bf_own))
+    keep_alive((sd_own, bf_own, nf_own))
 
 
 @kernel
@@ -166,8 +177,9 @@ def abs_peaks(xs: Sequence[np.ndarray], base: np.ndarray, run: Runner) -> np.nda
 
 def stock_sums(
     xs: Sequence[np.ndarray], base: np.ndarray, scale: np.ndarray, bits: int, cols: int, rows: int, run: Runner
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (pairs, rows) int64 limb sums selection._ExactRowSums holds after model_stock_prepare's second pass."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (pairs, rows) int64 limb sums selection._ExactRowSums holds after model_stock_prepare's second pass,
+    and the (rows,) counts of entries where a task vector is not finite."""
     xs = tuple(xs)
     pairs = len(xs) * (len(xs) + 1) // 2
     limb = 2.0**bits
@@ -176,15 +188,18 @@ def stock_sums(
         first, last = s // cols, (e - 1) // cols
         hi = np.zeros((pairs, last + 1 - first), np.int64)
         lo = np.zeros_like(hi)
-        _stock_sums(tuple(x[s:e] for x in xs), base[s:e], scale, limb, cols, s, hi, lo)
-        return first, hi, lo
+        bad = np.zeros(last + 1 - first, np.int64)
+        _stock_sums(tuple(x[s:e] for x in xs), base[s:e], scale, limb, cols, s, hi, lo, bad)
+        return first, hi, lo, bad
 
     hi = np.zeros((pairs, rows), np.int64)
     lo = np.zeros_like(hi)
-    for first, h, low in run(part, base.size):
+    bad = np.zeros(rows, np.int64)
+    for first, h, low, b in run(part, base.size):
         hi[:, first : first + h.shape[1]] += h
         lo[:, first : first + h.shape[1]] += low
-    return hi, lo
+        bad[first : first + b.size] += b
+    return hi, lo, bad
 
 
 def stock_merge(
