@@ -97,7 +97,7 @@ def _outcome(call):
     return "ok", bits
 
 
-def _both_paths(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: int):
+def _both_paths(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: int, device: str = "cpu"):
     m = get_method(method)
     _, per_model, wide = CASES[method]
     xs, base = _inputs(method, kind, shape, dtype, seed)
@@ -108,7 +108,10 @@ def _both_paths(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: 
     n = math.prod(shape)
 
     def torch_path():
-        return m.fn(xs, b, models, params, context=context).reshape(-1).to(dtype)
+        on = [x.to(device) for x in xs]
+        return (
+            m.fn(on, None if b is None else b.to(device), models, params, context=context).reshape(-1).to(dtype).cpu()
+        )
 
     def fused_path():
         out = torch.empty(n, dtype=dtype)
@@ -121,15 +124,28 @@ def _both_paths(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: 
     return _outcome(torch_path), _outcome(fused_path)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow in float32 casts of inf weights
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", sorted(CASES))
-def test_fused_kernels_agree_with_the_torch_path_on_hostile_values(method, kind):
+def _agree(method: str, kind: str, device: str) -> None:
     for shape in SHAPES:
         for dtype in DTYPES:
-            (want_kind, want), (got_kind, got) = _both_paths(method, kind, shape, dtype, seed=len(shape))
+            (want_kind, want), (got_kind, got) = _both_paths(method, kind, shape, dtype, len(shape), device)
             assert got_kind == want_kind, (shape, dtype, got if got_kind == "raise" else want)
             if want_kind == "raise":
                 assert got == want, (shape, dtype)
             else:
                 assert np.array_equal(got, want), (shape, dtype, int((got != want).sum()))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow in float32 casts of inf weights
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_fused_kernels_agree_with_the_torch_path_on_hostile_values(method, kind):
+    _agree(method, kind, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_the_torch_path_on_cuda_agrees_with_the_fused_kernels_on_hostile_values(method, kind):
+    _agree(method, kind, "cuda")
