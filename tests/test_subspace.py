@@ -300,6 +300,42 @@ def test_rank_below_the_number_of_models(tmp_path, method):
         assert torch.equal(got["wide"], base["wide"].float())  # rank 4 < 5 models
 
 
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
+def test_a_task_vector_without_an_svd_is_one_line_naming_the_tensor_and_model(tmp_path, monkeypatch, method, bad):
+    """NaN, an infinity, or a difference past float32's range (3e38 over a base of -3e38) in a matrix's task
+    vector: no SVD exists, so the merge stops with one line naming the tensor and the model, on the engine's
+    chunked path and on the whole tensors the GPU gets (torch's SVD raises on the CPU, and on a GPU returns
+    NaN)."""
+    from conftest import run_bad
+
+    from merger.errors import NaNTaskVector
+    from merger.methods.base import TensorContext
+
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(6, 5, generator=g), "norm": torch.randn(5, generator=g)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    if bad == "overflow":
+        base["w"][2, 2], fts[1]["w"][2, 2] = -3e38, 3e38
+    else:
+        fts[1]["w"][2, 2] = float(bad)
+    for name, tensors in [("base", base), *((f"ft{i}", ft) for i, ft in enumerate(fts))]:
+        write_checkpoint(tmp_path / name, tensors)
+    monkeypatch.chdir(tmp_path)
+    models = ", ".join(f"{{model: ft{i}}}" for i in range(3))
+    err = run_bad(f"merge_method: {method}\nbase_model: base\nmodels: [{models}]\noutput: {{path: out}}\n")
+    assert err == (
+        "error: tensor 'w': 1 entries of the task vector of 'ft1' are NaN or infinite (a NaN or an infinity in "
+        "that model or in the base, or a difference past float32's range), which have no singular value "
+        "decomposition. Is one of those checkpoints diverged?\n"
+    )
+    m = get_method(method)
+    xs = [ft["w"] for ft in fts]
+    with pytest.raises(NaNTaskVector) as e:
+        m.fn(xs, base["w"], [m.model_params()] * 3, m.params(), context=TensorContext("w", shape=(6, 5)))
+    assert (e.value.model, e.value.count) == (1, 1)
+
+
 def test_iso_cts_splits_the_rank_as_the_reference_does():
     """(common, per model) for (rank, models, fraction), worked by hand from the reference's rule: the
     fraction's floor, the rest rounded half to even to a multiple of the models, never more than the rank."""

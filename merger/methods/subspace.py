@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from merger.errors import NaNTaskVector
 from merger.methods.base import GpuFootprint, InputChunks, Method, Params, TensorContext
 
 if TYPE_CHECKING:
@@ -61,6 +62,24 @@ class _Deltas:
 # it, while a stored task vector's own small singular values, from data of float32 or bf16 precision,
 # sit far above (a 16384-wide random matrix's smallest is about 5e-7 of its norm).
 NEGLIGIBLE = 1e-10
+
+
+_NO_SVD = (
+    "are NaN or infinite (a NaN or an infinity in that model or in the base, or a difference past float32's "
+    "range), which have no singular value decomposition"
+)
+
+
+def _finite(d: _Deltas, a: Tensor, model: int | None) -> Tensor:
+    """a (model's task vector, or the sum of all where model is None) where every entry is finite; else
+    NaNTaskVector naming the first model whose task vector is not."""
+    if bool(a.isfinite().all()):
+        return a
+    for i in range(d.count) if model is None else (model,):
+        count = int(d.one(i).isfinite().logical_not_().sum())
+        if count:
+            raise NaNTaskVector(i, count, _NO_SVD)
+    raise AssertionError("a sum of finite float32 task vectors in float64 is finite")
 
 
 def _top(a: Tensor, k: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,7 +127,7 @@ def tsv_delta(d: _Deltas, params: SubspaceParams) -> Tensor:
     k = min(d.shape) // d.count  # the paper's share; 0 when the rank is below the number of models: no change
     us, ss, vhs = [], [], []
     for i in range(d.count):
-        delta = d.one(i)
+        delta = _finite(d, d.one(i), i)
         for kept, part in zip((us, ss, vhs), _top(delta, k, delta.norm())):
             kept.append(part)
         del delta
@@ -119,7 +138,7 @@ def iso_c_delta(d: _Deltas, params: SubspaceParams) -> Tensor:
     """Iso-C: the summed task vectors' singular values all replaced by their mean."""
     import torch
 
-    total = d.total()
+    total = _finite(d, d.total(), None)
     u, s, vh = _top(total, min(d.shape), total.norm())
     del total
     if not s.numel():
@@ -142,7 +161,7 @@ def iso_cts_delta(d: _Deltas, params: IsoCtsParams) -> Tensor:
     """Iso-CTS: the summed task vectors' top singular directions, each model's top directions outside
     them, orthogonalised together, with a flat spectrum."""
     common, per_model = common_split(min(d.shape), d.count, params.common_space_fraction)
-    total = d.total()
+    total = _finite(d, d.total(), None)
     u_c, s_c, vh_c = _top(total, common, total.norm())
     del total
     us, ss, vhs = [], [], []
