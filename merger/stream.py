@@ -793,11 +793,17 @@ LARGEST = {"F64": 1.8e308, "F32": 3.4e38, "F16": 65504.0, "BF16": 3.39e38, "F8_E
 
 
 def overflow_error(t: OutTensor, count: int) -> MergeError:
-    dtype = DTYPES[t.dtype][0]
+    dtype, largest = DTYPES[t.dtype][0], LARGEST[t.dtype]
+    why = (
+        f"the weights or lambda take them past {dtype}'s range (about {largest:.3g}); lower them, or write a wider "
+        "dtype (dtype: float32)"
+        if largest < LARGEST["BF16"]
+        else f"inputs near {dtype}'s range (about {largest:.3g}) and the recipe's weights or scales take them past "
+        "it; lower those, or check those checkpoints (diverged?)"
+    )
     return MergeError(
         f"tensor '{t.name}': the merge gives {count} values that are inf or NaN in {dtype} although every "
-        f"input is finite there: the weights or lambda take them past {dtype}'s range (about "
-        f"{LARGEST[t.dtype]:.3g}); lower them, or write a wider dtype (dtype: float32)"
+        f"input is finite there: {why}"
     )
 
 

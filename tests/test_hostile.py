@@ -385,6 +385,21 @@ def test_finite_inputs_that_overflow_the_output_stop_the_merge_naming_the_tensor
     )
 
 
+def test_inputs_near_float32s_range_that_overflow_it_say_so(tmp_path, monkeypatch):
+    """Past float32's (or bfloat16's) range no wider dtype helps: the message names the inputs and scales."""
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(Path("a"), {"w": torch.full((8,), 3e38), "v": torch.ones(8)})
+    write_checkpoint(Path("b"), {"w": torch.full((8,), 3e38), "v": torch.ones(8)})
+    for dtype in ("float32", "bfloat16"):
+        recipe = "merge_method: linear\nmodels: [{model: a}, {model: b}]\nparameters: {normalize: false}\n"
+        err = run_bad(recipe + f"dtype: {dtype}\noutput: {{path: out}}\n")
+        assert err == (
+            f"error: tensor 'w': the merge gives 8 values that are inf or NaN in {dtype} although every input is "
+            f"finite there: inputs near {dtype}'s range (about {3.4e38 if dtype == 'float32' else 3.39e38:.3g}) and "
+            "the recipe's weights or scales take them past it; lower those, or check those checkpoints (diverged?)\n"
+        )
+
+
 def test_non_finite_inputs_may_give_non_finite_outputs(tmp_path, monkeypatch):
     """A buffer that holds -inf in every input (an attention mask) merges to -inf: that is not an error."""
     from conftest import load_output
