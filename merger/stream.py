@@ -837,7 +837,8 @@ def model_pass(plan: Plan) -> dict:
             for a in range(0, t.numel, budget.CHUNK):
                 b = min(a + budget.CHUNK, t.numel)
                 base = flat[t.base.key][a:b].to(compute)
-                yield [flat[s.key][a:b].to(compute).sub_(base) for s in t.sources]
+                # copies: where the stored dtype is the compute dtype, to() would give the mapped input itself
+                yield [flat[s.key][a:b].to(compute, copy=True).sub_(base) for s in t.sources]
         finally:
             for s in t.distinct:
                 reader.release(s.info)

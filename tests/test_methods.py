@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from merger.methods import get_method
+from merger.methods import all_methods, get_method
 from merger.methods.task_vectors import keep_count
 
 
@@ -199,17 +199,39 @@ def test_ties_density_one_single_model_is_task_arithmetic(weight):
         torch.testing.assert_close(_run("ties", xs, base, **{"lambda": 0.8}), ta)
 
 
-def test_methods_do_not_modify_their_inputs():
-    base, xs = _random_case(7)
-    tb = torch.tensor(base, dtype=torch.float32)
-    txs = [torch.tensor(x, dtype=torch.float32) for x in xs]
-    copies = [t.clone() for t in txs + [tb]]
-    for name in ("linear", "task_arithmetic", "ties"):
-        m = get_method(name)
-        mp = [m.model_params() for _ in txs]
-        m.fn(txs, tb if m.needs_base else None, mp, m.params())
-    for t, c in zip(txs + [tb], copies):
-        assert torch.equal(t, c)
+def _every_method_case(name: str, dtype: torch.dtype):
+    """(fn's inputs, models, params, context) of a benign 40 x 301 tensor: test_hostile_values' recipes for
+    each method (tsv, iso_c and iso_cts: two fine-tunes over the base, defaults)."""
+    from test_hostile_values import CASES
+
+    from merger.methods import TensorContext
+
+    roles, per_model, wide = CASES.get(name, ("tasks", {}, {}))
+    m = get_method(name)
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(40, 301, generator=g, dtype=torch.float64).to(dtype)
+    fts = [base + 0.1 * torch.randn(40, 301, generator=g, dtype=torch.float64).to(dtype) for _ in range(2)]
+    xs = {"all": [base, *fts], "tasks": fts, "pair": fts[:1], "one": fts[:1]}[roles]
+    models = [m.model_params(**per_model) for _ in xs]
+    context = TensorContext("t", seed=3, shape=(40, 301))
+    return xs, base if m.reads_base else None, models, m.params(**wide), context
+
+
+@pytest.mark.parametrize("name", sorted(all_methods()))
+def test_every_method_leaves_its_inputs_alone_and_computes_in_float64_as_in_float32(name):
+    """fn never modifies its tensors or base, in either compute dtype (a float64 tensor's .double() is itself:
+    in-place arithmetic on it once scaled Model Stock's and Arcee Fusion's inputs); and its float64 result is
+    its float32 one but for rounding (and for the few entries a rounding moves across a threshold)."""
+    m = get_method(name)
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        xs, base, models, params, context = _every_method_case(name, dtype)
+        kept = [t.clone() for t in [*xs, *([base] if base is not None else [])]]
+        outs.append(m.fn(xs, base, models, params, context=context))
+        assert outs[-1].dtype == dtype
+        assert all(torch.equal(t, k) for t, k in zip([*xs, *([base] if base is not None else [])], kept)), dtype
+    close = torch.isclose(outs[1], outs[0].double(), rtol=1e-5, atol=1e-5)
+    assert close.double().mean() > 0.99, float(close.double().mean())
 
 
 def test_float64_compute_is_supported():

@@ -126,12 +126,12 @@ def exp_diff(v: Tensor, peak: Tensor) -> Tensor:
     bits as selection_kernels' row exps."""
     import torch
 
-    direct = exp_(v.double().sub_(peak))
+    direct = exp_(v.to(torch.float64, copy=True).sub_(peak))  # a copy: v may be float64 already
     if v.dtype != torch.float32:
         return direct
     bits = v.view(torch.int32)
     table = _table_on(str(v.device))
-    scaled = table[(bits >> 16).bitwise_and_(0xFFFF).long()].mul_(exp_(peak.double().neg_()))
+    scaled = table[(bits >> 16).bitwise_and_(0xFFFF).long()].mul_(exp_(peak.to(torch.float64, copy=True).neg_()))
     low = bits.bitwise_and(0xFFFF)
     inside = (low == 0).logical_and_(v.abs() <= TABLE_BOUND).logical_and_(peak.abs() <= TABLE_BOUND)
     return torch.where(inside, scaled, direct)

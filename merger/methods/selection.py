@@ -198,8 +198,9 @@ def model_stock_prepare(
         scaled = None
         for p, (i, j) in enumerate(pairs):
             if scaled is None or scaled[0] != i:
-                scaled = (i, chunk[i].double().mul_(scale[i]))  # exact: a power of two
-            sums.add(p, scaled[1] * chunk[j].double().mul_(scale[j]), offset)  # float32 x float32: exact
+                scaled = (i, chunk[i].to(torch.float64, copy=True).mul_(scale[i]))  # exact: a power of two
+            other = chunk[j].to(torch.float64, copy=True).mul_(scale[j])  # a copy: float64 chunks too
+            sums.add(p, scaled[1] * other, offset)  # float32 x float32: exact
         offset += chunk[0].numel()
     # The rest on the host, by the code the fused kernel's caller runs too (one synchronisation per tensor).
     hi, lo, bad = (v.cpu().numpy() for v in (sums.hi, sums.lo, bad))
