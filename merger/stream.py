@@ -315,7 +315,7 @@ class Merger:
             if count_nonfinite(v.reshape(-1)[start : start + out.size], codes[key]):
                 canonical_nan(out, t.dtype)
                 return
-        raise overflow_error(t, bad)
+        raise overflow_error(t, bad, self.plan.compute_dtype)
 
     def start(self, t: OutTensor, gpu: PieceCopies | None = None, piece: int = 0) -> MergeRange:
         """Begin merging t on the CPU, or on the GPU `piece` entries at a time through `gpu`'s copies
@@ -598,7 +598,7 @@ class CudaStages:
         flags = self.pinned_out.get(("flags", slot), FLAGS, torch.int64, (2,))
         ready = self.copy_back([(out, merged), (flags, counts)])
         host = out.reshape(-1).view(torch.uint8).numpy().view(DTYPES[t.dtype][2]).reshape(t.shape)
-        return host, _Landed(ready, flags, t, host)
+        return host, _Landed(ready, flags, t, host, self.merger.plan.compute_dtype)
 
     def copy_back(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> object:
         """Queue on the back stream, after the work queued so far on the current stream, the copies of
@@ -622,14 +622,14 @@ class _Landed:
     event), then the tensor's finiteness flags (see CudaStages.merge), as Merger.check_finite does on
     the CPU, NaNs in `host` (the landed bytes) made canonical as there."""
 
-    def __init__(self, event, flags, t: OutTensor, host: np.ndarray):
-        self.event, self.flags, self.t, self.host = event, flags, t, host
+    def __init__(self, event, flags, t: OutTensor, host: np.ndarray, compute: str):
+        self.event, self.flags, self.t, self.host, self.compute = event, flags, t, host, compute
 
     def synchronize(self) -> None:
         self.event.synchronize()
         bad, inputs_bad = (int(x) for x in self.flags)
         if bad and not inputs_bad:
-            raise overflow_error(self.t, bad)
+            raise overflow_error(self.t, bad, self.compute)
         if bad:
             canonical_nan(self.host, self.t.dtype)
 
@@ -789,18 +789,21 @@ def count_nonfinite(a: np.ndarray, code: str) -> int:
     return int(np.count_nonzero((bits & uint(mask)) == uint(mask)))
 
 
-LARGEST = {"F64": 1.8e308, "F32": 3.4e38, "F16": 65504.0, "BF16": 3.39e38, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
+LARGEST = {"F64": 1.797e308, "F32": 3.4e38, "F16": 65504.0, "BF16": 3.39e38, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 
 
-def overflow_error(t: OutTensor, count: int) -> MergeError:
+def overflow_error(t: OutTensor, count: int, compute: str) -> MergeError:
+    """The merge gave inf or NaN where every input is finite: what takes values past the range, and what
+    helps. A wider output dtype helps only past float16's (or float8's) range; inputs near float32's own
+    overflow a float32 computation (x - base), which float64 (compute_dtype) does not."""
     dtype, largest = DTYPES[t.dtype][0], LARGEST[t.dtype]
-    why = (
-        f"the weights or lambda take them past {dtype}'s range (about {largest:.3g}); lower them, or write a wider "
-        "dtype (dtype: float32)"
-        if largest < LARGEST["BF16"]
-        else f"inputs near {dtype}'s range (about {largest:.3g}) and the recipe's weights or scales take them past "
-        "it; lower those, or check those checkpoints (diverged?)"
-    )
+    what = f"the weights or scales take them past {dtype}'s range (about {largest:.3g})"
+    if largest < LARGEST["BF16"]:
+        why = f"{what}; lower them, or write a wider dtype (dtype: float32)"
+    elif compute == "float32":
+        why = f"{what}, or the inputs lie near float32's; lower the weights, or compute in float64 (compute_dtype: float64)"
+    else:
+        why = f"{what}; lower them"
     return MergeError(
         f"tensor '{t.name}': the merge gives {count} values that are inf or NaN in {dtype} although every "
         f"input is finite there: {why}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import GOOD, KILL_IN, hooked, run_bad, write_checkpoint
+from conftest import GOOD, KILL_IN, hooked, load_output, run_bad, write_checkpoint
 
 from merger.cli import cli
 
@@ -380,30 +380,40 @@ def test_finite_inputs_that_overflow_the_output_stop_the_merge_naming_the_tensor
     err = run_bad(recipe + "output: {path: out}\n")
     assert err == (
         "error: tensor 'w': the merge gives 8 values that are inf or NaN in float16 although every input is finite "
-        "there: the weights or lambda take them past float16's range (about 6.55e+04); lower them, or write a wider "
+        "there: the weights or scales take them past float16's range (about 6.55e+04); lower them, or write a wider "
         "dtype (dtype: float32)\n"
     )
 
 
-def test_inputs_near_float32s_range_that_overflow_it_say_so(tmp_path, monkeypatch):
-    """Past float32's (or bfloat16's) range no wider dtype helps: the message names the inputs and scales."""
+def test_an_overflow_past_float32s_range_says_what_helps(tmp_path, monkeypatch):
+    """Past float32's (or bfloat16's) range no wider output dtype helps: the weights do, or a float64
+    computation where only the arithmetic overflowed (a task vector 3e38 - -3e38, whose merge fits)."""
     monkeypatch.chdir(tmp_path)
     write_checkpoint(Path("a"), {"w": torch.full((8,), 3e38), "v": torch.ones(8)})
-    write_checkpoint(Path("b"), {"w": torch.full((8,), 3e38), "v": torch.ones(8)})
-    for dtype in ("float32", "bfloat16"):
-        recipe = "merge_method: linear\nmodels: [{model: a}, {model: b}]\nparameters: {normalize: false}\n"
-        err = run_bad(recipe + f"dtype: {dtype}\noutput: {{path: out}}\n")
+    write_checkpoint(Path("b"), {"w": torch.full((8,), -3e38), "v": torch.ones(8)})
+    for dtype, compute in (("float32", "float32"), ("bfloat16", "float32"), ("float32", "float64")):
+        recipe = "merge_method: linear\nmodels: [{model: a}, {model: a}]\nparameters: {normalize: false}\n"
+        err = run_bad(recipe + f"dtype: {dtype}\ncompute_dtype: {compute}\noutput: {{path: out}}\n")
+        largest = {"float32": "3.4e+38", "bfloat16": "3.39e+38"}[dtype]
+        advice = (
+            ", or the inputs lie near float32's; lower the weights, or compute in float64 (compute_dtype: float64)"
+            if compute == "float32"
+            else "; lower them"
+        )
         assert err == (
             f"error: tensor 'w': the merge gives 8 values that are inf or NaN in {dtype} although every input is "
-            f"finite there: inputs near {dtype}'s range (about {3.4e38 if dtype == 'float32' else 3.39e38:.3g}) and "
-            "the recipe's weights or scales take them past it; lower those, or check those checkpoints (diverged?)\n"
+            f"finite there: the weights or scales take them past {dtype}'s range (about {largest}){advice}\n"
         )
+    recipe = "merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a, parameters: {weight: 0.1}}]\n"
+    run_bad(recipe + "dtype: float32\noutput: {path: out}\n")
+    Path("f64.yaml").write_text(recipe + "compute_dtype: float64\ndtype: float32\n")
+    result = CliRunner().invoke(cli, ["apply", "f64.yaml", "-o", "out", "-q"])
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(load_output(Path("out"))["w"], torch.full((8,), -2.4e38))
 
 
 def test_non_finite_inputs_may_give_non_finite_outputs(tmp_path, monkeypatch):
     """A buffer that holds -inf in every input (an attention mask) merges to -inf: that is not an error."""
-    from conftest import load_output
-
     monkeypatch.chdir(tmp_path)
     masked = {"mask": torch.tensor([0.0, float("-inf")]), "v": torch.ones(8)}
     write_checkpoint(Path("a"), masked)
