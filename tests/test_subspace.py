@@ -326,7 +326,7 @@ def test_a_task_vector_without_an_svd_is_one_line_naming_the_tensor_and_model(tm
     err = run_bad(f"merge_method: {method}\nbase_model: base\nmodels: [{models}]\noutput: {{path: out}}\n")
     assert err == (
         "error: tensor 'w': 1 entries of the task vector of 'ft1' are NaN or infinite (a NaN or an infinity in "
-        "that model or in the base, or a difference past float32's range), which have no singular value "
+        "that model or in the base, or a difference past the compute dtype's range), which have no singular value "
         "decomposition. Is one of those checkpoints diverged?\n"
     )
     m = get_method(method)
@@ -334,6 +334,26 @@ def test_a_task_vector_without_an_svd_is_one_line_naming_the_tensor_and_model(tm
     with pytest.raises(NaNTaskVector) as e:
         m.fn(xs, base["w"], [m.model_params()] * 3, m.params(), context=TensorContext("w", shape=(6, 5)))
     assert (e.value.model, e.value.count) == (1, 1)
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+def test_float64_task_vectors_whose_sum_overflows_are_one_line(tmp_path, monkeypatch, method):
+    """Each float64 task vector finite, their sum past float64's range: no SVD of the sum exists."""
+    from conftest import run_bad
+
+    g = torch.Generator().manual_seed(2)
+    write_checkpoint(tmp_path / "base", {"w": torch.zeros(4, 3, dtype=torch.float64)})
+    for i in range(2):
+        w = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        w[1, 1] = 1e308
+        write_checkpoint(tmp_path / f"ft{i}", {"w": w})
+    monkeypatch.chdir(tmp_path)
+    recipe = f"merge_method: {method}\nbase_model: base\nmodels: [{{model: ft0}}, {{model: ft1}}]\n"
+    err = run_bad(recipe + "compute_dtype: float64\ndtype: float64\noutput: {path: out}\n")
+    assert err == (
+        "error: tensor 'w': the sum of the models' task vectors is past float64's range in 1 entries, which have no "
+        "singular value decomposition. Is one of those checkpoints diverged?\n"
+    )
 
 
 def test_iso_cts_splits_the_rank_as_the_reference_does():

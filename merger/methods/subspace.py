@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from merger.errors import NaNTaskVector
+from merger.errors import MergeError, NaNTaskVector
 from merger.methods.base import GpuFootprint, InputChunks, Method, Params, TensorContext
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class _Deltas:
     shape: tuple[int, int]
     one: Callable[[int], Tensor]
     total: Callable[[], Tensor]
+    name: str  # the tensor's, for errors
     dtype: list = field(default_factory=list)  # the chunks' dtype, once one is seen
 
 
@@ -65,21 +66,26 @@ NEGLIGIBLE = 1e-10
 
 
 _NO_SVD = (
-    "are NaN or infinite (a NaN or an infinity in that model or in the base, or a difference past float32's "
-    "range), which have no singular value decomposition"
+    "are NaN or infinite (a NaN or an infinity in that model or in the base, or a difference past the compute "
+    "dtype's range), which have no singular value decomposition"
 )
 
 
 def _finite(d: _Deltas, a: Tensor, model: int | None) -> Tensor:
     """a (model's task vector, or the sum of all where model is None) where every entry is finite; else
-    NaNTaskVector naming the first model whose task vector is not."""
-    if bool(a.isfinite().all()):
+    NaNTaskVector naming the first model whose task vector is not, or a MergeError where each is finite
+    and their sum is not (float64 task vectors near its range)."""
+    bad = a.isfinite().logical_not_()
+    if not bool(bad.any()):
         return a
     for i in range(d.count) if model is None else (model,):
         count = int(d.one(i).isfinite().logical_not_().sum())
         if count:
             raise NaNTaskVector(i, count, _NO_SVD)
-    raise AssertionError("a sum of finite float32 task vectors in float64 is finite")
+    raise MergeError(
+        f"tensor '{d.name}': the sum of the models' task vectors is past float64's range in {int(bad.sum())} "
+        "entries, which have no singular value decomposition. Is one of those checkpoints diverged?"
+    )
 
 
 def _top(a: Tensor, k: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -175,7 +181,7 @@ def iso_cts_delta(d: _Deltas, params: IsoCtsParams) -> Tensor:
     return _recombined([*us, u_c], [*ss, s_c], [*vhs, vh_c], d.shape, flat=True)
 
 
-def _whole(tensors: Sequence[Tensor], base: Tensor, shape: tuple[int, int]) -> _Deltas:
+def _whole(tensors: Sequence[Tensor], base: Tensor, shape: tuple[int, int], name: str) -> _Deltas:
     """The task vectors of whole tensors."""
 
     def one(i: int) -> Tensor:
@@ -187,10 +193,10 @@ def _whole(tensors: Sequence[Tensor], base: Tensor, shape: tuple[int, int]) -> _
             acc.add_((x - base).reshape(shape))  # summed in float64, as from chunks
         return acc
 
-    return _Deltas(len(tensors), shape, one, total)
+    return _Deltas(len(tensors), shape, one, total, name)
 
 
-def _chunked(task_vectors: Callable[[], Iterable[list[Tensor]]], count: int, numel: int, shape) -> _Deltas:
+def _chunked(task_vectors: Callable[[], Iterable[list[Tensor]]], count: int, numel: int, shape, name: str) -> _Deltas:
     """The task vectors from the engine's flat chunks, gathered in one pass over them each (one model's,
     or their sum), so that one whole matrix is held at a time."""
     import torch
@@ -218,7 +224,7 @@ def _chunked(task_vectors: Callable[[], Iterable[list[Tensor]]], count: int, num
 
         return gather(add)
 
-    deltas = _Deltas(count, shape, one, total)
+    deltas = _Deltas(count, shape, one, total, name)
     return deltas
 
 
@@ -228,6 +234,10 @@ def _matrix_shape(context: TensorContext | None, base: Tensor | None = None) -> 
         tuple(context.shape) if context is not None and context.shape else tuple(base.shape) if base is not None else ()
     )
     return shape if len(shape) == 2 and shape[0] and shape[1] else None  # type: ignore[return-value]
+
+
+def _name(context: TensorContext | None) -> str:
+    return context.name if context is not None else "a matrix"
 
 
 def _mean_merge(tensors: Sequence[Tensor], base: Tensor, alpha: float) -> Tensor:
@@ -259,7 +269,7 @@ def _method_fns(delta_of: Callable[[_Deltas, Params], Tensor]):
         shape = _matrix_shape(context)
         if shape is None:
             return None
-        deltas = _chunked(task_vectors, len(models), numel, shape)
+        deltas = _chunked(task_vectors, len(models), numel, shape, _name(context))
         merged = delta_of(deltas, params)  # gathers at least once: the dtype is known after
         return merged.mul_(params.alpha).to(deltas.dtype[0])
 
@@ -278,7 +288,7 @@ def _method_fns(delta_of: Callable[[_Deltas, Params], Tensor]):
         if shape is None:
             return _mean_merge(tensors, base, params.alpha)
         if state is None:  # whole tensors: the merged delta from them
-            state = delta_of(_whole(tensors, base, shape), params).mul_(params.alpha).to(base.dtype)
+            state = delta_of(_whole(tensors, base, shape, _name(context)), params).mul_(params.alpha).to(base.dtype)
             return state.reshape(base.shape).add_(base)
         flat = base.reshape(-1)
         return (flat + state.reshape(-1)[offset : offset + flat.numel()]).reshape(base.shape)
