@@ -61,11 +61,14 @@ class _MendingCache(FunctionCache):
     numba keys a cached kernel to its own file's mtime and size alone, but a kernel inlines helpers and
     freezes constants from other modules (sparse_kernels.py from this one): a change to kernels.py alone
     would leave sparse_kernels' cached code as it was compiled. Here the key also holds sources_digest,
-    so that any change to merger's sources compiles the kernels again."""
+    so that any change to merger's sources compiles the kernels again, and whether numba checks bounds
+    (NUMBA_BOUNDSCHECK, which numba's key leaves out): a checked run never loads unchecked code, nor a
+    later run the checked (slower) code."""
 
     def __init__(self, py_func):
         super().__init__(py_func)
-        self._cache_file._source_stamp = (self._cache_file._source_stamp, sources_digest())
+        stamp = (self._cache_file._source_stamp, sources_digest(), numba.config.BOUNDSCHECK)
+        self._cache_file._source_stamp = stamp
 
     def load_overload(self, sig, target_context):
         try:

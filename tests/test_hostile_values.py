@@ -17,7 +17,7 @@ from test_kernels import as_array, in_pieces, runner
 from merger.methods import TensorContext, all_methods, get_method
 from merger.methods.base import tensor_seed
 
-# Each fused method's models (all: base and two fine-tunes as ingredients; tasks: two fine-tunes over the
+# Each fused method's (name[:variant]) models (all: base and two fine-tunes as ingredients; tasks: two fine-tunes over the
 # base; pair: one fine-tune over the base; one: a model alone), per-model and method-wide parameters.
 CASES = {
     "linear": ("all", {"weight": 1.0}, {}),
@@ -37,6 +37,7 @@ CASES = {
     "della_linear": ("tasks", {"weight": 0.5, "density": 0.4, "epsilon": 0.2}, {}),
     "sce": ("tasks", {}, {"select_topk": 0.5}),
     "model_stock": ("tasks", {}, {}),
+    "model_stock:rows": ("tasks", {}, {"filter_wise": True}),  # a NaN row's t NaN, the other rows' not
     "arcee_fusion": ("pair", {}, {}),
     "ram": ("tasks", {}, {}),
     "ramplus_tl": ("tasks", {}, {}),
@@ -49,7 +50,7 @@ SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38
 
 
 def test_every_fused_method_is_here():
-    assert sorted(CASES) == sorted(n for n, m in all_methods().items() if m.fused is not None)
+    assert {c.split(":")[0] for c in CASES} == {n for n, m in all_methods().items() if m.fused is not None}
 
 
 def _values(kind: str, n: int, dtype: torch.dtype, rng: np.random.Generator, base: torch.Tensor | None):
@@ -98,7 +99,7 @@ def _outcome(call):
 
 
 def _both_paths(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: int, device: str = "cpu"):
-    m = get_method(method)
+    m = get_method(method.split(":")[0])
     _, per_model, wide = CASES[method]
     xs, base = _inputs(method, kind, shape, dtype, seed)
     b = base if m.reads_base else None

@@ -4,6 +4,8 @@ dtype, tie pattern and chunking, and an exact threshold whatever the sample says
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -447,3 +449,28 @@ def test_cached_kernels_are_keyed_to_every_merger_source(tmp_path):
     kernels.sources_digest.cache_clear()
     stamp = kernels._MendingCache(kernels.count_masked.py_func)._cache_file._source_stamp
     assert stamp[1] == kernels.sources_digest() == kernels.sources_digest(Path(kernels.__file__).parent)
+
+
+def test_a_bounds_checked_run_never_loads_unchecked_cached_kernels(tmp_path):
+    """numba's cache key leaves NUMBA_BOUNDSCHECK out: merger's holds it, so the check that CI runs (.ci/run)
+    checks even where a warm cache holds the same kernels compiled without it."""
+    (tmp_path / "oob.py").write_text(
+        "import numpy as np\n"
+        "from merger.kernels import kernel\n"
+        "@kernel\n"
+        "def past(a, i):\n"
+        "    return a[i]\n"
+        "try:\n"
+        "    past(np.zeros(4), 6)\n"
+        "    print('unchecked')\n"
+        "except IndexError:\n"
+        "    print('checked')\n"
+    )
+    seen = []
+    for check in ("0", "1", "0"):
+        env = dict(os.environ, MERGER_CACHE_DIR=str(tmp_path / "cache"), NUMBA_BOUNDSCHECK=check,
+                   PYTHONPATH=str(Path(kernels.__file__).parents[1]))  # fmt: skip
+        run = subprocess.run([sys.executable, "oob.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        seen.append(run.stdout.strip() or run.stderr)
+    assert seen == ["unchecked", "checked", "unchecked"]
+    assert list((tmp_path / "cache" / "numba").rglob("oob.past-*.nbi"))  # cached indeed
