@@ -169,6 +169,14 @@ class Plan:
         codes = models | {s.info.dtype for s in t.readers} | {t.dtype}
         return len(models) == 1 and codes <= KERNEL_DTYPES
 
+    def verbatim(self, t: OutTensor) -> Source | None:
+        """The input whose stored bytes are t's output bytes (Method.verbatim: passthrough at scale 1) where t
+        keeps its dtype: the engine copies them file to file, on any device."""
+        pick = self.spec.method.verbatim
+        i = pick(t.models, t.params) if t.merged and pick is not None else None
+        source = t.sources[i] if i is not None else None
+        return source if source is not None and source.info.dtype == t.dtype else None
+
     def stored_bytes(self, t: OutTensor) -> int:
         """Bytes of t read from the inputs, as stored: every reader's copy."""
         return sum(s.info.nbytes for s in t.readers)

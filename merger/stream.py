@@ -17,6 +17,7 @@ merged on the GPU in pieces of GPU_PIECE entries, so GPU memory stays bounded wh
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import importlib
@@ -35,8 +36,8 @@ import numpy as np
 from tqdm import tqdm
 
 from merger import budget, system
-from merger.assemble import Key
-from merger.errors import MergeError, NaNTaskVector, OutOfMemory
+from merger.assemble import Key, Source
+from merger.errors import MergeError, ModelError, NaNTaskVector, OutOfMemory
 from merger.files import BUFFERED_CALL, DirectFile, fsync_file, start_writeback
 from merger.methods.base import MergeRange
 from merger.plan import FLAGS, OUTPUT, OutTensor, Plan, Shard, shard_header
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     import torch
 
 WRITEBACK = 64 << 20  # bytes of output between two page-cache hand-backs (ShardWriter._hand_back)
+COPY_PIECE = 8 << 20  # bytes a copy moves per read and write, where copy_file_range cannot (ShardWriter.copy)
 DIRECT_STAGE = 8 << 20  # bytes of a direct write (files.DirectFile)
 
 
@@ -110,9 +112,7 @@ class ShardWriter:
     def write(self, t: OutTensor, data: np.ndarray) -> None:
         """Append tensor t's bytes, all of them or the next piece (a tensor may come in consecutive
         pieces): a numpy array in sources.DTYPES' form for t.dtype."""
-        expected = self._todo[self._next]
-        if t.name != expected.name:
-            raise RuntimeError(f"shard {self.path.name}: got '{t.name}', expected '{expected.name}'")
+        self._expect(t)
         if data.dtype != DTYPES[t.dtype][2] or self._done + data.nbytes > t.nbytes:
             raise RuntimeError(f"tensor '{t.name}': got {data.dtype} {list(data.shape)}, planned {t.dtype}")
         if data.nbytes:
@@ -120,13 +120,63 @@ class ShardWriter:
             step = len(raw) if isinstance(self._f, DirectFile) else BUFFERED_CALL  # DirectFile stages its own
             for s in range(0, len(raw), step):
                 self._f.write(raw[s : s + step])
-            if isinstance(self._f, DirectFile) and self._f.direct:
-                pass  # nothing of it in the page cache
-            elif self._drop_behind:
-                self._hand_back()
-            elif self._durable:
-                self._write_back()
-        self._done += data.nbytes
+            self._written()
+        self._advance(t, data.nbytes)
+
+    def copy(self, t: OutTensor, src: BinaryIO, start: int) -> None:
+        """Append all of tensor t's bytes from `src` at `start` (an input's, stored as t is): copied file to
+        file by the kernel (copy_file_range: no pass through this process's memory, no page faults), or read
+        and written where the file systems or O_DIRECT refuse that."""
+        self._expect(t)
+        if self._done:
+            raise RuntimeError(f"tensor '{t.name}': copied after {self._done} of its bytes were written")
+        kernel_copy = hasattr(os, "copy_file_range") and not isinstance(self._f, DirectFile)
+        done = self._copy_range(src, start, t.nbytes) if kernel_copy else 0
+        while done < t.nbytes:
+            piece = os.pread(src.fileno(), min(COPY_PIECE, t.nbytes - done), start + done)
+            if not piece:
+                raise ModelError(f"{src.name}: the file shrank while merger was reading it (another process "
+                                 "truncated or rewrote it)")  # fmt: skip
+            self._f.write(piece)
+            done += len(piece)
+        if t.nbytes:
+            self._written()
+        self._advance(t, t.nbytes)
+
+    def _copy_range(self, src: BinaryIO, start: int, n: int) -> int:
+        """Bytes of `src` from `start` copied by copy_file_range to the end of the output, up to n (fewer
+        where the source ends early or the file systems refuse: the caller reads and writes the rest)."""
+        self._f.flush()
+        at = self._f.tell()
+        done = 0
+        try:
+            while done < n:
+                k = os.copy_file_range(src.fileno(), self._f.fileno(), n - done, start + done, at + done)
+                if not k:
+                    break
+                done += k
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM):
+                raise
+        self._f.seek(at + done)
+        return done
+
+    def _expect(self, t: OutTensor) -> None:
+        expected = self._todo[self._next]
+        if t.name != expected.name:
+            raise RuntimeError(f"shard {self.path.name}: got '{t.name}', expected '{expected.name}'")
+
+    def _written(self) -> None:
+        """After bytes reach the file: keep the page cache small, or start their writeback (see the class)."""
+        if isinstance(self._f, DirectFile) and self._f.direct:
+            pass  # nothing of it in the page cache
+        elif self._drop_behind:
+            self._hand_back()
+        elif self._durable:
+            self._write_back()
+
+    def _advance(self, t: OutTensor, n: int) -> None:
+        self._done += n
         if self._done == t.nbytes:
             self._next += 1
             self._done = 0
@@ -275,10 +325,11 @@ class Merger:
         self.threads = 1 if self.cuda else max(1, threads or system.default_threads())
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="merger-chunk") if self.threads > 1 else None
         method = plan.spec.method
-        fusable = not self.cuda and plan.compute_dtype == "float32" and method.fused is not None
+        merged = [t for t in plan.tensors if t.merged and plan.verbatim(t) is None]  # the rest are copies
+        fusable = not self.cuda and plan.compute_dtype == "float32" and method.fused is not None and bool(merged)
         self.kernels = _kernels() if fusable else None
         # torch is imported only if some tensor needs it (CUDA, or a merge no kernel covers)
-        self.needs_torch = self.cuda or any(t.merged and not self._fusable(t) for t in plan.tensors)
+        self.needs_torch = self.cuda or any(not self._fusable(t) for t in merged)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -301,6 +352,11 @@ class Merger:
             self.bytes_read += info.nbytes
         self.live[t.name] = (views, codes)
         return views, codes
+
+    def opened(self, source: Source) -> tuple[BinaryIO, int]:
+        """A verbatim source's file, opened as for mapping (checked unchanged), and where its bytes start."""
+        self.bytes_read += source.info.nbytes
+        return self.reader.files.open(source.info.file), source.info.start
 
     def check_finite(self, t: OutTensor, start: int, out: np.ndarray) -> None:
         """Merged values that are not finite (`out`: t's flat entries from `start`) stop the merge where
@@ -910,7 +966,10 @@ def write_shards(
                         merger.prefetch(todo[j + ahead][1])
                     if stages and j + 1 < len(todo):
                         staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # staged while j merges
-                    if stages and stages.whole(t):  # a pinned output slot each
+                    source = plan.verbatim(t)
+                    if source is not None:  # an input's bytes as they are: file to file
+                        out.copy(shard, t, *merger.opened(source))
+                    elif stages and stages.whole(t):  # a pinned output slot each
                         slot = out.free_slot()
                         host = functools.partial(out.buffers.get, slot, t.nbytes, DTYPES[t.dtype][2], t.shape)
                         out.queue(slot, shard, t, *stages.merge(t, current, slot, host))
@@ -987,6 +1046,12 @@ class _Writer:
         """Write `data` (the next bytes of t) once `ready` (a GPU copy's event and its checks) allows."""
         self.pending[slot] = self.pool.submit(self._write, shard, t, data, ready, last)
 
+    def copy(self, shard: Shard, t: OutTensor, src: BinaryIO, start: int) -> None:
+        """Write all of t's bytes from `src` at `start` (ShardWriter.copy), in turn with the slots' writes;
+        src is closed after."""
+        slot = self.free_slot()
+        self.pending[slot] = self.pool.submit(self._copy, shard, t, src, start)
+
     def drain(self) -> None:
         """Wait for every write, and every finished shard to be on disk (re-raises their errors)."""
         for f in self.pending:
@@ -998,18 +1063,32 @@ class _Writer:
     def _write(self, shard: Shard, t: OutTensor, data: np.ndarray, ready, last: bool) -> None:  # writer thread
         if ready is not None:
             ready.synchronize()  # the GPU's copy into `data` has landed (and its checks are known)
+        self._shard(shard).write(t, data)
+        if last:
+            self._tensor_written(shard)
+
+    def _copy(self, shard: Shard, t: OutTensor, src: BinaryIO, start: int) -> None:  # writer thread
+        with src:
+            self._shard(shard).copy(t, src, start)
+        self._tensor_written(shard)
+
+    def _shard(self, shard: Shard) -> ShardWriter:
         w = self.writers.get(shard.filename)
         if w is None:
             path = self.directory / shard.filename
             w = self.writers[shard.filename] = ShardWriter(
                 path, shard.tensors, drop_behind=self.drop, durable=self.durable, stage=self.stage
             )
-        w.write(t, data)
-        if last:
-            self.remaining[shard.filename] -= 1
-            if self.remaining[shard.filename] == 0:
-                self.writers.pop(shard.filename).close()
-                self.synced.append(self.syncer.submit(self._done, shard, w.path))
+        return w
+
+    def _tensor_written(self, shard: Shard) -> None:
+        """After a tensor's last bytes: close its shard after the shard's last tensor, made durable off this
+        thread (then reported finished)."""
+        self.remaining[shard.filename] -= 1
+        if self.remaining[shard.filename] == 0:
+            w = self.writers.pop(shard.filename)
+            w.close()
+            self.synced.append(self.syncer.submit(self._done, shard, w.path))
 
     def _done(self, shard: Shard, path: Path) -> None:  # syncer thread
         if self.durable:

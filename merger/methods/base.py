@@ -227,6 +227,10 @@ class Method:
     # A pass over the whole model before the merge, where model_wide(params) (see ModelPrepare).
     model_prepare: ModelPrepare | None = None
     model_wide: Callable[[Any], bool] | None = None
+    # verbatim(models, params) -> the ingredient whose stored bytes the method leaves as they are (passthrough
+    # at scale 1), or None: where the output keeps that input's dtype, the engine copies the bytes file to
+    # file (no merge; NaN payloads too) on every device.
+    verbatim: Callable[[Sequence[Any], Any], int | None] | None = None
 
     @property
     def reads_base(self) -> bool:

@@ -53,6 +53,11 @@ def passthrough_fused(
     return copy
 
 
+def unscaled(models: Sequence[PassthroughModelParams], params: NoParams) -> int | None:
+    """The model copied as it is (scale 1), for Method.verbatim."""
+    return 0 if models[0].scale == 1.0 else None
+
+
 def one_model(models: Sequence[BaseModel], params: BaseModel) -> str | None:
     if len(models) != 1:
         return f"passthrough copies one model's tensors, not {len(models)}: give one model (in slices, one source each)"
@@ -68,6 +73,7 @@ METHOD = Method(
     summary="One model's tensors as they are, times scale: with slices, stacks layers of models (frankenmerges).",
     check=one_model,
     fused=passthrough_fused,
+    verbatim=unscaled,
     cpu_ns=0.3,
     gpu=GpuFootprint(words=1),  # linear's sum
 )
