@@ -107,6 +107,7 @@ class ShardWriter:
             raise
         self._next = 0  # the tensor being written
         self._done = 0  # its bytes written so far
+        self._piece: memoryview | None = None  # copy's buffer, where it reads and writes
         self._advised = self._dropped = 0  # file offsets: writeback started below, cache dropped below
 
     def write(self, t: OutTensor, data: np.ndarray) -> None:
@@ -132,13 +133,15 @@ class ShardWriter:
             raise RuntimeError(f"tensor '{t.name}': copied after {self._done} of its bytes were written")
         kernel_copy = hasattr(os, "copy_file_range") and not isinstance(self._f, DirectFile)
         done = self._copy_range(src, start, t.nbytes) if kernel_copy else 0
+        if done < t.nbytes and self._piece is None:
+            self._piece = memoryview(bytearray(COPY_PIECE))  # one buffer, its pages touched once
         while done < t.nbytes:
-            piece = os.pread(src.fileno(), min(COPY_PIECE, t.nbytes - done), start + done)
-            if not piece:
+            k = os.preadv(src.fileno(), [self._piece[: min(COPY_PIECE, t.nbytes - done)]], start + done)
+            if not k:
                 raise ModelError(f"{src.name}: the file shrank while merger was reading it (another process "
                                  "truncated or rewrote it)")  # fmt: skip
-            self._f.write(piece)
-            done += len(piece)
+            self._f.write(self._piece[:k])
+            done += k
         if t.nbytes:
             self._written()
         self._advance(t, t.nbytes)
