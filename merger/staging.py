@@ -79,6 +79,9 @@ def fingerprint(plan: Plan) -> str:
         "device": plan.device,
         "compute_dtype": plan.compute_dtype,
         "shards": [[s.filename, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in plan.shards],
+        # tensors copied as stored (NaN payloads kept): a partial output written before merger did so, whose
+        # shards made them canonical, is started again rather than resumed beside shards that keep them
+        "copied": sorted(t.name for t in plan.tensors if plan.verbatim(t)),
     }
     if spec.layered:  # parameters per tensor, and which layers go where: as written
         slices = [

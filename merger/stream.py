@@ -41,7 +41,7 @@ from merger.errors import MergeError, ModelError, NaNTaskVector, OutOfMemory
 from merger.files import BUFFERED_CALL, DirectFile, fsync_file, start_writeback
 from merger.methods.base import MergeRange
 from merger.plan import FLAGS, OUTPUT, OutTensor, Plan, Shard, shard_header
-from merger.sources import DTYPES, Confined, FileSource, MappedReader, to_torch
+from merger.sources import DTYPES, Confined, FileSource, MappedReader, TensorInfo, to_torch
 
 if TYPE_CHECKING:
     import torch
@@ -124,27 +124,35 @@ class ShardWriter:
             self._written()
         self._advance(t, data.nbytes)
 
-    def copy(self, t: OutTensor, src: BinaryIO, start: int) -> None:
-        """Append all of tensor t's bytes from `src` at `start` (an input's, stored as t is): copied file to
-        file by the kernel (copy_file_range: no pass through this process's memory, no page faults), or read
-        and written where the file systems or O_DIRECT refuse that."""
+    def copy(self, t: OutTensor, src: BinaryIO, start: int, file: Path) -> None:
+        """Append all of tensor t's bytes from `src` (`file` opened) at `start` (an input's, stored as t is):
+        copied file to file by the kernel (copy_file_range: no pass through this process's memory, no page
+        faults), or read and written where the file systems or O_DIRECT refuse that; a WRITEBACK window at a
+        time, as writes go (see the class)."""
         self._expect(t)
         if self._done:
             raise RuntimeError(f"tensor '{t.name}': copied after {self._done} of its bytes were written")
         kernel_copy = hasattr(os, "copy_file_range") and not isinstance(self._f, DirectFile)
-        done = self._copy_range(src, start, t.nbytes) if kernel_copy else 0
-        if done < t.nbytes and self._piece is None:
-            self._piece = memoryview(bytearray(COPY_PIECE))  # one buffer, its pages touched once
-        while done < t.nbytes:
-            k = os.preadv(src.fileno(), [self._piece[: min(COPY_PIECE, t.nbytes - done)]], start + done)
-            if not k:
-                raise ModelError(f"{src.name}: the file shrank while merger was reading it (another process "
-                                 "truncated or rewrote it)")  # fmt: skip
-            self._f.write(self._piece[:k])
-            done += k
-        if t.nbytes:
+        for s in range(0, t.nbytes, WRITEBACK):
+            n = min(WRITEBACK, t.nbytes - s)
+            done = self._copy_range(src, start + s, n) if kernel_copy else 0
+            kernel_copy = done == n  # else refused, or the source ended: read and write from here on
+            self._copy_through(src, start + s + done, n - done, file)
             self._written()
         self._advance(t, t.nbytes)
+
+    def _copy_through(self, src: BinaryIO, start: int, n: int, file: Path) -> None:
+        """n bytes of `src` from `start` read into one reused buffer and written to the output."""
+        if n and self._piece is None:
+            self._piece = memoryview(bytearray(COPY_PIECE))  # one buffer, its pages touched once
+        step = COPY_PIECE if isinstance(self._f, DirectFile) else BUFFERED_CALL  # DirectFile stages its own
+        for s in range(0, n, COPY_PIECE):
+            k = os.preadv(src.fileno(), [self._piece[: min(COPY_PIECE, n - s)]], start + s)
+            if k < min(COPY_PIECE, n - s):
+                raise ModelError(f"{file}: the file shrank while merger was reading it (another process "
+                                 "truncated or rewrote it)")  # fmt: skip
+            for w in range(0, k, step):
+                self._f.write(self._piece[w : min(k, w + step)])
 
     def _copy_range(self, src: BinaryIO, start: int, n: int) -> int:
         """Bytes of `src` from `start` copied by copy_file_range to the end of the output, up to n (fewer
@@ -356,10 +364,10 @@ class Merger:
         self.live[t.name] = (views, codes)
         return views, codes
 
-    def opened(self, source: Source) -> tuple[BinaryIO, int]:
-        """A verbatim source's file, opened as for mapping (checked unchanged), and where its bytes start."""
+    def opened(self, source: Source) -> BinaryIO:
+        """A verbatim source's file, opened as for mapping (checked unchanged)."""
         self.bytes_read += source.info.nbytes
-        return self.reader.files.open(source.info.file), source.info.start
+        return self.reader.files.open(source.info.file)
 
     def check_finite(self, t: OutTensor, start: int, out: np.ndarray) -> None:
         """Merged values that are not finite (`out`: t's flat entries from `start`) stop the merge where
@@ -384,6 +392,9 @@ class Merger:
         views, codes = self.inputs_of(t)
         if not t.merged:
             return self._agreed_copy(t, views)
+        source = self.plan.verbatim(t)
+        if source is not None:  # as write_shards copies it (merge_tensors' consumers get the same bytes)
+            return _copying(views[source.key])
         with self._naming(t):
             if gpu is not None:
                 return self._eager(t, views, codes, gpu, piece)
@@ -425,8 +436,7 @@ class Merger:
                     f"tensor '{t.name}' ({t.dtype}) differs between '{s.model.ref}' and '{first.model.ref}'; "
                     "non-float tensors are copied, not merged, so every input must hold the same values"
                 )
-        flat = ref.reshape(-1)
-        return lambda start, end, out: np.copyto(out, flat[start:end])
+        return _copying(ref)
 
     @staticmethod
     def _roles(t: OutTensor, views: dict[Key, object]) -> tuple[list, object | None]:
@@ -615,8 +625,8 @@ class CudaStages:
     def upload(self, t: OutTensor, slot: int) -> tuple:
         """Tensor t's inputs on the GPU (as stored), after pinned slot `slot`: (views, on_gpu, event)."""
         torch = self.torch
-        if not self.whole(t):  # merged in pieces when its turn comes (it reads its inputs then)
-            return {}, None, None
+        if not self.whole(t) or self.merger.plan.verbatim(t):  # merged in pieces in its turn (reading its
+            return {}, None, None  # inputs then), or copied file to file
         views, codes = self.merger.inputs_of(t)
         if not t.merged:
             return views, None, None
@@ -851,6 +861,12 @@ def count_nonfinite(a: np.ndarray, code: str) -> int:
 LARGEST = {"F64": 1.797e308, "F32": 3.4e38, "F16": 65504.0, "BF16": 3.39e38, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 
 
+def _copying(view: np.ndarray) -> MergeRange:
+    """merge_range of a tensor copied as it is stored."""
+    flat = view.reshape(-1)
+    return lambda start, end, out: np.copyto(out, flat[start:end])
+
+
 def overflow_error(t: OutTensor, count: int, compute: str) -> MergeError:
     """The merge gave inf or NaN where every input is finite: what takes values past the range, and what
     helps. A wider output dtype helps only past float16's (or float8's) range; inputs near float32's own
@@ -971,7 +987,7 @@ def write_shards(
                         staged = stages.stage(todo[j + 1][1], (j + 1) % 2)  # staged while j merges
                     source = plan.verbatim(t)
                     if source is not None:  # an input's bytes as they are: file to file
-                        out.copy(shard, t, *merger.opened(source))
+                        out.copy(shard, t, source, merger.opened)
                     elif stages and stages.whole(t):  # a pinned output slot each
                         slot = out.free_slot()
                         host = functools.partial(out.buffers.get, slot, t.nbytes, DTYPES[t.dtype][2], t.shape)
@@ -1049,11 +1065,16 @@ class _Writer:
         """Write `data` (the next bytes of t) once `ready` (a GPU copy's event and its checks) allows."""
         self.pending[slot] = self.pool.submit(self._write, shard, t, data, ready, last)
 
-    def copy(self, shard: Shard, t: OutTensor, src: BinaryIO, start: int) -> None:
-        """Write all of t's bytes from `src` at `start` (ShardWriter.copy), in turn with the slots' writes;
-        src is closed after."""
+    def copy(self, shard: Shard, t: OutTensor, source: Source, opened: Callable[[Source], BinaryIO]) -> None:
+        """Write all of t's bytes from `source` (ShardWriter.copy), opened by `opened` once a slot is free, in
+        turn with the slots' writes; the file is closed after."""
         slot = self.free_slot()
-        self.pending[slot] = self.pool.submit(self._copy, shard, t, src, start)
+        src = opened(source)
+        try:
+            self.pending[slot] = self.pool.submit(self._copy, shard, t, src, source.info)
+        except BaseException:
+            src.close()
+            raise
 
     def drain(self) -> None:
         """Wait for every write, and every finished shard to be on disk (re-raises their errors)."""
@@ -1070,9 +1091,9 @@ class _Writer:
         if last:
             self._tensor_written(shard)
 
-    def _copy(self, shard: Shard, t: OutTensor, src: BinaryIO, start: int) -> None:  # writer thread
+    def _copy(self, shard: Shard, t: OutTensor, src: BinaryIO, info: TensorInfo) -> None:  # writer thread
         with src:
-            self._shard(shard).copy(t, src, start)
+            self._shard(shard).copy(t, src, info.start, info.file)
         self._tensor_written(shard)
 
     def _shard(self, shard: Shard) -> ShardWriter:
@@ -1114,14 +1135,14 @@ def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tu
             out = np.empty(t.shape, dtype=DTYPES[t.dtype][2])
             # not across the yield: the consumer keeps its threads
             with cpu_engine_settings(plan.device, merger.needs_torch), _out_of_gpu_memory(t, stages is not None):
-                if stages and stages.whole(t):
+                if stages and stages.whole(t) and not plan.verbatim(t):
                     data, ready = stages.merge(t, stages.upload(t, 0), 0, lambda out=out: out)
                     if ready is not None:
                         ready.synchronize()
                         np.copyto(out, data)  # out of the pinned slot, which the next tensor reuses
-                elif stages:
+                elif stages and not plan.verbatim(t):
                     stages.pieces(t)(0, t.numel, out.reshape(-1))
-                else:
+                else:  # on the CPU, or a copy
                     merger.merge_into(t, out)
             merger.release(t)
             yield t.name, to_torch(out, t.dtype)

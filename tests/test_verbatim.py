@@ -57,11 +57,16 @@ def test_passthrough_writes_each_inputs_bytes(tmp_path, monkeypatch, mode):
         monkeypatch.delattr(os, "copy_file_range")
     elif mode == "drop_behind":  # O_DIRECT where the file system takes it, else the page cache handed back
         monkeypatch.setenv("MERGER_DROP_BEHIND", "1")
+    else:  # the kernel's copy: every tensor's bytes through copy_file_range
+        real, copied = os.copy_file_range, []
+        monkeypatch.setattr(os, "copy_file_range", lambda *args: copied.append(real(*args)) or copied[-1])
     result = _apply(tmp_path, f"merge_method: passthrough\nmodels: [{{model: {tmp_path / 'a'}}}]\n")
     assert result.exit_code == 0, result.output
     got = load_output(tmp_path / "out")
     assert got.keys() == a.keys()
     assert all(_same_bytes(got[name], value) for name, value in a.items())
+    if mode == "kernel":
+        assert sum(copied) == sum(v.numel() * v.element_size() for v in a.values())
 
 
 @pytest.mark.usefixtures("cuda_on_cpu")
@@ -76,7 +81,8 @@ def test_on_the_gpu_too_copies_are_the_inputs_bytes(tmp_path):
     plan = build_plan(parse_recipe(_SLICES.format(a=tmp_path / "a", b=tmp_path / "b")), device="cpu")
     plan.device = "cuda"
     (tmp_path / "out").mkdir()
-    write_shards(plan, tmp_path / "out")  # the shards alone: no index
+    read = write_shards(plan, tmp_path / "out")  # the shards alone: no index
+    assert read == sum(plan.stored_bytes(t) for t in plan.tensors)  # copies read once, not staged as well
     got = {k: v for shard in (tmp_path / "out").glob("*.safetensors") for k, v in load_file(shard).items()}
     _check_slices(got, a, b)
 
@@ -105,33 +111,56 @@ def test_a_scaled_slice_merges_beside_copied_ones(tmp_path):
     _check_slices(load_output(tmp_path / "out"), a, b)
 
 
-def test_a_source_that_shrinks_while_it_is_copied_is_one_line(tmp_path, monkeypatch):
+def test_a_source_that_shrinks_while_it_is_copied_is_one_line_naming_it(tmp_path, monkeypatch):
+    """Truncated by another process after merger opened it, while its last tensor is copied: the copy finds
+    it short, and says which file; nothing is left of the output."""
     _model(tmp_path / "a", 0)
-    real = os.copy_file_range
+    real, calls = os.copy_file_range, []
 
     def shrink(src, dst, count, offset_src=None, offset_dst=None):
-        os.truncate(os.readlink(f"/proc/self/fd/{src}"), 100)  # another process truncates the shard meanwhile
+        calls.append(count)
+        if len(calls) == 6:  # the last tensor's copy: no later open to find the change first
+            os.truncate(os.readlink(f"/proc/self/fd/{src}"), 100)
         return real(src, dst, count, offset_src, offset_dst)
 
     monkeypatch.setattr(os, "copy_file_range", shrink)
     result = _apply(tmp_path, f"merge_method: passthrough\nmodels: [{{model: {tmp_path / 'a'}}}]\n")
     assert result.exit_code == 2, result.output
-    lines = result.output.splitlines()  # the copy's complaint, or the next open's (the file changed)
-    assert len(lines) == 1 and "model-00001-of-00002.safetensors" in lines[0], result.output
+    shards = sorted((tmp_path / "a").glob("*.safetensors"))
+    assert any(
+        result.output == f"error: {shard}: the file shrank while merger was reading it (another process truncated "
+        "or rewrote it)\n"
+        for shard in shards
+    ), result.output
     assert not (tmp_path / "out").exists()
 
 
-def test_a_copy_past_the_end_of_its_source_is_a_model_error(tmp_path):
-    from merger.errors import ModelError
-    from merger.plan import OutTensor
-    from merger.stream import ShardWriter
+def test_a_copy_refused_part_way_goes_on_by_reads_and_writes(tmp_path, monkeypatch):
+    a = _model(tmp_path / "a", 0)
+    real = os.copy_file_range
 
-    (tmp_path / "src").write_bytes(b"x" * 100)
-    t = OutTensor("w", (64,), "BF16", True, 128)
-    w = ShardWriter(tmp_path / "out.safetensors", [t])
-    with open(tmp_path / "src", "rb") as src, pytest.raises(ModelError, match="src: the file shrank"):
-        w.copy(t, src, 0)
-    w.abort()
+    def part_way(src, dst, count, offset_src=None, offset_dst=None):
+        if count > 4097:
+            return real(src, dst, 4097, offset_src, offset_dst)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "copy_file_range", part_way)
+    result = _apply(tmp_path, f"merge_method: passthrough\nmodels: [{{model: {tmp_path / 'a'}}}]\n")
+    assert result.exit_code == 0, result.output
+    got = load_output(tmp_path / "out")
+    assert all(_same_bytes(got[name], value) for name, value in a.items())
+
+
+def test_in_memory_merges_give_the_written_bytes(tmp_path):
+    """merge_tensors (what greedy soup's evaluators load) copies as write_shards does, NaN payloads too."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+    from merger.stream import merge_tensors
+
+    a = _model(tmp_path / "a", 0)
+    plan = build_plan(parse_recipe(f"merge_method: passthrough\nmodels: [{{model: {tmp_path / 'a'}}}]\n"))
+    got = dict(merge_tensors(plan))
+    assert all(_same_bytes(got[name], value) for name, value in a.items())
 
 
 def test_a_merge_of_copies_alone_imports_neither_numba_nor_torch(tmp_path):
@@ -146,3 +175,16 @@ def test_a_merge_of_copies_alone_imports_neither_numba_nor_torch(tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (run.returncode, run.stdout) == (0, "[]\n"), run.stderr
+
+
+def test_a_copy_past_the_end_of_its_source_is_a_model_error_naming_the_file(tmp_path):
+    from merger.errors import ModelError
+    from merger.plan import OutTensor
+    from merger.stream import ShardWriter
+
+    (tmp_path / "src").write_bytes(b"x" * 100)
+    t = OutTensor("w", (64,), "BF16", True, 128)
+    w = ShardWriter(tmp_path / "out.safetensors", [t])
+    with open(tmp_path / "src", "rb") as src, pytest.raises(ModelError, match=f"^{tmp_path / 'src'}: the file shrank"):
+        w.copy(t, src, 0, tmp_path / "src")
+    w.abort()
