@@ -291,9 +291,10 @@ def model_stock_fused(
         return _noop
     cols = _cols(context, numel, params.filter_wise)
     rows = max(1, numel // cols)
-    exponent = np.frexp(sk.abs_peaks(tensors, base, run).astype(np.float64))[1]  # |d_i| < 2**e_i
+    peaks, clean = sk.abs_peaks(tensors, base, run)
+    exponent = np.frexp(peaks.astype(np.float64))[1]  # |d_i| < 2**e_i
     bits = _bits(cols)
-    hi, lo, bad = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run)
+    hi, lo, bad = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run, clean)
     t = stock_ratio(hi, lo, bits, exponent, len(tensors), bad).astype(np.float32)
 
     def merge_range(start: int, end: int, out: np.ndarray) -> None:

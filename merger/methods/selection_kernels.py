@@ -53,9 +53,9 @@ FAST_BITS = 51  # limbs of at most this many bits take merger.kernels.rounded (r
 
 
 @kernel
-def _abs_peaks(xs, b):  # pragma: no cover - compiled
-    """Per model, the bits of max |x_j - b| in float32 over its finite entries (as unsigned: they order like
-    the magnitudes; 0 where none is finite)."""
+def _abs_peaks(xs, b, finite):  # pragma: no cover - compiled
+    """Per model, the bits of max |x_j - b| in float32 (as unsigned: they order like the magnitudes, NaN
+    above inf); with `finite`, over its finite entries only (0 where none is)."""
     xs, b = borrow((xs, b))
     n = b.size
     peaks = np.zeros(len(xs), np.uint32)
@@ -67,9 +67,13 @@ def _abs_peaks(xs, b):  # pragma: no cover - compiled
         for j in range(len(xs)):
             x = xs[j]
             top = peaks[j]
-            for i in range(m):
-                v = _bits_of_f32(load(x, U(st + i)) - bf[i]) & ABS
-                top = max(top, v if v < INF else np.uint32(0))
+            if finite:
+                for i in range(m):
+                    v = _bits_of_f32(load(x, U(st + i)) - bf[i]) & ABS
+                    top = max(top, v if v < INF else np.uint32(0))
+            else:  # a plain maximum, which vectorises
+                for i in range(m):
+                    top = max(top, _bits_of_f32(load(x, U(st + i)) - bf[i]) & ABS)
             peaks[j] = top
     keep_alive((bf_own,))
     return peaks
@@ -96,18 +100,33 @@ def _limb_sums(a, c, m, scale, fast):  # pragma: no cover - compiled
     return hs, ls
 
 
+@njit(inline="always")
+def _mend_block(xs, bf, st, m, sd):  # pragma: no cover - compiled
+    """A block holding task-vector entries that are not finite: those set to 0 in sd (nm, BLOCK). Returns
+    how many of its entries have one in any model."""
+    count = 0
+    for i in range(m):
+        found = False
+        for j in range(len(xs)):
+            if (_bits_of_f32(load(xs[j], U(st + i)) - bf[i]) & ABS) >= INF:
+                sd[j, i] = 0.0
+                found = True
+        count += found
+    return count
+
+
 @kernel
-def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad):  # pragma: no cover - compiled
+def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad, clean):  # pragma: no cover - compiled
     """Model Stock's exact dot products of every pair (i <= j) of scaled task vectors over a flat range
     starting at `offset`: hi[p, r], lo[p, r] += the limb sums of row offset // cols + r, a task vector's
-    entries that are not finite taken as 0 there and counted (any model's) in bad[r]."""
+    entries that are not finite taken as 0 there and counted (any model's) in bad[r]; unchecked where
+    `clean` (abs_peaks found every entry finite)."""
     xs, b, scale, limb, cols, offset, hi, lo, bad = borrow((xs, b, scale, limb, cols, offset, hi, lo, bad))
     n = b.size
     nm = len(xs)
     fast = limb <= 2.0**FAST_BITS
     sd_own, sd = lend(np.empty((nm, BLOCK), np.float64))
     bf_own, bf = lend(np.empty(BLOCK, np.float32))
-    nf_own, nf = lend(np.empty(BLOCK, np.uint8))
     row0 = offset // cols
     pos = 0
     while pos < n:
@@ -117,18 +136,21 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad):  # pragma: no co
             m = min(BLOCK, end - st)
             for i in range(m):
                 bf[i] = load(b, U(st + i))
-                nf[i] = 0
+            worst = np.uint32(0)  # the largest magnitude's bits: INF or above where one is not finite
             for j in range(nm):
                 x = xs[j]
                 s = scale[j]
                 dj = sd[j]
+                if clean:
+                    for i in range(m):
+                        dj[i] = np.float64(load(x, U(st + i)) - bf[i]) * s  # exact: a power of two
+                    continue
                 for i in range(m):
                     d = load(x, U(st + i)) - bf[i]
-                    finite = (_bits_of_f32(d) & ABS) < INF
-                    nf[i] |= not finite
-                    dj[i] = np.float64(d if finite else np.float32(0)) * s  # exact: a power of two
-            for i in range(m):
-                bad[r] += nf[i]
+                    worst = max(worst, _bits_of_f32(d) & ABS)
+                    dj[i] = np.float64(d) * s
+            if worst >= INF:
+                bad[r] += _mend_block(xs, bf, st, m, sd)
             p = 0
             for i in range(nm):
                 for j in range(i, nm):
@@ -137,7 +159,7 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad):  # pragma: no co
                     lo[p, r] += low
                     p += 1
         pos = end
-    keep_alive((sd_own, bf_own, nf_own))
+    keep_alive((sd_own, bf_own))
 
 
 @kernel
@@ -168,18 +190,33 @@ def _stock_merge(xs, b, out, t, cols, offset, inv):  # pragma: no cover - compil
     keep_alive((mean_own,))
 
 
-def abs_peaks(xs: Sequence[np.ndarray], base: np.ndarray, run: Runner) -> np.ndarray:
-    """max |x_j - base| per model, float32."""
+def abs_peaks(xs: Sequence[np.ndarray], base: np.ndarray, run: Runner) -> tuple[np.ndarray, bool]:
+    """(max |x_j - base| per model over its finite entries, float32; whether every entry is finite): a plain
+    maximum, then, where that is not finite (rare), the finite entries' in a second pass."""
     xs = tuple(xs)
-    parts = run(lambda s, e: _abs_peaks(tuple(x[s:e] for x in xs), base[s:e]), base.size)
-    return np.maximum.reduce(parts).view(np.float32) if parts else np.zeros(len(xs), np.float32)
+
+    def peaks(finite: bool) -> np.ndarray:
+        parts = run(lambda s, e: _abs_peaks(tuple(x[s:e] for x in xs), base[s:e], finite), base.size)
+        return np.maximum.reduce(parts) if parts else np.zeros(len(xs), np.uint32)
+
+    found = peaks(False)
+    clean = bool((found < INF).all())
+    return (found if clean else peaks(True)).view(np.float32), clean
 
 
 def stock_sums(
-    xs: Sequence[np.ndarray], base: np.ndarray, scale: np.ndarray, bits: int, cols: int, rows: int, run: Runner
+    xs: Sequence[np.ndarray],
+    base: np.ndarray,
+    scale: np.ndarray,
+    bits: int,
+    cols: int,
+    rows: int,
+    run: Runner,
+    clean: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (pairs, rows) int64 limb sums selection._ExactRowSums holds after model_stock_prepare's second pass,
-    and the (rows,) counts of entries where a task vector is not finite."""
+    and the (rows,) counts of entries where a task vector is not finite (not looked for where `clean`: abs_peaks
+    found none)."""
     xs = tuple(xs)
     pairs = len(xs) * (len(xs) + 1) // 2
     limb = 2.0**bits
@@ -189,7 +226,7 @@ def stock_sums(
         hi = np.zeros((pairs, last + 1 - first), np.int64)
         lo = np.zeros_like(hi)
         bad = np.zeros(last + 1 - first, np.int64)
-        _stock_sums(tuple(x[s:e] for x in xs), base[s:e], scale, limb, cols, s, hi, lo, bad)
+        _stock_sums(tuple(x[s:e] for x in xs), base[s:e], scale, limb, cols, s, hi, lo, bad, clean)
         return first, hi, lo, bad
 
     hi = np.zeros((pairs, rows), np.int64)
