@@ -147,8 +147,9 @@ class ShardWriter:
             self._piece = memoryview(bytearray(COPY_PIECE))  # one buffer, its pages touched once
         step = COPY_PIECE if isinstance(self._f, DirectFile) else BUFFERED_CALL  # DirectFile stages its own
         for s in range(0, n, COPY_PIECE):
-            k = os.preadv(src.fileno(), [self._piece[: min(COPY_PIECE, n - s)]], start + s)
-            if k < min(COPY_PIECE, n - s):
+            want = min(COPY_PIECE, n - s)
+            k = os.preadv(src.fileno(), [self._piece[:want]], start + s)
+            if k < want:
                 raise ModelError(f"{file}: the file shrank while merger was reading it (another process "
                                  "truncated or rewrote it)")  # fmt: skip
             for w in range(0, k, step):
@@ -1134,15 +1135,16 @@ def merge_tensors(plan: Plan, names: Iterable[str] | None = None) -> Iterator[tu
                 continue
             out = np.empty(t.shape, dtype=DTYPES[t.dtype][2])
             # not across the yield: the consumer keeps its threads
-            with cpu_engine_settings(plan.device, merger.needs_torch), _out_of_gpu_memory(t, stages is not None):
-                if stages and stages.whole(t) and not plan.verbatim(t):
-                    data, ready = stages.merge(t, stages.upload(t, 0), 0, lambda out=out: out)
+            gpu = None if plan.verbatim(t) else stages  # a copy is the CPU's, as write_shards' is
+            with cpu_engine_settings(plan.device, merger.needs_torch), _out_of_gpu_memory(t, gpu is not None):
+                if gpu and gpu.whole(t):
+                    data, ready = gpu.merge(t, gpu.upload(t, 0), 0, lambda out=out: out)
                     if ready is not None:
                         ready.synchronize()
                         np.copyto(out, data)  # out of the pinned slot, which the next tensor reuses
-                elif stages and not plan.verbatim(t):
-                    stages.pieces(t)(0, t.numel, out.reshape(-1))
-                else:  # on the CPU, or a copy
+                elif gpu:
+                    gpu.pieces(t)(0, t.numel, out.reshape(-1))
+                else:
                     merger.merge_into(t, out)
             merger.release(t)
             yield t.name, to_torch(out, t.dtype)

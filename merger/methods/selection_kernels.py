@@ -102,8 +102,8 @@ def _limb_sums(a, c, m, scale, fast):  # pragma: no cover - compiled
 
 @njit(inline="always")
 def _mend_block(xs, bf, st, m, sd):  # pragma: no cover - compiled
-    """A block holding task-vector entries that are not finite: those set to 0 in sd (nm, BLOCK). Returns
-    how many of its entries have one in any model."""
+    """A block's task-vector entries that are not finite set to 0 in sd (nm, BLOCK). Returns how many of its
+    entries have one in any model."""
     count = 0
     for i in range(m):
         found = False
@@ -136,20 +136,13 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad, clean):  # pragma
             m = min(BLOCK, end - st)
             for i in range(m):
                 bf[i] = load(b, U(st + i))
-            worst = np.uint32(0)  # the largest magnitude's bits: INF or above where one is not finite
             for j in range(nm):
                 x = xs[j]
                 s = scale[j]
                 dj = sd[j]
-                if clean:
-                    for i in range(m):
-                        dj[i] = np.float64(load(x, U(st + i)) - bf[i]) * s  # exact: a power of two
-                    continue
                 for i in range(m):
-                    d = load(x, U(st + i)) - bf[i]
-                    worst = max(worst, _bits_of_f32(d) & ABS)
-                    dj[i] = np.float64(d) * s
-            if worst >= INF:
+                    dj[i] = np.float64(load(x, U(st + i)) - bf[i]) * s  # exact: a power of two
+            if not clean:
                 bad[r] += _mend_block(xs, bf, st, m, sd)
             p = 0
             for i in range(nm):

@@ -78,7 +78,9 @@ def _finite(d: _Deltas, a: Tensor, model: int | None) -> Tensor:
     bad = a.isfinite().logical_not_()
     if not bool(bad.any()):
         return a
-    for i in range(d.count) if model is None else (model,):
+    if model is not None:
+        raise NaNTaskVector(model, int(bad.sum()), _NO_SVD)
+    for i in range(d.count):  # the sum is not finite: the first model whose task vector is not
         count = int(d.one(i).isfinite().logical_not_().sum())
         if count:
             raise NaNTaskVector(i, count, _NO_SVD)
