@@ -641,10 +641,13 @@ def left_open(keys: np.ndarray, top53: np.ndarray, thresholds: np.ndarray) -> in
 
 @njit
 def keys_then_counts(mags, length, scratch, kp, z0, step, thresholds):  # pragma: no cover - compiled
-    """sparse_kernels' count-based ranking of one fiber of magnitudes (a task vector mags - 0)."""
+    """sparse_kernels' count-based ranking of one fiber of magnitudes (a task vector mags - 0), where
+    countable allows it."""
     kb = np.empty(length, np.uint32)
-    fiber = sparse_kernels._fiber_keys(mags, np.zeros_like(mags), 0, 1, length, np.empty_like(kb), kb)
-    return sparse_kernels._keep_by_counts(kb, z0, step, thresholds, length, *fiber, scratch, kp)
+    below, hi, n_odd = sparse_kernels._fiber_keys(mags, np.zeros_like(mags), 0, 1, length, np.empty_like(kb), kb)
+    if not sparse_kernels.countable(length, below, hi, n_odd):
+        return False
+    return sparse_kernels._keep_by_counts(kb, z0, step, thresholds, length, below, hi, scratch, kp)
 
 
 DELLA_FIBERS = [

@@ -503,27 +503,40 @@ def _fiber_keys(x, b, start, r, length, mb, kb):  # pragma: no cover - compiled
     return below, hi, n_odd
 
 
+@njit(inline="always")
+def countable(length, below, hi, n_odd):  # pragma: no cover - compiled
+    """Whether _keep_by_counts may rank a fiber (below, hi, n_odd: _fiber_keys'): at most half its keys odd
+    (bf16 task vectors' are few; float32 ones' most) and its buckets few enough to total."""
+    return 2 * np.int64(n_odd) <= length and np.int64(hi) - np.int64(below) <= 2 * length + 1025
+
+
 @njit
-def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  # pragma: no cover - compiled
-    """DELLA's keep flags into kp without sorting the fiber, where most of its magnitudes have low 16 bits 0
-    (bf16 task vectors'): draw p (_mix(z0 + p * step), top 53 bits) is kept where below tj[its rank]. Such a
-    magnitude is the least of its bucket (its top 16 bits), so its rank is the bucket's start plus the equal
-    ones before it (ties go by index, as in the sort): a counting sort's placement, in index order. The odd
-    ones (low bits set) rank after those: _odd_keeps. below, hi, n_odd: _fiber_keys'. Returns False, with
-    kp unfinished, where over half are odd (float32 task vectors), the buckets span too wide a range to
-    total or _odd_keeps declines. scratch: keep_scratch's; its counts are zero again on return."""
-    cs, odds, draws, starts = scratch
-    lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
-    if 2 * np.int64(n_odd) > length or np.int64(hi) - lo > 2 * length + 1024:
-        return False
-    n_odd = 0
-    for p in range(length):  # per bucket: plain ones below, odd ones above
+def _keep_by_counts(kb, z0, step, tj, length, below, hi, scratch, kp):  # pragma: no cover - compiled
+    """DELLA's keep flags into kp without sorting the fiber (one that countable allows): draw p (_mix(z0 + p *
+    step), top 53 bits) is kept where below tj[its rank]. tj does not fall with rank, so a draw below tj[0]
+    is kept and one at or above tj[length - 1] dropped, whatever the rank; only the draws between need one.
+    A magnitude with low 16 bits 0 (plain: most of a bf16 task vector's) is the least of its bucket (its top
+    16 bits), so its rank is the bucket's start plus the equal ones before it (ties go by index, as in the
+    sort): a counting sort's placement, counted in index order as the buckets are. The odd ones (low bits
+    set) rank after their bucket's plain ones: _ranked_keeps. Returns False, with kp unfinished, where
+    _ranked_keeps declines. scratch: keep_scratch's; its counts are zero again on return."""
+    cs, opened, draws, starts, before, between = scratch
+    first, last = tj[0], tj[U(length - 1)]
+    for p in range(length):  # the draws, in a loop of their own that vectorises
+        d = _mix(z0 + U(p) * step) >> U(11)
+        draws[U(p)] = d
+        kp[U(p)] = d < first
+        between[U(p)] = (d >= first) & (d < last)
+    n_open = 0
+    for p in range(length):  # per bucket: plain ones below, odd ones above; each one's plain ones before it
         k = kb[U(p)]
-        odd = (k & U32(0xFFFF)) != U32(0)
         h = k >> U32(16)
-        cs[h] += ODD if odd else np.int64(1)
-        odds[U(n_odd)] = p
-        n_odd += odd
+        c = cs[h]
+        cs[h] = c + (ODD if (k & U32(0xFFFF)) != U32(0) else np.int64(1))
+        before[U(p)] = U32(c & LOW32)
+        opened[U(n_open)] = p  # the draws that rank decides, without a branch
+        n_open += between[U(p)]
+    lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     c = cs[0]  # bucket 0, then lo..hi: where each starts
     starts[0] = 0
     total = (c & LOW32) + (c >> np.int64(32))
@@ -531,17 +544,7 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
         c = cs[U(head)]
         starts[U(head)] = total
         total += (c & LOW32) + (c >> np.int64(32))
-    for p in range(length):  # the draws, in a loop of their own that vectorises
-        draws[U(p)] = _mix(z0 + U(p) * step) >> U(11)
-    # A plain one's rank: the next place in its bucket. An odd one's flag is set again below; the place it
-    # looks up meanwhile is its bucket's next plain one's, or the first odd one's: in range either way.
-    for p in range(length):
-        k = kb[U(p)]
-        h = k >> U32(16)
-        rank = starts[h]
-        starts[h] = rank + np.int64((k & U32(0xFFFF)) == U32(0))
-        kp[U(p)] = draws[U(p)] < tj[U(rank)]
-    settled = _odd_keeps(kb, draws, tj, cs, starts, odds, n_odd, length, kp)  # starts: now where odd ones start
+    settled = _ranked_keeps(kb, draws, tj, cs, starts, before, opened, n_open, length, kp)
     cs[0] = 0
     for head in range(lo, np.int64(hi) + 1):
         cs[U(head)] = 0
@@ -549,26 +552,32 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp):  #
 
 
 @njit(inline="always")
-def _odd_keeps(kb, draws, tj, cs, starts, odds, n_odd, length, kp):  # pragma: no cover - compiled
-    """The odd keys' flags (odds[:n_odd]: their indices; draws[p]: entry p's draw, top 53 bits). Bucket h's
-    odd ones hold the ranks starts[h] .. starts[h] + their count (cs[h] >> 32) - 1, in some order; tj does not
-    fall with rank, so a draw below tj[the first] is kept and one at or above tj[the last] is dropped, whatever
-    the order. The rest (few: the thresholds rise by 2 epsilon / (L - 1) a rank) are ranked by a scan of the
-    fiber each. Returns False where over OPEN are left so."""
-    n_open = 0
-    for o in range(n_odd):
-        p = odds[U(o)]
-        h = kb[U(p)] >> U32(16)
-        first = starts[h]
+def _ranked_keeps(kb, draws, tj, cs, starts, before, opened, n_open, length, kp):  # pragma: no cover - compiled
+    """The flags of the draws that rank decides (opened[:n_open]: their indices). A plain one ranks at its
+    bucket's start plus the plain ones before it. Bucket h's odd ones hold the ranks starts[h] + its plain
+    count (cs[h]'s low half) on, as many as its odd count (the high half), in some order: a draw below tj[the
+    first] is kept and one at or above tj[the last] is dropped, whatever the order. The rest (few: the
+    thresholds rise by 2 epsilon / (L - 1) a rank) are ranked by a scan of the fiber each. Returns False
+    where over OPEN are left so."""
+    n_odd = 0
+    for o in range(n_open):
+        p = opened[U(o)]
+        k = kb[U(p)]
+        h = k >> U32(16)
         d = draws[U(p)]
+        if (k & U32(0xFFFF)) == U32(0):
+            kp[U(p)] = d < tj[U(starts[h] + np.int64(before[U(p)]))]
+            continue
+        c = cs[h]
+        first = starts[h] + (c & LOW32)
         keep = d < tj[U(first)]
         kp[U(p)] = keep
-        odds[U(n_open)] = p  # overwrites only entries already read
-        n_open += (not keep) & (d < tj[U(first + (cs[h] >> np.int64(32)) - 1)])
-    if n_open > OPEN:
+        opened[U(n_odd)] = p  # overwrites only entries already read
+        n_odd += (not keep) & (d < tj[U(first + (c >> np.int64(32)) - 1)])
+    if n_odd > OPEN:
         return False
-    for o in range(n_open):
-        p = odds[U(o)]
+    for o in range(n_odd):
+        p = opened[U(o)]
         kp[U(p)] = draws[U(p)] < tj[U(_rank(kb, p, length))]
     return True
 
@@ -587,9 +596,16 @@ def _rank(kb, p, length):  # pragma: no cover - compiled
 
 @njit
 def keep_scratch(length):  # pragma: no cover - compiled
-    """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), odd indices, draws, the
-    buckets' starts."""
-    return np.zeros(HEADS, np.int64), np.empty(length, np.int64), np.empty(length, np.uint64), np.empty(HEADS, np.int64)
+    """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), open indices, draws, the
+    buckets' starts, each entry's plain ones before it in its bucket, whether its draw needs its rank."""
+    return (
+        np.zeros(HEADS, np.int64),
+        np.empty(length, np.int64),
+        np.empty(length, np.uint64),
+        np.empty(HEADS, np.int64),
+        np.empty(length, np.uint32),
+        np.empty(length, np.uint8),
+    )
 
 
 @njit(inline="always")
@@ -634,8 +650,8 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins):  #
                 z0 = keys[j] + U(start + 1) * GAMMA
                 step = U(r) * GAMMA
                 tj = thresholds[j]
-                if not (counting[j] and _keep_by_counts(kb, z0, step, tj, length, below, hi, n_odd, scratch, kp)):
-                    counting[j] = False  # the model's fibers need sorts: sort the rest of this range's at once
+                counting[j] = counting[j] and countable(length, below, hi, n_odd)  # if not, sort the range's rest
+                if not (counting[j] and _keep_by_counts(kb, z0, step, tj, length, below, hi, scratch, kp)):
                     for p in range(length):
                         ki[p] = p
                     sk, si = _radix_order(kb, ki, tb, ti, cnt, length)
