@@ -26,6 +26,7 @@ from merger.kernels import (
     U,
     _bits_of_f32,
     _f32_from_bits,
+    _f64_from_bits,
     band_block,
     borrow,
     keep_alive,
@@ -153,16 +154,18 @@ def _abs_sums(mb, kp, start, m, every, kept):  # pragma: no cover - compiled
 @njit(inline="always")
 def _fixed_sums(mb, kp, start, m, emin, every, kept):  # pragma: no cover - compiled
     """Add the magnitudes mb[start:start + m] (all, and the kept ones) to bins as one fixed-point integer each
-    at exponent emin, at most 31 below every exponent there (2 ** 24 * 2 ** 31 * BLOCK < 2 ** 63)."""
-    t = U(0)
-    tk = U(0)
+    at exponent emin, at most 31 below every exponent there (2 ** 24 * 2 ** 31 * BLOCK < 2 ** 63). Each
+    term is mantissa * 2 ** (max(e, 1) - emin): the float32 times 2 ** (150 - emin), exact in float64 (24
+    significant bits), converted exactly (0.20 ns an entry against 0.25 for the shifted mantissas)."""
+    scale = _f64_from_bits((np.int64(1023 + 150) - np.int64(emin)) << np.int64(52))
+    t = np.int64(0)
+    tk = np.int64(0)
     for i in range(start, start + m):
-        e, mant = _mantissa(mb[U(i)])
-        v = U(mant) << U(max(e, emin) - emin)
+        v = np.int64(np.float64(_f32_from_bits(mb[U(i)])) * scale)
         t += v
-        tk += v & (U(0) - U(kp[U(i)]))
-    _add(every, U(emin - 1), t)
-    _add(kept, U(emin - 1), tk)
+        tk += v & (np.int64(0) - np.int64(kp[U(i)]))
+    _add(every, U(emin - 1), U(t))
+    _add(kept, U(emin - 1), U(tk))
 
 
 @njit
