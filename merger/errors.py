@@ -48,7 +48,12 @@ class NaNTaskVector(ValueError):
         super().__init__(f"model {model}: {count} NaN entries in its task vector")
         self.model = model
         self.count = count
-        self.why = why  # what the entries are, where not plain NaN (the engine's message says it)
+        self.why = why  # what the entries are, where not plain NaN: follows "is" or "are" in the engine's message
+
+
+def counted(count: int, one: str = "entry", many: str = "entries") -> tuple[str, str]:
+    """('1 entry', 'is') or ('3 entries', 'are'): the subject and verb of a message that counts things."""
+    return (f"1 {one}", "is") if count == 1 else (f"{count} {many}", "are")
 
 
 class EvaluationError(MergerError):

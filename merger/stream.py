@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from merger import budget, system
 from merger.assemble import Key, Source
-from merger.errors import MergeError, ModelError, NaNTaskVector, OutOfMemory
+from merger.errors import MergeError, ModelError, NaNTaskVector, OutOfMemory, counted
 from merger.files import BUFFERED_CALL, DirectFile, fsync_file, start_writeback
 from merger.methods.base import MergeRange
 from merger.plan import FLAGS, OUTPUT, OutTensor, Plan, Shard, shard_header
@@ -414,11 +414,12 @@ class Merger:
         except NaNTaskVector as e:
             model = t.sources[e.model].model
             why = e.why or (
-                "are NaN (a NaN or an infinity in that model or in the base); "
+                "NaN (a NaN or an infinity in that model or in the base); "
                 f"{self.plan.spec.method.name} cannot rank NaN magnitudes"
             )
+            entries, verb = counted(e.count)
             raise MergeError(
-                f"tensor '{t.name}': {e.count} entries of the task vector of '{model.ref}' {why}. "
+                f"tensor '{t.name}': {entries} of the task vector of '{model.ref}' {verb} {why}. "
                 "Is one of those checkpoints diverged?"
             ) from None
 
@@ -880,8 +881,9 @@ def overflow_error(t: OutTensor, count: int, compute: str) -> MergeError:
         why = f"{what}, or the inputs lie near float32's; lower the weights, or compute in float64 (compute_dtype: float64)"
     else:
         why = f"{what}; lower them"
+    values, verb = counted(count, "value", "values")
     return MergeError(
-        f"tensor '{t.name}': the merge gives {count} values that are inf or NaN in {dtype} although every "
+        f"tensor '{t.name}': the merge gives {values} that {verb} inf or NaN in {dtype} although every "
         f"input is finite there: {why}"
     )
 
@@ -929,8 +931,9 @@ def model_pass(plan: Plan) -> dict:
         return plan.spec.method.model_prepare(tensors, plan.spec.params)
     except NaNTaskVector as e:
         ref = plan.inputs[e.model].ref if e.model < len(plan.inputs) else f"model {e.model}"
+        entries, verb = counted(e.count)
         raise MergeError(
-            f"'{ref}': {e.count} entries of its task vector are NaN (NaN in that model or in the base); TIES "
+            f"'{ref}': {entries} of its task vector {verb} NaN (NaN in that model or in the base); TIES "
             "with trim_scope: model cannot rank NaN magnitudes. Is one of those checkpoints diverged?"
         ) from None
     finally:

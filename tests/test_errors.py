@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import GOOD, run_bad, write_checkpoint
 
 from merger.cli import cli
+from merger.errors import counted
 
 
 def test_good_recipe_runs(workdir):
@@ -262,7 +263,15 @@ def test_nan_weights_under_ties_name_the_tensor_and_model(workdir, compute):
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml"])
     assert result.exit_code == 2, result.output
     assert result.stderr == (
-        "error: tensor 'a.weight': 1 entries of the task vector of 'ft2' are NaN (a NaN or an infinity in that "
+        "error: tensor 'a.weight': 1 entry of the task vector of 'ft2' is NaN (a NaN or an infinity in that "
         "model or in the base); ties cannot rank NaN magnitudes. Is one of those checkpoints diverged?\n"
     )
     assert not Path("out").exists() and not [p for p in os.listdir(".") if "merger-tmp" in p]
+
+
+def test_counted_messages_agree_with_their_count():
+    """errors.counted: one entry is, several entries are (the engine's NaN and overflow messages)."""
+    assert counted(1) == ("1 entry", "is")
+    assert counted(0) == ("0 entries", "are")
+    assert counted(3, "value", "values") == ("3 values", "are")
+    assert counted(1, "value", "values") == ("1 value", "is")

@@ -325,9 +325,9 @@ def test_a_task_vector_without_an_svd_is_one_line_naming_the_tensor_and_model(tm
     models = ", ".join(f"{{model: ft{i}}}" for i in range(3))
     err = run_bad(f"merge_method: {method}\nbase_model: base\nmodels: [{models}]\noutput: {{path: out}}\n")
     assert err == (
-        "error: tensor 'w': 1 entries of the task vector of 'ft1' are NaN or infinite (a NaN or an infinity in "
-        "that model or in the base, or a difference past the compute dtype's range), which have no singular value "
-        "decomposition. Is one of those checkpoints diverged?\n"
+        "error: tensor 'w': 1 entry of the task vector of 'ft1' is NaN or infinite (a NaN or an infinity in "
+        "that model or in the base, or a difference past the compute dtype's range): a singular value decomposition "
+        "needs finite values. Is one of those checkpoints diverged?\n"
     )
     m = get_method(method)
     xs = [ft["w"] for ft in fts]
@@ -351,8 +351,8 @@ def test_float64_task_vectors_whose_sum_overflows_are_one_line(tmp_path, monkeyp
     recipe = f"merge_method: {method}\nbase_model: base\nmodels: [{{model: ft0}}, {{model: ft1}}]\n"
     err = run_bad(recipe + "compute_dtype: float64\ndtype: float64\noutput: {path: out}\n")
     assert err == (
-        "error: tensor 'w': the sum of the models' task vectors is past float64's range in 1 entries, which have no "
-        "singular value decomposition. Is one of those checkpoints diverged?\n"
+        "error: tensor 'w': the sum of the models' task vectors is past float64's range in 1 entry: a singular value "
+        "decomposition needs finite values. Is one of those checkpoints diverged?\n"
     )
 
 

@@ -315,7 +315,7 @@ def at_least_two(models: Sequence[BaseModel], params: BaseModel) -> str | None:
 # --- Arcee Fusion ------------------------------------------------------------------------------------------
 
 _KL_EPS = 1e-8  # added to both softmaxes, as mergekit
-_NO_SOFTMAX = "lie in rows holding a NaN or +inf (in that model or in the base), which have no softmax to compare"
+_NO_SOFTMAX = "in rows holding a NaN or +inf (in that model or in the base): such a row has no softmax to compare"
 _KL_BOUND = 5  # |p * log(p / q)| <= (1 + eps) * log((1 + eps) / eps) < 19 < 2**5
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from merger.errors import MergeError, NaNTaskVector
+from merger.errors import MergeError, NaNTaskVector, counted
 from merger.methods.base import GpuFootprint, InputChunks, Method, Params, TensorContext
 
 if TYPE_CHECKING:
@@ -66,8 +66,8 @@ NEGLIGIBLE = 1e-10
 
 
 _NO_SVD = (
-    "are NaN or infinite (a NaN or an infinity in that model or in the base, or a difference past the compute "
-    "dtype's range), which have no singular value decomposition"
+    "NaN or infinite (a NaN or an infinity in that model or in the base, or a difference past the compute "
+    "dtype's range): a singular value decomposition needs finite values"
 )
 
 
@@ -85,8 +85,9 @@ def _finite(d: _Deltas, a: Tensor, model: int | None) -> Tensor:
         if count:
             raise NaNTaskVector(i, count, _NO_SVD)
     raise MergeError(
-        f"tensor '{d.name}': the sum of the models' task vectors is past float64's range in {int(bad.sum())} "
-        "entries, which have no singular value decomposition. Is one of those checkpoints diverged?"
+        f"tensor '{d.name}': the sum of the models' task vectors is past float64's range in "
+        f"{counted(int(bad.sum()))[0]}: a singular value decomposition needs finite values. Is one of those "
+        "checkpoints diverged?"
     )
 
 
