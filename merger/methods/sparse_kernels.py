@@ -516,7 +516,7 @@ def countable(length, below, hi, n_odd):  # pragma: no cover - compiled
 @njit
 def _keep_by_counts(kb, z0, step, tj, length, below, hi, scratch, kp):  # pragma: no cover - compiled
     """DELLA's keep flags into kp without sorting the fiber (one that countable allows): draw p (_mix(z0 + p *
-    step), top 53 bits) is kept where below tj[its rank]. tj does not fall with rank, so a draw below tj[0]
+    step), top 53 bits) is kept where it lies below tj[its rank]. tj does not fall with rank: a draw below tj[0]
     is kept and one at or above tj[length - 1] dropped, whatever the rank; only the draws between need one.
     A magnitude with low 16 bits 0 (plain: most of a bf16 task vector's) is the least of its bucket (its top
     16 bits), so its rank is the bucket's start plus the equal ones before it (ties go by index, as in the
