@@ -474,3 +474,27 @@ def test_a_bounds_checked_run_never_loads_unchecked_cached_kernels(tmp_path):
         seen.append(run.stdout.strip() or run.stderr)
     assert seen == ["unchecked", "checked", "unchecked"]
     assert list((tmp_path / "cache" / "numba").rglob("oob.past-*.nbi"))  # cached indeed
+
+
+def test_wide_vectors_only_on_the_measured_cpus_with_avx512():
+    host = "+sse2,+avx2,+avx512f,-amx-tile"
+    assert kernels.wide_vector_features("emeraldrapids", host) == host + ",-prefer-256-bit"
+    assert kernels.wide_vector_features("sapphirerapids", host) == host + ",-prefer-256-bit"
+    assert kernels.wide_vector_features("emeraldrapids", "+sse2,+avx2,-avx512f") is None  # AVX-512 turned off
+    assert kernels.wide_vector_features("skylake-avx512", host) is None  # its 512-bit ops lower the clock
+    assert kernels.wide_vector_features("znver3", "+sse2,+avx2") is None
+
+
+def test_numba_cpu_settings_of_the_user_are_kept(tmp_path):
+    """NUMBA_CPU_FEATURES (or NUMBA_CPU_NAME), where set, is what the kernels compile for; else the host's
+    features, widened where wide_vector_features says so (numba's own for a CPU named, not widened)."""
+    probe = "import numba, merger.kernels; print(numba.config.CPU_FEATURES)"
+    seen = []
+    for extra in ({"NUMBA_CPU_FEATURES": "+sse2"}, {"NUMBA_CPU_NAME": "generic"}, {}):
+        env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME")}
+        run = subprocess.run([sys.executable, "-c", probe], env=env | extra, capture_output=True, text=True)
+        seen.append(run.stdout.strip() or run.stderr)
+    from llvmlite import binding
+
+    widened = kernels.wide_vector_features(binding.get_host_cpu_name(), binding.get_host_cpu_features().flatten())
+    assert seen[0] == "+sse2" and "prefer-256-bit" not in seen[1] and seen[2] == str(widened)
