@@ -10,7 +10,8 @@ torch==2.13.0 mergekit`) and pass `--mergekit-bin /tmp/mk/bin/mergekit-yaml`, or
 
 Checkpoints (a base and N fine-tunes, bf16, sharded, with a real Llama config) are generated once
 into --dir and reused. Each method first gets one untimed merger run (numba compiles its kernels on
-a machine's first merge and caches them; this also warms the page cache). Then come --repeat rounds,
+a machine's first merge and caches them, as Python caches merger's compiled modules, PYTHONDONTWRITEBYTECODE
+cleared; this also warms the page cache). Then come --repeat rounds,
 each running every method once in turn: the I/O limit (io_stream.py: the method's inputs read and one
 output of the merged size written and flushed, streamed as a merge streams them, computing nothing), then
 merger, then mergekit on the same recipe, each as its own process started --settle seconds after the last
@@ -189,11 +190,17 @@ sys.stderr.write(f"\\n{time.perf_counter() - t} {usage.ru_maxrss} {os.waitstatus
 """
 
 
+# Every command runs as on a user's machine, where Python caches the modules it compiles (a pip install compiles
+# them up front): PYTHONDONTWRITEBYTECODE, where set, would have merger's own sources (an editable install)
+# compiled again in every run, about 0.1 s of start-up that no user sees, while mergekit's come precompiled.
+_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def run_process(cmd: list[str], settle: float = 0.0) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes, from wait4) and stdout of a child process, started `settle` seconds
     from now (see --settle)."""
     time.sleep(settle)
-    proc = subprocess.run([sys.executable, "-c", _TIMER, *cmd], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _TIMER, *cmd], capture_output=True, text=True, env=_ENV)
     err, _, last = proc.stderr.rstrip("\n").rpartition("\n")
     fields = last.split()
     if proc.returncode or len(fields) != 3 or fields[2] != "0":  # the command failed, or never started
