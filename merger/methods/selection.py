@@ -376,11 +376,11 @@ def arcee_fusion_prepare(
     for offset, x, b in chunks():
         for i, v in enumerate((x, b)):
             normalisers.add(i, exps(offset, v, i), offset)
-    z = normalisers.result()
+    inverse = normalisers.result().reciprocal()  # a multiply per entry: the fused kernel's division per row
     divergence = _ExactRowSums(1, rows, cols, device)
     for offset, x, b in chunks():
-        p = exps(offset, x, 0).div_(_per_entry(z[0], offset, x.numel(), cols)).add_(_KL_EPS)
-        q = exps(offset, b, 1).div_(_per_entry(z[1], offset, x.numel(), cols)).add_(_KL_EPS)
+        p = exps(offset, x, 0).mul_(_per_entry(inverse[0], offset, x.numel(), cols)).add_(_KL_EPS)
+        q = exps(offset, b, 1).mul_(_per_entry(inverse[1], offset, x.numel(), cols)).add_(_KL_EPS)
         divergence.add(0, p.mul_(log_(torch.div(p, q, out=q))).mul_(2.0**-_KL_BOUND), offset)
     # A KL divergence is >= 0; a rounding below 0 would rank below every importance of 0. abs: no -0.0.
     kl = (divergence.result()[0] * 2.0**_KL_BOUND).clamp_(min=0).abs_().to(dtype)
