@@ -33,6 +33,7 @@ from llvmlite import binding, ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.core.caching import FunctionCache
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
 from merger.errors import NaNTaskVector
@@ -45,23 +46,23 @@ if CACHE:  # read by numba when each kernel below is decorated: before that, wha
     numba.config.CACHE_DIR = str(_cache_dir)
 
 # CPUs whose 512-bit vectors run the kernels faster than LLVM's default 256 (its tuning for every AVX-512 Intel
-# CPU, against the clock drop of early ones): one_thread.py on an Emerald Rapids VM, alternating, took 5-24% less
+# CPU, against the clock drop of early ones): one_thread.py on an Emerald Rapids VM, alternating, took 4-24% less
 # for TIES, DARE, DELLA, SCE, Arcee Fusion and slerp. Sapphire Rapids is the same core; others are unmeasured.
 WIDE_VECTORS = frozenset({"sapphirerapids", "emeraldrapids"})
 
 
 def wide_vector_features(cpu: str, features: str) -> str | None:
-    """The LLVM feature string that lets the kernels use 512-bit vectors on `cpu` (host's features: llvmlite's
-    `get_host_cpu_features().flatten()`), or None where LLVM's default is kept."""
+    """The LLVM feature string that lets the kernels use 512-bit vectors on `cpu` (features: what numba would
+    compile for, numba.core.codegen.get_host_cpu_features(): '' where LLVM cannot tell, AVX off under
+    NUMBA_ENABLE_AVX=0), or None where LLVM's default is kept."""
     return f"{features},-prefer-256-bit" if cpu in WIDE_VECTORS and "+avx512f" in features.split(",") else None
 
 
-# read by numba when the kernels below are decorated (their codegen's target machine, and their cache's key);
-# NUMBA_CPU_NAME or NUMBA_CPU_FEATURES, where set, decide instead
+# read by numba when the process's first numba function is decorated (the target machine of its codegen, which
+# every later one shares, and the cache's key): merger's kernels are, unless merger runs as a library after other
+# numba code. NUMBA_CPU_NAME or NUMBA_CPU_FEATURES, where set, decide instead
 if numba.config.CPU_NAME is None and numba.config.CPU_FEATURES is None:
-    numba.config.CPU_FEATURES = wide_vector_features(
-        binding.get_host_cpu_name(), binding.get_host_cpu_features().flatten()
-    )
+    numba.config.CPU_FEATURES = wide_vector_features(binding.get_host_cpu_name(), get_host_cpu_features())
 
 
 @functools.cache

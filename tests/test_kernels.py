@@ -485,16 +485,23 @@ def test_wide_vectors_only_on_the_measured_cpus_with_avx512():
     assert kernels.wide_vector_features("znver3", "+sse2,+avx2") is None
 
 
-def test_numba_cpu_settings_of_the_user_are_kept(tmp_path):
+def test_numba_cpu_settings_of_the_user_are_kept():
     """NUMBA_CPU_FEATURES (or NUMBA_CPU_NAME), where set, is what the kernels compile for; else the host's
-    features, widened where wide_vector_features says so (numba's own for a CPU named, not widened)."""
-    probe = "import numba, merger.kernels; print(numba.config.CPU_FEATURES)"
+    features, widened where wide_vector_features says so: the features of the codegen numba compiles (and keys
+    its cache) with, once merger.kernels is imported."""
+    probe = (
+        "import merger.kernels\n"
+        "from numba.core.registry import cpu_target\n"
+        "print(repr(cpu_target.target_context.codegen().magic_tuple()[2]))\n"
+    )
     seen = []
     for extra in ({"NUMBA_CPU_FEATURES": "+sse2"}, {"NUMBA_CPU_NAME": "generic"}, {}):
         env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME")}
         run = subprocess.run([sys.executable, "-c", probe], env=env | extra, capture_output=True, text=True)
-        seen.append(run.stdout.strip() or run.stderr)
+        assert run.returncode == 0, run.stderr
+        seen.append(eval(run.stdout))  # a repr of a str, printed by the probe
     from llvmlite import binding
+    from numba.core.codegen import get_host_cpu_features
 
-    widened = kernels.wide_vector_features(binding.get_host_cpu_name(), binding.get_host_cpu_features().flatten())
-    assert seen[0] == "+sse2" and "prefer-256-bit" not in seen[1] and seen[2] == str(widened)
+    host = get_host_cpu_features()
+    assert seen == ["+sse2", "", kernels.wide_vector_features(binding.get_host_cpu_name(), host) or host]
