@@ -20,22 +20,23 @@ from merger.methods.base import tensor_seed
 # Each fused method's (name[:variant]) models (all: base and two fine-tunes as ingredients; tasks: two fine-tunes over the
 # base; pair: one fine-tune over the base; one: a model alone), per-model and method-wide parameters.
 CASES = {
-    "linear": ("all", {"weight": 1.0}, {}),
-    "task_arithmetic": ("tasks", {"weight": 0.5}, {"lambda": 1.0}),
-    "ties": ("tasks", {"weight": 0.5, "density": 0.5}, {}),
+    "linear": ("all", {"weight": 0.3}, {}),
+    "task_arithmetic": ("tasks", {"weight": 0.3}, {"lambda": 1.0}),
+    "ties": ("tasks", {"weight": 0.3, "density": 0.5}, {}),
     "slerp": ("pair", {}, {"t": 0.3}),
-    "nuslerp": ("tasks", {"weight": 0.5}, {}),
-    "multislerp": ("tasks", {"weight": 0.5}, {}),
+    "nuslerp": ("tasks", {"weight": 0.3}, {}),
+    "multislerp": ("tasks", {"weight": 0.3}, {}),
     "karcher": ("all", {}, {}),
     "greedy_soup": ("all", {}, {}),  # the soup's merge: a uniform mean
     "nearswap": ("pair", {}, {"t": 0.001}),
-    "dare_linear": ("tasks", {"weight": 0.5, "density": 0.5}, {}),
-    "dare_ties": ("tasks", {"weight": 0.5, "density": 0.5}, {}),
-    "breadcrumbs": ("tasks", {"weight": 0.5, "density": 0.9, "gamma": 0.01}, {}),
-    "breadcrumbs_ties": ("tasks", {"weight": 0.5, "density": 0.8, "gamma": 0.1}, {}),
-    "della": ("tasks", {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, {}),
-    "della_linear": ("tasks", {"weight": 0.5, "density": 0.4, "epsilon": 0.2}, {}),
+    "dare_linear": ("tasks", {"weight": 0.3, "density": 0.5}, {}),
+    "dare_ties": ("tasks", {"weight": 0.3, "density": 0.5}, {}),
+    "breadcrumbs": ("tasks", {"weight": 0.3, "density": 0.9, "gamma": 0.01}, {}),
+    "breadcrumbs_ties": ("tasks", {"weight": 0.3, "density": 0.8, "gamma": 0.1}, {}),
+    "della": ("tasks", {"weight": 0.3, "density": 0.5, "epsilon": 0.1}, {}),
+    "della_linear": ("tasks", {"weight": 0.3, "density": 0.4, "epsilon": 0.2}, {}),
     "sce": ("tasks", {}, {"select_topk": 0.5}),
+    "sce:three": ("three", {}, {"select_topk": 0.5}),  # a mean and variance over 3: no exact division
     "model_stock": ("tasks", {}, {}),
     "model_stock:rows": ("tasks", {}, {"filter_wise": True}),  # a NaN row's t NaN, the other rows' not
     "arcee_fusion": ("pair", {}, {}),
@@ -82,7 +83,10 @@ def _inputs(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: int)
     n = math.prod(shape)
     rng = np.random.default_rng(seed)
     base = _values(kind, n, dtype, rng, None)
-    fts = [_values(kind, n, dtype, rng, base) for _ in range({"all": 2, "tasks": 2, "pair": 1, "one": 1}[roles])]
+    fts = [
+        _values(kind, n, dtype, rng, base)
+        for _ in range({"all": 2, "tasks": 2, "three": 3, "pair": 1, "one": 1}[roles])
+    ]
     xs = [base, *fts] if roles == "all" else fts
     return [x.reshape(shape) for x in xs], base.reshape(shape)
 

@@ -43,6 +43,15 @@ ONE_BITS = 1023 << 52  # the bits of 1.0
 TABLE_BOUND = 64.0
 
 
+def divide_(t: Tensor, d: float) -> Tensor:
+    """t / d in place, correctly rounded on every device, for a Python number d; returns t. CUDA's torch
+    divides by a host number as a multiply by its reciprocal (an ulp off the quotient in some entries);
+    by a tensor on t's device it divides, as the CPU and the fused kernels do."""
+    import torch
+
+    return t.div_(torch.full((), d, dtype=t.dtype, device=t.device))
+
+
 def _pow2(k: Tensor) -> Tensor:
     """2.0 ** k for float64 tensors of integers in [-1022, 1023], built from the bits."""
     import torch

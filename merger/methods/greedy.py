@@ -49,5 +49,5 @@ METHOD = Method(
     paper="Wortsman et al. 2022, Model soups (greedy soup, Recipe 1), arXiv:2203.05482",
     fused=uniform_soup_fused,
     cpu_ns=0.5,
-    gpu=GpuFootprint(words=1),  # linear's sum
+    gpu=GpuFootprint(words=2),  # linear's sum and one model's term
 )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from merger.methods.base import GpuFootprint, MergeRange, Method, Params, TensorContext, normalizable
+from merger.methods.elementary import divide_
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -32,10 +33,11 @@ def linear(
     import torch
 
     out = torch.zeros_like(tensors[0])
+    term = torch.empty_like(out)  # w * x rounded, then added: add_'s alpha would fuse them into one rounding
     for x, m in zip(tensors, models):
-        out.add_(x, alpha=m.weight)
+        out.add_(torch.mul(x, m.weight, out=term))
     if params.normalize:
-        out.div_(sum(m.weight for m in models))
+        divide_(out, sum(m.weight for m in models))
     return out
 
 
@@ -70,5 +72,5 @@ METHOD = Method(
     check=normalizable,
     fused=linear_fused,
     cpu_ns=0.5,
-    gpu=GpuFootprint(words=1),  # the sum
+    gpu=GpuFootprint(words=2),  # the sum and one model's term
 )

@@ -31,6 +31,7 @@ from merger.methods.base import (
     kept_for_mergekit,
     normalizable,
 )
+from merger.methods.elementary import divide_
 from merger.methods.task_vectors import (
     DISCARD,
     TaskArithmeticParams,
@@ -226,11 +227,11 @@ def _variance(deltas: Sequence[Tensor]) -> Tensor:
     mean = deltas[0].clone()
     for d in deltas[1:]:
         mean.add_(d)
-    mean.div_(n)
+    divide_(mean, n)
     var = (deltas[0] - mean).square_()
     for d in deltas[1:]:
         var.add_((d - mean).square_())
-    return var.div_(n)
+    return divide_(var, n)
 
 
 def _keep(family: Family, state: SparseState, models, i: int, delta: Tensor, offset: int, seed: int):
@@ -284,7 +285,7 @@ def _magprune_masks(task_vectors, numel, models, shape, seed) -> list[Tensor | N
         fibers = mags.view(a, length, r)
         rows = max(1, DELLA_BLOCK // (length * r))
         positions = torch.arange(length, device=mags.device, dtype=torch.float64).view(1, length, 1)
-        spread = positions.div_(length - 1) if length > 1 else positions.fill_(0.5)  # one entry: density
+        spread = divide_(positions, length - 1) if length > 1 else positions.fill_(0.5)  # one entry: density
         spread.mul_(2 * m.epsilon).add_(m.density - m.epsilon)  # the keep probability of each rank
         for s in range(0, a, rows):
             block = fibers[s : s + rows]

@@ -68,8 +68,7 @@ def task_arithmetic(
     acc = torch.zeros_like(base)
     delta = torch.empty_like(base)  # reused: x - base is exact-ish in float32, sum(w*x) - W*base is not
     for x, m in zip(tensors, models):
-        torch.sub(x, base, out=delta)
-        acc.add_(delta, alpha=m.weight)
+        acc.add_(torch.sub(x, base, out=delta).mul_(m.weight))  # rounded, then added, as the fused kernel does
     return acc.mul_(_scale(models, params)).add_(base)
 
 
