@@ -11,10 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import load_output, write_checkpoint
+from test_kernels import as_array, in_pieces, runner
 
 import merger.budget
 from merger.cli import cli
-from merger.methods import get_method
+from merger.methods import TensorContext, fixed_point, get_method
 
 SHAPES = {"w": (6, 10), "v": (12,), "cube": (2, 3, 5), "same": (4, 8), "ortho": (3, 4), "zero": (5, 3)}
 
@@ -164,6 +165,79 @@ def test_model_stock_rows_holding_nan_or_inf_merge_to_nan_as_the_oracle(tmp_path
         eager = m.fn(xs, b, [m.model_params()] * 2, m.params(filter_wise=filter_wise))
         for out in (got[name], eager):
             torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=2e-6, equal_nan=True, msg=name)
+
+
+def _stock_case(case: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Two fine-tunes of a (300, 300) base, more entries than fixed_point.SAMPLE: plain; with an entry after the
+    first SAMPLE entries some 70 times the largest of theirs (beyond the guess's 16-32 times); with one task
+    vector 0 over the first SAMPLE entries; with a NaN after them."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(300, 300, generator=g)
+    xs = [base + 0.01 * torch.randn(300, 300, generator=g) for _ in range(2)]
+    far = xs[1].view(-1)[fixed_point.SAMPLE + 7 :]
+    if case == "outlier":
+        far[0] += 3.0
+    elif case == "zero-head":
+        xs[0].view(-1)[: fixed_point.SAMPLE] = base.view(-1)[: fixed_point.SAMPLE]
+    elif case == "nan":
+        far[0] = math.nan
+    return xs, base
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the oracle's NaN cosine
+@pytest.mark.parametrize(
+    "case, sums_passes, peak_passes",
+    [("plain", 1, 0), ("outlier", 2, 0), ("zero-head", 1, 1), ("nan", 2, 1)],
+)
+def test_model_stock_sums_at_scales_guessed_from_the_first_entries(monkeypatch, case, sums_passes, peak_passes):
+    """The sums' scales: guessed from the first SAMPLE entries and kept where the sums' own pass finds every entry
+    below them (one pass), else the peaks' (a second sums pass, and a peaks pass where the pass could not give
+    them). The fused kernels, the torch path whole and in chunks of 7000 agree to the byte, and with the oracle."""
+    from merger.methods import selection
+    from merger.methods import selection_kernels as sk
+
+    xs, base = _stock_case(case)
+    m = get_method("model_stock")
+    models, params = [m.model_params()] * 2, m.params()
+    context = TensorContext("w", seed=0, shape=tuple(base.shape))
+    calls = {"sums": 0, "peaks": 0, "torch sums": 0, "torch peaks": 0}
+
+    def counted(key, fn):
+        def call(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    sample_or_pass = sk.abs_peaks
+
+    def abs_peaks(xs, b, run):  # counted where it is a pass, not the first SAMPLE entries' sample
+        return (counted("peaks", sample_or_pass) if b.size > fixed_point.SAMPLE else sample_or_pass)(xs, b, run)
+
+    monkeypatch.setattr(sk, "abs_peaks", abs_peaks)
+    monkeypatch.setattr(sk, "stock_sums", counted("sums", sk.stock_sums))
+    monkeypatch.setattr(selection, "_stock_sums_pass", counted("torch sums", selection._stock_sums_pass))
+    monkeypatch.setattr(selection, "_stock_peaks", counted("torch peaks", selection._stock_peaks))
+    out = torch.empty(base.numel())
+    arrays = [as_array(x.reshape(-1)) for x in xs]
+    in_pieces(
+        m.fused(arrays, as_array(base.view(-1)), models, params, runner(4099, 2), context=context), as_array(out), 5003
+    )
+    whole = m.fn(xs, base, models, params, context=context).reshape(-1)
+
+    def chunks():
+        return (
+            [x.view(-1)[s : s + 7000] - base.view(-1)[s : s + 7000] for x in xs] for s in range(0, out.numel(), 7000)
+        )
+
+    state = selection.model_stock_prepare(chunks, out.numel(), models, params, context=context)
+    pieces = m.fn(xs, base, models, params, state, context=context).reshape(-1)
+    passes = {"sums": sums_passes, "peaks": peak_passes}
+    assert calls == {**passes, **{f"torch {k}": 2 * v for k, v in passes.items()}}  # whole, then in chunks
+    for got in (whole, pieces):
+        assert torch.equal(got.nan_to_num(7.0).view(torch.int32), out.nan_to_num(7.0).view(torch.int32))
+    want = torch.from_numpy(stock_oracle([np64(x) for x in xs], np64(base), False)).reshape(-1)
+    torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=2e-6, equal_nan=True)
 
 
 def test_arcee_fusion_equals_the_oracle(tmp_path, family):

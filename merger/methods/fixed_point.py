@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 PRODUCT_BITS = 51  # |scaled product| < 2**51: float64's q + 1.5 * 2**52 rounds it to an integer, as torch.round does
 SPLIT = 26  # each integer's high part (>> SPLIT) and low part (& LOW) are summed apart
@@ -63,6 +67,14 @@ def from_sums(sums: np.ndarray, exps: Sequence[int], k: int) -> np.ndarray:
 def exponent(peak: float) -> int:
     """The e with |v| < 2**e for a vector whose largest magnitude is `peak` (finite, 0 or more)."""
     return math.frexp(peak)[1]
+
+
+def peak(v: Tensor) -> Tensor:
+    """max |v| as a 0-d tensor, without a temporary of v's size; NaN if v holds any."""
+    import torch
+
+    lo, hi = torch.aminmax(v.reshape(-1))
+    return torch.maximum(lo.neg(), hi)
 
 
 def gram_by_guess(

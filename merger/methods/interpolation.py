@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from merger.errors import MergeError
 from merger.methods import fixed_point
 from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, kept_for_mergekit
-from merger.methods.fixed_point import LOW, SPLIT, from_sums, gram_by_guess, pair_scale
+from merger.methods.fixed_point import LOW, SPLIT, from_sums, gram_by_guess, pair_scale, peak
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -86,14 +86,6 @@ class Segments:
 
 def whole(numel: int) -> Segments:
     return Segments(1, max(numel, 1))
-
-
-def peak(v: Tensor) -> Tensor:
-    """max |v| as a 0-d tensor, without a temporary of v's size; NaN if v holds any."""
-    import torch
-
-    lo, hi = torch.aminmax(v.reshape(-1))
-    return torch.maximum(lo.neg(), hi)
 
 
 def gram(

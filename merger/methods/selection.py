@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from merger.errors import NaNTaskVector
+from merger.methods import fixed_point
 from merger.methods.base import GpuFootprint, InputChunks, MergeRange, Method, Params, TensorContext, kept_for_mergekit
 
 if TYPE_CHECKING:
@@ -167,31 +168,81 @@ def model_stock_prepare(
     context: TensorContext | None = None,
     inputs: InputChunks | None = None,
 ) -> StockState:
-    """t per row (or per tensor) from the mean cosine between every pair of task vectors: two passes, the
-    first for each task vector's largest magnitude (which scales its terms into [-1, 1] by a power of two),
-    the second for the exact dot products of every pair, each with itself included. A row where a task vector
-    is not finite (NaN or inf) has no cosine: its t is NaN, as mergekit's; such entries count for no peak
-    and as 0 in the sums, which stay exact integers."""
+    """t per row (or per tensor) from the mean cosine between every pair of task vectors, from their exact dot
+    products (each pair, each with itself included), summed at scales that bound every entry (stock_guess: a
+    guess from the tensor's first entries, which the sums' pass checks; a pass for the largest magnitudes and
+    another for the sums only where it fails). A row where a task vector is not finite (NaN or inf) has no
+    cosine: its t is NaN, as mergekit's; such entries count for no peak and as 0 in the sums, which stay exact
+    integers."""
     import torch
 
-    n = len(models)
     cols = _cols(context, numel, params.filter_wise)
-    rows = max(1, numel // cols)
-    peak = dtype = None
-    for chunk in task_vectors():
-        dtype = chunk[0].dtype
-        m = torch.stack([d.abs().nan_to_num_(0.0, 0.0).amax() for d in chunk]) if chunk[0].numel() else None
-        if m is not None:
-            peak = m if peak is None else torch.maximum(peak, m)
-    if peak is None:  # an empty tensor
+    sample = _stock_sample(task_vectors)
+    if sample is None:  # an empty tensor
         return StockState(torch.zeros(1), cols)
-    exponent = torch.frexp(peak.double()).exponent  # |d_i| < 2**e_i
-    scale = _pow2(-exponent)  # (n,)
+    exponent = stock_guess(sample, numel)
+    found = None
+    if exponent is not None:
+        *sums, found = _stock_sums_pass(task_vectors, exponent, len(models), numel, cols)
+    if found is None or not bounded(found, exponent):
+        peaks = found if found is not None and np.isfinite(found).all() else _stock_peaks(task_vectors)
+        exponent = np.frexp(peaks)[1]
+        *sums, _ = _stock_sums_pass(task_vectors, exponent, len(models), numel, cols)
+    hi, lo, bits, bad, like = sums
+    t = stock_ratio(hi, lo, bits, exponent, len(models), bad)
+    return StockState(torch.from_numpy(t).to(device=like.device, dtype=like.dtype), cols)
+
+
+def _stock_sample(task_vectors: Callable[[], Iterable[list[Tensor]]]) -> np.ndarray | None:
+    """Each task vector's largest finite magnitude over the tensor's first fixed_point.SAMPLE entries (float64;
+    0 where none is finite); None for an empty tensor."""
+    import torch
+
+    peak, need = None, fixed_point.SAMPLE
+    for chunk in task_vectors():
+        m = min(need, chunk[0].numel())
+        if m:
+            found = torch.stack([d[:m].abs().nan_to_num_(0.0, 0.0).amax() for d in chunk])
+            peak = found if peak is None else torch.maximum(peak, found)
+        need -= m
+        del chunk
+        if not need:
+            break
+    return None if peak is None else peak.double().cpu().numpy()
+
+
+def _stock_peaks(task_vectors: Callable[[], Iterable[list[Tensor]]]) -> np.ndarray:
+    """Each task vector's largest finite magnitude (float64; 0 where none is finite): a pass."""
+    import torch
+
+    peak = None
+    for chunk in task_vectors():
+        if chunk[0].numel():
+            found = torch.stack([d.abs().nan_to_num_(0.0, 0.0).amax() for d in chunk])
+            peak = found if peak is None else torch.maximum(peak, found)
+    return peak.double().cpu().numpy()
+
+
+def _stock_sums_pass(
+    task_vectors: Callable[[], Iterable[list[Tensor]]], exponent: np.ndarray, n: int, numel: int, cols: int
+):
+    """The sums' pass at scales 2**-exponent: (hi, lo, bits, bad, an empty tensor like the chunks, each task
+    vector's largest magnitude (float64, NaN or inf where it holds one)), the first five as stock_ratio takes
+    them. One synchronisation, at the end."""
+    import torch
+
+    scale = _pow2_np(-np.asarray(exponent)).tolist()
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
-    sums = _ExactRowSums(len(pairs), rows, cols, peak.device)
-    bad = torch.zeros(rows, dtype=torch.int64, device=peak.device)
+    sums = bad = peak = like = None
     offset = 0
     for chunk in task_vectors():
+        if sums is None:
+            like = chunk[0]
+            rows = max(1, numel // cols)
+            sums = _ExactRowSums(len(pairs), rows, cols, like.device)
+            bad = torch.zeros(rows, dtype=torch.int64, device=like.device)
+        found = torch.stack([fixed_point.peak(d) for d in chunk])  # before _not_finite mends them
+        peak = found if peak is None else torch.maximum(peak, found)
         not_finite = _not_finite(chunk)
         row, counts = _by_rows(not_finite, offset, cols, torch.sum)
         bad[row : row + counts.numel()] += counts
@@ -202,10 +253,8 @@ def model_stock_prepare(
             other = chunk[j].to(torch.float64, copy=True).mul_(scale[j])  # a copy: float64 chunks too
             sums.add(p, scaled[1] * other, offset)  # float32 x float32: exact
         offset += chunk[0].numel()
-    # The rest on the host, by the code the fused kernel's caller runs too (one synchronisation per tensor).
-    hi, lo, bad = (v.cpu().numpy() for v in (sums.hi, sums.lo, bad))
-    t = stock_ratio(hi, lo, sums.bits, exponent.cpu().numpy(), n, bad)
-    return StockState(torch.from_numpy(t).to(device=peak.device, dtype=dtype), cols)
+    hi, lo, bad, peak = (v.cpu().numpy() for v in (sums.hi, sums.lo, bad, peak.double()))
+    return hi, lo, sums.bits, bad, like.new_empty(0), peak
 
 
 def _not_finite(chunk: list[Tensor]) -> Tensor:
@@ -223,6 +272,25 @@ def _not_finite(chunk: list[Tensor]) -> Tensor:
 def _pow2_np(exponents: np.ndarray) -> np.ndarray:
     """_pow2 in numpy."""
     return ((np.clip(exponents.astype(np.int64), -1022, 1023) + 1023) << 52).view(np.float64)
+
+
+def stock_guess(sample: np.ndarray, numel: int) -> np.ndarray | None:
+    """The exponents e of the scales 2**-e at which the sums are made (|d_i| < 2**e_i), guessed from each task
+    vector's largest finite magnitude over the tensor's first fixed_point.SAMPLE entries: fixed_point.HEADROOM
+    binades above it, or its own where those entries are the whole tensor. None where a sample holds no
+    nonzero finite entry: it guesses nothing. Both paths keep a guess where `bounded` holds, else take the
+    exponents of the whole task vectors' largest finite magnitudes, so they sum at the same scales."""
+    sample = np.asarray(sample, np.float64)
+    if not (sample > 0).all():
+        return None
+    return np.frexp(sample)[1] + (0 if numel <= fixed_point.SAMPLE else fixed_point.HEADROOM)
+
+
+def bounded(found: np.ndarray, exponent: np.ndarray) -> bool:
+    """Whether each task vector's largest magnitude (NaN or inf where it holds one) is finite and below
+    2**exponent: then the sums made at those scales are the result."""
+    found = np.asarray(found, np.float64)
+    return bool(np.isfinite(found).all() and (np.frexp(found)[1] <= exponent).all())
 
 
 def stock_ratio(hi: np.ndarray, lo: np.ndarray, bits: int, exponent: np.ndarray, n: int, bad: np.ndarray) -> np.ndarray:
@@ -282,25 +350,43 @@ def _noop(start: int, end: int, out: np.ndarray) -> None:
 def model_stock_fused(
     tensors, base, models: Sequence[NoParams], params: ModelStockParams, run, *, context: TensorContext | None = None
 ) -> MergeRange:
-    """model_stock through selection_kernels: the peaks, the limb sums of every pair, then the merge; the same
-    bytes as model_stock_prepare and model_stock."""
+    """model_stock through selection_kernels: the sums (_fused_stock_sums), then the merge; the same bytes as
+    model_stock_prepare and model_stock."""
     from merger.methods import selection_kernels as sk
 
     numel = base.size
     if not numel:
         return _noop
     cols = _cols(context, numel, params.filter_wise)
-    rows = max(1, numel // cols)
-    peaks, clean = sk.abs_peaks(tensors, base, run)
-    exponent = np.frexp(peaks.astype(np.float64))[1]  # |d_i| < 2**e_i
-    bits = _bits(cols)
-    hi, lo, bad = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run, clean)
+    hi, lo, bits, exponent, bad = _fused_stock_sums(tensors, base, cols, run)
     t = stock_ratio(hi, lo, bits, exponent, len(tensors), bad).astype(np.float32)
 
     def merge_range(start: int, end: int, out: np.ndarray) -> None:
         sk.stock_merge([x[start:end] for x in tensors], base[start:end], out, t, cols, start, run)
 
     return merge_range
+
+
+def _fused_stock_sums(tensors, base, cols: int, run) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """model_stock_prepare's sums through selection_kernels, at the same scales: (hi, lo, bits, exponent, bad)."""
+    from merger.methods import selection_kernels as sk
+
+    numel, bits = base.size, _bits(cols)
+    rows = max(1, numel // cols)
+    head = min(numel, fixed_point.SAMPLE)
+    exponent = stock_guess(sk.abs_peaks([x[:head] for x in tensors], base[:head], run)[0], numel)
+    found = None
+    if exponent is not None:  # every entry finite assumed, and checked by the peaks the pass finds
+        hi, lo, bad, found = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run, True)
+        if bounded(found, exponent):
+            return hi, lo, bits, exponent, bad
+    if found is not None and np.isfinite(found).all():
+        peaks, clean = found, True
+    else:
+        peaks, clean = sk.abs_peaks(tensors, base, run)
+    exponent = np.frexp(peaks.astype(np.float64))[1]  # |d_i| < 2**e_i
+    hi, lo, bad, _ = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run, clean)
+    return hi, lo, bits, exponent, bad
 
 
 def at_least_two(models: Sequence[BaseModel], params: BaseModel) -> str | None:

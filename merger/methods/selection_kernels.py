@@ -116,11 +116,12 @@ def _mend_block(xs, bf, st, m, sd):  # pragma: no cover - compiled
 
 
 @kernel
-def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad, clean):  # pragma: no cover - compiled
+def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad, clean, peaks):  # pragma: no cover - compiled
     """Model Stock's exact dot products of every pair (i <= j) of scaled task vectors over a flat range
     starting at `offset`: hi[p, r], lo[p, r] += the limb sums of row offset // cols + r, a task vector's
     entries that are not finite taken as 0 there and counted (any model's) in bad[r]; unchecked where
-    `clean` (abs_peaks found every entry finite)."""
+    `clean` (every entry is finite, or the sums are not used where one is not). With `clean`, peaks[j]: the
+    bits of max |x_j - b| (as _abs_peaks without `finite`), which tells whether the scales bounded the range."""
     xs, b, scale, limb, cols, offset, hi, lo, bad = borrow((xs, b, scale, limb, cols, offset, hi, lo, bad))
     n = b.size
     nm = len(xs)
@@ -140,8 +141,16 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad, clean):  # pragma
                 x = xs[j]
                 s = scale[j]
                 dj = sd[j]
-                for i in range(m):
-                    dj[i] = np.float64(load(x, U(st + i)) - bf[i]) * s  # exact: a power of two
+                if clean:
+                    top = peaks[j]
+                    for i in range(m):
+                        d = load(x, U(st + i)) - bf[i]
+                        top = max(top, _bits_of_f32(d) & ABS)
+                        dj[i] = np.float64(d) * s  # exact: a power of two
+                    peaks[j] = top
+                else:
+                    for i in range(m):
+                        dj[i] = np.float64(load(x, U(st + i)) - bf[i]) * s
             if not clean:
                 bad[r] += _mend_block(xs, bf, st, m, sd)
             p = 0
@@ -207,9 +216,10 @@ def stock_sums(
     run: Runner,
     clean: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The (pairs, rows) int64 limb sums selection._ExactRowSums holds after model_stock_prepare's second pass,
-    and the (rows,) counts of entries where a task vector is not finite (not looked for where `clean`: abs_peaks
-    found none)."""
+    """The (pairs, rows) int64 limb sums selection._ExactRowSums holds after model_stock_prepare's sums pass,
+    the (rows,) counts of entries where a task vector is not finite (not looked for where `clean`) and, with
+    `clean`, each task vector's largest magnitude (float32; inf or NaN where it holds one, and then the sums
+    mean nothing)."""
     xs = tuple(xs)
     pairs = len(xs) * (len(xs) + 1) // 2
     limb = 2.0**bits
@@ -219,17 +229,20 @@ def stock_sums(
         hi = np.zeros((pairs, last + 1 - first), np.int64)
         lo = np.zeros_like(hi)
         bad = np.zeros(last + 1 - first, np.int64)
-        _stock_sums(tuple(x[s:e] for x in xs), base[s:e], scale, limb, cols, s, hi, lo, bad, clean)
-        return first, hi, lo, bad
+        peaks = np.zeros(len(xs), np.uint32)
+        _stock_sums(tuple(x[s:e] for x in xs), base[s:e], scale, limb, cols, s, hi, lo, bad, clean, peaks)
+        return first, hi, lo, bad, peaks
 
     hi = np.zeros((pairs, rows), np.int64)
     lo = np.zeros_like(hi)
     bad = np.zeros(rows, np.int64)
-    for first, h, low, b in run(part, base.size):
+    peaks = np.zeros(len(xs), np.uint32)
+    for first, h, low, b, p in run(part, base.size):
         hi[:, first : first + h.shape[1]] += h
         lo[:, first : first + h.shape[1]] += low
         bad[first : first + b.size] += b
-    return hi, lo, bad
+        np.maximum(peaks, p, out=peaks)
+    return hi, lo, bad, peaks.view(np.float32)
 
 
 def stock_merge(
