@@ -30,9 +30,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# On a machine with an NVIDIA GPU (set up with a CUDA build of torch: make setup TORCH=torch), ~20 min (estimated):
-# the CUDA tests, torch's CUDA sanitizer on a small merge, a 3B-shape TIES merge on cuda and on cpu
-# compared byte for byte, then the 3B benchmark alternating cuda and cpu. Stops at the first failure
+# On a machine with an NVIDIA GPU (set up with a CUDA build of torch: make setup TORCH=torch), ~8 min (estimated):
+# the CUDA tests, torch's CUDA sanitizer on a small merge, TinyLlama-shape TIES, DARE-TIES and DELLA merges on
+# cuda and on cpu compared byte for byte, then the TinyLlama benchmark alternating cuda and cpu. Stops at the first failure
 # (at once without CUDA); everything goes to gpu-report.txt too. See benchmarks/gpu_check.py --help.
 gpu: setup
 	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu: torch sees no CUDA device. On an NVIDIA machine, install a CUDA build of torch: rm -rf .venv && make setup TORCH=torch')"

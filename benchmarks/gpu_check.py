@@ -1,7 +1,8 @@
 """The one command to run on a lent GPU machine (`make gpu`): CUDA tests, torch's CUDA sanitizer, CUDA against
-CPU byte for byte at a 3B shape, then the benchmark on both devices. Stops at the first step that fails.
+CPU byte for byte at TinyLlama shape, then the benchmark on both devices. Stops at the first step that fails.
 
-    python benchmarks/gpu_check.py                         # what `make gpu` runs; ~20 min on one H100 machine (estimated)
+    python benchmarks/gpu_check.py                         # what `make gpu` runs; ~8 min on one H200 machine (estimated)
+    python benchmarks/gpu_check.py --shape 3b              # compare and bench at a 3B shape: ~20 min (estimated)
     python benchmarks/gpu_check.py --steps compare --shape tiny --devices cpu,cpu   # a self-test on a CPU
     PYTHONPATH=. python3 benchmarks/gpu_check.py   # offline, with a python3 that has CUDA torch and merger's needs
 
@@ -419,15 +420,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--steps", default=",".join(STEPS), help=f"some of {','.join(STEPS)} (default: all)")
     ap.add_argument("--devices", default="cuda,cpu", help="the two devices compared and benchmarked (default cuda,cpu)")
-    ap.add_argument("--shape", default="3b", choices=sorted(bench_merge.SHAPES), help="compare and bench (default 3b)")
+    ap.add_argument(
+        "--shape",
+        default="tinyllama",
+        choices=sorted(bench_merge.SHAPES),
+        help="compare and bench (default tinyllama: the check fits in a lent machine's 15 minutes)",
+    )
     ap.add_argument("--compare-methods", default="ties,dare_ties,della",
                     help="the methods the compare step merges on both devices (default ties,dare_ties,della); not "
                          "tsv, iso_c or iso_cts, whose SVDs agree across devices to rounding, not bit for bit")  # fmt: skip
     ap.add_argument(
         "--test-workers",
         type=int,
-        default=4,
-        help="pytest-xdist processes for the CUDA tests, where it is installed (default 4; 1: one process)",
+        default=min(8, max(1, (os.cpu_count() or 2) // 2)),
+        help="pytest-xdist processes for the CUDA tests, where it is installed (default: half the cores, at most 8; "
+        "1: one process)",
     )
     ap.add_argument("--repeat", type=int, default=2, help="benchmark runs per device and method (default 2)")
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("MERGER_BENCH_DIR", "/tmp/merger-bench")),
