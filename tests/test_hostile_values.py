@@ -21,20 +21,20 @@ from merger.methods.base import tensor_seed
 # base; pair: one fine-tune over the base; one: a model alone), per-model and method-wide parameters.
 CASES = {
     "linear": ("all", {"weight": 0.3}, {}),
-    "task_arithmetic": ("tasks", {"weight": 0.3}, {"lambda": 1.0}),
-    "ties": ("tasks", {"weight": 0.3, "density": 0.5}, {}),
+    "task_arithmetic": ("tasks", {"weight": 0.3}, {"lambda": 0.7}),
+    "ties": ("tasks", {"weight": 0.3, "density": 0.5}, {"lambda": 0.7}),
     "slerp": ("pair", {}, {"t": 0.3}),
     "nuslerp": ("tasks", {"weight": 0.3}, {}),
     "multislerp": ("tasks", {"weight": 0.3}, {}),
     "karcher": ("all", {}, {}),
     "greedy_soup": ("all", {}, {}),  # the soup's merge: a uniform mean
     "nearswap": ("pair", {}, {"t": 0.001}),
-    "dare_linear": ("tasks", {"weight": 0.3, "density": 0.5}, {}),
-    "dare_ties": ("tasks", {"weight": 0.3, "density": 0.5}, {}),
-    "breadcrumbs": ("tasks", {"weight": 0.3, "density": 0.9, "gamma": 0.01}, {}),
-    "breadcrumbs_ties": ("tasks", {"weight": 0.3, "density": 0.8, "gamma": 0.1}, {}),
-    "della": ("tasks", {"weight": 0.3, "density": 0.5, "epsilon": 0.1}, {}),
-    "della_linear": ("tasks", {"weight": 0.3, "density": 0.4, "epsilon": 0.2}, {}),
+    "dare_linear": ("tasks", {"weight": 0.3, "density": 0.5}, {"lambda": 0.7}),
+    "dare_ties": ("tasks", {"weight": 0.3, "density": 0.5}, {"lambda": 0.7}),
+    "breadcrumbs": ("tasks", {"weight": 0.3, "density": 0.9, "gamma": 0.01}, {"lambda": 0.7}),
+    "breadcrumbs_ties": ("tasks", {"weight": 0.3, "density": 0.8, "gamma": 0.1}, {"lambda": 0.7}),
+    "della": ("tasks", {"weight": 0.3, "density": 0.5, "epsilon": 0.1}, {"lambda": 0.7}),
+    "della_linear": ("tasks", {"weight": 0.3, "density": 0.4, "epsilon": 0.2}, {"lambda": 0.7}),
     "sce": ("tasks", {}, {"select_topk": 0.5}),
     "sce:three": ("three", {}, {"select_topk": 0.5}),  # a mean and variance over 3: no exact division
     "model_stock": ("tasks", {}, {}),
