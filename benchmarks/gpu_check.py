@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shape",
         default="tinyllama",
         choices=sorted(bench_merge.SHAPES),
-        help="compare and bench (default tinyllama: the check fits in a lent machine's 15 minutes)",
+        help="compare and bench (default tinyllama)",
     )
     ap.add_argument("--compare-methods", default="ties,dare_ties,della",
                     help="the methods the compare step merges on both devices (default ties,dare_ties,della); not "

@@ -186,38 +186,47 @@ def _stock_case(case: str) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the oracle's NaN cosine
 @pytest.mark.parametrize(
-    "case, sums_passes, peak_passes",
-    [("plain", 1, 0), ("outlier", 2, 0), ("zero-head", 1, 1), ("nan", 2, 1)],
+    "case, sums_passes, peak_passes, filter_wise",
+    [("plain", 1, 0, False), ("outlier", 2, 0, False), ("zero-head", 1, 1, False), ("nan", 2, 1, True)],
 )
-def test_model_stock_sums_at_scales_guessed_from_the_first_entries(monkeypatch, case, sums_passes, peak_passes):
+def test_model_stock_sums_at_scales_guessed_from_the_first_entries(
+    monkeypatch, case, sums_passes, peak_passes, filter_wise
+):
     """The sums' scales: guessed from the first SAMPLE entries and kept where the sums' own pass finds every entry
-    below them (one pass), else the peaks' (a second sums pass, and a peaks pass where the pass could not give
-    them). The fused kernels, the torch path whole and in chunks of 7000 agree to the byte, and with the oracle."""
+    below them (one pass), else the peaks' (a second sums pass, and a peaks pass where the first could not give
+    them). The fused kernels and the torch path, whole and in chunks of 7000, make the same passes, sum at the
+    same scales to the same integers, and write the same bytes; the output is the oracle's (NaN in the NaN's
+    row alone, with filter_wise)."""
     from merger.methods import selection
     from merger.methods import selection_kernels as sk
 
     xs, base = _stock_case(case)
     m = get_method("model_stock")
-    models, params = [m.model_params()] * 2, m.params()
+    models, params = [m.model_params()] * 2, m.params(filter_wise=filter_wise)
     context = TensorContext("w", seed=0, shape=tuple(base.shape))
-    calls = {"sums": 0, "peaks": 0, "torch sums": 0, "torch peaks": 0}
+    calls, sums = {"sums": 0, "peaks": 0, "torch sums": 0, "torch peaks": 0}, []
 
-    def counted(key, fn):
+    def counted(key, fn, is_pass=lambda *args: True):
         def call(*args, **kwargs):
-            calls[key] += 1
+            calls[key] += is_pass(*args)
             return fn(*args, **kwargs)
 
         return call
 
-    sample_or_pass = sk.abs_peaks
+    def kept(fn):
+        def call(*args):
+            sums.append(fn(*args))
+            return sums[-1]
 
-    def abs_peaks(xs, b, run):  # counted where it is a pass, not the first SAMPLE entries' sample
-        return (counted("peaks", sample_or_pass) if b.size > fixed_point.SAMPLE else sample_or_pass)(xs, b, run)
+        return call
 
-    monkeypatch.setattr(sk, "abs_peaks", abs_peaks)
+    monkeypatch.setattr(sk, "abs_peaks", counted("peaks", sk.abs_peaks, lambda xs, b, run: b.size > fixed_point.SAMPLE))
     monkeypatch.setattr(sk, "stock_sums", counted("sums", sk.stock_sums))
     monkeypatch.setattr(selection, "_stock_sums_pass", counted("torch sums", selection._stock_sums_pass))
-    monkeypatch.setattr(selection, "_stock_peaks", counted("torch peaks", selection._stock_peaks))
+    monkeypatch.setattr(
+        selection, "_stock_peaks", counted("torch peaks", selection._stock_peaks, lambda tv, limit=None: limit is None)
+    )
+    monkeypatch.setattr(selection, "stock_sums_by_guess", kept(selection.stock_sums_by_guess))
     out = torch.empty(base.numel())
     arrays = [as_array(x.reshape(-1)) for x in xs]
     in_pieces(
@@ -234,9 +243,14 @@ def test_model_stock_sums_at_scales_guessed_from_the_first_entries(monkeypatch, 
     pieces = m.fn(xs, base, models, params, state, context=context).reshape(-1)
     passes = {"sums": sums_passes, "peaks": peak_passes}
     assert calls == {**passes, **{f"torch {k}": 2 * v for k, v in passes.items()}}  # whole, then in chunks
+    assert len(sums) == 3
+    for s in sums[1:]:
+        for field in ("hi", "lo", "bad", "exponent"):
+            assert np.array_equal(getattr(s, field), getattr(sums[0], field)), field
     for got in (whole, pieces):
         assert torch.equal(got.nan_to_num(7.0).view(torch.int32), out.nan_to_num(7.0).view(torch.int32))
-    want = torch.from_numpy(stock_oracle([np64(x) for x in xs], np64(base), False)).reshape(-1)
+    want = torch.from_numpy(stock_oracle([np64(x) for x in xs], np64(base), filter_wise)).reshape(-1)
+    assert want.isnan().any() == (case == "nan") and not want.isnan().all()
     torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=2e-6, equal_nan=True)
 
 

@@ -1,4 +1,5 @@
-"""float64 exp and log from IEEE basic operations alone, so that every device gives the same bits.
+"""float64 exp and log from IEEE basic operations alone, and a division by a number, so that every device
+gives the same bits.
 
 Libraries round exp and log differently by an ulp (torch's CPU kernels, CUDA's, glibc's), which would
 make a merge that ranks by them depend on where it ran. These are fdlibm's algorithms (Sun, 1993; as
@@ -44,9 +45,10 @@ TABLE_BOUND = 64.0
 
 
 def divide_(t: Tensor, d: float) -> Tensor:
-    """t / d in place, correctly rounded on every device, for a Python number d; returns t. CUDA's torch
-    divides by a host number as a multiply by its reciprocal (an ulp off the quotient in some entries);
-    by a tensor on t's device it divides, as the CPU and the fused kernels do."""
+    """t / d in place for a float32 or float64 t and a Python number d (rounded to t's dtype first, as torch
+    rounds a number), the quotient rounded once on every device; returns t. CUDA's torch divides by a host
+    number as a multiply by its reciprocal (an ulp off the quotient in some entries); by a tensor on t's
+    device it divides, as the CPU and the fused kernels do."""
     import torch
 
     return t.div_(torch.full((), d, dtype=t.dtype, device=t.device))

@@ -20,7 +20,8 @@ Each vector's scale 2**-e must bound its entries (|v| < 2**e). Rather than a pas
 for its largest magnitude, e is guessed from the tensor's first SAMPLE entries and checked by the Gram
 pass, which finds each vector's largest magnitude as it goes; only a wrong guess costs a second pass
 (gram_by_guess). The rule depends on the entries alone, so the sums stay the same on any chunking and
-device.
+device. Model Stock's exact sums (merger.methods.selection) guess their scales by this SAMPLE and HEADROOM
+too (selection.stock_sums_by_guess), at a cost of 2 * HEADROOM of their limbs' bits.
 """
 
 from __future__ import annotations

@@ -169,79 +169,66 @@ def model_stock_prepare(
     inputs: InputChunks | None = None,
 ) -> StockState:
     """t per row (or per tensor) from the mean cosine between every pair of task vectors, from their exact dot
-    products (each pair, each with itself included), summed at scales that bound every entry (stock_guess: a
-    guess from the tensor's first entries, which the sums' pass checks; a pass for the largest magnitudes and
-    another for the sums only where it fails). A row where a task vector is not finite (NaN or inf) has no
-    cosine: its t is NaN, as mergekit's; such entries count for no peak and as 0 in the sums, which stay exact
-    integers."""
+    products (each pair, each with itself included), summed at the scales of stock_sums_by_guess. A row where a
+    task vector is not finite (NaN or inf) has no cosine: its t is NaN, as mergekit's; such entries count for
+    no peak and as 0 in the sums, which stay exact integers."""
     import torch
 
     cols = _cols(context, numel, params.filter_wise)
-    sample = _stock_sample(task_vectors)
+    sample = _stock_peaks(task_vectors, fixed_point.SAMPLE)
     if sample is None:  # an empty tensor
         return StockState(torch.zeros(1), cols)
-    exponent = stock_guess(sample, numel)
-    found = None
-    if exponent is not None:
-        *sums, found = _stock_sums_pass(task_vectors, exponent, len(models), numel, cols)
-    if found is None or not bounded(found, exponent):
-        peaks = found if found is not None and np.isfinite(found).all() else _stock_peaks(task_vectors)
-        exponent = np.frexp(peaks)[1]
-        *sums, _ = _stock_sums_pass(task_vectors, exponent, len(models), numel, cols)
-    hi, lo, bits, bad, like = sums
-    t = stock_ratio(hi, lo, bits, exponent, len(models), bad)
-    return StockState(torch.from_numpy(t).to(device=like.device, dtype=like.dtype), cols)
+    sums = stock_sums_by_guess(
+        _floats64(sample),
+        numel,
+        lambda exponent, clean: _stock_sums_pass(task_vectors, exponent, len(models), numel, cols),
+        lambda: (_floats64(_stock_peaks(task_vectors)), False),
+    )
+    t = stock_ratio(sums, len(models))
+    return StockState(torch.from_numpy(t).to(device=sample.device, dtype=sample.dtype), cols)
 
 
-def _stock_sample(task_vectors: Callable[[], Iterable[list[Tensor]]]) -> np.ndarray | None:
-    """Each task vector's largest finite magnitude over the tensor's first fixed_point.SAMPLE entries (float64;
-    0 where none is finite); None for an empty tensor."""
+def _floats64(t: Tensor) -> np.ndarray:
+    return t.double().cpu().numpy()
+
+
+def _stock_peaks(task_vectors: Callable[[], Iterable[list[Tensor]]], limit: int | None = None) -> Tensor | None:
+    """Each task vector's largest finite magnitude (0 where none is finite) over the tensor's first `limit`
+    entries (every entry: a pass), as an (n,) tensor of the chunks' dtype on their device; None for an empty
+    tensor."""
     import torch
 
-    peak, need = None, fixed_point.SAMPLE
+    peak, need = None, limit
     for chunk in task_vectors():
-        m = min(need, chunk[0].numel())
+        m = chunk[0].numel() if need is None else min(need, chunk[0].numel())
         if m:
             found = torch.stack([d[:m].abs().nan_to_num_(0.0, 0.0).amax() for d in chunk])
             peak = found if peak is None else torch.maximum(peak, found)
-        need -= m
         del chunk
-        if not need:
-            break
-    return None if peak is None else peak.double().cpu().numpy()
-
-
-def _stock_peaks(task_vectors: Callable[[], Iterable[list[Tensor]]]) -> np.ndarray:
-    """Each task vector's largest finite magnitude (float64; 0 where none is finite): a pass."""
-    import torch
-
-    peak = None
-    for chunk in task_vectors():
-        if chunk[0].numel():
-            found = torch.stack([d.abs().nan_to_num_(0.0, 0.0).amax() for d in chunk])
-            peak = found if peak is None else torch.maximum(peak, found)
-    return peak.double().cpu().numpy()
+        if need is not None:
+            need -= m
+            if not need:
+                break
+    return peak
 
 
 def _stock_sums_pass(
     task_vectors: Callable[[], Iterable[list[Tensor]]], exponent: np.ndarray, n: int, numel: int, cols: int
-):
-    """The sums' pass at scales 2**-exponent: (hi, lo, bits, bad, an empty tensor like the chunks, each task
-    vector's largest magnitude (float64, NaN or inf where it holds one)), the first five as stock_ratio takes
-    them. One synchronisation, at the end."""
+) -> StockSums:
+    """The sums' pass at scales 2**-exponent, each task vector's largest magnitude found as it goes (before
+    _not_finite mends the chunk). One synchronisation, at the end."""
     import torch
 
     scale = _pow2_np(-np.asarray(exponent)).tolist()
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
-    sums = bad = peak = like = None
+    rows = max(1, numel // cols)
+    sums = bad = peak = None
     offset = 0
     for chunk in task_vectors():
         if sums is None:
-            like = chunk[0]
-            rows = max(1, numel // cols)
-            sums = _ExactRowSums(len(pairs), rows, cols, like.device)
-            bad = torch.zeros(rows, dtype=torch.int64, device=like.device)
-        found = torch.stack([fixed_point.peak(d) for d in chunk])  # before _not_finite mends them
+            sums = _ExactRowSums(len(pairs), rows, cols, chunk[0].device)
+            bad = torch.zeros(rows, dtype=torch.int64, device=chunk[0].device)
+        found = torch.stack([fixed_point.peak(d) for d in chunk])
         peak = found if peak is None else torch.maximum(peak, found)
         not_finite = _not_finite(chunk)
         row, counts = _by_rows(not_finite, offset, cols, torch.sum)
@@ -253,8 +240,8 @@ def _stock_sums_pass(
             other = chunk[j].to(torch.float64, copy=True).mul_(scale[j])  # a copy: float64 chunks too
             sums.add(p, scaled[1] * other, offset)  # float32 x float32: exact
         offset += chunk[0].numel()
-    hi, lo, bad, peak = (v.cpu().numpy() for v in (sums.hi, sums.lo, bad, peak.double()))
-    return hi, lo, sums.bits, bad, like.new_empty(0), peak
+    hi, lo, bad = (v.cpu().numpy() for v in (sums.hi, sums.lo, bad))
+    return StockSums(hi, lo, sums.bits, bad, np.asarray(exponent), _floats64(peak))
 
 
 def _not_finite(chunk: list[Tensor]) -> Tensor:
@@ -274,12 +261,51 @@ def _pow2_np(exponents: np.ndarray) -> np.ndarray:
     return ((np.clip(exponents.astype(np.int64), -1022, 1023) + 1023) << 52).view(np.float64)
 
 
+@dataclass(frozen=True)
+class StockSums:
+    """A Model Stock sums' pass at scales 2**-exponent: the (pairs, rows) int64 limb sums (hi, lo) of the scaled
+    dot products of every pair i <= j, their bits per limb, the (rows,) counts of entries where a task vector is
+    not finite (not counted by the kernel's clean pass) and each task vector's largest magnitude (float64, NaN or
+    inf where it holds one; None where the pass did not track it)."""
+
+    hi: np.ndarray
+    lo: np.ndarray
+    bits: int
+    bad: np.ndarray
+    exponent: np.ndarray
+    peaks: np.ndarray | None
+
+
+def stock_sums_by_guess(
+    sample: np.ndarray,
+    numel: int,
+    sums_at: Callable[[np.ndarray, bool], StockSums],
+    peaks: Callable[[], tuple[np.ndarray, bool]],
+) -> StockSums:
+    """Model Stock's sums at the scales both paths take, through their own passes: sums_at(exponent, clean) (clean:
+    every entry may be taken as finite, the peaks showing where one was not) and peaks() (each task vector's
+    largest finite magnitude and whether every entry is finite: a pass). sample: the largest finite magnitudes
+    over the tensor's first fixed_point.SAMPLE entries.
+
+    The scales: stock_guess's where it guesses and the pass at them finds every entry finite and below them
+    (bounded); else those of the largest finite magnitudes, which the guessed pass found where every entry was
+    finite, and a peaks pass finds otherwise (the sample, for a tensor no larger)."""
+    exponent = stock_guess(sample, numel)
+    if exponent is not None:
+        sums = sums_at(exponent, True)
+        if bounded(sums.peaks, exponent):
+            return sums
+        if np.isfinite(sums.peaks).all():
+            return sums_at(np.frexp(sums.peaks)[1], True)
+    found, clean = (sample, False) if numel <= fixed_point.SAMPLE else peaks()  # a small tensor's sample is all of it
+    return sums_at(np.frexp(np.asarray(found, np.float64))[1], clean)
+
+
 def stock_guess(sample: np.ndarray, numel: int) -> np.ndarray | None:
-    """The exponents e of the scales 2**-e at which the sums are made (|d_i| < 2**e_i), guessed from each task
+    """The exponents e of the scales 2**-e that stock_sums_by_guess tries first (|d_i| < 2**e_i), from each task
     vector's largest finite magnitude over the tensor's first fixed_point.SAMPLE entries: fixed_point.HEADROOM
-    binades above it, or its own where those entries are the whole tensor. None where a sample holds no
-    nonzero finite entry: it guesses nothing. Both paths keep a guess where `bounded` holds, else take the
-    exponents of the whole task vectors' largest finite magnitudes, so they sum at the same scales."""
+    binades above it, or its own where those entries are the whole tensor. None where a sample holds no nonzero
+    finite entry: it guesses nothing."""
     sample = np.asarray(sample, np.float64)
     if not (sample > 0).all():
         return None
@@ -293,15 +319,14 @@ def bounded(found: np.ndarray, exponent: np.ndarray) -> bool:
     return bool(np.isfinite(found).all() and (np.frexp(found)[1] <= exponent).all())
 
 
-def stock_ratio(hi: np.ndarray, lo: np.ndarray, bits: int, exponent: np.ndarray, n: int, bad: np.ndarray) -> np.ndarray:
-    """t per row (float64) from the (pairs, rows) limb sums of the scaled dot products of every pair i <= j
-    and each task vector's exponent (|d_i| < 2**e_i), in elementwise float64 operations alone: the same bits
-    in both paths. NaN in the rows where bad (rows,) counts entries that are not finite."""
+def stock_ratio(s: StockSums, n: int) -> np.ndarray:
+    """t per row (float64) from the sums of n task vectors, in elementwise float64 operations alone: the same bits
+    in both paths. NaN in the rows where a task vector is not finite."""
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
-    unscaled = _pow2_np(exponent)
-    sums = (hi.astype(np.float64) + lo.astype(np.float64) * 2.0**-bits) * 2.0**-bits
+    unscaled = _pow2_np(s.exponent)
+    sums = (s.hi.astype(np.float64) + s.lo.astype(np.float64) * 2.0**-s.bits) * 2.0**-s.bits
     dots = sums * np.array([unscaled[i] * unscaled[j] for i, j in pairs])[:, None]  # (pairs, rows)
-    dots[:, bad > 0] = np.nan
+    dots[:, s.bad > 0] = np.nan
     total = None
     with np.errstate(all="ignore"):
         norms = {i: np.sqrt(dots[pairs.index((i, i))]) for i in range(n)}
@@ -358,8 +383,7 @@ def model_stock_fused(
     if not numel:
         return _noop
     cols = _cols(context, numel, params.filter_wise)
-    hi, lo, bits, exponent, bad = _fused_stock_sums(tensors, base, cols, run)
-    t = stock_ratio(hi, lo, bits, exponent, len(tensors), bad).astype(np.float32)
+    t = stock_ratio(_fused_stock_sums(tensors, base, cols, run), len(tensors)).astype(np.float32)
 
     def merge_range(start: int, end: int, out: np.ndarray) -> None:
         sk.stock_merge([x[start:end] for x in tensors], base[start:end], out, t, cols, start, run)
@@ -367,26 +391,20 @@ def model_stock_fused(
     return merge_range
 
 
-def _fused_stock_sums(tensors, base, cols: int, run) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
-    """model_stock_prepare's sums through selection_kernels, at the same scales: (hi, lo, bits, exponent, bad)."""
+def _fused_stock_sums(tensors, base, cols: int, run) -> StockSums:
+    """model_stock_prepare's sums through selection_kernels' passes, at the same scales (stock_sums_by_guess)."""
     from merger.methods import selection_kernels as sk
 
     numel, bits = base.size, _bits(cols)
     rows = max(1, numel // cols)
+
+    def sums_at(exponent: np.ndarray, clean: bool) -> StockSums:
+        hi, lo, bad, peaks = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run, clean)
+        return StockSums(hi, lo, bits, bad, exponent, peaks.astype(np.float64) if clean else None)
+
     head = min(numel, fixed_point.SAMPLE)
-    exponent = stock_guess(sk.abs_peaks([x[:head] for x in tensors], base[:head], run)[0], numel)
-    found = None
-    if exponent is not None:  # every entry finite assumed, and checked by the peaks the pass finds
-        hi, lo, bad, found = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run, True)
-        if bounded(found, exponent):
-            return hi, lo, bits, exponent, bad
-    if found is not None and np.isfinite(found).all():
-        peaks, clean = found, True
-    else:
-        peaks, clean = sk.abs_peaks(tensors, base, run)
-    exponent = np.frexp(peaks.astype(np.float64))[1]  # |d_i| < 2**e_i
-    hi, lo, bad, _ = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run, clean)
-    return hi, lo, bits, exponent, bad
+    sample = sk.abs_peaks([x[:head] for x in tensors], base[:head], run)[0]
+    return stock_sums_by_guess(sample, numel, sums_at, lambda: sk.abs_peaks(tensors, base, run))
 
 
 def at_least_two(models: Sequence[BaseModel], params: BaseModel) -> str | None:

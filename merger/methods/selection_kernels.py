@@ -215,7 +215,7 @@ def stock_sums(
     rows: int,
     run: Runner,
     clean: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The (pairs, rows) int64 limb sums selection._ExactRowSums holds after model_stock_prepare's sums pass,
     the (rows,) counts of entries where a task vector is not finite (not looked for where `clean`) and, with
     `clean`, each task vector's largest magnitude (float32; inf or NaN where it holds one, and then the sums

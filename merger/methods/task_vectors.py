@@ -300,7 +300,7 @@ def ties(
     for d, m in zip(deltas, models):
         torch.gt(d * elected, 0, out=agree)
         if divisor is not None:
-            divisor.add_(agree, alpha=abs(m.weight))
+            divisor.add_(agree, alpha=abs(m.weight))  # 0 or |w|: exact, fused or not
         merged.add_(d.masked_fill_(agree.logical_not_(), 0))  # not d * agree: inf * 0 is NaN
     if divisor is not None:
         # |w|: a negative weight negates its task vector and still counts as that much of the mean.
