@@ -266,14 +266,14 @@ class StockSums:
     """A Model Stock sums' pass at scales 2**-exponent: the (pairs, rows) int64 limb sums (hi, lo) of the scaled
     dot products of every pair i <= j, their bits per limb, the (rows,) counts of entries where a task vector is
     not finite (not counted by the kernel's clean pass) and each task vector's largest magnitude (float64, NaN or
-    inf where it holds one; None where the pass did not track it)."""
+    inf where it holds one)."""
 
     hi: np.ndarray
     lo: np.ndarray
     bits: int
     bad: np.ndarray
     exponent: np.ndarray
-    peaks: np.ndarray | None
+    peaks: np.ndarray
 
 
 def stock_sums_by_guess(
@@ -400,7 +400,7 @@ def _fused_stock_sums(tensors, base, cols: int, run) -> StockSums:
 
     def sums_at(exponent: np.ndarray, clean: bool) -> StockSums:
         hi, lo, bad, peaks = sk.stock_sums(tensors, base, _pow2_np(-exponent), bits, cols, rows, run, clean)
-        return StockSums(hi, lo, bits, bad, exponent, peaks.astype(np.float64) if clean else None)
+        return StockSums(hi, lo, bits, bad, exponent, peaks.astype(np.float64))
 
     head = min(numel, fixed_point.SAMPLE)
     sample = sk.abs_peaks([x[:head] for x in tensors], base[:head], run)[0]

@@ -120,8 +120,8 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad, clean, peaks):  #
     """Model Stock's exact dot products of every pair (i <= j) of scaled task vectors over a flat range
     starting at `offset`: hi[p, r], lo[p, r] += the limb sums of row offset // cols + r, a task vector's
     entries that are not finite taken as 0 there and counted (any model's) in bad[r]; unchecked where
-    `clean` (every entry is finite, or the sums are not used where one is not). With `clean`, peaks[j]: the
-    bits of max |x_j - b| (as _abs_peaks without `finite`), which tells whether the scales bounded the range."""
+    `clean` (every entry is finite, or the sums are not used where one is not). peaks[j]: the bits of
+    max |x_j - b| (as _abs_peaks without `finite`), which tells whether the scales bounded the range."""
     xs, b, scale, limb, cols, offset, hi, lo, bad = borrow((xs, b, scale, limb, cols, offset, hi, lo, bad))
     n = b.size
     nm = len(xs)
@@ -141,16 +141,12 @@ def _stock_sums(xs, b, scale, limb, cols, offset, hi, lo, bad, clean, peaks):  #
                 x = xs[j]
                 s = scale[j]
                 dj = sd[j]
-                if clean:
-                    top = peaks[j]
-                    for i in range(m):
-                        d = load(x, U(st + i)) - bf[i]
-                        top = max(top, _bits_of_f32(d) & ABS)
-                        dj[i] = np.float64(d) * s  # exact: a power of two
-                    peaks[j] = top
-                else:
-                    for i in range(m):
-                        dj[i] = np.float64(load(x, U(st + i)) - bf[i]) * s
+                top = peaks[j]
+                for i in range(m):
+                    d = load(x, U(st + i)) - bf[i]
+                    top = max(top, _bits_of_f32(d) & ABS)
+                    dj[i] = np.float64(d) * s  # exact: a power of two
+                peaks[j] = top
             if not clean:
                 bad[r] += _mend_block(xs, bf, st, m, sd)
             p = 0
@@ -217,8 +213,8 @@ def stock_sums(
     clean: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The (pairs, rows) int64 limb sums selection._ExactRowSums holds after model_stock_prepare's sums pass,
-    the (rows,) counts of entries where a task vector is not finite (not looked for where `clean`) and, with
-    `clean`, each task vector's largest magnitude (float32; inf or NaN where it holds one, and then the sums
+    the (rows,) counts of entries where a task vector is not finite (not looked for where `clean`) and each
+    task vector's largest magnitude (float32; inf or NaN where it holds one, and then a `clean` pass's sums
     mean nothing)."""
     xs = tuple(xs)
     pairs = len(xs) * (len(xs) + 1) // 2
