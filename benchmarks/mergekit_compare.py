@@ -444,10 +444,11 @@ def main() -> int:
     p.add_argument("--rtol", default=1e-6, type=float, help="relative (to the tensor's max) difference accepted")
     p.add_argument(
         "--input-dtype",
-        default="bfloat16",
+        default="float32",
         choices=["bfloat16", "float32"],
-        help="the family's dtype; bfloat16 task vectors are coarse, so TIES meets equal magnitudes "
-        "at its trim threshold and votes that cancel, which the two tools settle differently",
+        help="the family's dtype (default float32, where every recipe agrees); bfloat16 task vectors are coarse, "
+        "so TIES meets equal magnitudes at its trim threshold and votes that cancel, which the two tools settle "
+        "differently (README: details that differ on purpose): its TIES recipes then show DIFFER",
     )
     p.add_argument("--json", action="store_true")
     p.add_argument("recipes", nargs="*", help="names of RECIPES (default: all)")

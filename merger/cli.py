@@ -231,6 +231,8 @@ def _apply(
 
     progress = not quiet and not as_json and sys.stderr.isatty()
     plan, lock = _plan(recipe, device, shard_size, locked, offline, seed, progress)
+    if plan.config_from is None and not quiet and not as_json:
+        click.echo(f"note: {plan.config_note()}", err=True)
     dest = _destination(plan, output)
     target = plan.spec.recipe.hub if not no_push else None
     api = publish.hub_api() if target else None  # no token: fail now, not after the merge
@@ -352,6 +354,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "device_reason": p.device_reason,
         "compute_dtype": p.compute_dtype,
         "random_seed": p.spec.seed,
+        "config_from": p.config_from.ref if p.config_from is not None else None,
         "output": str(resolved) if resolved else None,
         "output_exists": resolved is not None and os.path.lexists(resolved),
         "tensors": len(p.tensors),
@@ -400,6 +403,8 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     if p.spec.seed:
         click.echo(f"  random seed:  {p.spec.seed} (each tensor's draws follow from it)")
     click.echo(f"  tensors:      {len(p.tensors)} ({info['tensors_merged']} merged, {info['tensors_copied']} copied)")
+    if p.config_note():
+        click.echo(f"  config:       {p.config_note()}")
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     if p.model_wide:  # TIES' global trim: the radix select's passes over the whole model come first
         click.echo(f"                and before merging, {p.spec.method.name} reads the models through a few times")

@@ -59,10 +59,10 @@ def output_dtype_name(plan: Plan) -> str | None:
 
 
 def copy_support_files(plan: Plan, directory: Path) -> None:
-    """config.json with the output's dtype, generation files from the reference model, tokenizer files
+    """config.json with the output's dtype and the generation files from Plan.config_from, tokenizer files
     from the tokenizer source: the ones each holds, read through its folder and checked
     (sources.read_support)."""
-    data = read_config(plan.reference)
+    data = read_config(plan.config_from) if plan.config_from is not None else None
     if data is not None:
         dtype = output_dtype_name(plan)
         if dtype:
@@ -72,8 +72,8 @@ def copy_support_files(plan: Plan, directory: Path) -> None:
         if plan.layers is not None and plan.layer_origins != list(range(plan.layers)):  # slices restacked them
             restack_config(data, plan.layers, plan.layer_origins)
         (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    for model, names in ((plan.reference, MODEL_FILES), (plan.tokenizer_from, TOKENIZER_FILES)):
-        for name in names:
+    for model, names in ((plan.config_from, MODEL_FILES), (plan.tokenizer_from, TOKENIZER_FILES)):
+        for name in names if model is not None else ():
             if model.folder.stat(name) is not None:
                 _copy(model, name, directory)
 
@@ -139,11 +139,21 @@ def write_card(plan: Plan, directory: Path, title: str, extra: str | None = None
         lines += ["", "Layers and parameters per tensor: see the recipe below (`merger plan` shows each layer's)."]
     elif method_params:
         lines += ["", f"Method parameters: {method_params}."]
+    lines += _seed_lines(spec.seed, spec.recipe.random_seed)
     if extra:
         lines += ["", extra.strip()]
     recipe = spec.source.text or yaml.safe_dump(spec.recipe.model_dump(exclude_defaults=True), sort_keys=False)
     lines += ["", "## Recipe", "", "```yaml", recipe.strip(), "```", ""]
     (directory / "README.md").write_text("\n".join(lines))
+
+
+def _seed_lines(seed: int, recipe_seed: int) -> list[str]:
+    """The card's word on the seed the merge used, where it is not the default 0 or not the recipe's own
+    (--random-seed: the recipe shown below it names another)."""
+    if seed != recipe_seed:
+        where = f"set outside the recipe: `--random-seed`, or a lock file's; the recipe below says {recipe_seed}"
+        return ["", f"Random seed: {seed} ({where})."]
+    return ["", f"Random seed: {seed}."] if seed else []
 
 
 def _at_commit(model: LocalModel | None) -> str:

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import re
 import signal
+import time
 from datetime import timedelta
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -87,7 +88,7 @@ def write_with_workers(
     parts = [[shards[i] for i in p] for p in assign(mine, budget.worker_processes(workers, len(mine))) if p]
     ctx = multiprocessing.get_context("spawn")  # fork would copy our threads (and torch's CUDA state)
     threads = max(1, system.default_threads() // max(1, len(parts)))  # the cores, shared among the processes
-    procs, results = {}, []
+    procs, results, answered = {}, [], []
     try:
         # Started with SIGINT ignored, which they keep: Ctrl-C reaches the whole process group, and only
         # the parent should act on it (it ends the workers), not every worker with a traceback of its own.
@@ -113,15 +114,24 @@ def write_with_workers(
                 if status == "error":
                     raise value
                 results.append(value)
+                answered.append(procs[conn])
                 waiting.discard(conn)
     finally:
-        _end(procs.values())
+        _end(procs.values(), answered)
     return sum(r[0] for r in results), max((r[1] for r in results), default=0), max((r[2] for r in results), default=0)
 
 
-def _end(procs) -> None:
-    """Stop the worker processes still running (after a failure or an interrupt) and reap them all."""
+EXIT_WAIT = 10.0  # seconds a worker that sent its result may take to exit before it is stopped
+
+
+def _end(procs, answered=()) -> None:
+    """Reap the worker processes: those that sent their result are left to exit on their own first (one
+    stopped while exiting leaves its semaphores to the resource tracker, which then warns of them), and the
+    rest (after a failure or an interrupt) are stopped at once."""
     procs = [proc for proc in procs if proc.pid is not None]  # one that failed to start has nothing to reap
+    deadline = time.monotonic() + EXIT_WAIT
+    for proc in answered:
+        proc.join(max(0.0, deadline - time.monotonic()))
     for proc in procs:
         if proc.is_alive():
             proc.terminate()

@@ -100,7 +100,7 @@ class Plan:
     spec: MergeSpec
     inputs: list[LocalModel]  # one per spec.ingredients
     base: LocalModel | None
-    reference: LocalModel  # the base, else the first model: output dtypes, config
+    reference: LocalModel  # the base, else the first model: output dtypes and tensor names
     tokenizer_from: LocalModel
     shards: list[Shard]
     shard_size: int
@@ -109,6 +109,9 @@ class Plan:
     device_reason: str = ""  # why that device (merger.device.choose)
     layers: int | None = None  # the reference's layers (merger.layers), None without any
     layer_origins: list[int] = field(default_factory=list)  # per output layer, the layer it was made from
+    # where config.json and the generation files come from: the reference, or in a models: recipe the first
+    # model (base first) holding a config.json where the reference holds none; None where no model holds one
+    config_from: LocalModel | None = None
     # per tensor name, what the method's model-wide pass found (stream.model_pass; empty without one)
     model_state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _pinned_caps: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -191,12 +194,21 @@ class Plan:
                 out[model.path] = (model, weights + [n for n in self.support_names(model) if model.has(n)])
         return list(out.values())
 
+    def config_note(self) -> str | None:
+        """Where the output's config.json comes from, when not from the reference (`merger plan`, and for
+        none at all `merger apply` too)."""
+        if self.config_from is None:
+            return "none of the models holds a config.json: the output has none (transformers needs one to load it)"
+        if self.config_from.path != self.reference.path:
+            return f"from '{self.config_from.ref}' ('{self.reference.ref}' holds none), with the generation files"
+        return None
+
     def support_names(self, model: LocalModel) -> list[str]:
         """The files besides its weights the merge may read from `model`, by its part in the merge: every
-        input's index and model card (for its license), the reference's config and generation files, the
+        input's index and model card (for its license), config_from's config and generation files, the
         tokenizer source's tokenizer files."""
         names = [INDEX_NAME, CARD_NAME]
-        if model.path == self.reference.path:
+        if self.config_from is not None and model.path == self.config_from.path:
             names += ["config.json", *MODEL_FILES]
         if model.path == self.tokenizer_from.path:
             names += TOKENIZER_FILES
@@ -422,6 +434,11 @@ def cuda_available() -> bool:
 
 def open_model(ref: str, hub: Hub | None = None) -> LocalModel:
     """A recipe's model reference, its headers read: a local directory, else a Hub id (org/name[@rev])."""
+    if "+" in ref and not os.path.exists(os.path.expanduser(ref)):
+        raise ModelError(
+            f"'{ref}': mergekit's model+LoRA form; merger does not apply LoRA adapters yet: merge the adapter "
+            "into its model first (peft's merge_and_unload) and name that folder"
+        )
     return (hub or Hub()).open(ref) if is_hub_id(ref) else open_local(ref)
 
 
@@ -449,10 +466,7 @@ def build_plan(
     recipe = spec.recipe
     base, inputs, tok, where_of, opened = _open_models(spec, hub, dict(opened or {}))
     reference = base or (inputs[0] if spec.slices is None else opened[spec.slices[0].inputs[0].ref])
-    try:
-        read_config(reference)  # copied into the output at the end: a broken one fails now, not then
-    except ModelError as e:
-        raise RecipeError([f"{where_of[reference.path]}: {e}"]) from None
+    config_from = _config_source(spec, reference, base, inputs, where_of)
     # In a models: recipe every model must hold the reference's tensors, with the same shapes (and for
     # non-float tensors, the same dtype, since they are copied rather than merged); slices are checked
     # tensor by tensor (merger.assemble).
@@ -479,6 +493,7 @@ def build_plan(
         compute_dtype=recipe.compute_dtype,
         layers=assembly.stack.count if assembly.stack else None,
         layer_origins=assembly.origins,
+        config_from=config_from,
     )
     plan.device, plan.device_reason = resolve_device(plan, device or recipe.device)
     for model in plan.models + [plan.tokenizer_from]:
@@ -489,6 +504,20 @@ def build_plan(
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
     return plan
+
+
+def _config_source(spec: MergeSpec, reference: LocalModel, base, inputs, where_of) -> LocalModel | None:
+    """Plan.config_from: the reference, else in a models: recipe the first model holding a config.json
+    (every model there holds the reference's tensors, checked after: its config fits); its config read and
+    checked now, since it is copied into the output at the end."""
+    for model in [reference] + (([base] if base else []) + inputs if spec.slices is None else []):
+        try:
+            if model.has("config.json"):
+                read_config(model)
+                return model
+        except ModelError as e:
+            raise RecipeError([f"{where_of[model.path]}: {e}"]) from None
+    return None
 
 
 def _open_models(spec: MergeSpec, hub: Hub | None, opened: dict[str, LocalModel]):

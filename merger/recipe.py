@@ -344,6 +344,10 @@ def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
         bad_line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else ""
         if re.match(r"\s*accept:\s*>", bad_line):
             problem += ' (a bare > starts a folded block in YAML: quote the rule, accept: ">=")'
+        opened = getattr(e, "context_mark", None)  # where the unfinished part began (an unclosed { or [)
+        context = getattr(e, "context", None)
+        if opened is not None and context and mark is not None and opened.line != mark.line:
+            problem += f" ({context.removeprefix('while ')} that line {opened.line + 1} opened)"
         raise RecipeError([f"{name}{line}: invalid YAML: {problem}"]) from None
     problems: list[str] = []
     if root is not None:
@@ -802,6 +806,14 @@ def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: t
         msg = "required key is missing"
     elif kind in ("finite_number",):
         msg = "must be a finite number"
+    elif kind == "model_type":  # a plain value where keys go; pydantic's text names the class
+        target = _walk(model, tuple(err["loc"]))[1]
+        given = err.get("input")
+        msg = f"must be a mapping of keys ({', '.join(_keys(target))})" if target else "must be a mapping of keys"
+        if not isinstance(given, dict | list):
+            msg += f", got {given!r}"
+        if isinstance(given, str) and target is not None and "model" in _keys(target):
+            msg += f"; write it as `model: {given}`"
     else:
         msg = err["msg"]
         if "input" in err and not isinstance(err["input"], dict | list):

@@ -220,7 +220,8 @@ def _keys(plan: Plan, cache: ScoreCache, evaluator: Evaluator) -> Callable[[tupl
     recipe = plan.spec.recipe
     # Without a cache file, paths are identity enough within one run.
     idents = [cache.model_hash(m) if cache.path else str(m.path) for m in plan.inputs]
-    support = [(plan.reference, "config.json")] + [(plan.tokenizer_from, n) for n in TOKENIZER_FILES]
+    support = [(plan.config_from, "config.json")] if plan.config_from is not None else []
+    support += [(plan.tokenizer_from, n) for n in TOKENIZER_FILES]
     common = {
         "dtype": DTYPE_CODE.get(recipe.out_dtype or recipe.dtype or ""),
         "compute_dtype": recipe.compute_dtype,

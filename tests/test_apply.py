@@ -168,6 +168,29 @@ def test_float16_output_and_config_dtype(tmp_path, family):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
 
 
+def test_config_comes_from_the_first_model_holding_one(tmp_path, family):
+    """A base without config.json: the output's config (and generation files) come from the first model that
+    holds them, and plan says so; where no model holds one, the output has none and apply says so."""
+    paths, _ = family
+    (paths["base"] / "config.json").unlink()
+    (paths["ft2"] / "config.json").write_text(json.dumps({"model_type": "toy", "torch_dtype": "float32", "n": 2}))
+    (paths["ft2"] / "generation_config.json").write_text('{"max_length": 7}')
+    (paths["ft1"] / "config.json").unlink()
+    recipe = f"merge_method: task_arithmetic\nbase_model: {paths['base']}\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
+    (tmp_path / "r.yaml").write_text(recipe)
+    shown = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
+    assert shown.exit_code == 0, shown.output
+    assert f"config:       from '{paths['ft2']}' ('{paths['base']}' holds none)" in shown.output
+    apply(tmp_path, recipe, "-o", str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["n"] == 2
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == {"max_length": 7}
+    (paths["ft2"] / "config.json").unlink()
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "none")])
+    assert result.exit_code == 0, result.output
+    assert "note: none of the models holds a config.json: the output has none" in result.stderr
+    assert not (tmp_path / "none" / "config.json").exists() and (tmp_path / "none" / "merger.lock.json").exists()
+
+
 def test_output_layout_card_and_determinism(tmp_path, family):
     paths, _ = family
     (paths["base"] / "tokenizer.json").write_text("{}")

@@ -112,6 +112,15 @@ def test_invalid_yaml(workdir):
     assert err.startswith("error: recipe.yaml:3: invalid YAML: ")
 
 
+def test_invalid_yaml_names_the_line_that_opened_the_unclosed_part(workdir):
+    err = run_bad(
+        GOOD.replace("    parameters:\n      weight: 0.5\n", "    parameters: {weight: 0.5\n  - model: ft3\n")
+    )
+    assert err == (
+        "error: recipe.yaml:10: invalid YAML: expected ',' or '}', but got ':' (parsing a flow mapping that line 9 opened)\n"
+    )
+
+
 def test_duplicate_key(workdir):
     err = run_bad(GOOD + "merge_method: linear\n")
     assert err == "error: recipe.yaml:13: duplicate key 'merge_method'\n"
@@ -132,6 +141,25 @@ def test_missing_model_directory(workdir):
     err = run_bad(GOOD.replace("model: ft2", "model: ft9"))
     assert (
         err == f"error: recipe.yaml:8: models[1].model: 'ft9': no such directory in the working directory ({workdir})\n"
+    )
+
+
+def test_a_bare_model_path_in_models_is_shown_how_to_write_it(workdir):
+    """`- ft2` where `- model: ft2` goes: the keys it takes and the fix, not pydantic's class name."""
+    err = run_bad(GOOD.replace("  - model: ft2\n    parameters:\n      weight: 0.5\n", "  - ft2\n"))
+    assert err == (
+        "error: recipe.yaml:8: models[1]: must be a mapping of keys (model, parameters), got 'ft2'; "
+        "write it as `model: ft2`\n"
+    )
+
+
+def test_a_model_with_a_lora_is_refused_by_name(workdir):
+    """mergekit's `model: base+adapter`: refused as what it is, not as a missing folder."""
+    err = run_bad(GOOD.replace("model: ft2", "model: ft2+loras/ft2-adapter"))
+    assert err == (
+        "error: recipe.yaml:8: models[1].model: 'ft2+loras/ft2-adapter': mergekit's model+LoRA form; merger does "
+        "not apply LoRA adapters yet: merge the adapter into its model first (peft's merge_and_unload) and name "
+        "that folder\n"
     )
 
 

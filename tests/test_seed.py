@@ -57,6 +57,7 @@ def test_the_recipes_seed_reaches_every_tensor_and_the_lock(workdir):
     apply("r.yaml", "-o", "out")
     assert seeds(workdir / "out") == {n: oracle(5, n) for n in NAMES}
     assert json.loads((workdir / "out" / "merger.lock.json").read_text())["random_seed"] == 5
+    assert "\nRandom seed: 5.\n" in (workdir / "out" / "README.md").read_text()  # the model card
 
 
 def test_random_seed_option_overrides_the_recipe_and_locked_reruns_use_it(workdir):
@@ -66,8 +67,12 @@ def test_random_seed_option_overrides_the_recipe_and_locked_reruns_use_it(workdi
     apply("r.yaml", "-o", "nine", "--random-seed", "9")
     assert seeds(workdir / "nine") == {n: oracle(9, n) for n in NAMES}
     assert json.loads((workdir / "nine" / "merger.lock.json").read_text())["random_seed"] == 9
+    card = (workdir / "nine" / "README.md").read_text()
+    assert "Random seed: 9 (set outside the recipe: `--random-seed`, or a lock file's; the recipe below says 0)" in card
+    assert "Random seed" not in (workdir / "default" / "README.md").read_text()  # the default, as the recipe says
     apply("--locked", "nine/merger.lock.json", "-o", "again")
     assert seeds(workdir / "again") == seeds(workdir / "nine")
+    assert "Random seed: 9 (set outside the recipe" in (workdir / "again" / "README.md").read_text()
     apply("--locked", "nine/merger.lock.json", "-o", "other", "--random-seed", "3")  # the option still wins
     assert seeds(workdir / "other") == {n: oracle(3, n) for n in NAMES}
 

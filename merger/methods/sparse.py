@@ -53,14 +53,20 @@ SCE_EPS = 1e-6  # and SCE's weights uniform when their sum is below this
 
 
 class DareModelParams(TaskModelParams):
-    density: float = Field(1.0, ge=0, le=1, description="fraction of entries kept (DARE: each with this probability)")
+    density: float = Field(1.0, ge=0, le=1, description="fraction of entries kept, each with this probability")
 
 
 class BreadcrumbsModelParams(DareModelParams):
+    density: float = Field(
+        1.0, ge=0, le=1, description="fraction of entries kept: the largest magnitudes after the gamma dropped"
+    )
     gamma: float = Field(0.01, ge=0, le=1, description="fraction of largest-magnitude entries dropped first")
 
 
 class DellaModelParams(DareModelParams):
+    density: float = Field(
+        1.0, ge=0, le=1, description="mean keep probability: each entry's by its magnitude's rank in its row"
+    )
     epsilon: float = Field(
         0.15, ge=0, lt=0.5, description="keep probabilities run from density - epsilon (smallest) to + epsilon"
     )
