@@ -129,6 +129,9 @@ def _end(procs, answered=()) -> None:
     stopped while exiting leaves its semaphores to the resource tracker, which then warns of them), and the
     rest (after a failure or an interrupt) are stopped at once."""
     procs = [proc for proc in procs if proc.pid is not None]  # one that failed to start has nothing to reap
+    for proc in procs:
+        if proc not in answered and proc.is_alive():
+            proc.terminate()
     deadline = time.monotonic() + EXIT_WAIT
     for proc in answered:
         proc.join(max(0.0, deadline - time.monotonic()))

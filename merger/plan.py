@@ -198,7 +198,8 @@ class Plan:
         """Where the output's config.json comes from, when not from the reference (`merger plan`, and for
         none at all `merger apply` too)."""
         if self.config_from is None:
-            return "none of the models holds a config.json: the output has none (transformers needs one to load it)"
+            held = "none of the models holds" if self.spec.slices is None else f"'{self.reference.ref}' holds no"
+            return f"{held} a config.json: the output has none (transformers needs one to load it)"
         if self.config_from.path != self.reference.path:
             return f"from '{self.config_from.ref}' ('{self.reference.ref}' holds none), with the generation files"
         return None
@@ -434,7 +435,13 @@ def cuda_available() -> bool:
 
 def open_model(ref: str, hub: Hub | None = None) -> LocalModel:
     """A recipe's model reference, its headers read: a local directory, else a Hub id (org/name[@rev])."""
-    if "+" in ref and not os.path.exists(os.path.expanduser(ref)):
+    model, plus, adapter = ref.partition("@")[0].partition("+")
+    if (
+        plus
+        and adapter
+        and not os.path.exists(os.path.expanduser(ref))
+        and (os.path.isdir(os.path.expanduser(model)) or is_hub_id(model))
+    ):
         raise ModelError(
             f"'{ref}': mergekit's model+LoRA form; merger does not apply LoRA adapters yet: merge the adapter "
             "into its model first (peft's merge_and_unload) and name that folder"

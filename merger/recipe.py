@@ -346,7 +346,12 @@ def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
             problem += ' (a bare > starts a folded block in YAML: quote the rule, accept: ">=")'
         opened = getattr(e, "context_mark", None)  # where the unfinished part began (an unclosed { or [)
         context = getattr(e, "context", None)
-        if opened is not None and context and mark is not None and opened.line != mark.line:
+        unclosed = context in (
+            "while parsing a flow mapping",
+            "while parsing a flow sequence",
+            "while scanning a quoted scalar",
+        )
+        if unclosed and opened is not None and mark is not None and opened.line != mark.line:
             problem += f" ({context.removeprefix('while ')} that line {opened.line + 1} opened)"
         raise RecipeError([f"{name}{line}: invalid YAML: {problem}"]) from None
     problems: list[str] = []

@@ -117,7 +117,8 @@ def subset_plan(plan: Plan, subset: tuple[int, ...]) -> Plan:
     """The plan of the uniform soup of some of `plan`'s ingredients (the same method, device and shards)."""
     spec = dataclasses.replace(plan.spec, ingredients=[plan.spec.ingredients[i] for i in subset])
     opened = {m.ref: m for m in [plan.base, *plan.inputs, plan.tokenizer_from] if m is not None}
-    return build_plan(spec, device=plan.device, shard_size=plan.shard_size, opened=opened)
+    sub = build_plan(spec, device=plan.device, shard_size=plan.shard_size, opened=opened)
+    return dataclasses.replace(sub, config_from=plan.config_from)  # every candidate the soup's config (its key's)
 
 
 def greedy_soup(

@@ -77,7 +77,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# Copied from the reference model (the base, else the first model).
+# Copied with config.json, from Plan.config_from (the base, else the first model, if it holds a config.json).
 MODEL_FILES = ("generation_config.json", "preprocessor_config.json")
 
 

@@ -173,11 +173,17 @@ def test_config_comes_from_the_first_model_holding_one(tmp_path, family):
     holds them, and plan says so; where no model holds one, the output has none and apply says so."""
     paths, _ = family
     (paths["base"] / "config.json").unlink()
-    (paths["ft2"] / "config.json").write_text(json.dumps({"model_type": "toy", "torch_dtype": "float32", "n": 2}))
+    for i in (1, 2):
+        (paths[f"ft{i}"] / "config.json").write_text(
+            json.dumps({"model_type": "toy", "torch_dtype": "float32", "n": i})
+        )
     (paths["ft2"] / "generation_config.json").write_text('{"max_length": 7}')
-    (paths["ft1"] / "config.json").unlink()
     recipe = f"merge_method: task_arithmetic\nbase_model: {paths['base']}\nmodels: [{{model: {paths['ft1']}}}, {{model: {paths['ft2']}}}]\n"
     (tmp_path / "r.yaml").write_text(recipe)
+    apply(tmp_path, recipe, "-o", str(tmp_path / "first"))  # in recipe order: ft1's, which holds no generation file
+    assert json.loads((tmp_path / "first" / "config.json").read_text())["n"] == 1
+    assert not (tmp_path / "first" / "generation_config.json").exists()
+    (paths["ft1"] / "config.json").unlink()
     shown = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
     assert shown.exit_code == 0, shown.output
     assert f"config:       from '{paths['ft2']}' ('{paths['base']}' holds none)" in shown.output

@@ -190,6 +190,23 @@ def test_command_evaluator_end_to_end(toys):
     assert "greedy soup of 3 of 4 ingredients (`ft3`, `ft1`, `ft2`)" in card
 
 
+def test_every_candidate_and_the_soup_take_the_recipes_config(toys):
+    """The config comes from the first model holding one (ft1 holds none): the same for every candidate soup
+    as for the whole recipe, which is what the score cache's key and the lock record."""
+    Path("ft1/config.json").unlink()
+    for name in ("ft2", "ft3", "ft4"):
+        Path(f"{name}/config.json").write_text(
+            json.dumps({"model_type": "toy", "torch_dtype": "float32", "from": name})
+        )
+    Path("score.py").write_text(
+        SCRIPT.replace("mean = ", 'assert json.loads((model / "config.json").read_text())["from"] == "ft2"\nmean = ')
+    )
+    result = apply(recipe(COMMAND), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(Path("out/config.json").read_text())["from"] == "ft2"
+    assert len(calls()) == 7  # every candidate scored, each seeing ft2's config
+
+
 def test_terminal_table(toys):
     result = apply(recipe(COMMAND))
     assert result.exit_code == 0, result.output

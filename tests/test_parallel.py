@@ -72,7 +72,7 @@ def test_workers_output_is_byte_identical(tmp_path):
     assert one.returncode == 0, one.stderr
     two = _merger("apply", str(recipe), "-o", str(tmp_path / "two" / "out"), "--workers", "3", "--json")
     assert two.returncode == 0, two.stderr
-    assert not two.stderr  # no warning either (the resource tracker's, of a worker stopped as it exited)
+    assert "resource_tracker" not in two.stderr  # its warning of a worker stopped as it exited (1 run in 4)
     assert json.loads(two.stdout)["processes"] == 3
     a, b = _files(tmp_path / "one" / "out"), _files(tmp_path / "two" / "out")
     assert len([f for f in a if f.endswith(".safetensors")]) > 3
