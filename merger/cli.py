@@ -403,8 +403,8 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     if p.spec.seed:
         click.echo(f"  random seed:  {p.spec.seed} (each tensor's draws follow from it)")
     click.echo(f"  tensors:      {len(p.tensors)} ({info['tensors_merged']} merged, {info['tensors_copied']} copied)")
-    if p.config_note():
-        click.echo(f"  config:       {p.config_note()}")
+    if note := p.config_note():
+        click.echo(f"  config:       {note}")
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     if p.model_wide:  # TIES' global trim: the radix select's passes over the whole model come first
         click.echo(f"                and before merging, {p.spec.method.name} reads the models through a few times")

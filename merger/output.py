@@ -72,8 +72,11 @@ def copy_support_files(plan: Plan, directory: Path) -> None:
         if plan.layers is not None and plan.layer_origins != list(range(plan.layers)):  # slices restacked them
             restack_config(data, plan.layers, plan.layer_origins)
         (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    for model, names in ((plan.config_from, MODEL_FILES), (plan.tokenizer_from, TOKENIZER_FILES)):
-        for name in names if model is not None else ():
+    sources = [(plan.tokenizer_from, TOKENIZER_FILES)]
+    if plan.config_from is not None:
+        sources.insert(0, (plan.config_from, MODEL_FILES))
+    for model, names in sources:
+        for name in names:
             if model.folder.stat(name) is not None:
                 _copy(model, name, directory)
 
