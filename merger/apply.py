@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from merger import budget, parallel, system
-from merger.errors import Interrupted, MergeError, MergerError, OutputError, RecipeError, describe
+from merger.errors import Interrupted, MergeError, MergerError, OutputError, RecipeError, describe, problems_of
 from merger.fetch import JustInTime, fetch_inputs
 from merger.lock import Lock, LockedInput, checked_inputs, inputs_of, listed
 from merger.output import write_metadata
@@ -149,7 +150,7 @@ class Job:
                 inputs_of, self.provenance, hub_weights=not self.low_disk, stop=self.stop, priority=self.background
             )
         if partial is not None:
-            hashing.add_done_callback(lambda f: None if f.exception() else partial.record_inputs(f.result()))
+            hashing.add_done_callback(functools.partial(_record_early, partial))
         return hashing
 
     def read_model(self, shards: list[int]) -> None:
@@ -186,11 +187,19 @@ class Job:
         return read
 
 
+def _record_early(partial: Partial, hashing: Future) -> None:
+    """The inputs' hashes into the partial output as soon as they are known, for a run that resumes it.
+    Best effort: finish records them again, and a full disk fails there, with a message."""
+    if hashing.exception() is None:
+        with contextlib.suppress(OSError):
+            partial.record_inputs(hashing.result())
+
+
 def _in_this_process(job: Job, force: bool, progress: bool, workers: int, card: str | None):
     """The shards written here (or by --workers processes), then committed. Returns (bytes read, the
     workers' largest peak RSS and GPU memory, how many shards an interrupted run had finished)."""
     plan = job.plan
-    partial = Partial(job.dest, plan, durable=job.durable)
+    partial = Partial(job.dest, plan, force=force, durable=job.durable)
     peaks = (0, 0)
     try:
         with _kept_for_resume(partial), job.beside() as pool:
@@ -221,7 +230,7 @@ def _as_rank(job: Job, force: bool, progress: bool, group: parallel.Group, card:
     Rank 0 holds the partial output (every rank shares its lock while it writes there): what finished
     is kept for the next launch to resume, unless a rank's failure would come again."""
     plan = job.plan
-    partial = Partial(job.dest, plan, durable=job.durable) if group.rank == 0 else None
+    partial = Partial(job.dest, plan, force=force, durable=job.durable) if group.rank == 0 else None
     joined = None
     try:
         with _kept_for_resume(partial), job.beside() as pool:
@@ -240,7 +249,7 @@ def _as_rank(job: Job, force: bool, progress: bool, group: parallel.Group, card:
             if errors:  # rank 0 says everything; the others what failed there, if anything
                 elsewhere = f"rank {group.rank}: the merge failed on another rank (rank 0's log says why)"
                 failure = MergeError if any(recurs for *_, recurs in results) else MergerError
-                raise failure("\n".join(errors) if group.rank == 0 else result[1] or elsewhere)
+                raise failure(*([p for err in errors for p in err] if group.rank == 0 else result[1] or [elsewhere]))
             if partial is None:
                 return None
             read = sum(n for n, *_ in results) + job.finish(partial, hashing, card, progress)
@@ -255,7 +264,7 @@ def _as_rank(job: Job, force: bool, progress: bool, group: parallel.Group, card:
 
 
 def _rank_writes(job: Job, partial: Partial | None, pool, where: Path, mine: list[int], progress: bool, rank: int):
-    """This rank's shards: ((bytes read, the error as text or None, whether it would come again), the
+    """This rank's shards: ((bytes read, the error's lines or None, whether it would come again), the
     hashing of the inputs, which rank 0 runs beside its shards)."""
     hashing = None
     try:
@@ -270,7 +279,7 @@ def _rank_writes(job: Job, partial: Partial | None, pool, where: Path, mine: lis
         )
         return (read, None, False), hashing
     except Exception as e:  # every rank hears of it through the gather
-        return (0, f"rank {rank}: {describe(e)}", getattr(e, "recurs", False)), hashing
+        return (0, [f"rank {rank}: {p}" for p in problems_of(e)], getattr(e, "recurs", False)), hashing
 
 
 @contextlib.contextmanager
@@ -304,7 +313,9 @@ def _kept_for_resume(partial: Partial | None) -> Iterator[None]:
                 what = describe(error) if error.filename else f"output {partial.dest}: {describe(error)}"
             raise OutputError(f"{what}; {after}") from None
         if isinstance(error, MergerError) and kept and not error.recurs:
-            raise type(error)(f"{error}; {after}") if not isinstance(error, RecipeError) else error from None
+            if isinstance(error, RecipeError):
+                raise error from None
+            raise type(error)(*error.problems[:-1], f"{error.problems[-1]}; {after}") from None
         raise
 
 

@@ -38,8 +38,8 @@ def _domain_errors(fn):
             click.echo(f"error: {_printable(str(e))}", err=True)
             sys.exit(130)
         except MergerError as e:
-            for line in str(e).splitlines():
-                click.echo(f"error: {_printable(line)}", err=True)
+            for problem in e.problems:
+                click.echo(f"error: {_printable(problem)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written to the output", err=True)
@@ -59,8 +59,25 @@ def _domain_errors(fn):
 
 def _printable(line: str) -> str:
     """A message line as the terminal should show it: names from input files (tensor names, paths) may
-    hold control characters, which are shown escaped rather than sent to the terminal."""
+    hold control characters (a newline too), which are shown escaped rather than sent to the terminal."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
+
+@contextlib.contextmanager
+def _printing(done: str | None = None) -> Iterator[None]:
+    """Around a command's printing on stdout, its result: a reader that went away (`merger plan | head -1`)
+    ends it quietly with exit 0, as it asked; a stdout that cannot take it (a full disk) gives one error
+    line and exit 1, saying what was done all the same (done: the merged output's folder)."""
+    try:
+        yield
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):  # the exit's flush would fail again: let it go nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(e, BrokenPipeError):
+            sys.exit(0)
+        after = f"; the merge is complete in {done}" if done else ""
+        click.echo(f"error: cannot write to standard output: {_printable(describe(e))}{after}", err=True)
+        sys.exit(1)
 
 
 def _interrupted() -> SystemExit:
@@ -79,7 +96,9 @@ def _signals_interrupt() -> Iterator[None]:
     """Ctrl-C, kill (SIGTERM) and a terminal that went away (SIGHUP) interrupt `merger apply` alike;
     the handlers are the caller's again afterwards (a test runner, a notebook)."""
     system.INTERRUPTED.clear()
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # A signal the parent set to be ignored stays ignored: `nohup` (SIGHUP) and a shell's background job
+    # (SIGINT) ask for exactly that.
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
     previous = [signal.signal(s, _interrupt) for s in signals]
     try:
         yield
@@ -121,7 +140,9 @@ def _plan(
             raise MergerError(f"--shard-size: '{shard_size}' is not a size such as 2GB or 500MB") from None
         if size <= 0:
             raise MergerError("--shard-size must be positive")
-    if (recipe is None) == (locked is None):
+    if recipe is not None and locked is not None:
+        raise MergerError(f"give a RECIPE or --locked LOCK, not both: --locked re-runs the recipe {locked} holds")
+    if recipe is None and locked is None:
         raise MergerError("give a RECIPE, or --locked LOCK to re-run the recipe a merger.lock.json holds")
     lock = read_lock(locked) if locked else None
     spec = parse_recipe(lock.recipe, name=f"{locked} (recipe)") if lock else load_recipe(recipe)
@@ -139,6 +160,8 @@ def _destination(plan, output: str | None) -> Path:
         raise MergerError(f"{plan.spec.where('output')}: no output directory; give -o DIR or output.path")
     if "\0" in path:
         raise MergerError("-o: an output directory's name cannot contain a NUL character")
+    if os.path.islink(path) and not os.path.exists(path):  # resolving it would make the link's target
+        raise MergerError(f"output {path} is a link to {os.readlink(path)}, which does not exist; give a folder")
     return Path(path)
 
 
@@ -229,7 +252,7 @@ def _apply(
     from merger.apply import apply as write_model
     from merger.methods import greedy
 
-    progress = not quiet and not as_json and sys.stderr.isatty()
+    progress = not quiet and not as_json and sys.stderr is not None and sys.stderr.isatty()  # None: stderr closed
     plan, lock = _plan(recipe, device, shard_size, locked, offline, seed, progress)
     if plan.config_from is None and not quiet and not as_json:
         click.echo(f"note: {plan.config_note()}", err=True)
@@ -249,7 +272,8 @@ def _apply(
             plan, dest, force=force, progress=progress, workers=workers, log=log, lock=lock, lock_name=locked
         )
         if not quiet and not as_json:
-            click.echo(format_table(summary["greedy_soup"]))
+            with _printing(str(dest)):
+                click.echo(format_table(summary["greedy_soup"]))
     else:
         summary = write_model(
             plan, dest, force=force, progress=progress, workers=workers, low_disk=low_disk, lock=lock, lock_name=locked
@@ -264,9 +288,18 @@ def _apply(
             summary["published"] = publish.push(upload, api)
         except publish.PublishError as e:
             out = summary["output"]
+            if as_json:  # the merge's summary all the same, for a pipeline that reads it
+                with _printing(out):
+                    click.echo(json.dumps(summary | {"published": None, "publish_error": str(e)}, indent=2))
             raise publish.PublishError(
                 f"{e}; the merged model is in {out}: publish it with `merger push {out} {target.repo_id}`"
             ) from None
+    with _printing(summary["output"]):
+        _report(summary, as_json, quiet, bool(target))
+
+
+def _report(summary: dict, as_json: bool, quiet: bool, published: bool) -> None:
+    """What `merger apply` prints on stdout once the merge is in place."""
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -279,7 +312,7 @@ def _apply(
                 else ""
             )
         )
-        if target:
+        if published:
             click.echo(f"published to {summary['published']}")
 
 
@@ -316,10 +349,11 @@ def plan(recipe, output, device, shard_size, locked, offline, seed, workers, as_
         info = _plan_info(p, recipe or locked, resolved, partial)
         info["processes"] = processes
         info["peak_memory_estimate_all_processes"] = processes * info["peak_memory_estimate"]
-        if as_json:
-            click.echo(json.dumps(info, indent=2))
-        else:
-            _show_plan(p, info, resolved, partial)
+        with _printing():
+            if as_json:
+                click.echo(json.dumps(info, indent=2))
+            else:
+                _show_plan(p, info, resolved, partial)
 
 
 def _hash_line(info: dict) -> str:
@@ -502,14 +536,21 @@ def push(output_dir, repo_id, private, revision, commit_message, dry_run) -> Non
     upload = publish.prepare(output_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
     if dry_run:
         where = f"branch {revision}" if revision else "the default branch"
-        click.echo(
-            f"would upload {len(upload.files)} files ({_size(upload.nbytes)}) to {repo_id} ({where}"
-            f"{', created private if missing' if private else ''}) with message {upload.commit_message!r}:"
-        )
-        for name, size in upload.files:
-            click.echo(f"  {name}  {_size(size)}")
+        with _printing():
+            _show_upload(upload, repo_id, where, private)
         return
-    click.echo(f"published {len(upload.files)} files to {publish.push(upload)}")
+    published = publish.push(upload)
+    with _printing():
+        click.echo(f"published {len(upload.files)} files to {published}")
+
+
+def _show_upload(upload, repo_id: str, where: str, private: bool) -> None:
+    click.echo(
+        f"would upload {len(upload.files)} files ({_size(upload.nbytes)}) to {repo_id} ({where}"
+        f"{', created private if missing' if private else ''}) with message {upload.commit_message!r}:"
+    )
+    for name, size in upload.files:
+        click.echo(f"  {name}  {_size(size)}")
 
 
 @cli.command()
@@ -531,9 +572,15 @@ def methods(as_json) -> None:
                 "parameters": _describe_params(m.params),
             }
         )
+    with _printing():
+        _show_methods(out, as_json)
+
+
+def _show_methods(out: list[dict], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
+    bold = not os.environ.get("NO_COLOR")  # https://no-color.org: no styling when set to anything
     for m in out:
         base = (
             "  (needs base_model)"
@@ -542,7 +589,7 @@ def methods(as_json) -> None:
             if m["takes_base_model"]
             else ""
         )
-        click.echo(click.style(m["name"], bold=True) + base)
+        click.echo((click.style(m["name"], bold=True) if bold else m["name"]) + base)
         click.echo(f"  {m['summary']}")
         if m["paper"]:
             click.echo(f"  paper: {m['paper']}")

@@ -2,17 +2,28 @@
 
 
 class MergerError(Exception):
-    """A problem the user can fix: bad recipe, bad model, bad output path."""
+    """A problem the user can fix: bad recipe, bad model, bad output path. Its arguments are its messages,
+    one a problem (most errors hold one): the CLI prints each on a line of its own, so a name in one that
+    holds a newline (a path, a tensor name from an input) stays on its line and cannot pass for another."""
 
     recurs = False  # the same inputs fail the same way again: a partial output is not worth keeping
+
+    @property
+    def problems(self) -> list[str]:
+        return [str(a) for a in self.args] or [""]
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
 
 
 class RecipeError(MergerError):
     """The recipe is invalid. Holds one message per problem, each already located."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+        super().__init__(*problems)
+
+    def __reduce__(self):  # to a --workers parent: rebuilt from its list
+        return type(self), (self.problems,)
 
 
 class ModelError(MergerError):
@@ -58,6 +69,11 @@ def counted(count: int, one: str = "entry", many: str = "entries") -> tuple[str,
 
 class EvaluationError(MergerError):
     """A held-out evaluation failed: the evaluator crashed, printed no score, or its data is unusable."""
+
+
+def problems_of(e: BaseException) -> list[str]:
+    """An error's messages: a MergerError's problems, else describe's one line."""
+    return e.problems if isinstance(e, MergerError) else [describe(e)]
 
 
 def describe(e: BaseException) -> str:

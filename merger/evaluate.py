@@ -402,7 +402,7 @@ class CommandEvaluator:
         if done.returncode != 0:
             status = f"exit status {done.returncode}" if done.returncode > 0 else f"signal {-done.returncode}"
             stderr = done.stderr.strip().splitlines()[-20:] or ["(nothing on stderr)"]
-            raise EvaluationError("\n".join([f"{self.where}: failed ({status}) on {candidate.label}:", *stderr]))
+            raise EvaluationError(f"{self.where}: failed ({status}) on {candidate.label}:", *stderr)
         try:
             return parse_score(done.stdout, self.ev.json_field)
         except ValueError as e:

@@ -70,7 +70,7 @@ class Lock(BaseModel):
                         f"'{ref}': {file} has changed since the lock ({short_hash(a)} then, {short_hash(b)} now)"
                     )
         if problems:
-            raise ModelError("\n".join(f"{name}: {p}" for p in problems))
+            raise ModelError(*(f"{name}: {p}" for p in problems))
 
 
 def inputs_of(

@@ -600,7 +600,7 @@ def _compare(ref: LocalModel, other: LocalModel, where: str, limit: int = 5) -> 
             problems.append(
                 f"{where}: tensor '{name}' is {theirs.dtype} in '{other.ref}' but {info.dtype} in '{ref.ref}'"
             )
-    for name in other.tensors.keys() - ref.tensors.keys():
+    for name in sorted(other.tensors.keys() - ref.tensors.keys(), key=natural_key):  # the same order every run
         problems.append(f"{where}: '{other.ref}' has tensor '{name}' that '{ref.ref}' lacks")
     if len(problems) > limit:
         problems = problems[:limit] + [f"{where}: ... and {len(problems) - limit} more differences"]

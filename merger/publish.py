@@ -4,12 +4,15 @@ Every call to the Hub goes through the object `hub_api()` returns, one seam that
 
 from __future__ import annotations
 
+import glob
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from merger import __version__
-from merger.errors import MergerError
+from merger.errors import MergerError, ModelError
+from merger.files import Folder
 from merger.recipe import HUB_REPO_ID
 from merger.sources import INDEX_NAME, SINGLE_NAME
 
@@ -34,6 +37,27 @@ class Upload:
         return sum(size for _, size in self.files)
 
 
+def _check(folder: Folder, name: str) -> None:
+    """Refuse file `name` of the folder unless it is, or links to, something inside the folder that is
+    not hidden: the Hub client reads through links, so one that leads elsewhere (to /etc/passwd, ~/.ssh)
+    would publish what it leads to."""
+    path = folder.path / name
+    real = Path(os.path.realpath(path))
+    if real == path and not path.is_symlink():  # neither a link nor under one
+        return
+    try:
+        folder.locate(name)
+    except ModelError:
+        raise PublishError(
+            f"{folder.label}: {name} leads outside the folder (to {real}); refusing to upload it"
+        ) from None
+    if not real.exists():
+        raise PublishError(f"{folder.label}: {name} is a link to {real}, which does not exist; refusing to upload it")
+    root = next(r for r in folder.roots if real == r or r in real.parents)
+    if any(part.startswith(".") for part in real.relative_to(root).parts):
+        raise PublishError(f"{folder.label}: {name} leads to a hidden file (to {real}); refusing to upload it")
+
+
 def prepare(
     directory: str | Path,
     repo_id: str,
@@ -50,11 +74,15 @@ def prepare(
         raise PublishError(f"{directory}: no such directory")
     if not (directory / INDEX_NAME).is_file() and not (directory / SINGLE_NAME).is_file():
         raise PublishError(f"{directory} holds no {INDEX_NAME} or {SINGLE_NAME}: not a model to publish")
-    files = sorted(
-        (p.relative_to(directory).as_posix(), p.stat().st_size)
-        for p in directory.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )
+    folder = Folder.of(directory, str(directory))
+    files = []
+    for p in directory.rglob("*"):  # into no linked directory
+        name = p.relative_to(directory).as_posix()
+        if not any(part.startswith(".") for part in name.split("/")):
+            _check(folder, name)
+            if p.is_file():
+                files.append((name, p.stat().st_size))
+    files.sort()
     message = commit_message or f"Upload merged model (merger {__version__})"
     return Upload(directory, repo_id, files, private, revision, message)
 
@@ -72,8 +100,12 @@ def hub_api():
 
 
 def push(upload: Upload, api=None) -> str:
-    """Create the repo (and branch) if missing, upload the directory in one commit; return the commit URL."""
+    """Create the repo (and branch) if missing, upload the files prepare() listed in one commit; return the
+    commit URL."""
     api = api if api is not None else hub_api()
+    folder = Folder.of(upload.directory, str(upload.directory))
+    for name, _ in upload.files:  # still as prepare() found them (none swapped for a link since)
+        _check(folder, name)
     try:
         api.create_repo(upload.repo_id, private=upload.private, exist_ok=True)
         if upload.revision:
@@ -83,6 +115,7 @@ def push(upload: Upload, api=None) -> str:
             folder_path=str(upload.directory),
             revision=upload.revision,
             commit_message=upload.commit_message,
+            allow_patterns=[glob.escape(name) for name, _ in upload.files],  # exactly these (fnmatch patterns)
             ignore_patterns=[".*", "**/.*"],
         )
     except PublishError:

@@ -7,6 +7,7 @@ import ctypes
 import math
 import mmap
 import os
+import shlex
 import signal
 import struct
 from collections.abc import Callable
@@ -381,9 +382,10 @@ def open_local(ref: str) -> LocalModel:
 
 def read_index(raw: bytes, ref: str) -> dict[str, str]:
     """The weight_map (tensor name -> file name) of a model.safetensors.index.json: every file a plain
-    name of a .safetensors file inside the model's folder."""
+    name of a .safetensors file inside the model's folder, and no key given twice (JSON keeps the last
+    of a tensor named twice; as in a safetensors header, that is refused rather than guessed)."""
     try:
-        weight_map = parse_json(raw, f"'{ref}': {INDEX_NAME}")["weight_map"]
+        weight_map = parse_json(raw, f"'{ref}': {INDEX_NAME}", unique_keys=True)["weight_map"]
         assert isinstance(weight_map, dict)
     except (KeyError, TypeError, AssertionError):
         raise ModelError(f"'{ref}': {INDEX_NAME} is not a valid index (no weight_map)") from None
@@ -417,13 +419,44 @@ def collect(
 def no_weights(ref: str, names: list[str]) -> ModelError:
     """The error for a model without safetensors weights, given the names of its files."""
     pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
-    if pickled:
-        return ModelError(
-            f"'{ref}' holds only pickled weights ({', '.join(pickled[:3])}); merger reads safetensors "
-            'only, since pickles can run code. Convert once with: python -c "from transformers import '
-            f"AutoModel; AutoModel.from_pretrained('{ref}').save_pretrained('{ref}-st')\""
+    if not pickled:
+        return ModelError(f"'{ref}' holds no model.safetensors, {INDEX_NAME} or *.safetensors file")
+    if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in pickled):  # transformers' names
+        how = convert_command(ref)
+    else:  # names of its own (a stranger's: never put into a command)
+        how = (
+            "load each weight file with torch.load(f, weights_only=True) and write its tensors with safetensors' "
+            "save_file (a tensor that shares another's memory, as tied embeddings do, once)"
         )
-    return ModelError(f"'{ref}' holds no model.safetensors, {INDEX_NAME} or *.safetensors file")
+    return ModelError(
+        f"'{ref}' holds only pickled weights ({', '.join(pickled[:3])}); merger reads safetensors only, since "
+        f"pickles can run code. Convert them once, each tensor kept under its name: {how}"
+    )
+
+
+# Beside each pytorch_model*.bin, the same tensors as safetensors, whatever the architecture: loaded by
+# torch's weights_only unpickler (which runs no code), each under its own name, and a tensor that shares
+# another's memory (tied embeddings: lm_head.weight) saved once, under its first name, as transformers
+# saves it (save_file refuses shared tensors). pytorch_model.bin becomes model.safetensors, shard
+# pytorch_model-00001-of-00002.bin model-00001-of-00002.safetensors (no index needed: merger reads every
+# *.safetensors of a folder that has none).
+CONVERT = (
+    "import glob, torch; from safetensors.torch import save_file; "
+    "[save_file({k: v.contiguous() for k, v in sd.items() if (v.data_ptr() or k, v.shape) not in seen "
+    "and not seen.add((v.data_ptr() or k, v.shape))}, f.replace('pytorch_model', 'model')[:-4] + '.safetensors', "
+    "{'format': 'pt'}) for f in sorted(glob.glob('pytorch_model*.bin')) "
+    "for sd in [torch.load(f, map_location='cpu', weights_only=True)] for seen in [set()]]"
+)
+
+
+def convert_command(ref: str) -> str:
+    """The shell line that runs CONVERT in `ref`'s folder; a Hub model's is downloaded first."""
+    if not is_hub_id(ref):
+        return f'cd {shlex.quote(os.path.expanduser(ref))} && python -c "{CONVERT}"'
+    repo, _, revision = ref.partition("@")
+    local = shlex.quote(repo.split("/")[-1])
+    get = f"hf download {shlex.quote(repo)}" + (f" --revision {shlex.quote(revision)}" if revision else "")
+    return f'{get} --local-dir {local} && cd {local} && python -c "{CONVERT}", then name that folder in the recipe'
 
 
 class FileSource(Protocol):

@@ -154,9 +154,11 @@ def inspect(plan: Plan, dest: Path) -> Resume | None:
 
 class Partial:
     """The partial output of `dest` this process writes: locked, checked against the plan, and holding
-    the shards an earlier run finished (`done`, indices into plan.shards) when it was the same merge."""
+    the shards an earlier run finished (`done`, indices into plan.shards) when it was the same merge.
+    Without `force`, an output that another run put in place while this one waited for its hold is
+    refused now, before anything is merged."""
 
-    def __init__(self, dest: Path, plan: Plan, *, durable: bool = True):
+    def __init__(self, dest: Path, plan: Plan, *, force: bool = False, durable: bool = True):
         self.dest = dest
         self.plan = plan
         self.path = partial_path(dest)
@@ -166,10 +168,15 @@ class Partial:
         self.created = _make_parents(dest)
         remove_leftovers(dest)
         self._fd = _claim(self.path, dest)
+        if "fingerprint" not in _state(self.path) and any(self.path.iterdir()):  # merger's start empty: not one
+            os.close(self._fd)
+            raise OutputError(f"output {dest}: {self.path} is in the way (not a merger partial output); remove it")
         self._cancel = on_fatal(self.discard)  # an input that shrinks under the merge (SIGBUS)
         try:
             _restore(self.path / "old", dest)
-            self.done = self._resume()
+            if not force and os.path.lexists(dest):
+                raise OutputError(already_exists(dest))
+            self.done = self._set_up()
             self.recorded = _state(self.path).get("inputs")  # the inputs' hashes an earlier run read
         except BaseException:  # an interrupt as it starts: nothing of an earlier run is lost by it
             if not any((self.path / "done").glob("*.json")):
@@ -190,6 +197,12 @@ class Partial:
         """Where --low-disk notes the Hub shards it fetched for this output (fetch.JustInTime), so that
         a run that resumes it drops those too once they are used."""
         return self.path / "fetched.json"
+
+    def _set_up(self) -> set[int]:
+        try:
+            return self._resume()
+        except OSError as e:  # a full disk (or out of inodes) as it starts
+            raise OutputError(f"output {self.dest}: {describe(e)}") from None
 
     def _resume(self) -> set[int]:
         fp = fingerprint(self.plan)
@@ -325,6 +338,11 @@ def check_path(dest: Path, plan: Plan) -> None:
             raise OutputError(f"output {dest} contains input model '{m.ref}'; choose another directory")
     if dest == Path.cwd() or dest in Path.cwd().parents:
         raise OutputError(f"output {dest} is the working directory or holds it; choose another directory")
+    if os.path.ismount(dest):  # a volume: the finished output is renamed into place, and a mount point cannot be
+        raise OutputError(
+            f"output {dest} is a mount point, which merger cannot replace (it writes beside the output and renames "
+            f"the result into place); write into a folder inside it, such as {dest / 'model'}"
+        )
     for parent in dest.parents:
         if os.path.lexists(parent):
             if not parent.is_dir():

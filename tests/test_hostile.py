@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import GOOD, KILL_IN, hooked, load_output, run_bad, write_checkpoint
+from fakehub import FakeHub
 
 from merger.cli import cli
 
@@ -178,6 +179,31 @@ def test_hostile_index_files(workdir):
     err = run_bad(GOOD)
     assert f"{INDEX} is 209715200 bytes, more than the 134217728 merger reads of such a file" in err
     assert time.monotonic() - started < 5
+
+
+# a.weight named twice, the second time in the shard that holds it: JSON keeps the last, which works
+DUPLICATE_INDEX = (
+    '{"metadata": {}, "weight_map": {"a.weight": "model-00002-of-00002.safetensors", '
+    '"ids": "model-00001-of-00002.safetensors", "b.bias": "model-00002-of-00002.safetensors", '
+    '"a.weight": "model-00001-of-00002.safetensors"}}'
+)
+
+
+def test_an_index_that_names_a_tensor_twice_is_refused(workdir):
+    Path(f"ft1/{INDEX}").write_text(DUPLICATE_INDEX)
+    assert run_bad(GOOD) == f"error: recipe.yaml:4: models[0].model: 'ft1': {INDEX} gives the key 'a.weight' twice\n"
+
+
+def test_a_hub_index_that_names_a_tensor_twice_is_refused(workdir, monkeypatch):
+    hub = FakeHub()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        files = {p.name: p.read_bytes() for p in Path("ft1").iterdir()} | {INDEX: DUPLICATE_INDEX.encode()}
+        hub.publish("org/ft1", files)
+        err = run_bad(GOOD.replace("model: ft1", "model: org/ft1"))
+    finally:
+        hub.close()
+    assert err == f"error: recipe.yaml:4: models[0].model: 'org/ft1': {INDEX} gives the key 'a.weight' twice\n"
 
 
 @pytest.mark.parametrize(
@@ -606,6 +632,69 @@ def test_locked_refuses_a_shard_rewritten_with_the_same_size_and_mtime(workdir):
 
 
 # --- no pickle, no stray processes --------------------------------------------------------------------
+
+
+def test_the_command_for_pickled_weights_converts_them_for_merging_with_safetensors_fine_tunes(workdir):
+    """The conversion the message gives keeps every tensor's name (no architecture's class that renames
+    them), saves a tied head once, as transformers' safetensors do, and reads sharded checkpoints; its
+    result merges with a safetensors fine-tune. Pickles as transformers 4 wrote them: shards, an index."""
+    g = torch.Generator().manual_seed(0)
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight",
+             "model.norm.weight"]  # fmt: skip
+    state = {n: torch.randn(6, 4, generator=g) for n in names}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied: one storage, pickled once
+    Path("pickled").mkdir()
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[:2] + ["lm_head.weight"],
+        "pytorch_model-00002-of-00002.bin": names[2:],
+    }
+    for fname, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, f"pickled/{fname}")
+    index = {"weight_map": {k: fname for fname, keys in shards.items() for k in keys}}
+    Path("pickled/pytorch_model.bin.index.json").write_text(json.dumps(index))
+    Path("pickled/training_args.bin").write_bytes(b"\x80\x04not weights")
+    Path("pickled/config.json").write_text('{"model_type": "llama", "tie_word_embeddings": true}')
+    tuned = {n: v + 1 for n, v in state.items() if n != "lm_head.weight"}  # as transformers saves a tied model
+    write_checkpoint(Path("st"), tuned)
+    recipe = "merge_method: linear\nmodels: [{model: pickled}, {model: st}]\noutput: {path: out}\n"
+    err = run_bad(recipe)
+    intro = (
+        "error: recipe.yaml:2: models[0].model: 'pickled' holds only pickled weights (pytorch_model-00001-of-00002.bin, "
+        "pytorch_model-00002-of-00002.bin, training_args.bin); merger reads safetensors only, since pickles can run "
+        "code. Convert them once, each tensor kept under its name: "
+    )
+    assert err.startswith(intro) and len(err.splitlines()) == 1, err
+    command = err.removeprefix(intro).strip()
+    assert command.startswith("cd pickled && python -c ")
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # `python`: this one
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=os.environ | {"PATH": path})
+    assert done.returncode == 0, done.stderr
+    result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"])
+    assert result.exit_code == 0, result.output
+    out = load_output(Path("out"))
+    assert sorted(out) == sorted(tuned)
+    for name, merged in out.items():
+        torch.testing.assert_close(merged, state[name] + 0.5, rtol=0, atol=1e-6)
+
+
+def test_the_advice_for_pickled_weights_never_quotes_a_strangers_file_name():
+    """A file name is the input's to choose (`$(...)` would run when the line is pasted): the command is
+    only given for transformers' names, and never holds one."""
+    from merger.sources import CONVERT, no_weights
+
+    names = ["pytorch_model.bin", "x$(touch pwned).bin"]
+    assert str(no_weights("ft", names)).endswith(f'name: cd ft && python -c "{CONVERT}"')
+    assert str(no_weights("org/ft@v1", names)).endswith(
+        f'name: hf download org/ft --revision v1 --local-dir ft && cd ft && python -c "{CONVERT}", then name '
+        "that folder in the recipe"
+    )
+    assert str(no_weights("odd dir", ["model.pt"])) == (
+        "'odd dir' holds only pickled weights (model.pt); merger reads safetensors only, since pickles can run "
+        "code. Convert them once, each tensor kept under its name: load each weight file with "
+        "torch.load(f, weights_only=True) and write its tensors with safetensors' save_file (a tensor that "
+        "shares another's memory, as tied embeddings do, once)"
+    )
+    assert "pwned" not in str(no_weights("ft", ["x$(touch pwned).bin"])).split("; ", 1)[1]
 
 
 def test_compiled_kernels_are_cached_only_in_a_private_directory(tmp_path):

@@ -404,7 +404,9 @@ def test_locked_local_inputs_are_checked(tmp_path, models, monkeypatch):
     )
     assert not (tmp_path / "c").exists()
     err = run("apply", "recipe.yaml", "--locked", "../a/out/merger.lock.json", code=2).stderr
-    assert err == "error: give a RECIPE, or --locked LOCK to re-run the recipe a merger.lock.json holds\n"
+    assert err == (
+        "error: give a RECIPE or --locked LOCK, not both: --locked re-runs the recipe ../a/out/merger.lock.json holds\n"
+    )
     Path("bad.json").write_text('{"recipe": "x"}')
     err = run("apply", "--locked", "bad.json", code=2).stderr
     assert err.startswith("error: bad.json: not a merger lock file (merger_version: ")

@@ -36,9 +36,18 @@ class FakeApi:
 
             response = httpx2.Response(self.fail_with, request=httpx2.Request("POST", "http://127.0.0.1:9/api"))
             raise HfHubHTTPError("Forbidden (Authorization: Bearer hf_SECRET)", response=response)
-        files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
-        self.calls.append(("upload_folder", kwargs, files))
+        self.calls.append(("upload_folder", kwargs, uploaded(**kwargs)))
         return SimpleNamespace(commit_url=f"https://hub.example/{kwargs['repo_id']}/commit/0123abc")
+
+
+def uploaded(folder_path, allow_patterns=None, ignore_patterns=None, **_) -> list[str]:
+    """The files HfApi.upload_folder would upload (as huggingface_hub 2.4 picks them: every path under the
+    folder that is_file(), through links, that the patterns let through)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = Path(folder_path).resolve()
+    found = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
+    return list(filter_repo_objects(found, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
 
 
 @pytest.fixture
@@ -85,6 +94,8 @@ def test_push_command(workdir, api):
                 "folder_path": "out",
                 "revision": "dev",
                 "commit_message": "m",
+                "allow_patterns": ["README.md", "config.json", "merger.lock.json", "model-00001-of-00001.safetensors",
+                                   "model.safetensors.index.json"],
                 "ignore_patterns": [".*", "**/.*"],
             },
             ["README.md", "config.json", "merger.lock.json", "model-00001-of-00001.safetensors",
@@ -167,3 +178,57 @@ def test_push_refuses_bad_arguments(workdir, api, args, message):
     Path("ft1/model.safetensors.index.json").unlink()
     assert run("push", *args, code=2).stderr == f"error: {message}\n"
     assert api.calls == []
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda secret: Path("out/passwd.txt").symlink_to(secret), "out: passwd.txt leads outside the folder (to {secret})"),
+        (lambda secret: Path("out/notes").symlink_to(secret.parent), "out: notes leads outside the folder (to {secret.parent})"),
+        (lambda secret: Path("out/gone.txt").symlink_to("nowhere"), "out: gone.txt is a link to {workdir}/out/nowhere, which does not exist"),
+        (lambda secret: Path("out/env.txt").symlink_to(".env"), "out: env.txt leads to a hidden file (to {workdir}/out/.env)"),
+    ],
+    ids=["file", "directory", "dangling", "to a hidden file"],
+)  # fmt: skip
+def test_push_refuses_links_that_lead_outside_the_folder(workdir, api, tmp_path_factory, make, message):
+    """The Hub client uploads what a link leads to: `ln -s /etc/passwd out/passwd.txt` would publish it."""
+    secret = tmp_path_factory.mktemp("elsewhere") / "passwd"
+    secret.write_text("root:x:0:0")
+    Path("recipe.yaml").write_text(RECIPE)
+    run("apply", "recipe.yaml", "--quiet")
+    Path("out/.env").write_text("HF_TOKEN=hf_SECRET")
+    make(secret)
+    want = f"error: {message.format(secret=secret, workdir=workdir)}; refusing to upload it\n"
+    for dry_run in (["--dry-run"], []):
+        assert run("push", "out", "me/x", *dry_run, code=2).stderr == want
+    assert api.calls == []
+
+
+def test_push_uploads_exactly_the_files_it_checked(workdir, api):
+    """Links that stay inside the folder are uploaded as the files they lead to; a linked directory is not
+    entered, hidden files are left out, and a file that appears after the check is not uploaded."""
+    Path("recipe.yaml").write_text(RECIPE)
+    run("apply", "recipe.yaml", "--quiet")
+    Path("out/alias.json").symlink_to("config.json")
+    Path("out/notes").mkdir()
+    Path("out/notes/run [1].txt").write_text("lr 1e-5")
+    Path("out/notes/run 1.txt").write_text("not [1]")
+    Path("out/notes/up").symlink_to("..")
+    Path("out/linked").symlink_to("notes")
+    Path("out/.cache").mkdir()
+    Path("out/.cache/x").write_text("hidden")
+    upload = merger.publish.prepare("out", "me/x")
+    listed = [name for name, _ in upload.files]
+    assert listed == [
+        "README.md", "alias.json", "config.json", "merger.lock.json", "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json", "notes/run 1.txt", "notes/run [1].txt",
+    ]  # fmt: skip
+    Path("out/late.txt").write_text("written after the check")
+    merger.publish.push(upload, api)
+    assert api.calls[-1][2] == listed
+    Path("out/notes/run 1.txt").unlink()
+    Path("out/notes/run 1.txt").symlink_to("/etc/hostname")  # swapped for a link after the check
+    calls = len(api.calls)
+    with pytest.raises(merger.publish.PublishError, match="run 1.txt leads outside the folder"):
+        merger.publish.push(upload, api)
+    assert len(api.calls) == calls

@@ -300,3 +300,100 @@ def test_an_interrupt_does_not_wait_for_the_inputs_to_be_hashed(workdir, monkeyp
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml"])
     assert result.exit_code == 130 and result.stderr == "error: interrupted; nothing was written to the output\n"
     assert time.monotonic() - interrupts[0] < 2
+
+
+def test_an_output_put_in_place_while_waiting_for_the_hold_is_not_merged_again(workdir, monkeypatch):
+    """Two runs into one new output started together: the second waits for the first's hold on the partial
+    output, and finds the output in place once it has it. It stops there rather than merge it all again."""
+    from click.testing import CliRunner
+    from conftest import GOOD
+
+    import merger.staging
+    from merger.cli import cli
+
+    Path("recipe.yaml").write_text(GOOD)
+    claim = merger.staging._claim
+
+    other = []
+
+    def claimed_after_another_run(path, dest):  # the other run commits while this one waits
+        if not other:
+            other.append(None)
+            other[0] = CliRunner().invoke(cli, ["apply", "-q", "recipe.yaml"])
+        return claim(path, dest)
+
+    monkeypatch.setattr(merger.staging, "_claim", claimed_after_another_run)
+    result = CliRunner().invoke(cli, ["apply", "-q", "recipe.yaml"])
+    assert result.exit_code == 2
+    assert other[0].exit_code == 0
+    assert result.stderr == f"error: output {workdir / 'out'} already exists; pass --force to replace it\n"
+    assert sorted(os.listdir(workdir)) == ["base", "ft1", "ft2", "out", "recipe.yaml"]
+
+
+def test_a_folder_named_as_the_partial_output_that_merger_did_not_make_is_left_alone(workdir):
+    from click.testing import CliRunner
+    from conftest import GOOD
+
+    from merger.cli import cli
+
+    Path("recipe.yaml").write_text(GOOD)
+    mine = workdir / ".out.merger-partial"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    result = CliRunner().invoke(cli, ["apply", "-q", "recipe.yaml"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: output {workdir / 'out'}: {mine} is in the way (not a merger partial output); remove it\n"
+    )
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"] and not (workdir / "out").exists()
+
+
+def test_a_disk_full_as_the_partial_output_is_set_up_is_one_line(workdir, monkeypatch):
+    """Out of inodes (or space) before the first shard: the output named, exit 2, no traceback."""
+    import errno
+
+    from click.testing import CliRunner
+    from conftest import GOOD
+
+    import merger.staging
+    from merger.cli import cli
+
+    Path("recipe.yaml").write_text(GOOD)
+    partial = workdir / ".out.merger-partial"
+
+    def full(path, data, durable=True):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(merger.staging, "write_json", full)
+    result = CliRunner().invoke(cli, ["apply", "-q", "recipe.yaml"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"error: output {workdir / 'out'}: No space left on device ({partial / 'state.json'})\n")
+    assert not partial.exists() and not (workdir / "out").exists()
+
+
+def test_a_disk_full_as_the_inputs_hashes_are_recorded_is_one_line(workdir, monkeypatch, caplog):
+    """The hashes are recorded as soon as they are known, on the hashing thread: a full disk there is not
+    a traceback from the thread's callback, and the merge fails where it records them again."""
+    import errno
+
+    from click.testing import CliRunner
+    from conftest import GOOD
+
+    import merger.staging
+    from merger.cli import cli
+
+    Path("recipe.yaml").write_text(GOOD)
+
+    def full(self, inputs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "state.json"))
+
+    monkeypatch.setattr(merger.staging.Partial, "record_inputs", full)
+    result = CliRunner().invoke(cli, ["apply", "-q", "recipe.yaml"])
+    assert result.exit_code == 2, result.output
+    partial = workdir / ".out.merger-partial"
+    assert result.stderr == (
+        f"error: output {workdir / 'out'}: no space left on the device; 1 of 1 shards are done and kept in "
+        f"{partial}: run the same command again to resume (or delete it)\n"
+    )
+    assert not (workdir / "out").exists()
+    assert [r.getMessage() for r in caplog.records if r.name == "concurrent.futures"] == []  # no traceback logged

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -156,3 +159,33 @@ def test_every_stack_of_an_encoder_decoder_or_a_vision_language_model_is_found()
     # one tensor per index is an extra, not layers
     assert find_stacks([*vl[:12], "vision.patch.0.weight", "vision.patch.1.weight"]) == [LayerStack("model.layers", 6)]
     assert find_stacks(["embed.weight"]) == []
+
+
+def test_missing_and_extra_tensors_are_listed_in_the_same_order_every_run(tmp_path):
+    """Recipe order of the models, then the reference's order of its tensors, then the extra tensors' names
+    in natural order: the same under any PYTHONHASHSEED (a set once ordered them)."""
+    names = ["embed", "layers.0.w", "layers.1.w", "layers.2.w", "norm"]
+    write_checkpoint(tmp_path / "ref", {n: torch.ones(2) for n in names})
+    extra = {n: torch.ones(1) for n in ("extra.10", "extra.2", "extra.1")}
+    write_checkpoint(tmp_path / "ft1", {n: torch.ones(2) for n in names if n not in ("layers.1.w", "norm")} | extra)
+    write_checkpoint(tmp_path / "ft2", {n: torch.ones(2) for n in names if n != "embed"})
+    (tmp_path / "recipe.yaml").write_text("merge_method: linear\nmodels: [{model: ref}, {model: ft1}, {model: ft2}]\n")
+    where = "error: recipe.yaml:2: models"
+    want = (
+        f"{where}[1].model: 'ft1' lacks tensor 'layers.1.w' (present in 'ref')\n"
+        f"{where}[1].model: 'ft1' lacks tensor 'norm' (present in 'ref')\n"
+        f"{where}[1].model: 'ft1' has tensor 'extra.1' that 'ref' lacks\n"
+        f"{where}[1].model: 'ft1' has tensor 'extra.2' that 'ref' lacks\n"
+        f"{where}[1].model: 'ft1' has tensor 'extra.10' that 'ref' lacks\n"
+        f"{where}[2].model: 'ft2' lacks tensor 'embed' (present in 'ref')\n"
+    )
+    for seed in ("0", "1", "2", "3"):
+        done = subprocess.run(
+            [sys.executable, "-m", "merger", "plan", "recipe.yaml"],
+            cwd=tmp_path,
+            env=os.environ | {"PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (done.returncode, done.stderr) == (2, want), seed
