@@ -71,13 +71,20 @@ def _printing(done: str | None = None) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        with contextlib.suppress(OSError, ValueError):  # the exit's flush would fail again: let it go nowhere
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if e.filename is not None:  # a file's (listing the output for `plan`): not stdout's, which have none
+            raise
+        _stdout_gone()
         if isinstance(e, BrokenPipeError):
             sys.exit(0)
         after = f"; the merge is complete in {done}" if done else ""
         click.echo(f"error: cannot write to standard output: {_printable(describe(e))}{after}", err=True)
         sys.exit(1)
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null: at exit Python flushes what could not be written, and would fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _interrupted() -> SystemExit:
@@ -214,7 +221,7 @@ _workers_opt = click.option(
     is_flag=True,
     help="Read every input to hash it for the lock, even files an earlier run hashed and that are unchanged since.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress (a bar on a terminal, else a line a minute).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (implies --quiet).")
 @_workers_opt
 @_domain_errors
@@ -252,8 +259,8 @@ def _apply(
     from merger.apply import apply as write_model
     from merger.methods import greedy
 
-    progress = not quiet and not as_json and sys.stderr is not None and sys.stderr.isatty()  # None: stderr closed
-    plan, lock = _plan(recipe, device, shard_size, locked, offline, seed, progress)
+    progress = not quiet and not as_json and sys.stderr is not None  # None: stderr closed
+    plan, lock = _plan(recipe, device, shard_size, locked, offline, seed, progress and sys.stderr.isatty())
     if plan.config_from is None and not quiet and not as_json:
         click.echo(f"note: {plan.config_note()}", err=True)
     dest = _destination(plan, output)
@@ -289,8 +296,10 @@ def _apply(
         except publish.PublishError as e:
             out = summary["output"]
             if as_json:  # the merge's summary all the same, for a pipeline that reads it
-                with _printing(out):
+                try:
                     click.echo(json.dumps(summary | {"published": None, "publish_error": str(e)}, indent=2))
+                except OSError:  # nobody reads it: the error below is what matters
+                    _stdout_gone()
             raise publish.PublishError(
                 f"{e}; the merged model is in {out}: publish it with `merger push {out} {target.repo_id}`"
             ) from None

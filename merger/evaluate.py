@@ -446,9 +446,10 @@ class PythonEvaluator:
             value = self.fn(candidate)
         except MergerError:
             raise
-        except Exception as e:  # the user's function may raise anything
+        except Exception as e:  # the user's function may raise anything, over several lines too
+            first, *rest = str(e).splitlines() or [""]
             raise EvaluationError(
-                f"{self.where}: {self.ev.function} raised {type(e).__name__}: {e} (on {candidate.label})"
+                f"{self.where}: {self.ev.function} raised {type(e).__name__}: {first} (on {candidate.label})", *rest
             ) from e
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()

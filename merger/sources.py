@@ -442,8 +442,8 @@ def no_weights(ref: str, names: list[str]) -> ModelError:
 # *.safetensors of a folder that has none).
 CONVERT = (
     "import glob, torch; from safetensors.torch import save_file; "
-    "[save_file({k: v.contiguous() for k, v in sd.items() if (v.data_ptr() or k, v.shape) not in seen "
-    "and not seen.add((v.data_ptr() or k, v.shape))}, f.replace('pytorch_model', 'model')[:-4] + '.safetensors', "
+    "[save_file({k: v.contiguous() for k, v in sd.items() if (key := (v.data_ptr() or k, v.shape, v.stride(), "
+    "v.dtype)) not in seen and not seen.add(key)}, f.replace('pytorch_model', 'model')[:-4] + '.safetensors', "
     "{'format': 'pt'}) for f in sorted(glob.glob('pytorch_model*.bin')) "
     "for sd in [torch.load(f, map_location='cpu', weights_only=True)] for seen in [set()]]"
 )
@@ -454,9 +454,12 @@ def convert_command(ref: str) -> str:
     if not is_hub_id(ref):
         return f'cd {shlex.quote(os.path.expanduser(ref))} && python -c "{CONVERT}"'
     repo, _, revision = ref.partition("@")
-    local = shlex.quote(repo.split("/")[-1])
+    local = shlex.quote(repo.split("/")[-1] + "-safetensors")  # a new folder: never one of the user's
     get = f"hf download {shlex.quote(repo)}" + (f" --revision {shlex.quote(revision)}" if revision else "")
-    return f'{get} --local-dir {local} && cd {local} && python -c "{CONVERT}", then name that folder in the recipe'
+    return (
+        f'test ! -e {local} && {get} --local-dir {local} && cd {local} && python -c "{CONVERT}", then name that '
+        "folder in the recipe"
+    )
 
 
 class FileSource(Protocol):

@@ -168,7 +168,7 @@ class Partial:
         self.created = _make_parents(dest)
         remove_leftovers(dest)
         self._fd = _claim(self.path, dest)
-        if "fingerprint" not in _state(self.path) and any(self.path.iterdir()):  # merger's start empty: not one
+        if not _made_by_merger(self.path):
             os.close(self._fd)
             raise OutputError(f"output {dest}: {self.path} is in the way (not a merger partial output); remove it")
         self._cancel = on_fatal(self.discard)  # an input that shrinks under the merge (SIGBUS)
@@ -338,7 +338,7 @@ def check_path(dest: Path, plan: Plan) -> None:
             raise OutputError(f"output {dest} contains input model '{m.ref}'; choose another directory")
     if dest == Path.cwd() or dest in Path.cwd().parents:
         raise OutputError(f"output {dest} is the working directory or holds it; choose another directory")
-    if os.path.ismount(dest):  # a volume: the finished output is renamed into place, and a mount point cannot be
+    if system.is_mount_point(dest):  # a volume: the finished output is renamed into place, which a mount point cannot
         raise OutputError(
             f"output {dest} is a mount point, which merger cannot replace (it writes beside the output and renames "
             f"the result into place); write into a folder inside it, such as {dest / 'model'}"
@@ -511,6 +511,18 @@ def _restore(aside: Path, dest: Path) -> None:
         os.rename(aside, dest)
     elif aside.is_dir():
         shutil.rmtree(aside)  # the new output made it into place: this is the old one
+
+
+PARTIAL_NAMES = frozenset({"state.json", "model", "done", "old", "fetched.json"})  # what Partial writes there
+_WRITING = re.compile(r"\.(state|fetched)\.json\.\d+\.\d+\.tmp")  # files.write_atomic's, killed as it wrote
+
+
+def _made_by_merger(path: Path) -> bool:
+    """Whether the partial output `path` is merger's: it records its fingerprint first, and a run killed
+    before that, or as it cleared a stale one, leaves nothing there but what merger writes."""
+    if "fingerprint" in _state(path):
+        return True
+    return all(e.name in PARTIAL_NAMES or _WRITING.fullmatch(e.name) for e in path.iterdir())
 
 
 def _state(path: Path) -> dict:

@@ -960,16 +960,7 @@ def write_shards(
     reader = MappedReader(files or Confined(plan.models))
     merger = Merger(plan, reader, threads)
     stages = CudaStages(merger) if merger.cuda and todo else None
-    bar = tqdm(
-        total=sum(plan.stored_bytes(t) for _, t in todo),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="merging",
-        file=sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(sum(plan.stored_bytes(t) for _, t in todo), progress)
     try:
         with (
             _gc_paused(),
@@ -1009,6 +1000,33 @@ def write_shards(
         merger.close()
         reader.close()
     return merger.bytes_read
+
+
+LOG_EVERY = 60.0  # seconds between two progress lines off a terminal (CircleCI stops a job silent for 10 minutes)
+
+
+class _Lines:
+    """tqdm's stream off a terminal (a CI log, a file): each refresh a line of its own, where a terminal's
+    carriage returns would pile up on one line or show as ^M."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        if line := text.strip("\r\n "):
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(total: int, progress: bool) -> tqdm:
+    """The merge's progress on stderr (bytes read): a bar on a terminal; elsewhere a line every LOG_EVERY
+    seconds, and none for a merge shorter than that."""
+    kwargs = dict(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=not progress)
+    if progress and not sys.stderr.isatty():
+        return tqdm(**kwargs, file=_Lines(sys.stderr), mininterval=LOG_EVERY, delay=LOG_EVERY, ncols=100)
+    return tqdm(**kwargs, file=sys.stderr, dynamic_ncols=True)
 
 
 def _in_pieces(merger: Merger, stages: CudaStages | None, out: _Writer, shard: Shard, t: OutTensor) -> None:

@@ -1,5 +1,6 @@
-"""What merger asks of the operating system: memory figures, the cores it may use, and processes that
-end together (a worker or rank whose parent is gone exits; a command runs in its own process group)."""
+"""What merger asks of the operating system: memory figures, the cores it may use, where file systems are
+mounted, and processes that end together (a worker or rank whose parent is gone exits; a command runs in
+its own process group)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -152,6 +154,25 @@ def _stat_bytes(path: str, field: str) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def is_mount_point(path: str | os.PathLike, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Whether `path` (absolute, resolved) is where a file system or a bind mount is mounted, from Linux's
+    list of this process's mounts: os.path.ismount compares devices, which misses a bind mount within one
+    file system and takes a btrfs subvolume for a mount. os.path.ismount where there is no such list."""
+    try:
+        with open(mountinfo, "rb") as f:
+            text = f.read()
+    except OSError:
+        return os.path.ismount(path)
+    return os.fsencode(path) in mount_points(text)
+
+
+def mount_points(mountinfo: bytes) -> set[bytes]:
+    """The mount points of a /proc/self/mountinfo (its fifth field, with the kernel's octal escapes of a
+    space, tab, newline or backslash undone)."""
+    unescape = functools.partial(re.sub, rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]))
+    return {unescape(fields[4]) for line in mountinfo.splitlines() if len(fields := line.split(b" ")) > 4}
 
 
 def peak_rss() -> int:

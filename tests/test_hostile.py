@@ -643,10 +643,13 @@ def test_the_command_for_pickled_weights_converts_them_for_merging_with_safetens
              "model.norm.weight"]  # fmt: skip
     state = {n: torch.randn(6, 4, generator=g) for n in names}
     state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied: one storage, pickled once
+    square = torch.randn(4, 4, generator=g)
+    views = {"model.layers.1.self_attn.q_proj.weight": square, "model.layers.1.self_attn.k_proj.weight": square.t()}
+    state |= views  # one storage, two distinct tensors (same pointer and shape, other strides): both kept
     Path("pickled").mkdir()
     shards = {
         "pytorch_model-00001-of-00002.bin": names[:2] + ["lm_head.weight"],
-        "pytorch_model-00002-of-00002.bin": names[2:],
+        "pytorch_model-00002-of-00002.bin": names[2:] + list(views),
     }
     for fname, keys in shards.items():
         torch.save({k: state[k] for k in keys}, f"pickled/{fname}")
@@ -685,7 +688,8 @@ def test_the_advice_for_pickled_weights_never_quotes_a_strangers_file_name():
     names = ["pytorch_model.bin", "x$(touch pwned).bin"]
     assert str(no_weights("ft", names)).endswith(f'name: cd ft && python -c "{CONVERT}"')
     assert str(no_weights("org/ft@v1", names)).endswith(
-        f'name: hf download org/ft --revision v1 --local-dir ft && cd ft && python -c "{CONVERT}", then name '
+        f"name: test ! -e ft-safetensors && hf download org/ft --revision v1 --local-dir ft-safetensors && "
+        f'cd ft-safetensors && python -c "{CONVERT}", then name '
         "that folder in the recipe"
     )
     assert str(no_weights("odd dir", ["model.pt"])) == (

@@ -397,3 +397,28 @@ def test_a_disk_full_as_the_inputs_hashes_are_recorded_is_one_line(workdir, monk
     )
     assert not (workdir / "out").exists()
     assert [r.getMessage() for r in caplog.records if r.name == "concurrent.futures"] == []  # no traceback logged
+
+
+@pytest.mark.parametrize("left", [[".state.json.1234.5678.tmp"], ["model/", "done/"], ["old/", "model/"]])
+def test_what_a_killed_run_leaves_before_its_fingerprint_is_merger_s(workdir, left):
+    """A run killed as it wrote its state (write_atomic's temporary file), as it cleared a stale partial
+    output (state.json removed before model/), or as it put an old output back (discard keeps old/ alone)
+    left a partial output without a fingerprint: it is taken up, not refused as someone else's (an old
+    output goes back in place, and then the output exists)."""
+    from click.testing import CliRunner
+    from conftest import GOOD
+
+    from merger.cli import cli
+
+    Path("recipe.yaml").write_text(GOOD)
+    partial = workdir / ".out.merger-partial"
+    partial.mkdir()
+    for name in left:
+        (partial / name).mkdir() if name.endswith("/") else (partial / name).write_text("{")
+    result = CliRunner().invoke(cli, ["apply", "-q", "recipe.yaml"])
+    if "old/" in left:
+        assert result.exit_code == 2 and result.stderr.endswith("already exists; pass --force to replace it\n")
+        assert (workdir / "out").is_dir()  # the old output, back in place
+    else:
+        assert result.exit_code == 0, result.output
+        assert (workdir / "out" / "merger.lock.json").is_file() and not partial.exists()

@@ -110,7 +110,12 @@ def held(workdir: Path, ignored: signal.Signals | None = None) -> subprocess.Pop
         text=True,
         preexec_fn=None if ignored is None else lambda: signal.signal(ignored, signal.SIG_IGN),
     )
-    assert proc.stderr.readline() == "held\n"
+    try:
+        assert proc.stderr.readline() == "held\n"
+    except BaseException:  # not held: never leave it waiting
+        proc.kill()
+        proc.communicate()
+        raise
     return proc
 
 
@@ -202,6 +207,37 @@ def test_a_mount_point_is_refused_before_merging(recipe, workdir):
         )
 
 
+def test_bind_mounts_are_mount_points_too():
+    """A bind mount within one file system has its parent's device (os.path.ismount misses it): the
+    mount table says where mounts are, its escapes undone."""
+    from merger import system
+
+    table = (
+        b"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        b"36 22 8:1 /srv/data /home/me/my\\040models rw - ext4 /dev/sda1 rw\n"
+        b"37 22 0:5 / /proc rw - proc proc rw\n"
+    )
+    assert system.mount_points(table) == {b"/", b"/home/me/my models", b"/proc"}
+    assert system.is_mount_point("/proc") and not system.is_mount_point(os.getcwd() + "/not-a-mount")
+
+
+def test_a_file_error_while_planning_is_not_blamed_on_stdout(recipe, workdir, monkeypatch):
+    from click.testing import CliRunner
+
+    import merger.cli
+    from merger.cli import cli
+
+    (workdir / "out").mkdir()
+
+    def unreadable(dest):
+        raise PermissionError(13, "Permission denied", str(dest))
+
+    monkeypatch.setattr(merger.cli, "_exists", lambda resolved: unreadable(resolved))
+    result = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
+    assert result.exit_code == 1
+    assert result.stderr == f"error: Permission denied ({workdir / 'out'}); nothing was written to the output\n"
+
+
 def test_a_publish_that_fails_still_prints_the_merge_summary(recipe, workdir):
     """With a hub: section and --json, the merge's summary reaches stdout even when publishing fails."""
     (workdir / "recipe.yaml").write_text(GOOD + "hub:\n  repo_id: me/merged\n")
@@ -214,3 +250,32 @@ def test_a_publish_that_fails_still_prints_the_merge_summary(recipe, workdir):
     assert summary["output"] == str(workdir / "out") and summary["published"] is None
     assert summary["publish_error"] and summary["publish_error"] in done.stderr
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+def test_progress_off_a_terminal_is_whole_lines(workdir, monkeypatch):
+    """A CI log gets a progress line every LOG_EVERY seconds (CircleCI stops a job silent for 10 minutes),
+    each a line of its own; a merge shorter than that prints none, and -q none at all."""
+    from click.testing import CliRunner
+
+    import merger.stream
+    from merger.cli import cli
+
+    (workdir / "recipe.yaml").write_text(GOOD)
+    quiet = CliRunner().invoke(cli, ["apply", "recipe.yaml"])
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr  # shorter than LOG_EVERY
+    monkeypatch.setattr(merger.stream, "LOG_EVERY", 0.0)
+    logged = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-o", "out2"])
+    assert logged.exit_code == 0, logged.output
+    lines = logged.stderr.splitlines()
+    assert lines and all(line.startswith("merging: ") for line in lines), logged.stderr
+    assert "\r" not in logged.stderr and lines[-1].startswith("merging: 100%")
+    silent = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-o", "out3", "-q"])
+    assert silent.exit_code == 0 and silent.stderr == ""
+
+
+def test_a_publish_that_fails_fails_when_nobody_reads_the_summary(recipe, workdir):
+    (workdir / "recipe.yaml").write_text(GOOD + "hub:\n  repo_id: me/merged\n")
+    env = "HF_TOKEN=hf_test HF_ENDPOINT=http://127.0.0.1:9"
+    done = bash(f"{env} {sys.executable} -m merger apply recipe.yaml --json | true", workdir)
+    assert done.stderr.endswith("\n2\n") and done.stderr.startswith("error: "), done.stderr
+    assert "Exception" not in done.stderr
