@@ -261,8 +261,8 @@ def _apply(
 
     progress = not quiet and not as_json and sys.stderr is not None  # None: stderr closed
     plan, lock = _plan(recipe, device, shard_size, locked, offline, seed, progress and sys.stderr.isatty())
-    if plan.config_from is None and not quiet and not as_json:
-        click.echo(f"note: {plan.config_note()}", err=True)
+    if not quiet and not as_json:
+        _notes(plan)
     dest = _destination(plan, output)
     target = plan.spec.recipe.hub if not no_push else None
     api = publish.hub_api() if target else None  # no token: fail now, not after the merge
@@ -287,6 +287,7 @@ def _apply(
         )
     if summary is None:  # a non-zero rank of a distributed launch: rank 0 reports (and publishes)
         return
+    summary["notes"] = plan.spec.source.notes
     if target:
         upload = publish.prepare(
             dest, target.repo_id, private=target.private, revision=target.revision, commit_message=target.commit_message
@@ -345,6 +346,8 @@ def plan(recipe, output, device, shard_size, locked, offline, seed, workers, as_
     from merger.staging import check_path, inspect
 
     p, lock = _plan(recipe, device, shard_size, locked, offline, seed)
+    if not as_json:
+        _notes(p, config=False)
     if lock is not None:  # what can be checked without reading a file: commits, file lists and sizes
         lock.verify(listed(p, local=True), locked)
     dest = str(_destination(p, output)) if output or p.spec.recipe.output.path else None
@@ -358,11 +361,21 @@ def plan(recipe, output, device, shard_size, locked, offline, seed, workers, as_
         info = _plan_info(p, recipe or locked, resolved, partial)
         info["processes"] = processes
         info["peak_memory_estimate_all_processes"] = processes * info["peak_memory_estimate"]
+        info["notes"] = p.spec.source.notes
         with _printing():
             if as_json:
                 click.echo(json.dumps(info, indent=2))
             else:
                 _show_plan(p, info, resolved, partial)
+
+
+def _notes(p, config: bool = True) -> None:
+    """What the recipe gives that merger leaves aside as mergekit does, and (with `config`) that no model
+    holds a config.json, as `note:` lines on stderr (`merger plan` shows the config on a line of its own)."""
+    for note in p.spec.source.notes:
+        click.echo(f"note: {_printable(note)}", err=True)
+    if config and p.config_from is None:
+        click.echo(f"note: {p.config_note()}", err=True)
 
 
 def _hash_line(info: dict) -> str:

@@ -51,10 +51,16 @@ DTYPE_CODE = {
 
 # mergekit keys that merger does not implement yet: a clear message instead of "unknown key".
 NOT_YET = {
-    "tokenizer": "the tokenizer: section is not supported yet; use tokenizer_source: base or a model",
+    "tokenizer": "a tokenizer: section beyond `source: base` or `source: <model>` (a union vocabulary, its "
+    "default; tokens; pad_to_multiple_of) is not supported yet; use tokenizer_source: base or a model",
     "chat_template": "chat_template is not supported yet; the tokenizer files are copied as they are",
-    "modules": "modules are not supported yet",
+    "modules": "modules beyond one `default` module of slices: or models: are not supported yet",
 }
+# A mergekit-moe config (another tool of mergekit's): its other keys mean nothing to a merge, so this alone
+MOE_KEYS = ("experts", "gate_mode")
+MOE = "a mergekit-moe config (experts, gate_mode): merger does not build mixtures of experts yet"
+# Keys mergekit reads nowhere in a merge's config, taken and left aside here with a note
+IGNORED = {"name": "mergekit-multi's name of a merge in a multi-document config; one merge here"}
 
 
 class Strict(BaseModel):
@@ -178,6 +184,8 @@ class RecipeSource:
     name: str = "<recipe>"
     text: str = ""
     lines: dict[tuple, int] = field(default_factory=dict)
+    # What the recipe gives that merger takes and leaves aside, as mergekit does (`file:line: key: why`)
+    notes: list[str] = field(default_factory=list)
 
     def where(self, *loc: str | int) -> str:
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
@@ -359,11 +367,53 @@ def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
         _map_lines(root, (), source.lines, problems, source)
     if not isinstance(data, dict):
         raise RecipeError([f"{name}: a recipe is a YAML mapping with merge_method and models"])
-    problems += [f"{source.where(k)}: {msg}" for k, msg in NOT_YET.items() if k in data]
-    data = {k: v for k, v in data.items() if k not in NOT_YET}
     if problems:
         raise RecipeError(problems)
-    return validate(data, source)
+    if moe := [k for k in MOE_KEYS if k in data]:
+        raise RecipeError([f"{source.where(moe[0])}: {MOE}"])
+    data = _default_module(_tokenizer_section(data, source), source)
+    not_yet = [f"{source.where(k)}: {msg}" for k, msg in NOT_YET.items() if k in data]
+    if "modules" in data:  # its models and slices are in there: nothing else to check without them
+        raise RecipeError(not_yet)
+    source.notes += [f"{source.where(k)}: ignored: {why}" for k, why in IGNORED.items() if k in data]
+    data = {k: v for k, v in data.items() if k not in NOT_YET and k not in IGNORED}
+    try:
+        spec = validate(data, source)
+    except RecipeError as e:  # every problem in one run, the not-yet keys' among them
+        raise RecipeError(_by_line(not_yet + e.problems)) from None
+    if not_yet:
+        raise RecipeError(not_yet)
+    return spec
+
+
+def _tokenizer_section(data: dict, source: RecipeSource) -> dict:
+    """A `tokenizer:` section that only names its source (base or a model) as tokenizer_source, which
+    means the same in mergekit; any other is left for NOT_YET."""
+    section = data.get("tokenizer")
+    if not isinstance(section, dict) or set(section) != {"source"} or "tokenizer_source" in data:
+        return data
+    if not isinstance(section["source"], str) or section["source"] == "union":
+        return data
+    source.lines[("tokenizer_source",)] = source.lines.get(("tokenizer", "source"), source.lines.get(("tokenizer",)))
+    source.notes.append(f"{source.where('tokenizer', 'source')}: taken as tokenizer_source: {section['source']}")
+    return {k: v for k, v in data.items() if k != "tokenizer"} | {"tokenizer_source": section["source"]}
+
+
+def _default_module(data: dict, source: RecipeSource) -> dict:
+    """`modules: {default: {slices: ...}}` (or models:), mergekit's spelling of a recipe of one module, as the
+    top-level slices: (models:) it means; any other modules: is left for NOT_YET."""
+    modules = data.get("modules")
+    if not isinstance(modules, dict) or set(modules) != {"default"} or "slices" in data or "models" in data:
+        return data
+    module = modules["default"]
+    if not isinstance(module, dict) or len(module) != 1 or set(module) - {"slices", "models"}:
+        return data
+    (key, value), inner = next(iter(module.items())), ("modules", "default")
+    for loc, line in list(source.lines.items()):  # errors inside point at the lines they are on
+        if loc[:3] == (*inner, key):
+            source.lines[loc[2:]] = line
+    source.notes.append(f"{source.where(*inner)}: taken as the top-level {key}: (one module)")
+    return {k: v for k, v in data.items() if k != "modules"} | {key: value}
 
 
 def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
@@ -390,6 +440,7 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
         )
         raise RecipeError(_by_line(problems))
 
+    _leave_other_methods_parameters(recipe, method, source)
     defaults, method_values = _split(recipe.parameters, method, ("parameters",), source, problems, whole=True)
     params = _validate_params(method.params, method_values, ("parameters",), source, problems)
     _validate_params(method.model_params, defaults, ("parameters",), source, problems)
@@ -441,6 +492,27 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
     )
 
 
+def _leave_other_methods_parameters(recipe: Recipe, method: Method, source: RecipeSource) -> None:
+    """Take out of every `parameters:` mapping the parameters that other methods take and this one does
+    not (a `normalize` left in an sce config), each with a note: mergekit reads only its method's, so such a
+    config runs unchanged. A key no method takes is still refused (a typo: `densty`)."""
+    if not method.in_mergekit:
+        return
+    own = set(_keys(method.model_params) + _keys(method.params))
+    known = {k for m in all_methods().values() for k in _keys(m.model_params) + _keys(m.params)}
+    mappings = [(("parameters",), recipe.parameters)]
+    mappings += [(("models", i, "parameters"), e.parameters) for i, e in enumerate(recipe.models or [])]
+    for i, entry in enumerate(recipe.slices or []):
+        mappings.append((("slices", i, "parameters"), entry.parameters))
+        mappings += [(("slices", i, "sources", j, "parameters"), s.parameters) for j, s in enumerate(entry.sources)]
+    for loc, values in mappings:
+        for key in [k for k in values if k in known and k not in own]:
+            del values[key]
+            source.notes.append(
+                f"{source.where(*loc, key)}: ignored: {method.name} takes no {key}, and mergekit ignores it too"
+            )
+
+
 def _split(
     values: dict[str, Any], method: Method, loc: tuple, source: RecipeSource, problems: list[str], whole: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -472,9 +544,20 @@ def _ingredients(
             continue  # the base's own task vector is zero; mergekit configs often list it
         loc = ("models", i, "parameters")
         own, _ = _split(entry.parameters, method, loc, source, problems, whole=False)
+        first = next((k for k, g in enumerate(ingredients) if _same_ref(g.ref, entry.model)), None)
+        if first is not None:  # as mergekit: one input, each parameter from the first entry that gives it
+            earlier = ingredients[first]
+            own = own | earlier.settings
+            source.notes.append(
+                f"{source.where('models', i, 'model')}: '{entry.model}' is listed again (models[{earlier.index}]): "
+                "merged once, each parameter from the first entry that gives it, as earlier mergekit versions "
+                "merged it (0.1.5 refuses such a config)"
+            )
         merged = {k: v for k, v in defaults.items() if k not in own} | own
         mp = _validate_params(method.model_params, merged, loc, source, problems, only=set(own))
-        if mp is not None:
+        if mp is not None and first is not None:
+            ingredients[first] = Ingredient(ingredients[first].ref, mp, ingredients[first].index, own)
+        elif mp is not None:
             ingredients.append(Ingredient(entry.model, mp, i, own))
     return ingredients
 
@@ -797,7 +880,7 @@ def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: t
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = _walk(model, tuple(err["loc"])[:-1])[1]
-        msg = f"unknown key{_suggest(str(loc[-1]), _keys(parent) if parent else [])}"
+        msg = f"unknown key{_suggest(str(loc[-1]), _keys(parent) if parent else [])}{_placement(loc)}"
     elif kind in ("union_tag_invalid", "union_tag_not_found"):  # the discriminator key: evaluation.evaluator
         ctx = err["ctx"]
         key = ctx["discriminator"].strip("'")
@@ -824,6 +907,17 @@ def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: t
         if "input" in err and not isinstance(err["input"], dict | list):
             msg += f", got {err['input']!r}"
     return f"{source.where(*loc)}: {msg}"
+
+
+def _placement(loc: tuple) -> str:
+    """Where an unknown key belongs, for keys that mergekit configs put where mergekit reads nothing."""
+    key = loc[-1]
+    if key == "revision":
+        return "; give a Hub model's revision in its reference: model: org/name@revision"
+    methods = [m.name for m in all_methods().values() if key in _keys(m.model_params) + _keys(m.params)]
+    if len(loc) == 1 and methods:  # a parameter at the top level, where mergekit ignores it
+        return f"; it is a parameter ({', '.join(sorted(methods))}): put it under parameters: (mergekit reads nothing here)"
+    return ""
 
 
 def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] | None]:

@@ -47,13 +47,24 @@ def test_unknown_method(workdir):
     )
 
 
-def test_parameter_of_another_method(workdir):
-    err = run_bad(GOOD.replace("merge_method: ties", "merge_method: linear"))
-    assert err == (
-        "error: recipe.yaml:7: models[0].parameters.density: unknown key ('density' belongs to breadcrumbs, "
-        "breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, ties); "
-        "linear takes weight, normalize\n"
+def test_parameter_of_another_method_is_left_aside_with_a_note(workdir):
+    """mergekit reads only its method's parameters: a `density` left in a linear config merges as without
+    it, and says so; a key no method takes is still a typo."""
+    Path("recipe.yaml").write_text(GOOD.replace("merge_method: ties", "merge_method: linear"))
+    noted = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-o", "noted"])
+    Path("recipe.yaml").write_text(
+        GOOD.replace("merge_method: ties", "merge_method: linear").replace("      density: 0.5\n", "")
     )
+    plain = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-o", "plain", "-q"])
+    assert noted.exit_code == 0 and plain.exit_code == 0, noted.output
+    assert noted.stderr == (
+        "note: recipe.yaml:7: models[0].parameters.density: ignored: linear takes no density, and mergekit ignores "
+        "it too\n"
+    )
+    shards = sorted(p.name for p in Path("plain").glob("*.safetensors"))
+    assert shards and all(Path("noted", s).read_bytes() == Path("plain", s).read_bytes() for s in shards)
+    err = run_bad(GOOD.replace("merge_method: ties", "merge_method: linear").replace("density:", "densty:"))
+    assert err == "error: recipe.yaml:7: models[0].parameters.densty: unknown key; linear takes weight, normalize\n"
 
 
 @pytest.mark.parametrize(

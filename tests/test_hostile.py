@@ -418,7 +418,9 @@ def test_an_overflow_past_float32s_range_says_what_helps(tmp_path, monkeypatch):
     write_checkpoint(Path("a"), {"w": torch.full((8,), 3e38), "v": torch.ones(8)})
     write_checkpoint(Path("b"), {"w": torch.full((8,), -3e38), "v": torch.ones(8)})
     for dtype, compute in (("float32", "float32"), ("bfloat16", "float32"), ("float32", "float64")):
-        recipe = "merge_method: linear\nmodels: [{model: a}, {model: a}]\nparameters: {normalize: false}\n"
+        recipe = (
+            "merge_method: linear\nmodels: [{model: a, parameters: {weight: 2.0}}]\nparameters: {normalize: false}\n"
+        )
         err = run_bad(recipe + f"dtype: {dtype}\ncompute_dtype: {compute}\noutput: {{path: out}}\n")
         largest = {"float32": "3.4e+38", "bfloat16": "3.39e+38"}[dtype]
         advice = (

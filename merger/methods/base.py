@@ -224,6 +224,9 @@ class Method:
     # Reads the base where the recipe names one, and works without (nuslerp, multislerp): fn's base is
     # then None. needs_base methods refuse a recipe without one.
     takes_base: bool = False
+    # mergekit has the method: a config of it that gives another method's parameters runs, those left aside
+    # as mergekit leaves them (recipe._leave_other_methods_parameters); merger's own refuse them
+    in_mergekit: bool = True
     # A pass over the whole model before the merge, where model_wide(params) (see ModelPrepare).
     model_prepare: ModelPrepare | None = None
     model_wide: Callable[[Any], bool] | None = None

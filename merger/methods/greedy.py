@@ -40,6 +40,7 @@ def uniform_soup_fused(
 
 METHOD = Method(
     name="greedy_soup",
+    in_mergekit=False,
     fn=uniform_soup,
     model_params=NoParams,
     params=NoParams,

@@ -322,6 +322,7 @@ def _footprint(matrices: int) -> GpuFootprint:
 
 TSV = Method(
     name="tsv",
+    in_mergekit=False,
     fn=_tsv_fn,
     model_params=Params,
     params=SubspaceParams,
@@ -337,6 +338,7 @@ TSV = Method(
 
 ISO_C = Method(
     name="iso_c",
+    in_mergekit=False,
     fn=_iso_c_fn,
     model_params=Params,
     params=SubspaceParams,
@@ -352,6 +354,7 @@ ISO_C = Method(
 
 ISO_CTS = Method(
     name="iso_cts",
+    in_mergekit=False,
     fn=_iso_cts_fn,
     model_params=Params,
     params=IsoCtsParams,

@@ -1,0 +1,177 @@
+"""mergekit configs as people publish them (found in model cards): keys mergekit reads nowhere are left
+aside with a note, a model listed twice is merged once, and what merger cannot do yet says what it is,
+every problem in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from conftest import load_output, run_bad, write_checkpoint
+
+from merger.cli import cli
+
+
+def _models(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    models = {
+        name: {"a.weight": torch.randn(4, 6, generator=g), "b.bias": torch.randn(6, generator=g)} for name in "xyz"
+    }
+    for name, tensors in models.items():
+        write_checkpoint(root / name, tensors)
+    return models
+
+
+def test_a_model_listed_twice_is_merged_once_with_its_first_parameters(tmp_path, monkeypatch):
+    """Earlier mergekit versions gathered inputs by model (listed twice: one input) and took each parameter
+    from the first entry that gives it; mergekit 0.1.5 refuses the config. Counting it twice, as merger
+    did, gave neither: (2x + y) / 2 against (x + y) / 2 here."""
+    monkeypatch.chdir(tmp_path)
+    m = _models(tmp_path)
+    Path("r.yaml").write_text(
+        "merge_method: linear\nmodels:\n"
+        "  - model: x\n    parameters: {weight: 1.0}\n"
+        "  - model: y\n    parameters: {weight: 3.0}\n"
+        "  - model: x\n    parameters: {weight: 5.0}\n"
+        "dtype: float32\n"
+    )
+    result = CliRunner().invoke(cli, ["apply", "r.yaml", "-o", "out"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        "note: r.yaml:7: models[2].model: 'x' is listed again (models[0]): merged once, each parameter from the "
+        "first entry that gives it, as earlier mergekit versions merged it (0.1.5 refuses such a config)\n"
+    )
+    out = load_output(Path("out"))
+    for name, merged in out.items():  # weight 1 (the first entry's), normalize true (the top-level default)
+        expected = (1.0 * m["x"][name].double() + 3.0 * m["y"][name].double()) / 4.0
+        torch.testing.assert_close(merged.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_parameters_mergekit_reads_nowhere_are_noted_in_the_plan(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _models(tmp_path)
+    Path("r.yaml").write_text(
+        "name: soup-v2\nmerge_method: sce\nbase_model: x\n"
+        "models:\n  - model: y\n    parameters: {weight: 0.5}\n  - model: z\n"
+        "parameters: {select_topk: 0.5, normalize: true, density: 0.4}\n"
+    )
+    plan = CliRunner().invoke(cli, ["plan", "r.yaml", "--json"])
+    assert plan.exit_code == 0, plan.output
+    assert json.loads(plan.stdout)["notes"] == [
+        "r.yaml:1: name: ignored: mergekit-multi's name of a merge in a multi-document config; one merge here",
+        "r.yaml:8: parameters.normalize: ignored: sce takes no normalize, and mergekit ignores it too",
+        "r.yaml:8: parameters.density: ignored: sce takes no density, and mergekit ignores it too",
+    ]
+    shown = CliRunner().invoke(cli, ["plan", "r.yaml"])
+    assert shown.stderr.count("note: ") == 3  # sce takes (and ignores) a model's weight: no note for it
+
+
+def test_mergers_own_methods_still_refuse_other_methods_parameters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _models(tmp_path)
+    err = run_bad("merge_method: tsv\nbase_model: x\nmodels: [{model: y}, {model: z}]\nparameters: {density: 0.5}\n")
+    assert err == (
+        "error: recipe.yaml:4: parameters.density: unknown key ('density' belongs to breadcrumbs, breadcrumbs_ties, "
+        "dare_linear, dare_ties, della, della_linear, ties); tsv takes alpha\n"
+    )
+
+
+def test_what_merger_cannot_do_yet_is_named_with_every_other_problem(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _models(tmp_path)
+    err = run_bad(
+        "merge_method: slerp\nbase_model: x\nmodels: [{model: y}]\nparameters: {t: 0.5}\n"
+        "tokenizer_source: union\nchat_template: chatml\nselect_topk: 0.3\n"
+    )
+    assert err == (
+        "error: recipe.yaml:5: tokenizer_source: 'union' is not supported yet; use base or a model\n"
+        "error: recipe.yaml:6: chat_template: chat_template is not supported yet; the tokenizer files are copied "
+        "as they are\n"
+        "error: recipe.yaml:7: select_topk: unknown key; it is a parameter (sce): put it under parameters: "
+        "(mergekit reads nothing here)\n"
+    )
+
+
+def test_a_mergekit_moe_config_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = run_bad(
+        "base_model: x\ngate_mode: hidden\ndtype: bfloat16\n"
+        "experts:\n  - source_model: y\n    positive_prompts: [code]\n"
+    )
+    assert err == (
+        "error: recipe.yaml:4: experts: a mergekit-moe config (experts, gate_mode): merger does not build "
+        "mixtures of experts yet\n"
+    )
+
+
+def test_keys_in_the_wrong_place_say_where_they_go(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _models(tmp_path)
+    err = run_bad(
+        "merge_method: passthrough\nslices:\n  - sources:\n      - model: y\n        revision: dpo-v0\n"
+        "        layer_range: [0, 1]\ndensity: 0.5\n"
+    )
+    assert err == (
+        "error: recipe.yaml:5: slices[0].sources[0].revision: unknown key; give a Hub model's revision in its "
+        "reference: model: org/name@revision\n"
+        "error: recipe.yaml:7: density: unknown key; it is a parameter (breadcrumbs, breadcrumbs_ties, dare_linear, "
+        "dare_ties, della, della_linear, ties): put it under parameters: (mergekit reads nothing here)\n"
+    )
+
+
+def test_a_tokenizer_section_that_only_names_its_source_is_tokenizer_source(tmp_path, monkeypatch):
+    """mergekit's `tokenizer: {source: base | <model>}` means what tokenizer_source does; its default source
+    (a union vocabulary), tokens and pad_to_multiple_of are not supported yet."""
+    monkeypatch.chdir(tmp_path)
+    _models(tmp_path)
+    for name in "xy":
+        Path(name, "tokenizer.json").write_text(json.dumps({"model": name}))
+    head = "merge_method: slerp\nbase_model: x\nmodels: [{model: y}]\nparameters: {t: 0.5}\n"
+    Path("r.yaml").write_text(head + "tokenizer:\n  source: y\n")
+    result = CliRunner().invoke(cli, ["apply", "r.yaml", "-o", "out"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "note: r.yaml:6: tokenizer.source: taken as tokenizer_source: y\n"
+    assert json.loads(Path("out/tokenizer.json").read_text()) == {"model": "y"}
+    for section in (
+        "tokenizer: {}\n",
+        "tokenizer:\n  source: union\n",
+        "tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n",
+    ):
+        assert run_bad(head + section) == (
+            "error: recipe.yaml:5: tokenizer: a tokenizer: section beyond `source: base` or `source: <model>` (a union "
+            "vocabulary, its default; tokens; pad_to_multiple_of) is not supported yet; use tokenizer_source: base or "
+            "a model\n"
+        )
+
+
+def test_one_default_module_is_the_recipe_it_holds(tmp_path, monkeypatch):
+    """`modules: {default: {slices: ...}}` is mergekit's spelling of a recipe of one module: the same merge
+    as top-level slices:, byte for byte, its errors at their lines; other modules are not supported yet."""
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    for name in "xy":
+        write_checkpoint(Path(name), {f"model.layers.{i}.mlp.weight": torch.randn(3, 3, generator=g) for i in range(2)})
+    slices = (
+        "  - sources:\n      - model: x\n        layer_range: [0, 1]\n      - model: y\n        layer_range: [0, 1]\n"
+    )
+    top = "merge_method: linear\ndtype: float32\nslices:\n" + slices
+    module = "merge_method: linear\ndtype: float32\nmodules:\n  default:\n    slices:\n" + slices.replace(
+        "\n  ", "\n      "
+    ).replace("  - ", "      - ", 1)
+    Path("top.yaml").write_text(top)
+    Path("module.yaml").write_text(module)
+    a = CliRunner().invoke(cli, ["apply", "top.yaml", "-o", "a", "-q"])
+    b = CliRunner().invoke(cli, ["apply", "module.yaml", "-o", "b"])
+    assert a.exit_code == 0 and b.exit_code == 0, b.output
+    assert b.stderr == "note: module.yaml:4: modules.default: taken as the top-level slices: (one module)\n"
+    shards = sorted(p.name for p in Path("a").glob("*.safetensors"))
+    assert shards and all(Path("a", s).read_bytes() == Path("b", s).read_bytes() for s in shards)
+    err = run_bad(module.replace("layer_range: [0, 1]", "layer_range: [1, 1]", 1))
+    assert "\nerror: recipe.yaml:8: slices[0].sources[0].layer_range: [1, 1] holds no layers" in err  # its own line
+    two = module + "  other:\n    models: [{model: y}]\n"
+    assert run_bad(two) == (
+        "error: recipe.yaml:3: modules: modules beyond one `default` module of slices: or models: are not supported "
+        "yet\n"
+    )
