@@ -54,7 +54,8 @@ NOT_YET = {
     "tokenizer": "a tokenizer: section beyond `source: base` or `source: <model>` (a union vocabulary, its "
     "default; tokens; pad_to_multiple_of) is not supported yet; use tokenizer_source: base or a model",
     "chat_template": "chat_template is not supported yet; the tokenizer files are copied as they are",
-    "modules": "modules beyond one `default` module of slices: or models: are not supported yet",
+    "modules": "modules beyond one `default` module of slices: or models: (no parameters: of its own) are not "
+    "supported yet",
 }
 # A mergekit-moe config (another tool of mergekit's): its other keys mean nothing to a merge, so this alone
 MOE_KEYS = ("experts", "gate_mode")
@@ -383,6 +384,7 @@ def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
         raise RecipeError(_by_line(not_yet + e.problems)) from None
     if not_yet:
         raise RecipeError(not_yet)
+    source.notes[:] = _by_line(source.notes)
     return spec
 
 
@@ -390,7 +392,9 @@ def _tokenizer_section(data: dict, source: RecipeSource) -> dict:
     """A `tokenizer:` section that only names its source (base or a model) as tokenizer_source, which
     means the same in mergekit; any other is left for NOT_YET."""
     section = data.get("tokenizer")
-    if not isinstance(section, dict) or set(section) != {"source"} or "tokenizer_source" in data:
+    if section is not None and "tokenizer_source" in data:
+        raise RecipeError([f"{source.where('tokenizer')}: give tokenizer_source or a tokenizer: section, not both"])
+    if not isinstance(section, dict) or set(section) != {"source"}:
         return data
     if not isinstance(section["source"], str) or section["source"] == "union":
         return data
@@ -506,7 +510,7 @@ def _leave_other_methods_parameters(recipe: Recipe, method: Method, source: Reci
         mappings.append((("slices", i, "parameters"), entry.parameters))
         mappings += [(("slices", i, "sources", j, "parameters"), s.parameters) for j, s in enumerate(entry.sources)]
     for loc, values in mappings:
-        for key in [k for k in values if k in known and k not in own]:
+        for key in [k for k in values if k in known and k not in own and k not in method.not_taken]:
             del values[key]
             source.notes.append(
                 f"{source.where(*loc, key)}: ignored: {method.name} takes no {key}, and mergekit ignores it too"
@@ -530,7 +534,7 @@ def _split(
             where = "the slice's or the top-level parameters" if loc[0] == "slices" else "the top-level parameters"
             problems.append(f"{source.where(*loc, key)}: '{key}' applies to the whole merge; put it under {where}")
         else:
-            problems.append(f"{source.where(*loc, key)}: {_not_a_parameter(key, method)}")
+            problems.append(f"{source.where(*loc, key)}: {method.not_taken.get(key) or _not_a_parameter(key, method)}")
     return own, wide
 
 
@@ -544,22 +548,47 @@ def _ingredients(
             continue  # the base's own task vector is zero; mergekit configs often list it
         loc = ("models", i, "parameters")
         own, _ = _split(entry.parameters, method, loc, source, problems, whole=False)
-        first = next((k for k, g in enumerate(ingredients) if _same_ref(g.ref, entry.model)), None)
-        if first is not None:  # as mergekit: one input, each parameter from the first entry that gives it
-            earlier = ingredients[first]
-            own = own | earlier.settings
-            source.notes.append(
-                f"{source.where('models', i, 'model')}: '{entry.model}' is listed again (models[{earlier.index}]): "
-                "merged once, each parameter from the first entry that gives it, as earlier mergekit versions "
-                "merged it (0.1.5 refuses such a config)"
-            )
         merged = {k: v for k, v in defaults.items() if k not in own} | own
         mp = _validate_params(method.model_params, merged, loc, source, problems, only=set(own))
-        if mp is not None and first is not None:
-            ingredients[first] = Ingredient(ingredients[first].ref, mp, ingredients[first].index, own)
-        elif mp is not None:
+        first = next((k for k, g in enumerate(ingredients) if _same_ref(g.ref, entry.model)), None)
+        if mp is not None and first is None:
             ingredients.append(Ingredient(entry.model, mp, i, own))
+        elif mp is not None and (
+            again := _listed_again(ingredients[first], i, own, defaults, method, source, problems)
+        ):
+            ingredients[first] = again
     return ingredients
+
+
+def _listed_again(
+    earlier: Ingredient, i: int, own: dict, defaults: dict, method: Method, source: RecipeSource, problems: list[str]
+) -> Ingredient | None:
+    """models[i], a model listed before (`earlier`), its own parameters `own` already checked: one input, each
+    parameter from the first entry that gives it, as earlier mergekit versions resolved it (0.1.5 refuses the
+    config). Refused for merger's own methods, and where both entries give a parameter and one of them gives
+    it a gradient or filters (mergekit then falls through to the later entry tensor by tensor)."""
+    where, listed = source.where("models", i, "model"), f"'{earlier.ref}' is listed again (models[{earlier.index}])"
+    both = [
+        k
+        for k in own.keys() & earlier.settings.keys()
+        if isinstance(own[k], list) or isinstance(earlier.settings[k], list)
+    ]
+    if not method.in_mergekit or both:
+        why = (
+            f"both entries give {sorted(both)[0]}, with a gradient or filters"
+            if both
+            else f"{method.name} takes a model once"
+        )
+        problems.append(f"{where}: {listed}: {why}; list it once")
+        return None
+    source.notes.append(
+        f"{where}: {listed}: merged once, each parameter from the first entry that gives it, as earlier mergekit "
+        "versions merged it (0.1.5 refuses such a config)"
+    )
+    combined = own | earlier.settings
+    merged = {k: v for k, v in defaults.items() if k not in combined} | combined
+    mp = _validate_params(method.model_params, merged, ("models", i, "parameters"), source, problems, only=set())
+    return Ingredient(earlier.ref, mp, earlier.index, combined) if mp is not None else None
 
 
 def _missing_base(recipe: Recipe, method: Method, source: RecipeSource) -> list[str]:
@@ -912,7 +941,7 @@ def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: t
 def _placement(loc: tuple) -> str:
     """Where an unknown key belongs, for keys that mergekit configs put where mergekit reads nothing."""
     key = loc[-1]
-    if key == "revision":
+    if key == "revision" and ("models" in loc or "sources" in loc):
         return "; give a Hub model's revision in its reference: model: org/name@revision"
     methods = [m.name for m in all_methods().values() if key in _keys(m.model_params) + _keys(m.params)]
     if len(loc) == 1 and methods:  # a parameter at the top level, where mergekit ignores it

@@ -172,6 +172,49 @@ def test_one_default_module_is_the_recipe_it_holds(tmp_path, monkeypatch):
     assert "\nerror: recipe.yaml:8: slices[0].sources[0].layer_range: [1, 1] holds no layers" in err  # its own line
     two = module + "  other:\n    models: [{model: y}]\n"
     assert run_bad(two) == (
-        "error: recipe.yaml:3: modules: modules beyond one `default` module of slices: or models: are not supported "
-        "yet\n"
+        "error: recipe.yaml:3: modules: modules beyond one `default` module of slices: or models: (no parameters: of "
+        "its own) are not supported yet\n"
+    )
+
+
+def test_a_parameter_mergekits_own_method_reads_is_refused_not_left_aside(tmp_path, monkeypatch):
+    """mergekit 0.1.5's ties reads rescale (the trimmed task vector scaled back to its L1 norm), which merger's
+    ties does not do: leaving the key aside would merge differently from mergekit, so it is refused."""
+    monkeypatch.chdir(tmp_path)
+    _models(tmp_path)
+    err = run_bad("merge_method: ties\nbase_model: x\nmodels: [{model: y}, {model: z}]\nparameters: {rescale: true}\n")
+    assert err == (
+        "error: recipe.yaml:4: parameters.rescale: ties with rescale (mergekit 0.1.5 then scales each trimmed task "
+        "vector back to its L1 norm) is not supported yet; leave it out for TIES as the paper has it\n"
+    )
+
+
+def test_a_model_listed_twice_is_refused_where_one_set_of_parameters_cannot_say_it(tmp_path, monkeypatch):
+    """Both entries giving a parameter a gradient or filters (mergekit falls through to the later one tensor by
+    tensor), a method of merger's own, or a later entry's bad value: each a located line."""
+    monkeypatch.chdir(tmp_path)
+    _models(tmp_path)
+    layered = (
+        "merge_method: linear\nmodels:\n  - model: x\n    parameters: {weight: [{filter: a, value: 1.0}]}\n"
+        "  - model: y\n  - model: x\n    parameters: {weight: 3.0}\n"
+    )
+    assert run_bad(layered) == (
+        "error: recipe.yaml:6: models[2].model: 'x' is listed again (models[0]): both entries give weight, with a "
+        "gradient or filters; list it once\n"
+    )
+    bad = "merge_method: linear\nmodels: [{model: x}, {model: y}, {model: x, parameters: {weight: .inf}}]\n"
+    assert run_bad(bad).startswith("error: recipe.yaml:2: models[2].parameters.weight: ")
+    soup = "merge_method: greedy_soup\nmodels: [{model: x}, {model: y}, {model: ./x}]\n"
+    assert (
+        "error: recipe.yaml:2: models[2].model: 'x' is listed again (models[0]): greedy_soup takes a model once; "
+        in (run_bad(soup, command="plan"))
+    )
+
+
+def test_tokenizer_source_and_a_tokenizer_section_together_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _models(tmp_path)
+    recipe = "merge_method: linear\nmodels: [{model: x}, {model: y}]\ntokenizer_source: base\ntokenizer: {source: x}\n"
+    assert (
+        run_bad(recipe) == "error: recipe.yaml:4: tokenizer: give tokenizer_source or a tokenizer: section, not both\n"
     )

@@ -82,19 +82,21 @@ def test_a_closed_stderr_does_not_stop_a_merge(recipe, workdir):
     assert sorted(p.name for p in (workdir / "out2").iterdir()) == sorted(p.name for p in (workdir / "out").iterdir())
 
 
-# Hold the merge after each shard until SIGUSR1 arrives, having said on stderr that it got there.
+# Hold the merge after each shard, having said so on stderr, until $RELEASE exists or the run is interrupted
+# (a file and a flag: a thread held on a Python signal handler could wait for ever on a main thread that the
+# interrupt left waiting for that thread).
 HOLD = """
-import signal, sys, threading
+import os, sys, time
 import merger.staging as staging
+from merger import system
 
-go = threading.Event()
-signal.signal(signal.SIGUSR1, lambda *_: go.set())
 _finished = staging.Finished.__call__
 
 def __call__(self, shard, path):
     _finished(self, shard, path)
     print("held", file=sys.stderr, flush=True)
-    go.wait()
+    while not os.path.exists(os.environ["RELEASE"]) and not system.INTERRUPTED.is_set():
+        time.sleep(0.02)
 
 staging.Finished.__call__ = __call__
 """
@@ -105,7 +107,7 @@ def held(workdir: Path, ignored: signal.Signals | None = None) -> subprocess.Pop
     proc = subprocess.Popen(
         [sys.executable, "-m", "merger", "apply", "recipe.yaml", "-q"],
         cwd=workdir,
-        env=os.environ | hooked(workdir, HOLD),
+        env=os.environ | hooked(workdir, HOLD) | {"RELEASE": str(workdir / "release")},
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=None if ignored is None else lambda: signal.signal(ignored, signal.SIG_IGN),
@@ -127,7 +129,7 @@ def test_a_signal_the_parent_ignores_stays_ignored(recipe, workdir, sent):
     try:
         proc.send_signal(number)
         time.sleep(0.3)
-        proc.send_signal(signal.SIGUSR1)
+        (workdir / "release").touch()
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
     finally:
         proc.kill()
@@ -138,8 +140,7 @@ def test_a_signal_the_parent_ignores_stays_ignored(recipe, workdir, sent):
 def test_a_signal_the_parent_leaves_alone_interrupts(recipe, workdir):
     proc = held(workdir)
     try:
-        proc.send_signal(signal.SIGHUP)
-        proc.send_signal(signal.SIGUSR1)
+        proc.send_signal(signal.SIGHUP)  # never released: only the interrupt lets it go on
         assert proc.wait(timeout=120) == 130
         assert proc.stderr.read().startswith("error: interrupted; ")
     finally:
