@@ -510,7 +510,7 @@ def _leave_other_methods_parameters(recipe: Recipe, method: Method, source: Reci
         mappings.append((("slices", i, "parameters"), entry.parameters))
         mappings += [(("slices", i, "sources", j, "parameters"), s.parameters) for j, s in enumerate(entry.sources)]
     for loc, values in mappings:
-        for key in [k for k in values if k in known and k not in own and k not in method.not_taken]:
+        for key in [k for k in values if k in known and k not in own and k not in dict(method.not_taken)]:
             del values[key]
             source.notes.append(
                 f"{source.where(*loc, key)}: ignored: {method.name} takes no {key}, and mergekit ignores it too"
@@ -534,7 +534,8 @@ def _split(
             where = "the slice's or the top-level parameters" if loc[0] == "slices" else "the top-level parameters"
             problems.append(f"{source.where(*loc, key)}: '{key}' applies to the whole merge; put it under {where}")
         else:
-            problems.append(f"{source.where(*loc, key)}: {method.not_taken.get(key) or _not_a_parameter(key, method)}")
+            why = dict(method.not_taken).get(key) or _not_a_parameter(key, method)
+            problems.append(f"{source.where(*loc, key)}: {why}")
     return own, wide
 
 

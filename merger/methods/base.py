@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -228,8 +228,9 @@ class Method:
     # as mergekit leaves them (recipe._leave_other_methods_parameters); merger's own refuse them
     in_mergekit: bool = True
     # Parameters mergekit 0.1.5's method of this name reads that merger's does not take, each with why it
-    # is refused rather than left aside: leaving it would merge differently from mergekit (ties: rescale)
-    not_taken: dict[str, str] = field(default_factory=dict)
+    # is refused rather than left aside: leaving it would merge differently from mergekit (ties: rescale).
+    # (key, why) pairs: a method stays hashable.
+    not_taken: tuple[tuple[str, str], ...] = ()
     # A pass over the whole model before the merge, where model_wide(params) (see ModelPrepare).
     model_prepare: ModelPrepare | None = None
     model_wide: Callable[[Any], bool] | None = None

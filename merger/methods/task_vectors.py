@@ -407,10 +407,13 @@ TASK_ARITHMETIC = Method(
 
 TIES = Method(
     name="ties",
-    not_taken={
-        "rescale": "ties with rescale (mergekit 0.1.5 then scales each trimmed task vector back to its L1 norm) "
-        "is not supported yet; leave it out for TIES as the paper has it"
-    },
+    not_taken=(
+        (
+            "rescale",
+            "ties with rescale (mergekit 0.1.5 then scales each trimmed task vector back to its L1 norm) "
+            "is not supported yet; leave it out for TIES as the paper has it",
+        ),
+    ),
     fn=ties,
     model_params=TiesModelParams,
     params=TiesTrimParams,
