@@ -502,15 +502,15 @@ def _leave_other_methods_parameters(recipe: Recipe, method: Method, source: Reci
     config runs unchanged. A key no method takes is still refused (a typo: `densty`)."""
     if not method.in_mergekit:
         return
-    own = set(_keys(method.model_params) + _keys(method.params))
-    known = {k for m in all_methods().values() for k in _keys(m.model_params) + _keys(m.params)}
+    own, refused = set(_parameter_names(method)), dict(method.not_taken)
+    known = {k for m in all_methods().values() for k in _parameter_names(m)}
     mappings = [(("parameters",), recipe.parameters)]
     mappings += [(("models", i, "parameters"), e.parameters) for i, e in enumerate(recipe.models or [])]
     for i, entry in enumerate(recipe.slices or []):
         mappings.append((("slices", i, "parameters"), entry.parameters))
         mappings += [(("slices", i, "sources", j, "parameters"), s.parameters) for j, s in enumerate(entry.sources)]
     for loc, values in mappings:
-        for key in [k for k in values if k in known and k not in own and k not in dict(method.not_taken)]:
+        for key in [k for k in values if k in known and k not in own and k not in refused]:
             del values[key]
             source.notes.append(
                 f"{source.where(*loc, key)}: ignored: {method.name} takes no {key}, and mergekit ignores it too"
@@ -842,13 +842,18 @@ def _keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+def _parameter_names(method: Method) -> list[str]:
+    """Every parameter key a method takes: per model, then method-wide (aliases, as recipes spell them)."""
+    return _keys(method.model_params) + _keys(method.params)
+
+
 def _suggest(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _not_a_parameter(key: str, method: Method) -> str:
-    known = _keys(method.model_params) + _keys(method.params)
+    known = _parameter_names(method)
     hint = _suggest(key, known)
     if hint:
         return f"unknown key{hint}"
@@ -944,7 +949,7 @@ def _placement(loc: tuple) -> str:
     key = loc[-1]
     if key == "revision" and ("models" in loc or "sources" in loc):
         return "; give a Hub model's revision in its reference: model: org/name@revision"
-    methods = [m.name for m in all_methods().values() if key in _keys(m.model_params) + _keys(m.params)]
+    methods = [m.name for m in all_methods().values() if key in _parameter_names(m)]
     if len(loc) == 1 and methods:  # a parameter at the top level, where mergekit ignores it
         return f"; it is a parameter ({', '.join(sorted(methods))}): put it under parameters: (mergekit reads nothing here)"
     return ""

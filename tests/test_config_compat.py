@@ -7,11 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from conftest import load_output, run_bad, write_checkpoint
 
 from merger.cli import cli
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
+    """Three stand-in models x, y, z in the working directory (tmp_path), by name."""
+    monkeypatch.chdir(tmp_path)
+    return _models(tmp_path)
 
 
 def _models(root: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -24,12 +32,10 @@ def _models(root: Path) -> dict[str, dict[str, torch.Tensor]]:
     return models
 
 
-def test_a_model_listed_twice_is_merged_once_with_its_first_parameters(tmp_path, monkeypatch):
+def test_a_model_listed_twice_is_merged_once_with_its_first_parameters(models):
     """Earlier mergekit versions gathered inputs by model (listed twice: one input) and took each parameter
     from the first entry that gives it; mergekit 0.1.5 refuses the config. Counting it twice, as merger
     did, gave neither: (2x + y) / 2 against (x + y) / 2 here."""
-    monkeypatch.chdir(tmp_path)
-    m = _models(tmp_path)
     Path("r.yaml").write_text(
         "merge_method: linear\nmodels:\n"
         "  - model: x\n    parameters: {weight: 1.0}\n"
@@ -45,13 +51,11 @@ def test_a_model_listed_twice_is_merged_once_with_its_first_parameters(tmp_path,
     )
     out = load_output(Path("out"))
     for name, merged in out.items():  # weight 1 (the first entry's), normalize true (the top-level default)
-        expected = (1.0 * m["x"][name].double() + 3.0 * m["y"][name].double()) / 4.0
+        expected = (1.0 * models["x"][name].double() + 3.0 * models["y"][name].double()) / 4.0
         torch.testing.assert_close(merged.double(), expected, rtol=0, atol=1e-6)
 
 
-def test_parameters_mergekit_reads_nowhere_are_noted_in_the_plan(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    _models(tmp_path)
+def test_parameters_mergekit_reads_nowhere_are_noted_in_the_plan(models):
     Path("r.yaml").write_text(
         "name: soup-v2\nmerge_method: sce\nbase_model: x\n"
         "models:\n  - model: y\n    parameters: {weight: 0.5}\n  - model: z\n"
@@ -68,9 +72,7 @@ def test_parameters_mergekit_reads_nowhere_are_noted_in_the_plan(tmp_path, monke
     assert shown.stderr.count("note: ") == 3  # sce takes (and ignores) a model's weight: no note for it
 
 
-def test_mergers_own_methods_still_refuse_other_methods_parameters(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    _models(tmp_path)
+def test_mergers_own_methods_still_refuse_other_methods_parameters(models):
     err = run_bad("merge_method: tsv\nbase_model: x\nmodels: [{model: y}, {model: z}]\nparameters: {density: 0.5}\n")
     assert err == (
         "error: recipe.yaml:4: parameters.density: unknown key ('density' belongs to breadcrumbs, breadcrumbs_ties, "
@@ -78,9 +80,7 @@ def test_mergers_own_methods_still_refuse_other_methods_parameters(tmp_path, mon
     )
 
 
-def test_what_merger_cannot_do_yet_is_named_with_every_other_problem(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    _models(tmp_path)
+def test_what_merger_cannot_do_yet_is_named_with_every_other_problem(models):
     err = run_bad(
         "merge_method: slerp\nbase_model: x\nmodels: [{model: y}]\nparameters: {t: 0.5}\n"
         "tokenizer_source: union\nchat_template: chatml\nselect_topk: 0.3\n"
@@ -106,9 +106,7 @@ def test_a_mergekit_moe_config_says_so(tmp_path, monkeypatch):
     )
 
 
-def test_keys_in_the_wrong_place_say_where_they_go(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    _models(tmp_path)
+def test_keys_in_the_wrong_place_say_where_they_go(models):
     err = run_bad(
         "merge_method: passthrough\nslices:\n  - sources:\n      - model: y\n        revision: dpo-v0\n"
         "        layer_range: [0, 1]\ndensity: 0.5\n"
@@ -121,11 +119,9 @@ def test_keys_in_the_wrong_place_say_where_they_go(tmp_path, monkeypatch):
     )
 
 
-def test_a_tokenizer_section_that_only_names_its_source_is_tokenizer_source(tmp_path, monkeypatch):
+def test_a_tokenizer_section_that_only_names_its_source_is_tokenizer_source(models):
     """mergekit's `tokenizer: {source: base | <model>}` means what tokenizer_source does; its default source
     (a union vocabulary), tokens and pad_to_multiple_of are not supported yet."""
-    monkeypatch.chdir(tmp_path)
-    _models(tmp_path)
     for name in "xy":
         Path(name, "tokenizer.json").write_text(json.dumps({"model": name}))
     head = "merge_method: slerp\nbase_model: x\nmodels: [{model: y}]\nparameters: {t: 0.5}\n"
@@ -177,11 +173,9 @@ def test_one_default_module_is_the_recipe_it_holds(tmp_path, monkeypatch):
     )
 
 
-def test_a_parameter_mergekits_own_method_reads_is_refused_not_left_aside(tmp_path, monkeypatch):
+def test_a_parameter_mergekits_own_method_reads_is_refused_not_left_aside(models):
     """mergekit 0.1.5's ties reads rescale (the trimmed task vector scaled back to its L1 norm), which merger's
     ties does not do: leaving the key aside would merge differently from mergekit, so it is refused."""
-    monkeypatch.chdir(tmp_path)
-    _models(tmp_path)
     err = run_bad("merge_method: ties\nbase_model: x\nmodels: [{model: y}, {model: z}]\nparameters: {rescale: true}\n")
     assert err == (
         "error: recipe.yaml:4: parameters.rescale: ties with rescale (mergekit 0.1.5 then scales each trimmed task "
@@ -189,11 +183,9 @@ def test_a_parameter_mergekits_own_method_reads_is_refused_not_left_aside(tmp_pa
     )
 
 
-def test_a_model_listed_twice_is_refused_where_one_set_of_parameters_cannot_say_it(tmp_path, monkeypatch):
+def test_a_model_listed_twice_is_refused_where_one_set_of_parameters_cannot_say_it(models):
     """Both entries giving a parameter a gradient or filters (mergekit falls through to the later one tensor by
     tensor), a method of merger's own, or a later entry's bad value: each a located line."""
-    monkeypatch.chdir(tmp_path)
-    _models(tmp_path)
     layered = (
         "merge_method: linear\nmodels:\n  - model: x\n    parameters: {weight: [{filter: a, value: 1.0}]}\n"
         "  - model: y\n  - model: x\n    parameters: {weight: 3.0}\n"
@@ -211,9 +203,7 @@ def test_a_model_listed_twice_is_refused_where_one_set_of_parameters_cannot_say_
     )
 
 
-def test_tokenizer_source_and_a_tokenizer_section_together_are_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    _models(tmp_path)
+def test_tokenizer_source_and_a_tokenizer_section_together_are_refused(models):
     recipe = "merge_method: linear\nmodels: [{model: x}, {model: y}]\ntokenizer_source: base\ntokenizer: {source: x}\n"
     assert (
         run_bad(recipe) == "error: recipe.yaml:4: tokenizer: give tokenizer_source or a tokenizer: section, not both\n"
