@@ -26,6 +26,7 @@ from merger.layers import LayerStack, find_stacks, natural_key, numbered, stack_
 from merger.methods import Params, TensorContext, tensor_seed
 from merger.recipe import DTYPE_CODE, MergeSpec, Slice, SliceInput
 from merger.sources import DTYPES, LocalModel, TensorInfo
+from merger.vocab import Vocabulary
 
 Key = tuple[Path, str]  # an input tensor: its model's path, and its name there (Source.key)
 
@@ -103,8 +104,16 @@ class Assembly:
 class Assembler:
     """Builds the output tensors of a spec over opened models (`models`: by reference)."""
 
-    def __init__(self, spec: MergeSpec, models: dict[str, LocalModel], reference: LocalModel):
+    def __init__(
+        self,
+        spec: MergeSpec,
+        models: dict[str, LocalModel],
+        reference: LocalModel,
+        vocabulary: Vocabulary | None = None,
+    ):
         self.spec, self.models, self.reference = spec, models, reference
+        self.rows_vary = vocabulary.tensors if vocabulary else frozenset()  # laid out in the output's vocabulary
+        self.vocabulary = vocabulary
         self.stacks = {m.path: find_stacks(m.tensors) for m in [*models.values(), reference]}
         self._params: dict[tuple, Params] = {}  # resolved values -> their (validated) parameter object
         self._checked: set[tuple] = set()
@@ -248,8 +257,9 @@ class Assembler:
         if like.is_float:
             code = DTYPE_CODE.get(spec.recipe.out_dtype or spec.recipe.dtype or "") or code
         out_layer = layer_of(self.stacks[self.reference.path], out_name)  # in its own stack
+        shape = self.vocabulary.shape(name, like.shape) if self.vocabulary else like.shape
         return OutTensor(
-            out_name, like.shape, code, like.is_float, like.numel * DTYPES[code][1], sources, base, models, params,
+            out_name, shape, code, like.is_float, math.prod(shape) * DTYPES[code][1], sources, base, models, params,
             out_layer, tensor_seed(spec.seed, out_name),
         )  # fmt: skip
 
@@ -273,7 +283,8 @@ class Assembler:
             self.problems.append(f"{where}: '{s.model.ref}' lacks tensor '{s.name}'")
             return False
         if (
-            info.shape != like.shape
+            info.shape[1:] != like.shape[1:]
+            or (s.name not in self.rows_vary and info.shape != like.shape)
             or info.is_float != like.is_float
             or (not like.is_float and info.dtype != like.dtype)
         ):

@@ -411,6 +411,8 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "compute_dtype": p.compute_dtype,
         "random_seed": p.spec.seed,
         "config_from": p.config_from.ref if p.config_from is not None else None,
+        "vocabulary": _vocabulary_info(p),
+        "chat_template": p.chat_template,
         "output": str(resolved) if resolved else None,
         "output_exists": resolved is not None and os.path.lexists(resolved),
         "tensors": len(p.tensors),
@@ -444,6 +446,46 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
     return info
 
 
+def _vocabulary_info(p) -> dict | None:
+    """What a recipe's tokenizer source does to the output's vocabulary (merger.vocab); None: nothing."""
+    v = p.vocabulary
+    if v is None:
+        return None
+    return {
+        "source": p.spec.vocabulary.source,
+        "tokens": len(v.tokens),
+        "rows": v.rows,
+        "added": [t.content for t in v.added],
+        "tensors": sorted(v.tensors),
+    }
+
+
+def _vocabulary_lines(p) -> list[str]:
+    """`merger plan`'s lines on the output's vocabulary and chat template."""
+    lines = []
+    spec = p.spec.vocabulary
+    if spec is not None:
+        v = p.vocabulary
+        if v is None:
+            what = "every model's vocabulary tensors already fit it: read as they are"
+        else:
+            added = f", {len(v.added)} added to the source's" if v.added else ""
+            most = max(v.sizes.values())
+            cut = f" (rows past them dropped: {most} -> {v.rows}, as mergekit does)" if most > v.rows else ""
+            what = f"{len(v.tokens)} tokens{added} in {v.rows} rows{cut}; laid out per model: {', '.join(sorted(v.tensors))}"
+        lines.append(f"  vocabulary:   {spec.source}: {what}")
+    value = p.spec.recipe.chat_template
+    if value is not None:
+        if p.chat_template is None:
+            shown = "auto: none of the models holds one; the tokenizer files as they are"
+        elif value == "auto":
+            shown = f"auto: the one most models hold ({len(p.chat_template)} characters)"
+        else:
+            shown = value if len(value) < 40 else f"a Jinja template of {len(value)} characters"
+        lines.append(f"  chat:         template {shown}")
+    return lines
+
+
 def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     """`merger plan` for a person."""
     ev, hub, disk = p.spec.recipe.evaluation, p.spec.recipe.hub, info["disk"]
@@ -461,6 +503,8 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     click.echo(f"  tensors:      {len(p.tensors)} ({info['tensors_merged']} merged, {info['tensors_copied']} copied)")
     if note := p.config_note():
         click.echo(f"  config:       {note}")
+    for line in _vocabulary_lines(p):
+        click.echo(line)
     click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
     if p.model_wide:  # TIES' global trim: the radix select's passes over the whole model come first
         click.echo(f"                and before merging, {p.spec.method.name} reads the models through a few times")

@@ -25,6 +25,7 @@ from merger.sources import (
     read_config,
     read_support,
 )
+from merger.vocab import set_vocab_size
 
 
 def write_metadata(
@@ -71,8 +72,13 @@ def copy_support_files(plan: Plan, directory: Path) -> None:
                 data[k] = dtype
         if plan.layers is not None and plan.layer_origins != list(range(plan.layers)):  # slices restacked them
             restack_config(data, plan.layers, plan.layer_origins)
+        if plan.vocabulary is not None:
+            set_vocab_size(data, plan.vocabulary.rows)
         (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    sources = [(plan.tokenizer_from, TOKENIZER_FILES)]
+    made, dropped = plan.tokenizer_made, plan.tokenizer_dropped
+    for name, raw in made.items():
+        (directory / name).write_bytes(raw)
+    sources = [(plan.tokenizer_from, [n for n in TOKENIZER_FILES if n not in made and n not in dropped])]
     if plan.config_from is not None:
         sources.insert(0, (plan.config_from, MODEL_FILES))
     for model, names in sources:

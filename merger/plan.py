@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from merger import budget, system
+from merger import budget, chat, system
 from merger import device as merger_device
 from merger.assemble import Assembler, OutTensor, Source
 from merger.errors import ModelError, RecipeError
@@ -41,6 +41,17 @@ from merger.sources import (
     open_local,
     read_config,
     read_support,
+)
+from merger.vocab import (
+    CHAT_FILES,
+    TOKENIZER_JSON,
+    NoVocabulary,
+    TokenSettingError,
+    Vocabulary,
+    plan_vocabulary,
+    read_chat_template,
+    tokenizer_changes,
+    tokenizer_config,
 )
 
 OUTPUT = "output"  # the role of a staged tensor's output among its pinned blocks (Plan.staging_blocks)
@@ -112,6 +123,12 @@ class Plan:
     # where config.json and the generation files come from: the reference, or in a models: recipe the first
     # model (base first) holding a config.json where the reference holds none; None where no model holds one
     config_from: LocalModel | None = None
+    # the output's vocabulary where the recipe gives a tokenizer source that changes the vocabulary tensors
+    vocabulary: Vocabulary | None = None
+    chat_template: str | None = None  # the recipe's, resolved (merger.chat); None: the tokenizer source's
+    # the output's tokenizer files other than the source's (by name), and the source's it does not get
+    tokenizer_made: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    tokenizer_dropped: frozenset[str] = frozenset()
     # per tensor name, what the method's model-wide pass found (stream.model_pass; empty without one)
     model_state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _pinned_caps: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -178,7 +195,8 @@ class Plan:
         pick = self.spec.method.verbatim
         i = pick(t.models, t.params) if t.merged and pick is not None else None
         source = t.sources[i] if i is not None else None
-        return source if source is not None and source.info.dtype == t.dtype else None
+        laid_out = self.vocabulary is not None and t.name in self.vocabulary.tensors  # merger.vocab: new rows
+        return source if source is not None and source.info.dtype == t.dtype and not laid_out else None
 
     def stored_bytes(self, t: OutTensor) -> int:
         """Bytes of t read from the inputs, as stored: every reader's copy."""
@@ -213,6 +231,12 @@ class Plan:
             names += ["config.json", *MODEL_FILES]
         if model.path == self.tokenizer_from.path:
             names += TOKENIZER_FILES
+        elif self.spec.vocabulary is not None:  # every model's vocabulary is read (merger.vocab)
+            names += [TOKENIZER_JSON]
+        if self.spec.vocabulary is not None and "config.json" not in names:
+            names += ["config.json"]
+        if self.spec.recipe.chat_template == "auto":  # every model's template is read
+            names += [n for n in CHAT_FILES if n not in names]
         return names
 
     def file_uses(self, shards: list[int] | None = None) -> dict[Path, FileUse]:
@@ -242,7 +266,7 @@ class Plan:
     def staging_blocks(self, t: OutTensor) -> dict[int | str, int]:
         """The pinned blocks one slot of CudaStages' staging takes for t, by role (each input's place
         among t.distinct, and OUTPUT): its bytes there, rounded up as torch's pinned allocator does."""
-        blocks: dict[int | str, int] = {i: budget.pinned_block(s.info.nbytes) for i, s in enumerate(t.distinct)}
+        blocks = {i: budget.pinned_block(t.numel * DTYPES[s.info.dtype][1]) for i, s in enumerate(t.distinct)}
         blocks[OUTPUT] = budget.pinned_block(t.nbytes)
         return blocks
 
@@ -363,6 +387,8 @@ class Plan:
         worst = 0
         for t in self.tensors:
             raw = self.stored_bytes(t)
+            if self.vocabulary is not None and t.name in self.vocabulary.tensors:  # laid out anew (merger.vocab)
+                raw += sum(t.numel * DTYPES[s.info.dtype][1] for s in t.distinct)
             if self.device == "cuda":  # its pages, and the next tensor's while the stager copies them
                 host = raw * 2 if whole(t) else raw
             else:  # output buffers of a piece each
@@ -467,9 +493,10 @@ def build_plan(
     hub: Hub | None = None,
     opened: dict[str, LocalModel] | None = None,
 ) -> Plan:
-    """Open every model's headers, check they agree, and lay out the output. Reads no tensor data
-    (for Hub models, `hub` reads the headers remotely and downloads nothing but the index). `opened`:
-    models already opened, by reference (a search planning many merges of the same models)."""
+    """Open every model's headers, check they agree, and lay out the output. Reads no tensor data (for
+    Hub models, `hub` reads the headers remotely and downloads nothing but the index, and where the recipe
+    sets a vocabulary or `chat_template: auto` their tokenizer files and config). `opened`: models already
+    opened, by reference (a search planning many merges of the same models)."""
     recipe = spec.recipe
     base, inputs, tok, where_of, opened = _open_models(spec, hub, dict(opened or {}))
     reference = base or (inputs[0] if spec.slices is None else opened[spec.slices[0].inputs[0].ref])
@@ -477,15 +504,19 @@ def build_plan(
     # In a models: recipe every model must hold the reference's tensors, with the same shapes (and for
     # non-float tensors, the same dtype, since they are copied rather than merged); slices are checked
     # tensor by tensor (merger.assemble).
+    vocabulary = _vocabulary(spec, opened, base, reference)
+    rows_vary = vocabulary.tensors if vocabulary else frozenset()
     problems = []
     checked = {reference.path}
     for model in ([base] if base else []) + inputs if spec.slices is None else []:
         if model.path not in checked:
             checked.add(model.path)
-            problems += _compare(reference, model, where_of[model.path])
+            problems += _compare(reference, model, where_of[model.path], rows_vary)
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
-    assembly = Assembler(spec, opened, reference).assemble()
+    assembly = Assembler(spec, opened, reference, vocabulary).assemble()
+    if vocabulary is not None:
+        _check_donors(spec, vocabulary, assembly.tensors, opened)
     tensors = sorted(assembly.tensors, key=lambda t: natural_key(t.name))
     size = shard_size or int(recipe.output.shard_size)
     plan = Plan(
@@ -501,7 +532,10 @@ def build_plan(
         layers=assembly.stack.count if assembly.stack else None,
         layer_origins=assembly.origins,
         config_from=config_from,
+        vocabulary=vocabulary,
+        chat_template=_chat_template(spec, opened_in_order(spec, opened), tok or reference),
     )
+    plan.tokenizer_made, plan.tokenizer_dropped = _tokenizer_changes(spec, plan)
     plan.device, plan.device_reason = resolve_device(plan, device or recipe.device)
     for model in plan.models + [plan.tokenizer_from]:
         try:
@@ -511,6 +545,77 @@ def build_plan(
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
     return plan
+
+
+def _vocabulary(spec: MergeSpec, opened, base: LocalModel | None, reference: LocalModel) -> Vocabulary | None:
+    """The output's vocabulary (merger.vocab) where the recipe gives a tokenizer source; RecipeError where a
+    model's files cannot give it."""
+    if spec.vocabulary is None:
+        return None
+    where = spec.where("tokenizer") if spec.recipe.tokenizer is not None else spec.where("tokenizer_source")
+    notes: list[str] = []
+    try:
+        vocabulary = plan_vocabulary(spec, opened, base, reference, notes)
+    except NoVocabulary as e:
+        v = spec.vocabulary
+        if v.source == "union" or v.tokens or v.pad_to_multiple_of:
+            raise RecipeError([f"{where}: {e}"]) from None
+        # what a tokenizer source always meant here before vocabularies were read: its files, the tensors as stored
+        notes, vocabulary = [f"vocabularies not compared ({e}): the tensors' rows merged as stored"], None
+    except TokenSettingError as e:
+        raise RecipeError([f"{spec.where('tokenizer', 'tokens', e.token, 'source')}: {e}"]) from None
+    except ModelError as e:
+        raise RecipeError([f"{where}: {e}"]) from None
+    for note in notes:  # once, however often the spec is planned
+        if f"{where}: {note}" not in spec.source.notes:
+            spec.source.notes.append(f"{where}: {note}")
+    return vocabulary
+
+
+def _tokenizer_changes(spec: MergeSpec, plan: Plan) -> tuple[dict[str, bytes], frozenset[str]]:
+    """vocab.tokenizer_changes for the plan, made now: RecipeError where the source's files cannot take them."""
+    try:
+        return tokenizer_changes(plan.vocabulary, plan.tokenizer_from, plan.chat_template)
+    except ModelError as e:
+        key = (
+            "chat_template" if plan.vocabulary is None else "tokenizer" if spec.recipe.tokenizer else "tokenizer_source"
+        )
+        raise RecipeError([f"{spec.where(key)}: {e}"]) from None
+
+
+def _check_donors(spec: MergeSpec, vocabulary: Vocabulary, tensors: list[OutTensor], opened) -> None:
+    """The models `tokens:` takes rows from are inputs of every vocabulary tensor (a slice recipe's
+    embeddings come from its first slice, its head from its last; a method that merges no base reads none)."""
+    refs = {m.path: m.ref for m in opened.values()}
+    for t in tensors:
+        if t.name in vocabulary.tensors:
+            inputs = {s.model.path for s in t.distinct}
+            for row, setting in vocabulary.settings.items():
+                for path, _ in setting.donors:
+                    if path not in inputs:
+                        where = spec.where("tokenizer", "tokens", vocabulary.tokens[row], "source")
+                        raise RecipeError(
+                            [f"{where}: '{refs[path]}' is not merged into tensor '{t.name}', so no row of it can "
+                             "stand in for a token there"]
+                        )  # fmt: skip
+
+
+def opened_in_order(spec: MergeSpec, opened: dict[str, LocalModel]) -> list[LocalModel]:
+    """The recipe's models, each once, in the order it names them (the base first)."""
+    return list({opened[ref].path: opened[ref] for ref, _ in spec.references()}.values())
+
+
+def _chat_template(spec: MergeSpec, models: list[LocalModel], tokenizer_from: LocalModel) -> str | None:
+    """The recipe's chat template (merger.chat.resolve); for `auto` the one most of the models hold, in the
+    recipe's order (mergekit's order is a set's). RecipeError where a model's files cannot say it."""
+    value = spec.recipe.chat_template
+    if value is None:
+        return None
+    try:
+        tokenizer_config(tokenizer_from)  # where the template goes: checked before the merge
+        return chat.resolve(value, [read_chat_template(m) for m in models] if value == "auto" else [])
+    except ModelError as e:
+        raise RecipeError([f"{spec.where('chat_template')}: {e}"]) from None
 
 
 def _config_source(spec: MergeSpec, reference: LocalModel, base, inputs, where_of) -> LocalModel | None:
@@ -585,13 +690,17 @@ def layout(tensors: list[OutTensor], shard_size: int) -> list[Shard]:
     return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
 
 
-def _compare(ref: LocalModel, other: LocalModel, where: str, limit: int = 5) -> list[str]:
+def _compare(
+    ref: LocalModel, other: LocalModel, where: str, rows_vary: frozenset[str] = frozenset(), limit: int = 5
+) -> list[str]:
+    """The differences of `other`'s tensors from `ref`'s (`rows_vary`: vocabulary tensors, whose rows may
+    differ in number)."""
     problems = []
     for name, info in ref.tensors.items():
         theirs = other.tensors.get(name)
         if theirs is None:
             problems.append(f"{where}: '{other.ref}' lacks tensor '{name}' (present in '{ref.ref}')")
-        elif theirs.shape != info.shape:
+        elif theirs.shape[1:] != info.shape[1:] or (name not in rows_vary and theirs.shape != info.shape):
             problems.append(
                 f"{where}: tensor '{name}' has shape {list(theirs.shape)} in '{other.ref}' "
                 f"but {list(info.shape)} in '{ref.ref}'"

@@ -23,9 +23,19 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from merger import settings
+from merger import chat, settings
 from merger.errors import RecipeError
 from merger.files import JSON_DEPTH, read_user_file
 from merger.methods import Method, Params, all_methods, get_method, greedy
@@ -51,9 +61,6 @@ DTYPE_CODE = {
 
 # mergekit keys that merger does not implement yet: a clear message instead of "unknown key".
 NOT_YET = {
-    "tokenizer": "a tokenizer: section beyond `source: base` or `source: <model>` (a union vocabulary, its "
-    "default; tokens; pad_to_multiple_of) is not supported yet; use tokenizer_source: base or a model",
-    "chat_template": "chat_template is not supported yet; the tokenizer files are copied as they are",
     "modules": "modules beyond one `default` module of slices: or models: (no parameters: of its own) are not "
     "supported yet",
 }
@@ -160,6 +167,70 @@ class PythonEvaluation(EvaluationBase):
 Evaluation = Annotated[PerplexityEvaluation | CommandEvaluation | PythonEvaluation, Field(discriminator="evaluator")]
 
 
+class ModelToken(Strict):
+    """A token's embedding taken from a model's row of another token (`token`, or its id `token_id`)."""
+
+    kind: Literal["model_token"]
+    model: Name
+    token_id: int | None = Field(None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelToken:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give token or token_id, one of them")
+        return self
+
+
+class ZeroToken(Strict):
+    """A token's embedding set to zero."""
+
+    kind: Literal["zero"]
+
+
+class ModelSource(Strict):
+    """A token's embedding taken from a model's row of the same token (mergekit writes the model alone)."""
+
+    kind: Literal["model"]
+    model: Name
+
+
+def _model_source(value: object) -> object:
+    """A `tokens:` source written as a model's reference, as the mapping it means."""
+    if isinstance(value, str):
+        return {"kind": "model", "model": value}
+    if not isinstance(value, dict | BaseModel):
+        raise ValueError("give a model, {kind: model_token, model: ..., token: ...} or {kind: zero}")
+    return value
+
+
+TokenSource = Annotated[
+    ModelSource | ModelToken | ZeroToken, Field(discriminator="kind"), BeforeValidator(_model_source)
+]
+
+
+class TokenSetting(Strict):
+    """What a token's embedding is in the models that lack it (in every model: force): mergekit's names."""
+
+    source: TokenSource
+    force: bool = False
+
+
+class TokenizerSection(Strict):
+    """mergekit's tokenizer: section: the output's vocabulary (merger.vocab)."""
+
+    @field_validator("tokens")
+    @classmethod
+    def _named(cls, tokens: dict | None) -> dict | None:
+        if tokens is not None and "" in tokens:
+            raise ValueError("a token's name cannot be empty")
+        return tokens
+
+    source: Name = "union"  # union, base, or a model
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1, le=1 << 16)
+
+
 class Recipe(Strict):
     merge_method: str
     models: list[ModelEntry] | None = Field(None, min_length=1)
@@ -169,7 +240,9 @@ class Recipe(Strict):
     dtype: DTypeName | None = None  # output dtype when out_dtype is not given
     out_dtype: DTypeName | None = None
     compute_dtype: Literal["float32", "float64"] = "float32"
-    tokenizer_source: Name | None = None  # "base", "model:REF" or REF; default: the base model
+    tokenizer_source: Name | None = None  # "union", "base", "model:REF" or REF; default: the base's files as they are
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None  # auto, a name (merger.chat.NAMED) or a Jinja template
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output: OutputSettings = Field(default_factory=OutputSettings)
     hub: HubSettings | None = None
@@ -236,6 +309,15 @@ class Slice:
         return self.inputs[0].end - self.inputs[0].start
 
 
+@dataclass(frozen=True)
+class VocabularySpec:
+    """The output's vocabulary as the recipe gives it (merger.vocab): tokenizer_source or tokenizer:."""
+
+    source: str  # "union", "base", or a model reference as the recipe's models name it
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = None
+
+
 @dataclass
 class MergeSpec:
     """A validated recipe: the method resolved and every parameter checked, no file touched yet."""
@@ -247,6 +329,7 @@ class MergeSpec:
     base: str | None
     ingredients: list[Ingredient]
     tokenizer_source: str | None  # a model reference, None for the base (or first model)
+    vocabulary: VocabularySpec | None  # None: the tensors' rows as they are, the tokenizer files copied
     seed: int = 0  # of every tensor's own (methods.tensor_seed), for methods that draw random numbers
     slices: list[Slice] | None = None  # a recipe of slices; None for models:
     settings: dict[str, Any] = field(default_factory=dict)  # the top-level parameters as written
@@ -389,18 +472,10 @@ def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
 
 
 def _tokenizer_section(data: dict, source: RecipeSource) -> dict:
-    """A `tokenizer:` section that only names its source (base or a model) as tokenizer_source, which
-    means the same in mergekit; any other is left for NOT_YET."""
-    section = data.get("tokenizer")
-    if section is not None and "tokenizer_source" in data:
+    """mergekit reads a `tokenizer:` section over tokenizer_source; giving both is refused here."""
+    if data.get("tokenizer") is not None and "tokenizer_source" in data:
         raise RecipeError([f"{source.where('tokenizer')}: give tokenizer_source or a tokenizer: section, not both"])
-    if not isinstance(section, dict) or set(section) != {"source"}:
-        return data
-    if not isinstance(section["source"], str) or section["source"] == "union":
-        return data
-    source.lines[("tokenizer_source",)] = source.lines.get(("tokenizer", "source"), source.lines.get(("tokenizer",)))
-    source.notes.append(f"{source.where('tokenizer', 'source')}: taken as tokenizer_source: {section['source']}")
-    return {k: v for k, v in data.items() if k != "tokenizer"} | {"tokenizer_source": section["source"]}
+    return data
 
 
 def _default_module(data: dict, source: RecipeSource) -> dict:
@@ -478,7 +553,8 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
             if msg:
                 problems.append(f"{source.where(*loc)}: {msg}")
 
-    tokenizer_source = _tokenizer_source(recipe, source, problems)
+    tokenizer_source, vocabulary = _vocabulary(recipe, method, source, problems)
+    _check_chat_template(recipe, source, problems)
     _check_evaluation(recipe, "evaluation" in data, method, source, problems)
     if problems:
         raise RecipeError(_by_line(problems))
@@ -490,6 +566,7 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
         base,
         ingredients,
         tokenizer_source,
+        vocabulary,
         recipe.random_seed,
         slices,
         dict(recipe.parameters),
@@ -679,24 +756,53 @@ def _slice_checks(slices: list[Slice], method: Method) -> Iterator[tuple[list[In
         yield models, (*s.loc, "sources")
 
 
-def _tokenizer_source(recipe: Recipe, source: RecipeSource, problems: list[str]) -> str | None:
-    """The model whose tokenizer files are copied, as a reference; None for the base (or the first model)."""
-    tokenizer_source, base = recipe.tokenizer_source, recipe.base_model
-    if tokenizer_source == "base":
-        if base is None:
-            problems.append(f"{source.where('tokenizer_source')}: 'base' needs a base_model")
-        return None
-    if tokenizer_source == "union":
-        problems.append(f"{source.where('tokenizer_source')}: 'union' is not supported yet; use base or a model")
-    elif tokenizer_source is not None:
-        tokenizer_source = tokenizer_source.removeprefix("model:")
-        refs = [m.model for m in recipe.models or []] + ([base] if base else [])
-        refs += [src.model for s in recipe.slices or [] for src in s.sources]
-        if not any(_same_ref(tokenizer_source, r) for r in refs):
+def _vocabulary(
+    recipe: Recipe, method: Method, source: RecipeSource, problems: list[str]
+) -> tuple[str | None, VocabularySpec | None]:
+    """(the model whose tokenizer files the output starts from, as a reference, None for the base or the
+    first model; the output's vocabulary, None where the recipe gives no tokenizer source, or for
+    greedy_soup, whose tokenizer source names the files its soups get, their tensors' rows as stored)."""
+    section = recipe.tokenizer
+    given = section.source if section is not None else recipe.tokenizer_source
+    loc = ("tokenizer", "source") if section is not None else ("tokenizer_source",)
+    if given is None:
+        return None, None
+    refs = [m.model for m in recipe.models or []] + ([recipe.base_model] if recipe.base_model else [])
+    refs += [src.model for s in recipe.slices or [] for src in s.sources]
+
+    def model(ref: str, *at: str | int) -> str:
+        ref = ref.removeprefix("model:")
+        same = next((r for r in refs if _same_ref(ref, r)), None)
+        if same is None:
+            problems.append(f"{source.where(*at)}: '{ref}' is not one of the recipe's models")
+        return same or ref
+
+    if given == "base" and recipe.base_model is None:
+        problems.append(f"{source.where(*loc)}: 'base' needs a base_model")
+    files = None if given in ("union", "base") else model(given, *loc)
+    tokens = dict(section.tokens or {}) if section is not None else None
+    for token, s in (tokens or {}).items():
+        if isinstance(s.source, ModelSource | ModelToken):  # the model as the recipe's models name it
+            at = ("tokenizer", "tokens", token, "source", *(("model",) if isinstance(s.source, ModelToken) else ()))
+            named = s.source.model_copy(update={"model": model(s.source.model, *at)})
+            tokens[token] = s.model_copy(update={"source": named})
+    pad = section.pad_to_multiple_of if section is not None else None
+    if method is greedy.METHOD:
+        if given == "union" or tokens or pad:
             problems.append(
-                f"{source.where('tokenizer_source')}: '{tokenizer_source}' is not one of the recipe's models"
+                f"{source.where(*loc[:1])}: greedy_soup takes a tokenizer source's files only (base or a model): "
+                "its soups of different models would each need a vocabulary of their own"
             )
-    return tokenizer_source
+        return files, None
+    return files, VocabularySpec(files or given, tokens, pad)
+
+
+def _check_chat_template(recipe: Recipe, source: RecipeSource, problems: list[str]) -> None:
+    if recipe.chat_template is not None and recipe.chat_template != "auto":  # auto: the models', read by the plan
+        try:
+            chat.resolve(recipe.chat_template, [])
+        except ValueError as e:
+            problems.append(f"{source.where('chat_template')}: {e}")
 
 
 def _check_evaluation(recipe: Recipe, given: bool, method: Method, source: RecipeSource, problems: list[str]) -> None:
@@ -927,6 +1033,10 @@ def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: t
             msg = f"unknown {loc[-1]} '{ctx['tag']}'{_suggest(ctx['tag'], tags)}; available: {', '.join(tags)}"
     elif kind == "missing":
         msg = "required key is missing"
+    elif kind == "value_error":  # a validator's own message, without pydantic's "Value error, "
+        msg = str(err["ctx"]["error"])
+        if "input" in err and not isinstance(err["input"], dict | list | BaseModel):
+            msg += f", got {err['input']!r}"
     elif kind in ("finite_number",):
         msg = "must be a finite number"
     elif kind == "model_type":  # a plain value where keys go; pydantic's text names the class
@@ -968,8 +1078,11 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] | 
             continue
         f = current.model_fields.get(part)
         members = _models_in(f.annotation) if f else []
-        key = _discriminator(f.annotation) if f else None
-        if key is not None:  # the next part is the tag, which names the member
+        key = (f.discriminator if isinstance(f.discriminator, str) else _discriminator(f.annotation)) if f else None
+        if f is not None and _is_mapping(f.annotation):  # the next part is a key of it (tokens: its token)
+            shown += [p for p in [next(parts, None)] if p is not None]
+            current = members[0] if members else None
+        elif key is not None:  # the next part is the tag, which names the member
             tag = next(parts, None)
             current = next((m for m in members if tag in typing.get_args(m.model_fields[key].annotation)), None)
         else:
@@ -983,6 +1096,11 @@ def _union_tags(model: type[BaseModel], loc: tuple, key: str) -> list[str]:
     f = parent.model_fields.get(loc[-1]) if parent else None
     members = _models_in(f.annotation) if f else []
     return [tag for m in members for tag in typing.get_args(m.model_fields[key].annotation)]
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """Whether a field holds a mapping of the user's keys (`dict[str, X] | None`)."""
+    return any(typing.get_origin(arg) is dict for arg in (annotation, *typing.get_args(annotation)))
 
 
 def _discriminator(annotation: Any) -> str | None:

@@ -83,6 +83,8 @@ def fingerprint(plan: Plan) -> str:
         # shards made them canonical, is started again rather than resumed beside shards that keep them
         "copied": sorted(t.name for t in plan.tensors if plan.verbatim(t)),
     }
+    if plan.vocabulary is not None:  # how the vocabulary tensors' rows were laid out (merger.vocab)
+        data["vocabulary"] = plan.vocabulary.digest()
     if spec.layered:  # parameters per tensor, and which layers go where: as written
         slices = [
             [[[e.ref, e.start, e.end, e.settings] for e in (*sl.inputs, sl.base) if e], sl.settings]

@@ -362,6 +362,7 @@ class Merger:
             views[s.key] = self.reader.view(info)
             codes[s.key] = info.dtype
             self.bytes_read += info.nbytes
+        views = laid_out(self.plan, t, views, codes)
         self.live[t.name] = (views, codes)
         return views, codes
 
@@ -863,6 +864,16 @@ def count_nonfinite(a: np.ndarray, code: str) -> int:
 LARGEST = {"F64": 1.797e308, "F32": 3.4e38, "F16": 65504.0, "BF16": 3.39e38, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
 
 
+def laid_out(plan: Plan, t: OutTensor, views: dict[Key, np.ndarray], codes: dict[Key, str]) -> dict[Key, np.ndarray]:
+    """t's inputs (views as stored, by source key, and their dtype codes) as the merge takes them: a
+    vocabulary tensor's laid out in the output's vocabulary (merger.vocab: new arrays), others as they are."""
+    vocabulary = plan.vocabulary
+    if vocabulary is None or t.name not in vocabulary.tensors or not t.merged:
+        return views
+    laid = vocabulary.lay_out({s.model.path: (views[s.key], codes[s.key]) for s in t.distinct})
+    return {s.key: laid[s.model.path] for s in t.distinct}
+
+
 def _copying(view: np.ndarray) -> MergeRange:
     """merge_range of a tensor copied as it is stored."""
     flat = view.reshape(-1)
@@ -913,7 +924,9 @@ def model_pass(plan: Plan) -> dict:
     reader = MappedReader(Confined(plan.models))
 
     def task_vectors(t: OutTensor) -> Iterator[list[torch.Tensor]]:
-        flat = {s.key: to_torch(reader.view(s.info).reshape(-1), s.info.dtype) for s in t.distinct}
+        codes = {s.key: s.info.dtype for s in t.distinct}
+        views = laid_out(plan, t, {s.key: reader.view(s.info) for s in t.distinct}, codes)
+        flat = {key: to_torch(v.reshape(-1), codes[key]) for key, v in views.items()}
         try:
             for a in range(0, t.numel, budget.CHUNK):
                 b = min(a + budget.CHUNK, t.numel)

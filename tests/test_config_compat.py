@@ -80,15 +80,15 @@ def test_mergers_own_methods_still_refuse_other_methods_parameters(models):
     )
 
 
-def test_what_merger_cannot_do_yet_is_named_with_every_other_problem(models):
+def test_every_problem_is_named_in_one_run(models):
     err = run_bad(
         "merge_method: slerp\nbase_model: x\nmodels: [{model: y}]\nparameters: {t: 0.5}\n"
-        "tokenizer_source: union\nchat_template: chatml\nselect_topk: 0.3\n"
+        "tokenizer_source: w\nchat_template: chatm\nselect_topk: 0.3\n"
     )
     assert err == (
-        "error: recipe.yaml:5: tokenizer_source: 'union' is not supported yet; use base or a model\n"
-        "error: recipe.yaml:6: chat_template: chat_template is not supported yet; the tokenizer files are copied "
-        "as they are\n"
+        "error: recipe.yaml:5: tokenizer_source: 'w' is not one of the recipe's models\n"
+        "error: recipe.yaml:6: chat_template: 'chatm' is not a chat template: give auto, one of alpaca, chatml, "
+        "exaone, llama3, mistral, or a Jinja template\n"
         "error: recipe.yaml:7: select_topk: unknown key; it is a parameter (sce): put it under parameters: "
         "(mergekit reads nothing here)\n"
     )
@@ -119,26 +119,25 @@ def test_keys_in_the_wrong_place_say_where_they_go(models):
     )
 
 
-def test_a_tokenizer_section_that_only_names_its_source_is_tokenizer_source(models):
-    """mergekit's `tokenizer: {source: base | <model>}` means what tokenizer_source does; its default source
-    (a union vocabulary), tokens and pad_to_multiple_of are not supported yet."""
+def test_a_tokenizer_source_whose_vocabularies_cannot_be_read_copies_its_files_with_a_note(models):
+    """A tokenizer source (base or a model) lays the vocabulary tensors out in its vocabulary, read from
+    every model's tokenizer.json (tests/test_vocab.py). Where one cannot be read, the source's files are
+    copied and the tensors merged as stored, as before merger read vocabularies; a union cannot be built."""
     for name in "xy":
         Path(name, "tokenizer.json").write_text(json.dumps({"model": name}))
     head = "merge_method: slerp\nbase_model: x\nmodels: [{model: y}]\nparameters: {t: 0.5}\n"
     Path("r.yaml").write_text(head + "tokenizer:\n  source: y\n")
     result = CliRunner().invoke(cli, ["apply", "r.yaml", "-o", "out"])
     assert result.exit_code == 0, result.output
-    assert result.stderr == "note: r.yaml:6: tokenizer.source: taken as tokenizer_source: y\n"
+    assert result.stderr == (
+        "note: r.yaml:5: tokenizer: vocabularies not compared ('x': tokenizer.json cannot be read: data did not match "
+        "any variant of untagged enum ModelUntagged at line 1 column 14): the tensors' rows merged as stored\n"
+    )
     assert json.loads(Path("out/tokenizer.json").read_text()) == {"model": "y"}
-    for section in (
-        "tokenizer: {}\n",
-        "tokenizer:\n  source: union\n",
-        "tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n",
-    ):
+    for section in ("tokenizer: {}\n", "tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n"):
         assert run_bad(head + section) == (
-            "error: recipe.yaml:5: tokenizer: a tokenizer: section beyond `source: base` or `source: <model>` (a union "
-            "vocabulary, its default; tokens; pad_to_multiple_of) is not supported yet; use tokenizer_source: base or "
-            "a model\n"
+            "error: recipe.yaml:5: tokenizer: 'x': tokenizer.json cannot be read: data did not match any variant of "
+            "untagged enum ModelUntagged at line 1 column 14\n"
         )
 
 

@@ -804,7 +804,7 @@ def test_a_recipe_or_lock_from_a_pipe_is_read_and_one_nothing_writes_to_is_refus
 
 def test_odd_output_paths_are_one_line_before_anything_is_written(workdir):
     assert run_bad(GOOD.replace("path: out", 'path: "o\\0ut"'), command="plan") == (
-        "error: recipe.yaml:12: output.path: Value error, must not contain a NUL character, got 'o\\x00ut'\n"
+        "error: recipe.yaml:12: output.path: must not contain a NUL character, got 'o\\x00ut'\n"
     )
     Path("notes.txt").write_text("mine")
     for command in ("plan", "apply"):
