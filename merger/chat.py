@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import jinja2
+
 # Each renders under transformers' Jinja settings (trim_blocks, lstrip_blocks); the `-` markers keep the
 # layout's whitespace out of the text even without them.
 ALPACA = r"""
@@ -106,10 +108,20 @@ def resolve(value: str, model_templates: list[str | None]) -> str | None:
     if value in NAMED:
         return NAMED[value]
     if len(value) >= 20 and "{" in value:  # mergekit's test for a Jinja template
+        _parse(value)
         return value
     shown = repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
     names = ", ".join(NAMED)
     raise ValueError(f"{shown} is not a chat template: give auto, one of {names}, or a Jinja template")
+
+
+def _parse(template: str) -> None:
+    """ValueError where `template` is not Jinja that transformers can render (its environment has the loop
+    controls extension); parsing runs nothing of it."""
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"not a Jinja template: {e.message} (its line {e.lineno})") from None
 
 
 def _most_common(templates: list[str | None]) -> str | None:

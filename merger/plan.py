@@ -25,7 +25,7 @@ from merger.assemble import Assembler, OutTensor, Source
 from merger.errors import ModelError, RecipeError
 from merger.files import SUPPORT_LIMIT
 from merger.hub import Hub
-from merger.layers import natural_key
+from merger.layers import find_stacks, natural_key, stack_of
 from merger.methods import TensorContext
 from merger.recipe import MergeSpec
 from merger.sources import (
@@ -504,7 +504,7 @@ def build_plan(
     # In a models: recipe every model must hold the reference's tensors, with the same shapes (and for
     # non-float tensors, the same dtype, since they are copied rather than merged); slices are checked
     # tensor by tensor (merger.assemble).
-    vocabulary = _vocabulary(spec, opened, base, reference)
+    vocabulary, why = _vocabulary(spec, opened, base, reference)
     rows_vary = vocabulary.tensors if vocabulary else frozenset()
     problems = []
     checked = {reference.path}
@@ -512,9 +512,13 @@ def build_plan(
         if model.path not in checked:
             checked.add(model.path)
             problems += _compare(reference, model, where_of[model.path], rows_vary)
-    if problems:
-        raise RecipeError(list(dict.fromkeys(problems)))
-    assembly = Assembler(spec, opened, reference, vocabulary).assemble()
+    try:
+        if problems:
+            raise RecipeError(list(dict.fromkeys(problems)))
+        assembly = Assembler(spec, opened, reference, vocabulary).assemble()
+    except RecipeError as e:  # with what explains rows that differ, first or last
+        hint = _rows_hint(spec, reference, list(opened.values()))
+        raise RecipeError(([why] if why else []) + e.problems + ([hint] if hint else [])) from None
     if vocabulary is not None:
         _check_donors(spec, vocabulary, assembly.tensors, opened)
     tensors = sorted(assembly.tensors, key=lambda t: natural_key(t.name))
@@ -547,11 +551,14 @@ def build_plan(
     return plan
 
 
-def _vocabulary(spec: MergeSpec, opened, base: LocalModel | None, reference: LocalModel) -> Vocabulary | None:
-    """The output's vocabulary (merger.vocab) where the recipe gives a tokenizer source; RecipeError where a
-    model's files cannot give it."""
+def _vocabulary(
+    spec: MergeSpec, opened, base: LocalModel | None, reference: LocalModel
+) -> tuple[Vocabulary | None, str | None]:
+    """(the output's vocabulary (merger.vocab) where the recipe gives a tokenizer source; why none is
+    laid out where a base or model source's files cannot give it: a note, and the first line of any error
+    about the tensors' rows). RecipeError where a model's files cannot give a vocabulary needed."""
     if spec.vocabulary is None:
-        return None
+        return None, None
     where = spec.where("tokenizer") if spec.recipe.tokenizer is not None else spec.where("tokenizer_source")
     notes: list[str] = []
     try:
@@ -569,7 +576,26 @@ def _vocabulary(spec: MergeSpec, opened, base: LocalModel | None, reference: Loc
     for note in notes:  # once, however often the spec is planned
         if f"{where}: {note}" not in spec.source.notes:
             spec.source.notes.append(f"{where}: {note}")
-    return vocabulary
+    return vocabulary, f"{where}: {notes[0]}" if vocabulary is None and notes else None
+
+
+def _rows_hint(spec: MergeSpec, reference: LocalModel, models: list[LocalModel]) -> str | None:
+    """Where a recipe without a tokenizer source merges models whose tensors outside the layers differ in
+    rows alone (fine-tunes that added tokens): what mergekit's configs say for them."""
+    if spec.vocabulary is not None:
+        return None
+    stacks = find_stacks(reference.tensors)
+    for model in models:
+        for name, info in reference.tensors.items():
+            theirs = model.tensors.get(name)
+            rows_alone = theirs is not None and theirs.shape != info.shape and theirs.shape[1:] == info.shape[1:]
+            if rows_alone and stack_of(stacks, name) is None:
+                return (
+                    f"{spec.source.name}: '{model.ref}' and '{reference.ref}' differ in the rows of '{name}', "
+                    "as models with different vocabularies do: give tokenizer_source: union (or base, or one "
+                    "model) to lay them out in one vocabulary, as mergekit does"
+                )
+    return None
 
 
 def _tokenizer_changes(spec: MergeSpec, plan: Plan) -> tuple[dict[str, bytes], frozenset[str]]:

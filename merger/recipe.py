@@ -790,8 +790,9 @@ def _vocabulary(
     if method is greedy.METHOD:
         if given == "union" or tokens or pad:
             problems.append(
-                f"{source.where(*loc[:1])}: greedy_soup takes a tokenizer source's files only (base or a model): "
-                "its soups of different models would each need a vocabulary of their own"
+                f"{source.where(*loc[:1])}: greedy_soup takes a tokenizer source's files only (base or a model), "
+                "not a union, tokens: or pad_to_multiple_of: its soups of different models would each need a "
+                "vocabulary of their own"
             )
         return files, None
     return files, VocabularySpec(files or given, tokens, pad)

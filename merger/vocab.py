@@ -17,7 +17,10 @@ reads the tensors as stored.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,13 @@ from merger.sources import TOKENIZER_FILES, LocalModel, TensorInfo, read_config,
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_FILES = ("chat_template.jinja", TOKENIZER_CONFIG, "chat_template.json")  # where a model's chat template is
+
+
+# transformers reads a sentencepiece or vocab.txt tokenizer (with sentencepiece installed) and writes tokenizer.json
+CONVERT = (
+    "python -c 'import sys; from transformers import AutoTokenizer as T; "
+    "T.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])' {path}"
+)
 
 
 class TokenSettingError(ModelError):
@@ -195,11 +205,11 @@ def read_vocab(model: LocalModel) -> ModelVocab | None:
     """`model`'s vocabulary from its tokenizer.json and config.json; None where it holds no tokenizer
     files (mergekit then takes its vocabulary to be the base's)."""
     if not _fetched(model, TOKENIZER_JSON):
-        held = [name for name in TOKENIZER_FILES if model.has(name)]
+        held = sorted((name for name in TOKENIZER_FILES if model.has(name)), key=lambda n: n.endswith(".json"))
         if held:
             raise NoVocabulary(
-                f"'{model.ref}': holds {held[0]} but no tokenizer.json; merger reads a vocabulary from "
-                "tokenizer.json (save the tokenizer with transformers to write one)"
+                f"'{model.ref}': holds {held[0]} but no tokenizer.json, which merger reads vocabularies from "
+                f"(write one: {CONVERT.format(path=shlex.quote(str(model.path)))})"
             )
         return None
     tokenizer = _tokenizer(model)
@@ -284,22 +294,21 @@ def plan_vocabulary(
 def _read_vocabs(
     models: dict[Path, LocalModel], first: LocalModel, source: LocalModel, notes: list[str]
 ) -> dict[Path, ModelVocab]:
-    """Every model's vocabulary. As in mergekit, a model whose tokenizer gives none (no tokenizer files,
-    or files that cannot be read) has the base's (else the first model's), cut at its own vocab_size;
-    the base's and the source's must be read (NoVocabulary)."""
-    read: dict[Path, ModelVocab | None] = {}
-    for path, model in models.items():
-        try:
-            read[path] = read_vocab(model)
-        except NoVocabulary as e:
-            if path in (first.path, source.path):
-                raise
-            read[path] = None
-            notes.append(f"{e}; taken to have the vocabulary of '{first.ref}', as mergekit does")
-    if read[first.path] is None:
-        raise NoVocabulary(f"'{first.ref}': holds no tokenizer.json, which the output's vocabulary starts from")
-    if read[source.path] is None:
-        raise NoVocabulary(f"'{source.ref}': holds no tokenizer.json, which the output's vocabulary is")
+    """Every model's vocabulary. As in mergekit, a model without tokenizer files has the base's (else the
+    first model's), cut at its own vocab_size, with a note; the base's and the source's must be read.
+    NoVocabulary for a model whose tokenizer files give none (mergekit reads a sentencepiece model, which
+    merger cannot: its tokens would be left out)."""
+    read = {path: read_vocab(model) for path, model in models.items()}
+    for path in (first.path, source.path):
+        if read[path] is None:
+            raise NoVocabulary(
+                f"'{models[path].ref}': holds no tokenizer files, which the output's vocabulary is read from"
+            )
+    for path, v in read.items():
+        if v is None:
+            notes.append(
+                f"'{models[path].ref}' holds no tokenizer files: taken to have the vocabulary of '{first.ref}', as mergekit does"
+            )
     return {path: v or _with_size(read[first.path], models[path]) for path, v in read.items()}
 
 
@@ -371,15 +380,24 @@ def _stand_in(s: TokenSetting, token: str, opened: dict[str, LocalModel], vocabs
     return StandIn(((model.path, row),), s.force)
 
 
+# Position embeddings, named as checkpoints name them (GPT-2's wpe, BERT's position_embeddings, OPT's
+# embed_positions): a row per position, however many there are
+POSITIONS = re.compile(r"(^|[._])(wpe|pos_embed\w*|position\w*|embed_positions)([._]|$)", re.IGNORECASE)
+
+
 def vocabulary_tensors(model: LocalModel, size: int) -> list[str]:
-    """The float tensors outside the layers whose first dimension is the vocabulary: matrices (embeddings,
-    head), and vectors beside one of them in its module (a head's bias; a norm of a hidden size that
-    happens to equal the vocabulary's is not one)."""
+    """The float tensors outside the layers whose first dimension is the vocabulary: matrices (token
+    embeddings, head), and vectors beside one of them in its module (a head's bias; a norm of a hidden
+    size that happens to equal the vocabulary's is not one); never position embeddings (POSITIONS)."""
     stacks = find_stacks(model.tensors)
     rows = [
         (name, len(info.shape))
         for name, info in model.tensors.items()
-        if info.is_float and info.shape and info.shape[0] == size and stack_of(stacks, name) is None
+        if info.is_float
+        and info.shape
+        and info.shape[0] == size
+        and stack_of(stacks, name) is None
+        and not POSITIONS.search(name)
     ]
     modules = {name.rpartition(".")[0] for name, ndim in rows if ndim >= 2}
     return [name for name, ndim in rows if ndim >= 2 or name.rpartition(".")[0] in modules]
@@ -405,8 +423,8 @@ def tokenizer_files(vocabulary: Vocabulary, source: LocalModel) -> dict[str, byt
         return {}
     tokenizer = _tokenizer(source)
     start = tokenizer.get_vocab_size(with_added_tokens=True)
-    for t in vocabulary.added:
-        (tokenizer.add_special_tokens if t.special else tokenizer.add_tokens)([t])
+    for special, run in itertools.groupby(vocabulary.added, key=lambda t: t.special):  # in order, a run a call
+        (tokenizer.add_special_tokens if special else tokenizer.add_tokens)(list(run))
     got = tokenizer.get_vocab(with_added_tokens=True)
     if [got.get(t.content) for t in vocabulary.added] != list(range(start, start + len(vocabulary.added))):
         raise ModelError(f"'{source.ref}': its tokenizer.json did not take the added tokens at ids {start} on")

@@ -407,24 +407,27 @@ def test_rows_beyond_the_tokens_are_dropped(tmp_path, monkeypatch):
 # Errors: one line each, at the recipe's line, naming the model.
 
 
-def test_a_union_takes_a_model_whose_tokenizer_json_is_missing_to_have_the_bases_vocabulary(models):
-    """As mergekit does ("Unable to load tokenizer ... Assuming same as base"), with a note; the base's
-    own vocabulary must be read."""
+def test_a_union_needs_every_tokenizer_it_is_given_and_takes_a_model_without_one_to_have_the_bases(models):
+    """A tokenizer merger cannot read (sentencepiece alone: mergekit reads it with sentencepiece installed)
+    would leave its tokens out: refused, with the conversion. A model with no tokenizer files at all has the
+    base's vocabulary, as in mergekit ("Unable to load tokenizer ... Assuming same as base"), with a note."""
     Path("ft2/tokenizer.json").unlink()
     Path("ft2/tokenizer.model").write_bytes(b"\x00sentencepiece")
+    err = run_bad(TA + "tokenizer_source: union\n")
+    ft2 = Path("ft2").resolve()
+    assert err == (
+        "error: recipe.yaml:11: tokenizer_source: 'ft2': holds tokenizer.model but no tokenizer.json, which merger "
+        "reads vocabularies from (write one: python -c 'import sys; from transformers import AutoTokenizer as T; "
+        f"T.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])' {ft2})\n"
+    )
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        Path("ft2", name).unlink()
     Path("recipe.yaml").write_text(TA + "tokenizer_source: union\n")
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-o", "out"])
     assert result.exit_code == 0, result.output
     assert result.stderr == (
-        "note: recipe.yaml:11: tokenizer_source: 'ft2': holds tokenizer_config.json but no tokenizer.json; merger "
-        "reads a vocabulary from tokenizer.json (save the tokenizer with transformers to write one); taken to have "
-        "the vocabulary of 'base', as mergekit does\n"
-    )
-    Path("base/tokenizer.json").unlink()
-    err = run_bad(TA + "tokenizer_source: union\n")
-    assert err == (
-        "error: recipe.yaml:11: tokenizer_source: 'base': holds tokenizer_config.json but no tokenizer.json; merger "
-        "reads a vocabulary from tokenizer.json (save the tokenizer with transformers to write one)\n"
+        "note: recipe.yaml:11: tokenizer_source: 'ft2' holds no tokenizer files: taken to have the vocabulary of "
+        "'base', as mergekit does\n"
     )
 
 

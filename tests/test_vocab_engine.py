@@ -60,6 +60,14 @@ def _recipe(root: Path, method: str = "task_arithmetic", extra: str = "") -> str
     )
 
 
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in `directory` (an output written by write_shards has no index)."""
+    out = {}
+    for f in directory.glob("*.safetensors"):
+        out |= load_file(f)
+    return out
+
+
 def _bytes(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.safetensors"))}
 
@@ -180,9 +188,7 @@ def test_a_one_dimensional_vocabulary_tensor_is_laid_out_too(family):
     assert "head.bias" in plan.vocabulary.tensors
     (family / "out").mkdir()
     write_shards(plan, family / "out")
-    out = {}
-    for f in (family / "out").glob("*.safetensors"):
-        out |= load_file(f)
+    out = _tensors(family / "out")
     assert out["head.bias"].shape == (16,)
     assert out["head.bias"][10].item() == bias["a"][10].float().item()  # <a>
     assert out["head.bias"][12].item() == bias["b"][11].float().item()  # <b>: b's id 11
@@ -222,9 +228,7 @@ def test_a_vector_as_long_as_the_vocabulary_is_not_laid_out_unless_its_module_is
     )
     done = CliRunner().invoke(cli, ["apply", "r.yaml", "-o", "out"])
     assert done.exit_code == 0, done.output
-    out = {}
-    for f in Path("out").glob("*.safetensors"):
-        out |= load_file(f)
+    out = _tensors(Path("out"))
     assert out["norm.weight"].tolist() == [1.0, 2.0, 3.0, 4.0]
     assert out["head.bias"].tolist() == [2.5, 2.5, 2.5, 2.5]  # base's a b c d and ft's rows reversed, averaged
     assert out["embed.weight"][0].tolist() == [4.5, 5.5, 6.5]  # (row 0 + ft's row 3) / 2
@@ -257,12 +261,8 @@ def test_passthrough_lays_out_the_rows_it_would_copy(family):
     plan = build_plan(parse_recipe(text), device="cpu")
     (family / "out").mkdir()
     write_shards(plan, family / "out")
-    out = {}
-    for f in (family / "out").glob("*.safetensors"):
-        out |= load_file(f)
-    a = {}
-    for f in (family / "a").glob("*.safetensors"):
-        a |= load_file(f)
+    out = _tensors(family / "out")
+    a = _tensors(family / "a")
     assert out["embed.weight"].shape == (16, 64)
     assert torch.equal(out["embed.weight"][:10], a["embed.weight"][:10])
     assert not out["embed.weight"][10].any()  # <a>, forced to zero
@@ -290,8 +290,9 @@ def test_greedy_soup_copies_its_tokenizer_sources_files_and_refuses_a_vocabulary
     refused = CliRunner().invoke(cli, ["plan", "u.yaml"])
     assert refused.exit_code == 2
     assert refused.output == (
-        "error: u.yaml:4: tokenizer_source: greedy_soup takes a tokenizer source's files only (base or a model): "
-        "its soups of different models would each need a vocabulary of their own\n"
+        "error: u.yaml:4: tokenizer_source: greedy_soup takes a tokenizer source's files only (base or a model), "
+        "not a union, tokens: or pad_to_multiple_of: its soups of different models would each need a vocabulary "
+        "of their own\n"
     )
 
 
@@ -317,3 +318,77 @@ def test_a_source_tokenizer_that_cannot_take_the_added_tokens_stops_the_plan(fam
         refused.output
         == f"error: r.yaml:6: tokenizer: '{family / 'base'}': tokenizer_config.json is not a JSON object\n"
     )
+
+
+def _gpt2_like(path: Path, g: torch.Generator, added: list[str]) -> None:
+    """A GPT-2-shaped toy whose position embeddings have as many rows as its tokens (wpe beside wte)."""
+    _model(path, g, added)
+    rows = len(WORDS) + len(added)
+    tensors = {}
+    for f in path.glob("*.safetensors"):
+        tensors |= load_file(f)
+        f.unlink()
+    tensors["transformer.wpe.weight"] = torch.randn(len(WORDS), 64, generator=g).bfloat16()
+    write_checkpoint(path, tensors, config={"model_type": "toy", "vocab_size": rows, "n_positions": len(WORDS)})
+
+
+def test_position_embeddings_as_long_as_the_vocabulary_keep_their_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    _gpt2_like(tmp_path / "base", g, [])
+    _gpt2_like(tmp_path / "a", g, ["<a>"])
+    Path("r.yaml").write_text(
+        "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: a}]\n"
+        "tokenizer: {source: base, pad_to_multiple_of: 4}\n"
+    )
+    done = CliRunner().invoke(cli, ["apply", "r.yaml", "-o", "out"])
+    assert done.exit_code == 0, done.output
+    out = _tensors(Path("out"))
+    assert out["transformer.wpe.weight"].shape == (10, 64)  # positions, not tokens: as stored
+    assert out["embed.weight"].shape == out["head.weight"].shape == (12, 64)  # 10 tokens, padded to 12
+
+
+def test_rows_that_differ_say_what_explains_them(family, monkeypatch):
+    """Without a tokenizer source, fine-tunes that added tokens differ in rows: the error says what
+    mergekit's configs give for them. A base source whose vocabulary cannot be read says so first."""
+    monkeypatch.chdir(family)
+    head = f"merge_method: task_arithmetic\nbase_model: {family / 'base'}\nmodels: [{{model: {family / 'a'}}}]\n"
+    Path("r.yaml").write_text(head)
+    err = CliRunner().invoke(cli, ["plan", "r.yaml"]).output.splitlines()
+    assert err[-1] == (
+        f"error: r.yaml: '{family / 'a'}' and '{family / 'base'}' differ in the rows of 'embed.weight', as models "
+        "with different vocabularies do: give tokenizer_source: union (or base, or one model) to lay them out in "
+        "one vocabulary, as mergekit does"
+    )
+    (family / "base" / "tokenizer.json").write_text("{")
+    Path("r.yaml").write_text(head + "tokenizer_source: base\n")
+    err = CliRunner().invoke(cli, ["plan", "r.yaml"]).output.splitlines()
+    assert err[0].startswith(
+        f"error: r.yaml:4: tokenizer_source: vocabularies not compared ('{family / 'base'}': tokenizer.json cannot "
+        "be read: "
+    )
+    assert "has shape [12, 64]" in err[1]
+
+
+def test_a_chat_template_that_is_not_jinja_is_refused_at_its_line(family, monkeypatch):
+    monkeypatch.chdir(family)
+    Path("r.yaml").write_text(_recipe(family) + 'chat_template: "{% for m in messages %}{{ m.content }{% endfor %}"\n')
+    refused = CliRunner().invoke(cli, ["plan", "r.yaml"])
+    assert refused.exit_code == 2
+    assert refused.output == "error: r.yaml:9: chat_template: not a Jinja template: unexpected '}' (its line 1)\n"
+
+
+def test_a_union_of_many_new_tokens_is_built_at_once(tmp_path):
+    """An extension of thousands of tokens (a language's vocabulary added to a model): the tokenizer
+    takes them in one call per run of plain or special ones, not one call each (seconds, not minutes)."""
+    g = torch.Generator().manual_seed(6)
+    _model(tmp_path / "base", g, [])
+    _model(tmp_path / "a", g, [f"x{i}" for i in range(3000)] + ["<s1>"], WORDS)
+    text = (
+        f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels: [{{model: {tmp_path / 'a'}}}]\n"
+        "tokenizer_source: union\n"
+    )
+    plan = build_plan(parse_recipe(text), device="cpu")
+    got = json.loads(plan.tokenizer_made["tokenizer.json"])["added_tokens"]
+    assert [(t["id"], t["content"]) for t in got[:2]] == [(10, "x0"), (11, "x1")]
+    assert (got[-1]["id"], got[-1]["content"], got[-1]["special"]) == (3010, "<s1>", True)
