@@ -26,7 +26,7 @@ from merger.layers import LayerStack, find_stacks, natural_key, numbered, stack_
 from merger.methods import Params, TensorContext, tensor_seed
 from merger.recipe import DTYPE_CODE, MergeSpec, Slice, SliceInput
 from merger.sources import DTYPES, LocalModel, TensorInfo
-from merger.vocab import Vocabulary
+from merger.vocab import Vocabulary, fits
 
 Key = tuple[Path, str]  # an input tensor: its model's path, and its name there (Source.key)
 
@@ -111,9 +111,7 @@ class Assembler:
         reference: LocalModel,
         vocabulary: Vocabulary | None = None,
     ):
-        self.spec, self.models, self.reference = spec, models, reference
-        self.rows_vary = vocabulary.tensors if vocabulary else frozenset()  # laid out in the output's vocabulary
-        self.vocabulary = vocabulary
+        self.spec, self.models, self.reference, self.vocabulary = spec, models, reference, vocabulary
         self.stacks = {m.path: find_stacks(m.tensors) for m in [*models.values(), reference]}
         self._params: dict[tuple, Params] = {}  # resolved values -> their (validated) parameter object
         self._checked: set[tuple] = set()
@@ -283,8 +281,7 @@ class Assembler:
             self.problems.append(f"{where}: '{s.model.ref}' lacks tensor '{s.name}'")
             return False
         if (
-            info.shape[1:] != like.shape[1:]
-            or (s.name not in self.rows_vary and info.shape != like.shape)
+            not fits(self.vocabulary, s.name, info.shape, like.shape)
             or info.is_float != like.is_float
             or (not like.is_float and info.dtype != like.dtype)
         ):

@@ -48,6 +48,7 @@ from merger.vocab import (
     NoVocabulary,
     TokenSettingError,
     Vocabulary,
+    fits,
     plan_vocabulary,
     read_chat_template,
     tokenizer_changes,
@@ -504,14 +505,14 @@ def build_plan(
     # In a models: recipe every model must hold the reference's tensors, with the same shapes (and for
     # non-float tensors, the same dtype, since they are copied rather than merged); slices are checked
     # tensor by tensor (merger.assemble).
-    vocabulary, why = _vocabulary(spec, opened, base, reference)
-    rows_vary = vocabulary.tensors if vocabulary else frozenset()
+    models = opened_in_order(spec, opened)
+    vocabulary, why = _vocabulary(spec, opened, models, base, reference)
     problems = []
     checked = {reference.path}
     for model in ([base] if base else []) + inputs if spec.slices is None else []:
         if model.path not in checked:
             checked.add(model.path)
-            problems += _compare(reference, model, where_of[model.path], rows_vary)
+            problems += _compare(reference, model, where_of[model.path], vocabulary)
     try:
         if problems:
             raise RecipeError(list(dict.fromkeys(problems)))
@@ -537,7 +538,7 @@ def build_plan(
         layer_origins=assembly.origins,
         config_from=config_from,
         vocabulary=vocabulary,
-        chat_template=_chat_template(spec, opened_in_order(spec, opened), tok or reference),
+        chat_template=_chat_template(spec, models, tok or reference),
     )
     plan.tokenizer_made, plan.tokenizer_dropped = _tokenizer_changes(spec, plan)
     plan.device, plan.device_reason = resolve_device(plan, device or recipe.device)
@@ -552,7 +553,7 @@ def build_plan(
 
 
 def _vocabulary(
-    spec: MergeSpec, opened, base: LocalModel | None, reference: LocalModel
+    spec: MergeSpec, opened, models: list[LocalModel], base: LocalModel | None, reference: LocalModel
 ) -> tuple[Vocabulary | None, str | None]:
     """(the output's vocabulary (merger.vocab) where the recipe gives a tokenizer source; why none is
     laid out where a base or model source's files cannot give it: a note, and the first line of any error
@@ -562,7 +563,7 @@ def _vocabulary(
     where = spec.where("tokenizer") if spec.recipe.tokenizer is not None else spec.where("tokenizer_source")
     notes: list[str] = []
     try:
-        vocabulary = plan_vocabulary(spec, opened, base, reference, notes)
+        vocabulary = plan_vocabulary(spec, opened, models, base, reference, notes)
     except NoVocabulary as e:
         v = spec.vocabulary
         if v.source == "union" or v.tokens or v.pad_to_multiple_of:
@@ -612,18 +613,20 @@ def _tokenizer_changes(spec: MergeSpec, plan: Plan) -> tuple[dict[str, bytes], f
 def _check_donors(spec: MergeSpec, vocabulary: Vocabulary, tensors: list[OutTensor], opened) -> None:
     """The models `tokens:` takes rows from are inputs of every vocabulary tensor (a slice recipe's
     embeddings come from its first slice, its head from its last; a method that merges no base reads none)."""
+    token_of: dict[Path, str] = {}  # each such model, and the first token that takes a row of it
+    for row, setting in vocabulary.settings.items():
+        for path, _ in setting.donors:
+            token_of.setdefault(path, vocabulary.tokens[row])
     refs = {m.path: m.ref for m in opened.values()}
     for t in tensors:
-        if t.name in vocabulary.tensors:
-            inputs = {s.model.path for s in t.distinct}
-            for row, setting in vocabulary.settings.items():
-                for path, _ in setting.donors:
-                    if path not in inputs:
-                        where = spec.where("tokenizer", "tokens", vocabulary.tokens[row], "source")
-                        raise RecipeError(
-                            [f"{where}: '{refs[path]}' is not merged into tensor '{t.name}', so no row of it can "
-                             "stand in for a token there"]
-                        )  # fmt: skip
+        inputs = {s.model.path for s in t.distinct}
+        missing = [p for p in token_of if p not in inputs] if t.name in vocabulary.tensors else []
+        if missing:
+            where = spec.where("tokenizer", "tokens", token_of[missing[0]], "source")
+            raise RecipeError(
+                [f"{where}: '{refs[missing[0]]}' is not merged into tensor '{t.name}', so no row of it can stand "
+                 "in for a token there"]
+            )  # fmt: skip
 
 
 def opened_in_order(spec: MergeSpec, opened: dict[str, LocalModel]) -> list[LocalModel]:
@@ -717,16 +720,16 @@ def layout(tensors: list[OutTensor], shard_size: int) -> list[Shard]:
 
 
 def _compare(
-    ref: LocalModel, other: LocalModel, where: str, rows_vary: frozenset[str] = frozenset(), limit: int = 5
+    ref: LocalModel, other: LocalModel, where: str, vocabulary: Vocabulary | None = None, limit: int = 5
 ) -> list[str]:
-    """The differences of `other`'s tensors from `ref`'s (`rows_vary`: vocabulary tensors, whose rows may
-    differ in number)."""
+    """The differences of `other`'s tensors from `ref`'s (vocab.fits: a vocabulary tensor's rows may differ
+    in number)."""
     problems = []
     for name, info in ref.tensors.items():
         theirs = other.tensors.get(name)
         if theirs is None:
             problems.append(f"{where}: '{other.ref}' lacks tensor '{name}' (present in '{ref.ref}')")
-        elif theirs.shape[1:] != info.shape[1:] or (name not in rows_vary and theirs.shape != info.shape):
+        elif not fits(vocabulary, name, theirs.shape, info.shape):
             problems.append(
                 f"{where}: tensor '{name}' has shape {list(theirs.shape)} in '{other.ref}' "
                 f"but {list(info.shape)} in '{ref.ref}'"

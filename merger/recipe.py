@@ -455,7 +455,8 @@ def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
         raise RecipeError(problems)
     if moe := [k for k in MOE_KEYS if k in data]:
         raise RecipeError([f"{source.where(moe[0])}: {MOE}"])
-    data = _default_module(_tokenizer_section(data, source), source)
+    _one_tokenizer_key(data, source)
+    data = _default_module(data, source)
     not_yet = [f"{source.where(k)}: {msg}" for k, msg in NOT_YET.items() if k in data]
     if "modules" in data:  # its models and slices are in there: nothing else to check without them
         raise RecipeError(not_yet)
@@ -471,11 +472,10 @@ def parse_recipe(text: str, name: str = "<recipe>") -> MergeSpec:
     return spec
 
 
-def _tokenizer_section(data: dict, source: RecipeSource) -> dict:
+def _one_tokenizer_key(data: dict, source: RecipeSource) -> None:
     """mergekit reads a `tokenizer:` section over tokenizer_source; giving both is refused here."""
     if data.get("tokenizer") is not None and "tokenizer_source" in data:
         raise RecipeError([f"{source.where('tokenizer')}: give tokenizer_source or a tokenizer: section, not both"])
-    return data
 
 
 def _default_module(data: dict, source: RecipeSource) -> dict:

@@ -16,13 +16,16 @@ reads the tensors as stored.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
@@ -33,6 +36,7 @@ from merger.layers import find_stacks, stack_of
 from merger.recipe import MergeSpec, ModelToken, TokenSetting, ZeroToken
 from merger.sources import TOKENIZER_FILES, LocalModel, TensorInfo, read_config, read_support, to_torch
 
+T = TypeVar("T")
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_FILES = ("chat_template.jinja", TOKENIZER_CONFIG, "chat_template.json")  # where a model's chat template is
@@ -212,18 +216,30 @@ def read_vocab(model: LocalModel) -> ModelVocab | None:
                 f"(write one: {CONVERT.format(path=shlex.quote(str(model.path)))})"
             )
         return None
-    tokenizer = _tokenizer(model)
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    _fetched(model, "config.json")
-    size = vocab_size(read_config(model) or {}) or len(vocab)
-    added = {t.content: t for i, t in tokenizer.get_added_tokens_decoder().items() if i < size}
+    vocab, added_by_id = _read_tokenizer(model, _tokens_of)
+    size = _config_vocab_size(model) or len(vocab)
+    added = {t.content: t for i, t in added_by_id.items() if i < size}
     return ModelVocab({tok: i for tok, i in vocab.items() if i < size}, added, size, len(vocab))
 
 
-def _tokenizer(model: LocalModel) -> Tokenizer:
+@functools.lru_cache(maxsize=2)
+def _tokens_of(text: str) -> tuple[dict[str, int], dict[int, AddedToken]]:
+    """A tokenizer.json's tokens by id and its added tokens, parsed once for every model that holds the same
+    file (fine-tunes mostly keep their base's; a large vocabulary takes most of a second to parse). Read only."""
+    tokenizer = Tokenizer.from_str(text)
+    return tokenizer.get_vocab(with_added_tokens=True), tokenizer.get_added_tokens_decoder()
+
+
+def _config_vocab_size(model: LocalModel) -> int | None:
+    _fetched(model, "config.json")
+    return vocab_size(read_config(model) or {})
+
+
+def _read_tokenizer(model: LocalModel, parse: Callable[[str], T]) -> T:
+    """`parse` of `model`'s tokenizer.json text; NoVocabulary where the tokenizers library cannot read it."""
     text = _text(read_support(model, TOKENIZER_JSON)[0], model, TOKENIZER_JSON)
     try:
-        return Tokenizer.from_str(text)
+        return parse(text)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # the tokenizers library raises plain Exceptions, and a Rust panic a BaseException
@@ -245,18 +261,22 @@ def vocab_size(config: dict) -> int | None:
 
 
 def plan_vocabulary(
-    spec: MergeSpec, opened: dict[str, LocalModel], base: LocalModel | None, reference: LocalModel, notes: list[str]
+    spec: MergeSpec,
+    opened: dict[str, LocalModel],
+    models: list[LocalModel],
+    base: LocalModel | None,
+    reference: LocalModel,
+    notes: list[str],
 ) -> Vocabulary | None:
     """The output's vocabulary (spec.vocabulary: its source, tokens and padding) over the recipe's models
-    (`opened`: by reference), or None where it changes nothing. ModelError for a model whose files cannot
+    (`models`, in its order; `opened`: by reference), or None where it changes nothing. ModelError for a model whose files cannot
     give it (NoVocabulary: the source's, or the base's); what is taken instead of another model's unreadable
     vocabulary goes to `notes`."""
     setting = spec.vocabulary
     assert setting is not None
-    models = {opened[ref].path: opened[ref] for ref, _ in spec.references()}
     first = base or reference
     source = first if setting.source in ("union", "base") else opened[setting.source]
-    vocabs = _read_vocabs(models, first, source, notes)
+    vocabs = _read_vocabs({m.path: m for m in models}, first, source, notes)
     tokens = _tokens(vocabs[source.path], source)
     added = _union_additions(tokens, list(vocabs.values())) if setting.source == "union" else []
     added += [
@@ -286,8 +306,8 @@ def plan_vocabulary(
             f"'{reference.ref}': no tensor outside its layers has its vocab_size ({sizes[reference.path]}) "
             "rows, so merger cannot tell its vocabulary tensors"
         )
-    for path, m in models.items():
-        _check_rows(m, names, sizes[path], reference)
+    for m in models:
+        _check_rows(m, names, sizes[m.path], reference)
     return Vocabulary(tokens, rows, maps, settings, frozenset(names), added, base.path if base else None, sizes)
 
 
@@ -314,8 +334,7 @@ def _read_vocabs(
 
 def _with_size(vocab: ModelVocab, model: LocalModel) -> ModelVocab:
     """The base's vocabulary as a model without a tokenizer has it: cut at its own vocab_size."""
-    _fetched(model, "config.json")
-    size = vocab_size(read_config(model) or {}) or vocab.size
+    size = _config_vocab_size(model) or vocab.size
     return ModelVocab({t: i for t, i in vocab.ids.items() if i < size}, vocab.added, size, vocab.total)
 
 
@@ -403,6 +422,13 @@ def vocabulary_tensors(model: LocalModel, size: int) -> list[str]:
     return [name for name, ndim in rows if ndim >= 2 or name.rpartition(".")[0] in modules]
 
 
+def fits(vocabulary: Vocabulary | None, name: str, shape: tuple[int, ...], like: tuple[int, ...]) -> bool:
+    """Whether a model's tensor `name` of `shape` merges with another's of shape `like`: the same shape,
+    or for a vocabulary tensor (laid out in the output's vocabulary first) the same but in its rows."""
+    laid_out = vocabulary is not None and name in vocabulary.tensors
+    return shape[1:] == like[1:] and (laid_out or shape == like)
+
+
 def _check_rows(model: LocalModel, names: list[str], size: int, reference: LocalModel) -> None:
     for name in names:
         info: TensorInfo | None = model.tensors.get(name)
@@ -421,7 +447,7 @@ def tokenizer_files(vocabulary: Vocabulary, source: LocalModel) -> dict[str, byt
     tokenizer_config.json's added_tokens_decoder with them (what transformers writes)."""
     if not vocabulary.added:
         return {}
-    tokenizer = _tokenizer(source)
+    tokenizer = _read_tokenizer(source, Tokenizer.from_str)  # a tokenizer of its own, to add to
     start = tokenizer.get_vocab_size(with_added_tokens=True)
     for special, run in itertools.groupby(vocabulary.added, key=lambda t: t.special):  # in order, a run a call
         (tokenizer.add_special_tokens if special else tokenizer.add_tokens)(list(run))

@@ -492,3 +492,24 @@ def installed(monkeypatch, seed: int = 0, delay: float = 0.0005) -> Iterator[Fak
     finally:
         for stream in fake.streams:
             stream.work.put(None)
+
+
+def write_on_cpu_and_gpu(plan, root, monkeypatch, pieces: bool, seed: int) -> None:
+    """`plan`'s shards written twice: into root/cpu through torch on the CPU (as the GPU computes, no fused
+    kernel), and into root/gpu on the fake's streams, each tensor whole or, with `pieces`, in pieces of 100
+    entries; the fake found nothing wrong. The plan is left on "cuda"."""
+    import merger.budget
+    import merger.plan
+
+    with monkeypatch.context() as patch:
+        patch.setattr(merger.stream.Merger, "_fusable", lambda self, t: False)
+        (root / "cpu").mkdir()
+        merger.stream.write_shards(plan, root / "cpu")
+    with installed(monkeypatch, seed=seed) as fake:
+        monkeypatch.setattr(merger.budget, "gpu_budget", lambda: 1 if pieces else 1 << 40)
+        monkeypatch.setattr(merger.budget, "pinned_budget", lambda: 1 << 40)
+        monkeypatch.setattr(merger.plan.Plan, "gpu_piece", lambda self, t, gpu: 100)
+        plan.device = "cuda"
+        (root / "gpu").mkdir()
+        merger.stream.write_shards(plan, root / "gpu")
+        fake.assert_clean()

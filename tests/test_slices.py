@@ -361,11 +361,8 @@ def test_one_model_twice_in_a_slice_on_the_fake_gpus_streams_is_the_cpus_bytes(t
     one output tensor: staged (whole, or in pieces) by their place, the CPU's bytes on tests/fakecuda.py."""
     import fakecuda
 
-    import merger.budget
-    import merger.plan
     from merger.plan import build_plan
     from merger.recipe import parse_recipe
-    from merger.stream import Merger, write_shards
 
     g = torch.Generator().manual_seed(2)
     a = {f"layers.{i}.w": torch.randn(24, 24, generator=g).bfloat16() for i in range(3)}
@@ -375,18 +372,7 @@ def test_one_model_twice_in_a_slice_on_the_fake_gpus_streams_is_the_cpus_bytes(t
         f"{{model: {tmp_path / 'a'}, layer_range: [1, 3], parameters: {{weight: 3}}}}]\n"
     )
     plan = build_plan(parse_recipe(text), device="cpu")
-    with monkeypatch.context() as patch:  # through torch, as on the GPU
-        patch.setattr(Merger, "_fusable", lambda self, t: False)
-        (tmp_path / "cpu").mkdir()
-        write_shards(plan, tmp_path / "cpu")
-    with fakecuda.installed(monkeypatch, seed=1) as fake:
-        monkeypatch.setattr(merger.budget, "gpu_budget", lambda: 1 if pieces else 1 << 40)
-        monkeypatch.setattr(merger.budget, "pinned_budget", lambda: 1 << 40)
-        monkeypatch.setattr(merger.plan.Plan, "gpu_piece", lambda self, t, gpu: 100)
-        plan.device = "cuda"
-        (tmp_path / "gpu").mkdir()
-        write_shards(plan, tmp_path / "gpu")
-        fake.assert_clean()
+    fakecuda.write_on_cpu_and_gpu(plan, tmp_path, monkeypatch, pieces, seed=1)
     for s in plan.shards:
         assert (tmp_path / "gpu" / s.filename).read_bytes() == (tmp_path / "cpu" / s.filename).read_bytes()
     (shard,) = plan.shards

@@ -94,18 +94,7 @@ def test_on_the_fake_gpus_streams_a_union_is_the_cpus_bytes(family, monkeypatch,
     import fakecuda
 
     plan = build_plan(parse_recipe(_recipe(family)), device="cpu")
-    with monkeypatch.context() as patch:  # through torch, as on the GPU
-        patch.setattr(Merger, "_fusable", lambda self, t: False)
-        (family / "cpu").mkdir()
-        write_shards(plan, family / "cpu")
-    with fakecuda.installed(monkeypatch, seed=3) as fake:
-        monkeypatch.setattr(merger.budget, "gpu_budget", lambda: 1 if pieces else 1 << 40)
-        monkeypatch.setattr(merger.budget, "pinned_budget", lambda: 1 << 40)
-        monkeypatch.setattr(merger.plan.Plan, "gpu_piece", lambda self, t, gpu: 100)
-        plan.device = "cuda"
-        (family / "gpu").mkdir()
-        write_shards(plan, family / "gpu")
-        fake.assert_clean()
+    fakecuda.write_on_cpu_and_gpu(plan, family, monkeypatch, pieces, seed=3)
     assert _bytes(family / "gpu") == _bytes(family / "cpu")
     blocks = plan.staging_blocks(next(t for t in plan.tensors if t.name == "embed.weight"))
     assert blocks[0] >= 16 * 64 * 2  # the base's 10 stored rows laid out in 16
