@@ -64,6 +64,12 @@ def wide_vector_features(cpu: str, features: str) -> str | None:
 if numba.config.CPU_NAME is None and numba.config.CPU_FEATURES is None:
     numba.config.CPU_FEATURES = wide_vector_features(binding.get_host_cpu_name(), get_host_cpu_features())
 
+# Whether the kernels compile for AVX-512, whose compress stores (vpcompressd) write a vector's selected lanes side
+# by side: elsewhere LLVM spells them out lane by lane, slower than a scalar loop, so kernels choose by this
+# (a named NUMBA_CPU_NAME without features: unknown, so not)
+_FEATURES = numba.config.CPU_FEATURES or ("" if numba.config.CPU_NAME else get_host_cpu_features())
+COMPRESS_STORE = "+avx512f" in _FEATURES.split(",")
+
 
 @functools.cache
 def sources_digest(root: Path = Path(__file__).parent) -> str:

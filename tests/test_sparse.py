@@ -644,7 +644,7 @@ def keys_then_counts(mags, length, scratch, kp, z0, step, thresholds):  # pragma
     """sparse_kernels' count-based ranking of one fiber of magnitudes (a task vector mags - 0), where
     countable allows it."""
     kb = np.empty(length, np.uint32)
-    below, hi, n_odd = sparse_kernels._fiber_keys(mags, np.zeros_like(mags), 0, 1, length, np.empty_like(kb), kb)
+    below, hi, n_odd = sparse_kernels._fiber_keys(mags, np.zeros_like(mags), 0, 1, length, kb)
     if not sparse_kernels.countable(length, below, hi, n_odd):
         return False
     return sparse_kernels._keep_by_counts(kb, z0, step, thresholds, length, below, hi, scratch, kp)
@@ -788,6 +788,26 @@ def test_della_counts_rank_up_to_open_odd_ones_by_scans(n_open):
     assert left_open(keys, splitmix64_top53(z0, step, length), thresholds) == n_open
     if settled:
         assert np.array_equal(kp.astype(bool), sorted_keep(keys, u, spread))
+
+
+@njit
+def open_indices(flags, length, compress):  # pragma: no cover - compiled
+    out = np.full(flags.size, -1, np.int32)
+    n = sparse_kernels._open_indices(flags, length, out, compress)
+    return out[:n], out[n:]
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("length", [0, 1, 15, 16, 17, 48, 2047])
+def test_open_indices_are_the_set_flags_in_order(compress, length):
+    """_open_indices lists exactly the set flags below length, in index order, by compress stores or one by one,
+    and writes nothing further (flags past length, as a longer fiber left them in a reused scratch, are not read)."""
+    flags = (np.random.default_rng(length).random(length + 40) < 0.3).astype(np.uint8)
+    flags[length:] = 1
+    flags[: min(length, 16)] = [1, 0] * 8 if length >= 16 else flags[:length]
+    found, rest = open_indices(flags, length, compress)
+    assert found.tolist() == np.flatnonzero(flags[:length]).tolist()
+    assert (rest[1:] == -1).all()  # one by one (the tail), the slot after them may take the last index
 
 
 def test_della_counts_reuse_their_scratch_from_fiber_to_fiber():

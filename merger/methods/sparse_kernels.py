@@ -18,10 +18,12 @@ from collections.abc import Sequence
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from merger.kernels import (
     BLOCK,
+    COMPRESS_STORE,
     SAMPLE_RUN,
     U,
     _bits_of_f32,
@@ -288,6 +290,48 @@ def _pack(kp, m, bits, first):  # pragma: no cover - compiled
         bits[first + whole] = byte
 
 
+@intrinsic
+def _compress16(typingctx, flags, i, out, n):
+    """out[n:] = the indices i + t (t < 16) where flags[i + t] is set, in order, as int32: one compress store
+    (vpcompressd on AVX-512) of a vector of the 16 indices under the flags' mask. Returns n plus their count."""
+
+    def codegen(context, builder, sig, args):
+        byte16, int16 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(32), 16)
+        src = context.make_array(sig.args[0])(context, builder, args[0]).data
+        dst = context.make_array(sig.args[2])(context, builder, args[2]).data
+        v = builder.load(builder.bitcast(builder.gep(src, [args[1]]), byte16.as_pointer()), align=1)
+        mask = builder.icmp_unsigned("!=", v, ir.Constant(byte16, None))
+        start, undefined = builder.trunc(args[1], ir.IntType(32)), ir.Constant(int16, ir.Undefined)
+        first = builder.insert_element(undefined, start, ir.Constant(ir.IntType(32), 0))
+        every = builder.shuffle_vector(first, undefined, ir.Constant(int16, None))  # start in every lane
+        indices = builder.add(every, ir.Constant(int16, list(range(16))))
+        store_type = ir.FunctionType(ir.VoidType(), [int16, ir.IntType(32).as_pointer(), mask.type])
+        store = cgutils.get_or_insert_function(builder.module, store_type, "llvm.masked.compressstore.v16i32")
+        builder.call(store, [indices, builder.gep(dst, [args[3]]), mask])
+        count_type = ir.FunctionType(ir.IntType(16), [ir.IntType(16)])
+        count = builder.call(cgutils.get_or_insert_function(builder.module, count_type, "llvm.ctpop.i16"),
+                             [builder.bitcast(mask, ir.IntType(16))])  # fmt: skip
+        return builder.add(args[3], builder.zext(count, ir.IntType(64)))
+
+    if flags != types.Array(types.uint8, 1, "C") or out != types.Array(types.int32, 1, "C"):
+        return None
+    return types.int64(flags, types.intp, out, types.int64), codegen
+
+
+@njit(inline="always")
+def _open_indices(flags, length, out, compress):  # pragma: no cover - compiled
+    """out[:count] = the indices p < length where flags[p] is set, in order; returns the count. compress
+    (COMPRESS_STORE, where the CPU has them): by compress stores, 16 flags at a time, then one by one."""
+    n = np.int64(0)
+    whole = length - length % 16 if compress else 0
+    for p in range(0, whole, 16):  # 0.08 ns an entry against the loop below's 0.33 (one thread, 20% set)
+        n = _compress16(flags, p, out, n)
+    for p in range(whole, length):
+        out[U(n)] = p
+        n += flags[U(p)]
+    return n
+
+
 @njit(inline="always")
 def _bit(bits, g):  # pragma: no cover - compiled
     """Flag g of a bit array (bit g % 8 of byte g // 8)."""
@@ -499,17 +543,16 @@ LOW32 = ODD - np.int64(1)
 
 
 @njit(inline="always")
-def _fiber_keys(x, b, start, r, length, mb, kb):  # pragma: no cover - compiled
-    """A fiber's magnitude bits into mb and its sort keys (NaN as QNAN) into kb. Returns the range of the
-    keys' buckets: (the least nonzero bucket - 1, wrapping to 0xFFFFFFFF where all are 0; the greatest),
-    and how many keys are odd (low 16 bits set)."""
+def _fiber_keys(x, b, start, r, length, kb):  # pragma: no cover - compiled
+    """A fiber's sort keys into kb: its magnitudes' bits, NaN as QNAN (which sums as NaN does). Returns the
+    range of the keys' buckets: (the least nonzero bucket - 1, wrapping to 0xFFFFFFFF where all are 0; the
+    greatest), and how many keys are odd (low 16 bits set)."""
     below = U32(0xFFFFFFFF)
     hi = U32(0)
     n_odd = U32(0)
     for p in range(length):
         g = U(start + p * r)
         v = _bits_of_f32(load(x, g) - load(b, g)) & ABS
-        mb[U(p)] = v
         k = QNAN if v > U32(0x7F800000) else v
         kb[U(p)] = k
         head = k >> U32(16)
@@ -522,8 +565,8 @@ def _fiber_keys(x, b, start, r, length, mb, kb):  # pragma: no cover - compiled
 @njit(inline="always")
 def countable(length, below, hi, n_odd):  # pragma: no cover - compiled
     """Whether _keep_by_counts may rank a fiber (below, hi, n_odd: _fiber_keys'): at most half its keys odd
-    (bf16 task vectors' are few; float32 ones' most) and its buckets few enough to total."""
-    return 2 * np.int64(n_odd) <= length and np.int64(hi) - np.int64(below) <= 2 * length + 1025
+    (bf16 task vectors' are few; float32 ones' most), its buckets few enough to total, and its indices int32's."""
+    return 2 * np.int64(n_odd) <= length < 1 << 31 and np.int64(hi) - np.int64(below) <= 2 * length + 1025
 
 
 @njit
@@ -543,15 +586,13 @@ def _keep_by_counts(kb, z0, step, tj, length, below, hi, scratch, kp):  # pragma
         draws[U(p)] = d
         kp[U(p)] = d < first
         between[U(p)] = (d >= first) & (d < last)
-    n_open = 0
+    n_open = _open_indices(between, length, opened, COMPRESS_STORE)  # the draws that rank decides
     for p in range(length):  # per bucket: plain ones below, odd ones above; each one's plain ones before it
         k = kb[U(p)]
         h = k >> U32(16)
         c = cs[h]
         cs[h] = c + (ODD if (k & U32(0xFFFF)) != U32(0) else np.int64(1))
         before[U(p)] = U32(c & LOW32)
-        opened[U(n_open)] = p  # the draws that rank decides, without a branch
-        n_open += between[U(p)]
     lo = np.int64(below) + 1  # 2**32 where every magnitude is in bucket 0: no other bucket to total
     c = cs[0]  # bucket 0, then lo..hi: where each starts
     starts[0] = 0
@@ -612,11 +653,11 @@ def _rank(kb, p, length):  # pragma: no cover - compiled
 
 @njit
 def keep_scratch(length):  # pragma: no cover - compiled
-    """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), open indices, draws, the
+    """_keep_by_counts' scratch for fibers of `length`: bucket counts (zeroed), open indices (int32), draws, the
     buckets' starts, each entry's plain ones before it in its bucket, whether its draw needs its rank."""
     return (
         np.zeros(HEADS, np.int64),
-        np.empty(length, np.int64),
+        np.empty(length, np.int32),
         np.empty(length, np.uint64),
         np.empty(HEADS, np.int64),
         np.empty(length, np.uint32),
@@ -651,7 +692,7 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins):  #
     ki_own, ki = lend(np.empty(length, np.uint32))
     tb_own, tb = lend(np.empty(length, np.uint32))
     ti_own, ti = lend(np.empty(length, np.uint32))
-    mb_own, mb = lend(np.empty(length, np.uint32))
+    sb_own, sb = lend(np.empty(length, np.uint32))
     kp_own, kp = lend(np.empty(length, np.uint8))
     cnt_own, cnt = lend(np.empty(257, np.int64))
     scratch = keep_scratch(length)
@@ -662,15 +703,16 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins):  #
             for j in range(len(xs)):
                 if not todo[j]:
                     continue
-                below, hi, n_odd = _fiber_keys(xs[j], b, start, r, length, mb, kb)
+                below, hi, n_odd = _fiber_keys(xs[j], b, start, r, length, kb)
                 z0 = keys[j] + U(start + 1) * GAMMA
                 step = U(r) * GAMMA
                 tj = thresholds[j]
                 counting[j] = counting[j] and countable(length, below, hi, n_odd)  # if not, sort the range's rest
                 if not (counting[j] and _keep_by_counts(kb, z0, step, tj, length, below, hi, scratch, kp)):
-                    for p in range(length):
+                    for p in range(length):  # sorted in sb and tb, kb kept for the sums
                         ki[p] = p
-                    sk, si = _radix_order(kb, ki, tb, ti, cnt, length)
+                        sb[p] = kb[p]
+                    sk, si = _radix_order(sb, ki, tb, ti, cnt, length)
                     for q in range(length):
                         p = si[q]
                         kp[p] = (_mix(z0 + U(p) * step) >> U(11)) < tj[q]
@@ -681,8 +723,8 @@ def _magprune(xs, b, a0, a1, length, r, todo, keys, thresholds, masks, bins):  #
                     for p in range(length):
                         g = U(start + p * r)
                         mj[g >> U(3)] |= np.uint8(kp[p]) << np.uint8(g & U(7))
-                _fiber_sums(mb, kp, length, below, hi, bins[j, 0], bins[j, 1])
-    keep_alive((kb_own, ki_own, tb_own, ti_own, mb_own, kp_own, cnt_own))
+                _fiber_sums(kb, kp, length, below, hi, bins[j, 0], bins[j, 1])
+    keep_alive((kb_own, ki_own, tb_own, ti_own, sb_own, kp_own, cnt_own))
 
 
 @njit(inline="always")
