@@ -49,6 +49,7 @@ from merger.vocab import (
     TokenSettingError,
     Vocabulary,
     fits,
+    lays_out,
     plan_vocabulary,
     read_chat_template,
     tokenizer_changes,
@@ -196,8 +197,8 @@ class Plan:
         pick = self.spec.method.verbatim
         i = pick(t.models, t.params) if t.merged and pick is not None else None
         source = t.sources[i] if i is not None else None
-        laid_out = self.vocabulary is not None and t.name in self.vocabulary.tensors  # merger.vocab: new rows
-        return source if source is not None and source.info.dtype == t.dtype and not laid_out else None
+        copied = source is not None and source.info.dtype == t.dtype and not lays_out(self.vocabulary, t.name)
+        return source if copied else None
 
     def stored_bytes(self, t: OutTensor) -> int:
         """Bytes of t read from the inputs, as stored: every reader's copy."""
@@ -388,7 +389,7 @@ class Plan:
         worst = 0
         for t in self.tensors:
             raw = self.stored_bytes(t)
-            if self.vocabulary is not None and t.name in self.vocabulary.tensors:  # laid out anew (merger.vocab)
+            if lays_out(self.vocabulary, t.name):  # new arrays beside the inputs' pages
                 raw += sum(t.numel * DTYPES[s.info.dtype][1] for s in t.distinct)
             if self.device == "cuda":  # its pages, and the next tensor's while the stager copies them
                 host = raw * 2 if whole(t) else raw

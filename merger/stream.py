@@ -42,6 +42,7 @@ from merger.files import BUFFERED_CALL, DirectFile, fsync_file, start_writeback
 from merger.methods.base import MergeRange
 from merger.plan import FLAGS, OUTPUT, OutTensor, Plan, Shard, shard_header
 from merger.sources import DTYPES, Confined, FileSource, MappedReader, TensorInfo, to_torch
+from merger.vocab import lays_out
 
 if TYPE_CHECKING:
     import torch
@@ -867,10 +868,9 @@ LARGEST = {"F64": 1.797e308, "F32": 3.4e38, "F16": 65504.0, "BF16": 3.39e38, "F8
 def laid_out(plan: Plan, t: OutTensor, views: dict[Key, np.ndarray], codes: dict[Key, str]) -> dict[Key, np.ndarray]:
     """t's inputs (views as stored, by source key, and their dtype codes) as the merge takes them: a
     vocabulary tensor's laid out in the output's vocabulary (merger.vocab: new arrays), others as they are."""
-    vocabulary = plan.vocabulary
-    if vocabulary is None or t.name not in vocabulary.tensors or not t.merged:
+    if not t.merged or not lays_out(plan.vocabulary, t.name):
         return views
-    laid = vocabulary.lay_out({s.model.path: (views[s.key], codes[s.key]) for s in t.distinct})
+    laid = plan.vocabulary.lay_out({s.model.path: (views[s.key], codes[s.key]) for s in t.distinct})
     return {s.key: laid[s.model.path] for s in t.distinct}
 
 

@@ -422,11 +422,15 @@ def vocabulary_tensors(model: LocalModel, size: int) -> list[str]:
     return [name for name, ndim in rows if ndim >= 2 or name.rpartition(".")[0] in modules]
 
 
+def lays_out(vocabulary: Vocabulary | None, name: str) -> bool:
+    """Whether tensor `name` is laid out in the output's vocabulary before the merge (new rows, new arrays)."""
+    return vocabulary is not None and name in vocabulary.tensors
+
+
 def fits(vocabulary: Vocabulary | None, name: str, shape: tuple[int, ...], like: tuple[int, ...]) -> bool:
     """Whether a model's tensor `name` of `shape` merges with another's of shape `like`: the same shape,
     or for a vocabulary tensor (laid out in the output's vocabulary first) the same but in its rows."""
-    laid_out = vocabulary is not None and name in vocabulary.tensors
-    return shape[1:] == like[1:] and (laid_out or shape == like)
+    return shape[1:] == like[1:] and (lays_out(vocabulary, name) or shape == like)
 
 
 def _check_rows(model: LocalModel, names: list[str], size: int, reference: LocalModel) -> None:
