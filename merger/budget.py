@@ -24,6 +24,16 @@ GPU_PIECE = 1 << 25  # the most entries per piece of a tensor too large to stage
 # (TIES of three bf16 models: Plan.gpu_bytes)
 GPU_BLOCK = 512  # torch's CUDA caching allocator hands out GPU memory in multiples of 512 bytes
 
+GATHER_SHARE = 20  # a threshold's band pass keeps at most 1/GATHER_SHARE of a tensor's entries per population
+GATHER_FLOOR = 1 << 20  # ... or this many where that is more (12 MiB of values and indices)
+
+
+def gathered_most(numel: int) -> int:
+    """The most values a threshold's band pass keeps per population (merger.kernels._gather); a band holding
+    more (many ties, as bfloat16 task vectors have) is narrowed by counting instead."""
+    return max(numel // GATHER_SHARE, GATHER_FLOOR)
+
+
 GPU_MEMORY_ENV = "MERGER_GPU_MEMORY"  # bytes of each GPU merger may use, instead of the share below
 PINNED_MEMORY_ENV = "MERGER_PINNED_MEMORY"  # bytes of host memory merger may pin, instead of a quarter
 WORKERS_ENV = "MERGER_LOCAL_PROCESSES"  # set by parallel in each --workers process: how many there are

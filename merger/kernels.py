@@ -23,9 +23,10 @@ import functools
 import hashlib
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numba
 import numpy as np
@@ -36,6 +37,7 @@ from numba.core.caching import FunctionCache
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
+from merger import budget
 from merger.errors import NaNTaskVector
 from merger.files import private_cache
 from merger.sources import KERNEL_DTYPES
@@ -702,9 +704,11 @@ def select_in_bands(
     sample_histograms); a band [lo, hi] around each threshold comes from it, band_pass counts the values above
     each band and gathers those in it, and the exact threshold is selected among the gathered ones. A band
     that misses (an unlucky sample) is moved to the side it missed, four times wider, and the pass repeated
-    for that population; the last resort is the whole side, so the answer is always exact. Populations of
-    EXACT_BELOW entries or fewer are gathered whole, unsampled. A NaN value cannot be ranked:
-    NaNTaskVector(w, count) for the first population w (an index into ks) holding any."""
+    for that population; the last resort is the whole side, so the answer is always exact. A band holding
+    more than budget.gathered_most(n) values (many ties, or a wide last resort) is not kept but narrowed by
+    counting (_count_select). Populations of EXACT_BELOW entries or fewer are gathered whole, unsampled. A
+    NaN value cannot be ranked: NaNTaskVector(w, count) for the first population w (an index into ks)
+    holding any."""
     lo = np.zeros(len(ks), np.float32)
     hi = np.full(len(ks), np.inf, np.float32)
     hist = None
@@ -718,31 +722,35 @@ def select_in_bands(
     while todo:
         found = _gather(todo, n, band_pass, lo[todo], hi[todo], run)
         exact, retry = [], []
-        for i, (above, vals, _, nans) in enumerate(found):
+        for i, band in enumerate(found):
             w = todo[i]
-            if nans:
-                raise NaNTaskVector(w, nans)
+            if band.nans:
+                raise NaNTaskVector(w, band.nans)
             k = ks[w]
-            if lo[w] <= 0 and hi[w] == np.inf or above < k <= above + vals.size:
+            if lo[w] <= 0 and hi[w] == np.inf or band.above < k <= band.above + band.count:
                 exact.append(i)
                 continue
             widen[w] *= 4
             new_lo, new_hi = _band(hist[w], k / n, widen[w])
-            if above >= k:  # the threshold lies above the band
+            if band.above >= k:  # the threshold lies above the band
                 lo[w], hi[w] = hi[w], new_hi
             else:
                 lo[w], hi[w] = new_lo, lo[w]
             retry.append(w)
 
-        picks = [(found[i], todo[i]) for i in exact]
+        picks = [(found[i], todo[i]) for i in exact if found[i].vals is not None]
         run(functools.partial(_select_one, picks, ks, result), len(picks), 1)  # side by side on the threads
+        for i in exact:
+            if found[i].vals is None:
+                w = todo[i]
+                result[w] = _count_select(w, n, band_pass, (lo[w], hi[w]), ks[w] - found[i].above, run)
         todo = retry
     return result
 
 
 def _select_one(picks: list, ks: Sequence[int], result: list, i: int, _: int) -> None:
-    (above, vals, idx, _), j = picks[i]
-    result[j] = _select(vals, idx, ks[j] - above)
+    band, j = picks[i]
+    result[j] = _select(band.vals, band.idx, ks[j] - band.above)
 
 
 def _sample(xs: tuple[np.ndarray, ...], base: np.ndarray, run: Runner) -> np.ndarray:
@@ -794,31 +802,114 @@ def _band(hist: np.ndarray, p: float, widen: int) -> tuple[float, float]:
     return lo, hi
 
 
-def _gather(
-    todo: list[int], n: int, band_pass: BandPass, lo: np.ndarray, hi: np.ndarray, run: Runner
-) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
-    """Per population of todo (select_in_bands' band_pass): (values above hi, the band's values, their flat
-    indices, NaN values) over all n entries."""
+class Band(NamedTuple):
+    """One population's band pass over all entries: the values above the band, in it and NaN, and the
+    band's values with their flat indices (ascending), or None where more than the gather's limit."""
+
+    above: int
+    count: int
+    nans: int
+    vals: np.ndarray | None
+    idx: np.ndarray | None
+
+
+def _gather(todo: list[int], n: int, band_pass: BandPass, lo: np.ndarray, hi: np.ndarray, run: Runner) -> list[Band]:
+    """Per population of todo, its Band over all n entries (select_in_bands' band_pass). A population keeps
+    at most budget.gathered_most(n) of its band's values: past that, the parts that follow drop theirs, so
+    that a band of ties never holds the whole tensor."""
     nm = len(todo)
+    most = budget.gathered_most(n)
+    kept = np.zeros(nm, np.int64)  # values gathered so far, per population (under the lock)
+    lock = threading.Lock()
 
     def part(s: int, e: int):
         vals = np.empty((nm, e - s), np.float32)
         idx = np.empty((nm, e - s), np.int64)
         above, got = band_pass(todo, s, e, lo, hi, vals, idx)
-        band = [vals[j, : got[j]].copy() for j in range(nm)]
-        nans = [int(np.isnan(v).sum()) for v in band]  # the band pass gathers NaN entries with the band's
-        return above, band, [idx[j, : got[j]].copy() for j in range(nm)], nans
+        nans = [int(np.isnan(vals[j, : got[j]]).sum()) for j in range(nm)]  # gathered with the band's
+        with lock:
+            kept[:] += got
+            fits = kept <= most
+        pieces = [(vals[j, : got[j]].copy(), idx[j, : got[j]].copy()) if fits[j] else None for j in range(nm)]
+        return above, got, nans, pieces
 
     parts = run(part, n)
-    return [
-        (
-            int(sum(p[0][j] for p in parts)),
-            np.concatenate([p[1][j] for p in parts]),
-            np.concatenate([p[2][j] for p in parts]),  # ascending: ranges in order, each in order
-            int(sum(p[3][j] for p in parts)),
+    bands = []
+    for j in range(nm):
+        pieces = [p[3][j] for p in parts]
+        for p in parts:
+            p[3][j] = None  # each piece goes once it is joined: the band's values are held once, not twice
+        whole = None if kept[j] > most else _joined(pieces)
+        bands.append(
+            Band(
+                int(sum(p[0][j] for p in parts)),
+                int(sum(p[1][j] for p in parts)),
+                int(sum(p[2][j] for p in parts)),
+                *(whole or (None, None)),
+            )
         )
-        for j in range(nm)
-    ]
+    return bands
+
+
+def _joined(pieces: list) -> tuple[np.ndarray, np.ndarray]:
+    """The (values, indices) pieces end to end, each piece released once it is copied."""
+    total = sum(v.size for v, _ in pieces)
+    vals, idx = np.empty(total, np.float32), np.empty(total, np.int64)
+    at = 0
+    for i, (v, x) in enumerate(pieces):
+        vals[at : at + v.size], idx[at : at + v.size] = v, x
+        at += v.size
+        pieces[i] = None
+    return vals, idx
+
+
+def _count_select(w: int, n: int, band_pass: BandPass, band: tuple, rank: int, run: Runner) -> tuple[float, int, int]:
+    """_select's answer for population w when its band [lo, hi] holds the rank-th largest of the band's
+    values but too many of them to gather: radix histograms of the band's bit patterns (which order like
+    the values), 16 bits a pass, narrow it to one value; then a pass counts that value's entries per part,
+    and the part holding the rank-th of them (in index order) is gathered alone. Each part is reduced as
+    soon as it is gathered: a part's values at most are held."""
+    low, high = (int(np.float32(v).view(np.uint32)) for v in band)
+    while low < high:
+        shift = max(0, (high - low).bit_length() - 16)
+        hist = np.zeros(((high - low) >> shift) + 1, np.int64)
+        run(functools.partial(_add_bucket_counts, w, band_pass, low, high, shift, hist, threading.Lock()), n)
+        from_top = np.cumsum(hist[::-1])
+        b = hist.size - 1 - int(np.searchsorted(from_top, rank))  # the bucket holding the rank-th largest
+        rank -= int(from_top[hist.size - 2 - b]) if b < hist.size - 1 else 0
+        low, high = low + (b << shift), min(high, low + ((b + 1) << shift) - 1)
+    threshold = np.uint32(low).view(np.float32)
+    ties = run(functools.partial(_tie_counts, w, band_pass, threshold), n)
+    before = 0
+    for s, e, count in ties:
+        if before + count >= rank:
+            idx = _gathered(w, band_pass, threshold, threshold, s, e)[1]
+            return float(threshold), rank, int(idx[rank - before - 1]) + 1
+        before += count
+    raise AssertionError("unreachable: the band holds the rank-th value")
+
+
+def _gathered(w: int, band_pass: BandPass, lo, hi, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """Population w's values in [lo, hi] over the entries [s, e), and their flat indices."""
+    vals = np.empty((1, e - s), np.float32)
+    idx = np.empty((1, e - s), np.int64)
+    _, got = band_pass([w], s, e, np.array([lo], np.float32), np.array([hi], np.float32), vals, idx)
+    return vals[0, : got[0]], idx[0, : got[0]]
+
+
+def _add_bucket_counts(
+    w: int, band_pass: BandPass, low: int, high: int, shift: int, hist, lock, s: int, e: int
+) -> None:
+    """hist[b] += how many of population w's values over [s, e) have a bit pattern in [low, high] that is b
+    after - low, >> shift."""
+    vals = _gathered(w, band_pass, *np.array([low, high], np.uint32).view(np.float32), s, e)[0]
+    counts = np.bincount((vals.view(np.uint32) - np.uint32(low)) >> np.uint32(shift), minlength=hist.size)
+    with lock:
+        hist += counts
+
+
+def _tie_counts(w: int, band_pass: BandPass, threshold, s: int, e: int) -> tuple[int, int, int]:
+    return s, e, _gathered(w, band_pass, threshold, threshold, s, e)[0].size
 
 
 def _select(vals: np.ndarray, idx: np.ndarray, rank: int) -> tuple[float, int, int]:

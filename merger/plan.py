@@ -397,8 +397,8 @@ class Plan:
                 numel = t.numel
                 host = raw + depth * min(numel, budget.PIECE) * DTYPES[t.dtype][1]
                 host += min(numel, budget.CHUNK) * csize * (len(t.readers) + 8)
-                if self.spec.method.prepare is not None:  # the trim's gathered band: a few % of the entries
-                    gathered = numel // 20 + system.default_threads() * budget.CHUNK
+                if self.spec.method.prepare is not None:  # the trim's gathered band, and a band pass per thread
+                    gathered = min(numel, budget.gathered_most(numel)) + system.default_threads() * budget.CHUNK
                     host += gathered * 12 * len(t.sources)
             worst = max(worst, host)
         return worst + self.peak_pinned_memory

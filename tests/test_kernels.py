@@ -19,8 +19,9 @@ from numba import njit
 
 import merger
 import merger.stream
-from merger import kernels
+from merger import budget, kernels
 from merger.cli import cli
+from merger.errors import NaNTaskVector
 from merger.methods.task_vectors import TiesModelParams, TiesParams, keep_count, ties, ties_fused
 
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -171,6 +172,70 @@ def test_a_band_that_misses_is_widened_and_the_answer_stays_exact(monkeypatch, s
     assert calls.count(1) == 2 and calls.count(4) == 2  # each model needed a second pass
     for x, k, r in zip(xs, ks, got):
         assert r == oracle_top_k((x.float() - base.float()).abs(), k)
+
+
+def count_every_band(monkeypatch) -> list:
+    """Make every band too large to gather, so that every threshold is narrowed by counting; the calls to
+    kernels._count_select are recorded in the list returned."""
+    calls = []
+    real = kernels._count_select
+
+    def spy(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(budget, "GATHER_FLOOR", 0)
+    monkeypatch.setattr(budget, "GATHER_SHARE", 1 << 62)
+    monkeypatch.setattr(kernels, "_count_select", spy)
+    return calls
+
+
+@pytest.mark.parametrize("n", [1000, 200_001])  # gathered whole, and through a sampled band
+@pytest.mark.parametrize("values", ["continuous", "coarse"])
+def test_a_band_too_large_to_gather_is_counted_to_the_same_answer(monkeypatch, n, values):
+    """Thresholds found by radix histograms and a tie count instead of a gather: the sort's answer for every
+    rank, including the largest, the smallest, and cutoffs inside a range of the runner."""
+    calls = count_every_band(monkeypatch)
+    g = torch.Generator().manual_seed(n)
+    if values == "continuous":
+        base, xs = case(n, torch.float32, models=3, seed=n)
+    else:
+        base = (torch.randn(n, generator=g) * 4).round().bfloat16()
+        xs = [(base.float() + (torch.randn(n, generator=g) * 2).round()).bfloat16() for _ in range(3)]
+    mags = [(x.float() - base.float()).abs() for x in xs]
+    for ks in ([1, n // 2, n - 1], [keep_count(n, 0.3), 7, 2]):
+        got = kernels.top_k_abs_deltas([as_array(x) for x in xs], as_array(base), ks, runner(4099, 2))
+        assert got == [oracle_top_k(m, k) for m, k in zip(mags, ks)]
+    assert sorted(set(calls)) == [0, 1, 2]
+    xs[2][[5, n - 3]] = float("nan")
+    with pytest.raises(NaNTaskVector) as e:
+        kernels.top_k_abs_deltas([as_array(x) for x in xs], as_array(base), [1, 2, 3], runner(4099, 2))
+    assert (e.value.model, e.value.count) == (2, 2)
+
+
+def test_a_band_of_ties_is_counted_in_little_memory():
+    """Task vectors of three values, two thirds of them tied at the threshold: the band holds most of the
+    tensor. Gathering it would hold 12 bytes an entry; counting holds at most budget.gathered_most(n) and
+    the parts in flight, and gives the sort's answer."""
+    import tracemalloc
+
+    n = 6_000_000
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(-100, 100, (n,), generator=g).float() / 2
+    xs = [base + torch.randint(-1, 2, (n,), generator=g).float() / 2 for _ in range(2)]
+    ks = [n // 2, n // 3]
+    want = [oracle_top_k((x - base).abs(), k) for x, k in zip(xs, ks)]
+    arrays, b = [as_array(x) for x in xs], as_array(base)
+    kernels.top_k_abs_deltas(arrays, b, ks, runner(budget.CHUNK, 2))  # numba's compiling is not the pass's memory
+    tracemalloc.start()
+    try:
+        got = kernels.top_k_abs_deltas(arrays, b, ks, runner(budget.CHUNK, 2))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == want
+    tied = sum(int(((x - base).abs() == w[0]).sum()) for x, w in zip(xs, want))  # what a gather would hold
+    assert tied > n and peak < 12 * len(xs) * (budget.gathered_most(n) + 4 * budget.CHUNK) < 12 * tied, peak
 
 
 def test_density_one_keeps_everything_and_needs_no_pass():
@@ -326,7 +391,6 @@ def test_nan_in_a_task_vector_is_refused_by_both_paths_and_inf_is_ranked(n):
     """A NaN magnitude has no rank, so a trim cannot place it: both paths name the model and count
     its NaN entries (a NaN in the base spoils every model's). Infinities rank above everything, the
     same way on both paths."""
-    from merger.errors import NaNTaskVector
 
     base, xs = case(n, torch.bfloat16, models=3, seed=13)
     models = [TiesModelParams(density=0.3), TiesModelParams(density=0.5), TiesModelParams(density=1.0)]

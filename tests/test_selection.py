@@ -589,6 +589,18 @@ def test_fused_arcee_fusion_of_a_sampled_tensor(monkeypatch, shape, miss):
     assert widened.count(1) == 3 and widened.count(4) == (0 if miss is None else 3)
 
 
+@pytest.mark.parametrize("shape", [(33, 31), (300, 257)])  # gathered whole, and through sampled bands
+def test_fused_arcee_fusion_counts_quartile_bands_too_large_to_gather(monkeypatch, shape):
+    from test_kernels import count_every_band
+
+    calls = count_every_band(monkeypatch)
+    m = get_method("arcee_fusion")
+    base, xs = _fusion_inputs(shape, torch.bfloat16, seed=12)
+    context = TensorContext("t", shape=shape)
+    want = _torch_path(m, xs, base, m.params(), context, chunk=1 << 18)
+    assert _same_bytes(_fused_path(m, xs, base, m.params(), context, 1000, 777), want) and calls
+
+
 def test_fused_arcee_fusion_counts_nan_importances_of_either_sign_in_its_histogram():
     """An importance of inf * 0 (x -inf where the base is -1e30, the rows' softmaxes equal: KL 0) is a NaN with
     its sign set: the sample's histogram counts it in its NaN bins, not past its end, and both paths refuse the

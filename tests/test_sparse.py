@@ -504,6 +504,18 @@ def test_fused_path_on_ranges_off_the_kernels_blocks(method, ranges, piece):
     assert same_bytes(got, want)
 
 
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties", "sce"])
+@pytest.mark.parametrize("shape", [(61, 53), (70_001,)])  # gathered whole, and through a sampled band
+def test_thresholds_of_bands_too_large_to_gather_are_counted_to_the_same_bytes(monkeypatch, method, shape):
+    from test_kernels import count_every_band
+
+    calls = count_every_band(monkeypatch)
+    for dtype in (torch.float32, torch.bfloat16):  # bfloat16's task vectors are a few ulps: ties at every threshold
+        got, want = fused_and_torch(method, shape, dtype, 6)
+        assert same_bytes(got, want) and calls
+        calls.clear()
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "breadcrumbs", "della", "sce"])
 def test_fused_path_on_wide_exponents_ties_and_infinities(method):
     """Task vectors whose magnitudes span many binades (the exact sums' slow path), coarse values (ties at
