@@ -57,7 +57,7 @@ from merger.vocab import (
 )
 
 OUTPUT = "output"  # the role of a staged tensor's output among its pinned blocks (Plan.staging_blocks)
-FLAGS = 16  # bytes of the finiteness counts CudaStages copies back per slot (two int64)
+FLAGS = 32  # bytes of the finiteness counts CudaStages copies back per slot (four int64: stream._finiteness)
 
 
 def _slots(blocks: dict[int | str, int]) -> int:
@@ -400,8 +400,17 @@ class Plan:
                 if self.spec.method.prepare is not None:  # the trim's gathered band, and a band pass per thread
                     gathered = min(numel, budget.gathered_most(numel)) + system.default_threads() * budget.CHUNK
                     host += gathered * 12 * len(t.sources)
+                if t.merged and not self.fusable(t):  # the torch path: what its functions hold of the whole tensor
+                    host += self._held_whole(t, csize)
             worst = max(worst, host)
         return worst + self.peak_pinned_memory
+
+    def _held_whole(self, t: OutTensor, csize: int) -> int:
+        """Bytes the method's torch functions hold of t as a whole however small their chunks (Method.gpu)."""
+        footprint, models = self.spec.method.gpu, len(t.sources)
+        words = footprint.held_whole + (footprint.prepare_whole if self.spec.method.prepare is not None else 0)
+        per_entry = words * csize + footprint.held_whole_masks_per_model * models
+        return per_entry * t.numel + footprint.fixed_per_model * models
 
     @property
     def peak_gpu_memory(self) -> int:

@@ -373,19 +373,20 @@ class Merger:
         return self.reader.files.open(source.info.file)
 
     def check_finite(self, t: OutTensor, start: int, out: np.ndarray) -> None:
-        """Merged values that are not finite (`out`: t's flat entries from `start`) stop the merge where
-        every input is finite there: the parameters took them past the output dtype's range. Where an
-        input holds inf or NaN itself, the output may too (a mask buffer of -inf, say), its NaNs made
-        canonical (canonical_nan)."""
+        """Merged values that are not finite (`out`: t's flat entries from `start`) stop the merge at an entry
+        where every input is finite (not_finite_error). Where an input holds inf or NaN itself, the output
+        may too (a mask buffer of -inf, say), its NaNs made canonical (canonical_nan)."""
         bad = sum(self._run(lambda s, e: count_nonfinite(out[s:e], t.dtype), out.size))
         if not bad:
             return
         views, codes = self.live[t.name]
+        unexplained = nonfinite(out, t.dtype)
         for key, v in views.items():
-            if count_nonfinite(v.reshape(-1)[start : start + out.size], codes[key]):
-                canonical_nan(out, t.dtype)
-                return
-        raise overflow_error(t, bad, self.plan.compute_dtype)
+            unexplained &= ~nonfinite(v.reshape(-1)[start : start + out.size], codes[key])
+        count = int(np.count_nonzero(unexplained))
+        if count:
+            raise not_finite_error(self.plan, t, count, (start, out.size), first_nonfinite(t, views, codes))
+        canonical_nan(out, t.dtype)
 
     def start(self, t: OutTensor, gpu: PieceCopies | None = None, piece: int = 0) -> MergeRange:
         """Begin merging t on the CPU, or on the GPU `piece` entries at a time through `gpu`'s copies
@@ -664,14 +665,11 @@ class CudaStages:
         for g in on_gpu.values():
             g.record_stream(stream)  # allocated on the copy stream, freed after this stream's use
         merged = self.merger.gpu_merge(t, on_gpu).reshape(t.shape)
-        # (inf or NaN merged, any input holding some): checked by the writer once the copies have landed
-        bad_in = torch.stack([(~torch.isfinite(g)).any() for g in on_gpu.values()]).any()
-        counts = torch.stack([(~torch.isfinite(merged)).sum(), bad_in.long()])
         out = self.pinned_out.get(slot, t.nbytes, merged.dtype, t.shape)
-        flags = self.pinned_out.get(("flags", slot), FLAGS, torch.int64, (2,))
-        ready = self.copy_back([(out, merged), (flags, counts)])
+        flags = self.pinned_out.get(("flags", slot), FLAGS, torch.int64, (4,))
+        ready = self.copy_back([(out, merged), (flags, _finiteness(torch, merged, list(on_gpu.values())))])
         host = out.reshape(-1).view(torch.uint8).numpy().view(DTYPES[t.dtype][2]).reshape(t.shape)
-        return host, _Landed(ready, flags, t, host, self.merger.plan.compute_dtype)
+        return host, _Landed(ready, flags, t, host, self.merger.plan)
 
     def copy_back(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> object:
         """Queue on the back stream, after the work queued so far on the current stream, the copies of
@@ -690,19 +688,34 @@ class CudaStages:
         return landed
 
 
+def _finiteness(torch, merged, inputs: list) -> object:
+    """On the GPU, as Merger.check_finite counts on the CPU: (entries of `merged` that are inf or NaN, those of
+    them where every input is finite, 1 + the role of the first input holding inf or NaN or 0, its count)."""
+    bad = ~torch.isfinite(merged.reshape(-1))
+    counts = [bad.sum()]
+    role = found = torch.zeros((), dtype=torch.int64, device=merged.device)
+    for i in reversed(range(len(inputs))):  # the first input's count last, to win
+        finite = torch.isfinite(inputs[i].reshape(-1))
+        bad &= finite
+        n = finite.logical_not_().sum()
+        role, found = torch.where(n > 0, i + 1, role), torch.where(n > 0, n, found)
+    return torch.stack([*counts, bad.sum(), role, found])
+
+
 class _Landed:
     """What the writer waits for before writing a tensor merged whole on the GPU: the copy back (an
-    event), then the tensor's finiteness flags (see CudaStages.merge), as Merger.check_finite does on
-    the CPU, NaNs in `host` (the landed bytes) made canonical as there."""
+    event), then the tensor's finiteness flags (_finiteness), as Merger.check_finite does on the CPU, NaNs in
+    `host` (the landed bytes) made canonical as there."""
 
-    def __init__(self, event, flags, t: OutTensor, host: np.ndarray, compute: str):
-        self.event, self.flags, self.t, self.host, self.compute = event, flags, t, host, compute
+    def __init__(self, event, flags, t: OutTensor, host: np.ndarray, plan: Plan):
+        self.event, self.flags, self.t, self.host, self.plan = event, flags, t, host, plan
 
     def synchronize(self) -> None:
         self.event.synchronize()
-        bad, inputs_bad = (int(x) for x in self.flags)
-        if bad and not inputs_bad:
-            raise overflow_error(self.t, bad, self.compute)
+        bad, unexplained, role, found = (int(x) for x in self.flags)
+        if unexplained:
+            spreading = (self.t.distinct[role - 1], found) if role else None
+            raise not_finite_error(self.plan, self.t, unexplained, (0, self.t.numel), spreading)
         if bad:
             canonical_nan(self.host, self.t.dtype)
 
@@ -852,6 +865,12 @@ def canonical_nan(a: np.ndarray, code: str) -> None:
     bits[nan] = uint(canonical)
 
 
+def nonfinite(a: np.ndarray, code: str) -> np.ndarray:
+    """Which entries of `a` (a float tensor in sources.DTYPES' form for `code`) are inf or NaN: flat bools."""
+    uint, mask = NONFINITE_BITS[code]
+    return (a.reshape(-1).view(uint) & uint(mask)) == uint(mask)
+
+
 def count_nonfinite(a: np.ndarray, code: str) -> int:
     """How many entries of `a` (a float tensor in sources.DTYPES' form for `code`) are inf or NaN."""
     uint, mask = NONFINITE_BITS[code]
@@ -880,10 +899,40 @@ def _copying(view: np.ndarray) -> MergeRange:
     return lambda start, end, out: np.copyto(out, flat[start:end])
 
 
-def overflow_error(t: OutTensor, count: int, compute: str) -> MergeError:
+def first_nonfinite(t: OutTensor, views: dict[Key, np.ndarray], codes: dict[Key, str]) -> tuple[Source, int] | None:
+    """The first of t's inputs (in t.distinct's order) that holds inf or NaN, and how many entries; None if none."""
+    for s in t.distinct:
+        found = count_nonfinite(views[s.key], codes[s.key])
+        if found:
+            return s, found
+    return None
+
+
+def not_finite_error(
+    plan: Plan, t: OutTensor, count: int, piece: tuple[int, int], spreading: tuple[Source, int] | None
+) -> MergeError:
+    """The merge gave inf or NaN at `count` entries of `piece` (start, size) where every input is finite. An input
+    holding inf or NaN elsewhere in the tensor (`spreading`: first_nonfinite's) spread it there through what the
+    method takes over the whole tensor (a norm, a dot product, a sum); else the values overflowed."""
+    if spreading is not None:
+        source, found = spreading
+        entries, verb = counted(found)
+        return MergeError(
+            f"tensor '{t.name}': {entries} of '{source.model.ref}' {verb} inf or NaN, and {plan.spec.method.name} "
+            f"spreads {'it' if found == 1 else 'them'} over the tensor through what it takes of all its entries (a "
+            "norm, a dot product or a sum): the merge gives inf or NaN where every input is finite. Is that "
+            "checkpoint diverged?"
+        )
+    start, size = piece
+    where = f" (of its entries {start} to {start + size - 1})" if size < t.numel else ""
+    return overflow_error(t, count, plan.compute_dtype, where)
+
+
+def overflow_error(t: OutTensor, count: int, compute: str, where: str = "") -> MergeError:
     """The merge gave inf or NaN where every input is finite: what takes values past the range, and what
-    helps. A wider output dtype helps only past float16's (or float8's) range; inputs near float32's own
-    overflow a float32 computation (x - base), which float64 (compute_dtype) does not."""
+    helps (`where`: which of t's entries were checked, if not all). A wider output dtype helps only past
+    float16's (or float8's) range; inputs near float32's own overflow a float32 computation (x - base), which
+    float64 (compute_dtype) does not."""
     dtype, largest = DTYPES[t.dtype][0], LARGEST[t.dtype]
     what = f"the weights or scales take them past {dtype}'s range (about {largest:.3g})"
     if largest < LARGEST["BF16"]:
@@ -894,7 +943,7 @@ def overflow_error(t: OutTensor, count: int, compute: str) -> MergeError:
         why = f"{what}; lower them"
     values, verb = counted(count, "value", "values")
     return MergeError(
-        f"tensor '{t.name}': the merge gives {values} that {verb} inf or NaN in {dtype} although every "
+        f"tensor '{t.name}': the merge gives {values}{where} that {verb} inf or NaN in {dtype} although every "
         f"input is finite there: {why}"
     )
 

@@ -408,7 +408,7 @@ def test_pinned_memory_is_what_the_plan_says(tmp_path, cuda_on_cpu):
     (tmp_path / "out").mkdir()
     write_shards(plan, tmp_path / "out")
     assert cuda_on_cpu.held == plan.peak_pinned_memory == plan.pinned_bytes(largest)
-    blocks = 3 * 65536 + 65536 + 16  # three inputs and the output of e (60000 bytes each), the flags
+    blocks = 3 * 65536 + 65536 + merger.plan.FLAGS  # three inputs and the output of e (60000 bytes each), the flags
     assert plan.pinned_bytes(largest) == 2 * blocks
 
 

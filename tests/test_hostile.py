@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from conftest import GOOD, KILL_IN, hooked, load_output, run_bad, write_checkpoint
 from fakehub import FakeHub
 
+import merger.budget
 from merger.cli import cli
 
 SECRET = "hf_secret_token_that_must_never_be_copied"
@@ -450,6 +451,77 @@ def test_non_finite_inputs_may_give_non_finite_outputs(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["apply", "r.yaml", "-o", "out", "-q"])
     assert result.exit_code == 0, result.output
     assert load_output(Path("out"))["mask"].tolist() == [0.0, float("-inf")]
+
+
+def test_an_inf_or_nan_that_the_method_spreads_over_the_tensor_is_named(tmp_path, monkeypatch):
+    """One NaN in a model: slerp's and Model Stock's norms and dot products take it in, and every entry of the
+    output is NaN. Each output entry is checked against its own inputs, so the piece holding the NaN does not
+    pass for an input's NaN: the error names the model that holds it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(merger.budget, "PIECE", 64)  # the NaN in the first of several pieces
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, 32, generator=g), "v": torch.ones(8)}
+    write_checkpoint(Path("base"), base)
+    for name in ("a", "b"):
+        write_checkpoint(Path(name), {"w": base["w"] + 0.1 * torch.randn(16, 32, generator=g), "v": torch.ones(8)})
+    tensors = load_output(Path("b"))
+    tensors["w"][0, 5] = float("nan")
+    write_checkpoint(Path("b"), tensors)
+    spread = (
+        "error: tensor 'w': 1 entry of 'b' is inf or NaN, and {} spreads it over the tensor through what it takes "
+        "of all its entries (a norm, a dot product or a sum): the merge gives inf or NaN where every input is "
+        "finite. Is that checkpoint diverged?\n"
+    )
+    assert run_bad("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.5}\n"
+                   "output: {path: out}\n") == spread.format("slerp")  # fmt: skip
+    stock = "merge_method: model_stock\nbase_model: base\nmodels: [{model: a}, {model: b}]\noutput: {path: out}\n"
+    assert run_bad(stock) == spread.format("model_stock")
+
+
+@pytest.mark.parametrize("method", ["della", "dare_ties", "dare_linear", "breadcrumbs", "sce"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_task_vector_with_inf_or_nan_is_refused_where_its_sums_scale_every_entry(
+    tmp_path, monkeypatch, method, value
+):
+    """DARE's and DELLA's rescale divides by each task vector's L1 norm, and SCE weighs each by its sum of
+    squares: one inf or NaN makes that whole task vector inf or NaN (where signs are elected, none of its entries
+    then agrees, and the output was silently the base). Refused, naming the model; with rescale: false the NaN
+    stays at its own entry, and the merge goes on."""
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(16, 32, generator=g), "v": torch.ones(8)}
+    write_checkpoint(Path("base"), base)
+    for name in ("a", "b"):
+        tensors = {"w": base["w"] + 0.1 * torch.randn(16, 32, generator=g), "v": torch.ones(8)}
+        if name == "b":
+            tensors["w"][3, 7] = value
+        write_checkpoint(Path(name), tensors)
+    per_model = "{weight: 0.5}" if method == "sce" else "{weight: 0.5, density: 0.5}"
+    extra = "rescale: true" if method == "breadcrumbs" else ""
+    recipe = (
+        f"merge_method: {method}\nbase_model: base\nmodels: [{{model: a, parameters: {per_model}}}, "
+        f"{{model: b, parameters: {per_model}}}]\nparameters: {{{extra}}}\nrandom_seed: 3\noutput: {{path: out}}\n"
+    )
+    what = (
+        "SCE's weights, from the sums of the kept entries' squares, need"
+        if method == "sce"
+        else "rescaling the kept entries to the task vector's L1 norm (rescale: true) needs"
+    )
+    why = (
+        "NaN (a NaN or an infinity in that model or in the base); breadcrumbs cannot rank NaN magnitudes"
+        if method == "breadcrumbs" and value != value  # its trim ranks the magnitudes first
+        else f"NaN or infinite (a NaN or an infinity in that model or in the base): {what} every entry finite"
+    )
+    assert run_bad(recipe) == (
+        f"error: tensor 'w': 1 entry of the task vector of 'b' is {why}. Is one of those checkpoints diverged?\n"
+    )
+    if method == "sce" or "cannot rank" in why:
+        return
+    Path("recipe.yaml").write_text(recipe.replace("parameters: {" + extra + "}", "parameters: {rescale: false}"))
+    result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"])
+    assert result.exit_code == 0, result.output
+    merged = load_output(Path("out"))["w"]
+    assert not merged.isfinite().reshape(-1)[torch.arange(512) != 3 * 32 + 7].logical_not().any()
 
 
 def test_a_full_disk_names_the_output_and_keeps_what_is_done(workdir, monkeypatch):

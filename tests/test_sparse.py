@@ -461,6 +461,37 @@ def test_fused_path_options(method, per_model, params):
     assert same_bytes(got, want)
 
 
+def test_the_plan_counts_what_dellas_torch_path_holds_of_the_whole_tensor(tmp_path):
+    """Where a tensor goes through torch (a fine-tune stored in float32 beside bfloat16 ones), DELLA's prepare
+    holds a model's magnitudes of the whole tensor (its fibers span chunks) and every model's keep mask until
+    the merge: `merger plan`'s peak memory counts them, where the fused kernels' plan does not need them."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+
+    rows, cols = 2048, 1024
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(rows, cols, generator=g)
+    write_checkpoint(tmp_path / "base", {"w": base.bfloat16()})
+    for i, dtype in enumerate((torch.float32, torch.bfloat16)):
+        write_checkpoint(tmp_path / f"ft{i}", {"w": (base + 0.01 * torch.randn(rows, cols, generator=g)).to(dtype)})
+    write_checkpoint(tmp_path / "same", {"w": base.bfloat16()})  # ft0 as bfloat16: the fused plan's twin
+
+    def peak(first: str) -> tuple[int, bool]:
+        recipe = (
+            f"merge_method: della\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+            f"  - {{model: {tmp_path / first}, parameters: {{weight: 0.5, density: 0.5}}}}\n"
+            f"  - {{model: {tmp_path / 'ft1'}, parameters: {{weight: 0.5, density: 0.5}}}}\n"
+        )
+        plan = build_plan(parse_recipe(recipe), device="cpu")
+        return plan.peak_memory, plan.fusable(plan.tensors[0])
+
+    (mixed, fused_mixed), (same, fused_same) = peak("ft0"), peak("same")
+    numel = rows * cols
+    assert fused_same and not fused_mixed
+    # ft0's float32 bytes, then float32 magnitudes and a byte a model: more than the fused plan by at least that
+    assert mixed - same >= numel * 2 + numel * (4 + 2)
+
+
 def test_sce_counts_nan_variances_of_either_sign_in_its_histogram():
     """A task vector holding inf makes that entry's variance inf - inf: a NaN with its sign set. The sample's
     histogram counts it in its NaN bins, not past its end, and the fused and torch paths refuse the tensor
@@ -845,7 +876,7 @@ def test_exact_totals_add_every_parts_bins_with_their_carries():
                 part[idx][p, 1] = int(rng.integers(0, 1 << 20))
         parts.append(part)
     parts[17][1, 0, inf_bin, 0] = 1  # one inf among [1, 0]'s entries
-    got = sparse_kernels.exact_totals(parts, sparse_kernels.ABS_UNIT)
+    got, nonfinite = sparse_kernels.exact_totals(parts, sparse_kernels.ABS_UNIT)
     expected = []
     for idx in np.ndindex(2, 2):
         if any(part[idx][inf_bin, 0] for part in parts):
@@ -855,7 +886,7 @@ def test_exact_totals_add_every_parts_bins_with_their_carries():
             ((int(part[idx][p, 1]) << 62) + int(part[idx][p, 0])) << p for part in parts for p in range(inf_bin)
         )
         expected.append(total / (1 << sparse_kernels.ABS_UNIT))
-    assert got == expected and got[2] == float("inf")
+    assert got == expected and got[2] == float("inf") and nonfinite == [0, 0, 1, 0]
 
 
 @pytest.mark.parametrize("masked", [False, True])

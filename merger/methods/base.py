@@ -173,7 +173,9 @@ class GpuFootprint:
     the tensor's size (TIES: a pass's radix histogram), and between its passes `settle_per_model` bytes
     per model beside the task vectors alone (TIES: picking a digit from the histogram takes three).
     Plan.gpu_bytes adds the engine's own buffers; the tests (tests/test_gpu_memory.py) hold each
-    built-in method's figures to what its functions hold."""
+    built-in method's figures to what its functions hold. On the CPU the same functions run on chunks (the
+    torch path, where there are no fused kernels), and Plan.peak_memory counts what they hold of the whole
+    tensor whatever the chunk: held_whole, prepare_whole, held_whole_masks_per_model and fixed_per_model."""
 
     words: int
     per_model: int = 0
@@ -186,6 +188,7 @@ class GpuFootprint:
     # pieces (methods that gather whole matrices: the SVDs of tsv, iso_c): in pieces, a fixed cost
     held_whole: int = 0
     held_whole_masks_per_model: int = 0  # bytes per entry of the whole tensor per model, so held (DELLA's keep masks)
+    prepare_whole: int = 0  # words per entry of the whole tensor prepare alone holds so (DELLA: a model's magnitudes)
 
     def bytes_per_entry(self, models: int, itemsize: int) -> int:
         """fn's bytes per entry of the tensor."""

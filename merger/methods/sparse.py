@@ -151,9 +151,10 @@ class _ExactSums:
             h[0].index_add_(0, exp, (bits & ((1 << 23) - 1)).to(torch.int64))
         h[-1].index_add_(0, exp, self.one.expand(flat.numel()))
 
-    def results(self) -> list[float]:
+    def results(self) -> tuple[list[float], list[int]]:
+        """The sums (inf where a value was inf or NaN), and how many values were inf or NaN, per vector."""
         if self.hist is None:
-            return [0.0] * self.n
+            return [0.0] * self.n, [0] * self.n
         hist = self.hist.cpu().tolist()  # the one synchronisation
         out = []
         for h in hist:
@@ -170,7 +171,7 @@ class _ExactSums:
                 (f + (c << lead)) << (e - 1) for e, (f, c) in enumerate(zip(fracs, counts)) if e and c
             )
             out.append(total / (1 << unit))  # int / int: correctly rounded, however large
-        return out
+        return out, [h[-1][2047 if self.wide else 255] for h in hist]
 
 
 # A set of the k largest entries of a vector (task_vectors.kth_largest): those above the threshold and the
@@ -355,8 +356,21 @@ def _variance_top(task_vectors, numel: int, params: Params) -> Top:
     return _tops(lambda: ([_variance(c)] for c in task_vectors()), [k], numel)[0]
 
 
-def _sce_weights(sums: Sequence[float], numel: int, n: int) -> list[float]:
-    """SCE: each model's share of the kept task vectors' mean squares (uniform if they sum below SCE_EPS)."""
+# A value in the sums that is inf or NaN makes a whole-tensor statistic inf or NaN, and with it every entry of the
+# output (or, where signs are elected, none of the task vector's entries agree: the base, silently). Refused, where
+# mergekit would write the NaNs.
+_NO_SUM = "NaN or infinite (a NaN or an infinity in that model or in the base): {what} every entry finite"
+
+
+def _sce_weights(totals: tuple[list[float], list[int]], numel: int, n: int) -> list[float]:
+    """SCE: each model's share of the kept task vectors' mean squares (uniform if they sum below SCE_EPS), from
+    the exact sums of their squares and their counts of inf or NaN values (refused: NaNTaskVector)."""
+    sums, nonfinite = totals
+    for i, count in enumerate(nonfinite):
+        if count:
+            raise NaNTaskVector(
+                i, count, _NO_SUM.format(what="SCE's weights, from the sums of the kept entries' squares, need")
+            )
     means = [s / numel for s in sums] if numel else [0.0] * n
     total = sum(means)
     return [1 / n] * n if abs(total) < SCE_EPS else [s / total for s in means]
@@ -383,12 +397,17 @@ def _rescaled(models: Sequence[Params], params: Params, kept: Sequence[bool | No
     return [i for i in range(len(models)) if getattr(params, "rescale", False) and kept[i] is None]
 
 
-def _scales(models: Sequence[Params], rescaled: Sequence[int], totals: Sequence[float]) -> list[float]:
-    """Each model's weight, times its L1 norm before the drop over that after it (totals: 2 i before, 2 i + 1
-    after), unless either is below RESCALE_EPS."""
+def _scales(models: Sequence[Params], rescaled: Sequence[int], totals: tuple[list[float], list[int]]) -> list[float]:
+    """Each model's weight, times its L1 norm before the drop over that after it (totals: the exact sums, 2 i
+    before and 2 i + 1 after, and their counts of inf or NaN values), unless either is below RESCALE_EPS. A
+    rescaled task vector holding inf or NaN: NaNTaskVector."""
+    sums, nonfinite = totals
     scales = [m.weight for m in models]
     for i in rescaled:
-        before, after = totals[2 * i], totals[2 * i + 1]
+        if nonfinite[2 * i]:
+            what = "rescaling the kept entries to the task vector's L1 norm (rescale: true) needs"
+            raise NaNTaskVector(i, nonfinite[2 * i], _NO_SUM.format(what=what))
+        before, after = sums[2 * i], sums[2 * i + 1]
         if before >= RESCALE_EPS and after >= RESCALE_EPS:
             scales[i] *= before / after
     return scales
@@ -397,7 +416,7 @@ def _scales(models: Sequence[Params], rescaled: Sequence[int], totals: Sequence[
 def _rescale_state(task_vectors, models, params, state: SparseState, family: Family, seed: int) -> SparseState:
     n = len(models)
     rescaled = _rescaled(models, params, state.kept)
-    totals = [0.0] * (2 * n)
+    totals = [0.0] * (2 * n), [0] * (2 * n)
     if rescaled:
         sums = _ExactSums(2 * n)
         offset = 0
@@ -647,14 +666,14 @@ def _fused_outlier_tops(xs, base, ks: list[int], run) -> tuple:
     return flags.astype(np.int64), thresholds.astype(np.float32), cutoffs.astype(np.int64)
 
 
-def _fused_rescale_sums(xs, base, rescaled: list[int], k: _KernelState, run) -> list[float]:
+def _fused_rescale_sums(xs, base, rescaled: list[int], k: _KernelState, run) -> tuple[list[float], list[int]]:
     import numpy as np
 
     from merger.methods import sparse_kernels as sk
 
     n = len(xs)
     if not rescaled or not base.size:
-        return [0.0] * (2 * n)
+        return [0.0] * (2 * n), [0] * (2 * n)
     todo = np.zeros(n, np.bool_)
     todo[rescaled] = True
     # DARE's draws cost more than the bits that keep them: drawn once here, read back by the merge
@@ -688,7 +707,7 @@ def _fused_magprune(xs, base, models, shape, k: _KernelState, run):
     todo = k.kinds == sk.BY_ENTRY
     masks = np.zeros((n, (numel + 7) // 8), np.uint8) if todo.any() else np.zeros((1, 1), np.uint8)  # bits
     if not todo.any() or not numel:
-        return masks, [0.0] * (2 * n)
+        return masks, ([0.0] * (2 * n), [0] * (2 * n))
     thresholds = np.zeros((n, length), np.uint64)
     positions = np.arange(length, dtype=np.float64)
     for i, m in enumerate(models):
@@ -723,7 +742,7 @@ def _fused_variance_top(xs, base, params, run) -> tuple:
     return flag, np.float32(threshold), cutoff
 
 
-def _fused_square_sums(xs, base, k: _KernelState, run) -> list[float]:
+def _fused_square_sums(xs, base, k: _KernelState, run) -> tuple[list[float], list[int]]:
     import numpy as np
 
     from merger.methods import sparse_kernels as sk
@@ -805,6 +824,7 @@ _OUTLIERS = GpuFootprint(
 _MAGPRUNE = GpuFootprint(
     words=3, per_model=2, masks=1, prepare_words=2, prepare_masks=1, fixed_per_model=40 * DELLA_BLOCK + 2 * _SUMS,
     held_whole_masks_per_model=1,  # the keep masks prepare leaves for fn: the whole tensor's, however small the pieces
+    prepare_whole=1,  # the magnitudes of the model it ranks, whole: a fiber may span chunks (counted on the CPU)
 )  # fmt: skip
 _VARIANCE = GpuFootprint(
     words=7,

@@ -215,9 +215,9 @@ def _square_sum(mb, kp, m, bins):  # pragma: no cover - compiled
         _add(bins, U(2 * (emin - 1) + 24), t_hi)
 
 
-def exact_totals(parts: Sequence[np.ndarray], unit: int) -> list[float]:
+def exact_totals(parts: Sequence[np.ndarray], unit: int) -> tuple[list[float], list[int]]:
     """The sums the bins of every part hold (parts: arrays (..., BINS, 2)), each rounded once to a float as
-    _ExactSums rounds it: inf where an entry was inf or NaN."""
+    _ExactSums rounds it (inf where an entry was inf or NaN), and how many entries were inf or NaN."""
     lead = parts[0].shape[:-2]
     folded = np.zeros((math.prod(lead), BINS, 2), np.uint64)
     _fold(np.stack(parts).reshape(len(parts), *folded.shape), folded)  # the parts' sums in one, in numba
@@ -230,7 +230,7 @@ def exact_totals(parts: Sequence[np.ndarray], unit: int) -> list[float]:
         for p in np.flatnonzero(bins[:INF_BIN].any(axis=1)):
             total += ((int(bins[p, 1]) << 62) + int(bins[p, 0])) << int(p)
         out.append(total / (1 << unit))
-    return out
+    return out, [int(c) for c in folded[:, INF_BIN, 0]]
 
 
 @kernel
