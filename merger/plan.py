@@ -397,9 +397,10 @@ class Plan:
                 numel = t.numel
                 host = raw + depth * min(numel, budget.PIECE) * DTYPES[t.dtype][1]
                 host += min(numel, budget.CHUNK) * csize * (len(t.readers) + 8)
-                if self.spec.method.prepare is not None:  # the trim's gathered band, and a band pass per thread
+                if self.spec.method.prepare is not None:  # each gathered band, and a band pass per thread
+                    per_model, per_tensor = self.spec.method.bands
                     gathered = min(numel, budget.gathered_most(numel)) + system.default_threads() * budget.CHUNK
-                    host += gathered * 12 * len(t.sources)
+                    host += gathered * 12 * (per_model * len(t.sources) + per_tensor)
                 if t.merged and not self.fusable(t):  # the torch path: what its functions hold of the whole tensor
                     host += self._held_whole(t, csize)
             worst = max(worst, host)

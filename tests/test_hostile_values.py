@@ -140,6 +140,39 @@ def _agree(method: str, kind: str, device: str) -> None:
                 assert np.array_equal(got, want), (shape, dtype, int((got != want).sum()))
 
 
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_the_plan_counts_every_band_the_fused_kernels_gather(monkeypatch, method):
+    """Plan.peak_memory counts Method.bands' gathered bands (kernels.select_in_bands) for a tensor: the fused
+    kernels never gather more populations at once, on a tensor large enough to be sampled."""
+    from merger import kernels
+
+    m = get_method(method.split(":")[0])
+    _, per_model, wide = CASES[method]
+    xs, base = _inputs(method, "equal", (300, 251), torch.float32, 3)
+    g = torch.Generator().manual_seed(3)
+    xs = [base + 0.01 * torch.randn(base.shape, generator=g) for _ in xs]  # ordinary task vectors
+    gathered = []
+    real = kernels._gather
+
+    def spy(todo, *args):
+        gathered.append(len(todo))
+        return real(todo, *args)
+
+    monkeypatch.setattr(kernels, "_gather", spy)
+    models = [m.model_params(**per_model) for _ in xs]
+    context = TensorContext("t", seed=1, shape=base.shape)
+    b = as_array(base.reshape(-1)) if m.reads_base else None
+    merge = m.fused(
+        [as_array(x.reshape(-1)) for x in xs], b, models, m.params(**wide), runner(4099, 2), context=context
+    )
+    in_pieces(merge, np.empty(base.numel(), np.float32))
+    by_model, by_tensor = m.bands
+    assert max(gathered, default=0) <= by_model * len(xs) + by_tensor
+    assert bool(gathered) == (
+        method.split(":")[0] in {"ties", "breadcrumbs", "breadcrumbs_ties", "sce", "arcee_fusion"}
+    )
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow in float32 casts of inf weights
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", sorted(CASES))

@@ -217,6 +217,9 @@ class Method:
     # Optional per-tensor statistics over whole task vectors (TIES: trim thresholds). Needs a base.
     prepare: Prepare | None = None
     fused: Fused | None = None
+    # The threshold bands prepare's fused kernels gather (merger.kernels.select_in_bands), per model and per
+    # tensor: Plan.peak_memory counts up to budget.gathered_most entries each (TIES: a trim a model).
+    bands: tuple[int, int] = (1, 0)
     # CPU nanoseconds per entry per model merged (the base aside) on one core through the fused kernel,
     # the writer's copy included: what `device: auto` weighs against reading and writing (merger.device).
     # Each built-in method's figure comes from its TinyLlama benchmark (README, Performance).

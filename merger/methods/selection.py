@@ -723,6 +723,7 @@ METHODS: tuple[Method, ...] = (
         check=exactly_one,
         prepare=arcee_fusion_prepare,
         fused=arcee_fusion_fused,
+        bands=(0, 3),  # the importances' quartiles
         cpu_ns=4.2,  # one_thread.py's figure, plus the writer's copy (README, Performance)
         # fn: x - base, the importance, the KL spread over the entries; the mask. prepare: float64 p and p / q
         # (four words of float32) and log_'s six float64 temporaries (twelve); the radix select's buffers.

@@ -797,6 +797,7 @@ def _method(name: str, family: Family, model_params, params, summary: str, paper
         fused=functools.partial(fused, family=family),
         cpu_ns=_CPU_NS[family.drop],
         gpu=gpu,
+        bands=(2, 0) if family.drop == "outliers" else (1, 0),  # Breadcrumbs: the gamma and the density thresholds
     )
 
 
