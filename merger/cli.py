@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import gc
@@ -428,6 +429,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
         "peak_pinned_memory_estimate": p.peak_pinned_memory,
         "gpu_tensors_in_pieces": p.gpu_pieced,
+        "torch_path_tensors": _torch_path(p),  # why not the fused kernels: how many merged tensors, by reason
         "disk": disk_needs(p, todo),
         "resume": None if partial is None else {
             "partial": str(partial.path),
@@ -486,6 +488,15 @@ def _vocabulary_lines(p) -> list[str]:
     return lines
 
 
+def _torch_path(p) -> dict[str, int]:
+    """How many merged tensors the CPU merges through torch instead of the method's fused kernel, by why."""
+    if p.device != "cpu":
+        return {}
+    reasons = collections.Counter(p.not_fused(t) for t in p.tensors if t.merged)
+    reasons.pop(None, None)
+    return dict(reasons)
+
+
 def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     """`merger plan` for a person."""
     ev, hub, disk = p.spec.recipe.evaluation, p.spec.recipe.hub, info["disk"]
@@ -509,6 +520,8 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
     if p.model_wide:  # TIES' global trim: the radix select's passes over the whole model come first
         click.echo(f"                and before merging, {p.spec.method.name} reads the models through a few times")
     click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
+    for why, count in info["torch_path_tensors"].items():
+        click.echo(f"  torch path:   {count} tensor(s), {why}: not the fused kernels, several times slower")
     click.echo(f"  lock:         {_hash_line(info)}")
     gpu = ""
     if p.device == "cuda":

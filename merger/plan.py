@@ -185,11 +185,20 @@ class Plan:
     def fusable(self, t: OutTensor) -> bool:
         """Whether the CPU engine merges t through the method's fused kernel (Merger._fusable, where numba
         loads): float32 compute, one stored dtype among the models, every dtype one it handles."""
-        if self.spec.method.fused is None or self.compute_dtype != "float32":
-            return False
+        return self.spec.method.fused is not None and self.not_fused(t) is None
+
+    def not_fused(self, t: OutTensor) -> str | None:
+        """Why the method's fused kernel does not take t, which goes through torch (several times slower);
+        None where it does, or where the method has none."""
+        if self.spec.method.fused is None:
+            return None
+        if self.compute_dtype != "float32":
+            return f"compute_dtype: {self.compute_dtype}"
         models = {s.info.dtype for s in t.sources}
-        codes = models | {s.info.dtype for s in t.readers} | {t.dtype}
-        return len(models) == 1 and codes <= KERNEL_DTYPES
+        if len(models) > 1:
+            return f"the models store them in different dtypes ({', '.join(sorted(models))})"
+        other = (models | {s.info.dtype for s in t.readers} | {t.dtype}) - KERNEL_DTYPES
+        return f"{', '.join(sorted(other))}, which the kernels do not read or write" if other else None
 
     def verbatim(self, t: OutTensor) -> Source | None:
         """The input whose stored bytes are t's output bytes (Method.verbatim: passthrough at scale 1) where t

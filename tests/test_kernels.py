@@ -4,6 +4,7 @@ dtype, tie pattern and chunking, and an exact threshold whatever the sample says
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -366,6 +367,20 @@ def test_inputs_of_different_dtypes_take_the_eager_path(tmp_path):
     assert result.exit_code == 0, result.output
     want = ties([a.float(), b], base, [TiesModelParams(density=0.5), TiesModelParams()], TiesParams())
     assert torch.equal(load_output(tmp_path / "out")["w"], want)
+    # `merger plan` says so, and why: a user with a float32 fine-tune beside bfloat16 ones sees the cost
+    plan = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out2")])
+    assert plan.exit_code == 0, plan.output
+    assert (
+        "  torch path:   1 tensor(s), the models store them in different dtypes (BF16, F32): not the fused kernels, "
+        "several times slower\n" in plan.output
+    )
+    as_json = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--json"])
+    assert json.loads(as_json.output)["torch_path_tensors"] == {
+        "the models store them in different dtypes (BF16, F32)": 1
+    }
+    (tmp_path / "r.yaml").write_text((tmp_path / "r.yaml").read_text() + "compute_dtype: float64\n")
+    f64 = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--json"])
+    assert json.loads(f64.output)["torch_path_tensors"] == {"compute_dtype: float64": 1}
 
 
 def test_without_the_kernels_the_merge_falls_back_to_torch(tmp_path, monkeypatch, family):
