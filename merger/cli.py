@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import gc
@@ -429,7 +428,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "peak_gpu_memory_estimate": p.peak_gpu_memory,
         "peak_pinned_memory_estimate": p.peak_pinned_memory,
         "gpu_tensors_in_pieces": p.gpu_pieced,
-        "torch_path_tensors": _torch_path(p),  # why not the fused kernels: how many merged tensors, by reason
+        "torch_path_tensors": p.torch_path,  # why not the fused kernels: how many merged tensors, by reason
         "disk": disk_needs(p, todo),
         "resume": None if partial is None else {
             "partial": str(partial.path),
@@ -486,15 +485,6 @@ def _vocabulary_lines(p) -> list[str]:
             shown = value if len(value) < 40 else f"a Jinja template of {len(value)} characters"
         lines.append(f"  chat:         template {shown}")
     return lines
-
-
-def _torch_path(p) -> dict[str, int]:
-    """How many merged tensors the CPU merges through torch instead of the method's fused kernel, by why."""
-    if p.device != "cpu":
-        return {}
-    reasons = collections.Counter(p.not_fused(t) for t in p.tensors if t.merged)
-    reasons.pop(None, None)
-    return dict(reasons)
 
 
 def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:

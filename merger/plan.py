@@ -6,6 +6,7 @@ can be produced on its own.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -186,6 +187,16 @@ class Plan:
         """Whether the CPU engine merges t through the method's fused kernel (Merger._fusable, where numba
         loads): float32 compute, one stored dtype among the models, every dtype one it handles."""
         return self.spec.method.fused is not None and self.not_fused(t) is None
+
+    @property
+    def torch_path(self) -> dict[str, int]:
+        """How many merged tensors the CPU merges through torch instead of the method's fused kernel, by why
+        (not_fused); nothing on CUDA."""
+        if self.device != "cpu":
+            return {}
+        reasons = collections.Counter(self.not_fused(t) for t in self.tensors if t.merged)
+        reasons.pop(None, None)
+        return dict(reasons)
 
     def not_fused(self, t: OutTensor) -> str | None:
         """Why the method's fused kernel does not take t, which goes through torch (several times slower);

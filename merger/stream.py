@@ -873,12 +873,11 @@ def nonfinite(a: np.ndarray, code: str) -> np.ndarray:
 
 def count_nonfinite(a: np.ndarray, code: str) -> int:
     """How many entries of `a` (a float tensor in sources.DTYPES' form for `code`) are inf or NaN."""
-    uint, mask = NONFINITE_BITS[code]
-    bits = a.reshape(-1).view(uint)
     kernels = _kernels()
     if kernels is not None:
-        return int(kernels.count_masked(bits, uint(mask)))
-    return int(np.count_nonzero((bits & uint(mask)) == uint(mask)))
+        uint, mask = NONFINITE_BITS[code]
+        return int(kernels.count_masked(a.reshape(-1).view(uint), uint(mask)))
+    return int(np.count_nonzero(nonfinite(a, code)))
 
 
 LARGEST = {"F64": 1.797e308, "F32": 3.4e38, "F16": 65504.0, "BF16": 3.39e38, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}

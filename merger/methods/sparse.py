@@ -156,7 +156,7 @@ class _ExactSums:
         if self.hist is None:
             return [0.0] * self.n, [0] * self.n
         hist = self.hist.cpu().tolist()  # the one synchronisation
-        out = []
+        out, nonfinite = [], []
         for h in hist:
             if self.wide:  # value = (2**52 [if exp > 0] + fraction) * 2 ** (max(exp, 1) - 1075)
                 fracs = [(hi << 26) + lo for hi, lo in zip(h[0], h[1])]
@@ -164,6 +164,7 @@ class _ExactSums:
             else:  # value = (2**23 [if exp > 0] + fraction) * 2 ** (max(exp, 1) - 150)
                 fracs, lead, top, unit = h[0], 23, 255, 149
             counts = h[-1]
+            nonfinite.append(counts[top])
             if counts[top]:  # inf or NaN
                 out.append(math.inf)
                 continue
@@ -171,7 +172,7 @@ class _ExactSums:
                 (f + (c << lead)) << (e - 1) for e, (f, c) in enumerate(zip(fracs, counts)) if e and c
             )
             out.append(total / (1 << unit))  # int / int: correctly rounded, however large
-        return out, [h[-1][2047 if self.wide else 255] for h in hist]
+        return out, nonfinite
 
 
 # A set of the k largest entries of a vector (task_vectors.kth_largest): those above the threshold and the
