@@ -379,6 +379,14 @@ def _store(a, i, v):
     return None
 
 
+@kernel
+def copy_as(x, start, out):  # pragma: no cover - compiled
+    """out = x's entries from `start`, as float32 would hold them, in out's dtype (passthrough's scale 1; the
+    engine's float32 copies of ingredients stored in different dtypes)."""
+    for i in range(out.size):
+        store(out, U(i), load(x, U(start + i)))
+
+
 RADIX_BINS = 1 << 15  # the top 16 bits of a non-negative float32 (sign clear): the same order as the value
 
 

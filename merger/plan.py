@@ -22,7 +22,7 @@ import numpy as np
 
 from merger import budget, chat, system
 from merger import device as merger_device
-from merger.assemble import Assembler, OutTensor, Source
+from merger.assemble import Assembler, Key, OutTensor, Source
 from merger.errors import ModelError, RecipeError
 from merger.files import SUPPORT_LIMIT
 from merger.hub import Hub
@@ -205,11 +205,34 @@ class Plan:
             return None
         if self.compute_dtype != "float32":
             return f"compute_dtype: {self.compute_dtype}"
-        models = {s.info.dtype for s in t.sources}
-        if len(models) > 1:
-            return f"the models store them in different dtypes ({', '.join(sorted(models))})"
-        other = (models | {s.info.dtype for s in t.readers} | {t.dtype}) - KERNEL_DTYPES
+        other = ({s.info.dtype for s in t.readers} | {t.dtype}) - KERNEL_DTYPES
         return f"{', '.join(sorted(other))}, which the kernels do not read or write" if other else None
+
+    def widened(self, t: OutTensor) -> tuple[Source, ...]:
+        """The ingredients of t that the CPU engine copies to float32 before its fused kernel reads them,
+        each input tensor once: every one not stored in float32 where t's ingredients are stored in
+        different dtypes (a float32 fine-tune beside bfloat16 ones), since the kernels read every ingredient
+        in one dtype; the base may be stored in any. The copies are exact, so the output is the same."""
+        mixed = len({s.info.dtype for s in t.sources}) > 1
+        if self.device != "cpu" or not mixed or not t.merged or not self.fusable(t) or self.verbatim(t) is not None:
+            return ()
+        first: dict[Key, Source] = {}
+        for s in t.sources:
+            if s.info.dtype != "F32":
+                first.setdefault(s.key, s)
+        return tuple(first.values())
+
+    @property
+    def widening_memory(self) -> int:
+        """Bytes of the engine's float32 copies of ingredients (widened), held for the whole run: the i-th
+        copy of each tensor goes into the i-th buffer, grown to the largest tensor that needs it."""
+        sizes: list[int] = []
+        for t in self.tensors:
+            copies = len(self.widened(t))
+            sizes += [0] * (copies - len(sizes))
+            for i in range(copies):
+                sizes[i] = max(sizes[i], 4 * t.numel)
+        return sum(sizes)
 
     def verbatim(self, t: OutTensor) -> Source | None:
         """The input whose stored bytes are t's output bytes (Method.verbatim: passthrough at scale 1) where t
@@ -424,7 +447,7 @@ class Plan:
                 if t.merged and not self.fusable(t):  # the torch path: what its functions hold of the whole tensor
                     host += self._held_whole(t, csize)
             worst = max(worst, host)
-        return worst + self.peak_pinned_memory
+        return worst + self.peak_pinned_memory + self.widening_memory
 
     def _held_whole(self, t: OutTensor, csize: int) -> int:
         """Bytes the method's torch functions hold of t as a whole however small their chunks (Method.gpu)."""

@@ -335,6 +335,7 @@ class Merger:
         self.work = threading.local()  # eager CPU float chunk buffers: .bufs, by slot, per thread
         self.bytes_read = 0
         self.live: dict[str, tuple[dict, dict]] = {}  # tensor name -> its input views and dtypes, until released
+        self.widening = Buffers()  # float32 copies of ingredients stored in different dtypes (Plan.widened)
         self.threads = 1 if self.cuda else max(1, threads or system.default_threads())
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="merger-chunk") if self.threads > 1 else None
         method = plan.spec.method
@@ -403,11 +404,21 @@ class Merger:
             if gpu is not None:
                 return self._eager(t, views, codes, gpu, piece)
             if self._fusable(t):
-                xs, base = self._roles(t, {k: v.reshape(-1) for k, v in views.items()})
+                xs, base = self._roles(t, self._widened(t, {k: v.reshape(-1) for k, v in views.items()}))
                 return self.plan.spec.method.fused(
                     xs, base, t.models, t.params, self._run, context=self.plan.context(t)
                 )
             return self._eager(t, views, codes)
+
+    def _widened(self, t: OutTensor, flat: dict[Key, np.ndarray]) -> dict[Key, np.ndarray]:
+        """flat, with the ingredients Plan.widened names copied to float32 (the fused kernels read every
+        ingredient in one dtype), on the chunk threads, into buffers reused tensor after tensor."""
+        for i, s in enumerate(self.plan.widened(t)):
+            wide = self.widening.get(i, 4 * t.numel, np.float32, (t.numel,))
+            x = flat[s.key]
+            self._run(lambda a, e, x=x, wide=wide: self.kernels.copy_as(x, a, wide[a:e]), t.numel)
+            flat[s.key] = wide
+        return flat
 
     @contextlib.contextmanager
     def _naming(self, t: OutTensor) -> Iterator[None]:

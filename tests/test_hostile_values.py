@@ -77,12 +77,13 @@ def _values(kind: str, n: int, dtype: torch.dtype, rng: np.random.Generator, bas
     return t.to(dtype).float()
 
 
-def _inputs(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: int):
-    """(ingredients, base or None) stored as dtype, as float32 tensors of `shape`."""
+def _inputs(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: int, base_dtype: torch.dtype | None = None):
+    """(ingredients, base or None) stored as dtype (the base as base_dtype, default dtype), as float32 tensors
+    of `shape`."""
     roles = CASES[method][0]
     n = math.prod(shape)
     rng = np.random.default_rng(seed)
-    base = _values(kind, n, dtype, rng, None)
+    base = _values(kind, n, base_dtype or dtype, rng, None)
     fts = [
         _values(kind, n, dtype, rng, base)
         for _ in range({"all": 2, "tasks": 2, "three": 3, "pair": 1, "one": 1}[roles])
@@ -102,10 +103,13 @@ def _outcome(call):
     return "ok", bits
 
 
-def _both_paths(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: int, device: str = "cpu"):
+def _both_paths(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: int, device: str = "cpu", mixed=None):
+    """Both paths' outcomes; mixed: (the base's stored dtype, the output's), where they differ from dtype, the
+    ingredients'."""
     m = get_method(method.split(":")[0])
     _, per_model, wide = CASES[method]
-    xs, base = _inputs(method, kind, shape, dtype, seed)
+    base_dtype, out_dtype = mixed or (dtype, dtype)
+    xs, base = _inputs(method, kind, shape, dtype, seed, base_dtype)
     b = base if m.reads_base else None
     models = [m.model_params(**per_model) for _ in xs]
     params = m.params(**wide)
@@ -115,13 +119,16 @@ def _both_paths(method: str, kind: str, shape: tuple, dtype: torch.dtype, seed: 
     def torch_path():
         on = [x.to(device) for x in xs]
         return (
-            m.fn(on, None if b is None else b.to(device), models, params, context=context).reshape(-1).to(dtype).cpu()
+            m.fn(on, None if b is None else b.to(device), models, params, context=context)
+            .reshape(-1)
+            .to(out_dtype)
+            .cpu()
         )
 
     def fused_path():
-        out = torch.empty(n, dtype=dtype)
+        out = torch.empty(n, dtype=out_dtype)
         arrays = [as_array(x.to(dtype).reshape(-1)) for x in xs]
-        merge = m.fused(arrays, None if b is None else as_array(b.to(dtype).reshape(-1)), models, params,
+        merge = m.fused(arrays, None if b is None else as_array(b.to(base_dtype).reshape(-1)), models, params,
                         runner(4099, 2), context=context)  # fmt: skip
         in_pieces(merge, as_array(out), 5003)
         return out
@@ -187,3 +194,30 @@ def test_fused_kernels_agree_with_the_torch_path_on_hostile_values(method, kind)
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_the_torch_path_on_cuda_agrees_with_the_fused_kernels_on_hostile_values(method, kind):
     _agree(method, kind, "cuda")
+
+
+# (the ingredients' stored dtype, the base's, the output's): a base saved in bfloat16 with fine-tunes saved in
+# float32 (or ingredients of several dtypes, which the engine copies to float32: Plan.widened), and a float16
+# fine-tune over a float32 base
+MIXED = [(torch.float32, torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("kind", ["bits", "specials", "wide"])
+@pytest.mark.parametrize(
+    "method", sorted(m for m, (roles, *_) in CASES.items() if roles != "all" and get_method(m.split(":")[0]).reads_base)
+)
+def test_fused_kernels_read_a_base_stored_in_another_dtype(method, kind):
+    """The fused kernels take a base stored in another dtype than the ingredients (Plan.not_fused): the
+    torch path's bytes, in the output's dtype."""
+    for shape in SHAPES:
+        for dtype, base_dtype, out_dtype in MIXED:
+            (want_kind, want), (got_kind, got) = _both_paths(
+                method, kind, shape, dtype, len(shape), mixed=(base_dtype, out_dtype)
+            )
+            assert (got_kind, got if got_kind == "raise" else None) == (
+                want_kind,
+                want if want_kind == "raise" else None,
+            ), (shape, dtype)
+            if want_kind == "ok":
+                assert np.array_equal(got, want), (shape, dtype, int((got != want).sum()))

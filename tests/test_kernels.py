@@ -351,7 +351,9 @@ def test_engine_uses_the_kernels_and_writes_what_the_eager_path_writes(tmp_path,
         assert same_bits(fast[name], slow[name]), name
 
 
-def test_inputs_of_different_dtypes_take_the_eager_path(tmp_path):
+def test_ingredients_of_different_dtypes_are_read_as_float32_copies(tmp_path, monkeypatch):
+    """A float32 fine-tune beside a bfloat16 one: each 16-bit ingredient is copied to float32 (exact) and the
+    fused kernel merges; the oracle's bytes, and what the torch path writes."""
     g = torch.Generator().manual_seed(7)
     base = torch.randn(64, 64, generator=g)
     a = (base + 0.1 * torch.randn(64, 64, generator=g)).bfloat16()
@@ -363,24 +365,106 @@ def test_inputs_of_different_dtypes_take_the_eager_path(tmp_path):
         f"models: [{{model: {tmp_path / 'a'}, parameters: {{density: 0.5}}}}, {{model: {tmp_path / 'b'}}}]\n"
         "dtype: float32\n"
     )
+    copies, merges = [], []
+    real_copy, real_merge = kernels.copy_as, kernels.ties_merge
+    monkeypatch.setattr(kernels, "copy_as", lambda x, *a: copies.append(x.dtype) or real_copy(x, *a))
+    monkeypatch.setattr(kernels, "ties_merge", lambda *a, **k: merges.append(1) or real_merge(*a, **k))
     result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output
+    assert copies == [np.int16] and merges == [1]  # the bfloat16 fine-tune alone was copied; the kernel merged
     want = ties([a.float(), b], base, [TiesModelParams(density=0.5), TiesModelParams()], TiesParams())
     assert torch.equal(load_output(tmp_path / "out")["w"], want)
-    # `merger plan` says so, and why: a user with a float32 fine-tune beside bfloat16 ones sees the cost
-    plan = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out2")])
+    # `merger plan` sends nothing through torch, and counts the copy's memory
+    plan = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--json"])
     assert plan.exit_code == 0, plan.output
-    assert (
-        "  torch path:   1 tensor(s), the models store them in different dtypes (BF16, F32): not the fused kernels, "
-        "several times slower\n" in plan.output
-    )
-    as_json = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--json"])
-    assert json.loads(as_json.output)["torch_path_tensors"] == {
-        "the models store them in different dtypes (BF16, F32)": 1
-    }
+    assert json.loads(plan.output)["torch_path_tensors"] == {}
     (tmp_path / "r.yaml").write_text((tmp_path / "r.yaml").read_text() + "compute_dtype: float64\n")
     f64 = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "--json"])
     assert json.loads(f64.output)["torch_path_tensors"] == {"compute_dtype: float64": 1}
+    said = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out2")])
+    assert "  torch path:   1 tensor(s), compute_dtype: float64: not the fused kernels, several times slower\n" in (
+        said.output
+    )
+
+
+# method: (models and parameters, method-wide parameters), A, B and C stored as bf16, f16 and f32 over a f32 BASE
+# (slerp, nearswap and arcee_fusion read one fine-tune over the base, which the kernels read in any dtype:
+# test_hostile_values.test_fused_kernels_read_a_base_stored_in_another_dtype)
+MIXED_RECIPES = {
+    "linear": ("[{model: A, parameters: {weight: 0.3}}, {model: C, parameters: {weight: 0.7}}]", ""),
+    "ties": ("[{model: A, parameters: {density: 0.5}}, {model: B, parameters: {density: 0.3}}, {model: C}]", ""),
+    "dare_ties": ("[{model: A, parameters: {density: 0.5}}, {model: C, parameters: {density: 0.7}}]", ""),
+    "della": ("[{model: A, parameters: {density: 0.5, epsilon: 0.1}}, {model: B}, {model: C}]", ""),
+    "breadcrumbs": ("[{model: A, parameters: {density: 0.9, gamma: 0.01}}, {model: C}]", ""),
+    "sce": ("[{model: A}, {model: B}, {model: C}]", "select_topk: 0.5"),
+    "model_stock": ("[{model: A}, {model: B}, {model: C}]", "filter_wise: true"),
+    "karcher": ("[{model: A}, {model: C}, {model: BASE}]", ""),
+    "nuslerp": ("[{model: A, parameters: {weight: 0.3}}, {model: C, parameters: {weight: 0.7}}]", ""),
+}
+
+
+@pytest.mark.parametrize("method", sorted(MIXED_RECIPES))
+def test_the_fused_kernels_on_ingredients_of_three_dtypes_write_the_torch_paths_bytes(tmp_path, monkeypatch, method):
+    """Fine-tunes stored in bfloat16, float16 and float32 over a float32 base, on tensors of one chunk and of
+    several (the copies run on the chunk threads): the fused merge writes the torch path's bytes."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"w": (64, 64), "big": (600, 512)}  # the second past budget.CHUNK
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    stored = {"A": torch.bfloat16, "B": torch.float16, "C": torch.float32}
+    for name, dtype in stored.items():
+        write_checkpoint(
+            tmp_path / name, {k: (v + 0.05 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+        )
+    write_checkpoint(tmp_path / "BASE", base)
+    models, wide = MIXED_RECIPES[method]
+    for name in ("BASE", *stored):
+        models = models.replace(f"model: {name}}}", f"model: {tmp_path / name}}}").replace(
+            f"model: {name},", f"model: {tmp_path / name},"
+        )
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: {method}\nbase_model: {tmp_path / 'BASE'}\nmodels: {models}\n"
+        f"parameters: {{{wide}}}\ndtype: bfloat16\nrandom_seed: 5\n"
+    )
+    copies = []
+    real_copy = kernels.copy_as
+    monkeypatch.setattr(kernels, "copy_as", lambda x, *a: copies.append(x.dtype) or real_copy(x, *a))
+    for out in ("fused", "eager"):
+        if out == "eager":
+            monkeypatch.setattr(merger.stream, "_kernels", lambda: None)
+        result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / out), "-q"])
+        assert result.exit_code == 0, result.output
+    assert copies, "nothing was copied to float32"
+    fast, slow = load_output(tmp_path / "fused"), load_output(tmp_path / "eager")
+    for name in shapes:
+        assert same_bits(fast[name], slow[name]), name
+
+
+def test_the_plan_counts_the_float32_copies_as_held_for_the_run(tmp_path):
+    """Plan.widening_memory: a buffer per copy a tensor needs, each as large as the largest tensor that fills it
+    (the engine reuses them tensor after tensor); none where the ingredients share a dtype, or on CUDA."""
+    from merger.plan import build_plan
+    from merger.recipe import parse_recipe
+
+    shapes = {"e": (300, 64), "w": (64, 64), "n": (64,)}
+    stored = {"BASE": torch.float32, "A": torch.bfloat16, "B": torch.float16, "C": torch.float32, "D": torch.float32}
+    for name, dtype in stored.items():
+        write_checkpoint(tmp_path / name, {k: torch.zeros(s, dtype=dtype) for k, s in shapes.items()})
+
+    def plan(*names: str, device: str = "cpu"):
+        models = ", ".join(f"{{model: {tmp_path / n}}}" for n in names)
+        text = f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'BASE'}\nmodels: [{models}]\n"
+        return build_plan(parse_recipe(text), device=device)
+
+    assert plan("A", "B", "C").widening_memory == 2 * 4 * 300 * 64  # A's and B's copies of e, the largest
+    assert plan("A", "C").widening_memory == 4 * 300 * 64
+    two = plan("A", "B", "C")
+    assert [s.model.ref for s in two.widened(next(t for t in two.tensors if t.name == "w"))] == [
+        str(tmp_path / "A"),
+        str(tmp_path / "B"),
+    ]
+    assert plan("A", "A").widening_memory == plan("C", "BASE").widening_memory == 0
+    # peak memory counts the copy: 4 bytes an entry of e beside the inputs, whose pages A's bfloat16 halves
+    assert plan("A", "C").peak_memory - plan("D", "C").peak_memory == (4 - 2) * 300 * 64
 
 
 def test_without_the_kernels_the_merge_falls_back_to_torch(tmp_path, monkeypatch, family):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from merger.kernels import BLOCK, U, _bits_of_f32, borrow, keep_alive, kernel, lend, load, rounded, store
+from merger.kernels import BLOCK, U, _bits_of_f32, borrow, copy_as, keep_alive, kernel, lend, load, rounded, store
 from merger.methods import fixed_point
 from merger.methods.base import MergeRange, TensorContext
 from merger.methods.fixed_point import LOW, SPLIT, from_sums, gram_by_guess, pair_scale
@@ -238,13 +238,6 @@ def _combine(xs, b, mode, coefs, length, strided, start, out):  # pragma: no cov
 
 
 @kernel
-def _copy(x, start, out):  # pragma: no cover - compiled
-    """out = x's entries from `start`, as float32 would hold them, in out's dtype."""
-    for i in range(out.size):
-        store(out, U(i), load(x, U(start + i)))
-
-
-@kernel
 def _nearswap(x, b, t, start, out):  # pragma: no cover - compiled
     """interpolation.nearswap's float32 operations: w = clamp(t * (1 / max(|b - x|, 1e-6)), 0, 1),
     x * w + (1 - w) * b; NaN propagates through the clamps as torch's does."""
@@ -340,7 +333,7 @@ def combine_range(xs: tuple, b: np.ndarray, mode: int, coefs: np.ndarray, segmen
 
 def copy_range(x: np.ndarray, run) -> MergeRange:
     def merge_range(start: int, end: int, out) -> None:
-        run(lambda s, e: _copy(x, start + s, out[s:e]), end - start)
+        run(lambda s, e: copy_as(x, start + s, out[s:e]), end - start)
 
     return merge_range
 
