@@ -20,7 +20,7 @@ from pathlib import Path
 
 from merger import budget, parallel, system
 from merger.errors import Interrupted, MergeError, MergerError, OutputError, RecipeError, describe, problems_of
-from merger.fetch import JustInTime, fetch_inputs
+from merger.fetch import JustInTime, fetch_inputs, room
 from merger.lock import Lock, LockedInput, checked_inputs, inputs_of, listed
 from merger.output import write_metadata
 from merger.plan import Plan
@@ -204,6 +204,8 @@ def _in_this_process(job: Job, force: bool, progress: bool, workers: int, card: 
     try:
         with _kept_for_resume(partial), job.beside() as pool:
             todo = partial.todo
+            if problems := room(plan, job.dest, todo, job.low_disk):  # before anything is fetched or written
+                raise OutputError(*problems)
             resumed = len(plan.shards) - len(todo)
             hashing = job.hash_inputs(pool, partial, todo)
             job.read_model(todo)
@@ -236,7 +238,10 @@ def _as_rank(job: Job, force: bool, progress: bool, group: parallel.Group, card:
         with _kept_for_resume(partial), job.beside() as pool:
             if partial is not None:
                 partial.share()
-            where, todo = group.share((str(partial.path), partial.todo) if partial else None)
+            mine = (str(partial.path), partial.todo, room(plan, job.dest, partial.todo)) if partial else None
+            where, todo, short = group.share(mine)
+            if short:  # every rank says it, before anything is written
+                raise OutputError(*short)
             if partial is None:
                 joined = join(Path(where))
             parts = parallel.assign([plan.shards[i] for i in todo], group.world)

@@ -16,15 +16,7 @@ from pathlib import Path
 import click
 
 from merger import __version__, system
-from merger.errors import Interrupted, MergerError, describe
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError
+from merger.errors import Interrupted, MergerError, describe, sized
 
 
 def _domain_errors(fn):
@@ -315,7 +307,7 @@ def _report(summary: dict, as_json: bool, quiet: bool, published: bool) -> None:
     elif not quiet:
         click.echo(
             f"merged {summary['tensors']} tensors with {summary['method']} into {summary['output']} "
-            f"({summary['shards']} shards, {_size(summary['bytes_written'])}) in {summary['seconds']:.1f} s"
+            f"({summary['shards']} shards, {sized(summary['bytes_written'])}) in {summary['seconds']:.1f} s"
             + (
                 f"; {summary['shards_resumed']} of them kept from an interrupted run"
                 if summary["shards_resumed"]
@@ -385,13 +377,13 @@ def _hash_line(info: dict) -> str:
         return f"nothing to hash: every input file's hash ({known}) is remembered from an earlier run"
     more = f"; {known} more remembered from an earlier run" if known else ""
     why = "".join(f"; not remembered for the next run: {reason}" for reason in info["hashes_not_remembered_because"])
-    return f"hashes {_size(info['hash_bytes'])} of the inputs ({n} file(s){more}){why}"
+    return f"hashes {sized(info['hash_bytes'])} of the inputs ({n} file(s){more}){why}"
 
 
 def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
     """What `merger plan --json` prints."""
     from merger.assemble import tensor_record
-    from merger.fetch import disk_needs
+    from merger.fetch import disk_needs, room
     from merger.lock import to_hash
 
     todo = None
@@ -430,6 +422,7 @@ def _plan_info(p, name: str, resolved: Path | None, partial) -> dict:
         "gpu_tensors_in_pieces": p.gpu_pieced,
         "torch_path_tensors": p.torch_path,  # why not the fused kernels: how many merged tensors, by reason
         "disk": disk_needs(p, todo),
+        "disk_short": room(p, resolved, todo) if resolved is not None else [],  # what apply refuses to start with
         "resume": None if partial is None else {
             "partial": str(partial.path),
             "state": partial.state,
@@ -506,32 +499,34 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
         click.echo(f"  config:       {note}")
     for line in _vocabulary_lines(p):
         click.echo(line)
-    click.echo(f"  read:         {_size(p.bytes_read)} from {len(p.models)} model(s)")
+    click.echo(f"  read:         {sized(p.bytes_read)} from {len(p.models)} model(s)")
     if p.model_wide:  # TIES' global trim: the radix select's passes over the whole model come first
         click.echo(f"                and before merging, {p.spec.method.name} reads the models through a few times")
-    click.echo(f"  write:        {_size(p.bytes_written)} in {len(p.shards)} shard(s) of at most {_size(p.shard_size)}")
+    click.echo(f"  write:        {sized(p.bytes_written)} in {len(p.shards)} shard(s) of at most {sized(p.shard_size)}")
     for why, count in info["torch_path_tensors"].items():
         click.echo(f"  torch path:   {count} tensor(s), {why}: not the fused kernels, several times slower")
     click.echo(f"  lock:         {_hash_line(info)}")
     gpu = ""
     if p.device == "cuda":
         gpu = (
-            f", ~{_size(info['peak_pinned_memory_estimate'])} of it pinned; "
-            f"GPU ~{_size(info['peak_gpu_memory_estimate'])}"
+            f", ~{sized(info['peak_pinned_memory_estimate'])} of it pinned; "
+            f"GPU ~{sized(info['peak_gpu_memory_estimate'])}"
         )
     if info["gpu_tensors_in_pieces"]:
         gpu += f"; {len(info['gpu_tensors_in_pieces'])} tensor(s) too large to merge whole go through the GPU in pieces"
     each = "the process itself"
     if info["processes"] > 1:
-        each = f"each of {info['processes']} processes (--workers), ~{_size(info['peak_memory_estimate_all_processes'])} in all"
-    click.echo(f"  peak memory:  ~{_size(info['peak_memory_estimate'])} beyond {each} (estimate){gpu}")
+        each = f"each of {info['processes']} processes (--workers), ~{sized(info['peak_memory_estimate_all_processes'])} in all"
+    click.echo(f"  peak memory:  ~{sized(info['peak_memory_estimate'])} beyond {each} (estimate){gpu}")
     if disk["download_bytes"]:
         click.echo(
-            f"  disk:         {_size(disk['peak_bytes'])} ({_size(disk['download_bytes'])} downloaded, then the output); "
-            f"with --low-disk ~{_size(disk['low_disk_peak_bytes'])} at most"
+            f"  disk:         {sized(disk['peak_bytes'])} ({sized(disk['download_bytes'])} downloaded, then the output); "
+            f"with --low-disk ~{sized(disk['low_disk_peak_bytes'])} at most"
         )
     else:
-        click.echo(f"  disk:         {_size(disk['output_bytes'])} (the output; nothing to download)")
+        click.echo(f"  disk:         {sized(disk['output_bytes'])} (the output; nothing to download)")
+    for line in info["disk_short"]:
+        click.echo(f"  no room:      {line} (`merger apply` refuses to start)")
     if ev is not None:
         n = len(info["models"])
         click.echo(
@@ -545,7 +540,7 @@ def _show_plan(p, info: dict, resolved: Path | None, partial) -> None:
         where = f", branch {hub.revision}" if hub.revision else ""
         click.echo(f"  publish:      {hub.repo_id}{' (private)' if hub.private else ''}{where}")
     for s in info["shards"]:
-        click.echo(f"    {s['file']}  {s['tensors']:>5} tensors  {_size(s['bytes'])}")
+        click.echo(f"    {s['file']}  {s['tensors']:>5} tensors  {sized(s['bytes'])}")
     if p.spec.layered:
         _show_layers(p)
 
@@ -582,7 +577,7 @@ def _resume_line(partial, shards: int) -> str:
     if partial.state == "stale":
         return f"an interrupted merge of other inputs or another recipe left {partial.path}; apply starts over"
     return (
-        f"an interrupted merge left {len(partial.done)} of {shards} shards ({_size(partial.done_bytes)}) in "
+        f"an interrupted merge left {len(partial.done)} of {shards} shards ({sized(partial.done_bytes)}) in "
         f"{partial.path}; apply keeps them and writes the rest"
     )
 
@@ -615,11 +610,11 @@ def push(output_dir, repo_id, private, revision, commit_message, dry_run) -> Non
 
 def _show_upload(upload, repo_id: str, where: str, private: bool) -> None:
     click.echo(
-        f"would upload {len(upload.files)} files ({_size(upload.nbytes)}) to {repo_id} ({where}"
+        f"would upload {len(upload.files)} files ({sized(upload.nbytes)}) to {repo_id} ({where}"
         f"{', created private if missing' if private else ''}) with message {upload.commit_message!r}:"
     )
     for name, size in upload.files:
-        click.echo(f"  {name}  {_size(size)}")
+        click.echo(f"  {name}  {sized(size)}")
 
 
 @cli.command()

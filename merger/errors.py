@@ -67,6 +67,15 @@ def counted(count: int, one: str = "entry", many: str = "entries") -> tuple[str,
     return (f"1 {one}", "is") if count == 1 else (f"{count} {many}", "are")
 
 
+def sized(n: float) -> str:
+    """A byte count as a message gives it: '512 B', '100.66 MB', '2.20 GB' (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
 class EvaluationError(MergerError):
     """A held-out evaluation failed: the evaluator crashed, printed no score, or its data is unusable."""
 

@@ -3,11 +3,13 @@ shard as the merge reads them (--low-disk), and how much disk either way takes."
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from merger.errors import ModelError
+from merger.errors import ModelError, sized
 from merger.files import parse_json, write_json
 from merger.plan import Plan, check_support_files
 from merger.sources import TensorInfo
@@ -114,12 +116,12 @@ def disk_needs(plan: Plan, shards: list[int] | None = None) -> dict[str, int]:
     new = {f: size for f, size in new.items() if f in uses or f not in all_weights}  # weights only where still read
     weights = {f: size for f, size in new.items() if f in uses}
     chosen = plan.shards if shards is None else [plan.shards[i] for i in shards]
-    peak = written = 0
+    peak = most_live = written = 0
     for i, t in enumerate(t for s in chosen for t in s.tensors):
         written += t.nbytes
         # the engine maps the next tensor's inputs while merging this one: a shard arrives one tensor early
         live = sum(size for f, size in weights.items() if uses[f].first - 1 <= i <= uses[f].last)
-        peak = max(peak, live + written)
+        peak, most_live = max(peak, live + written), max(most_live, live)
     others = sum(new.values()) - sum(weights.values())
     output = sum(s.nbytes for s in chosen)
     return {
@@ -127,4 +129,48 @@ def disk_needs(plan: Plan, shards: list[int] | None = None) -> dict[str, int]:
         "download_bytes": sum(new.values()),
         "peak_bytes": sum(new.values()) + output,
         "low_disk_peak_bytes": others + peak,
+        "low_disk_download_peak_bytes": others + most_live,  # the downloads alone, where they land elsewhere
     }
+
+
+def room(plan: Plan, dest: Path, shards: list[int] | None = None, low_disk: bool = False) -> list[str]:
+    """What will not fit on disk, a line each: the output (and the Hub downloads where they land on the same
+    filesystem) against the free space beside `dest`, and the downloads against their own filesystem's.
+    Empty where everything fits, or where the free space cannot be told. `shards`: as disk_needs."""
+    needs = disk_needs(plan, shards)
+    out = _volume(dest.parent)
+    cache = next((m.remote.hub.cache_dir for m, _ in plan.files_used() if m.remote is not None), None)
+    hub = _volume(cache) if needs["download_bytes"] and cache is not None else None
+    lines = []
+    if hub is not None and out is not None and hub[0] != out[0]:
+        downloads = needs["low_disk_download_peak_bytes" if low_disk else "download_bytes"]
+        if downloads > hub[1]:
+            lines.append(
+                f"the Hub downloads need {sized(downloads)} in the Hugging Face cache ({cache}), and {hub[2]} has "
+                f"{sized(hub[1])} free: free some space there"
+                + ("" if low_disk else ", add --low-disk")
+                + " or point HF_HUB_CACHE elsewhere"
+            )
+        written, what = needs["output_bytes"], "the output needs"
+    else:
+        written = needs["low_disk_peak_bytes" if low_disk else "peak_bytes"]
+        what = "the output and the Hub downloads need" if needs["download_bytes"] else "the output needs"
+    if out is not None and written > out[1]:
+        smaller = needs["download_bytes"] and not low_disk and needs["low_disk_peak_bytes"] <= out[1]
+        lines.append(
+            f"output {dest}: {what} {sized(written)}, and {out[2]} has {sized(out[1])} free: free some space there"
+            + (", add --low-disk (then at most " + sized(needs["low_disk_peak_bytes"]) + ")" if smaller else "")
+            + " or write the output elsewhere"
+        )
+    return lines
+
+
+def _volume(path: Path) -> tuple[int, int, Path] | None:
+    """(device id, free bytes, the folder looked at) for the filesystem that holds `path`, or would: its nearest
+    folder that exists. None where none can be looked at."""
+    for folder in (path, *path.parents):
+        try:
+            return os.stat(folder).st_dev, shutil.disk_usage(folder).free, folder
+        except OSError:  # not there yet, or not ours to look into
+            continue
+    return None

@@ -281,7 +281,10 @@ class Partial:
                 if entry != aside:
                     _remove(entry)
             return
-        shutil.rmtree(self.path, ignore_errors=True)
+        for _ in range(3):  # a thread still at work beside (recording the inputs' hashes) may add a file meanwhile
+            shutil.rmtree(self.path, ignore_errors=True)
+            if not os.path.lexists(self.path):
+                break
         if not os.path.lexists(self.dest):
             for d in self.created:
                 with contextlib.suppress(OSError):

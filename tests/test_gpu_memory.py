@@ -555,7 +555,7 @@ def test_the_room_under_cgroup_memory_limits(tmp_path, monkeypatch):
 
 def test_plan_shows_the_gpu_and_pinned_estimates(tmp_path, cuda_on_cpu, monkeypatch):
     """`merger plan` on CUDA: the GPU and pinned estimates, in text and JSON; on the CPU neither."""
-    from merger.cli import _size
+    from merger.errors import sized as _size
 
     monkeypatch.setattr(merger.plan, "cuda_available", lambda: True)
     root = write_models(tmp_path, 2, SHAPES, torch.bfloat16)
@@ -580,7 +580,7 @@ def test_plan_with_workers_shows_what_each_process_would_hold(tmp_path, cuda_on_
     shard at most), whose budgets are shares (budget.local_processes; pinned memory here, just enough for
     one process to stage every tensor whole, so that a half share sends some through the GPU in pieces),
     and their sum."""
-    from merger.cli import _size
+    from merger.errors import sized as _size
 
     monkeypatch.setattr(merger.plan, "cuda_available", lambda: True)
     root = write_models(tmp_path, 2, SHAPES, torch.bfloat16)

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -524,7 +525,8 @@ def test_a_task_vector_with_inf_or_nan_is_refused_where_its_sums_scale_every_ent
     assert not merged.isfinite().reshape(-1)[torch.arange(512) != 3 * 32 + 7].logical_not().any()
 
 
-def test_a_full_disk_names_the_output_and_keeps_what_is_done(workdir, monkeypatch):
+def _disk_fills_in_the_second_shard(monkeypatch) -> Callable:
+    """ShardWriter.write fails with ENOSPC from the second shard on; returns the real one, to put back."""
     import errno
 
     import merger.stream
@@ -539,6 +541,13 @@ def test_a_full_disk_names_the_output_and_keeps_what_is_done(workdir, monkeypatc
         return write(self, t, data)
 
     monkeypatch.setattr(merger.stream.ShardWriter, "write", full)
+    return write
+
+
+def test_a_full_disk_names_the_output_and_keeps_what_is_done(workdir, monkeypatch):
+    import merger.stream
+
+    write = _disk_fills_in_the_second_shard(monkeypatch)
     Path("recipe.yaml").write_text(GOOD)
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "--shard-size", "50"])
     assert result.exit_code == 2, result.output
@@ -551,6 +560,60 @@ def test_a_full_disk_names_the_output_and_keeps_what_is_done(workdir, monkeypatc
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "--shard-size", "50", "-q"])
     assert result.exit_code == 0, result.output
     assert not partial.exists()
+
+
+def _free(monkeypatch, free: int) -> None:
+    """Every filesystem reports `free` bytes available (merger.fetch asks shutil.disk_usage)."""
+    import collections
+    import shutil
+
+    import merger.fetch
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(merger.fetch.shutil, "disk_usage", lambda path: usage(10**12, 0, free))
+    assert shutil.disk_usage is merger.fetch.shutil.disk_usage  # the one module: patched for this test only
+
+
+def test_an_output_too_large_for_its_disk_is_refused_before_anything_is_written(workdir, monkeypatch):
+    Path("recipe.yaml").write_text(GOOD)
+    planned = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).output)
+    need = planned["disk"]["output_bytes"]
+    assert planned["disk_short"] == []
+    _free(monkeypatch, need - 1)
+    short = (
+        f"output {workdir / 'out'}: the output needs {need} B, and {workdir} has {need - 1} B free: free some "
+        "space there or write the output elsewhere"
+    )
+    assert json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).output)["disk_short"] == [short]
+    said = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
+    assert said.exit_code == 0 and f"  no room:      {short} (`merger apply` refuses to start)\n" in said.output
+    result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"])
+    assert (result.exit_code, result.stderr) == (2, f"error: {short}\n")
+    assert sorted(p.name for p in workdir.iterdir()) == ["base", "ft1", "ft2", "recipe.yaml"]  # nothing written
+    _free(monkeypatch, need)
+    assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"]).exit_code == 0
+
+
+def test_a_resumed_merge_needs_room_for_the_shards_left(workdir, monkeypatch):
+    """The shards an interrupted run finished are on disk already: the room asked for is the rest's."""
+    import merger.stream
+
+    write = _disk_fills_in_the_second_shard(monkeypatch)
+    Path("recipe.yaml").write_text(GOOD)
+    assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "--shard-size", "50"]).exit_code == 2
+    monkeypatch.setattr(merger.stream.ShardWriter, "write", write)
+    planned = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--shard-size", "50", "--json"]).output)
+    left = planned["disk"]["output_bytes"]
+    assert left == planned["shards"][1]["bytes"]  # the second shard's alone
+    _free(monkeypatch, left - 1)
+    result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "--shard-size", "50", "-q"])
+    assert result.exit_code == 2
+    assert result.stderr.endswith(
+        f"has {left - 1} B free: free some space there or write the output elsewhere; 1 of 2 shards are done and "
+        f"kept in {workdir / '.out.merger-partial'}: run the same command again to resume (or delete it)\n"
+    )
+    _free(monkeypatch, left)
+    assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "--shard-size", "50", "-q"]).exit_code == 0
 
 
 # --- outputs --------------------------------------------------------------------------------------------

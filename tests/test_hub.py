@@ -319,6 +319,64 @@ def test_low_disk_fetches_shard_by_shard_and_drops_each(tmp_path, hub, models, h
     assert max(seen) <= disk["low_disk_peak_bytes"] < disk["peak_bytes"]
 
 
+def _free(monkeypatch, free_at) -> None:
+    """merger.fetch's view of the filesystems: free_at(folder) -> (device id, free bytes)."""
+    import merger.fetch
+
+    monkeypatch.setattr(merger.fetch, "_volume", lambda path: (*free_at(path), path))
+
+
+def test_downloads_and_output_too_large_for_the_disk_are_refused_before_any_download(
+    tmp_path, hub, models, hf_home, monkeypatch
+):
+    """On one filesystem the Hub files and the output need room together: too little is refused before
+    anything is downloaded, with --low-disk's figure where that fits; --low-disk then merges."""
+    from merger.errors import sized
+
+    _, commits = models
+    text = recipe(hub_refs(commits))
+    (tmp_path / "recipe.yaml").write_text(text)
+    disk = json.loads(run("plan", str(tmp_path / "recipe.yaml"), "--json").stdout)["disk"]
+    low = disk["low_disk_peak_bytes"]
+    assert low < disk["peak_bytes"]
+    _free(monkeypatch, lambda path: (1, low))
+    out = tmp_path / "out"
+    result = apply(tmp_path, text, out, code=2)
+    assert result.stderr == (
+        f"error: output {out}: the output and the Hub downloads need {sized(disk['peak_bytes'])}, and {tmp_path} "
+        f"has {sized(low)} free: free some space there, add --low-disk (then at most {sized(low)}) or write the "
+        "output elsewhere\n"
+    )
+    assert cached_weights(hf_home) == [] and not out.exists()
+    apply(tmp_path, text, out, "--low-disk")
+    assert out.is_dir()
+
+
+def test_downloads_on_another_filesystem_need_room_there(tmp_path, hub, models, hf_home, monkeypatch):
+    """Where the Hub cache lies on another filesystem than the output, each is held to its own free space."""
+    from merger.errors import sized
+
+    _, commits = models
+    (tmp_path / "recipe.yaml").write_text(recipe(hub_refs(commits)))
+    plan = ["plan", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out"), "--json"]
+    disk = json.loads(run(*plan).stdout)["disk"]
+    downloads, output = disk["download_bytes"], disk["output_bytes"]
+
+    def free(hub_free: int, out_free: int):
+        return lambda path: (2, hub_free) if str(path).startswith(str(hf_home)) else (1, out_free)
+
+    _free(monkeypatch, free(downloads, output))  # each fits on its own: nothing short
+    assert json.loads(run(*plan).stdout)["disk_short"] == []
+    _free(monkeypatch, free(downloads - 100, output - 100))  # sizes in KB: less by a figure shown
+    cache = hf_home / "hub"
+    assert json.loads(run(*plan).stdout)["disk_short"] == [
+        f"the Hub downloads need {sized(downloads)} in the Hugging Face cache ({cache}), and {cache} has "
+        f"{sized(downloads - 100)} free: free some space there, add --low-disk or point HF_HUB_CACHE elsewhere",
+        f"output {tmp_path / 'out'}: the output needs {sized(output)}, and {tmp_path} has {sized(output - 100)} free: "
+        "free some space there or write the output elsewhere",
+    ]
+
+
 @pytest.mark.parametrize("low_disk", [False, True])
 def test_an_interrupted_hub_merge_resumes(tmp_path, hub, models, hf_home, monkeypatch, low_disk):
     """Interrupted after two shards, the same command finishes the merge: the output is the one an

@@ -185,6 +185,24 @@ def test_a_rank_that_dies_or_fails_fails_every_rank(tmp_path, sabotage):
     assert [p.name for p in (tmp_path / "dist").iterdir()] == ["out"]
 
 
+ROOM_FOR_999_BYTES = """
+import collections, shutil
+shutil.disk_usage = lambda path: collections.namedtuple("usage", "total used free")(10**12, 0, 999)
+"""
+
+
+def test_every_rank_refuses_a_disk_too_small_before_writing(tmp_path):
+    recipe = _family(tmp_path)
+    ranks = _launch(recipe, tmp_path / "dist" / "out", env=hooked(tmp_path, ROOM_FOR_999_BYTES))
+    said = [err for _, _, err in ranks]
+    assert [rc for rc, *_ in ranks] == [2, 2] and said[0] == said[1], ranks
+    assert said[0].startswith(f"error: output {tmp_path / 'dist' / 'out'}: the output needs ")
+    assert said[0].endswith(
+        f", and {tmp_path / 'dist'} has 999 B free: free some space there or write the output elsewhere\n"
+    )
+    assert not (tmp_path / "dist").exists()  # no output, no partial output, not the directory made for them
+
+
 def test_a_rank_that_never_joins_is_waited_for_the_timeout(tmp_path):
     recipe = _family(tmp_path)
     ((rc, out, err),) = _launch(recipe, tmp_path / "dist" / "out", ranks=(0,), env={"MERGER_DIST_TIMEOUT": "2"})
