@@ -342,8 +342,10 @@ class Merger:
         merged = [t for t in plan.tensors if t.merged and plan.verbatim(t) is None]  # the rest are copies
         fusable = not self.cuda and plan.compute_dtype == "float32" and method.fused is not None and bool(merged)
         self.kernels = _kernels() if fusable else None
-        # torch is imported only if some tensor needs it (CUDA, or a merge no kernel covers)
-        self.needs_torch = self.cuda or any(not self._fusable(t) for t in merged)
+        # torch is imported only if some tensor needs it (CUDA, a merge no kernel covers, a vocabulary's rows
+        # to stand in or pad: merger.vocab), and then before the merge loop, which pauses the cyclic garbage
+        # collector: an import inside it leaves a cycle (its traceback's frames) holding the callers' arrays
+        self.needs_torch = self.cuda or any(not self._fusable(t) or lays_out(plan.vocabulary, t.name) for t in merged)
 
     def close(self) -> None:
         if self.pool is not None:
