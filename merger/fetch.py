@@ -167,10 +167,12 @@ def room(plan: Plan, dest: Path, shards: list[int] | None = None, low_disk: bool
 
 def _volume(path: Path) -> tuple[int, int, Path] | None:
     """(device id, free bytes, the folder looked at) for the filesystem that holds `path`, or would: its nearest
-    folder that exists. None where none can be looked at."""
+    folder that exists. None where none can be looked at, or where its size is not told (a total of 0: some
+    FUSE and network filesystems)."""
     for folder in (path, *path.parents):
         try:
-            return os.stat(folder).st_dev, shutil.disk_usage(folder).free, folder
+            device, usage = os.stat(folder).st_dev, shutil.disk_usage(folder)
         except OSError:  # not there yet, or not ours to look into
             continue
+        return (device, usage.free, folder) if usage.total else None
     return None

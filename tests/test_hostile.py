@@ -562,7 +562,7 @@ def test_a_full_disk_names_the_output_and_keeps_what_is_done(workdir, monkeypatc
     assert not partial.exists()
 
 
-def _free(monkeypatch, free: int) -> None:
+def _free(monkeypatch, free: int, total: int = 10**12) -> None:
     """Every filesystem reports `free` bytes available (merger.fetch asks shutil.disk_usage)."""
     import collections
     import shutil
@@ -570,7 +570,7 @@ def _free(monkeypatch, free: int) -> None:
     import merger.fetch
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(merger.fetch.shutil, "disk_usage", lambda path: usage(10**12, 0, free))
+    monkeypatch.setattr(merger.fetch.shutil, "disk_usage", lambda path: usage(total, 0, free))
     assert shutil.disk_usage is merger.fetch.shutil.disk_usage  # the one module: patched for this test only
 
 
@@ -591,6 +591,14 @@ def test_an_output_too_large_for_its_disk_is_refused_before_anything_is_written(
     assert (result.exit_code, result.stderr) == (2, f"error: {short}\n")
     assert sorted(p.name for p in workdir.iterdir()) == ["base", "ft1", "ft2", "recipe.yaml"]  # nothing written
     _free(monkeypatch, need)
+    assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"]).exit_code == 0
+
+
+def test_a_filesystem_that_tells_no_size_is_not_held_to_its_free_space(workdir, monkeypatch):
+    """Some FUSE and network filesystems report a total and free space of 0: unknown, not full."""
+    Path("recipe.yaml").write_text(GOOD)
+    _free(monkeypatch, 0, total=0)
+    assert json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).output)["disk_short"] == []
     assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"]).exit_code == 0
 
 
