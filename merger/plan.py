@@ -22,7 +22,7 @@ import numpy as np
 
 from merger import budget, chat, system
 from merger import device as merger_device
-from merger.assemble import Assembler, Key, OutTensor, Source
+from merger.assemble import Assembler, OutTensor, Source
 from merger.errors import ModelError, RecipeError
 from merger.files import SUPPORT_LIMIT
 from merger.hub import Hub
@@ -185,7 +185,7 @@ class Plan:
 
     def fusable(self, t: OutTensor) -> bool:
         """Whether the CPU engine merges t through the method's fused kernel (Merger._fusable, where numba
-        loads): float32 compute, one stored dtype among the models, every dtype one it handles."""
+        loads): float32 compute, every dtype one it handles (ingredients of several dtypes: widened)."""
         return self.spec.method.fused is not None and self.not_fused(t) is None
 
     @property
@@ -216,23 +216,15 @@ class Plan:
         mixed = len({s.info.dtype for s in t.sources}) > 1
         if self.device != "cpu" or not mixed or not t.merged or not self.fusable(t) or self.verbatim(t) is not None:
             return ()
-        first: dict[Key, Source] = {}
-        for s in t.sources:
-            if s.info.dtype != "F32":
-                first.setdefault(s.key, s)
-        return tuple(first.values())
+        ingredients = {s.key for s in t.sources}
+        return tuple(s for s in t.distinct if s.key in ingredients and s.info.dtype != "F32")
 
     @property
     def widening_memory(self) -> int:
         """Bytes of the engine's float32 copies of ingredients (widened), held for the whole run: the i-th
         copy of each tensor goes into the i-th buffer, grown to the largest tensor that needs it."""
-        sizes: list[int] = []
-        for t in self.tensors:
-            copies = len(self.widened(t))
-            sizes += [0] * (copies - len(sizes))
-            for i in range(copies):
-                sizes[i] = max(sizes[i], 4 * t.numel)
-        return sum(sizes)
+        copies = [[4 * t.numel] * len(self.widened(t)) for t in self.tensors]
+        return sum(max(buffer) for buffer in itertools.zip_longest(*copies, fillvalue=0))
 
     def verbatim(self, t: OutTensor) -> Source | None:
         """The input whose stored bytes are t's output bytes (Method.verbatim: passthrough at scale 1) where t

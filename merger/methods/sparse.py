@@ -117,6 +117,11 @@ def share(n: int, fraction: float) -> int:
 # --- whole-tensor statistics ---
 
 
+def _no_totals(count: int) -> tuple[list[float], list[int]]:
+    """Exact sums (as _ExactSums.results gives them) of `count` vectors that nothing was added to."""
+    return [0.0] * count, [0] * count
+
+
 class _ExactSums:
     """Exact sums of several vectors of non-negative floats, given chunk by chunk in any order: each value
     is an integer mantissa times a power of two, so int64 histograms of mantissas by exponent add without
@@ -154,7 +159,7 @@ class _ExactSums:
     def results(self) -> tuple[list[float], list[int]]:
         """The sums (inf where a value was inf or NaN), and how many values were inf or NaN, per vector."""
         if self.hist is None:
-            return [0.0] * self.n, [0] * self.n
+            return _no_totals(self.n)
         hist = self.hist.cpu().tolist()  # the one synchronisation
         out, nonfinite = [], []
         for h in hist:
@@ -417,7 +422,7 @@ def _scales(models: Sequence[Params], rescaled: Sequence[int], totals: tuple[lis
 def _rescale_state(task_vectors, models, params, state: SparseState, family: Family, seed: int) -> SparseState:
     n = len(models)
     rescaled = _rescaled(models, params, state.kept)
-    totals = [0.0] * (2 * n), [0] * (2 * n)
+    totals = _no_totals(2 * n)
     if rescaled:
         sums = _ExactSums(2 * n)
         offset = 0
@@ -674,7 +679,7 @@ def _fused_rescale_sums(xs, base, rescaled: list[int], k: _KernelState, run) -> 
 
     n = len(xs)
     if not rescaled or not base.size:
-        return [0.0] * (2 * n), [0] * (2 * n)
+        return _no_totals(2 * n)
     todo = np.zeros(n, np.bool_)
     todo[rescaled] = True
     # DARE's draws cost more than the bits that keep them: drawn once here, read back by the merge
@@ -708,7 +713,7 @@ def _fused_magprune(xs, base, models, shape, k: _KernelState, run):
     todo = k.kinds == sk.BY_ENTRY
     masks = np.zeros((n, (numel + 7) // 8), np.uint8) if todo.any() else np.zeros((1, 1), np.uint8)  # bits
     if not todo.any() or not numel:
-        return masks, ([0.0] * (2 * n), [0] * (2 * n))
+        return masks, _no_totals(2 * n)
     thresholds = np.zeros((n, length), np.uint64)
     positions = np.arange(length, dtype=np.float64)
     for i, m in enumerate(models):
