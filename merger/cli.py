@@ -28,14 +28,14 @@ def _domain_errors(fn):
             return fn(*args, **kwargs)
         except Interrupted as e:
             click.echo(f"error: {_printable(str(e))}", err=True)
-            sys.exit(130)
+            sys.exit(system.INTERRUPTED.exit_status)
         except MergerError as e:
             for problem in e.problems:
                 click.echo(f"error: {_printable(problem)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written to the output", err=True)
-            sys.exit(130)
+            sys.exit(system.INTERRUPTED.exit_status)
         except OSError as e:
             if system.INTERRUPTED.is_set():
                 raise _interrupted() from None
@@ -81,13 +81,13 @@ def _stdout_gone() -> None:
 
 def _interrupted() -> SystemExit:
     click.echo("error: interrupted; nothing was written to the output", err=True)
-    return SystemExit(130)
+    return SystemExit(system.INTERRUPTED.exit_status)
 
 
 def _interrupt(signum, frame):
     """SIGINT, SIGTERM, SIGHUP: stop as on Ctrl-C, keeping what is done, wherever the signal lands (but
     between the two halves of putting the output in place: system.interrupts_held)."""
-    system.interrupt()
+    system.interrupt(signum)
 
 
 @contextlib.contextmanager
@@ -99,11 +99,13 @@ def _signals_interrupt() -> Iterator[None]:
     # (SIGINT) ask for exactly that.
     signals = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
     previous = [signal.signal(s, _interrupt) for s in signals]
+    unraisable, sys.unraisablehook = sys.unraisablehook, system.unraisable_hook(sys.unraisablehook)
     try:
         yield
     finally:
         for s, handler in zip(signals, previous):
             signal.signal(s, handler)
+        sys.unraisablehook = unraisable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

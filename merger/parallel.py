@@ -15,10 +15,13 @@ import multiprocessing
 import os
 import re
 import signal
+import threading
 import time
 from datetime import timedelta
 from multiprocessing.connection import wait
 from pathlib import Path
+
+from tqdm import tqdm
 
 from merger import budget, system
 from merger.errors import MergerError, describe
@@ -62,6 +65,9 @@ def _worker(conn, parent: int, *args) -> None:
     """A --workers process: write its shards, send back ("ok", result) or ("error", exception). It ends
     with its parent, and leaves Ctrl-C to it (the parent ends its workers)."""
     system.die_with_parent(at_once=True, parent=parent)
+    # tqdm's default lock holds a named semaphore: a worker ended mid-merge (an interrupt, a failure) would
+    # leave it to the resource tracker, which warns of it on the terminal. A worker draws no bar of its own.
+    tqdm.set_lock(threading.RLock())
     try:
         result: tuple = ("ok", _write_part(*args))
     except BaseException as e:  # the parent raises it

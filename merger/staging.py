@@ -256,6 +256,7 @@ class Partial:
                     fsync_file(entry)
             fsync_dir(self.model)
         dest = self.dest
+        system.raise_if_interrupted()
         with system.interrupts_held():  # the swap and what it leaves behind, as one step
             if os.path.lexists(dest):
                 if not force:

@@ -1064,6 +1064,7 @@ def write_shards(
                     else:  # in pieces through the slots: on the CPU, or on the GPU a tensor too large whole
                         _in_pieces(merger, stages, out, shard, t)
                 merger.release(t)
+                system.raise_if_interrupted()
                 bar.update(merger.bytes_read - bar.n)
                 bar.set_postfix_str(f"{j + 1}/{len(todo)} tensors", refresh=False)
             out.drain()

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 @functools.cache
@@ -30,20 +30,59 @@ def libc() -> ctypes.CDLL | None:
         return None
 
 
-INTERRUPTED = threading.Event()  # set by the CLI's signal handler before it raises KeyboardInterrupt: code
-# that turns an exception into another (numba turns one raised while it loads a kernel into SystemError)
-# cannot then hide that the run was interrupted
+class _Interrupted(threading.Event):
+    """Set by the CLI's signal handler before it raises KeyboardInterrupt: code that turns an exception into
+    another (numba turns one raised while it loads a kernel into SystemError) cannot then hide that the run
+    was interrupted. signum: the first signal since it was last cleared (SIGINT where none: a Ctrl-C that
+    Python's own handler turned into KeyboardInterrupt)."""
+
+    signum: int = signal.SIGINT
+
+    def clear(self) -> None:
+        self.signum = signal.SIGINT
+        super().clear()
+
+    @property
+    def exit_status(self) -> int:
+        """What the interrupted command exits with: 128 + the signal's number, as a shell reports a process
+        that signal ended (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP), so a script or CI job can tell
+        which it was."""
+        return 128 + (self.signum if self.is_set() else signal.SIGINT)
+
+
+INTERRUPTED = _Interrupted()
 _held = threading.local()
 
 
-def interrupt() -> None:
+def interrupt(signum: int = signal.SIGINT) -> None:
     """What the CLI's handler of SIGINT, SIGTERM and SIGHUP does: raise KeyboardInterrupt in the main
     thread now, or, inside interrupts_held(), as soon as that section ends."""
+    if not INTERRUPTED.is_set():
+        INTERRUPTED.signum = signum
     INTERRUPTED.set()
     if getattr(_held, "depth", 0):
         _held.pending = True
         return
     raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise an interrupt that a library swallowed: the signal handler's KeyboardInterrupt, raised where C
+    code had called back into Python (numba's compiler does, through ctypes), is printed and dropped there,
+    and the run would go on to the end. Called between tensors and before the output is put in place."""
+    if INTERRUPTED.is_set() and not getattr(_held, "depth", 0):
+        raise KeyboardInterrupt
+
+
+def unraisable_hook(previous: Callable) -> Callable:
+    """sys.unraisablehook while signals interrupt: an interrupt dropped in a callback (above) is not
+    printed as a traceback, since raise_if_interrupted raises it again; anything else is as before."""
+
+    def hook(unraisable) -> None:
+        if not (issubclass(unraisable.exc_type, KeyboardInterrupt) and INTERRUPTED.is_set()):
+            previous(unraisable)
+
+    return hook
 
 
 @contextlib.contextmanager

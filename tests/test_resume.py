@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -100,7 +101,7 @@ def test_a_stopped_merge_resumes_where_it_stopped(family, tmp_path, signal_name,
     if signal_name == "SIGKILL":
         assert stopped.returncode == -9
     else:  # a clean stop: one line saying what is kept and how to go on
-        assert stopped.returncode == 130
+        assert stopped.returncode == 128 + getattr(signal, signal_name)  # as a shell reports it: 143 for SIGTERM
         assert stopped.stderr == (
             f"error: interrupted; {len(kept)} of {SHARDS} shards are done and kept in {partial}: run the same "
             "command again to resume (or delete it)\n"
@@ -116,6 +117,51 @@ def test_a_stopped_merge_resumes_where_it_stopped(family, tmp_path, signal_name,
     again = merger("apply", str(recipe), "-o", str(out))
     assert again.returncode == 0, again.stderr
     assert again.stdout.rstrip().endswith(f"; {len(kept)} of them kept from an interrupted run"), again.stdout
+    assert_resumed(out, kept, whole)
+
+
+SWALLOWED = """
+import ctypes, importlib, os, signal
+
+module, _, name = os.environ["SWALLOW_IN"].partition(":")
+owner = importlib.import_module(module)
+cls, _, method = name.partition(".")
+owner = getattr(owner, cls)
+_real = getattr(owner, method)
+_count = [0]
+
+
+@ctypes.CFUNCTYPE(None)
+def _callback():  # C calling back into Python, as numba's compiler does: what it raises is dropped
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def hooked(*args, **kwargs):
+    _count[0] += 1
+    if _count[0] == int(os.environ["SWALLOW_AT"]):
+        _callback()
+    return _real(*args, **kwargs)
+
+
+setattr(owner, method, hooked)
+"""
+
+
+@pytest.mark.parametrize(("where", "at"), [("merger.stream:Merger.release", 3), ("merger.staging:Partial.commit", 1)])
+def test_an_interrupt_a_callback_dropped_still_stops_the_merge(family, tmp_path, where, at):
+    """A signal whose KeyboardInterrupt is raised while C code has called back into Python (a ctypes
+    callback, as in numba's compiler) is dropped there: the merge still stops at the next tensor, or before
+    the output is put in place, with the one line and the signal's exit status, and no traceback."""
+    _, recipe, whole = family
+    out = tmp_path / "out"
+    env = hooked(tmp_path, SWALLOWED) | {"SWALLOW_IN": where, "SWALLOW_AT": str(at)}
+    stopped = merger("apply", str(recipe), "-o", str(out), "-q", env=env)
+    assert stopped.returncode == 128 + signal.SIGTERM and not out.exists(), stopped.stderr
+    assert stopped.stderr.startswith("error: interrupted; ") and stopped.stderr.count("\n") == 1, stopped.stderr
+    kept = kept_shards(tmp_path / ".out.merger-partial")
+    assert len(kept) == SHARDS if where.endswith("commit") else kept == [] or len(kept) < SHARDS
+    again = merger("apply", str(recipe), "-o", str(out), "-q")
+    assert again.returncode == 0, again.stderr
     assert_resumed(out, kept, whole)
 
 
@@ -211,6 +257,22 @@ def __call__(self, shard, path):
 
 staging.Finished.__call__ = __call__
 """
+
+
+def test_workers_interrupted_with_their_parent_leave_one_line(family, tmp_path):
+    """SIGTERM to a --workers merge: its workers are ended mid-shard, and the terminal gets the one line
+    (no warning of semaphores left behind, which tqdm's lock in a worker ended so used to print)."""
+    _, recipe, whole = family
+    out = tmp_path / "out"
+    term = KILL_THE_PARENT.replace("SIGKILL", "SIGTERM")
+    env = hooked(tmp_path, term) | {"PIDS": str(tmp_path / "pids")}
+    stopped = merger("apply", str(recipe), "-o", str(out), "-q", "--workers", "2", env=env)
+    assert stopped.returncode == 128 + signal.SIGTERM and not out.exists(), stopped.stderr
+    assert stopped.stderr.startswith("error: interrupted; ") and stopped.stderr.count("\n") == 1, stopped.stderr
+    kept = kept_shards(tmp_path / ".out.merger-partial")
+    again = merger("apply", str(recipe), "-o", str(out), "-q", "--workers", "2")
+    assert again.returncode == 0, again.stderr
+    assert_resumed(out, kept, whole)
 
 
 def test_workers_die_with_their_parent_and_their_shards_are_resumed(family, tmp_path):
