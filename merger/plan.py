@@ -351,8 +351,8 @@ class Plan:
             engine = len(stored) * csize + max(cast, default=0)
             buffers = len(stored) + 1
         result = 2 * DTYPES[t.dtype][1]
-        # whole matrices or masks, whatever the piece
-        gathered = (
+        # whole matrices or masks, whatever the piece; per-row statistics, whole or not
+        gathered = footprint.row_bytes(models, _rows(t)) + (
             0 if whole else (footprint.held_whole * csize + footprint.held_whole_masks_per_model * models) * t.numel
         )
         phases = [(engine + footprint.bytes_per_entry(models, csize) + result, gathered)]
@@ -360,6 +360,8 @@ class Plan:
             vectors = models * csize if whole else 0  # fn makes them whole; in pieces they are the loaded inputs
             # beside the previous tensor's result, still on its way back
             held = engine + vectors + DTYPES[t.dtype][1]
+            gathered += 0 if whole else footprint.prepare_whole * csize * t.numel  # DELLA's magnitudes
+            gathered += footprint.block_bytes(tuple(t.shape))
             phases.append(
                 (held + footprint.prepare_bytes_per_entry(csize), footprint.fixed_per_model * models + gathered)
             )
@@ -446,7 +448,8 @@ class Plan:
         footprint, models = self.spec.method.gpu, len(t.sources)
         words = footprint.held_whole + (footprint.prepare_whole if self.spec.method.prepare is not None else 0)
         per_entry = words * csize + footprint.held_whole_masks_per_model * models
-        return per_entry * t.numel + footprint.fixed_per_model * models
+        fixed = footprint.fixed_per_model * models + footprint.block_bytes(tuple(t.shape))
+        return per_entry * t.numel + fixed + footprint.row_bytes(models, _rows(t))
 
     @property
     def peak_gpu_memory(self) -> int:
@@ -749,6 +752,11 @@ def check_support_files(plan: Plan, model: LocalModel, fetched: bool = False) ->
             )
         if name in SUPPORT_JSON and (model.remote is None or fetched):
             read_support(model, name)
+
+
+def _rows(t: OutTensor) -> int:
+    """t's rows: its entries over its last dimension's (one for a vector or a scalar)."""
+    return t.numel // t.shape[-1] if len(t.shape) >= 2 and t.shape[-1] else 1
 
 
 def layout(tensors: list[OutTensor], shard_size: int) -> list[Shard]:

@@ -369,6 +369,47 @@ def test_gpu_estimate_bounds_what_each_method_holds(models, method, n, cuda_on_c
     assert_bounds(plan.gpu_bytes(w, piece), held_in_pieces(plan, w, piece, monkeypatch), "w in pieces")
 
 
+OTHERS = {  # the other built-in methods (interpolation's and subspace's have tests of their own):
+    # the recipe's lines before its models, each model's parameters, how many models
+    "passthrough": ("merge_method: passthrough\n", "", 1),
+    "dare_linear": ("merge_method: dare_linear\nbase_model: {base}\n", "weight: 0.7, density: 0.4", 3),
+    "dare_ties": ("merge_method: dare_ties\nbase_model: {base}\n", "weight: 0.7, density: 0.4", 3),
+    "breadcrumbs": ("merge_method: breadcrumbs\nbase_model: {base}\n", "density: 0.8, gamma: 0.05", 3),
+    "breadcrumbs_ties": ("merge_method: breadcrumbs_ties\nbase_model: {base}\n", "density: 0.8, gamma: 0.05", 2),
+    "della": ("merge_method: della\nbase_model: {base}\n", "density: 0.4, epsilon: 0.1", 3),
+    "della_linear": ("merge_method: della_linear\nbase_model: {base}\n", "density: 0.4, epsilon: 0.1", 2),
+    "sce": ("merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.5}}\n", "weight: 0.7", 3),
+    "model_stock": ("merge_method: model_stock\nbase_model: {base}\n", "", 3),
+    "model_stock-rows": ("merge_method: model_stock\nbase_model: {base}\nparameters: {{filter_wise: true}}\n", "", 3),
+    "arcee_fusion": ("merge_method: arcee_fusion\nbase_model: {base}\n", "", 1),
+    "ram": ("merge_method: ram\nbase_model: {base}\n", "", 3),
+    "ramplus_tl": ("merge_method: ramplus_tl\nbase_model: {base}\n", "", 2),
+}
+
+
+@pytest.mark.parametrize("method", sorted(OTHERS))
+def test_gpu_estimate_bounds_what_the_other_methods_hold(models, method, cuda_on_cpu, monkeypatch):
+    """The methods beside the first four: Plan.gpu_bytes is at least what merging holds on the GPU at its peak,
+    whole (w; 'small', where the sizes that do not grow with the tensor weigh most; 'same', a task vector of
+    zeros for arcee_fusion's single model) and in pieces of two sizes (DELLA's magnitudes and keep masks, and
+    the per-row statistics, stay whole), and whole at most half as much again. In pieces some estimates are
+    looser (passthrough's counts a product its scale of 1 does not make)."""
+    header, params, n = OTHERS[method]
+    entries = ", ".join(
+        f"{{model: {models / f'ft{i}'}" + (f", parameters: {{{params}}}}}" if params else "}") for i in range(n)
+    )
+    plan = build_plan(parse_recipe(header.format(base=models / "base") + f"models: [{entries}]\n"), device="cpu")
+    plan.device = "cuda"
+    tensors = {t.name: t for t in plan.tensors}
+    for name in ("w", "small", "same"):
+        estimate, held = plan.gpu_bytes(tensors[name]), held_whole(plan, tensors[name])
+        assert held <= estimate, f"{name} whole: estimated {estimate} bytes, held {held}"
+    assert_bounds(plan.gpu_bytes(tensors["w"]), held_whole(plan, tensors["w"]), "w whole")
+    for piece in (50_000, 8192):
+        estimate, held = plan.gpu_bytes(tensors["w"], piece), held_in_pieces(plan, tensors["w"], piece, monkeypatch)
+        assert held <= estimate, f"w in pieces of {piece}: estimated {estimate} bytes, held {held}"
+
+
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties"])
 def test_gpu_estimate_bounds_what_float64_merges_hold(models, method, cuda_on_cpu, monkeypatch):
     """compute_dtype float64: twice the bytes per buffer, the same masks (and TIES's radix digits in

@@ -189,6 +189,21 @@ class GpuFootprint:
     held_whole: int = 0
     held_whole_masks_per_model: int = 0  # bytes per entry of the whole tensor per model, so held (DELLA's keep masks)
     prepare_whole: int = 0  # words per entry of the whole tensor prepare alone holds so (DELLA: a model's magnitudes)
+    # bytes per row of the whole tensor (an entry of its last dimension's), given the models, that prepare and
+    # fn hold whatever the pieces: per-row statistics (model_stock's exact sums, arcee_fusion's KL divergences)
+    per_row: Callable[[int], int] | None = None
+
+    # bytes prepare holds throughout given the tensor's shape, whatever the pieces and the models: DELLA ranks a
+    # block of fibers (whose size follows from the fibers'), one model at a time; SCE selects among one vector
+    prepare_block: Callable[[tuple[int, ...]], int] | None = None
+
+    def block_bytes(self, shape: tuple[int, ...]) -> int:
+        """What prepare_block comes to for a tensor of this shape."""
+        return self.prepare_block(shape) if self.prepare_block is not None else 0
+
+    def row_bytes(self, models: int, rows: int) -> int:
+        """What per_row comes to for a tensor of `rows` rows."""
+        return self.per_row(models) * rows if self.per_row is not None else 0
 
     def bytes_per_entry(self, models: int, itemsize: int) -> int:
         """fn's bytes per entry of the tensor."""

@@ -486,6 +486,7 @@ def arcee_fusion_prepare(
         p = exps(offset, x, 0).mul_(_per_entry(inverse[0], offset, x.numel(), cols)).add_(_KL_EPS)
         q = exps(offset, b, 1).mul_(_per_entry(inverse[1], offset, x.numel(), cols)).add_(_KL_EPS)
         divergence.add(0, p.mul_(log_(torch.div(p, q, out=q))).mul_(2.0**-_KL_BOUND), offset)
+        del p, q  # not held through the quartiles' selection below
     # A KL divergence is >= 0; a rounding below 0 would rank below every importance of 0. abs: no -0.0.
     kl = (divergence.result()[0] * 2.0**_KL_BOUND).clamp_(min=0).abs_().to(dtype)
     # A row holding NaN or +inf (or only -inf) has no softmax: NaN, which the quartiles refuse (NaNTaskVector).
@@ -706,9 +707,10 @@ METHODS: tuple[Method, ...] = (
         prepare=model_stock_prepare,
         fused=model_stock_fused,
         cpu_ns=3.0,  # measured 2.35 (per tensor) to 2.6 (filter_wise) ns per entry and model, 3 models
-        # fn: the mean, t spread over the entries, (1 - t) * base. prepare: a float64 product of two scaled
-        # task vectors (two words of float32), its high limb as float64 and as int64, then its low limb.
-        gpu=GpuFootprint(words=3, prepare_words=8),
+        # fn: the mean, t spread over the entries, (1 - t) * base. prepare: the chunk's not-finite flags (int64),
+        # two task vectors scaled in float64 and their product, its high limb as float64 and as int64 (twelve
+        # words of float32); per row (filter_wise), each pair's sums in two int64 limbs, the flags' count and t.
+        gpu=GpuFootprint(words=3, prepare_words=12, per_row=lambda n: 16 * (n * (n + 1) // 2) + 24),
     ),
     Method(
         name="arcee_fusion",
@@ -725,13 +727,16 @@ METHODS: tuple[Method, ...] = (
         fused=arcee_fusion_fused,
         bands=(0, 3),  # the importances' quartiles
         cpu_ns=4.2,  # one_thread.py's figure, plus the writer's copy (README, Performance)
-        # fn: x - base, the importance, the KL spread over the entries; the mask. prepare: float64 p and p / q
-        # (four words of float32) and log_'s six float64 temporaries (twelve); the radix select's buffers.
+        # fn: x - base, the importance, the KL spread over the entries; the mask. prepare: float64 p (two words
+        # of float32) beside q's exp_diff, whose exp_ holds nine float64 temporaries and the table's two (22:
+        # tests/test_gpu_memory.py counts them); the radix select's buffers. Per row: the peaks, exact sums in
+        # two int64 limbs (normalisers, divergence) and their float64 results, the KL.
         gpu=GpuFootprint(
             words=3,
             masks=1,
-            prepare_words=16,
+            prepare_words=21,
             prepare_masks=1,
+            per_row=lambda n: 128,
             fixed_per_model=3 * 8 * ((1 << 16) + 1024) + 512,
             settle_per_model=9 * (8 * ((1 << 16) + 1024) + 512),
         ),

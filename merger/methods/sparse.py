@@ -826,21 +826,36 @@ _OUTLIERS = GpuFootprint(
     fixed_per_model=2 * _RADIX + 2 * _SUMS,
     settle_per_model=2 * 3 * _RADIX,
 )
+
+
+def _ranked_block(shape: tuple[int, ...]) -> int:
+    """Bytes _magprune_masks' ranking of a block of fibers holds (its argsort's temporaries, 40 bytes an entry):
+    as many whole fibers as DELLA_BLOCK holds, at least one."""
+    numel = math.prod(shape)
+    a, fiber = (1, numel) if len(shape) <= 1 else (shape[0], numel // max(1, shape[0]))
+    return 40 * min(a, max(1, DELLA_BLOCK // max(1, fiber))) * fiber
+
+
 # DELLA keeps each model's mask (a byte an entry, counted as a word) from prepare to fn; prepare holds one
-# model's magnitudes and up to four masks in its two words, and ranks DELLA_BLOCK entries at a time.
+# model's magnitudes and up to four masks in its two words, and ranks a block of fibers at a time.
 _MAGPRUNE = GpuFootprint(
-    words=3, per_model=2, masks=1, prepare_words=2, prepare_masks=1, fixed_per_model=40 * DELLA_BLOCK + 2 * _SUMS,
+    words=3, per_model=2, masks=1, prepare_words=2, prepare_masks=1, fixed_per_model=2 * _SUMS,
     held_whole_masks_per_model=1,  # the keep masks prepare leaves for fn: the whole tensor's, however small the pieces
-    prepare_whole=1,  # the magnitudes of the model it ranks, whole: a fiber may span chunks (counted on the CPU)
+    prepare_whole=1,  # the magnitudes of the model it ranks, whole: a fiber may span chunks
+    prepare_block=_ranked_block,
 )  # fmt: skip
+# SCE selects among one vector, the variances across the models: a histogram pass holds one radix histogram,
+# picking a digit three (task_vectors.TIES), whatever the models. Its sums are of squares in float64: a kept
+# task vector's squares and their exponents, fractions and shifted fractions (eight words of float32), into
+# float64's histograms.
 _VARIANCE = GpuFootprint(
     words=7,
     per_model=1,
     masks=3,
-    prepare_words=5,
+    prepare_words=8,
     prepare_masks=1,
-    fixed_per_model=_RADIX + _SUMS,
-    settle_per_model=3 * _RADIX,
+    fixed_per_model=3 * 2048 * 8 + 512,
+    prepare_block=lambda shape: 3 * _RADIX,
 )
 
 _RANDOM, _RANDOM_TIES = Family("random", False), Family("random", True)
