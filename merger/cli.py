@@ -90,10 +90,18 @@ def _interrupt(signum, frame):
     system.interrupt(signum)
 
 
+_COMMAND_LINE = "merger's own process"  # click's obj where main() runs the command (not a test runner)
+
+
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    """Ctrl-C, kill (SIGTERM) and a terminal that went away (SIGHUP) interrupt `merger apply` alike;
-    the handlers are the caller's again afterwards (a test runner, a notebook)."""
+    """Ctrl-C, kill (SIGTERM) and a terminal that went away (SIGHUP) interrupt `merger apply` alike.
+    Afterwards the handlers are the caller's again (a test runner, a notebook); in merger's own process they
+    stay, and a signal as it exits leaves the command's exit status alone (INTERRUPTED.finish): Python's
+    handler would raise KeyboardInterrupt wherever it landed, in click or at shutdown ("Aborted!", a
+    traceback, exit 1 for a merge that is in place)."""
+    ctx = click.get_current_context(silent=True)
+    own = ctx is not None and ctx.find_root().obj is _COMMAND_LINE
     system.INTERRUPTED.clear()
     # A signal the parent set to be ignored stays ignored: `nohup` (SIGHUP) and a shell's background job
     # (SIGINT) ask for exactly that.
@@ -103,9 +111,12 @@ def _signals_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in zip(signals, previous):
-            signal.signal(s, handler)
-        sys.unraisablehook = unraisable
+        if own:
+            system.INTERRUPTED.finish()
+        else:
+            for s, handler in zip(signals, previous):
+                signal.signal(s, handler)
+            sys.unraisablehook = unraisable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -272,34 +283,59 @@ def _apply(
         summary = greedy_soup(
             plan, dest, force=force, progress=progress, workers=workers, log=log, lock=lock, lock_name=locked
         )
-        if not quiet and not as_json:
-            with _printing(str(dest)):
-                click.echo(format_table(summary["greedy_soup"]))
+        table = None if quiet or as_json else format_table(summary["greedy_soup"])
     else:
         summary = write_model(
             plan, dest, force=force, progress=progress, workers=workers, low_disk=low_disk, lock=lock, lock_name=locked
         )
+        table = None
     if summary is None:  # a non-zero rank of a distributed launch: rank 0 reports (and publishes)
         return
-    summary["notes"] = plan.spec.source.notes
-    if target:
-        upload = publish.prepare(
-            dest, target.repo_id, private=target.private, revision=target.revision, commit_message=target.commit_message
-        )
-        try:
-            summary["published"] = publish.push(upload, api)
-        except publish.PublishError as e:
-            out = summary["output"]
-            if as_json:  # the merge's summary all the same, for a pipeline that reads it
-                try:
-                    click.echo(json.dumps(summary | {"published": None, "publish_error": str(e)}, indent=2))
-                except OSError:  # nobody reads it: the error below is what matters
-                    _stdout_gone()
-            raise publish.PublishError(
-                f"{e}; the merged model is in {out}: publish it with `merger push {out} {target.repo_id}`"
-            ) from None
-    with _printing(summary["output"]):
-        _report(summary, as_json, quiet, bool(target))
+    with _in_place(summary["output"]):
+        if table is not None:
+            with _printing(str(dest)):
+                click.echo(table)
+        summary["notes"] = plan.spec.source.notes
+        if target:
+            with _in_place(summary["output"], f": publish it with `merger push {summary['output']} {target.repo_id}`"):
+                summary["published"] = _publish(summary, dest, target, api, as_json)
+        with _printing(summary["output"]):
+            _report(summary, as_json, quiet, bool(target))
+
+
+@contextlib.contextmanager
+def _in_place(output: str, hint: str = "") -> Iterator[None]:
+    """Once the merge is in place, an interrupt says so (and `hint`: what is left to do), never that nothing
+    was written."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the merge is complete and in place at {output}{hint}") from None
+    except Exception:
+        if system.INTERRUPTED.is_set():  # an interrupt that a library turned into another error
+            raise Interrupted(f"interrupted; the merge is complete and in place at {output}{hint}") from None
+        raise
+
+
+def _publish(summary: dict, dest: Path, target, api, as_json: bool) -> str:
+    """Publish the merged model to the recipe's hub: target; returns where it went."""
+    from merger import publish
+
+    upload = publish.prepare(
+        dest, target.repo_id, private=target.private, revision=target.revision, commit_message=target.commit_message
+    )
+    try:
+        return publish.push(upload, api)
+    except publish.PublishError as e:
+        out = summary["output"]
+        if as_json:  # the merge's summary all the same, for a pipeline that reads it
+            try:
+                click.echo(json.dumps(summary | {"published": None, "publish_error": str(e)}, indent=2))
+            except OSError:  # nobody reads it: the error below is what matters
+                _stdout_gone()
+        raise publish.PublishError(
+            f"{e}; the merged model is in {out}: publish it with `merger push {out} {target.repo_id}`"
+        ) from None
 
 
 def _report(summary: dict, as_json: bool, quiet: bool, published: bool) -> None:
@@ -308,7 +344,7 @@ def _report(summary: dict, as_json: bool, quiet: bool, published: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
         click.echo(
-            f"merged {summary['tensors']} tensors with {summary['method']} into {summary['output']} "
+            f"merged {summary['tensors']} tensors with {summary['method']} into {_printable(summary['output'])} "
             f"({summary['shards']} shards, {sized(summary['bytes_written'])}) in {summary['seconds']:.1f} s"
             + (
                 f"; {summary['shards_resumed']} of them kept from an interrupted run"
@@ -578,6 +614,8 @@ def _resume_line(partial, shards: int) -> str:
         return f"another merger is writing it now ({partial.path})"
     if partial.state == "stale":
         return f"an interrupted merge of other inputs or another recipe left {partial.path}; apply starts over"
+    if partial.state == "in the way":
+        return f"{partial.path} is in the way (not a merger partial output): apply refuses to start; remove it"
     return (
         f"an interrupted merge left {len(partial.done)} of {shards} shards ({sized(partial.done_bytes)}) in "
         f"{partial.path}; apply keeps them and writes the rest"
@@ -615,8 +653,8 @@ def _show_upload(upload, repo_id: str, where: str, private: bool) -> None:
         f"would upload {len(upload.files)} files ({sized(upload.nbytes)}) to {repo_id} ({where}"
         f"{', created private if missing' if private else ''}) with message {upload.commit_message!r}:"
     )
-    for name, size in upload.files:
-        click.echo(f"  {name}  {sized(size)}")
+    for name, size in upload.files:  # a name may hold a newline: shown escaped, one line per file
+        click.echo(f"  {_printable(name)}  {sized(size)}")
 
 
 @cli.command()
@@ -682,7 +720,8 @@ def _describe_params(model) -> list[dict]:
 
 def main() -> None:
     try:
-        cli()
+        with _printing():  # --help or --version to a stdout that cannot take it (the commands see to their own)
+            cli(obj=_COMMAND_LINE)
     finally:
         # Python's last collection at exit walks every object numba, numpy and torch made, to free what
         # the process is about to give back anyway: 0.15-0.19 s of each run (measured), 0.02 s frozen.

@@ -31,6 +31,9 @@ from merger.errors import ModelError
 
 SUPPORT_LIMIT = 128 << 20  # bytes: the largest config, tokenizer, index or card read from an input
 # (the largest tokenizer.json on the Hub are ~35 MB)
+CONFIG_LIMIT = 4 << 20  # bytes: the largest model config (config.json and its kind: a few KB as published). Python
+# holds a parsed JSON value in about 70 bytes: an 80 MB config of small lists took 5.8 GB and 6 minutes.
+CONFIGS = frozenset({"config.json", "generation_config.json", "preprocessor_config.json"})
 JSON_DEPTH = 64  # nesting of the JSON merger reads (real configs and tokenizers nest under 10 deep)
 
 
@@ -243,6 +246,11 @@ def _sha256(f: BinaryIO, stop: threading.Event | None = None) -> str:
             raise Stopped
         h.update(view[:n])
     return h.hexdigest()
+
+
+def support_limit(name: str) -> int:
+    """The most bytes merger reads of the support file `name` from an input."""
+    return CONFIG_LIMIT if name in CONFIGS else SUPPORT_LIMIT
 
 
 def parse_json(raw: bytes, what: str, *, unique_keys: bool = False, depth: bool = True) -> object:

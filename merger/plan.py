@@ -24,7 +24,7 @@ from merger import budget, chat, system
 from merger import device as merger_device
 from merger.assemble import Assembler, OutTensor, Source
 from merger.errors import ModelError, RecipeError
-from merger.files import SUPPORT_LIMIT
+from merger.files import support_limit
 from merger.hub import Hub
 from merger.layers import find_stacks, natural_key, stack_of
 from merger.methods import TensorContext
@@ -734,7 +734,7 @@ def _open_models(spec: MergeSpec, hub: Hub | None, opened: dict[str, LocalModel]
 
 def check_support_files(plan: Plan, model: LocalModel, fetched: bool = False) -> None:
     """The files besides the weights that the merge reads from `model` (Plan.support_names): regular
-    files inside its folder, of at most SUPPORT_LIMIT bytes, and JSON ones well formed
+    files inside its folder, of at most files.support_limit bytes, and JSON ones well formed
     (sources.read_support). For a Hub model, the sizes it lists, then (`fetched`) the files themselves."""
     for name in plan.support_names(model):
         if model.remote is not None:
@@ -746,9 +746,9 @@ def check_support_files(plan: Plan, model: LocalModel, fetched: bool = False) ->
             if st is None:
                 continue
             size = st.st_size
-        if size > SUPPORT_LIMIT:
+        if size > support_limit(name):
             raise ModelError(
-                f"'{model.ref}': {name} is {size} bytes, more than the {SUPPORT_LIMIT} merger reads of such a file"
+                f"'{model.ref}': {name} is {size} bytes, more than the {support_limit(name)} merger reads of such a file"
             )
         if name in SUPPORT_JSON and (model.remote is None or fetched):
             read_support(model, name)

@@ -19,7 +19,7 @@ import numpy as np
 
 from merger import system
 from merger.errors import ModelError
-from merger.files import Folder, check_name, parse_json
+from merger.files import Folder, check_name, parse_json, support_limit
 
 if TYPE_CHECKING:
     import torch
@@ -217,7 +217,7 @@ SUPPORT_JSON = {
 def read_support(model: LocalModel, name: str) -> tuple[bytes, object]:
     """A support file's bytes, read once, and for SUPPORT_JSON its parsed content (checked as above;
     None for other files): what is checked is what is copied."""
-    raw = model.folder.read_bytes(name)
+    raw = model.folder.read_bytes(name, support_limit(name))
     if name not in SUPPORT_JSON:
         return raw, None
     data = parse_json(raw, f"'{model.ref}': {name}")

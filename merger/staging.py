@@ -99,8 +99,9 @@ def fingerprint(plan: Plan) -> str:
 
 
 def _record(st: os.stat_result) -> dict[str, int]:
-    """What the record of a finished shard says of its file, and what a later run checks it against."""
-    return {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
+    """What the record of a finished shard says of its file, and what a later run checks it against: the
+    change time too, which a write that puts the size and mtime back (os.utime) cannot put back."""
+    return {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
 def _version(package: str) -> str | None:
@@ -129,7 +130,7 @@ class Resume:
     """What a partial output of `dest` holds, as `merger plan` reports it."""
 
     path: Path
-    state: str  # "resumable", "stale" (another recipe or changed inputs: apply starts over), "busy"
+    state: str  # "resumable", "stale" (another recipe or changed inputs: apply starts over), "busy", "in the way"
     done: list[str]  # finished shards that would be kept
     done_bytes: int
 
@@ -143,9 +144,11 @@ def inspect(plan: Plan, dest: Path) -> Resume | None:
         fd = _lock(path)
     except BlockingIOError:
         return Resume(path, "busy", [], 0)
-    except OSError as e:
-        return Resume(path, f"in the way ({describe(e)}): apply will refuse to use it", [], 0)
+    except OSError:  # a link, a file: not a directory merger made
+        return Resume(path, "in the way", [], 0)
     try:
+        if not _made_by_merger(path):  # what Partial refuses to use: somebody's folder of that name
+            return Resume(path, "in the way", [], 0)
         if _state(path).get("fingerprint") != fingerprint(plan):
             return Resume(path, "stale", [], 0)
         done = [plan.shards[i] for i in _verified(path, plan)]

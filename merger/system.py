@@ -37,10 +37,18 @@ class _Interrupted(threading.Event):
     Python's own handler turned into KeyboardInterrupt)."""
 
     signum: int = signal.SIGINT
+    over = False  # the command's work is done (finish): a signal no longer interrupts it
 
     def clear(self) -> None:
         self.signum = signal.SIGINT
+        self.over = False
         super().clear()
+
+    def finish(self) -> None:
+        """The command line's command is done and its process exits with the command's own status: a signal
+        from now on leaves that status alone (the output is complete, or the error said), and a second one of
+        the same kind ends the process at once, as if merger had no handler (a shutdown that hangs)."""
+        self.over = True
 
     @property
     def exit_status(self) -> int:
@@ -57,6 +65,9 @@ _held = threading.local()
 def interrupt(signum: int = signal.SIGINT) -> None:
     """What the CLI's handler of SIGINT, SIGTERM and SIGHUP does: raise KeyboardInterrupt in the main
     thread now, or, inside interrupts_held(), as soon as that section ends."""
+    if INTERRUPTED.over:
+        signal.signal(signum, signal.SIG_DFL)
+        return
     if not INTERRUPTED.is_set():
         INTERRUPTED.signum = signum
     INTERRUPTED.set()

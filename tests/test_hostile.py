@@ -281,6 +281,19 @@ def test_a_huge_support_file_is_refused_unread(workdir):
     assert time.monotonic() - started < 5
 
 
+def test_a_config_far_larger_than_any_published_is_refused_unparsed(workdir):
+    """config.json is a few KB as published: one of 5 MB (here of many small values, which Python parses into
+    about 70 bytes each: an 80 MB one took 5.8 GB and minutes) is refused before it is parsed."""
+    config = json.loads(Path("base/config.json").read_text()) if Path("base/config.json").exists() else {}
+    config["padding"] = [[0]] * (1 << 20)
+    Path("base/config.json").write_text(json.dumps(config, separators=(",", ":")))
+    size = Path("base/config.json").stat().st_size
+    assert size > 4 << 20
+    started = time.monotonic()
+    assert f"config.json is {size} bytes, more than the 4194304 merger reads of such a file" in run_bad(GOOD)
+    assert time.monotonic() - started < 5
+
+
 def run_merger(*args: str, cwd: Path, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "merger", *args], capture_output=True, text=True, cwd=cwd, env=os.environ | (env or {}),

@@ -118,6 +118,17 @@ def test_push_dry_run_contacts_nothing(workdir, api):
     assert api.calls == []
 
 
+def test_names_holding_control_characters_are_shown_escaped(workdir, api):
+    """A file named with a newline cannot add a line of its own to the dry run's listing (one that names a
+    file that is not the one uploaded), nor an output path to the merge's summary line."""
+    Path("recipe.yaml").write_text(RECIPE)
+    merged = run("apply", "recipe.yaml", "-o", "o\nx").stdout
+    assert merged.startswith(f"merged 2 tensors with linear into {workdir}/o\\nx (") and merged.count("\n") == 1
+    Path("o\nx", "a\n  merger.lock.json  3 KB").write_text("")
+    out = run("push", "o\nx", "me/merged", "--dry-run").stdout.splitlines()
+    assert "  a\\n  merger.lock.json  3 KB  0 B" in out and len(out) == 7
+
+
 def test_recipe_hub_section_publishes_after_the_merge(workdir, api):
     Path("recipe.yaml").write_text(RECIPE + HUB)
     out = run("apply", "recipe.yaml").stdout

@@ -66,6 +66,16 @@ def test_a_stdout_that_cannot_be_written_says_the_merge_is_done(recipe, workdir)
     assert (workdir / "out" / "merger.lock.json").is_file()
 
 
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["apply", "--help"]])
+def test_help_to_a_stdout_that_cannot_take_it_is_one_line(workdir, args):
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "merger", *args], cwd=workdir, stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert done.returncode == 1
+    assert done.stderr == "error: cannot write to standard output: No space left on device\n"
+
+
 def test_a_closed_stderr_does_not_stop_a_merge(recipe, workdir):
     done = merger("apply", "recipe.yaml", cwd=workdir)
     closed = subprocess.run(
