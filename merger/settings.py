@@ -12,6 +12,7 @@ layers, or filters on the tensor's name (mergekit's forms).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ Setting = Any  # a value, a list of numbers, or a list of {filter, value} mappin
 
 
 def is_gradient(setting: Setting) -> bool:
-    return isinstance(setting, list) and bool(setting) and all(_is_number(v) for v in setting)
+    return isinstance(setting, list) and bool(setting) and all(_is_number(v) or _scientific(v) for v in setting)
 
 
 def is_filters(setting: Setting) -> bool:
@@ -28,6 +29,19 @@ def is_filters(setting: Setting) -> bool:
 
 def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# YAML 1.1 (PyYAML) reads a float only with a dot: `1e-4` is a string, which mergekit takes as the number
+_SCIENTIFIC = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def _scientific(v: object) -> bool:
+    return isinstance(v, str) and _SCIENTIFIC.fullmatch(v) is not None
+
+
+def _point(v: Any) -> float:
+    """A gradient's point as a number (one written in scientific notation without a dot: a string)."""
+    return float(v) if isinstance(v, str) else v
 
 
 def at(setting: Setting, name: str, t: float) -> Any | None:
@@ -44,7 +58,8 @@ def at(setting: Setting, name: str, t: float) -> Any | None:
         i = min(int(math.floor(scaled)), len(setting) - 1)
         j = min(i + 1, len(setting) - 1)
         frac = scaled - i
-        return setting[i] if frac == 0 else (1 - frac) * setting[i] + frac * setting[j]
+        a, b = _point(setting[i]), _point(setting[j])
+        return a if frac == 0 else (1 - frac) * a + frac * b
     return setting
 
 

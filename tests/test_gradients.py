@@ -71,6 +71,27 @@ def test_a_top_level_gradient_weights_each_layer_by_its_place(tmp_path, models, 
         torch.testing.assert_close(got[name], (w * a[name].double() + b[name].double()).float(), msg=name)
 
 
+def test_points_in_scientific_notation_are_numbers_as_mergekit_reads_them(tmp_path, models):
+    """PyYAML reads `1e-1` (no dot) as a string; mergekit takes it as the number, in a gradient too (its
+    evaluate_setting), so a config that writes gradients so runs unchanged."""
+    got = merged(
+        tmp_path,
+        "merge_method: linear\ndtype: float32\n"
+        "models: [{model: {root}/a, parameters: {weight: [1e-1, 0.5, 2E+0]}},\n"
+        "  {model: {root}/b, parameters: {weight: [{filter: mlp, value: [5e-1, 1e-1]}, {value: 1}]}}]\n"
+        "parameters: {normalize: false}\n",
+    )
+    a, b = models["a"], models["b"]
+    for name in NAMES:
+        wa = gradient([0.1, 0.5, 2.0], place(name))
+        wb = gradient([0.5, 0.1], place(name)) if "mlp" in name else 1.0
+        want = (wa * a[name].double() + wb * b[name].double()).float()
+        torch.testing.assert_close(got[name], want, msg=name)
+    assert (
+        settings.problem(["1e-4", "x"]) == "a list is either numbers (a gradient) or {filter, value} entries, not a mix"
+    )
+
+
 def test_filters_with_gradients_per_model_over_the_top_level(tmp_path, models):
     """Model a: mlp tensors along a gradient, attention ones 3, the others fall through to the top level
     (2); model b has none of its own: the top level's filters, and its default outside them."""
