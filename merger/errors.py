@@ -30,6 +30,14 @@ class ModelError(MergerError):
     """A model reference cannot be used: missing, unreadable, or inconsistent with the others."""
 
 
+class InputChanged(ModelError):
+    """An input's weight file changed after merger read its header: the shards done were merged partly from
+    the old bytes, and a run again would start over (its inputs are not the ones recorded), so they are
+    not kept (recurs)."""
+
+    recurs = True
+
+
 class OutputError(MergerError):
     """The output cannot be written or replaced (an existing directory in the way, a full disk)."""
 

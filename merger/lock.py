@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from merger import __version__, hashes, system
-from merger.errors import MergerError, ModelError
+from merger.errors import InputChanged, MergerError, ModelError
 from merger.files import SUPPORT_LIMIT, parse_json, read_user_file
 from merger.hub import short_hash
 from merger.plan import Plan
@@ -181,7 +181,7 @@ def record(
         digest, st = hashes.hashed(model.folder, name, stop)
         seen = model.stamps.get(model.path / name)  # a weight file: the one the merge maps
         if seen is not None and not same_file(seen, stamp(st)):
-            raise ModelError(f"'{model.ref}': {name} changed after merger read its header; run the command again")
+            raise InputChanged(f"'{model.ref}': {name} changed after merger read its header; run the command again")
         return {"sha256": digest, "size": st.st_size}
     weight = any(model.name_of(f) == name for f in model.files)
     if (model.path / name).exists() and (hub_weights or not weight):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 import numpy as np
 
 from merger import system
-from merger.errors import ModelError
+from merger.errors import InputChanged, ModelError
 from merger.files import Folder, check_name, parse_json, support_limit
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class LocalModel:
         listed = self.remote.files[name].size if self.remote and name in self.remote.files else None
         if (seen is not None and not same_file(seen, now)) or (seen is None and listed not in (None, now[0])):
             f.close()
-            raise ModelError(f"'{self.ref}': {name} changed after merger read its header; run the command again")
+            raise InputChanged(f"'{self.ref}': {name} changed after merger read its header; run the command again")
         return f
 
     def check_unchanged(self) -> None:
@@ -185,7 +185,7 @@ class LocalModel:
             except OSError:
                 now = None
             if now is None or not same_file(seen, now):
-                raise ModelError(
+                raise InputChanged(
                     f"'{self.ref}': {self.name_of(file)} changed while merger merged it; run the command again"
                 )
 
