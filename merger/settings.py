@@ -3,7 +3,8 @@ layers, or filters on the tensor's name (mergekit's forms).
 
 - a value: `weight: 0.5`
 - a gradient: `weight: [0, 0.5, 1]`, a list of numbers interpolated piecewise linearly over the
-  layer's position t in [0, 1] (the list's points spread evenly over it);
+  layer's position t in [0, 1] (the list's points spread evenly over it); a list of other values
+  (`normalize: [true, false]`) is not interpolated: t takes the one at int(t * (len - 1)), as in mergekit;
 - filters: `weight: [{filter: self_attn, value: 0.3}, {filter: mlp, value: [0, 1]}, {value: 0.5}]`,
   where the first entry whose filter is part of the tensor's name (or that has none, or `*`) gives
   the value, itself a value or a gradient. Where none matches, the parameter is not set at that level.
@@ -21,6 +22,13 @@ Setting = Any  # a value, a list of numbers, or a list of {filter, value} mappin
 
 def is_gradient(setting: Setting) -> bool:
     return isinstance(setting, list) and bool(setting) and all(_is_number(v) or _scientific(v) for v in setting)
+
+
+def is_steps(setting: Setting) -> bool:
+    """A list of other values (booleans, names), which mergekit does not interpolate: the layer at t takes
+    the one at int(t * (len - 1)), as its evaluate_setting does (`normalize: [true, false]`)."""
+    scalar = (str, int, float, bool)
+    return isinstance(setting, list) and bool(setting) and all(isinstance(v, scalar) for v in setting)
 
 
 def is_filters(setting: Setting) -> bool:
@@ -60,6 +68,8 @@ def at(setting: Setting, name: str, t: float) -> Any | None:
         frac = scaled - i
         a, b = _point(setting[i]), _point(setting[j])
         return a if frac == 0 else (1 - frac) * a + frac * b
+    if is_steps(setting):
+        return setting[int(t * (len(setting) - 1))]
     return setting
 
 
@@ -70,7 +80,7 @@ def leaves(setting: Setting, loc: tuple = ()) -> Iterator[tuple[Any, tuple]]:
     if is_filters(setting):
         for i, entry in enumerate(setting):
             yield from leaves(entry.get("value"), (*loc, i, "value"))
-    elif is_gradient(setting):
+    elif is_gradient(setting) or is_steps(setting):
         for i, v in enumerate(setting):
             yield v, (*loc, i)
     else:
@@ -86,8 +96,8 @@ def problem(setting: Setting) -> str | None:
         return "a parameter is a value, a list of numbers (a gradient) or a list of {filter, value} entries"
     if not setting:
         return "an empty list gives no value"
-    if not (is_gradient(setting) or is_filters(setting)):
-        return "a list is either numbers (a gradient) or {filter, value} entries, not a mix"
+    if not (is_gradient(setting) or is_steps(setting) or is_filters(setting)):
+        return "a list is either values (numbers: a gradient) or {filter, value} entries, not a mix"
     if is_filters(setting):
         for entry in setting:
             extra = set(entry) - {"filter", "value"}

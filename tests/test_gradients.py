@@ -87,9 +87,32 @@ def test_points_in_scientific_notation_are_numbers_as_mergekit_reads_them(tmp_pa
         wb = gradient([0.5, 0.1], place(name)) if "mlp" in name else 1.0
         want = (wa * a[name].double() + wb * b[name].double()).float()
         torch.testing.assert_close(got[name], want, msg=name)
-    assert (
-        settings.problem(["1e-4", "x"]) == "a list is either numbers (a gradient) or {filter, value} entries, not a mix"
+    assert settings.problem(["1e-4", {"value": 1}]) == (
+        "a list is either values (numbers: a gradient) or {filter, value} entries, not a mix"
     )
+
+
+def test_a_list_of_other_values_steps_as_mergekit_reads_it(tmp_path, models):
+    """`normalize: [true, false]`: not interpolated; layer t takes the value at int(t * (len - 1)), as
+    mergekit 0.1.5's evaluate_setting does: true up to the last layer, false there."""
+    got = merged(
+        tmp_path,
+        "merge_method: linear\ndtype: float32\n"
+        "models: [{model: {root}/a, parameters: {weight: 0.5}}, {model: {root}/b, parameters: {weight: 1.0}}]\n"
+        "parameters: {normalize: [true, false]}\n",
+    )
+    a, b = models["a"], models["b"]
+    for name in NAMES:
+        normalize = [True, False][int(place(name) * 1)]
+        total = 0.5 * a[name].double() + b[name].double()
+        torch.testing.assert_close(got[name], (total / 1.5 if normalize else total).float(), msg=name)
+    assert [settings.at(["sum", "count", "sum"], "x", t) for t in (0, 0.49, 0.5, 0.99, 1)] == [
+        "sum",
+        "sum",
+        "count",
+        "count",
+        "sum",
+    ]
 
 
 def test_filters_with_gradients_per_model_over_the_top_level(tmp_path, models):
