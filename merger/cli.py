@@ -266,10 +266,16 @@ def _apply(
 
     progress = not quiet and not as_json and sys.stderr is not None  # None: stderr closed
     plan, lock = _plan(recipe, device, shard_size, locked, offline, seed, progress and sys.stderr.isatty())
+    dest = _destination(plan, output)
+    # A lock re-runs a merge, often one somebody published with its lock: publishing it again, to the
+    # repo that lock names, with this user's token, is a step of its own (merger push).
+    target = plan.spec.recipe.hub if not (no_push or locked) else None
     if not quiet and not as_json:
         _notes(plan)
-    dest = _destination(plan, output)
-    target = plan.spec.recipe.hub if not no_push else None
+        if locked and plan.spec.recipe.hub and not no_push:
+            repo = plan.spec.recipe.hub.repo_id
+            click.echo(f"note: --locked does not publish to {repo}, as the lock's recipe says; `merger push "
+                       f"{_printable(str(dest))} {repo}` does", err=True)  # fmt: skip
     api = publish.hub_api() if target else None  # no token: fail now, not after the merge
     if plan.spec.method is greedy.METHOD:
         from merger.soup import format_table, greedy_soup
@@ -644,6 +650,8 @@ def push(output_dir, repo_id, private, revision, commit_message, dry_run) -> Non
             _show_upload(upload, repo_id, where, private)
         return
     published = publish.push(upload)
+    for name, why in upload.skipped:
+        click.echo(f"note: not uploaded: {_printable(name)} ({why})", err=True)
     with _printing():
         click.echo(f"published {len(upload.files)} files to {published}")
 
@@ -655,6 +663,8 @@ def _show_upload(upload, repo_id: str, where: str, private: bool) -> None:
     )
     for name, size in upload.files:  # a name may hold a newline: shown escaped, one line per file
         click.echo(f"  {_printable(name)}  {sized(size)}")
+    for name, why in upload.skipped:
+        click.echo(f"  not uploaded: {_printable(name)} ({why})")
 
 
 @cli.command()

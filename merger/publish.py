@@ -7,7 +7,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from merger import __version__
@@ -31,6 +31,7 @@ class Upload:
     private: bool = False
     revision: str | None = None  # branch; None: the default branch
     commit_message: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # what is not uploaded, and why
 
     @property
     def nbytes(self) -> int:
@@ -75,16 +76,20 @@ def prepare(
     if not (directory / INDEX_NAME).is_file() and not (directory / SINGLE_NAME).is_file():
         raise PublishError(f"{directory} holds no {INDEX_NAME} or {SINGLE_NAME}: not a model to publish")
     folder = Folder.of(directory, str(directory))
-    files = []
+    files, skipped = [], []
     for p in directory.rglob("*"):  # into no linked directory
         name = p.relative_to(directory).as_posix()
         if not any(part.startswith(".") for part in name.split("/")):
             _check(folder, name)
             if p.is_file():
                 files.append((name, p.stat().st_size))
+            elif p.is_symlink() and p.is_dir():
+                skipped.append((name, "a link to a folder"))
+            elif not p.is_dir():
+                skipped.append((name, "not a regular file"))
     files.sort()
     message = commit_message or f"Upload merged model (merger {__version__})"
-    return Upload(directory, repo_id, files, private, revision, message)
+    return Upload(directory, repo_id, files, private, revision, message, sorted(skipped))
 
 
 def hub_api():

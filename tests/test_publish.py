@@ -118,6 +118,39 @@ def test_push_dry_run_contacts_nothing(workdir, api):
     assert api.calls == []
 
 
+def test_what_push_leaves_out_is_listed(workdir, api):
+    """A FIFO and a link to a folder are not uploaded (the Hub client takes files): the dry run and the push
+    say so, rather than leaving them out without a word."""
+    Path("recipe.yaml").write_text(RECIPE)
+    run("apply", "recipe.yaml", "--quiet")
+    os.mkfifo("out/pipe")
+    Path("out/sub").mkdir()
+    Path("out/sub/notes.txt").write_text("n")
+    os.symlink("sub", "out/linked")
+    out = run("push", "out", "me/merged", "--dry-run").stdout.splitlines()
+    assert out[-2:] == ["  not uploaded: linked (a link to a folder)", "  not uploaded: pipe (not a regular file)"]
+    assert "  sub/notes.txt  1 B" in out
+    pushed = run("push", "out", "me/merged")
+    assert pushed.stderr == (
+        "note: not uploaded: linked (a link to a folder)\nnote: not uploaded: pipe (not a regular file)\n"
+    )
+
+
+def test_a_locked_rerun_does_not_publish_where_the_lock_says(workdir, api):
+    """A lock comes with the merge it records, often a published one: re-running it reproduces the merge and
+    says how to publish it, rather than pushing to the repo the lock names with this user's token."""
+    Path("recipe.yaml").write_text(RECIPE + HUB)
+    run("apply", "recipe.yaml", "--quiet")
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    result = run("apply", "--locked", "out/merger.lock.json", "-o", "again")
+    assert result.stderr == (
+        "note: --locked does not publish to me/merged, as the lock's recipe says; `merger push again me/merged` does\n"
+    )
+    assert "published" not in result.stdout and len(api.calls) == 3
+    shard = "model-00001-of-00001.safetensors"
+    assert Path("again", shard).read_bytes() == Path("out", shard).read_bytes()
+
+
 def test_names_holding_control_characters_are_shown_escaped(workdir, api):
     """A file named with a newline cannot add a line of its own to the dry run's listing (one that names a
     file that is not the one uploaded), nor an output path to the merge's summary line."""
