@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from merger import __version__, system
-from merger.errors import Interrupted, MergerError, describe, sized
+from merger.errors import Interrupted, MergerError, describe, printable, sized
 
 
 def _domain_errors(fn):
@@ -27,11 +27,11 @@ def _domain_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:
-            click.echo(f"error: {_printable(str(e))}", err=True)
+            click.echo(f"error: {printable(str(e))}", err=True)
             sys.exit(system.INTERRUPTED.exit_status)
         except MergerError as e:
             for problem in e.problems:
-                click.echo(f"error: {_printable(problem)}", err=True)
+                click.echo(f"error: {printable(problem)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written to the output", err=True)
@@ -39,7 +39,7 @@ def _domain_errors(fn):
         except OSError as e:
             if system.INTERRUPTED.is_set():
                 raise _interrupted() from None
-            click.echo(f"error: {_printable(describe(e))}; nothing was written to the output", err=True)
+            click.echo(f"error: {printable(describe(e))}; nothing was written to the output", err=True)
             sys.exit(1)
         except Exception:
             if system.INTERRUPTED.is_set():  # an interrupt that a library turned into another error
@@ -47,12 +47,6 @@ def _domain_errors(fn):
             raise
 
     return wrapper
-
-
-def _printable(line: str) -> str:
-    """A message line as the terminal should show it: names from input files (tensor names, paths) may
-    hold control characters (a newline too), which are shown escaped rather than sent to the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 @contextlib.contextmanager
@@ -69,7 +63,7 @@ def _printing(done: str | None = None) -> Iterator[None]:
         if isinstance(e, BrokenPipeError):
             sys.exit(0)
         after = f"; the merge is complete in {done}" if done else ""
-        click.echo(f"error: cannot write to standard output: {_printable(describe(e))}{after}", err=True)
+        click.echo(f"error: cannot write to standard output: {printable(describe(e))}{after}", err=True)
         sys.exit(1)
 
 
@@ -275,7 +269,7 @@ def _apply(
         if locked and plan.spec.recipe.hub and not no_push:
             repo = plan.spec.recipe.hub.repo_id
             click.echo(f"note: --locked does not publish to {repo}, as the lock's recipe says; `merger push "
-                       f"{_printable(str(dest))} {repo}` does", err=True)  # fmt: skip
+                       f"{printable(str(dest))} {repo}` does", err=True)  # fmt: skip
     api = publish.hub_api() if target else None  # no token: fail now, not after the merge
     if plan.spec.method is greedy.METHOD:
         from merger.soup import format_table, greedy_soup
@@ -350,7 +344,7 @@ def _report(summary: dict, as_json: bool, quiet: bool, published: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
         click.echo(
-            f"merged {summary['tensors']} tensors with {summary['method']} into {_printable(summary['output'])} "
+            f"merged {summary['tensors']} tensors with {summary['method']} into {printable(summary['output'])} "
             f"({summary['shards']} shards, {sized(summary['bytes_written'])}) in {summary['seconds']:.1f} s"
             + (
                 f"; {summary['shards_resumed']} of them kept from an interrupted run"
@@ -409,7 +403,7 @@ def _notes(p, config: bool = True) -> None:
     """What the recipe gives that merger leaves aside as mergekit does, and (with `config`) that no model
     holds a config.json, as `note:` lines on stderr (`merger plan` shows the config on a line of its own)."""
     for note in p.spec.source.notes:
-        click.echo(f"note: {_printable(note)}", err=True)
+        click.echo(f"note: {printable(note)}", err=True)
     if config and p.config_from is None:
         click.echo(f"note: {p.config_note()}", err=True)
 
@@ -651,7 +645,7 @@ def push(output_dir, repo_id, private, revision, commit_message, dry_run) -> Non
         return
     published = publish.push(upload)
     for name, why in upload.skipped:
-        click.echo(f"note: not uploaded: {_printable(name)} ({why})", err=True)
+        click.echo(f"note: not uploaded: {printable(name)} ({why})", err=True)
     with _printing():
         click.echo(f"published {len(upload.files)} files to {published}")
 
@@ -662,9 +656,9 @@ def _show_upload(upload, repo_id: str, where: str, private: bool) -> None:
         f"{', created private if missing' if private else ''}) with message {upload.commit_message!r}:"
     )
     for name, size in upload.files:  # a name may hold a newline: shown escaped, one line per file
-        click.echo(f"  {_printable(name)}  {sized(size)}")
+        click.echo(f"  {printable(name)}  {sized(size)}")
     for name, why in upload.skipped:
-        click.echo(f"  not uploaded: {_printable(name)} ({why})")
+        click.echo(f"  not uploaded: {printable(name)} ({why})")
 
 
 @cli.command()

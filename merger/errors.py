@@ -98,3 +98,9 @@ def describe(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror + (f" ({e.filename})" if e.filename else "")
     return str(e) or type(e).__name__
+
+
+def printable(line: str) -> str:
+    """A line as a terminal or a markdown heading should show it: names from input files and paths (tensor
+    names, folders) may hold control characters (a newline too), which are shown escaped, not sent as they are."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from merger import __version__
-from merger.errors import ModelError
+from merger.errors import ModelError, printable
 from merger.lock import LockedInput, write_lock
 from merger.methods.base import in_effect
 from merger.plan import Plan
@@ -129,7 +129,7 @@ def write_card(plan: Plan, directory: Path, title: str, extra: str | None = None
         yaml.safe_dump(front, sort_keys=False).strip(),
         "---",
         "",
-        f"# {title}",
+        f"# {printable(title)}",  # the output folder's name: a newline in it would end the heading
         "",
         f"This model is a merge made with merger {__version__} using the **{spec.method.name}** method"
         + (f" ({spec.method.paper})." if spec.method.paper else "."),

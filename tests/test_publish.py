@@ -157,6 +157,7 @@ def test_names_holding_control_characters_are_shown_escaped(workdir, api):
     Path("recipe.yaml").write_text(RECIPE)
     merged = run("apply", "recipe.yaml", "-o", "o\nx").stdout
     assert merged.startswith(f"merged 2 tensors with linear into {workdir}/o\\nx (") and merged.count("\n") == 1
+    assert "\n# o\\nx\n" in Path("o\nx", "README.md").read_text()  # the card's title, one heading
     Path("o\nx", "a\n  merger.lock.json  3 KB").write_text("")
     out = run("push", "o\nx", "me/merged", "--dry-run").stdout.splitlines()
     assert "  a\\n  merger.lock.json  3 KB  0 B" in out and len(out) == 7
