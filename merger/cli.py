@@ -220,7 +220,9 @@ _workers_opt = click.option(
     is_flag=True,
     help="Read every input to hash it for the lock, even files an earlier run hashed and that are unchanged since.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress (a bar on a terminal, else a line a minute).")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress (a bar on a terminal, else a line a minute) and no summary line."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (implies --quiet).")
 @_workers_opt
 @_domain_errors
@@ -264,7 +266,7 @@ def _apply(
     # A lock re-runs a merge, often one somebody published with its lock: publishing it again, to the
     # repo that lock names, with this user's token, is a step of its own (merger push).
     target = plan.spec.recipe.hub if not (no_push or locked) else None
-    if not quiet and not as_json:
+    if not as_json:  # notes say what the merge does (--json lists them): not progress, which --quiet hushes
         _notes(plan)
         if locked and plan.spec.recipe.hub and not no_push:
             repo = plan.spec.recipe.hub.repo_id
@@ -596,10 +598,16 @@ def _show_layers(p) -> None:
 
 
 def _exists(resolved: Path | None) -> str:
-    """What `merger plan` adds to an output that exists: whether --force would replace it."""
+    """What `merger plan` adds to the output: that the folder it goes in cannot be written, or, where it
+    exists, whether --force would replace it."""
     from merger.staging import check_replaceable
 
-    if resolved is None or not os.path.lexists(resolved):
+    if resolved is None:
+        return ""
+    folder = next(p for p in resolved.parents if os.path.lexists(p))  # the partial output goes beside it
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f" (its folder {folder} cannot be written: apply would refuse)"
+    if not os.path.lexists(resolved):
         return ""
     try:
         check_replaceable(resolved)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -269,6 +270,32 @@ def test_missing_recipe_file(workdir):
     result = CliRunner().invoke(cli, ["apply", "nope.yaml"])
     assert result.exit_code == 2
     assert result.stderr == "error: nope.yaml: cannot read recipe: No such file or directory\n"
+
+
+def test_quiet_hushes_progress_not_notes(workdir):
+    """A note can say the merge is not what the recipe seems to ask (a key ignored, a model listed twice and
+    merged once): --quiet, for scripts, still prints it; --json lists it instead."""
+    Path("recipe.yaml").write_text(GOOD.replace("merge_method: ties", "merge_method: task_arithmetic"))
+    quiet = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"])
+    assert quiet.exit_code == 0 and quiet.stdout == ""
+    assert quiet.stderr == (
+        "note: recipe.yaml:7: models[0].parameters.density: ignored: task_arithmetic takes no density, and "
+        "mergekit ignores it too\n"
+    )
+    shown = CliRunner().invoke(cli, ["apply", "recipe.yaml", "--json", "-o", "out2"])
+    assert shown.stderr == "" and json.loads(shown.stdout)["notes"] == [quiet.stderr[len("note: ") : -1]]
+
+
+def test_plan_says_when_the_outputs_folder_cannot_be_written(workdir, monkeypatch):
+    """A read-only folder (a read-only mount: root may write anywhere else, so access() is what tells):
+    plan says apply would refuse, as apply does."""
+    import merger.cli
+
+    Path("recipe.yaml").write_text(GOOD)
+    real = os.access
+    monkeypatch.setattr(merger.cli.os, "access", lambda p, mode: Path(p) != workdir and real(p, mode))
+    out = CliRunner().invoke(cli, ["plan", "recipe.yaml"]).stdout
+    assert f"  output:       {workdir / 'out'} (its folder {workdir} cannot be written: apply would refuse)\n" in out
 
 
 def test_failure_midway_leaves_no_temporary_directory(workdir, monkeypatch):

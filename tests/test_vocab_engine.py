@@ -155,7 +155,7 @@ def test_the_laid_out_copies_are_freed_with_their_tensor(tmp_path):
         env=hooked(tmp_path, HELD_AFTER_RELEASE), capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
+    assert all(line.startswith("note: ") for line in done.stderr.splitlines()), done.stderr  # the recipe's notes
 
 
 def test_peak_memory_counts_the_laid_out_copies(tmp_path):
