@@ -564,7 +564,8 @@ def build_plan(
             problems += _compare(reference, model, where_of[model.path], vocabulary)
     try:
         if problems:
-            raise RecipeError(list(dict.fromkeys(problems)))
+            tied = _tied_hint(problems, models)
+            raise RecipeError(list(dict.fromkeys(problems)) + ([tied] if tied else []))
         assembly = Assembler(spec, opened, reference, vocabulary).assemble()
     except RecipeError as e:  # with what explains rows that differ, first or last
         hint = _rows_hint(spec, reference, list(opened.values()))
@@ -645,6 +646,33 @@ def _rows_hint(spec: MergeSpec, reference: LocalModel, models: list[LocalModel])
                     "as models with different vocabularies do: give tokenizer_source: union (or base, or one "
                     "model) to lay them out in one vocabulary, as mergekit does"
                 )
+    return None
+
+
+HEAD = "lm_head.weight"  # transformers' name of a causal LM's output embeddings (its _tied_weights_keys)
+
+
+def _tied_hint(problems: list[str], models: list[LocalModel]) -> str | None:
+    """Why one checkpoint holds a head that others lack: their configs tie the head to the embeddings, which
+    they store alone, and merger (by tensor name, with no architecture tables) cannot pair the two."""
+    if not any(f"'{HEAD}'" in p for p in problems):
+        return None
+    for model in models:
+        if HEAD in model.tensors:
+            continue
+        try:
+            config = read_config(model) or {}
+        except ModelError:
+            continue
+        text = config.get("text_config")
+        if config.get("tie_word_embeddings") is True or (
+            isinstance(text, dict) and text.get("tie_word_embeddings") is True
+        ):
+            return (
+                f"'{model.ref}' stores no {HEAD}: its config ties the head to the embeddings (tie_word_embeddings: "
+                f"true), while another model stores a head of its own; merger merges tensors by name and cannot "
+                "stand the embeddings in for the missing head (mergekit does, from its architecture tables)"
+            )
     return None
 
 

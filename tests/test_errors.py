@@ -272,6 +272,25 @@ def test_missing_recipe_file(workdir):
     assert result.stderr == "error: nope.yaml: cannot read recipe: No such file or directory\n"
 
 
+def test_a_head_stored_beside_tied_embeddings_is_refused_with_why(tmp_path):
+    """Two checkpoints whose configs tie the head to the embeddings, one of them storing a head anyway (some
+    published ones are saved so): the refusal says why, and what mergekit does instead."""
+    t = {"model.embed_tokens.weight": torch.ones(8, 4), "model.norm.weight": torch.ones(4)}
+    config = {"model_type": "llama", "tie_word_embeddings": True}
+    write_checkpoint(tmp_path / "a", t, config=config)
+    write_checkpoint(tmp_path / "b", t | {"lm_head.weight": torch.ones(8, 4)}, config=config)
+    (tmp_path / "r.yaml").write_text(
+        f"merge_method: linear\nmodels: [{{model: {tmp_path / 'a'}}}, {{model: {tmp_path / 'b'}}}]\n"
+    )
+    result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[1] == (
+        f"error: '{tmp_path / 'a'}' stores no lm_head.weight: its config ties the head to the embeddings "
+        "(tie_word_embeddings: true), while another model stores a head of its own; merger merges tensors by name "
+        "and cannot stand the embeddings in for the missing head (mergekit does, from its architecture tables)"
+    )
+
+
 def test_quiet_hushes_progress_not_notes(workdir):
     """A note can say the merge is not what the recipe seems to ask (a key ignored, a model listed twice and
     merged once): --quiet, for scripts, still prints it; --json lists it instead."""
