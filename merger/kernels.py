@@ -673,8 +673,9 @@ def top_k_abs_deltas(
     or None where ks[j] covers every entry (select_in_bands, with their sample and band passes). A NaN
     entry cannot be ranked: NaNTaskVector(j, count) for the first model j that needs a trim and has any."""
     n = base.size
-    wanted = [j for j, k in enumerate(ks) if k < n]
-    result: list[tuple[float, int, int] | None] = [None] * len(ks)
+    wanted = [j for j, k in enumerate(ks) if 0 < k < n]
+    # k = 0 keeps nothing: no magnitude is above inf, and no tie at it comes before flat index 0
+    result: list[tuple[float, int, int] | None] = [None if k else (math.inf, 0, 0) for k in ks]
     if not wanted:
         return result
     sel = tuple(xs[j] for j in wanted)

@@ -71,7 +71,7 @@ def test_parameter_of_another_method_is_left_aside_with_a_note(workdir):
 @pytest.mark.parametrize(
     "old,new,message",
     [
-        ("density: 0.5", "density: 0", "recipe.yaml:7: models[0].parameters.density: Input should be greater than 0, got 0"),
+        ("density: 0.5", "density: -0.1", "recipe.yaml:7: models[0].parameters.density: Input should be greater than or equal to 0, got -0.1"),
         ("density: 0.5", "density: 1.5", "recipe.yaml:7: models[0].parameters.density: Input should be less than or equal to 1, got 1.5"),
         ("weight: 0.5", "weight: .inf", "recipe.yaml:10: models[1].parameters.weight: must be a finite number"),
         ("weight: 0.5", "weight: heavy", "recipe.yaml:10: models[1].parameters.weight: Input should be a valid number, unable to parse string as a number, got 'heavy'"),

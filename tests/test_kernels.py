@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,6 +98,23 @@ def test_fused_ties_is_bit_identical_to_eager(dtype, n):
     want = eager(xs, base, models, params)
     assert same_bits(fused(xs, base, models, params, runner(1 << 17, 2)), want)
     assert same_bits(fused(xs, base, models, params, runner(1 << 17, 2), piece=7_777), want)  # output in pieces
+
+
+def test_fused_ties_keeps_none_at_density_zero():
+    """density 0 keeps nothing (mergekit's magnitude): no ranking pass, a trim above every magnitude, inf
+    included; NaN is not ranked, so it is dropped as the rest is."""
+    base, xs = case(70_001, torch.bfloat16, models=2)
+    xs[0][5], xs[0][6] = float("inf"), float("nan")
+    models = [TiesModelParams(density=0.0, weight=1.0), TiesModelParams(density=0.4, weight=0.5)]
+    assert kernels.top_k_abs_deltas([as_array(x) for x in xs], as_array(base), [0, 28_000], runner(1 << 17))[0] == (
+        math.inf,
+        0,
+        0,
+    )
+    want = eager(xs, base, models, TiesParams())
+    assert same_bits(fused(xs, base, models, TiesParams(), runner(1 << 17, 2)), want)
+    alone = eager(xs[1:], base, models[1:], TiesParams())
+    assert same_bits(want, alone)  # the model with nothing kept takes no part
 
 
 @pytest.mark.parametrize("consensus", ["sum", "count"])

@@ -47,7 +47,7 @@ def ties_oracle(base, xs, weights, densities, lam=1.0, normalize=True, consensus
     trimmed = []
     for x, w, d in zip(xs, weights, densities):
         tv = [x[j] - base[j] for j in range(n)]
-        k = max(1, math.floor(Fraction(str(d)) * n))
+        k = max(1, math.floor(Fraction(str(d)) * n)) if d > 0 else 0  # mergekit's magnitude: density 0 keeps none
         # stable sort by decreasing magnitude: among equal magnitudes the lower index comes first
         order = sorted(range(n), key=lambda j: -abs(tv[j]))
         kept = set(order[:k])
@@ -96,7 +96,7 @@ def test_task_arithmetic_matches_oracle(lam, normalize):
 
 @pytest.mark.parametrize("consensus", ["sum", "count"])
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("densities", [(0.2, 0.5, 0.9), (0.29, 1.0, 0.01)])
+@pytest.mark.parametrize("densities", [(0.2, 0.5, 0.9), (0.29, 1.0, 0.01), (0.0, 0.5, 0.0)])
 def test_ties_matches_oracle(consensus, normalize, densities):
     base, xs = _random_case(3)
     w = [1.0, 0.6, -0.4]

@@ -39,7 +39,7 @@ def oracle(states, densities, weights, names):
     trimmed = []
     for m, d, w in zip(("a", "b"), densities, weights):
         delta = flat(states[m]) - base
-        k = sum(max(1, int(np.floor(d * np.prod(SHAPES[n])))) for n in names)
+        k = sum(max(1, int(np.floor(d * np.prod(SHAPES[n])))) for n in names) if d > 0 else 0
         order = np.argsort(-np.abs(delta), kind="stable")
         keep = np.zeros(delta.size, bool)
         keep[order[:k]] = True
@@ -88,6 +88,22 @@ def test_the_global_trim_ranks_every_tensor_of_a_model_together(tmp_path, family
     assert not torch.equal(per_tensor["layers.0.w"], got["layers.0.w"])
     changed = lambda out: int((out["layers.0.w"] != family["base"]["layers.0.w"]).sum())  # noqa: E731
     assert changed(got) < changed(per_tensor) / 3  # its 0.1-scale deltas mostly trimmed
+
+
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+@pytest.mark.parametrize("compute", ["float32", "float64"])  # the fused kernel, and torch
+def test_density_zero_keeps_none_of_a_models_task_vector(tmp_path, family, scope, compute):
+    """As mergekit's magnitude: density 0 zeroes the task vector, so the model neither votes nor counts in
+    the mean (the merge is b's trim alone), in either trim scope and on either path."""
+    text = recipe(tmp_path, scope, f"compute_dtype: {compute}\n").replace("density: 0.3", "density: 0")
+    got = merge(tmp_path, text)
+    names = sorted(SHAPES, key=lambda n: (n.startswith("norm"), n))
+    if scope == "model":
+        want = oracle(family, (0.0, 0.6), (0.7, 1.2), names)
+    else:
+        want = {n: oracle(family, (0.0, 0.6), (0.7, 1.2), [n])[n] for n in names}
+    for n in SHAPES:
+        torch.testing.assert_close(got[n].double(), want[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
 def test_the_global_trim_is_the_same_in_chunks_and_with_workers(tmp_path, family, monkeypatch):

@@ -31,7 +31,7 @@ class TaskModelParams(Params):
 
 
 class TiesModelParams(TaskModelParams):
-    density: float = Field(1.0, gt=0, le=1, description="fraction of largest-magnitude entries kept")
+    density: float = Field(1.0, ge=0, le=1, description="fraction of largest-magnitude entries kept (0: none)")
 
 
 class TaskArithmeticParams(Params):
@@ -78,8 +78,12 @@ def _scale(models: Sequence[TaskModelParams], params: TaskArithmeticParams) -> f
 
 
 def keep_count(n: int, density: float) -> int:
-    """floor(density * n), at least 1, computed on the decimal the user wrote (0.29 * 100 is 29, not 28)."""
-    return max(1, math.floor(Fraction(repr(density)) * n))
+    """floor(density * n), at least 1, computed on the decimal the user wrote (0.29 * 100 is 29, not 28);
+    0 for density 0, which keeps none of the task vector (as mergekit's magnitude does)."""
+    return max(1, math.floor(Fraction(repr(density)) * n)) if density > 0 else 0
+
+
+NONE_KEPT = (math.inf, 0, 0)  # the trim that keeps nothing: no magnitude is above inf, and no tie before index 0
 
 
 # The radix digits of |x| (sign bit 0), from the top: (shift, width) per float dtype.
@@ -233,8 +237,8 @@ def ties_prepare(
     if context is not None and context.model_state is not None:
         return context.model_state
     ks = [keep_count(numel, m.density) for m in models]
-    trimmed = [i for i, k in enumerate(ks) if k < numel]  # the others keep everything
-    thresholds: list[float | None] = [None] * len(models)
+    trimmed = [i for i, k in enumerate(ks) if 0 < k < numel]  # the others keep everything, or nothing
+    thresholds: list[float | None] = [None if k else NONE_KEPT[0] for k in ks]
     cutoffs = [0] * len(models)
     if trimmed:
 
@@ -370,7 +374,7 @@ def ties_model_prepare(tensors, params: TiesTrimParams) -> dict[str, TrimState]:
     listed = list(tensors())  # (name, numel, models, task_vectors)
     n, total = len(listed[0][2]), sum(numel for _, numel, _, _ in listed)
     ks = [sum(keep_count(numel, models[i].density) for _, numel, models, _ in listed) for i in range(n)]
-    trimmed = [i for i, k in enumerate(ks) if k < total]
+    trimmed = [i for i, k in enumerate(ks) if 0 < k < total]
     found: list[tuple[float, int, int]] = []
     if trimmed:
 
@@ -382,7 +386,7 @@ def ties_model_prepare(tensors, params: TiesTrimParams) -> dict[str, TrimState]:
         found = kth_largest(chunks, [ks[i] for i in trimmed])
     states, start = {}, 0
     for name, numel, _, _ in listed:
-        thresholds: list[float | None] = [None] * n
+        thresholds: list[float | None] = [None if k else NONE_KEPT[0] for k in ks]
         cutoffs = [0] * n
         for i, (threshold, _, cutoff) in zip(trimmed, found):
             thresholds[i], cutoffs[i] = threshold, min(max(cutoff - start, 0), numel)
