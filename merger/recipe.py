@@ -1040,6 +1040,9 @@ def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: t
             msg += f", got {err['input']!r}"
     elif kind in ("finite_number",):
         msg = "must be a finite number"
+    elif kind == "too_short" and isinstance(err.get("input"), list):  # an empty list: `models: []`, `sources: []`
+        least = err["ctx"]["min_length"]
+        msg = f"an empty list: at least {least} {'entry is' if least == 1 else 'entries are'} needed"
     elif kind == "model_type":  # a plain value where keys go; pydantic's text names the class
         target = _walk(model, tuple(err["loc"]))[1]
         given = err.get("input")

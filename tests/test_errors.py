@@ -291,6 +291,15 @@ def test_a_head_stored_beside_tied_embeddings_is_refused_with_why(tmp_path):
     )
 
 
+def test_an_empty_list_says_so(workdir):
+    Path("recipe.yaml").write_text("merge_method: linear\nmodels: []\n")
+    result = CliRunner().invoke(cli, ["plan", "recipe.yaml"])
+    assert (
+        result.exit_code == 2
+        and result.stderr == "error: recipe.yaml:2: models: an empty list: at least 1 entry is needed\n"
+    )
+
+
 def test_quiet_hushes_progress_not_notes(workdir):
     """A note can say the merge is not what the recipe seems to ask (a key ignored, a model listed twice and
     merged once): --quiet, for scripts, still prints it; --json lists it instead."""
