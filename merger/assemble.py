@@ -21,11 +21,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from merger import settings
-from merger.errors import RecipeError
+from merger.errors import ModelError, RecipeError
 from merger.layers import LayerStack, find_stacks, natural_key, numbered, stack_of
 from merger.methods import Params, TensorContext, tensor_seed
 from merger.recipe import DTYPE_CODE, MergeSpec, Slice, SliceInput
-from merger.sources import DTYPES, LocalModel, TensorInfo
+from merger.sources import DTYPES, LocalModel, TensorInfo, read_config
 from merger.vocab import Vocabulary, fits
 
 Key = tuple[Path, str]  # an input tensor: its model's path, and its name there (Source.key)
@@ -33,6 +33,29 @@ Key = tuple[Path, str]  # an input tensor: its model's path, and its name there 
 # Tensors outside the layers that come before them (token and position embeddings): from the first
 # slice. Every other one (final norm, head) comes after them: from the last.
 BEFORE_LAYERS = re.compile(r"embed|(^|\.)(wte|wpe|tok_embeddings)\.")
+HEAD = "lm_head.weight"  # transformers' name of a causal LM's output embeddings (its _tied_weights_keys)
+INPUT_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings|tok_embeddings)\.weight$")
+
+
+def tied_head(model: LocalModel) -> str | None:
+    """The tensor that stands in for the head `model` does not store: its input embeddings, where its config ties
+    the two (tie_word_embeddings: true) and one tensor outside its layers is named as input embeddings are (as
+    mergekit's architecture tables pair them); None otherwise."""
+    if HEAD in model.tensors:
+        return None
+    try:
+        config = read_config(model) or {}
+    except ModelError:
+        return None
+    text = config.get("text_config")
+    if not (
+        config.get("tie_word_embeddings") is True
+        or (isinstance(text, dict) and text.get("tie_word_embeddings") is True)
+    ):
+        return None
+    stacks = find_stacks(model.tensors)
+    found = [n for n in model.tensors if INPUT_EMBEDDINGS.search(n) and stack_of(stacks, n) is None]
+    return found[0] if len(found) == 1 else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,7 +163,10 @@ class Assembler:
             for part in parts:
                 made += self._layers(part, len(origins))
                 origins += [self._anchor(part).start + i for i in range(part.count)]
-        for name in self.reference.tensors:
+        names = list(self.reference.tensors)
+        if HEAD not in names and tied_head(self.reference) and any(HEAD in m.tensors for m in self.models.values()):
+            names.append(HEAD)  # another model stores a head: the reference's embeddings stand in for its own
+        for name in names:
             if stack_of(stacks, name) is None:
                 before = BEFORE_LAYERS.search(name) is not None
                 # a gradient's first value for every tensor outside the layers, after them too, as mergekit
@@ -235,7 +261,10 @@ class Assembler:
         spec, anchor = self.spec, self._anchor(part)
 
         def source(e: SliceInput) -> Source:
-            return Source(self.models[e.ref], layer[1].renamed(name, e.start + layer[0]) if layer else name)
+            model = self.models[e.ref]
+            if name == HEAD and not layer and HEAD not in model.tensors:  # a tied head: its input embeddings
+                return Source(model, tied_head(model) or HEAD)
+            return Source(model, layer[1].renamed(name, e.start + layer[0]) if layer else name)
 
         first = source(anchor)
         like = first.model.tensors.get(first.name)

@@ -22,7 +22,7 @@ import numpy as np
 
 from merger import budget, chat, system
 from merger import device as merger_device
-from merger.assemble import Assembler, OutTensor, Source
+from merger.assemble import HEAD, Assembler, OutTensor, Source, tied_head
 from merger.errors import ModelError, RecipeError
 from merger.files import support_limit
 from merger.hub import Hub
@@ -649,12 +649,9 @@ def _rows_hint(spec: MergeSpec, reference: LocalModel, models: list[LocalModel])
     return None
 
 
-HEAD = "lm_head.weight"  # transformers' name of a causal LM's output embeddings (its _tied_weights_keys)
-
-
 def _tied_hint(problems: list[str], models: list[LocalModel]) -> str | None:
-    """Why one checkpoint holds a head that others lack: their configs tie the head to the embeddings, which
-    they store alone, and merger (by tensor name, with no architecture tables) cannot pair the two."""
+    """Why one checkpoint holds a head that others lack, where the others' input embeddings cannot stand in
+    for it (merger.assemble.tied_head): their configs tie the two, and no one tensor is named as they are."""
     if not any(f"'{HEAD}'" in p for p in problems):
         return None
     for model in models:
@@ -670,8 +667,9 @@ def _tied_hint(problems: list[str], models: list[LocalModel]) -> str | None:
         ):
             return (
                 f"'{model.ref}' stores no {HEAD}: its config ties the head to the embeddings (tie_word_embeddings: "
-                f"true), while another model stores a head of its own; merger merges tensors by name and cannot "
-                "stand the embeddings in for the missing head (mergekit does, from its architecture tables)"
+                f"true), while another model stores a head of its own; its input embeddings would stand in for the "
+                "head, as in mergekit, but no one tensor outside its layers is named as input embeddings are "
+                "(embed_tokens, wte, embed_in, word_embeddings, tok_embeddings)"
             )
     return None
 
@@ -809,6 +807,8 @@ def _compare(
     problems = []
     for name, info in ref.tensors.items():
         theirs = other.tensors.get(name)
+        if theirs is None and name == HEAD and tied_head(other):  # its embeddings stand in (merger.assemble)
+            continue
         if theirs is None:
             problems.append(f"{where}: '{other.ref}' lacks tensor '{name}' (present in '{ref.ref}')")
         elif not fits(vocabulary, name, theirs.shape, info.shape):
@@ -821,6 +821,8 @@ def _compare(
                 f"{where}: tensor '{name}' is {theirs.dtype} in '{other.ref}' but {info.dtype} in '{ref.ref}'"
             )
     for name in sorted(other.tensors.keys() - ref.tensors.keys(), key=natural_key):  # the same order every run
+        if name == HEAD and tied_head(ref):
+            continue
         problems.append(f"{where}: '{other.ref}' has tensor '{name}' that '{ref.ref}' lacks")
     if len(problems) > limit:
         problems = problems[:limit] + [f"{where}: ... and {len(problems) - limit} more differences"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import GOOD, run_bad, write_checkpoint
+from conftest import GOOD, load_output, run_bad, write_checkpoint
 
 from merger.cli import cli
 from merger.errors import counted
@@ -272,22 +272,41 @@ def test_missing_recipe_file(workdir):
     assert result.stderr == "error: nope.yaml: cannot read recipe: No such file or directory\n"
 
 
-def test_a_head_stored_beside_tied_embeddings_is_refused_with_why(tmp_path):
-    """Two checkpoints whose configs tie the head to the embeddings, one of them storing a head anyway (some
-    published ones are saved so): the refusal says why, and what mergekit does instead."""
-    t = {"model.embed_tokens.weight": torch.ones(8, 4), "model.norm.weight": torch.ones(4)}
+def test_a_tied_models_embeddings_stand_in_for_the_head_another_stores(tmp_path):
+    """Checkpoints whose configs tie the head to the embeddings, one storing a head anyway (some published
+    ones are saved so): as mergekit, the input embeddings of a model without a head are its head, so both
+    orders merge (linear: the mean); where no one tensor is named as input embeddings are, the refusal says
+    why."""
+    g = torch.Generator().manual_seed(0)
+    emb = {m: torch.randn(8, 4, generator=g) for m in "ab"}
+    head = torch.randn(8, 4, generator=g)
     config = {"model_type": "llama", "tie_word_embeddings": True}
-    write_checkpoint(tmp_path / "a", t, config=config)
-    write_checkpoint(tmp_path / "b", t | {"lm_head.weight": torch.ones(8, 4)}, config=config)
+    norm = {"model.norm.weight": torch.ones(4)}
+    write_checkpoint(tmp_path / "a", {"model.embed_tokens.weight": emb["a"]} | norm, config=config)
+    write_checkpoint(
+        tmp_path / "b", {"model.embed_tokens.weight": emb["b"], "lm_head.weight": head} | norm, config=config
+    )
+    for order in ("ab", "ba"):
+        models = ", ".join(f"{{model: {tmp_path / m}}}" for m in order)
+        (tmp_path / "r.yaml").write_text(f"merge_method: linear\ndtype: float32\nmodels: [{models}]\n")
+        result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / order), "-q"])
+        assert result.exit_code == 0, result.output
+        got = load_output(tmp_path / order)
+        torch.testing.assert_close(got["lm_head.weight"], (emb["a"] + head) / 2)
+        torch.testing.assert_close(got["model.embed_tokens.weight"], (emb["a"] + emb["b"]) / 2)
+    write_checkpoint(
+        tmp_path / "c", {"model.embed_tokens.weight": emb["a"], "wte.weight": emb["a"]} | norm, config=config
+    )
     (tmp_path / "r.yaml").write_text(
-        f"merge_method: linear\nmodels: [{{model: {tmp_path / 'a'}}}, {{model: {tmp_path / 'b'}}}]\n"
+        f"merge_method: linear\nmodels: [{{model: {tmp_path / 'c'}}}, {{model: {tmp_path / 'b'}}}]\n"
     )
     result = CliRunner().invoke(cli, ["plan", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2
-    assert result.stderr.splitlines()[1] == (
-        f"error: '{tmp_path / 'a'}' stores no lm_head.weight: its config ties the head to the embeddings "
-        "(tie_word_embeddings: true), while another model stores a head of its own; merger merges tensors by name "
-        "and cannot stand the embeddings in for the missing head (mergekit does, from its architecture tables)"
+    assert result.stderr.splitlines()[-1] == (
+        f"error: '{tmp_path / 'c'}' stores no lm_head.weight: its config ties the head to the embeddings "
+        "(tie_word_embeddings: true), while another model stores a head of its own; its input embeddings would "
+        "stand in for the head, as in mergekit, but no one tensor outside its layers is named as input embeddings "
+        "are (embed_tokens, wte, embed_in, word_embeddings, tok_embeddings)"
     )
 
 
