@@ -438,8 +438,9 @@ def _check_rows(model: LocalModel, names: list[str], size: int, reference: Local
         info: TensorInfo | None = model.tensors.get(name)
         if info is not None and (not info.shape or info.shape[0] != size):
             raise ModelError(
-                f"'{model.ref}': tensor '{name}' has {info.shape[0] if info.shape else 0} rows but its vocab_size "
-                f"is {size}; '{reference.ref}' holds it as a vocabulary tensor"
+                f"'{model.ref}': tensor '{name}' has {info.shape[0] if info.shape else 0} rows, but its config.json "
+                f"gives vocab_size: {size}; a vocabulary tensor (as '{name}' is in '{reference.ref}') has a row "
+                "per token, so this model's weights and config disagree"
             )
 
 
