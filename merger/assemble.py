@@ -37,21 +37,26 @@ HEAD = "lm_head.weight"  # transformers' name of a causal LM's output embeddings
 INPUT_EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings|tok_embeddings)\.weight$")
 
 
-def tied_head(model: LocalModel) -> str | None:
-    """The tensor that stands in for the head `model` does not store: its input embeddings, where its config ties
-    the two (tie_word_embeddings: true) and one tensor outside its layers is named as input embeddings are (as
-    mergekit's architecture tables pair them); None otherwise."""
+def ties_head(model: LocalModel) -> bool:
+    """Whether `model` stores no head and its config ties it to the input embeddings (tie_word_embeddings: true,
+    at the top or in text_config)."""
     if HEAD in model.tensors:
-        return None
+        return False
     try:
         config = read_config(model) or {}
     except ModelError:
-        return None
+        return False
     text = config.get("text_config")
-    if not (
-        config.get("tie_word_embeddings") is True
-        or (isinstance(text, dict) and text.get("tie_word_embeddings") is True)
-    ):
+    return config.get("tie_word_embeddings") is True or (
+        isinstance(text, dict) and text.get("tie_word_embeddings") is True
+    )
+
+
+def tied_head(model: LocalModel) -> str | None:
+    """The tensor that stands in for the head `model` does not store: its input embeddings, where its config ties
+    the two (ties_head) and one tensor outside its layers is named as input embeddings are (as mergekit's
+    architecture tables pair them); None otherwise."""
+    if not ties_head(model):
         return None
     stacks = find_stacks(model.tensors)
     found = [n for n in model.tensors if INPUT_EMBEDDINGS.search(n) and stack_of(stacks, n) is None]

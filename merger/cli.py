@@ -311,10 +311,9 @@ def _in_place(output: str, hint: str = "") -> Iterator[None]:
     was written."""
     try:
         yield
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; the merge is complete and in place at {output}{hint}") from None
-    except Exception:
-        if system.INTERRUPTED.is_set():  # an interrupt that a library turned into another error
+    except (KeyboardInterrupt, Exception) as e:
+        # an interrupt, or one that a library turned into another error
+        if isinstance(e, KeyboardInterrupt) or system.INTERRUPTED.is_set():
             raise Interrupted(f"interrupted; the merge is complete and in place at {output}{hint}") from None
         raise
 

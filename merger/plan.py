@@ -22,7 +22,7 @@ import numpy as np
 
 from merger import budget, chat, system
 from merger import device as merger_device
-from merger.assemble import HEAD, Assembler, OutTensor, Source, tied_head
+from merger.assemble import HEAD, Assembler, OutTensor, Source, tied_head, ties_head
 from merger.errors import ModelError, RecipeError
 from merger.files import support_limit
 from merger.hub import Hub
@@ -655,16 +655,7 @@ def _tied_hint(problems: list[str], models: list[LocalModel]) -> str | None:
     if not any(f"'{HEAD}'" in p for p in problems):
         return None
     for model in models:
-        if HEAD in model.tensors:
-            continue
-        try:
-            config = read_config(model) or {}
-        except ModelError:
-            continue
-        text = config.get("text_config")
-        if config.get("tie_word_embeddings") is True or (
-            isinstance(text, dict) and text.get("tie_word_embeddings") is True
-        ):
+        if ties_head(model):
             return (
                 f"'{model.ref}' stores no {HEAD}: its config ties the head to the embeddings (tie_word_embeddings: "
                 f"true), while another model stores a head of its own; its input embeddings would stand in for the "

@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from merger import chat, settings
-from merger.errors import RecipeError
+from merger.errors import RecipeError, counted
 from merger.files import JSON_DEPTH, read_user_file
 from merger.methods import Method, Params, all_methods, get_method, greedy
 from merger.methods.base import effective_keys
@@ -1041,8 +1041,7 @@ def _describe(err: dict, source: RecipeSource, model: type[BaseModel], prefix: t
     elif kind in ("finite_number",):
         msg = "must be a finite number"
     elif kind == "too_short" and isinstance(err.get("input"), list):  # an empty list: `models: []`, `sources: []`
-        least = err["ctx"]["min_length"]
-        msg = f"an empty list: at least {least} {'entry is' if least == 1 else 'entries are'} needed"
+        msg = "an empty list: at least {} {} needed".format(*counted(err["ctx"]["min_length"]))
     elif kind == "model_type":  # a plain value where keys go; pydantic's text names the class
         target = _walk(model, tuple(err["loc"]))[1]
         given = err.get("input")

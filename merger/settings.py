@@ -80,7 +80,7 @@ def leaves(setting: Setting, loc: tuple = ()) -> Iterator[tuple[Any, tuple]]:
     if is_filters(setting):
         for i, entry in enumerate(setting):
             yield from leaves(entry.get("value"), (*loc, i, "value"))
-    elif is_gradient(setting) or is_steps(setting):
+    elif is_steps(setting):  # a gradient's points too
         for i, v in enumerate(setting):
             yield v, (*loc, i)
     else:
@@ -96,7 +96,7 @@ def problem(setting: Setting) -> str | None:
         return "a parameter is a value, a list of numbers (a gradient) or a list of {filter, value} entries"
     if not setting:
         return "an empty list gives no value"
-    if not (is_gradient(setting) or is_steps(setting) or is_filters(setting)):
+    if not (is_steps(setting) or is_filters(setting)):  # steps: any list of values, a gradient's too
         return "a list is either values (numbers: a gradient) or {filter, value} entries, not a mix"
     if is_filters(setting):
         for entry in setting:

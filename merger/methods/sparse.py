@@ -273,13 +273,25 @@ def _apply(d: Tensor, keep) -> Tensor:
     return d if keep is True else d.masked_fill_(keep.logical_not(), 0)
 
 
+def _fibers(shape, numel: int) -> tuple[int, int, int]:
+    """DELLA's fibers of a tensor: (a, L, r), a * r fibers of L entries r apart (mergekit ranks along dim 1: a
+    2-D tensor's rows; a 1-D tensor is one fiber)."""
+    return (1, numel, 1) if len(shape) <= 1 else (shape[0], shape[1], math.prod(shape[2:]))
+
+
+def _block_rows(fiber: int) -> int:
+    """How many rows of fibers (`fiber` entries each) _magprune_masks ranks at once: DELLA_BLOCK entries'
+    worth, at least one."""
+    return max(1, DELLA_BLOCK // fiber)
+
+
 def _magprune_masks(task_vectors, numel, models, shape, seed) -> list[Tensor | None]:
     """DELLA's kept entries per model: keep probability density - epsilon + 2 epsilon * rank / (L - 1), rank
     0..L-1 by magnitude within its fiber of L entries (mergekit ranks along dim 1: a 2-D tensor's rows, a
     1-D tensor whole; ties by flat index), one model at a time."""
     import torch
 
-    a, length, r = (1, numel, 1) if len(shape) <= 1 else (shape[0], shape[1], math.prod(shape[2:]))
+    a, length, r = _fibers(shape, numel)
     masks: list[Tensor | None] = [None] * len(models)
     for i, m in enumerate(models):
         if m.density >= 1:
@@ -296,7 +308,7 @@ def _magprune_masks(task_vectors, numel, models, shape, seed) -> list[Tensor | N
             offset += d.numel()
         mask = masks[i] = torch.empty(numel, dtype=torch.bool, device=mags.device)
         fibers = mags.view(a, length, r)
-        rows = max(1, DELLA_BLOCK // (length * r))
+        rows = _block_rows(length * r)
         positions = torch.arange(length, device=mags.device, dtype=torch.float64).view(1, length, 1)
         spread = divide_(positions, length - 1) if length > 1 else positions.fill_(0.5)  # one entry: density
         spread.mul_(2 * m.epsilon).add_(m.density - m.epsilon)  # the keep probability of each rank
@@ -709,7 +721,7 @@ def _fused_magprune(xs, base, models, shape, k: _KernelState, run):
     from merger.methods import sparse_kernels as sk
 
     numel, n = base.size, len(xs)
-    a, length, r = (1, numel, 1) if len(shape) <= 1 else (shape[0], shape[1], math.prod(shape[2:]))
+    a, length, r = _fibers(shape, numel)
     todo = k.kinds == sk.BY_ENTRY
     masks = np.zeros((n, (numel + 7) // 8), np.uint8) if todo.any() else np.zeros((1, 1), np.uint8)  # bits
     if not todo.any() or not numel:
@@ -829,11 +841,9 @@ _OUTLIERS = GpuFootprint(
 
 
 def _ranked_block(shape: tuple[int, ...]) -> int:
-    """Bytes _magprune_masks' ranking of a block of fibers holds (its argsort's temporaries, 40 bytes an entry):
-    as many whole fibers as DELLA_BLOCK holds, at least one."""
-    numel = math.prod(shape)
-    a, fiber = (1, numel) if len(shape) <= 1 else (shape[0], numel // max(1, shape[0]))
-    return 40 * min(a, max(1, DELLA_BLOCK // max(1, fiber))) * fiber
+    """Bytes _magprune_masks' ranking of a block of fibers holds (its argsort's temporaries, 40 bytes an entry)."""
+    a, length, r = _fibers(shape, math.prod(shape))
+    return 40 * min(a, _block_rows(length * r)) * length * r
 
 
 # DELLA keeps each model's mask (a byte an entry, counted as a word) from prepare to fn; prepare holds one

@@ -83,9 +83,6 @@ def keep_count(n: int, density: float) -> int:
     return max(1, math.floor(Fraction(repr(density)) * n)) if density > 0 else 0
 
 
-NONE_KEPT = (math.inf, 0, 0)  # the trim that keeps nothing: no magnitude is above inf, and no tie before index 0
-
-
 # The radix digits of |x| (sign bit 0), from the top: (shift, width) per float dtype.
 _DIGITS = {"float32": ((15, 16), (0, 15)), "float64": ((47, 16), (31, 16), (15, 16), (0, 15))}
 DISCARD = 1024  # histogram bins for entries that no longer match, spread by their low bits: a GPU's atomic
@@ -238,7 +235,7 @@ def ties_prepare(
         return context.model_state
     ks = [keep_count(numel, m.density) for m in models]
     trimmed = [i for i, k in enumerate(ks) if 0 < k < numel]  # the others keep everything, or nothing
-    thresholds: list[float | None] = [None if k else NONE_KEPT[0] for k in ks]
+    thresholds: list[float | None] = [None if k else math.inf for k in ks]  # nothing is above inf
     cutoffs = [0] * len(models)
     if trimmed:
 
@@ -386,7 +383,7 @@ def ties_model_prepare(tensors, params: TiesTrimParams) -> dict[str, TrimState]:
         found = kth_largest(chunks, [ks[i] for i in trimmed])
     states, start = {}, 0
     for name, numel, _, _ in listed:
-        thresholds: list[float | None] = [None if k else NONE_KEPT[0] for k in ks]
+        thresholds: list[float | None] = [None if k else math.inf for k in ks]
         cutoffs = [0] * n
         for i, (threshold, _, cutoff) in zip(trimmed, found):
             thresholds[i], cutoffs[i] = threshold, min(max(cutoff - start, 0), numel)
