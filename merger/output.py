@@ -109,18 +109,15 @@ def _copy(model: LocalModel, name: str, directory: Path) -> None:
 
 
 def write_card(plan: Plan, directory: Path, title: str, extra: str | None = None) -> None:
-    """README.md with the Hub's metadata for a merge: `base_model` (the Hub ids of the inputs, or their
-    paths if none is on the Hub), `base_model_relation: merge`, and `license` if every input has the same.
-    `extra`: markdown added before the recipe (greedy soup's report)."""
+    """README.md with the Hub's metadata for a merge: `base_model` (the inputs' Hub ids) with
+    `base_model_relation: merge` where any input came from the Hub, and `license` if every input has the same.
+    A local path is never a `base_model`: the Hub refuses a card naming one (it takes model ids only), so a
+    merge of local models could not be pushed; the card's text names every input. `extra`: markdown added
+    before the recipe (greedy soup's report)."""
     spec = plan.spec
-    refs = ([spec.base] if spec.base else []) + [g.ref for g in spec.ingredients]
-    hub_ids = [m.remote.repo_id for m in plan.models if m.remote is not None]
-    front = {
-        "base_model": list(dict.fromkeys(hub_ids or refs)),
-        "base_model_relation": "merge",
-        "tags": ["merge", "merger"],
-        "library_name": "transformers",
-    }
+    hub_ids = list(dict.fromkeys(m.remote.repo_id for m in plan.models if m.remote is not None))
+    front = {"base_model": hub_ids, "base_model_relation": "merge"} if hub_ids else {}
+    front |= {"tags": ["merge", "merger"], "library_name": "transformers"}
     licenses = [card_metadata(m).get("license") for m in plan.models]
     if isinstance(licenses[0], str) and all(lic == licenses[0] for lic in licenses):
         front["license"] = licenses[0]

@@ -227,7 +227,8 @@ output: {{shard_size: 500B}}
     assert {"tokenizer.json", "generation_config.json", "config.json", "README.md"} <= set(files)
     card = (a / "README.md").read_text()
     front = card.split("---")[1]
-    assert "base_model:" in front and "- merge\n- merger" in front and "library_name: transformers" in front
+    assert "- merge\n- merger" in front and "library_name: transformers" in front
+    assert "base_model" not in front  # local models: the Hub takes ids only (test_hub checks the ids)
     assert "**ties**" in card and "density: 0.5" in card and "merge_method: ties" in card
     # natural order: layers.1 before layers.10 in the output
     names = list(index["weight_map"])
