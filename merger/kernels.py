@@ -704,7 +704,12 @@ class BandPass(Protocol):
 
 
 def select_in_bands(
-    n: int, ks: Sequence[int], sampled: Callable[[], np.ndarray], band_pass: BandPass, run: Runner
+    n: int,
+    ks: Sequence[int],
+    sampled: Callable[[], np.ndarray],
+    band_pass: BandPass,
+    run: Runner,
+    settle: Callable[[], Sequence[int]] | None = None,
 ) -> list[tuple[float, int, int]]:
     """For each k of ks (1 <= k <= n), the k-th largest of its population of n non-negative float32 values,
     as _select gives it: (threshold, ties kept, flat index just past the last kept tie).
@@ -717,7 +722,8 @@ def select_in_bands(
     more than budget.gathered_most(n) values (many ties, or a wide last resort) is not kept but narrowed by
     counting (_count_select). Populations of EXACT_BELOW entries or fewer are gathered whole, unsampled. A
     NaN value cannot be ranked: NaNTaskVector(w, count) for the first population w (an index into ks)
-    holding any."""
+    holding any. settle: where ks are estimates that the first band pass settles (SCE's k counts the nonzero
+    variances that pass sees), called once it is over: the ranks to select, as ks."""
     lo = np.zeros(len(ks), np.float32)
     hi = np.full(len(ks), np.inf, np.float32)
     hist = None
@@ -730,6 +736,8 @@ def select_in_bands(
     result: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(ks)
     while todo:
         found = _gather(todo, n, band_pass, lo[todo], hi[todo], run)
+        if settle is not None:
+            ks, settle = settle(), None
         exact, retry = [], []
         for i, band in enumerate(found):
             w = todo[i]

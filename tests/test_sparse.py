@@ -526,6 +526,75 @@ def test_sce_counts_nan_variances_of_either_sign_in_its_histogram():
     assert raised[0] == raised[1] and raised[0][1] == 71
 
 
+def sce_both_paths(base: torch.Tensor, xs: list[torch.Tensor], topk: float):
+    """SCE's output through the fused kernels (ranges of 4099 on two threads) and through torch, or the
+    NaNTaskVector each raised."""
+    from test_kernels import as_array, runner
+
+    from merger.errors import NaNTaskVector
+    from merger.methods import TensorContext, get_method
+
+    m = get_method("sce")
+    models, params = [m.model_params()] * len(xs), m.params(select_topk=topk)
+    context = TensorContext("t", shape=tuple(base.shape))
+    out = torch.empty_like(base)
+    got = []
+    for path in (
+        lambda: m.fn(xs, base, models, params, context=context),
+        lambda: (
+            m.fused([as_array(x) for x in xs], as_array(base), models, params, runner(4099, 2), context=context)(
+                0, base.numel(), as_array(out)
+            )
+            or out
+        ),
+    ):
+        try:
+            got.append(path().clone())
+        except NaNTaskVector as e:
+            got.append((e.model, e.count))
+    return got
+
+
+def test_sce_settles_its_k_in_the_band_pass_where_the_sample_misjudges_the_zeros(monkeypatch):
+    """The fused SCE counts the nonzero variances in its band pass, the band chosen for k as the sample
+    estimates it (the sample's share in radix bin 0 as zeros). Variances below 2**-133 share that bin with 0
+    and are not 0: here half the entries' are, so the estimate halves k, the band misses, and the pass that
+    moves it finds the same threshold as torch's exact count. Beside it: a block of exact zeros, which the
+    estimate gets about right; and a tensor whose k is 0, where the NaN variances go unranked, unrefused."""
+    n = 140_001
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(n, generator=g)
+    xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
+    half = torch.arange(n) % 2 == 0  # spread over every sample run
+    base[half] = 0.0
+    xs[0][half], xs[1][half] = 5e-21, -5e-21  # variance 2.5e-41 (or twice it): radix bin 0, not 0
+    fused, torched = sce_both_paths(base, xs, 0.4)
+    assert same_bytes(fused, torched)
+    from test_kernels import as_array, runner
+
+    passes = []
+    bands = sparse_kernels._variance_bands
+    monkeypatch.setattr(sparse_kernels, "_variance_bands", lambda *a: passes.append(a[-1]) or bands(*a))
+    found, k = sparse_kernels.variance_top(
+        tuple(as_array(x) for x in xs), as_array(base), lambda z: 4 * z // 10, runner(4099, 2)
+    )
+    assert k == 4 * n // 10 and found is not None  # every variance counted: the tiny ones are not 0
+    assert passes.count(0) == 2  # the band chosen for half that k missed: a second pass moved it
+    monkeypatch.undo()
+
+    xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
+    xs[1][: n // 2] = xs[0][: n // 2]  # a block of zero variances
+    fused, torched = sce_both_paths(base, xs, 0.3)
+    assert same_bytes(fused, torched)
+
+    xs = [base.clone(), base.clone()]
+    xs[0][:: n // 9] = float("nan")  # 10 NaN variances, the only ones not 0: k = floor(0.05 * 10) = 0
+    fused, torched = sce_both_paths(base, xs, 0.05)
+    assert isinstance(torched, torch.Tensor) and same_bytes(fused, torched)
+    fused, torched = sce_both_paths(base, xs, 0.5)  # k = 5: the NaNs cannot be ranked, on either path
+    assert fused == torched == (0, 10)
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "della", "breadcrumbs_ties", "sce"])
 @pytest.mark.parametrize("ranges,piece", [(96, 448), (104, 1000), (33, 5003)])
 def test_fused_path_on_ranges_off_the_kernels_blocks(method, ranges, piece):

@@ -753,9 +753,7 @@ def _fused_variance_top(xs, base, params, run) -> tuple:
     from merger.methods import sparse_kernels as sk
 
     numel = base.size
-    nonzero = sum(run(lambda s, e: sk._nonzero_variances(tuple(x[s:e] for x in xs), base[s:e]), numel))
-    k = share(int(nonzero), params.select_topk) if numel else 0
-    found = sk.variance_top(tuple(xs), base, k, run) if 0 < k < numel else None
+    found, k = sk.variance_top(tuple(xs), base, lambda nonzero: share(nonzero, params.select_topk), run)
     flag, threshold, cutoff = _top_of(found, k, numel)
     return flag, np.float32(threshold), cutoff
 

@@ -21,9 +21,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from merger.errors import NaNTaskVector
 from merger.kernels import (
     BLOCK,
     COMPRESS_STORE,
+    EXACT_BELOW,
     SAMPLE_RUN,
     U,
     _bits_of_f32,
@@ -427,23 +429,6 @@ def _variance_block(xs, b, st, m, d, w):  # pragma: no cover - compiled
 
 
 @kernel
-def _nonzero_variances(xs, b):  # pragma: no cover - compiled
-    """SCE: how many entries' variances across the task vectors are not 0."""
-    xs, b = borrow((xs, b))
-    n = b.size
-    d_own, d = lend(np.empty((len(xs), BLOCK), np.float32))
-    w_own, w = lend(np.empty(BLOCK, np.float32))
-    nonzero = 0
-    for st in range(0, n, BLOCK):
-        m = min(BLOCK, n - st)
-        _variance_block(xs, b, st, m, d, w)
-        for i in range(m):
-            nonzero += w[U(i)] != 0
-    keep_alive((d_own, w_own))
-    return nonzero
-
-
-@kernel
 def _variance_sample(xs, b, starts, length, hist):  # pragma: no cover - compiled
     """hist[radix_bin(variance)] += 1 over the sample runs of `length` entries at `starts`
     (kernels.sample_histograms' fill), each run's lines prefetched eight runs ahead."""
@@ -464,7 +449,8 @@ def _variance_sample(xs, b, starts, length, hist):  # pragma: no cover - compile
 def _variance_bands(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - compiled
     """kernels.BandPass over the variances of a flat chunk starting at flat index `offset`:
     how many are above the band (lo[0], hi[0]), and those in it (or NaN) gathered into vals[0], idx[0]
-    (kernels.band_block on each block of variances). Returns (above, gathered), arrays of one."""
+    (kernels.band_block on each block of variances); and how many are not 0 (NaN among them), which SCE's k
+    counts. Returns (above, gathered, nonzero), arrays of one."""
     xs, b, lo, hi, vals, idx, offset = borrow((xs, b, lo, hi, vals, idx, offset))
     n = b.size
     d_own, d = lend(np.empty((len(xs), BLOCK), np.float32))
@@ -472,27 +458,57 @@ def _variance_bands(xs, b, lo, hi, vals, idx, offset):  # pragma: no cover - com
     zeros_own, zeros = lend(np.zeros(BLOCK, np.float32))  # |w - 0| = w: variances are >= 0 (or NaN)
     above = np.zeros(1, np.int64)
     got = np.zeros(1, np.int64)
+    nonzero = np.zeros(1, np.int64)
     for st in range(0, n, BLOCK):
         m = min(BLOCK, n - st)
         _variance_block(xs, b, st, m, d, w)
+        count = 0
+        for i in range(m):
+            count += w[U(i)] != 0
+        nonzero[0] += count
         cnt, got[0] = band_block(w, 0, zeros, m, lo[0], hi[0], vals[0], idx[0], got[0], offset + st)
         above[0] += cnt
     keep_alive((d_own, w_own, zeros_own))
-    return above, got
+    return above, got, nonzero
 
 
-def variance_top(xs: tuple, base: np.ndarray, k: int, run) -> tuple[float, int, int]:
-    """SCE's k-th largest variance across the task vectors (kernels.select_in_bands: its threshold, ties and
-    cutoff), from a sample and one pass over the inputs, no variance stored."""
+def variance_top(xs: tuple, base: np.ndarray, k_of, run) -> tuple[tuple[float, int, int] | None, int]:
+    """SCE's threshold: the k-th largest variance across the task vectors, k = k_of(how many are not 0), as
+    kernels.select_in_bands gives it (threshold, ties, cutoff; None where k is 0 or every entry), and k; from
+    a sample and one pass over the inputs, no variance stored. That pass counts the nonzero variances too: its
+    band is chosen for k as the sample estimates it, then the pass settles k (a band that misses the settled
+    rank is moved as any other), so the inputs are read once, not once to count and once to select. A NaN
+    variance is refused (NaNTaskVector) only where there is a k-th to rank."""
     n = base.size
+    if not n:
+        return None, k_of(0)
+    counts: list[int] = []  # the nonzero variances of the first pass's parts
+    settled: list[int] = []  # k, once the first pass is over
 
     def fill(starts: np.ndarray, hist: np.ndarray) -> None:
         _variance_sample(xs, base, starts, SAMPLE_RUN, hist[0])
 
     def band_pass(todo: list[int], s: int, e: int, lo: np.ndarray, hi: np.ndarray, vals, idx):
-        return _variance_bands(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
+        above, got, nonzero = _variance_bands(tuple(x[s:e] for x in xs), base[s:e], lo, hi, vals, idx, s)
+        if not settled:
+            counts.append(int(nonzero[0]))
+        return above, got
 
-    return select_in_bands(n, [k], lambda: sample_histograms(n, 1, fill, run), band_pass, run)[0]
+    def settle() -> list[int]:
+        settled.append(k_of(sum(counts)))
+        return [min(max(settled[0], 1), n)]  # a rank to select even where k is 0 or n (then unused)
+
+    hist = sample_histograms(n, 1, fill, run) if n > EXACT_BELOW else None
+    zeros = hist[0, 0] / hist[0].sum() if hist is not None else 0.0  # the sample's share in radix bin 0
+    estimate = min(max(k_of(round(n * (1 - zeros))), 1), n)
+    try:
+        found = select_in_bands(n, [estimate], lambda: hist, band_pass, run, settle=settle)[0]
+    except NaNTaskVector:
+        if 0 < settled[0] < n:
+            raise
+        found = None
+    k = settled[0]
+    return (found if 0 < k < n else None), k
 
 
 @kernel
