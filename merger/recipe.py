@@ -39,7 +39,7 @@ from merger import chat, settings
 from merger.errors import RecipeError, counted
 from merger.files import JSON_DEPTH, read_user_file
 from merger.methods import Method, Params, all_methods, get_method, greedy
-from merger.methods.base import effective_keys
+from merger.methods.base import Misfit, effective_keys
 
 _DTYPES = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "float64", "fp64"]
 
@@ -549,9 +549,9 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
         problems += _listed_beyond_range(recipe, source)
     if not problems and method.check is not None:
         for models, loc in [(ingredients, ("models",))] if slices is None else _slice_checks(slices, method):
-            msg = method.check([g.params for g in models], params)
-            if msg:
-                problems.append(f"{source.where(*loc)}: {msg}")
+            found = method.check([g.params for g in models], params)
+            if found:
+                problems.append(_check_problem(found, models, loc, source))
 
     tokenizer_source, vocabulary = _vocabulary(recipe, method, source, problems)
     _check_chat_template(recipe, source, problems)
@@ -746,6 +746,18 @@ def _scalar(model: type[Params], values: dict[str, Any]) -> Params:
         return model.model_validate({k: v for k, v in values.items() if k in keys and not isinstance(v, list)})
     except ValidationError:  # reported where the values are given
         return model.model_validate({})
+
+
+def _check_problem(found: str | Misfit, models: list[Ingredient], loc: tuple, source: RecipeSource) -> str:
+    """Method.check's problem at its recipe line: a Misfit at the first of its parameters that its model's entry
+    gives, else at the first that the recipe's parameters: give, else at the model's entry; a slice's models,
+    and any other problem, at `loc`."""
+    if isinstance(found, str) or models[found.model].index < 0:
+        return f"{source.where(*loc)}: {found}"
+    entry = models[found.model]
+    own = [("models", entry.index, "parameters", k) for k in found.keys if k in entry.settings]
+    top = [("parameters", k) for k in found.keys if ("parameters", k) in source.lines]
+    return f"{source.where(*(own + top + [('models', entry.index)])[0])}: {found.message}"
 
 
 def _slice_checks(slices: list[Slice], method: Method) -> Iterator[tuple[list[Ingredient], tuple]]:

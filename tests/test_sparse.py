@@ -353,8 +353,10 @@ def test_whole_tensors_give_the_engines_bytes(tmp_path, family, method):
 @pytest.mark.parametrize(
     "method,per_model,params,message",
     [
-        ("della", ["density: 0.2, epsilon: 0.3"], "", "{r}:4: models: models[0]: density 0.2 and epsilon 0.3 put a "
-         "keep probability outside (0, 1); choose epsilon below both density and 1 - density"),
+        ("della", ["density: 0.2, epsilon: 0.3"], "", "{r}:6: models[0].parameters.epsilon: density 0.2 and epsilon "
+         "0.3 put a keep probability outside (0, 1); choose epsilon below both density and 1 - density"),
+        ("della", [""], "density: 0.1", "{r}:7: parameters.density: density 0.1 and epsilon 0.15 put a keep "
+         "probability outside (0, 1); choose epsilon below both density and 1 - density"),  # the default epsilon
         ("dare_ties", ["density: 1.5"], "", "{r}:6: models[0].parameters.density: Input should be less than or "
          "equal to 1, got 1.5"),
         ("breadcrumbs", ["gamma: -0.1"], "", "{r}:6: models[0].parameters.gamma: Input should be greater than or "

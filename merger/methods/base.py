@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -227,8 +227,9 @@ class Method:
     needs_base: bool
     summary: str
     paper: str = ""
-    # Optional check over the validated parameters, run before any tensor is read; returns a problem or None.
-    check: Callable[[Sequence[BaseModel], BaseModel], str | None] | None = None
+    # Optional check over the validated parameters, run before any tensor is read; returns a problem (a Misfit
+    # where one model's parameters are at fault: the recipe points at them) or None.
+    check: Callable[[Sequence[BaseModel], BaseModel], str | Misfit | None] | None = None
     # Optional per-tensor statistics over whole task vectors (TIES: trim thresholds). Needs a base.
     prepare: Prepare | None = None
     fused: Fused | None = None
@@ -279,6 +280,19 @@ def _registered(name: str) -> Method:
     if method is None:
         raise LookupError(f"merge method '{name}' is not registered in this process")
     return method
+
+
+class Misfit(NamedTuple):
+    """A Method.check's complaint about one model's parameters: the model (an index into the models check was
+    given), the parameters at fault (the recipe's error points at the first that the model's own entry gives,
+    else at the recipe's parameters: line for one), and what is wrong."""
+
+    model: int
+    keys: tuple[str, ...]
+    message: str
+
+    def __str__(self) -> str:
+        return f"models[{self.model}]: {self.message}"
 
 
 def normalizable(models: Sequence[BaseModel], params: BaseModel) -> str | None:

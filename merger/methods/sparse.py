@@ -26,6 +26,7 @@ from merger.methods.base import (
     InputChunks,
     MergeRange,
     Method,
+    Misfit,
     Params,
     TensorContext,
     kept_for_mergekit,
@@ -780,13 +781,15 @@ def _shaped(context: TensorContext | None, shape) -> TensorContext:
     return dataclasses.replace(context or TensorContext(""), shape=tuple(shape))
 
 
-def della_check(models: Sequence[DellaModelParams], params: Params) -> str | None:
+def della_check(models: Sequence[DellaModelParams], params: Params) -> str | Misfit | None:
     """mergekit's rule: with 0 < density < 1, the keep probabilities density -/+ epsilon lie in (0, 1)."""
     for i, m in enumerate(models):
         if 0 < m.density < 1 and not (m.density - m.epsilon > 0 and m.density + m.epsilon < 1):
-            return (
-                f"models[{i}]: density {m.density} and epsilon {m.epsilon} put a keep probability outside (0, 1); "
-                "choose epsilon below both density and 1 - density"
+            return Misfit(
+                i,
+                ("epsilon", "density"),
+                f"density {m.density} and epsilon {m.epsilon} put a keep probability outside (0, 1); "
+                "choose epsilon below both density and 1 - density",
             )
     return normalizable(models, params)
 
