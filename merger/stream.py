@@ -28,7 +28,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -325,6 +325,34 @@ def copy_to_host(pinned: torch.Tensor, gpu: torch.Tensor) -> None:
     pinned.copy_(gpu, non_blocking=True)
 
 
+def _in_turn(pool: ThreadPoolExecutor, runners: int, fn: Callable[[int, int], object], bounds: list) -> list:
+    """fn(start, end) over `bounds` on `runners` threads, this one and runners - 1 of the pool's, each taking
+    the next range as it finishes one; results in order. One hand-off per thread, not one per range (a
+    ThreadPoolExecutor.map over a piece's 16 chunks took 0.24 ms of hand-offs on the 2-core VM, and a
+    TinyLlama pass has about 4,300 chunks), and the calling thread merges instead of waiting. A failure
+    stops the others at their next range; every runner is done before this returns or raises."""
+    results: list = [None] * len(bounds)
+    taken = itertools.count()  # its next() is atomic: each range goes to one runner
+    failed = threading.Event()
+
+    def runner() -> None:
+        while not failed.is_set() and (i := next(taken)) < len(bounds):
+            try:
+                results[i] = fn(*bounds[i])
+            except BaseException:
+                failed.set()
+                raise
+
+    helpers = [pool.submit(runner) for _ in range(runners - 1)]
+    try:
+        runner()
+    finally:
+        wait(helpers)
+    for h in helpers:
+        h.result()  # a helper's failure
+    return results
+
+
 class Merger:
     """Merges one planned tensor at a time into a caller-provided output array."""
 
@@ -337,7 +365,10 @@ class Merger:
         self.live: dict[str, tuple[dict, dict]] = {}  # tensor name -> its input views and dtypes, until released
         self.widening = Buffers()  # float32 copies of ingredients stored in different dtypes (Plan.widened)
         self.threads = 1 if self.cuda else max(1, threads or system.default_threads())
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="merger-chunk") if self.threads > 1 else None
+        # the chunk threads: this one and threads - 1 more (_in_turn)
+        self.pool = (
+            ThreadPoolExecutor(self.threads - 1, thread_name_prefix="merger-chunk") if self.threads > 1 else None
+        )
         method = plan.spec.method
         merged = [t for t in plan.tensors if t.merged and plan.verbatim(t) is None]  # the rest are copies
         fusable = not self.cuda and plan.compute_dtype == "float32" and method.fused is not None and bool(merged)
@@ -469,7 +500,7 @@ class Merger:
         bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
         if self.pool is None or len(bounds) < 2:
             return [fn(s, e) for s, e in bounds]
-        return list(self.pool.map(lambda b: fn(*b), bounds))
+        return _in_turn(self.pool, min(self.threads, len(bounds)), fn, bounds)
 
     def gpu_merge(self, t: OutTensor, on_gpu: dict[Key, torch.Tensor]) -> torch.Tensor:
         """The method on GPU tensors as stored (by source key); the result in t's dtype, on the current

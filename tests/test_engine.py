@@ -212,6 +212,43 @@ def test_output_written_in_pieces_is_byte_identical(tmp_path, monkeypatch, metho
         assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
+def test_chunk_ranges_run_in_turn_on_every_thread_in_order_and_stop_at_a_failure():
+    """Merger._run's runners (this thread and the pool's) take ranges one after another: every range runs
+    once, on more than one thread, its result in its place; after a failure the others start no new range,
+    and none is still running when the failure reaches the caller."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(2)
+    bounds = [(s, s + 10) for s in range(0, 400, 10)]
+    ran, running = [], [0]
+    lock = threading.Lock()
+
+    def fn(s, e):
+        with lock:
+            ran.append((s, threading.get_ident()))
+            running[0] += 1
+        time.sleep(0.002)
+        with lock:
+            running[0] -= 1
+        if s == 100:
+            raise ValueError("range 100")
+        return (s, e)
+
+    assert merger.stream._in_turn(pool, 3, lambda s, e: fn(s + 1, e), bounds) == [(s + 1, e) for s, e in bounds]
+    assert sorted(s for s, _ in ran) == [s + 1 for s, _ in bounds]
+    assert len({thread for _, thread in ran}) == 3
+    ran.clear()
+    with pytest.raises(ValueError, match="range 100"):
+        merger.stream._in_turn(pool, 3, fn, bounds)
+    assert running[0] == 0
+    started = len(ran)
+    assert started <= 10 + 3  # the ranges up to the failure, and one more per other runner at most
+    time.sleep(0.05)
+    assert len(ran) == started
+    pool.shutdown()
+
+
 def test_write_depth_is_write_ahead_bytes_of_pieces(family):
     """CPU output pieces queued for the writer: WRITE_AHEAD bytes of them in the output dtype (at least
     two); two on CUDA, where a whole tensor's buffer is pinned."""
