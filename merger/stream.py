@@ -330,7 +330,9 @@ def _in_turn(pool: ThreadPoolExecutor, runners: int, fn: Callable[[int, int], ob
     the next range as it finishes one; results in order. One hand-off per thread, not one per range (a
     ThreadPoolExecutor.map over a piece's 16 chunks took 0.24 ms of hand-offs on the 2-core VM, and a
     TinyLlama pass has about 4,300 chunks), and the calling thread merges instead of waiting. A failure
-    stops the others at their next range; every runner is done before this returns or raises."""
+    stops the others at their next range; every runner is done before this returns or raises, and none
+    is waited for that had not started when this thread found no range left (a pool thread busy
+    elsewhere, or slow to wake for a tensor of two chunks)."""
     results: list = [None] * len(bounds)
     taken = itertools.count()  # its next() is atomic: each range goes to one runner
     failed = threading.Event()
@@ -347,8 +349,10 @@ def _in_turn(pool: ThreadPoolExecutor, runners: int, fn: Callable[[int, int], ob
     try:
         runner()
     finally:
-        wait(helpers)
-    for h in helpers:
+        # one not started yet is cancelled: every range is taken (or a runner failed), none is left for it
+        started = [h for h in helpers if not h.cancel()]
+        wait(started)
+    for h in started:
         h.result()  # a helper's failure
     return results
 

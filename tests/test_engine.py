@@ -214,8 +214,9 @@ def test_output_written_in_pieces_is_byte_identical(tmp_path, monkeypatch, metho
 
 def test_chunk_ranges_run_in_turn_on_every_thread_in_order_and_stop_at_a_failure():
     """Merger._run's runners (this thread and the pool's) take ranges one after another: every range runs
-    once, on more than one thread, its result in its place; after a failure the others start no new range,
-    and none is still running when the failure reaches the caller."""
+    once, on more than one thread, its result in its place; a runner the pool has not started by the time
+    the ranges are all taken is not waited for; after a failure the others start no new range, and none is
+    still running when the failure reaches the caller."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -240,6 +241,16 @@ def test_chunk_ranges_run_in_turn_on_every_thread_in_order_and_stop_at_a_failure
     assert merger.stream._in_turn(pool, 3, lambda s, e: fn(s + 1, e), bounds) == [(s + 1, e) for s, e in bounds]
     assert sorted(s for s, _ in ran) == [s + 1 for s, _ in bounds]
     assert len({thread for _, thread in ran}) == 3
+    busy = threading.Event()
+    pool.submit(busy.wait)  # one of the pool's two threads is busy: its runner never starts
+    pool.submit(busy.wait)  # ... nor the other's
+    timer = threading.Timer(5, busy.set)
+    timer.start()
+    started = time.monotonic()
+    assert merger.stream._in_turn(pool, 3, lambda s, e: (s, e), bounds) == bounds
+    assert time.monotonic() - started < 2  # this thread ran every range and waited for no runner
+    busy.set()
+    timer.cancel()
     ran.clear()
     with pytest.raises(ValueError, match="range 100"):
         merger.stream._in_turn(pool, 3, fn, bounds)
