@@ -24,6 +24,7 @@ from merger import settings
 from merger.errors import ModelError, RecipeError
 from merger.layers import LayerStack, find_stacks, natural_key, numbered, stack_of
 from merger.methods import Params, TensorContext, tensor_seed
+from merger.methods.base import Misfit
 from merger.recipe import DTYPE_CODE, MergeSpec, Slice, SliceInput
 from merger.sources import DTYPES, LocalModel, TensorInfo, read_config
 from merger.vocab import Vocabulary, fits
@@ -333,9 +334,23 @@ class Assembler:
         if check is not None and (models, params) not in self._checked and part.loc not in self._failed:
             self._checked.add((models, params))
             msg = check(models, params)
-            if msg:
+            if isinstance(msg, Misfit):
+                self._failed.add(part.loc)
+                self.problems.append(f"{self.spec.where(*self._misfit_at(part, msg))}: tensor '{name}': {msg.message}")
+            elif msg:
                 self._failed.add(part.loc)
                 self.problems.append(f"{self.spec.where(*part.loc)}: tensor '{name}': {msg}")
+
+    def _misfit_at(self, part: Slice, found: Misfit) -> tuple:
+        """Where the recipe gives the parameter a Misfit is about, for this slice's model: in the model's (or
+        slice source's) own entry, else in the slice's parameters, else in the recipe's, as _model_params
+        resolves them; the entry itself where none gives one (a default)."""
+        entry = part.inputs[found.model]
+        for given, at in ((entry.settings, entry.loc), (part.settings, part.loc), (self.spec.settings, ())):
+            for key in found.keys:
+                if key in given:
+                    return (*at, "parameters", key)
+        return entry.loc
 
     def _model_params(self, part: Slice, e: SliceInput, name: str, t: float) -> Params:
         """Ingredient e's parameters for its tensor `name`: its own, over its slice's, over the top level's."""

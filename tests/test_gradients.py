@@ -197,6 +197,37 @@ def test_a_gradient_that_makes_weights_sum_to_zero_somewhere_is_refused_before_m
     assert not (tmp_path / "out").exists()
 
 
+DELLA_TOO_WIDE = "density 0.4 and epsilon 0.45 put a keep probability outside (0, 1); choose epsilon below both density and 1 - density"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "at"),
+    [  # the parameter's line: a model's own, the recipe's, a slice's, a slice source's
+        ("models:\n  - model: {root}/a\n    parameters: {density: 0.4, epsilon: [0.1, 0.45]}\n"
+         "  - model: {root}/b\n    parameters: {density: 0.4}\n", "6: models[0].parameters.epsilon"),
+        ("models:\n  - model: {root}/a\n  - model: {root}/b\n"
+         "parameters:\n  density: 0.4\n  epsilon: [0.1, 0.45]\n", "9: parameters.epsilon"),
+        ("slices:\n  - sources:\n      - {model: {root}/base, layer_range: [0, 5]}\n"
+         "      - {model: {root}/a, layer_range: [0, 5]}\n    parameters: {density: 0.4, epsilon: [0.1, 0.45]}\n",
+         "8: slices[0].parameters.epsilon"),
+        ("slices:\n  - sources:\n      - {model: {root}/base, layer_range: [0, 5]}\n"
+         "      - {model: {root}/a, layer_range: [0, 5], parameters: {epsilon: [0.1, 0.45]}}\n"
+         "    parameters: {density: 0.4, epsilon: 0.1}\n", "7: slices[0].sources[1].parameters.epsilon"),
+    ],
+)  # fmt: skip
+def test_a_gradient_that_fails_a_methods_check_somewhere_is_refused_at_its_own_line(tmp_path, models, recipe, at):
+    """DELLA's keep probabilities leave (0, 1) where an epsilon gradient passes the density (t > 6/7: layer 4
+    of 5): the error names the first such tensor and the line that gives that model's epsilon."""
+    text = f"merge_method: della\nbase_model: {{root}}/base\ndtype: float32\n{recipe}".replace("{root}", str(tmp_path))
+    (tmp_path / "r.yaml").write_text(text)
+    result = CliRunner().invoke(cli, ["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: {tmp_path / 'r.yaml'}:{at}: tensor 'model.layers.4.mlp.up.weight': {DELLA_TOO_WIDE}\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 # An encoder-decoder: two stacks of different depths (T5's names), an embedding shared by both, a head.
 ENC_DEC = ["shared.weight", "lm_head.weight", "encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"]
 ENC_DEC += [f"encoder.block.{i}.layer.0.SelfAttention.{w}.weight" for i in range(3) for w in "qk"]
