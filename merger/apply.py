@@ -19,7 +19,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from merger import budget, parallel, system
-from merger.errors import Interrupted, MergeError, MergerError, OutputError, RecipeError, describe, problems_of
+from merger.errors import (
+    DiskFull,
+    Interrupted,
+    MergeError,
+    MergerError,
+    OutputError,
+    RecipeError,
+    describe,
+    problems_of,
+)
 from merger.fetch import JustInTime, fetch_inputs, room
 from merger.lock import Lock, LockedInput, checked_inputs, inputs_of, listed
 from merger.output import write_metadata
@@ -195,11 +204,22 @@ def _record_early(partial: Partial, hashing: Future) -> None:
             partial.record_inputs(hashing.result())
 
 
+def _partial(job: Job, force: bool) -> Partial:
+    """The output's partial folder, set up. A disk too full for even that (0 bytes free) is refused as a disk too
+    small for the output is, with what the output needs (fetch.room), not with the error of the first record."""
+    try:
+        return Partial(job.dest, job.plan, force=force, durable=job.durable)
+    except DiskFull:
+        if problems := room(job.plan, job.dest, None, job.low_disk):
+            raise OutputError(*problems) from None
+        raise
+
+
 def _in_this_process(job: Job, force: bool, progress: bool, workers: int, card: str | None):
     """The shards written here (or by --workers processes), then committed. Returns (bytes read, the
     workers' largest peak RSS and GPU memory, how many shards an interrupted run had finished)."""
     plan = job.plan
-    partial = Partial(job.dest, plan, force=force, durable=job.durable)
+    partial = _partial(job, force)
     peaks = (0, 0)
     try:
         with _kept_for_resume(partial), job.beside() as pool:
@@ -232,7 +252,7 @@ def _as_rank(job: Job, force: bool, progress: bool, group: parallel.Group, card:
     Rank 0 holds the partial output (every rank shares its lock while it writes there): what finished
     is kept for the next launch to resume, unless a rank's failure would come again."""
     plan = job.plan
-    partial = Partial(job.dest, plan, force=force, durable=job.durable) if group.rank == 0 else None
+    partial = _partial(job, force) if group.rank == 0 else None
     joined = None
     try:
         with _kept_for_resume(partial), job.beside() as pool:

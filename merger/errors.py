@@ -42,6 +42,10 @@ class OutputError(MergerError):
     """The output cannot be written or replaced (an existing directory in the way, a full disk)."""
 
 
+class DiskFull(OutputError):
+    """The output's filesystem had no room (or no quota) left for merger's own records, as the output was set up."""
+
+
 class Interrupted(MergerError):
     """The run was interrupted (Ctrl-C, SIGTERM): says what was kept for the next run to resume."""
 

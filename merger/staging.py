@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merger import __version__, system
-from merger.errors import OutputError, describe
+from merger.errors import DiskFull, OutputError, describe
 from merger.files import fsync_dir, fsync_file, write_json
 from merger.lock import LOCK_NAME, LockedInput
 from merger.plan import Plan, Shard
@@ -207,7 +207,8 @@ class Partial:
         try:
             return self._resume()
         except OSError as e:  # a full disk (or out of inodes) as it starts
-            raise OutputError(f"output {self.dest}: {describe(e)}") from None
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise (DiskFull if full else OutputError)(f"output {self.dest}: {describe(e)}") from None
 
     def _resume(self) -> set[int]:
         fp = fingerprint(self.plan)

@@ -607,6 +607,30 @@ def test_an_output_too_large_for_its_disk_is_refused_before_anything_is_written(
     assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"]).exit_code == 0
 
 
+def test_a_disk_with_no_room_left_at_all_is_refused_with_what_the_output_needs(workdir, monkeypatch):
+    """At 0 bytes free the output's first record (the partial folder's state) cannot be written either: the
+    refusal still says what the output needs and what is free, not the write's errno."""
+    import errno
+
+    import merger.staging
+
+    Path("recipe.yaml").write_text(GOOD)
+    need = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).output)["disk"]["output_bytes"]
+    _free(monkeypatch, 0)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(merger.staging, "write_json", full)
+    result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"])
+    assert (result.exit_code, result.stderr) == (
+        2,
+        f"error: output {workdir / 'out'}: the output needs {need} B, and {workdir} has 0 B free: free some space "
+        "there or write the output elsewhere\n",
+    )
+    assert sorted(p.name for p in workdir.iterdir()) == ["base", "ft1", "ft2", "recipe.yaml"]  # nothing written
+
+
 def test_a_filesystem_that_tells_no_size_is_not_held_to_its_free_space(workdir, monkeypatch):
     """Some FUSE and network filesystems report a total and free space of 0: unknown, not full."""
     Path("recipe.yaml").write_text(GOOD)
