@@ -342,15 +342,19 @@ class Assembler:
                 self.problems.append(f"{self.spec.where(*part.loc)}: tensor '{name}': {msg}")
 
     def _misfit_at(self, part: Slice, found: Misfit) -> tuple:
-        """Where the recipe gives the parameter a Misfit is about, for this slice's model: in the model's (or
-        slice source's) own entry, else in the slice's parameters, else in the recipe's, as _model_params
-        resolves them; the entry itself where none gives one (a default)."""
+        """Where the recipe gives the parameter a Misfit is about, for this slice's model, as _model_params
+        resolves it: in the model's (or slice source's) own entry, else in the slice's parameters, else in the
+        recipe's. The first of its parameters given as a gradient or filters (what changes between tensors),
+        else the first given; the entry itself where none is (defaults)."""
         entry = part.inputs[found.model]
-        for given, at in ((entry.settings, entry.loc), (part.settings, part.loc), (self.spec.settings, ())):
-            for key in found.keys:
+        levels = ((entry.settings, entry.loc), (part.settings, part.loc), (self.spec.settings, ()))
+        places = []  # (not a gradient, where) for each of its parameters the recipe gives, in the Misfit's order
+        for key in found.keys:
+            for given, loc in levels:
                 if key in given:
-                    return (*at, "parameters", key)
-        return entry.loc
+                    places.append((not isinstance(given[key], list), (*loc, "parameters", key)))
+                    break
+        return min(places, key=lambda p: p[0])[1] if places else entry.loc
 
     def _model_params(self, part: Slice, e: SliceInput, name: str, t: float) -> Params:
         """Ingredient e's parameters for its tensor `name`: its own, over its slice's, over the top level's."""

@@ -547,7 +547,7 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
         problems += _beyond_range(recipe, ingredients, params, source)
     if not problems:
         problems += _listed_beyond_range(recipe, source)
-    if not problems and method.check is not None:
+    if not problems and method.check is not None and not _varying(recipe):  # else assemble checks each tensor's
         for models, loc in [(ingredients, ("models",))] if slices is None else _slice_checks(slices, method):
             found = method.check([g.params for g in models], params)
             if found:
@@ -746,6 +746,16 @@ def _scalar(model: type[Params], values: dict[str, Any]) -> Params:
         return model.model_validate({k: v for k, v in values.items() if k in keys and not isinstance(v, list)})
     except ValidationError:  # reported where the values are given
         return model.model_validate({})
+
+
+def _varying(recipe: Recipe) -> bool:
+    """Whether the recipe gives any parameter as a gradient or filters (a list): its values then differ between
+    tensors, and Method.check runs on each tensor's as the plan is made (assemble), not here on the one value
+    a check could see (the parameter's default, where the recipe gives none but the gradient)."""
+    given = [recipe.parameters, *(m.parameters for m in recipe.models or [])]
+    for s in recipe.slices or []:
+        given += [s.parameters, *(src.parameters for src in s.sources)]
+    return any(isinstance(v, list) for d in given for v in d.values())
 
 
 def _check_problem(found: str | Misfit, models: list[Ingredient], loc: tuple, source: RecipeSource) -> str:

@@ -213,6 +213,12 @@ DELLA_TOO_WIDE = "density 0.4 and epsilon 0.45 put a keep probability outside (0
         ("slices:\n  - sources:\n      - {model: {root}/base, layer_range: [0, 5]}\n"
          "      - {model: {root}/a, layer_range: [0, 5], parameters: {epsilon: [0.1, 0.45]}}\n"
          "    parameters: {density: 0.4, epsilon: 0.1}\n", "7: slices[0].sources[1].parameters.epsilon"),
+        # density a model's own, the epsilon gradient the recipe's: the line of what changes between layers
+        ("models:\n  - model: {root}/a\n    parameters: {density: 0.4}\n  - model: {root}/b\n"
+         "    parameters: {density: 0.4}\nparameters:\n  epsilon: [0.1, 0.45]\n", "10: parameters.epsilon"),
+        # the other way round: epsilon a model's own (the first parameter the check names), density the gradient
+        ("models:\n  - model: {root}/a\n    parameters: {epsilon: 0.45}\n  - model: {root}/b\n"
+         "    parameters: {epsilon: 0.1}\nparameters:\n  density: [0.5, 0.5, 0.5, 0.5, 0.4]\n", "10: parameters.density"),
     ],
 )  # fmt: skip
 def test_a_gradient_that_fails_a_methods_check_somewhere_is_refused_at_its_own_line(tmp_path, models, recipe, at):
@@ -226,6 +232,45 @@ def test_a_gradient_that_fails_a_methods_check_somewhere_is_refused_at_its_own_l
         f"error: {tmp_path / 'r.yaml'}:{at}: tensor 'model.layers.4.mlp.up.weight': {DELLA_TOO_WIDE}\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "given",
+    [  # epsilon below density 0.1 at every layer; a check on its default (0.15) alone would refuse it
+        "models:\n  - model: {root}/a\n    parameters: {density: 0.1, epsilon: [0.01, 0.05]}\n"
+        "  - model: {root}/b\n    parameters: {density: 0.1, epsilon: 0.02}\n",
+        "models:\n  - model: {root}/a\n  - model: {root}/b\nparameters: {density: 0.1, epsilon: [0.01, 0.05]}\n",
+        "models:\n  - model: {root}/a\n  - model: {root}/b\n"
+        "parameters: {density: 0.1, epsilon: [{filter: mlp, value: 0.05}, {value: 0.02}]}\n",
+        "slices:\n  - sources:\n      - {model: {root}/base, layer_range: [0, 5]}\n"
+        "      - {model: {root}/a, layer_range: [0, 5]}\n      - {model: {root}/b, layer_range: [0, 5]}\n"
+        "    parameters: {density: 0.1, epsilon: [0.01, 0.05]}\n",
+    ],
+)
+def test_a_gradient_valid_at_every_layer_merges_as_its_values_written_out_do(tmp_path, models, given):
+    """The method's check sees each tensor's values, not a parameter's default where a gradient gives it: the
+    recipe merges, byte for byte as the same one with density written as a gradient too (which a check of
+    defaults let through)."""
+    head = "merge_method: della\nbase_model: {root}/base\ndtype: float32\nrandom_seed: 3\n"
+    got = merged(tmp_path, head + given)
+    written_out = given.replace("density: 0.1", "density: [0.1, 0.1]")
+    assert written_out != given
+    assert got.keys() == (want := merged(tmp_path, head + written_out)).keys()
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_a_weight_gradient_that_never_sums_to_zero_is_not_refused_for_its_default(tmp_path, models):
+    """Weights [2, 3] and -1 sum to 1 + t, never 0 (a check of the default weight 1 would see 1 - 1)."""
+    got = merged(
+        tmp_path,
+        "merge_method: linear\ndtype: float32\ncompute_dtype: float64\nmodels:\n"
+        "  - model: {root}/a\n    parameters: {weight: [2, 3]}\n  - model: {root}/b\n    parameters: {weight: -1}\n",
+    )
+    for name in NAMES:
+        wa = gradient([2, 3], place(name))
+        want = (wa * models["a"][name].double() - models["b"][name].double()) / (wa - 1)
+        torch.testing.assert_close(got[name], want.float(), msg=name)
 
 
 # An encoder-decoder: two stacks of different depths (T5's names), an embedding shared by both, a head.
