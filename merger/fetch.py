@@ -123,12 +123,13 @@ def disk_needs(plan: Plan, shards: list[int] | None = None) -> dict[str, int]:
         live = sum(size for f, size in weights.items() if uses[f].first - 1 <= i <= uses[f].last)
         peak, most_live = max(peak, live + written), max(most_live, live)
     others = sum(new.values()) - sum(weights.values())
-    output = sum(s.nbytes for s in chosen)
+    metadata = plan.metadata_bytes()  # headers, copied files, index, card, lock, records: written whatever is left
+    output = sum(s.nbytes for s in chosen) + metadata
     return {
         "output_bytes": output,
         "download_bytes": sum(new.values()),
         "peak_bytes": sum(new.values()) + output,
-        "low_disk_peak_bytes": others + peak,
+        "low_disk_peak_bytes": others + peak + metadata,
         "low_disk_download_peak_bytes": others + most_live,  # the downloads alone, where they land elsewhere
     }
 
@@ -157,8 +158,11 @@ def room(plan: Plan, dest: Path, shards: list[int] | None = None, low_disk: bool
         what = "the output and the Hub downloads need" if needs["download_bytes"] else "the output needs"
     if out is not None and written > out[1]:
         smaller = needs["download_bytes"] and not low_disk and needs["low_disk_peak_bytes"] <= out[1]
+        need, free = sized(written), sized(out[1])
+        if need == free:  # the same when rounded: in bytes
+            need, free = f"{written} B", f"{out[1]} B"
         lines.append(
-            f"output {dest}: {what} {sized(written)}, and {out[2]} has {sized(out[1])} free: free some space there"
+            f"output {dest}: {what} {need}, and {out[2]} has {free} free: free some space there"
             + (", add --low-disk (then at most " + sized(needs["low_disk_peak_bytes"]) + ")" if smaller else "")
             + " or write the output elsewhere"
         )

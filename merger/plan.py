@@ -58,6 +58,7 @@ from merger.vocab import (
 )
 
 OUTPUT = "output"  # the role of a staged tensor's output among its pinned blocks (Plan.staging_blocks)
+BLOCK = 4096  # what a file system rounds each file up to, at least (Plan.metadata_bytes)
 FLAGS = 32  # bytes of the finiteness counts CudaStages copies back per slot (four int64: stream._finiteness)
 
 
@@ -275,6 +276,20 @@ class Plan:
         if self.spec.recipe.chat_template == "auto":  # every model's template is read
             names += [n for n in CHAT_FILES if n not in names]
         return names
+
+    def metadata_bytes(self) -> int:
+        """Disk the output takes besides its shards' data, about: their headers, the support files it copies
+        (config and generation files, tokenizer files, at their sources' sizes), the index, the card, the lock
+        and the partial output's records, each file rounded up to a BLOCK."""
+        copied = [(self.config_from, n) for n in ("config.json", *MODEL_FILES)] if self.config_from else []
+        copied += [(self.tokenizer_from, n) for n in TOKENIZER_FILES]
+        sizes = [size for m, n in copied if (size := support_size(m, n)) is not None]
+        index = sum(len(t.name) + len(s.filename) + 12 for s in self.shards for t in s.tensors) + 256
+        headers = sum(len(s.header) for s in self.shards)
+        inputs = sum(len(names) for _, names in self.files_used())  # each listed, with its hash, by lock and state
+        records = (16 << 10) + 2 * 256 * inputs  # the card, the lock, the partial output's state
+        files = 2 * len(self.shards) + len(sizes) + 4  # shards and their done records, copies, index, card, lock, state
+        return headers + sum(sizes) + index + records + files * BLOCK
 
     def file_uses(self, shards: list[int] | None = None) -> dict[Path, FileUse]:
         """For each input file, the tensors read from it and when (in the order of `shards`, default all):
@@ -749,20 +764,22 @@ def _open_models(spec: MergeSpec, hub: Hub | None, opened: dict[str, LocalModel]
     return base, [opened[g.ref] for g in spec.ingredients], tok, where_of, opened
 
 
+def support_size(model: LocalModel, name: str) -> int | None:
+    """The size of `model`'s file `name` (a Hub model's as it lists it), None where it holds none."""
+    if model.remote is not None:
+        return model.remote.files[name].size if name in model.remote.files else None
+    st = model.folder.stat(name)
+    return None if st is None else st.st_size
+
+
 def check_support_files(plan: Plan, model: LocalModel, fetched: bool = False) -> None:
     """The files besides the weights that the merge reads from `model` (Plan.support_names): regular
     files inside its folder, of at most files.support_limit bytes, and JSON ones well formed
     (sources.read_support). For a Hub model, the sizes it lists, then (`fetched`) the files themselves."""
     for name in plan.support_names(model):
-        if model.remote is not None:
-            if name not in model.remote.files:
-                continue
-            size = model.remote.files[name].size
-        else:
-            st = model.folder.stat(name)
-            if st is None:
-                continue
-            size = st.st_size
+        size = support_size(model, name)
+        if size is None:
+            continue
         if size > support_limit(name):
             raise ModelError(
                 f"'{model.ref}': {name} is {size} bytes, more than the {support_limit(name)} merger reads of such a file"

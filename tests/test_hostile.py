@@ -613,6 +613,7 @@ def test_a_disk_with_no_room_left_at_all_is_refused_with_what_the_output_needs(w
     import errno
 
     import merger.staging
+    from merger.errors import sized
 
     Path("recipe.yaml").write_text(GOOD)
     need = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--json"]).output)["disk"]["output_bytes"]
@@ -625,10 +626,29 @@ def test_a_disk_with_no_room_left_at_all_is_refused_with_what_the_output_needs(w
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "-q"])
     assert (result.exit_code, result.stderr) == (
         2,
-        f"error: output {workdir / 'out'}: the output needs {need} B, and {workdir} has 0 B free: free some space "
+        f"error: output {workdir / 'out'}: the output needs {sized(need)}, and {workdir} has 0 B free: free some space "
         "there or write the output elsewhere\n",
     )
     assert sorted(p.name for p in workdir.iterdir()) == ["base", "ft1", "ft2", "recipe.yaml"]  # nothing written
+
+
+def test_the_room_asked_for_covers_every_file_of_the_output(workdir):
+    """What plan says the output needs holds all it writes, not only the tensors' bytes: the shards'
+    headers, the tokenizer files copied from the base (a large tokenizer.json here), config, index, card,
+    lock and the partial output's records, each file on whole blocks; and not much more."""
+    Path("base/tokenizer.json").write_text(
+        '{"model": {"vocab": {' + ",".join(f'"t{i}": {i}' for i in range(30000)) + "}}}"
+    )
+    Path("recipe.yaml").write_text(GOOD)
+    need = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--shard-size", "50", "--json"]).output)
+    assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "--shard-size", "50", "-q"]).exit_code == 0
+    files = list(Path("out").iterdir())
+    assert "tokenizer.json" in {f.name for f in files}
+    taken = sum(-(-f.stat().st_size // 4096) * 4096 for f in files)  # on whole blocks, as a file system keeps them
+    assert taken <= need["disk"]["output_bytes"] <= taken + (96 << 10)
+    assert need["disk"]["output_bytes"] > Path("base/tokenizer.json").stat().st_size + sum(
+        s["bytes"] for s in need["shards"]
+    )
 
 
 def test_a_filesystem_that_tells_no_size_is_not_held_to_its_free_space(workdir, monkeypatch):
@@ -645,11 +665,13 @@ def test_a_resumed_merge_needs_room_for_the_shards_left(workdir, monkeypatch):
 
     write = _disk_fills_in_the_second_shard(monkeypatch)
     Path("recipe.yaml").write_text(GOOD)
+    whole = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--shard-size", "50", "--json"]).output)
     assert CliRunner().invoke(cli, ["apply", "recipe.yaml", "--shard-size", "50"]).exit_code == 2
     monkeypatch.setattr(merger.stream.ShardWriter, "write", write)
     planned = json.loads(CliRunner().invoke(cli, ["plan", "recipe.yaml", "--shard-size", "50", "--json"]).output)
     left = planned["disk"]["output_bytes"]
-    assert left == planned["shards"][1]["bytes"]  # the second shard's alone
+    # the first shard's data is on disk: the rest is left, with the files written whatever is (index, card, lock)
+    assert left == whole["disk"]["output_bytes"] - planned["shards"][0]["bytes"] > planned["shards"][1]["bytes"]
     _free(monkeypatch, left - 1)
     result = CliRunner().invoke(cli, ["apply", "recipe.yaml", "--shard-size", "50", "-q"])
     assert result.exit_code == 2
