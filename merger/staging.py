@@ -329,9 +329,9 @@ def check_destination(dest: Path, plan: Plan, force: bool) -> None:
     one that is not an earlier merger output)."""
     check_path(dest, plan)
     if os.path.lexists(dest):
+        check_replaceable(dest)  # what --force would refuse too is said as such: never a hint that cannot help
         if not force:
             raise OutputError(already_exists(dest))
-        check_replaceable(dest)
 
 
 def already_exists(dest: Path) -> str:

@@ -700,6 +700,10 @@ def test_force_never_replaces_a_directory_merger_did_not_write(workdir):
         "output or an empty directory\n"
     )
     assert run_bad(GOOD, "-o", ".", "--force").startswith(f"error: output {workdir} contains input model")
+    # without --force: the same, never "pass --force to replace it", which --force would then refuse
+    assert run_bad(GOOD, "-o", "mine") == err
+    assert run_bad(GOOD, "-o", "notes.txt").endswith(" is a file, not a directory; --force replaces only an earlier "
+                                                    "merger output or an empty directory\n")  # fmt: skip
     assert Path("mine/thesis.tex").read_text() == "years of work"
 
 
