@@ -25,7 +25,7 @@ from merger.errors import ModelError, RecipeError
 from merger.layers import LayerStack, find_stacks, natural_key, numbered, stack_of
 from merger.methods import Params, TensorContext, tensor_seed
 from merger.methods.base import Misfit
-from merger.recipe import DTYPE_CODE, MergeSpec, Slice, SliceInput
+from merger.recipe import DTYPE_CODE, MergeSpec, Slice, SliceInput, misfit_at
 from merger.sources import DTYPES, LocalModel, TensorInfo, read_config
 from merger.vocab import Vocabulary, fits
 
@@ -334,27 +334,17 @@ class Assembler:
         if check is not None and (models, params) not in self._checked and part.loc not in self._failed:
             self._checked.add((models, params))
             msg = check(models, params)
-            if isinstance(msg, Misfit):
+            if msg:
                 self._failed.add(part.loc)
-                self.problems.append(f"{self.spec.where(*self._misfit_at(part, msg))}: tensor '{name}': {msg.message}")
-            elif msg:
-                self._failed.add(part.loc)
-                self.problems.append(f"{self.spec.where(*part.loc)}: tensor '{name}': {msg}")
+                at, text = (self._misfit_at(part, msg), msg.message) if isinstance(msg, Misfit) else (part.loc, msg)
+                self.problems.append(f"{self.spec.where(*at)}: tensor '{name}': {text}")
 
     def _misfit_at(self, part: Slice, found: Misfit) -> tuple:
-        """Where the recipe gives the parameter a Misfit is about, for this slice's model, as _model_params
-        resolves it: in the model's (or slice source's) own entry, else in the slice's parameters, else in the
-        recipe's. The first of its parameters given as a gradient or filters (what changes between tensors),
-        else the first given; the entry itself where none is (defaults)."""
+        """Where the recipe gives the parameters a Misfit names (recipe.misfit_at), for this slice's model: its
+        own entry's (or slice source's), the slice's, the recipe's, as _model_params resolves them."""
         entry = part.inputs[found.model]
         levels = ((entry.settings, entry.loc), (part.settings, part.loc), (self.spec.settings, ()))
-        places = []  # (not a gradient, where) for each of its parameters the recipe gives, in the Misfit's order
-        for key in found.keys:
-            for given, loc in levels:
-                if key in given:
-                    places.append((not isinstance(given[key], list), (*loc, "parameters", key)))
-                    break
-        return min(places, key=lambda p: p[0])[1] if places else entry.loc
+        return misfit_at(found, levels, entry.loc)
 
     def _model_params(self, part: Slice, e: SliceInput, name: str, t: float) -> Params:
         """Ingredient e's parameters for its tensor `name`: its own, over its slice's, over the top level's."""

@@ -16,7 +16,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -551,7 +551,7 @@ def validate(data: dict, source: RecipeSource | None = None) -> MergeSpec:
         for models, loc in [(ingredients, ("models",))] if slices is None else _slice_checks(slices, method):
             found = method.check([g.params for g in models], params)
             if found:
-                problems.append(_check_problem(found, models, loc, source))
+                problems.append(_check_problem(found, models, loc, recipe.parameters, source))
 
     tokenizer_source, vocabulary = _vocabulary(recipe, method, source, problems)
     _check_chat_template(recipe, source, problems)
@@ -758,16 +758,31 @@ def _varying(recipe: Recipe) -> bool:
     return any(isinstance(v, list) for d in given for v in d.values())
 
 
-def _check_problem(found: str | Misfit, models: list[Ingredient], loc: tuple, source: RecipeSource) -> str:
-    """Method.check's problem at its recipe line: a Misfit at the first of its parameters that its model's entry
-    gives, else at the first that the recipe's parameters: give, else at the model's entry; a slice's models,
-    and any other problem, at `loc`."""
+def _check_problem(
+    found: str | Misfit, models: list[Ingredient], loc: tuple, given: dict[str, Any], source: RecipeSource
+) -> str:
+    """Method.check's problem at its recipe line: a Misfit where misfit_at finds its parameters (the model's entry,
+    then the recipe's parameters, `given`), else at the model's entry; a slice's models, and any other problem, at
+    `loc`."""
     if isinstance(found, str) or models[found.model].index < 0:
         return f"{source.where(*loc)}: {found}"
-    entry = models[found.model]
-    own = [("models", entry.index, "parameters", k) for k in found.keys if k in entry.settings]
-    top = [("parameters", k) for k in found.keys if ("parameters", k) in source.lines]
-    return f"{source.where(*(own + top + [('models', entry.index)])[0])}: {found.message}"
+    model = models[found.model]
+    entry = ("models", model.index)
+    return f"{source.where(*misfit_at(found, ((model.settings, entry), (given, ())), entry))}: {found.message}"
+
+
+def misfit_at(found: Misfit, levels: Sequence[tuple[dict[str, Any], tuple]], fallback: tuple) -> tuple:
+    """Where the recipe gives the parameters a Misfit names, for its model. `levels`: where that model's parameters
+    come from, the most specific first (its own entry's as written and where, a slice's, the recipe's). Of those
+    the recipe gives: the first given as a gradient or filters (what changes between tensors), then the one of
+    the most specific level, then the first the check names; `fallback` where it gives none (defaults)."""
+    places = []
+    for order, key in enumerate(found.keys):
+        level = next((i for i, (given, _) in enumerate(levels) if key in given), None)
+        if level is not None:
+            given, where = levels[level]
+            places.append((not isinstance(given[key], list), level, order, (*where, "parameters", key)))
+    return min(places)[-1] if places else fallback
 
 
 def _slice_checks(slices: list[Slice], method: Method) -> Iterator[tuple[list[Ingredient], tuple]]:

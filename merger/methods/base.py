@@ -284,8 +284,8 @@ def _registered(name: str) -> Method:
 
 class Misfit(NamedTuple):
     """A Method.check's complaint about one model's parameters: the model (an index into the models check was
-    given), the parameters at fault (the recipe's error points at the first that the model's own entry gives,
-    else at the recipe's parameters: line for one), and what is wrong."""
+    given), the parameters at fault (the recipe's error points at one of them where the recipe gives it:
+    recipe.misfit_at), and what is wrong."""
 
     model: int
     keys: tuple[str, ...]
